@@ -1,0 +1,27 @@
+"""Errors that tell the user what to change.
+
+Every error raised for bad input derives from :class:`RefusalError` so entry points can print
+it without a traceback; the message always names the fix.
+"""
+
+from __future__ import annotations
+
+
+class RefusalError(Exception):
+    """Base class: a problem the user can fix (config, data, artifact)."""
+
+
+class ConfigError(RefusalError, ValueError):
+    """A config value is unknown, out of range or of the wrong type."""
+
+
+class DataError(RefusalError, ValueError):
+    """A dataset is missing, empty or malformed."""
+
+
+class ArtifactError(RefusalError, ValueError):
+    """An artifact or cache belongs to another model/data, or is corrupt."""
+
+
+class ModelSourceError(RefusalError, RuntimeError):
+    """A model cannot be obtained (offline hub, missing package, bad checksum)."""

@@ -1,0 +1,68 @@
+"""Forward hooks that cost next to nothing and always come off.
+
+Every hook edits the residual tensor in one fused expression (no Python loop over tokens or
+sequences), and :func:`hooked` removes all handles on exit, even when the body raises, so the
+model is bit-for-bit the unhooked model afterwards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+TensorFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class HookSpec:
+    """Apply ``fn`` to a module's input (``pre``) or output (``post``) residual tensor."""
+
+    module: nn.Module
+    fn: TensorFn
+    kind: Literal["pre", "post"] = "post"
+
+
+def _pre_hook(fn: TensorFn):
+    def hook(module, args, kwargs):
+        if args:
+            return (fn(args[0]), *args[1:]), kwargs
+        kwargs = dict(kwargs)
+        kwargs["hidden_states"] = fn(kwargs["hidden_states"])
+        return args, kwargs
+
+    return hook
+
+
+def _post_hook(fn: TensorFn):
+    def hook(module, args, output):
+        if isinstance(output, tuple):
+            return (fn(output[0]), *output[1:])
+        return fn(output)
+
+    return hook
+
+
+@contextmanager
+def hooked(specs: Sequence[HookSpec]) -> Iterator[None]:
+    """Register all hooks; remove every one of them on exit, error or not."""
+    handles = []
+    try:
+        for spec in specs:
+            if spec.kind == "pre":
+                handles.append(spec.module.register_forward_pre_hook(_pre_hook(spec.fn), with_kwargs=True))
+            else:
+                handles.append(spec.module.register_forward_hook(_post_hook(spec.fn)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def residual_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The hidden-states tensor a block or norm was called with."""
+    return args[0] if args else kwargs["hidden_states"]

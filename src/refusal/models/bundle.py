@@ -1,0 +1,103 @@
+"""A loaded model plus everything the rest of the framework needs to know about it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from refusal.errors import DataError
+from refusal.models.architecture import ResidualLayout
+from refusal.models.chat import ChatFormat
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Left-padded token batch with explicit positions (so padding never shifts RoPE)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+
+    def to(self, device: torch.device | str) -> Batch:
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.position_ids.to(device))
+
+
+@dataclass
+class ModelBundle:
+    """Model, tokenizer, chat format and residual-stream layout of one chat model."""
+
+    name: str
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    chat: ChatFormat
+    layout: ResidualLayout
+    refusal_token_ids: list[int]
+    weights_hash: str
+    source: str
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def n_layers(self) -> int:
+        return self.layout.n_layers
+
+    @property
+    def d_model(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def max_context(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", 0) or 1 << 30)
+
+    @property
+    def post_instruction_ids(self) -> list[int]:
+        return self.chat.post_instruction_ids
+
+    @property
+    def pad_token_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return int(pad if pad is not None else self.tokenizer.eos_token_id)
+
+    def identity(self) -> dict:
+        """What artifacts fitted on this model must match."""
+        return {"model": self.name, "weights_hash": self.weights_hash, "n_layers": self.n_layers, "d_model": self.d_model}
+
+    def tokenize_instructions(self, instructions: Sequence[str]) -> list[list[int]]:
+        """Chat-format and tokenize once; checks context length and the post-instruction suffix."""
+        prompts = self.chat.format(instructions)
+        ids = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        suffix = self.post_instruction_ids
+        n = len(suffix)
+        for text, row in zip(instructions, ids):
+            if len(row) > self.max_context:
+                raise DataError(
+                    f"a prompt has {len(row)} tokens, more than {self.name}'s context of {self.max_context}: "
+                    f"{text[:60]!r}...; shorten or drop it"
+                )
+            if row[-n:] != suffix:
+                raise DataError(
+                    f"prompt tokens do not end with the post-instruction tokens {suffix} of {self.name}'s chat template "
+                    f"(got {row[-n:]}); set model.chat_template to a template that ends the user turn consistently"
+                )
+        return ids
+
+    def pad(self, rows: Sequence[Sequence[int]]) -> Batch:
+        """Left-pad token rows into one batch with positions counted from each row's first real token."""
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            input_ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+            mask[i, width - len(row):] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        return Batch(input_ids, mask, positions)
