@@ -1,0 +1,33 @@
+"""The main job: fit what is missing, apply an intervention, generate, score, log.
+
+    python evaluate.py                                   # qwen05, embedded data, no intervention
+    python evaluate.py intervention=inlp_flip intervention.k=4
+    python evaluate.py -m model=qwen05,qwen15 intervention=none,actadd,dim_ablation,inlp_nullspace,inlp_flip
+"""
+
+from __future__ import annotations
+
+import logging
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from refusal.cli import friendly_errors, quiet_libraries
+
+log = logging.getLogger("refusal.evaluate")
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+@friendly_errors
+def main(cfg: DictConfig) -> None:
+    quiet_libraries()
+    from refusal.evaluation import run_evaluation
+    from refusal.report import format_run
+
+    results = run_evaluation(cfg, HydraConfig.get().runtime.output_dir)
+    print(format_run(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""Config checks that run before anything expensive, with errors that name the fix."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from numbers import Real
+from typing import Any
+
+from omegaconf import DictConfig
+
+from refusal.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    mode: str  # auto | fixed | relative
+    layer: int | None
+    position: int | None
+    tag: str  # names the artifact: auto, L14_P-1, ...
+
+
+def _int(value: Any, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    return value
+
+
+def _number(value: Any, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise ConfigError(f"{key} must be a number, got {value!r}")
+    return float(value)
+
+
+def resolve_layer_spec(layer_cfg: Any, n_layers: int | None, n_positions: int | None = None) -> LayerSpec:
+    """Turn ``layer=auto|fixed|relative`` into a concrete spec, checking ranges when sizes are known."""
+    mode = layer_cfg.get("mode")
+    if mode == "auto":
+        return LayerSpec("auto", None, None, "auto")
+    if mode not in ("fixed", "relative"):
+        raise ConfigError(f"layer.mode={mode!r}; use layer=auto, layer=fixed or layer=relative")
+    position = _int(layer_cfg.get("position", -1), "layer.position")
+    if position >= 0:
+        raise ConfigError(f"layer.position={position} must be negative (an offset from the end of the prompt, -1 = last)")
+    if n_positions is not None and position < -n_positions:
+        raise ConfigError(
+            f"layer.position={position} is out of range: this model's chat template has {n_positions} "
+            f"post-instruction tokens, so use -1..-{n_positions}"
+        )
+    if mode == "fixed":
+        index = _int(layer_cfg.get("index"), "layer.index")
+    else:
+        fraction = _number(layer_cfg.get("fraction"), "layer.fraction")
+        if not 0.0 <= fraction <= 1.0:
+            raise ConfigError(f"layer.fraction={fraction} must be within [0, 1]")
+        if n_layers is None:
+            return LayerSpec("relative", None, position, f"rel{fraction:g}_P{position}")
+        index = min(n_layers - 1, int(round(fraction * (n_layers - 1))))
+    if n_layers is not None and not 0 <= index < n_layers:
+        raise ConfigError(f"layer.index={index} is out of range for a model with {n_layers} layers (use 0..{n_layers - 1})")
+    return LayerSpec(mode, index, position, f"L{index}_P{position}")
+
+
+def _check_intervention(cfg: DictConfig) -> None:
+    from refusal.interventions import get_intervention
+
+    icfg = cfg.intervention
+    get_intervention(str(icfg.name), plugin_dirs(cfg))
+    for key in ("coeff", "alpha"):
+        if key in icfg and icfg[key] is not None:
+            _number(icfg[key], f"intervention.{key}")
+    if icfg.get("k") is not None and _int(icfg.k, "intervention.k") < 1:
+        raise ConfigError(f"intervention.k={icfg.k} must be >= 1 (or null for all fitted directions)")
+    if icfg.get("layer") is not None:
+        _int(icfg.layer, "intervention.layer")
+
+
+def plugin_dirs(cfg: DictConfig) -> list[str]:
+    from pathlib import Path
+
+    default = Path(__file__).resolve().parents[2] / "plugins"
+    return [str(default), *[str(p) for p in (cfg.get("plugin_dirs") or [])]]
+
+
+def check_config(cfg: DictConfig, bundle: Any = None) -> None:
+    """Validate everything checkable; with ``bundle``, also check declared sizes against the real model."""
+    n_layers = cfg.model.get("n_layers")
+    n_positions = None
+    if bundle is not None:
+        for key, real in (("n_layers", bundle.n_layers), ("d_model", bundle.d_model)):
+            declared = cfg.model.get(key)
+            if declared is not None and declared != real:
+                raise ConfigError(f"model.{key}={declared} in the config, but the loaded {bundle.name} has {real}; fix conf/model/{bundle.name}.yaml")
+        n_layers, n_positions = bundle.n_layers, len(bundle.post_instruction_ids)
+    resolve_layer_spec(cfg.layer, n_layers, n_positions)
+    _check_intervention(cfg)
+    dim = cfg.fit.dim
+    for key in ("max_kl", "min_induce", "prune_last_fraction"):
+        _number(dim[key], f"fit.dim.{key}")
+    if not 0 <= dim.prune_last_fraction < 1:
+        raise ConfigError("fit.dim.prune_last_fraction must be within [0, 1)")
+    if dim.positions not in ("all", "last"):
+        raise ConfigError(f"fit.dim.positions={dim.positions!r} must be 'all' or 'last'")
+    _int(dim.shortlist, "fit.dim.shortlist")
+    _int(cfg.fit.inlp.n_iterations, "fit.inlp.n_iterations")
+    _number(cfg.fit.inlp.epsilon, "fit.inlp.epsilon")
+    if "eval" in cfg:
+        if _int(cfg.eval.max_new_tokens, "eval.max_new_tokens") < 1:
+            raise ConfigError("eval.max_new_tokens must be >= 1")
+        _int(cfg.eval.batch_size, "eval.batch_size")

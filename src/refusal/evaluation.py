@@ -1,0 +1,217 @@
+"""The body of ``evaluate.py``: fit what is missing, steer, generate, score, save.
+
+Per run: refusal on harmful and harmless test prompts (substring rate on greedy completions and
+first-token log-odds), perplexity of the unsteered model's own harmless completions under the
+intervention, and KL between unsteered and steered next-token distributions on harmless
+prompts (last prompt position and over the completion).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import platform
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from refusal.artifacts import atomic_write_json, atomic_write_text
+from refusal.config import plugin_dirs
+from refusal.generation import GenerationCache, Generations, generate
+from refusal.interventions import Intervention, get_intervention
+from refusal.metrics import KLDivergence, Perplexity, RefusalRate, RefusalScore, is_refusal, wilson_interval
+from refusal.models.bundle import ModelBundle
+from refusal.activations import batches_by_length
+from refusal.pipeline import RunContext, fit, prepare
+
+log = logging.getLogger(__name__)
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in ("refusal", "torch", "transformers", "lightning", "torchmetrics"):
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+@torch.inference_mode()
+def teacher_forced_scores(
+    bundle: ModelBundle,
+    prompts: list[list[int]],
+    completions: list[list[int]],
+    intervention: Intervention | None,
+    batch_size: int,
+) -> dict[str, float]:
+    """Perplexity of ``completions`` and KL(unsteered ‖ steered) at the last prompt token and over them."""
+    ppl, kl_last, kl_completion = Perplexity(), KLDivergence(), KLDivergence()
+    rows = [p + c for p, c in zip(prompts, completions)]
+    for idx in batches_by_length([len(r) for r in rows], batch_size):
+        batch = bundle.pad([rows[i] for i in idx]).to(bundle.device)
+        width = batch.input_ids.shape[1]
+        target = torch.full_like(batch.input_ids, -100)
+        last_prompt = torch.empty(len(idx), dtype=torch.long)
+        for j, i in enumerate(idx):
+            start = width - len(rows[i])
+            prompt_end = start + len(prompts[i]) - 1  # logits here predict the first completion token
+            last_prompt[j] = prompt_end
+            target[j, prompt_end : width - 1] = batch.input_ids[j, prompt_end + 1 :]
+        kwargs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids, use_cache=False)
+        base = bundle.model(**kwargs).logits.float()
+        if intervention is None:
+            steered = base
+        else:
+            with intervention.apply(bundle):
+                steered = bundle.model(**kwargs).logits.float()
+        target = target.to(base.device)
+        ppl.update(steered, target)
+        arange = torch.arange(len(idx), device=base.device)
+        kl_last.update(base[arange, last_prompt], steered[arange, last_prompt])
+        kl_completion.update(base, steered, mask=target != -100)
+        del base, steered
+    return {
+        "perplexity": float(ppl.compute()),
+        "kl_div": float(kl_last.compute()),
+        "kl_div_completion": float(kl_completion.compute()),
+    }
+
+
+def _rate(completions: list[str], phrases: list[str] | None) -> tuple[float, list[float], list[bool]]:
+    metric = RefusalRate(phrases)
+    metric.update(completions)
+    flags = [is_refusal(c, phrases) if phrases else is_refusal(c) for c in completions]
+    return float(metric.compute()), list(wilson_interval(sum(flags), len(flags))), flags
+
+
+def _score(first_logits: torch.Tensor, token_ids: list[int]) -> float:
+    metric = RefusalScore(token_ids)
+    metric.update(first_logits)
+    return float(metric.compute())
+
+
+def evaluate_context(ctx: RunContext, output_dir: Path, tracker: Any = None) -> dict[str, Any]:
+    """Run one evaluation on a prepared context; writes results.json and completions.jsonl."""
+    cfg, bundle = ctx.cfg, ctx.bundle
+    t0 = time.perf_counter()
+    cls = get_intervention(str(cfg.intervention.name), plugin_dirs(cfg))
+    needs = set(cls.needs) | ({"dim"} if cfg.get("geometry", {}).get("enabled", False) else set())
+    fitted = fit(ctx, needs, logger=None)
+    intervention = cls(OmegaConf.to_container(cfg.intervention, resolve=True), fitted)
+    ctx.timings["fit"] = time.perf_counter() - t0
+
+    ecfg = cfg.eval
+    gen_kwargs = dict(max_new_tokens=int(ecfg.max_new_tokens), batch_size=int(ecfg.batch_size), progress=ctx.progress)
+    harmful, harmless = ctx.tokens("harmful_test"), ctx.tokens("harmless_test")
+    t1 = time.perf_counter()
+    cache = GenerationCache(Path(cfg.cache_dir) / "generations")
+    base_harmful = cache.get(bundle, harmful, desc="baseline harmful", **gen_kwargs)
+    base_harmless = cache.get(bundle, harmless, desc="baseline harmless", **gen_kwargs)
+    if cls.name == "none":
+        steered_harmful, steered_harmless = base_harmful, base_harmless
+    else:
+        with intervention.apply(bundle):
+            steered_harmful = generate(bundle, harmful, desc=f"{cls.name} harmful", **gen_kwargs)
+            steered_harmless = generate(bundle, harmless, desc=f"{cls.name} harmless", **gen_kwargs)
+    ctx.timings["generate"] = time.perf_counter() - t1
+
+    t2 = time.perf_counter()
+    phrases = list(ecfg.get("refusal_phrases") or []) or None
+    metrics: dict[str, Any] = {"n_harmful": len(harmful), "n_harmless": len(harmless)}
+    for split, gens, base in (("harmful", steered_harmful, base_harmful), ("harmless", steered_harmless, base_harmless)):
+        rate, ci, _ = _rate(gens.completions, phrases)
+        metrics[f"{split}/refusal_rate"] = rate
+        metrics[f"{split}/refusal_rate_ci95"] = ci
+        metrics[f"{split}/refusal_score"] = _score(gens.first_logits, bundle.refusal_token_ids)
+        metrics[f"baseline/{split}/refusal_rate"] = _rate(base.completions, phrases)[0]
+    tf = teacher_forced_scores(
+        bundle, harmless, base_harmless.completion_ids, None if cls.name == "none" else intervention,
+        max(1, int(ecfg.batch_size) // 2),
+    )
+    metrics.update({f"harmless/{k}": v for k, v in tf.items()})
+    ctx.timings["score"] = time.perf_counter() - t2
+    if metrics["baseline/harmful/refusal_rate"] < 0.1:
+        note = (f"{bundle.name} refuses only {metrics['baseline/harmful/refusal_rate']:.0%} of harmful test prompts "
+                "without intervention: it barely refuses, so suppression numbers say little")
+        warnings.warn(note, stacklevel=2)
+        metrics["warning"] = note
+
+    results: dict[str, Any] = {
+        "status": "ok",
+        "model": bundle.name,
+        "intervention": cls.name,
+        "params": intervention.params(),
+        "layer": fitted.dim.layer if fitted.dim is not None else None,
+        "position": fitted.dim.position if fitted.dim is not None else None,
+        "intervention_layer": intervention.layer,
+        "metrics": metrics,
+        "data": {"source": ctx.splits.source, "digest": ctx.splits.digest(), "sizes": ctx.splits.sizes()},
+        "weights_hash": bundle.weights_hash,
+        "seed": int(cfg.seed),
+        "versions": versions(),
+    }
+    if cfg.get("geometry", {}).get("enabled", False) and fitted.dim is not None:
+        from refusal.geometry.collect import run_geometry
+
+        t3 = time.perf_counter()
+        results["geometry"] = run_geometry(ctx, fitted, intervention, output_dir)
+        ctx.timings["geometry"] = time.perf_counter() - t3
+    if cls.name == "dim_ablation" and cfg.intervention.get("export", False):
+        from refusal.interventions.export import export_orthogonalized
+
+        results["exported_checkpoint"] = str(export_orthogonalized(bundle, fitted.dim.unit, output_dir / "orthogonalized"))
+    results["timings"] = dict(ctx.timings)
+
+    rows = []
+    for split, instr, gens, base in (
+        ("harmful", ctx.splits.harmful_test, steered_harmful, base_harmful),
+        ("harmless", ctx.splits.harmless_test, steered_harmless, base_harmless),
+    ):
+        for text, completion, baseline in zip(instr, gens.completions, base.completions):
+            rows.append({"split": split, "prompt": text, "completion": completion,
+                         "refused": is_refusal(completion, phrases) if phrases else is_refusal(completion),
+                         "baseline_completion": baseline})
+    write_outputs(output_dir, results, rows)
+    if tracker is not None:
+        tracker.log_results(results, rows, images=sorted(output_dir.glob("*.png")))
+    return results
+
+
+def write_outputs(output_dir: Path, results: dict[str, Any], rows: list[dict]) -> None:
+    import json
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(output_dir / "completions.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    atomic_write_json(output_dir / "results.json", results)
+
+
+def run_evaluation(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
+    """Seed, prepare, evaluate, log; a failure is recorded in results.json before it propagates."""
+    from refusal.tracking import make_tracker
+
+    output_dir = Path(output_dir)
+    lightning.seed_everything(int(cfg.seed), verbose=False)
+    t0 = time.perf_counter()
+    tracker = make_tracker(cfg, output_dir)
+    try:
+        ctx = prepare(cfg)
+        results = evaluate_context(ctx, output_dir, tracker)
+    except BaseException as err:
+        atomic_write_json(output_dir / "results.json", {
+            "status": "failed", "model": cfg.model.name, "intervention": cfg.intervention.name,
+            "error": f"{type(err).__name__}: {err}", "versions": versions(),
+        })
+        if tracker is not None:
+            tracker.finish(exit_code=1)
+        raise
+    results["timings"]["total"] = time.perf_counter() - t0
+    atomic_write_json(output_dir / "results.json", results)
+    if tracker is not None:
+        tracker.finish()
+    return results

@@ -1,0 +1,82 @@
+"""Collect activations from a model with and without an intervention, then measure and plot.
+
+The unsteered residuals come from the activation cache; the steered ones are extracted with the
+intervention's hooks active (our capture hooks run after its hooks, so they see what the next
+block receives). Everything is read at the DiM position of the post-instruction tokens.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from refusal.activations import extract_activations
+from refusal.artifacts import atomic_write_text
+from refusal.geometry.plots import plot_landing, plot_layer_table
+from refusal.geometry.stats import fit_probe, format_table, landing_stats, layer_table
+from refusal.interventions.base import Fitted, Intervention
+
+
+def steered_activations(ctx: Any, intervention: Intervention, split: str) -> torch.Tensor:
+    """``[n, n_layers + 1, P, d]`` residuals of ``split`` with the intervention applied."""
+    with intervention.apply(ctx.bundle):
+        return extract_activations(
+            ctx.bundle, ctx.tokens(split), len(ctx.bundle.post_instruction_ids),
+            batch_size=int(ctx.cfg.model.get("batch_size", 16)), progress=ctx.progress, desc=f"{intervention.name} {split}",
+        )
+
+
+def _probe_at(ctx: Any, site: int, position: int):
+    harm = ctx.activations("harmful_train")[:, site, position]
+    safe = ctx.activations("harmless_train")[:, site, position]
+    X = torch.cat([harm, safe])
+    y = torch.cat([torch.ones(len(harm)), torch.zeros(len(safe))]).long()
+    return fit_probe(X, y)
+
+
+def run_geometry(ctx: Any, fitted: Fitted, intervention: Intervention, output_dir: Path) -> dict[str, Any]:
+    """Landing statistics at the intervention layer and downstream, a per-layer table, and plots."""
+    bundle = ctx.bundle
+    layer = intervention.layer if intervention.layer is not None else fitted.dim.layer
+    position = fitted.dim.position
+    base_harm = ctx.activations("harmful_test")[:, :, position]
+    base_safe = ctx.activations("harmless_test")[:, :, position]
+    if intervention.hook_specs(bundle):
+        steered_harm = steered_activations(ctx, intervention, "harmful_test")[:, :, position]
+        steered_safe = steered_activations(ctx, intervention, "harmless_test")[:, :, position]
+    else:
+        steered_harm, steered_safe = base_harm, base_safe
+    downstream = [int(d) for d in ctx.cfg.geometry.get("downstream", [])]
+    sites = [s for s in [layer, *[layer + d for d in downstream]] if s <= bundle.n_layers]
+    per_site = {}
+    for site in sites:
+        probe = _probe_at(ctx, site, position)
+        stats = landing_stats(base_harm[:, site], base_safe[:, site], steered_harm[:, site], probe)
+        flipped = landing_stats(base_safe[:, site], base_harm[:, site], steered_safe[:, site])
+        per_site[site] = {**stats, "harmless_axis_coordinate": flipped["axis_coordinate"]}
+    unit = fitted.dim.unit
+    table_base = layer_table(base_harm.transpose(0, 1), base_safe.transpose(0, 1), unit)
+    table_steered = layer_table(steered_harm.transpose(0, 1), steered_safe.transpose(0, 1), unit)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    name = intervention.name
+    landing_png = plot_landing(
+        base_harm[:, layer], base_safe[:, layer], {name: steered_harm[:, layer]}, output_dir / "geometry_landing.png",
+        title=f"{bundle.name}, layer {layer}: where {name} moves harmful activations", probe=_probe_at(ctx, layer, position),
+    )
+    table_png = plot_layer_table(table_steered, output_dir / "geometry_layers.png",
+                                 title=f"{bundle.name} with {name}: class geometry per layer")
+    atomic_write_text(
+        output_dir / "geometry.md",
+        f"## Unsteered, per layer\n\n{format_table(table_base)}\n\n## With {name}, per layer\n\n{format_table(table_steered)}\n",
+    )
+    return {
+        "layer": layer,
+        "position": position,
+        "landing": per_site[layer],
+        "downstream": {str(s): v for s, v in per_site.items() if s != layer},
+        "layers_unsteered": table_base,
+        "layers_steered": table_steered,
+        "plots": [str(landing_png), str(table_png)],
+    }

@@ -1,0 +1,189 @@
+"""From a Hydra config to a loaded model, data, and fitted artifacts (reused when they match).
+
+``train.py`` calls :func:`fit` and stops; ``evaluate.py`` calls it too, so an evaluation fits
+only what is missing. Artifacts live under ``artifacts_dir/<model>/<data>-<digest>/`` and carry
+the model's weights hash and the data digest, so one fitted for another model or data is
+refused instead of used.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from refusal.activations import ActivationCache
+from refusal.artifacts import artifact_exists, load_artifact, save_artifact
+from refusal.config import check_config, resolve_layer_spec
+from refusal.data import InstructionSplits, load_splits
+from refusal.errors import ArtifactError, ConfigError
+from refusal.fitting.dim import CandidateScorer, SelectionConfig, dim_candidates, select_direction
+from refusal.interventions.base import DiMDirection, Fitted
+from refusal.models import ModelBundle, load_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunContext:
+    """What one run works on: config, model, data, caches and where artifacts go."""
+
+    cfg: DictConfig
+    bundle: ModelBundle
+    splits: InstructionSplits
+    cache: ActivationCache
+    artifact_dir: Path
+    timings: dict[str, float] = field(default_factory=dict)
+    _tokens: dict[str, list[list[int]]] = field(default_factory=dict)
+
+    @property
+    def progress(self) -> bool:
+        return bool(self.cfg.get("progress", True))
+
+    def tokens(self, split: str) -> list[list[int]]:
+        """Chat-formatted token ids of one split (e.g. ``harmful_train``), tokenized once."""
+        if split not in self._tokens:
+            self._tokens[split] = self.bundle.tokenize_instructions(getattr(self.splits, split))
+        return self._tokens[split]
+
+    def activations(self, split: str) -> torch.Tensor:
+        """``[n, n_layers + 1, P, d]`` residuals at the post-instruction positions (cached)."""
+        return self.cache.get(
+            self.bundle, self.tokens(split), len(self.bundle.post_instruction_ids),
+            batch_size=int(self.cfg.model.get("batch_size", 16)), progress=self.progress, desc=split,
+        )
+
+    def expect(self, **extra: Any) -> dict[str, Any]:
+        return {**self.bundle.identity(), "data_digest": self.splits.digest(), **extra}
+
+
+def _plain(cfg: Any) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+
+
+def prepare(cfg: DictConfig) -> RunContext:
+    """Validate the config, load data and model; cheap errors first, the model last."""
+    t0 = time.perf_counter()
+    check_config(cfg)
+    splits = load_splits(_plain(cfg.data))
+    bundle = load_model(_plain(cfg.model), cfg.cache_dir)
+    check_config(cfg, bundle)
+    root = Path(cfg.artifacts_dir) / bundle.name / f"{cfg.data.name}-{splits.digest()[:10]}"
+    ctx = RunContext(cfg, bundle, splits, ActivationCache(Path(cfg.cache_dir) / "activations"), root)
+    ctx.timings["load"] = time.perf_counter() - t0
+    return ctx
+
+
+# -- DiM ------------------------------------------------------------------------------------------
+def fit_dim(ctx: RunContext) -> DiMDirection:
+    """The DiM direction for the configured layer spec: pinned, relative, or selected on val."""
+    spec = resolve_layer_spec(ctx.cfg.layer, ctx.bundle.n_layers, len(ctx.bundle.post_instruction_ids))
+    stem = ctx.artifact_dir / f"dim_{spec.tag}"
+    expect = ctx.expect(layer_spec=spec.tag)
+    if artifact_exists(stem):
+        try:
+            tensors, meta = load_artifact(stem, expect=expect)
+            log.info("reusing DiM artifact %s", stem)
+            return DiMDirection(tensors["direction"], int(meta["layer"]), int(meta["position"]))
+        except ArtifactError as err:
+            if "made for something else" in str(err):
+                raise
+            log.warning("%s; refitting", err)
+    t0 = time.perf_counter()
+    candidates = dim_candidates(ctx.activations("harmful_train"), ctx.activations("harmless_train"))
+    candidates = candidates[: ctx.bundle.n_layers]  # block inputs only
+    meta: dict[str, Any] = {**expect, "n_positions": candidates.shape[1]}
+    tensors: dict[str, torch.Tensor] = {"candidates": candidates}
+    if spec.mode == "auto":
+        fit_cfg = ctx.cfg.fit.dim
+        scorer = CandidateScorer(
+            ctx.bundle, ctx.tokens("harmful_val"), ctx.tokens("harmless_val"),
+            batch_size=int(fit_cfg.batch_size), progress=ctx.progress,
+        )
+        result = select_direction(candidates, scorer, SelectionConfig(**_plain(fit_cfg)))
+        layer, position = result.layer, result.position
+        tensors.update(bypass=result.bypass, induce=result.induce, kl=result.kl)
+        meta.update(
+            winner=result.winner(), passed_filters=result.passed_filters, scored=result.scored,
+            baseline_harmful_score=result.baseline_harmful, baseline_harmless_score=result.baseline_harmless,
+            notes=result.notes,
+        )
+        from refusal.fitting.plots import plot_selection
+
+        plot_selection(result, ctx.artifact_dir / f"dim_{spec.tag}_selection.png", title=f"{ctx.bundle.name}: DiM selection")
+    else:
+        layer, position = spec.layer, spec.position
+    direction = candidates[layer, position]
+    tensors["direction"] = direction
+    meta.update(layer=layer, position=position, seconds=time.perf_counter() - t0)
+    save_artifact(stem, tensors, meta)
+    ctx.timings["fit_dim"] = time.perf_counter() - t0
+    log.info("DiM direction: layer %d position %d (%s)", layer, position, stem)
+    return DiMDirection(direction, layer, position)
+
+
+# -- INLP -----------------------------------------------------------------------------------------
+def _inlp_data(ctx: RunContext, split: str, layer: int, position: int, positions: str) -> tuple[torch.Tensor, torch.Tensor]:
+    harm = ctx.activations(f"harmful_{split}")[:, layer]
+    safe = ctx.activations(f"harmless_{split}")[:, layer]
+    if positions == "selected":
+        harm, safe = harm[:, position], safe[:, position]
+    else:
+        harm, safe = harm.reshape(-1, harm.shape[-1]), safe.reshape(-1, safe.shape[-1])
+    X = torch.cat([harm, safe])
+    y = torch.cat([torch.ones(len(harm), dtype=torch.long), torch.zeros(len(safe), dtype=torch.long)])
+    return X, y
+
+
+def fit_inlp(ctx: RunContext, dim: DiMDirection, logger: Any = None):
+    """INLP at the DiM layer, fitted by the Lightning fitter (artifact reused when it matches)."""
+    from refusal.fitting.inlp import INLPConfig, INLPResult
+    from refusal.fitting.inlp import fit_inlp as run_fit
+
+    icfg = _plain(ctx.cfg.fit.inlp)
+    positions = icfg.pop("positions", "all")
+    if positions not in ("all", "selected"):
+        raise ConfigError(f"fit.inlp.positions={positions!r} must be 'all' or 'selected'")
+    stem = ctx.artifact_dir / f"inlp_L{dim.layer}_P{dim.position}_{positions}"
+    expect = ctx.expect(layer=dim.layer, position=dim.position, positions=positions, inlp_config=icfg)
+    if artifact_exists(stem):
+        try:
+            return INLPResult.load(stem, expect=expect)
+        except ArtifactError as err:
+            if "made for something else" in str(err):
+                raise
+            log.warning("%s; refitting", err)
+    t0 = time.perf_counter()
+    X, y = _inlp_data(ctx, "train", dim.layer, dim.position, positions)
+    X_val, y_val = _inlp_data(ctx, "val", dim.layer, dim.position, positions)
+    result = run_fit(X, y, X_val, y_val, INLPConfig(**icfg), logger=logger, enable_progress_bar=ctx.progress)
+    result.save(stem, extra_meta=expect)
+    ctx.timings["fit_inlp"] = time.perf_counter() - t0
+    return result
+
+
+def fit(ctx: RunContext, needs: set[str] | None = None, logger: Any = None) -> Fitted:
+    """Fit (or reuse) what ``needs`` names: "dim" and/or "inlp" (INLP also needs DiM's layer)."""
+    needs = {"dim", "inlp"} if needs is None else set(needs)
+    fitted = Fitted()
+    if needs & {"dim", "inlp"}:
+        fitted.dim = fit_dim(ctx)
+    if "inlp" in needs:
+        fitted.inlp = fit_inlp(ctx, fitted.dim, logger=logger)
+        fitted.inlp_layer = fitted.dim.layer
+    return fitted
+
+
+def summary(ctx: RunContext, fitted: Fitted) -> Mapping[str, Any]:
+    out: dict[str, Any] = {"model": ctx.bundle.name, "data": ctx.splits.source, "sizes": ctx.splits.sizes()}
+    if fitted.dim is not None:
+        out.update(layer=fitted.dim.layer, position=fitted.dim.position)
+    if fitted.inlp is not None:
+        out.update(inlp_val_accuracy=list(fitted.inlp.val_accuracy), inlp_n_useful=fitted.inlp.n_useful)
+    return out

@@ -1,0 +1,161 @@
+"""Sweep report: every run's metrics as a Markdown table, a CSV and plots, with no network.
+
+    python -m refusal.report multirun/2026-11-28/12-00-00
+
+Also written automatically at the end of each Hydra multirun (see ``hydra_callbacks``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from refusal.artifacts import atomic_write_text
+
+COLUMNS = [
+    ("model", "model"),
+    ("intervention", "intervention"),
+    ("params", "params"),
+    ("layer", "layer"),
+    ("harmful/refusal_rate", "harmful refusal"),
+    ("harmful/refusal_score", "harmful score"),
+    ("harmless/refusal_rate", "harmless refusal"),
+    ("harmless/perplexity", "harmless ppl"),
+    ("harmless/kl_div", "KL"),
+    ("geometry/label", "lands"),
+    ("n_harmful", "n"),
+]
+
+
+@dataclass
+class Report:
+    markdown_path: Path
+    csv_path: Path
+    plots: list[Path]
+    markdown_table: str
+    failures: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _params(results: dict[str, Any]) -> str:
+    params = results.get("params") or {}
+    keep = {k: v for k, v in params.items() if k in ("coeff", "k", "alpha", "target", "center") and v is not None}
+    return ", ".join(f"{k}={v}" for k, v in keep.items()) or "-"
+
+
+def flat_row(results: dict[str, Any], run: str = "") -> dict[str, Any]:
+    metrics = results.get("metrics", {})
+    row = {
+        "run": run,
+        "status": results.get("status", "ok"),
+        "model": results.get("model"),
+        "intervention": results.get("intervention"),
+        "params": _params(results),
+        "layer": results.get("intervention_layer", results.get("layer")),
+        **{k: v for k, v in metrics.items() if not isinstance(v, (list, dict))},
+    }
+    for key in ("harmful/refusal_rate_ci95", "harmless/refusal_rate_ci95"):
+        if key in metrics:
+            row[key] = metrics[key]
+    geo = (results.get("geometry") or {}).get("landing") or {}
+    if geo:
+        row["geometry/label"] = geo.get("label")
+        row["geometry/axis_coordinate"] = geo.get("axis_coordinate")
+    return row
+
+
+def _fmt(value: Any, key: str, row: dict[str, Any]) -> str:
+    if value is None:
+        return "-"
+    if key.endswith("refusal_rate"):
+        ci = row.get(f"{key}_ci95")
+        text = f"{100 * value:.1f}%"
+        return f"{text} [{100 * ci[0]:.0f}–{100 * ci[1]:.0f}]" if ci else text
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.1e}"
+    return str(value)
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    header = "| " + " | ".join(title for _, title in COLUMNS) + " |"
+    rule = "|" + "|".join("---" for _ in COLUMNS) + "|"
+    lines = [header, rule]
+    for row in rows:
+        lines.append("| " + " | ".join(_fmt(row.get(key), key, row) for key, _ in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def format_run(results: dict[str, Any]) -> str:
+    """One run's results for the terminal."""
+    row = flat_row(results)
+    lines = [f"\n{results.get('model')} · {results.get('intervention')} ({row['params']}) · layer {row['layer']}",
+             markdown_table([row])]
+    timings = results.get("timings") or {}
+    if timings:
+        lines.append("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
+    if (results.get("metrics") or {}).get("warning"):
+        lines.append("warning: " + results["metrics"]["warning"])
+    return "\n".join(lines)
+
+
+def load_runs(sweep_dir: Path) -> list[tuple[str, dict[str, Any]]]:
+    runs = []
+    for path in sorted(sweep_dir.glob("*/results.json")) + sorted(sweep_dir.glob("*/*/results.json")):
+        try:
+            runs.append((str(path.parent.relative_to(sweep_dir)), json.loads(path.read_text(encoding="utf-8"))))
+        except (OSError, json.JSONDecodeError) as err:
+            runs.append((str(path.parent.relative_to(sweep_dir)), {"status": "failed", "error": f"unreadable results.json: {err}"}))
+    return runs
+
+
+def write_report(sweep_dir: str | Path) -> Report:
+    """Write report.md, report.csv and plots into ``sweep_dir``."""
+    from refusal.report_plots import plot_bars, plot_tradeoff
+
+    sweep_dir = Path(sweep_dir)
+    runs = load_runs(sweep_dir)
+    ok = [flat_row(r, run) for run, r in runs if r.get("status", "ok") == "ok"]
+    failures = [(run, r.get("error", "unknown error")) for run, r in runs if r.get("status", "ok") != "ok"]
+    table = markdown_table(ok)
+    plots = []
+    if ok:
+        plots.append(plot_tradeoff(ok, sweep_dir / "tradeoff.png"))
+        plots.append(plot_bars(ok, sweep_dir / "bars.png"))
+    md = [f"# Sweep report: {sweep_dir}", "", f"{len(ok)} runs succeeded, {len(failures)} failed.", "", table, ""]
+    if failures:
+        md += ["## Failed runs", ""] + [f"- `{run}`: {err}" for run, err in failures] + [""]
+    md += [f"![{p.stem}]({p.name})" for p in plots]
+    md_path = sweep_dir / "report.md"
+    atomic_write_text(md_path, "\n".join(md) + "\n")
+    keys: list[str] = []
+    for row in ok:
+        keys += [k for k in row if k not in keys]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(ok)
+    csv_path = sweep_dir / "report.csv"
+    atomic_write_text(csv_path, buf.getvalue())
+    return Report(md_path, csv_path, plots, table, failures)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("sweep_dir", type=Path, help="a Hydra multirun folder (or any folder of run folders)")
+    args = parser.parse_args(argv)
+    if not args.sweep_dir.is_dir():
+        parser.error(f"{args.sweep_dir} is not a folder")
+    report = write_report(args.sweep_dir)
+    print(report.markdown_table)
+    print(f"\nwrote {report.markdown_path}, {report.csv_path}" + "".join(f", {p}" for p in report.plots))
+    for run, err in report.failures:
+        print(f"FAILED {run}: {err}")
+    return 1 if report.failures else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
