@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 SHARD_SIZE = 64
 
 
-def _batches_by_length(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+def batches_by_length(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     """Indices grouped into batches of similar length (less padding, same results)."""
     order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
@@ -71,7 +71,7 @@ def extract_activations(
     ]
     decoder = decoder_of(bundle.model)
     try:
-        batches = _batches_by_length([len(r) for r in token_ids], batch_size)
+        batches = batches_by_length([len(r) for r in token_ids], batch_size)
         for idx in tqdm(batches, desc=desc, disable=not progress, unit="batch"):
             batch = bundle.pad([token_ids[i] for i in idx]).to(bundle.device)
             current["buf"] = torch.empty(

@@ -72,7 +72,8 @@ def atomic_save_safetensors(path: str | Path, tensors: Mapping[str, torch.Tensor
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp)
+        # clone: views of one storage (a direction sliced from its candidates) cannot be saved as such
+        save_file({k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}, tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

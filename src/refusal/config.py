@@ -101,6 +101,8 @@ def check_config(cfg: DictConfig, bundle: Any = None) -> None:
     if dim.positions not in ("all", "last"):
         raise ConfigError(f"fit.dim.positions={dim.positions!r} must be 'all' or 'last'")
     _int(dim.shortlist, "fit.dim.shortlist")
+    if dim.get("n_prompts") is not None and _int(dim.n_prompts, "fit.dim.n_prompts") < 1:
+        raise ConfigError("fit.dim.n_prompts must be >= 1 (or null for the whole val split)")
     _int(cfg.fit.inlp.n_iterations, "fit.inlp.n_iterations")
     _number(cfg.fit.inlp.epsilon, "fit.inlp.epsilon")
     if "eval" in cfg:

@@ -85,7 +85,8 @@ def fit_dim(ctx: RunContext) -> DiMDirection:
     """The DiM direction for the configured layer spec: pinned, relative, or selected on val."""
     spec = resolve_layer_spec(ctx.cfg.layer, ctx.bundle.n_layers, len(ctx.bundle.post_instruction_ids))
     stem = ctx.artifact_dir / f"dim_{spec.tag}"
-    expect = ctx.expect(layer_spec=spec.tag)
+    selection = {"selection": _plain(ctx.cfg.fit.dim)} if spec.mode == "auto" else {}
+    expect = ctx.expect(layer_spec=spec.tag, **selection)
     if artifact_exists(stem):
         try:
             tensors, meta = load_artifact(stem, expect=expect)
@@ -102,8 +103,9 @@ def fit_dim(ctx: RunContext) -> DiMDirection:
     tensors: dict[str, torch.Tensor] = {"candidates": candidates}
     if spec.mode == "auto":
         fit_cfg = ctx.cfg.fit.dim
+        n = fit_cfg.get("n_prompts")
         scorer = CandidateScorer(
-            ctx.bundle, ctx.tokens("harmful_val"), ctx.tokens("harmless_val"),
+            ctx.bundle, ctx.tokens("harmful_val")[:n], ctx.tokens("harmless_val")[:n],
             batch_size=int(fit_cfg.batch_size), progress=ctx.progress,
         )
         result = select_direction(candidates, scorer, SelectionConfig(**_plain(fit_cfg)))
@@ -151,7 +153,7 @@ def fit_inlp(ctx: RunContext, dim: DiMDirection, logger: Any = None):
     if positions not in ("all", "selected"):
         raise ConfigError(f"fit.inlp.positions={positions!r} must be 'all' or 'selected'")
     stem = ctx.artifact_dir / f"inlp_L{dim.layer}_P{dim.position}_{positions}"
-    expect = ctx.expect(layer=dim.layer, position=dim.position, positions=positions, inlp_config=icfg)
+    expect = ctx.expect(layer=dim.layer, position=dim.position, positions=positions, fit_config=icfg)
     if artifact_exists(stem):
         try:
             return INLPResult.load(stem, expect=expect)
@@ -163,7 +165,7 @@ def fit_inlp(ctx: RunContext, dim: DiMDirection, logger: Any = None):
     X, y = _inlp_data(ctx, "train", dim.layer, dim.position, positions)
     X_val, y_val = _inlp_data(ctx, "val", dim.layer, dim.position, positions)
     result = run_fit(X, y, X_val, y_val, INLPConfig(**icfg), logger=logger, enable_progress_bar=ctx.progress)
-    result.save(stem, extra_meta=expect)
+    result.save(stem, extra_meta={k: v for k, v in expect.items() if k != "d_model"})
     ctx.timings["fit_inlp"] = time.perf_counter() - t0
     return result
 

@@ -40,6 +40,7 @@ class SelectionConfig:
     prune_last_fraction: float = 0.2
     positions: str = "all"  # "all" or "last"
     shortlist: int = 0  # >0: last position for every layer first, then all positions of the best N layers
+    n_prompts: int | None = None  # val prompts per class used for scoring (applied by the caller)
     batch_size: int = 32
 
 
@@ -172,8 +173,11 @@ def select_direction(
     kl = bypass.clone()
     layers = eligible_layers(n_layers, cfg.prune_last_fraction)
 
+    norms = candidates.norm(dim=-1)
+    degenerate = norms <= 1e-6 * float(norms.max())  # e.g. layer 0: identical post-instruction embeddings
+
     def run(pairs: list[tuple[int, int]]) -> None:
-        pairs = [(l, p) for l, p in pairs if math.isnan(bypass[l, p])]
+        pairs = [(l, p) for l, p in pairs if math.isnan(bypass[l, p]) and not degenerate[l, p]]
         if not pairs:
             return
         dirs = torch.stack([candidates[l, p] for l, p in pairs])
@@ -194,6 +198,8 @@ def select_direction(
     scored = [(l, p) for l in range(n_layers) for p in range(n_pos) if not math.isnan(bypass[l, p])]
     passing = [(l, p) for l, p in scored if _passes(bypass, induce, kl, l, p, cfg)]
     notes = []
+    if degenerate.any():
+        notes.append(f"skipped {int(degenerate.sum())} zero-norm candidates (no harmful/harmless difference there)")
     if not passing:
         notes.append(
             f"no candidate passed the filters (KL <= {cfg.max_kl}, induce > {cfg.min_induce}); "

@@ -121,7 +121,7 @@ def dequantized_checkpoint(
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, **kwargs)
     staging = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}."))
     try:
-        model.save_pretrained(staging)
+        _save_float_checkpoint(model, staging)
         tokenizer.save_pretrained(staging)
         atomic_write_text(staging / ".complete", spec.sha256 + "\n")
         if final.exists():
@@ -131,6 +131,22 @@ def dequantized_checkpoint(
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return final
+
+
+def _save_float_checkpoint(model, folder: Path) -> None:
+    """Save dequantized weights as a plain HF checkpoint.
+
+    transformers refuses ``save_pretrained`` on a GGUF-loaded model (it is flagged as quantized),
+    but its weights are ordinary float tensors: write them with safetensors and drop the flag.
+    """
+    from safetensors.torch import save_model
+
+    save_model(model, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.save_pretrained(folder)
+    model.generation_config.save_pretrained(folder)
 
 
 def packaged_parts_installed(parts: Sequence[str]) -> bool:
