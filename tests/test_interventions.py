@@ -142,15 +142,20 @@ def test_inlp_flip_reflects_and_twice_is_identity_on_reflected_coordinates(fitte
     torch.testing.assert_close((half - mu) @ W.T, -0.5 * coords, rtol=0, atol=1e-5)
 
 
+def _recorder(store: list):
+    """A pre-hook that records the block input and leaves it unchanged."""
+    return lambda x: store.append(x.clone()) or x
+
+
 def test_transform_matches_the_hook(tiny_bundle, fitted, prompts):
     ids = tiny_bundle.tokenize_instructions(prompts)
     for name in ("actadd", "inlp_nullspace", "inlp_flip"):
         intervention = make(name, fitted)
         raw, hooked_in = [], []
         block = tiny_bundle.layout.blocks[intervention.layer]
-        with hooked([HookSpec(block, lambda x: raw.append(x.clone()) or x, "pre")]):
+        with hooked([HookSpec(block, _recorder(raw), "pre")]):
             forward(tiny_bundle, ids)
-        with intervention.apply(tiny_bundle), hooked([HookSpec(block, lambda x: hooked_in.append(x.clone()) or x, "pre")]):
+        with intervention.apply(tiny_bundle), hooked([HookSpec(block, _recorder(hooked_in), "pre")]):
             forward(tiny_bundle, ids)
         torch.testing.assert_close(hooked_in[0], intervention.transform(raw[0]), rtol=0, atol=1e-5)
 

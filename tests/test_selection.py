@@ -6,7 +6,13 @@ import pytest
 import torch
 from conftest import random_unit
 
-from refusal.fitting.dim import CandidateScorer, SelectionConfig, dim_candidates, eligible_layers, select_direction
+from refusal.fitting.dim import (
+    CandidateScorer,
+    SelectionConfig,
+    dim_candidates,
+    eligible_layers,
+    select_direction,
+)
 from refusal.hooks import HookSpec, hooked
 from refusal.models import load_model
 

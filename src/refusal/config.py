@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from numbers import Real
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from refusal.errors import ConfigError
 
@@ -60,18 +61,66 @@ def resolve_layer_spec(layer_cfg: Any, n_layers: int | None, n_positions: int | 
     return LayerSpec(mode, index, position, f"L{index}_P{position}")
 
 
-def _check_intervention(cfg: DictConfig) -> None:
+def _check_intervention(cfg: DictConfig, n_layers: int | None = None) -> None:
     from refusal.interventions import get_intervention
 
     icfg = cfg.intervention
-    get_intervention(str(icfg.name), plugin_dirs(cfg))
+    cls = get_intervention(str(icfg.name), plugin_dirs(cfg))
     for key in ("coeff", "alpha"):
         if key in icfg and icfg[key] is not None:
             _number(icfg[key], f"intervention.{key}")
     if icfg.get("k") is not None and _int(icfg.k, "intervention.k") < 1:
         raise ConfigError(f"intervention.k={icfg.k} must be >= 1 (or null for all fitted directions)")
+    # INLP finds at most n_iterations directions: a larger k can only fail, so fail before fitting.
+    n_iter = cfg.fit.inlp.get("n_iterations")
+    if "inlp" in cls.needs and icfg.get("k") is not None and isinstance(n_iter, int) and icfg.k > n_iter:
+        raise ConfigError(
+            f"intervention.k={icfg.k} exceeds fit.inlp.n_iterations={n_iter}, the most directions INLP can fit; "
+            "lower intervention.k or raise fit.inlp.n_iterations"
+        )
     if icfg.get("layer") is not None:
-        _int(icfg.layer, "intervention.layer")
+        layer = _int(icfg.layer, "intervention.layer")
+        if n_layers is not None and not 0 <= layer < n_layers:
+            raise ConfigError(
+                f"intervention.layer={layer} is out of range for a model with {n_layers} layers "
+                f"(use 0..{n_layers - 1}, or null for the DiM layer)"
+            )
+
+
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def _check_safe_name(value: Any, key: str) -> None:
+    """Names become folder/file names under cache_dir and artifacts_dir: no separators, no '..'."""
+    if not isinstance(value, str) or not _SAFE_NAME.fullmatch(value) or ".." in value:
+        raise ConfigError(
+            f"{key}={value!r} is used as a file or folder name under cache_dir/artifacts_dir, so it may only "
+            "hold letters, digits, '.', '_' and '-' (no path separators or '..'); rename it"
+        )
+
+
+def _check_model(model: Any) -> None:
+    _check_safe_name(model.get("name"), "model.name")
+    gguf = model.get("gguf")
+    if gguf is not None and gguf.get("filename") is not None:
+        _check_safe_name(gguf.get("filename"), "model.gguf.filename")
+    trust = model.get("trust_remote_code", False)
+    if not isinstance(trust, bool):
+        raise ConfigError(f"model.trust_remote_code={trust!r} must be true or false (a boolean, not a string)")
+
+
+def _check_inlp(icfg: Any) -> None:
+    from refusal.fitting.inlp import INLPConfig
+
+    options = OmegaConf.to_container(icfg, resolve=True) if isinstance(icfg, DictConfig) else dict(icfg)
+    positions = options.pop("positions", "all")
+    if positions not in ("all", "selected"):
+        raise ConfigError(f"fit.inlp.positions={positions!r} must be 'all' or 'selected'")
+    try:
+        INLPConfig(**options).validate()
+    except TypeError as err:  # an unknown key
+        fields = sorted(INLPConfig.__dataclass_fields__)
+        raise ConfigError(f"fit.inlp has an unknown key ({err}); valid keys: positions, {', '.join(fields)}") from None
 
 
 def plugin_dirs(cfg: DictConfig) -> list[str]:
@@ -91,8 +140,9 @@ def check_config(cfg: DictConfig, bundle: Any = None) -> None:
             if declared is not None and declared != real:
                 raise ConfigError(f"model.{key}={declared} in the config, but the loaded {bundle.name} has {real}; fix conf/model/{bundle.name}.yaml")
         n_layers, n_positions = bundle.n_layers, len(bundle.post_instruction_ids)
+    _check_model(cfg.model)
     resolve_layer_spec(cfg.layer, n_layers, n_positions)
-    _check_intervention(cfg)
+    _check_intervention(cfg, n_layers)
     dim = cfg.fit.dim
     for key in ("max_kl", "min_induce", "prune_last_fraction"):
         _number(dim[key], f"fit.dim.{key}")
@@ -105,6 +155,7 @@ def check_config(cfg: DictConfig, bundle: Any = None) -> None:
         raise ConfigError("fit.dim.n_prompts must be >= 1 (or null for the whole val split)")
     _int(cfg.fit.inlp.n_iterations, "fit.inlp.n_iterations")
     _number(cfg.fit.inlp.epsilon, "fit.inlp.epsilon")
+    _check_inlp(cfg.fit.inlp)
     if "eval" in cfg:
         if _int(cfg.eval.max_new_tokens, "eval.max_new_tokens") < 1:
             raise ConfigError("eval.max_new_tokens must be >= 1")

@@ -20,13 +20,13 @@ import lightning
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from refusal.activations import batches_by_length
 from refusal.artifacts import atomic_write_json, atomic_write_text
 from refusal.config import plugin_dirs
-from refusal.generation import GenerationCache, Generations, generate
+from refusal.generation import GenerationCache, generate
 from refusal.interventions import Intervention, get_intervention
 from refusal.metrics import KLDivergence, Perplexity, RefusalRate, RefusalScore, is_refusal, wilson_interval
 from refusal.models.bundle import ModelBundle
-from refusal.activations import batches_by_length
 from refusal.pipeline import RunContext, fit, prepare
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ def teacher_forced_scores(
 ) -> dict[str, float]:
     """Perplexity of ``completions`` and KL(unsteered ‖ steered) at the last prompt token and over them."""
     ppl, kl_last, kl_completion = Perplexity(), KLDivergence(), KLDivergence()
-    rows = [p + c for p, c in zip(prompts, completions)]
+    rows = [p + c for p, c in zip(prompts, completions, strict=True)]
     for idx in batches_by_length([len(r) for r in rows], batch_size):
         batch = bundle.pad([rows[i] for i in idx]).to(bundle.device)
         width = batch.input_ids.shape[1]
@@ -173,7 +173,7 @@ def evaluate_context(ctx: RunContext, output_dir: Path, tracker: Any = None) -> 
         ("harmful", ctx.splits.harmful_test, steered_harmful, base_harmful),
         ("harmless", ctx.splits.harmless_test, steered_harmless, base_harmless),
     ):
-        for text, completion, baseline in zip(instr, gens.completions, base.completions):
+        for text, completion, baseline in zip(instr, gens.completions, base.completions, strict=True):
             rows.append({"split": split, "prompt": text, "completion": completion,
                          "refused": is_refusal(completion, phrases) if phrases else is_refusal(completion),
                          "baseline_completion": baseline})

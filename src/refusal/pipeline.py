@@ -76,6 +76,8 @@ def prepare(cfg: DictConfig) -> RunContext:
     check_config(cfg, bundle)
     root = Path(cfg.artifacts_dir) / bundle.name / f"{cfg.data.name}-{splits.digest()[:10]}"
     ctx = RunContext(cfg, bundle, splits, ActivationCache(Path(cfg.cache_dir) / "activations"), root)
+    for split in splits.lists():  # cheap; a prompt too long for the context fails here, not after a fit
+        ctx.tokens(split)
     ctx.timings["load"] = time.perf_counter() - t0
     return ctx
 

@@ -26,7 +26,7 @@ def plot_tradeoff(rows: list[dict[str, Any]], path: Path) -> Path:
     """Harmful refusal rate (y) against harmless perplexity (x), one panel per model."""
     models = sorted({r["model"] for r in rows})
     fig, axes = plt.subplots(1, len(models), figsize=(5.2 * len(models), 4.2), squeeze=False)
-    for ax, model in zip(axes[0], models):
+    for ax, model in zip(axes[0], models, strict=False):
         for row in [r for r in rows if r["model"] == model]:
             x, y = row.get("harmless/perplexity"), row.get("harmful/refusal_rate")
             if x is None or y is None:

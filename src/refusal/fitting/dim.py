@@ -112,7 +112,7 @@ class CandidateScorer:
                 return x if shift is None else x + shift[:, None, :]
             return fn
 
-        return [HookSpec(self.bundle.layout.blocks[l], make(l), "pre") for l in sorted(set(layers))]
+        return [HookSpec(self.bundle.layout.blocks[li], make(li), "pre") for li in sorted(set(layers))]
 
     def score(self, directions: torch.Tensor, layers: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """bypass, induce, KL for each candidate ``directions[i]`` (read at ``layers[i]``)."""
@@ -137,7 +137,7 @@ class CandidateScorer:
             bypass.append(harm_scores.mean(1))
             kl.append(torch.stack([_kl_rows(self.baseline_harmless_logits, safe_logits[j]).mean() for j in range(len(idx))]))
             # activation addition at each candidate's layer on harmless rows (induce)
-            shift = {l: None for l in set(layers)}
+            shift = {li: None for li in set(layers)}
             for j, i in enumerate(idx):
                 block = shift[layers[i]]
                 if block is None:
@@ -177,44 +177,59 @@ def select_direction(
     degenerate = norms <= 1e-6 * float(norms.max())  # e.g. layer 0: identical post-instruction embeddings
 
     def run(pairs: list[tuple[int, int]]) -> None:
-        pairs = [(l, p) for l, p in pairs if math.isnan(bypass[l, p]) and not degenerate[l, p]]
+        pairs = [(li, p) for li, p in pairs if math.isnan(bypass[li, p]) and not degenerate[li, p]]
         if not pairs:
             return
-        dirs = torch.stack([candidates[l, p] for l, p in pairs])
-        b, i, k = scorer.score(dirs, [l for l, _ in pairs])
-        for j, (l, p) in enumerate(pairs):
-            bypass[l, p], induce[l, p], kl[l, p] = b[j], i[j], k[j]
+        dirs = torch.stack([candidates[li, p] for li, p in pairs])
+        b, i, k = scorer.score(dirs, [li for li, _ in pairs])
+        for j, (li, p) in enumerate(pairs):
+            bypass[li, p], induce[li, p], kl[li, p] = b[j], i[j], k[j]
 
     if cfg.positions == "last" or cfg.shortlist > 0:
-        run([(l, n_pos - 1) for l in layers])
+        run([(li, n_pos - 1) for li in layers])
     if cfg.positions == "all":
         if cfg.shortlist > 0:
-            ok = [(float(bypass[l, -1]), l) for l in layers if _passes(bypass, induce, kl, l, n_pos - 1, cfg)]
-            best = [l for _, l in sorted(ok)[: cfg.shortlist]] or [l for _, l in sorted((float(bypass[l, -1]), l) for l in layers)[: cfg.shortlist]]
-            run([(l, p) for l in best for p in range(n_pos)])
+            last = [(li, n_pos - 1) for li in layers if not math.isnan(bypass[li, -1])]
+            pool, _ = _filter(bypass, induce, kl, last, cfg)
+            best = sorted(pool, key=lambda lp: float(bypass[lp]))[: cfg.shortlist]
+            run([(li, p) for li, _ in best for p in range(n_pos)])
         else:
-            run([(l, p) for l in layers for p in range(n_pos)])
+            run([(li, p) for li in layers for p in range(n_pos)])
 
-    scored = [(l, p) for l in range(n_layers) for p in range(n_pos) if not math.isnan(bypass[l, p])]
-    passing = [(l, p) for l, p in scored if _passes(bypass, induce, kl, l, p, cfg)]
+    scored = [(li, p) for li in range(n_layers) for p in range(n_pos) if not math.isnan(bypass[li, p])]
+    pool, fallback = _filter(bypass, induce, kl, scored, cfg)
     notes = []
     if degenerate.any():
         notes.append(f"skipped {int(degenerate.sum())} zero-norm candidates (no harmful/harmless difference there)")
-    if not passing:
-        notes.append(
-            f"no candidate passed the filters (KL <= {cfg.max_kl}, induce > {cfg.min_induce}); "
-            "took the lowest bypass score regardless — the model may barely refuse"
-        )
-        warnings.warn(notes[-1], stacklevel=2)
-    pool = passing or scored
+    if fallback:
+        notes.append(fallback)
+        warnings.warn(fallback, stacklevel=2)
     layer, pos = min(pool, key=lambda lp: float(bypass[lp]))
     base_harm, base_safe = scorer.baselines()
     return SelectionResult(
         layer=layer, position=pos - n_pos, bypass=bypass, induce=induce, kl=kl,
-        baseline_harmful=base_harm, baseline_harmless=base_safe, passed_filters=bool(passing),
+        baseline_harmful=base_harm, baseline_harmless=base_safe, passed_filters=fallback is None,
         scored=len(scored), notes=notes,
     )
 
 
-def _passes(bypass, induce, kl, l: int, p: int, cfg: SelectionConfig) -> bool:
-    return bool(kl[l, p] <= cfg.max_kl and induce[l, p] > cfg.min_induce)
+def _filter(bypass, induce, kl, pairs: list[tuple[int, int]], cfg: SelectionConfig) -> tuple[list[tuple[int, int]], str | None]:
+    """Candidates that pass both filters; failing that, those that pass the KL filter; failing that, all.
+
+    A weakly refusing model (e.g. a coder model) often has no direction whose addition pushes
+    harmless prompts past even odds of refusing; dropping the induce filter then still keeps the
+    KL guard against directions that break the model. The second value says which fallback was taken.
+    """
+    both = [lp for lp in pairs if kl[lp] <= cfg.max_kl and induce[lp] > cfg.min_induce]
+    if both:
+        return both, None
+    kl_only = [lp for lp in pairs if kl[lp] <= cfg.max_kl]
+    if kl_only:
+        return kl_only, (
+            f"no candidate passed both filters (KL <= {cfg.max_kl}, induce > {cfg.min_induce}); chose among the "
+            f"{len(kl_only)} that pass the KL filter — actadd never made harmless prompts likelier to refuse than not"
+        )
+    return pairs, (
+        f"no candidate passed the filters (KL <= {cfg.max_kl}, induce > {cfg.min_induce}); "
+        "took the lowest bypass score regardless — the model may barely refuse"
+    )

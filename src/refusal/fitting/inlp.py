@@ -8,15 +8,19 @@ ordered orthonormal basis of the linearly decodable "harmfulness" subspace, the 
 most informative. Row i is oriented towards "harmful" (its classifier's positive side), and
 ``val_accuracy[i]`` is the held-out accuracy of the classifier it came from; the last row of a run
 that stopped early is the one whose classifier was already at chance, so ``n_useful`` counts the
-rows above the threshold and ``projection(result.n_useful)`` removes only those.
+rows above the threshold and ``projection(result.n_useful)`` removes only those. A weight vector
+numerically inside the span of the earlier rows is not stored and ends the run
+(``config["stop_reason"] == "degenerate"``): the next classifier would see the same data.
 
 Fitting runs in a ``lightning.Trainer`` (see :mod:`refusal.fitting.inlp_module`). Activations are
-not standardised (directions must live in activation space), but they are centred and divided by
-one scalar (their mean norm) internally, which leaves every direction unchanged and keeps
-L-BFGS well conditioned whatever the model's residual scale. ``l2`` is therefore the L2
-coefficient on that normalised problem — ``mean loss + (l2/2)·‖w'‖²`` with ``w' = s·w`` — and
-means the same for every model; scikit-learn's equivalent is ``C = 1 / (l2 · n · s²)`` on the
-raw activations (:func:`refusal.fitting.inlp_reference.sklearn_C`).
+not standardised per feature (directions must live in activation space), but they are centred and
+divided by one scalar ``s`` internally — the RMS of the centred entries, mean row norm / √d — so
+that features are O(1) whatever the model's residual scale. A scalar leaves every direction
+unchanged and keeps L-BFGS well conditioned. ``l2`` is the L2 coefficient on that normalised
+problem, ``mean loss + (l2/2)·‖w'‖²`` with ``w' = s·w``, so it means the same for every model
+and width (normalising by the row norm instead would make the penalty grow with d);
+scikit-learn's equivalent is ``C = 1 / (l2 · n · s²)`` on the raw activations
+(:func:`refusal.fitting.inlp_reference.sklearn_C`).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ __all__ = [
     "chance_rate",
     "class_means",
     "input_scale",
+    "n_useful_of",
     "orthonormal_append",
 ]
 
@@ -58,7 +63,7 @@ class INLPConfig:
     batch_size: int | None = None  # None: full batch, L-BFGS; int: mini-batch Adam
     max_steps: int = 500  # L-BFGS iterations per classifier (full batch)
     max_epochs: int = 20  # passes over the data per classifier (mini-batch)
-    lr: float = 1e-2  # Adam learning rate (mini-batch)
+    lr: float = 0.1  # Adam peak learning rate (mini-batch; cosine-decayed to 0 within each iteration)
     tolerance_grad: float = 1e-7  # L-BFGS stops when max |grad| falls below this
     tolerance_change: float = 1e-10  # ... or when loss / step changes fall below this
     center: str = "midpoint"  # stored centre: midpoint of the class means, overall mean, or zero
@@ -199,8 +204,9 @@ def class_means(X: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def input_scale(X: Tensor, center: Tensor) -> float:
-    """Mean norm of the centred rows: the one scalar the activations are divided by internally."""
-    scale = float((X.detach().to(torch.float64) - center.to(torch.float64)).norm(dim=1).mean())
+    """The scalar activations are divided by internally: RMS of the centred entries (mean row norm / √d)."""
+    centred = X.detach().to(torch.float64) - center.to(torch.float64)
+    scale = float(centred.norm(dim=1).mean()) / math.sqrt(X.shape[1])
     return scale if scale > 0 else 1.0
 
 
@@ -258,7 +264,7 @@ def fit_inlp(
         "mean": X.detach().to(torch.float64).mean(0).to(X.dtype),
         "zero": torch.zeros_like(midpoint),
     }[cfg.center]
-    # Centre on the midpoint and divide by one scalar: directions are unchanged, conditioning is not.
+    # Centre on the midpoint and divide by one scalar: directions are unchanged, conditioning improves.
     scale = input_scale(X, midpoint)
     mid64 = midpoint.to(torch.float64)
     x = ((X.detach().to(torch.float64) - mid64) / scale).to(torch.float32)
@@ -290,6 +296,12 @@ def fit_inlp(
     trainer.fit(module)
 
     directions = module.W64.to(torch.float32)
+    if module.degenerate:
+        stop_reason = "degenerate"  # a classifier's weight fell inside the span of the earlier ones
+    elif module.val_accuracy and module.val_accuracy[-1] <= threshold:
+        stop_reason = "chance"
+    else:
+        stop_reason = "n_iterations"
     return INLPResult(
         directions=directions,
         train_accuracy=list(module.train_accuracy),
@@ -299,5 +311,5 @@ def fit_inlp(
         center=center.detach().cpu().to(torch.float32),
         n_useful=n_useful_of(module.val_accuracy, threshold, directions.shape[0]),
         chance=chance,
-        config={**asdict(cfg), "input_scale": scale, "implementation": "lightning"},
+        config={**asdict(cfg), "input_scale": scale, "stop_reason": stop_reason, "implementation": "lightning"},
     )

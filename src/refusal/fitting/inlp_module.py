@@ -90,7 +90,7 @@ class INLPModule(LightningModule):
         batch_size: int | None = None,
         max_steps: int = 500,
         max_epochs: int = 20,
-        lr: float = 1e-2,
+        lr: float = 0.1,
         tolerance_grad: float = 1e-7,
         tolerance_change: float = 1e-10,
         history_size: int = 20,

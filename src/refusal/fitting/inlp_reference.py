@@ -14,7 +14,7 @@ the original. Two changes make it comparable with :func:`refusal.fitting.inlp.fi
 
 Regularisation. scikit-learn minimises ``C·Σᵢ loss_i + ½‖w‖²`` on the data it is given, here
 the raw activations. ``fit_inlp`` minimises ``mean_i loss_i + (l2/2)‖w'‖²`` on activations that
-were centred and divided by a scalar ``s`` (the mean norm of the centred training rows), where
+were centred and divided by a scalar ``s`` (the RMS of the centred training entries), where
 ``w' = s·w``. Both have the same minimiser exactly when ``C = 1 / (l2 · n · s²)``:
 :func:`sklearn_C` computes that. For LinearSVC the same mapping holds for the squared hinge, up
 to liblinear also penalising the intercept (``fit_inlp`` does not).

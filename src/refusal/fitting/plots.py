@@ -40,7 +40,7 @@ def plot_selection(result: SelectionResult, path: str | Path, title: str = "") -
     ]
     cmap = plt.get_cmap("viridis")
     layers = list(range(n_layers))
-    for ax, (values, label, baseline) in zip(axes, panels):
+    for ax, (values, label, baseline) in zip(axes, panels, strict=True):
         for p in range(n_pos):
             column = values[:, p]
             if column.isnan().all():

@@ -36,6 +36,8 @@ DPI = 120
 PANEL_SIZE = (4.2, 3.6)
 #: Extra height for the suptitle and the shared legend under the panels.
 LEGEND_HEIGHT = 0.9
+# The seven legend entries fit on one line from this many panels on; fewer get two lines.
+_ONE_ROW_LEGEND_PANELS = 4
 
 HARMFUL_COLOR = "#d1495b"
 HARMLESS_COLOR = "#2e86c1"
@@ -54,7 +56,8 @@ _RC = {
 
 def landing_figsize(n_panels: int) -> tuple[float, float]:
     """Figure size in inches for :func:`plot_landing` with ``n_panels`` interventions."""
-    return (PANEL_SIZE[0] * max(n_panels, 2), PANEL_SIZE[1] * 2 + LEGEND_HEIGHT)
+    legend_rows = 1 if n_panels >= _ONE_ROW_LEGEND_PANELS else 2
+    return (PANEL_SIZE[0] * max(n_panels, 2), PANEL_SIZE[1] * 2 + LEGEND_HEIGHT + 0.3 * (legend_rows - 1))
 
 
 def _save_atomic(fig: Figure, path: str | os.PathLike[str]) -> Path:
@@ -113,7 +116,9 @@ def plot_landing(
     harmful, harmless = _as_2d(harmful, "harmful"), _as_2d(harmless, "harmless")
     d = harmful.shape[1]
     _same_width(d, harmless=harmless)
-    transformed = {name: _as_2d(x, f"transformed_by_name[{name!r}]") for name, x in transformed_by_name.items()}
+    transformed = {
+        name: _as_2d(x, f"transformed_by_name[{name!r}]") for name, x in transformed_by_name.items()
+    }
     for name, x in transformed.items():
         _same_width(d, **{f"transformed_by_name[{name!r}]": x})
 
@@ -122,10 +127,13 @@ def plot_landing(
     center = base.mean(0)
     Z = base - center
     _, S, Vh = torch.linalg.svd(Z, full_matrices=False)
-    pcs = torch.stack([_fix_sign(Vh[0]), _fix_sign(Vh[1] if Vh.shape[0] > 1 else torch.zeros(d, dtype=Z.dtype))], 1)
-    var = S**2 / (S**2).sum().clamp_min(1e-300)
     mu_h, mu_l = harmful.mean(0), harmless.mean(0)
     delta = mu_l - mu_h
+    # Orient PC1 like the DiM axis (harmless to the right), as in the bottom row.
+    pc1 = Vh[0] if float(Vh[0] @ delta) >= 0 else -Vh[0]
+    pc2 = _fix_sign(Vh[1]) if Vh.shape[0] > 1 else torch.zeros(d, dtype=Z.dtype)
+    pcs = torch.stack([pc1, pc2], 1)
+    var = torch.cat([S**2 / (S**2).sum().clamp_min(1e-300), torch.zeros(1, dtype=S.dtype)])
     gap = float(torch.linalg.vector_norm(delta))
     if gap == 0.0:
         raise DataError("harmful and harmless centroids coincide: no DiM axis to plot along")
@@ -154,7 +162,9 @@ def plot_landing(
             ph, pl, px = pca(harmful), pca(harmless), pca(x)
             top.scatter(ph[:, 0], ph[:, 1], color=HARMFUL_COLOR, **scatter_kw)
             top.scatter(pl[:, 0], pl[:, 1], color=HARMLESS_COLOR, **scatter_kw)
-            top.scatter(px[:, 0], px[:, 1], color=TRANSFORMED_COLOR, marker="^", s=14, alpha=0.55, linewidths=0)
+            top.scatter(
+                px[:, 0], px[:, 1], color=TRANSFORMED_COLOR, marker="^", s=14, alpha=0.55, linewidths=0
+            )
             ch, cl, cx = pca(mu_h[None])[0], pca(mu_l[None])[0], pca(x.mean(0, keepdim=True))[0]
             top.plot([ch[0], cl[0]], [ch[1], cl[1]], color="#555555", linestyle="--", linewidth=1.0, zorder=3)
             _centroids(top, ch, cl, cx)
@@ -163,7 +173,9 @@ def plot_landing(
             th, yh = dim_frame(harmful)
             tl, yl = dim_frame(harmless)
             tx, yx = dim_frame(x)
-            bottom.axvspan(thresholds.stays_below, thresholds.opposite_above, color="#7d5ba6", alpha=0.08, linewidth=0)
+            bottom.axvspan(
+                thresholds.stays_below, thresholds.opposite_above, color="#7d5ba6", alpha=0.08, linewidth=0
+            )
             for t0, c in ((0.0, HARMFUL_COLOR), (1.0, HARMLESS_COLOR)):
                 bottom.axvline(t0, color=c, linestyle=":", linewidth=1.0)
             bottom.scatter(th, yh, color=HARMFUL_COLOR, **scatter_kw)
@@ -177,24 +189,40 @@ def plot_landing(
             )
 
             label = str(stats["label"])
-            head = f"{name}\n{label}: t = {stats['axis_coordinate']:.2f} ± {stats['axis_coordinate_std']:.2f}"
+            head = f"{name}\n{label}: t = {_num(stats['axis_coordinate'])} ± {_num(stats['axis_coordinate_std'])}"
             if not math.isnan(float(stats["probe_p_harmful"])):
-                head += f", p(harmful) = {stats['probe_p_harmful']:.2f}"
+                head += f", p(harmful) = {_num(stats['probe_p_harmful'])}"
             top.set_title(head, color=LABEL_COLORS.get(label, "black"))
-            top.set_xlabel(f"PC1 ({100 * float(var[0]):.0f}% var)")
+            top.set_xlabel(f"PC1 ({_pct(var[0])} var)")
             bottom.set_xlabel("DiM axis t  (0 = harmful mean, 1 = harmless mean)")
             if j == 0:
-                top.set_ylabel(f"PC2 ({100 * float(var[1]) if var.numel() > 1 else 0:.0f}% var)")
-                bottom.set_ylabel("top PC ⟂ DiM axis\n(units of centroid distance)")
+                top.set_ylabel(f"PC2 ({_pct(var[1])} var)")
+                bottom.set_ylabel("top PC orthogonal to DiM axis\n(units of centroid distance)")
         for ax in axes[0, 1:]:
             ax.tick_params(labelleft=True)
         for ax in axes[1, 1:]:
             ax.tick_params(labelleft=True)
         _styled(fig)
-        fig.legend(handles=_landing_handles(thresholds), loc="outside lower center", ncol=7, frameon=False)
+        fig.legend(
+            handles=_landing_handles(thresholds),
+            loc="outside lower center",
+            ncol=7 if k >= _ONE_ROW_LEGEND_PANELS else 4,
+            frameon=False,
+        )
         if title:
             fig.suptitle(title, fontsize=12, fontweight="bold")
         return _save_atomic(fig, path)
+
+
+def _num(x: float | str) -> str:
+    """Two decimals without a "-0.00" for values that are zero up to rounding."""
+    return f"{round(float(x), 2) + 0.0:.2f}"
+
+
+def _pct(fraction: Tensor) -> str:
+    """Explained variance as a percentage, with a decimal where high-d PCs explain little."""
+    p = 100 * float(fraction)
+    return f"{p:.0f}%" if p >= 10 else f"{p:.1f}%"
 
 
 def _rc_context() -> Any:
@@ -212,7 +240,16 @@ def _centroids(ax: Any, ch: Tensor, cl: Tensor, cx: Tensor) -> None:
 
 def _landing_handles(thresholds: LandingThresholds) -> list[Any]:
     def dot(color: str, marker: str, label: str, size: float = 7, edge: str = "none") -> Line2D:
-        return Line2D([], [], color=color, marker=marker, linestyle="", markersize=size, markeredgecolor=edge, label=label)
+        return Line2D(
+            [],
+            [],
+            color=color,
+            marker=marker,
+            linestyle="",
+            markersize=size,
+            markeredgecolor=edge,
+            label=label,
+        )
 
     return [
         dot(HARMFUL_COLOR, "o", "harmful (unsteered)"),
@@ -242,7 +279,9 @@ _NORM_SERIES = (
 )
 
 
-def plot_layer_table(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[str], title: str = "") -> Path:
+def plot_layer_table(
+    rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[str], title: str = ""
+) -> Path:
     """Per-layer curves of :func:`~refusal.geometry.stats.layer_table`: cosines, silhouette, norms.
 
     The dotted vertical line marks the layer with the best silhouette, the usual first guess for
@@ -270,27 +309,36 @@ def plot_layer_table(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[
         ax_cos.axhline(0.0, color="#bbbbbb", linewidth=0.8)
         ax_cos.set_ylim(-1.05, 1.05)
         ax_cos.set_ylabel("cosine")
-        ax_cos.legend(loc="best", ncol=2, frameon=False)
+        ax_cos.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False)
 
         sil = col("silhouette")
         if sil is not None:
-            ax_sil.plot(layers, sil, color=TRANSFORMED_COLOR, marker=marker, markersize=3.5, label="silhouette")
+            ax_sil.plot(
+                layers, sil, color=TRANSFORMED_COLOR, marker=marker, markersize=3.5, label="silhouette"
+            )
             finite = [(s, layer) for s, layer in zip(sil, layers, strict=True) if not math.isnan(s)]
             if finite:
                 best_s, best_layer = max(finite)
                 for ax in (ax_cos, ax_sil, ax_norm):
                     ax.axvline(best_layer, color="#7d5ba6", linestyle=":", linewidth=1.2)
+                right_half = best_layer > (min(layers) + max(layers)) / 2
                 ax_sil.annotate(
                     f"best: layer {best_layer} ({best_s:.2f})",
                     (best_layer, best_s),
                     textcoords="offset points",
-                    xytext=(6, -12),
+                    xytext=(-6, -12) if right_half else (6, -12),
+                    ha="right" if right_half else "left",
                     fontsize=9,
                     color="#7d5ba6",
                 )
         ax_sil.axhline(0.0, color="#bbbbbb", linewidth=0.8)
         ax_sil.set_ylabel("silhouette\n(harmful vs harmless)")
         ax_norm.set_ylabel("L2 norm")
+        norms = [v for key, *_ in _NORM_SERIES for v in (col(key) or []) if v > 0 and math.isfinite(v)]
+        if norms and max(norms) / min(norms) > 20:
+            # Real residual streams share a large offset: the mean norms dwarf their difference.
+            ax_norm.set_yscale("log")
+            ax_norm.set_ylabel("L2 norm (log)")
         ax_norm.set_xlabel("layer")
         ax_norm.legend(loc="best", frameon=False)
         _styled(fig)

@@ -136,7 +136,9 @@ def fit_probe(X: Tensor, y: Tensor, *, C: float = 1.0, max_iter: int = 2000, see
         raise DataError(f"fit_probe: X has {X.shape[0]} rows but y has {y_t.shape[0]} labels")
     labels = set(y_t.to(torch.int64).tolist())
     if labels != {0, 1}:
-        raise DataError(f"fit_probe: y must contain both classes 0 (harmless) and 1 (harmful), got {sorted(labels)}")
+        raise DataError(
+            f"fit_probe: y must contain both classes 0 (harmless) and 1 (harmful), got {sorted(labels)}"
+        )
     model = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=max_iter, random_state=seed))
     model.fit(X.numpy(), y_t.to(torch.int64).numpy())
     return LinearProbe(model=model, d=X.shape[1])
@@ -159,11 +161,15 @@ def axis_coordinates(x: Tensor, harmful: Tensor, harmless: Tensor) -> Tensor:
     return (x - mu_h) @ delta / gap2
 
 
-def landing_label(t: float, p_harmful: float = math.nan, thresholds: LandingThresholds = LANDING_THRESHOLDS) -> str:
+def landing_label(
+    t: float, p_harmful: float = math.nan, thresholds: LandingThresholds = LANDING_THRESHOLDS
+) -> str:
     """``stays`` / ``between`` / ``opposite`` from the mean axis coordinate and probe (nan = no probe)."""
     if t < thresholds.stays_below:
         return "stays"
-    if t > thresholds.opposite_above and (math.isnan(p_harmful) or p_harmful < thresholds.probe_harmful_below):
+    if t > thresholds.opposite_above and (
+        math.isnan(p_harmful) or p_harmful < thresholds.probe_harmful_below
+    ):
         return "opposite"
     return "between"
 
@@ -311,7 +317,11 @@ def format_table(rows: list[dict[str, Any]], floatfmt: str = ".3f") -> str:
         cols.extend(k for k in r if k not in cols)
     cells = [[_cell(r.get(c), floatfmt) for c in cols] for r in rows]
     numeric = [
-        all(isinstance(r.get(c), (int, float, np.number)) and not isinstance(r.get(c), bool) for r in rows if c in r)
+        all(
+            isinstance(r.get(c), (int, float, np.number)) and not isinstance(r.get(c), bool)
+            for r in rows
+            if c in r
+        )
         for c in cols
     ]
     widths = [max(len(c), 3, *(len(row[j]) for row in cells)) for j, c in enumerate(cols)]
@@ -320,5 +330,11 @@ def format_table(rows: list[dict[str, Any]], floatfmt: str = ".3f") -> str:
         parts = [v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric, strict=True)]
         return "| " + " | ".join(parts) + " |"
 
-    sep = "| " + " | ".join(("-" * (w - 1) + ":") if num else "-" * w for w, num in zip(widths, numeric, strict=True)) + " |"
+    sep = (
+        "| "
+        + " | ".join(
+            ("-" * (w - 1) + ":") if num else "-" * w for w, num in zip(widths, numeric, strict=True)
+        )
+        + " |"
+    )
     return "\n".join([line(cols), sep, *(line(r) for r in cells)])

@@ -54,7 +54,9 @@ class Perplexity(Metric):
         nll = torch.zeros((), dtype=torch.float64, device=logits.device)
         for lg, tg in zip(flat_logits.split(rows), flat_target.split(rows), strict=True):
             if (tg != self.ignore_index).any():
-                nll += F.cross_entropy(lg.float(), tg, ignore_index=self.ignore_index, reduction="sum").double()
+                nll += F.cross_entropy(
+                    lg.float(), tg, ignore_index=self.ignore_index, reduction="sum"
+                ).double()
         self.total_nll += nll.to(self.total_nll.device)
         self.count += int((flat_target != self.ignore_index).sum())
 

@@ -42,7 +42,9 @@ def refusal_score(first_logits: Tensor, refusal_token_ids: Sequence[int] | Tenso
     if ids.min() < 0 or ids.max() >= vocab:
         raise ValueError(f"refusal_token_ids must lie in [0, {vocab}), got {ids.tolist()}")
     if ids.numel() == vocab:
-        raise ValueError("refusal_token_ids covers the whole vocabulary: 1 - p is 0, the log-odds is undefined")
+        raise ValueError(
+            "refusal_token_ids covers the whole vocabulary: 1 - p is 0, the log-odds is undefined"
+        )
     is_refusal = torch.zeros(vocab, dtype=torch.bool, device=first_logits.device)
     is_refusal[ids] = True
     log_p = torch.logsumexp(first_logits[:, ids], dim=-1)

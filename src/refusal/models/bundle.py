@@ -78,7 +78,7 @@ class ModelBundle:
         ids = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
         suffix = self.post_instruction_ids
         n = len(suffix)
-        for text, row in zip(instructions, ids):
+        for text, row in zip(instructions, ids, strict=True):
             if len(row) > self.max_context:
                 raise DataError(
                     f"a prompt has {len(row)} tokens, more than {self.name}'s context of {self.max_context}: "

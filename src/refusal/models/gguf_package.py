@@ -119,6 +119,7 @@ def dequantized_checkpoint(
     kwargs = dict(load_kwargs or {})
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, **kwargs)
+    root.mkdir(parents=True, exist_ok=True)  # a single-part package is used in place, so nothing made it yet
     staging = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}."))
     try:
         _save_float_checkpoint(model, staging)

@@ -47,28 +47,34 @@ def state_dict_hash(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def local_weights_hash(folder: Path) -> str:
-    """SHA-256 over a checkpoint's weight files, memoised by (name, size, mtime) since files are GBs."""
+def local_weights_hash(folder: Path, memo_dir: Path | None = None) -> str:
+    """SHA-256 over a checkpoint's weight files, memoised by (name, size, mtime) since files are GBs.
+
+    The memo lives in ``memo_dir`` (under cache_dir), never in the checkpoint folder: a run must
+    not write outside its cache, artifact and output roots.
+    """
     files = sorted(p for p in folder.iterdir() if p.suffix in {".safetensors", ".bin", ".gguf"})
     if not files:
         raise ModelSourceError(f"no weight files (*.safetensors) in {folder}; is model.path an HF checkpoint folder?")
     stamp = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
-    memo = folder / ".refusal_weights_hash.json"
+    key = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:24]
+    memo = Path(memo_dir) / f"{key}.json" if memo_dir is not None else None
     try:
-        cached = json.loads(memo.read_text())
-        if cached["stamp"] == stamp:
+        cached = json.loads(memo.read_text()) if memo is not None else None
+        if cached and cached["stamp"] == stamp:
             return cached["sha256"]
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, TypeError):
         pass
     digest = hashlib.sha256()
     for p in files:
         digest.update(p.name.encode())
         digest.update(sha256_file(p).encode())
     value = digest.hexdigest()
-    try:
-        atomic_write_json(memo, {"stamp": stamp, "sha256": value})
-    except OSError:
-        pass  # read-only checkpoint folder: hash again next time
+    if memo is not None:
+        try:
+            atomic_write_json(memo, {"stamp": stamp, "sha256": value})
+        except OSError:
+            pass  # read-only cache: hash again next time
     return value
 
 
@@ -93,7 +99,7 @@ def _refusal_token_ids(tokenizer, strings: list[str]) -> list[int]:
 def _load_pretrained(path_or_id: str, cfg: Mapping[str, Any], dtype: torch.dtype, **extra):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    trust = bool(cfg.get("trust_remote_code", False))
+    trust = cfg.get("trust_remote_code", False) is True  # only an explicit boolean true runs Hub code
     revision = cfg.get("revision")
     tokenizer = AutoTokenizer.from_pretrained(path_or_id, trust_remote_code=trust, revision=revision, **extra)
     model = AutoModelForCausalLM.from_pretrained(
@@ -133,7 +139,7 @@ def load_model(cfg: Mapping[str, Any], cache_dir: str | Path) -> ModelBundle:
         if not (folder / "config.json").exists():
             raise ModelSourceError(f"model.path={folder} is not a Hugging Face checkpoint folder (no config.json)")
         model, tokenizer = _load_pretrained(str(folder), cfg, dtype)
-        weights_hash = local_weights_hash(folder)
+        weights_hash = local_weights_hash(folder, cache_dir / "weights_hash")
     else:  # hub
         hub_id = str(cfg["hub_id"])
         try:  # a copy already in the local HF cache works offline

@@ -1,0 +1,113 @@
+"""Time ``fit_inlp`` (Lightning, L-BFGS) against the scikit-learn reference INLP on planted data.
+
+Both run exactly ``--iters`` iterations by default (``--epsilon -1`` disables the early stop, so
+the per-iteration cost is compared like for like); ``n_useful`` is still reported for the
+usual threshold chance + 0.02. Appends one row per run to ``bench/results/inlp.csv``.
+
+    python bench/bench_inlp.py            # 4096 x 1536, 16 iterations
+    python bench/bench_inlp.py --smoke    # 512 x 64, 6 iterations, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import platform
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from refusal.fitting.inlp import INLPConfig, INLPResult, fit_inlp, n_useful_of
+from refusal.fitting.inlp_reference import fit_inlp_reference, make_planted_concept
+
+RESULTS = Path(__file__).resolve().parent / "results" / "inlp.csv"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=4096, help="training rows (the held-out set has as many)")
+    ap.add_argument("--d", type=int, default=1536, help="activation width")
+    ap.add_argument("--iters", type=int, default=16, help="INLP iterations")
+    ap.add_argument("--k", type=int, default=8, help="dimension of the planted concept")
+    ap.add_argument("--classifier", default="logistic", choices=["logistic", "svm"])
+    ap.add_argument("--epsilon", type=float, default=-1.0, help="early-stop margin; -1 runs all iterations")
+    ap.add_argument("--accelerator", default="cpu")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--smoke", action="store_true", help="small and fast: 512 x 64, 6 iterations, k=3")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.n, args.d, args.iters, args.k = 512, 64, 6, 3
+    return args
+
+
+def timed(fn, *args, **kwargs) -> tuple[INLPResult, float]:
+    start = time.perf_counter()
+    result = fn(*args, **kwargs)
+    return result, time.perf_counter() - start
+
+
+def _fmt(accs: list[float]) -> str:
+    return ";".join(f"{a:.4f}" for a in accs)
+
+
+def main(argv: list[str] | None = None) -> dict[str, object]:
+    args = parse_args(argv)
+    X, y, X_val, y_val, _ = make_planted_concept(args.n, args.d, args.k, seed=args.seed)
+    cfg = INLPConfig(n_iterations=args.iters, classifier=args.classifier, epsilon=args.epsilon,
+                     seed=args.seed, accelerator=args.accelerator)
+
+    # Warm-up on a toy problem so one-off import / first-Trainer costs are not billed to the run.
+    toy = make_planted_concept(64, 8, 1, seed=1)
+    fit_inlp(*toy[:4], INLPConfig(n_iterations=1, accelerator=args.accelerator), enable_progress_bar=False)
+
+    ours, t_ours = timed(fit_inlp, X, y, X_val, y_val, cfg, enable_progress_bar=False)
+    ref, t_ref = timed(fit_inlp_reference, X, y, X_val, y_val, n_iterations=args.iters,
+                       classifier=args.classifier, epsilon=args.epsilon, seed=args.seed, l2=cfg.l2)
+
+    k = min(ours.rank, ref.rank)
+    cos = (ours.directions[:k] * ref.directions[:k]).sum(1)
+    useful = {name: n_useful_of(r.val_accuracy, r.chance + 0.02, r.rank) for name, r in (("ours", ours), ("ref", ref))}
+    n_common = min(len(ours.val_accuracy), len(ref.val_accuracy))
+    max_diff = max(abs(a - b) for a, b in zip(ours.val_accuracy[:n_common], ref.val_accuracy[:n_common], strict=True))
+    row = {
+        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "n": args.n, "d": args.d, "iters": args.iters, "k_planted": args.k, "classifier": args.classifier,
+        "epsilon": args.epsilon, "accelerator": args.accelerator,
+        "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+        "loadavg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else "",
+        "python": platform.python_version(), "torch": torch.__version__,
+        "fit_inlp_s": round(t_ours, 3), "reference_s": round(t_ref, 3), "speedup_ref_over_ours": round(t_ref / t_ours, 2),
+        "iters_ours": len(ours.val_accuracy), "iters_ref": len(ref.val_accuracy),
+        "n_useful_ours": useful["ours"], "n_useful_ref": useful["ref"], "chance": round(ours.chance, 4),
+        "max_abs_val_acc_diff": round(max_diff, 4),
+        "min_cos_useful_dirs": round(float(cos[: max(1, min(useful.values()))].min()), 5),
+        "val_acc_ours": _fmt(ours.val_accuracy), "val_acc_ref": _fmt(ref.val_accuracy),
+    }
+
+    print(f"INLP bench: n={args.n} d={args.d} iters={args.iters} planted k={args.k} classifier={args.classifier} "
+          f"(torch threads={row['torch_threads']}, load {row['loadavg_1m']})")
+    print(f"  fit_inlp (Lightning, L-BFGS): {t_ours:8.2f} s   n_useful={useful['ours']}")
+    print(f"  sklearn reference          : {t_ref:8.2f} s   n_useful={useful['ref']}")
+    print(f"  ratio reference / fit_inlp : {t_ref / t_ours:8.2f} x")
+    print(f"  chance={ours.chance:.4f}  max |val acc diff|={max_diff:.4f}  "
+          f"min cos(useful directions)={row['min_cos_useful_dirs']}")
+    print(f"  val acc fit_inlp : {_fmt(ours.val_accuracy)}")
+    print(f"  val acc reference: {_fmt(ref.val_accuracy)}")
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    new = not args.out.exists()
+    with open(args.out, "a", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+    print(f"  appended to {args.out}")
+    return row
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,393 @@
+"""Run every bench (bench/bench_*.py) and regenerate docs/BENCHMARKS.md from bench/results/*.csv.
+
+Each bench runs in its own process (clean peak-memory figures, no state shared between them) with
+the same --model/--smoke/--device; a failing bench is reported and the rest still run. The docs
+page shows the latest row per bench and model, so a smoke run never hides a real-model figure.
+
+    python bench/run_all.py --smoke            # everything on the tiny model, < 2 minutes
+    python bench/run_all.py --model qwen05     # the real measurement (an hour or more on a 2-core CPU)
+    python bench/run_all.py --docs-only        # only re-render docs/BENCHMARKS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import _common as C
+
+BENCH = C.REPO / "bench"
+DOCS = C.REPO / "docs" / "BENCHMARKS.md"
+ORDER = ["extraction", "hooks", "selection", "inlp", "evaluate"]
+
+
+# -- running ----------------------------------------------------------------------------------------
+def discover() -> dict[str, Path]:
+    """bench name -> script, known ones first in ORDER, then any new bench_*.py alphabetically."""
+    found = {p.stem.removeprefix("bench_"): p for p in sorted(BENCH.glob("bench_*.py"))}
+    return {name: found[name] for name in sorted(found, key=lambda n: (ORDER.index(n) if n in ORDER else len(ORDER), n))}
+
+
+def _takes(script: Path, flag: str) -> bool:
+    """Whether a bench script defines ``flag`` (benches written elsewhere may not take every common flag)."""
+    return f'"{flag}"' in script.read_text()
+
+
+def bench_command(script: Path, args: argparse.Namespace) -> list[str]:
+    """The bench's command line; flags a script does not define are left out (bench_inlp.py has no model)."""
+    cmd = [sys.executable, str(script)]
+    if args.smoke:
+        cmd.append("--smoke")
+    elif _takes(script, "--model"):
+        cmd += ["--model", args.model]
+    if args.device:
+        if _takes(script, "--device"):
+            cmd += ["--device", args.device]
+        elif _takes(script, "--accelerator"):  # bench_inlp.py: Lightning accelerator names
+            cmd += ["--accelerator", "gpu" if args.device.startswith("cuda") else args.device]
+    if args.results_dir != C.RESULTS:
+        if _takes(script, "--results-dir"):
+            cmd += ["--results-dir", str(args.results_dir)]
+        elif _takes(script, "--out"):
+            cmd += ["--out", str(Path(args.results_dir) / f"{script.stem.removeprefix('bench_')}.csv")]
+    return cmd
+
+
+def run_benches(args: argparse.Namespace) -> list[dict]:
+    scripts = discover()
+    names = [n for n in scripts if (not args.only or n in args.only) and n not in (args.skip or [])]
+    unknown = set(args.only or []) - set(scripts)
+    if unknown:
+        raise SystemExit(f"no bench named {sorted(unknown)}; found {sorted(scripts)}")
+    summary = []
+    for name in names:
+        cmd = bench_command(scripts[name], args)
+        shown = " ".join(["python", str(scripts[name].relative_to(C.REPO)), *cmd[2:]])
+        print(f"\n=== {name}: {shown}", flush=True)
+        t0 = time.perf_counter()
+        # own process group, so a timeout also stops what the bench started (evaluate.py children)
+        proc = subprocess.Popen(cmd, cwd=C.REPO, start_new_session=True)
+        try:
+            rc: int | str = proc.wait(timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            rc = "timeout"
+        except KeyboardInterrupt:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
+        summary.append({"bench": name, "rc": rc, "seconds": time.perf_counter() - t0, "command": shown})
+    C.print_table("run_all summary", summary)
+    return summary
+
+
+# -- docs -------------------------------------------------------------------------------------------
+@dataclass
+class Figure:
+    key: str
+    label: str
+    target: float | None = None  # upper bound (value <= target passes)
+    alt: str | None = None  # a second view shown next to the value (e.g. the fastest-runs ratio)
+    note: str = ""
+
+
+def _extraction(row: dict[str, str]) -> list[Figure]:
+    t = C.TARGETS["extraction"]
+    return [
+        Figure("extract_over_decoder_ratio", "extraction ÷ base-decoder forward", t, "extract_over_decoder_min_ratio"),
+        Figure("extract_over_causal_lm_ratio", "extraction ÷ CausalLM forward (logits)"),
+        Figure("decoder_s", "base-decoder forward, s"),
+        Figure("extract_s", "extract_activations, s"),
+        Figure("causal_lm_s", "CausalLM forward, s"),
+    ]
+
+
+def _hooks(row: dict[str, str]) -> list[Figure]:
+    figures = [Figure("none_tok_per_s", "no intervention, tokens/s")]
+    for key in row:
+        if not key.endswith("_ratio") or key.endswith("_min_ratio") or key == "max_intervention_ratio":
+            continue
+        name = key.removesuffix("_ratio")
+        if name == "orthogonalized":
+            figures.append(Figure(key, "orthogonalized weights ÷ none", None, f"{name}_min_ratio", "reference, no hooks"))
+        else:
+            figures.append(Figure(key, f"{name} ÷ none", C.TARGETS["hooks"], f"{name}_min_ratio"))
+    return figures
+
+
+def _selection(row: dict[str, str]) -> list[Figure]:
+    modes = [k.removesuffix("_candidates") for k in row if k.endswith("_candidates")]
+    figures = []
+    for mode in modes:
+        figures += [Figure(f"{mode}_candidates", f"{mode}: candidates scored"),
+                    Figure(f"{mode}_s", f"{mode}: selection wall time, s", note=row.get(f"{mode}_pick", "")),
+                    Figure(f"{mode}_s_per_candidate", f"{mode}: s per candidate")]
+    return figures + [Figure("full_over_last_ratio", "full ÷ last"), Figure("activations_s", "activations (cache get), s")]
+
+
+def _evaluate(row: dict[str, str]) -> list[Figure]:
+    labels = {"cold_dequant": "cold incl. dequantize", "cold_cached": "cold, model cached", "warm": "warm (all cached)"}
+    figures = []
+    for phase, label in labels.items():
+        figures += [Figure(f"{phase}_s", f"{label}: wall, s", note=row.get(f"{phase}_timings", "")),
+                    Figure(f"{phase}_rss_mb", f"{label}: child peak RSS, MiB")]
+    return figures
+
+
+def _inlp(row: dict[str, str]) -> list[Figure]:
+    return [
+        Figure("fit_inlp_s", "fit_inlp (Lightning, L-BFGS), s", note=f"val acc {row.get('val_acc_ours', '')}"),
+        Figure("reference_s", "scikit-learn reference INLP, s", note=f"val acc {row.get('val_acc_ref', '')}"),
+        Figure("speedup_ref_over_ours", "reference ÷ fit_inlp"),
+        Figure("n_useful_ours", "useful directions (fit_inlp)", note=f"reference: {row.get('n_useful_ref', '?')}"),
+        Figure("max_abs_val_acc_diff", "max |val acc difference|"),
+        Figure("min_cos_useful_dirs", "min cosine of useful directions"),
+    ]
+
+
+def _inlp_key(row: dict[str, str]) -> str:
+    """bench_inlp.py rows have no model (planted data): group them by problem size."""
+    return f"planted {row.get('n', '?')}×{row.get('d', '?')}, {row.get('iters', '?')} iters, {row.get('classifier', '?')}"
+
+
+def _inlp_command(row: dict[str, str]) -> str:
+    flags = [("--n", "n"), ("--d", "d"), ("--iters", "iters"), ("--k", "k_planted"), ("--classifier", "classifier"),
+             ("--epsilon", "epsilon"), ("--accelerator", "accelerator")]
+    return " ".join(["python bench/bench_inlp.py", *(f"{f} {row[k]}" for f, k in flags if row.get(k, "") != "")])
+
+
+SKIP_GENERIC = set(C.META_COLUMNS) | {"peak_rss_mb", "peak_cuda_mb"}
+
+
+def _generic(row: dict[str, str]) -> list[Figure]:
+    """Any bench without a spec (e.g. a new one): every non-metadata column, no targets."""
+    return [Figure(k, k) for k in row if k not in SKIP_GENERIC]
+
+
+@dataclass
+class Section:
+    title: str
+    about: str
+    figures: Callable[[dict[str, str]], list[Figure]]
+    key: Callable[[dict[str, str]], str] = lambda row: row.get("model") or "?"
+    command: Callable[[dict[str, str]], str] = lambda row: row.get("command") or "?"
+    smoke: Callable[[dict[str, str]], bool] = lambda row: row.get("smoke") in ("1", "True", "true")
+
+
+SECTIONS = {
+    "extraction": Section(
+        "Activation extraction vs. a plain forward pass",
+        "`extract_activations` (pre-hooks copy the post-instruction residuals of every layer) ÷ the base decoder's "
+        "forward on the same length-sorted batches; also ÷ the full CausalLM forward. One warm-up, median of the "
+        "repeats (fastest-runs ratio in brackets).",
+        _extraction,
+    ),
+    "hooks": Section(
+        "Hook overhead during generation",
+        "Batched greedy generation (min_new_tokens = max_new_tokens) with each registered intervention active "
+        "÷ no intervention; random DiM direction / random orthonormal INLP basis (k=8). The orthogonalized-weights "
+        "model has no hooks: the 1.00 reference, so its distance from 1.00 is the noise floor of that run. "
+        "Interleaved runs, medians (fastest-runs ratio in brackets).",
+        _hooks,
+    ),
+    "selection": Section(
+        "DiM direction selection",
+        "CandidateScorer + select_direction on the val split with cached activations: `full` scores every "
+        "eligible layer × post-instruction position (fit.dim.positions=all), `last` only the last position "
+        "(positions=last). The picked candidate is in the notes column.",
+        _selection,
+    ),
+    "inlp": Section(
+        "INLP fitting",
+        "`bench/bench_inlp.py`: `fit_inlp` (Lightning, L-BFGS) vs. the scikit-learn reference on planted data "
+        "(no model), both for the same number of iterations; rows are grouped by problem size.",
+        _inlp, key=_inlp_key, command=_inlp_command,
+        smoke=lambda row: (row.get("n"), row.get("d")) == ("512", "64"),
+    ),
+    "evaluate": Section(
+        "End-to-end `python evaluate.py`",
+        "The default evaluation as a child process with fresh REFUSAL_CACHE / REFUSAL_ARTIFACTS: cold including "
+        "GGUF dequantization, cold with the float checkpoint symlinked in, and warm (second run, everything "
+        "cached). Peak RSS is the child's (wait4 ru_maxrss). Notes: evaluate.py's own timing breakdown.",
+        _evaluate,
+    ),
+}
+
+
+def _num(value: str) -> float | None:
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(x) else x
+
+
+def _fmt(value: str) -> str:
+    x = _num(value)
+    if x is None:
+        return value or "–"
+    if x.is_integer() and abs(x) < 1e6:
+        return str(int(x))
+    return f"{x:.3f}" if abs(x) < 10 else f"{x:.1f}"
+
+
+def _cell(text: str) -> str:
+    """Markdown-table-safe text."""
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _hardware(row: dict[str, str]) -> str:
+    """One line of what the figures depend on (also for rows written by benches with other column names)."""
+    parts = [f"{row.get('cpu_count') or row.get('cpus') or '?'} CPU"
+             + (f" ({row['cpu']})" if row.get("cpu") else ""),
+             f"{row.get('torch_threads', '?')} torch threads",
+             f"device {row.get('device') or row.get('accelerator') or '?'}" + (f" ({row['gpu']})" if row.get("gpu") else "")]
+    if row.get("loadavg_1m"):
+        parts.append(f"load {row['loadavg_1m']}")
+    versions = [f"torch {row['torch']}" if row.get("torch") else "",
+                f"transformers {row['transformers']}" if row.get("transformers") else "",
+                f"python {row['python']}" if row.get("python") else ""]
+    parts.append(", ".join(v for v in versions if v))
+    if row.get("host"):
+        parts.append(f"host {row['host']}")
+    return "; ".join(p for p in parts if p)
+
+
+def latest_rows(path: Path, section: Section) -> dict[str, dict[str, str]]:
+    """group key (model) -> its last appended row."""
+    latest: dict[str, dict[str, str]] = {}
+    for row in C.read_rows(path):
+        latest[section.key(row)] = row
+    return latest
+
+
+def section_for(name: str) -> Section:
+    return SECTIONS.get(name) or Section(name, f"From `bench/bench_{name}.py`.", _generic)
+
+
+def render_section(name: str, rows: dict[str, dict[str, str]]) -> list[str]:
+    section = section_for(name)
+    out = [f"## {section.title}", "", section.about, "",
+           "| model | figure | value | target | result | notes |", "|---|---|---|---|---|---|"]
+    for model, row in rows.items():
+        smoke = section.smoke(row)
+        shown = f"{model} (smoke)" if smoke else model
+        for fig in section.figures(row):
+            value = row.get(fig.key, "")
+            if value == "":
+                continue
+            cell = _fmt(value)
+            if fig.alt and row.get(fig.alt, "") != "":
+                cell += f" ({_fmt(row[fig.alt])})"
+            target, result = "–", "–"
+            if fig.target is not None:
+                target = f"≤ {fig.target:.2f}"
+                x = _num(value)
+                if smoke:
+                    result = "not judged (smoke)"
+                elif x is not None:
+                    result = "pass" if x <= fig.target else "**FAIL**"
+            out.append(f"| {_cell(shown)} | {_cell(fig.label)} | {_cell(cell)} | {target} | {result} | {_cell(fig.note)} |")
+        mem = [f"peak RSS {_fmt(row['peak_rss_mb'])} MiB" if row.get("peak_rss_mb") else "",
+               f"peak CUDA {_fmt(row['peak_cuda_mb'])} MiB" if row.get("peak_cuda_mb") else ""]
+        mem = ", ".join(m for m in mem if m)
+        if mem:
+            out.append(f"| {_cell(shown)} | memory (this process) | {mem} | – | – | |")
+    out += [""]
+    for model, row in rows.items():
+        extra = f"; notes: {row['notes']}" if row.get("notes") else ""
+        extra += f"; skipped: {row['skipped']}" if row.get("skipped") else ""
+        out.append(f"- **{model}** — {row.get('timestamp', '?')} — {_hardware(row)}{extra}  ")
+        out.append(f"  `{section.command(row)}`")
+    out.append("")
+    return out
+
+
+def render_docs(results_dir: Path, docs_path: Path) -> Path:
+    csvs = {p.stem: p for p in sorted(Path(results_dir).glob("*.csv"))}
+    names = [n for n in ORDER if n in csvs] + sorted(n for n in csvs if n not in ORDER)
+    now = dt.datetime.now().astimezone().isoformat(timespec="seconds")
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Generated by `python bench/run_all.py` on {now} from `bench/results/*.csv` (the latest row per bench "
+        "and model; the CSVs keep the history). Do not edit by hand: rerun the benches, or "
+        "`python bench/run_all.py --docs-only` to re-render.",
+        "",
+        "Wall times on a shared machine are noisy: other processes only ever add time, so when a median "
+        "misses a target, look at the fastest-runs ratio (in brackets) and rerun on an idle machine before "
+        "concluding anything. Smoke rows (tiny random model, a few prompts) check that the scripts work; "
+        "their figures are not judged against the targets.",
+        "",
+        "## How to run",
+        "",
+        "```bash",
+        ". .venv/bin/activate",
+        "python bench/run_all.py --smoke                 # all benches on the tiny model (< 2 min), re-renders this page",
+        "python bench/run_all.py --model qwen05          # the real measurement (CPU: an hour or more, see below)",
+        "python bench/bench_extraction.py --model qwen05 # one bench; each appends a row to bench/results/<name>.csv",
+        "python bench/bench_hooks.py --model smollm2 --repeats 5",
+        "python bench/bench_selection.py --model qwen05 --shortlist 3",
+        "python bench/bench_evaluate.py --model qwen05 [--skip-dequantize]",
+        "python bench/run_all.py --docs-only             # re-render from the CSVs",
+        "bash bench/gpu_check.sh                         # on a CUDA machine: tests + benches on qwen05, figures to $OUT/gpu_check.txt",
+        "```",
+        "",
+        "Common flags: `--model NAME` (conf/model/NAME.yaml, default qwen05), `--smoke`, `--device cpu|cuda`, "
+        "`--repeats N`, `--no-csv`. None of these run in CI.",
+        "",
+        "Cost on a 2-core CPU (qwen05, float32; one forward pass over 64 embedded prompts ≈ 12 s): extraction "
+        "≈ 3 min (12 passes), hooks ≈ 7 variants × 4 generations, selection ≈ 72 val-prompt forwards per "
+        "candidate (`last` 19 candidates, `full` 95), and evaluate runs the default evaluate.py three times, "
+        "each cold run including the full DiM selection: budget an hour or more for `run_all.py --model qwen05` "
+        "on CPU (`--skip evaluate`, or `bench_evaluate.py --override fit.dim.positions=last`, for a shorter run). "
+        "On a GPU `bash bench/gpu_check.sh` does all of it in about 5 minutes.",
+        "",
+        "| bench | figure | target |",
+        "|---|---|---|",
+        f"| extraction | extract_activations ÷ base-decoder forward | ≤ {C.TARGETS['extraction']:.2f} |",
+        f"| hooks | generation with an intervention ÷ without | ≤ {C.TARGETS['hooks']:.2f} (orthogonalized model: the 1.00 reference) |",
+        "| selection | DiM selection seconds, full vs. last-position shortlist | – |",
+        "| inlp | fit_inlp vs. the scikit-learn reference (bench_inlp.py; planted data, no model) | – |",
+        "| evaluate | evaluate.py cold / warm wall time and child peak RSS | – |",
+        "",
+    ]
+    if not names:
+        lines += ["No results yet: run `python bench/run_all.py --smoke`.", ""]
+    for name in names:
+        lines += render_section(name, latest_rows(csvs[name], section_for(name)))
+    docs_path.parent.mkdir(parents=True, exist_ok=True)
+    docs_path.write_text("\n".join(lines))
+    return docs_path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="qwen05")
+    parser.add_argument("--smoke", action="store_true", help="every bench on the tiny model with few prompts")
+    parser.add_argument("--device", default=None, help="passed to every bench (cpu, cuda)")
+    parser.add_argument("--only", nargs="+", default=None, help="bench names to run (e.g. extraction hooks)")
+    parser.add_argument("--skip", nargs="+", default=None, help="bench names not to run")
+    parser.add_argument("--timeout", type=float, default=None, help="seconds per bench")
+    parser.add_argument("--results-dir", type=Path, default=C.RESULTS)
+    parser.add_argument("--docs-out", type=Path, default=DOCS, help="where to write the markdown page")
+    parser.add_argument("--docs-only", action="store_true", help="skip running; only re-render the docs")
+    args = parser.parse_args(argv)
+    t0 = time.perf_counter()
+    summary = [] if args.docs_only else run_benches(args)
+    path = render_docs(args.results_dir, args.docs_out)
+    print(f"\nwrote {path} ({time.perf_counter() - t0:.0f}s in all)")
+    return 0 if all(s["rc"] == 0 for s in summary) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,161 @@
+"""evaluate.py end to end on the tiny model: every intervention, artifacts, multirun, report, W&B."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import wandb_records
+from conftest import REPO
+
+from refusal.errors import ArtifactError
+from refusal.evaluation import run_evaluation
+from refusal.pipeline import fit, prepare
+
+SMALL = ["data.n_train=16", "data.n_val=8", "data.n_test=8", "eval.max_new_tokens=6", "fit.dim.n_prompts=4"]
+BUILTINS = ["none", "actadd", "dim_ablation", "inlp_nullspace", "inlp_flip"]
+
+
+def run_cli(script: str, *overrides: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / script), *overrides], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("name", BUILTINS)
+def test_every_intervention_writes_valid_results(compose, tmp_path, name):
+    cfg = compose(f"intervention={name}", *SMALL)
+    results = run_evaluation(cfg, tmp_path / "run")
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["status"] == "ok" and saved["intervention"] == name and saved["model"] == "tiny"
+    m = saved["metrics"]
+    for key in ("harmful/refusal_rate", "harmful/refusal_score", "harmless/refusal_rate", "harmless/perplexity",
+                "harmless/kl_div", "n_harmful", "n_harmless"):
+        assert key in m, key
+    assert m["n_harmful"] == m["n_harmless"] == 8
+    assert 0.0 <= m["harmful/refusal_rate"] <= 1.0 and m["harmless/perplexity"] > 1.0
+    if name == "none":
+        assert m["harmless/kl_div"] == pytest.approx(0.0, abs=1e-6)
+    else:
+        assert m["harmless/kl_div"] > 0.0
+    assert isinstance(saved["layer"], int) and saved["position"] < 0
+    assert {"load", "generate", "score", "total"} <= set(saved["timings"])
+    assert saved["versions"]["torch"] == torch.__version__ and saved["weights_hash"] and saved["data"]["digest"]
+    assert saved["geometry"]["landing"]["label"] in ("stays", "between", "opposite")
+    lines = (tmp_path / "run" / "completions.jsonl").read_text().splitlines()
+    assert len(lines) == 16 and {"prompt", "completion", "refused", "split"} <= set(json.loads(lines[0]))
+    assert results["metrics"] == saved["metrics"]
+
+
+def test_artifacts_are_reused_and_match(compose, tmp_path):
+    cfg = compose(*SMALL)
+    ctx = prepare(cfg)
+    first = fit(ctx)
+    assert "fit_dim" in ctx.timings and "fit_inlp" in ctx.timings
+    ctx2 = prepare(cfg)
+    second = fit(ctx2)
+    assert "fit_dim" not in ctx2.timings and "fit_inlp" not in ctx2.timings  # both loaded from artifacts
+    assert torch.equal(first.dim.direction, second.dim.direction)
+    assert torch.equal(first.inlp.directions, second.inlp.directions)
+    assert (first.dim.layer, first.dim.position) == (second.dim.layer, second.dim.position)
+    acts = ctx.activations("harmful_train")[:, first.dim.layer, first.dim.position].mean(0) - \
+        ctx.activations("harmless_train")[:, first.dim.layer, first.dim.position].mean(0)
+    torch.testing.assert_close(first.dim.direction, acts, rtol=0, atol=1e-6)
+
+
+def test_artifact_from_another_model_is_refused(compose, tmp_path):
+    from refusal.artifacts import load_artifact
+
+    cfg = compose(*SMALL, "layer=fixed", "layer.index=1")
+    ctx = prepare(cfg)
+    fit(ctx, {"dim"})
+    stem = next(ctx.artifact_dir.glob("dim_*.json")).with_suffix("")
+    other = {**ctx.expect(layer_spec="L1_P-1"), "weights_hash": "0" * 64, "d_model": 128}
+    with pytest.raises(ArtifactError, match="weights_hash.*d_model|d_model.*weights_hash"):
+        load_artifact(stem, expect=other)
+
+
+def test_fixed_and_relative_layers(compose):
+    ctx = prepare(compose(*SMALL, "layer=fixed", "layer.index=2", "layer.position=-2"))
+    dim = fit(ctx, {"dim"}).dim
+    assert (dim.layer, dim.position) == (2, -2)
+    ctx = prepare(compose(*SMALL, "layer=relative", "layer.fraction=1.0"))
+    assert fit(ctx, {"dim"}).dim.layer == ctx.bundle.n_layers - 1
+
+
+def test_multirun_two_by_two_with_report_and_wandb(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_cli(
+        "evaluate.py", "-m", "model=tiny", "intervention=none,dim_ablation", "eval.max_new_tokens=4,6",
+        *[o for o in SMALL if not o.startswith("eval.max_new_tokens")],
+        f"cache_dir={tmp_path / 'cache'}", f"artifacts_dir={tmp_path / 'art'}", "progress=false",
+        "logger=wandb", f"hydra.sweep.dir={sweep}",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = sorted(sweep.glob("*/results.json"))
+    assert len(runs) == 4
+    assert {json.loads(p.read_text())["intervention"] for p in runs} == {"none", "dim_ablation"}
+    report = (sweep / "report.md").read_text()
+    assert report.count("| tiny |") == 4 and "0 failed" in report
+    assert (sweep / "report.csv").read_text().count("\n") == 5
+    assert (sweep / "tradeoff.png").stat().st_size > 5000 and (sweep / "bars.png").stat().st_size > 5000
+    # W&B offline runs: read the logged summary back from the run files
+    for results_path in runs:
+        results = json.loads(results_path.read_text())
+        offline = list((results_path.parent / "wandb").glob("offline-run-*"))
+        assert len(offline) == 1
+        summary = wandb_records.summary(offline[0])
+        assert summary["harmful/refusal_rate"] == pytest.approx(results["metrics"]["harmful/refusal_rate"])
+        assert summary["harmless/perplexity"] == pytest.approx(results["metrics"]["harmless/perplexity"])
+        config = wandb_records.config(offline[0])
+        assert config["model.name"] == "tiny" and config["intervention.name"] == results["intervention"]
+        assert config["_group"] == sweep.name and set(config["_tags"]) >= {"tiny", results["intervention"]}
+
+
+def test_plugin_in_a_temporary_folder_runs_through_evaluate(tmp_path):
+    plugins = tmp_path / "my_plugins"
+    plugins.mkdir()
+    (plugins / "halve.py").write_text(textwrap.dedent('''
+        from refusal.hooks import HookSpec
+        from refusal.interventions import Intervention
+
+        class Halve(Intervention):
+            name = "halve_residual"
+            description = "Halves the residual entering the DiM layer (test plugin)."
+            needs = frozenset({"dim"})
+
+            def hook_specs(self, bundle):
+                return [HookSpec(bundle.layout.blocks[self.fitted.dim.layer], lambda x: 0.5 * x, "pre")]
+    '''))
+    out = tmp_path / "run"
+    proc = run_cli(
+        "evaluate.py", "intervention=none", "intervention.name=halve_residual", f"plugin_dirs=[{plugins}]",
+        "model=tiny", *SMALL, f"cache_dir={tmp_path / 'cache'}", f"artifacts_dir={tmp_path / 'art'}",
+        "logger=csv", "progress=false", f"hydra.run.dir={out}",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["intervention"] == "halve_residual" and results["metrics"]["harmless/kl_div"] > 0
+    assert "harmless/perplexity" in (out / "metrics.csv").read_text()
+    assert "halve_residual" in proc.stdout
+
+
+def test_report_cli_on_a_folder(tmp_path):
+    from refusal.report import main
+
+    for i, (name, rate) in enumerate([("none", 0.9), ("inlp_flip", 0.1)]):
+        run = tmp_path / f"{i}_{name}"
+        run.mkdir()
+        (run / "results.json").write_text(json.dumps({
+            "status": "ok", "model": "m", "intervention": name, "params": {"k": 2} if i else {}, "layer": 3,
+            "metrics": {"harmful/refusal_rate": rate, "harmful/refusal_rate_ci95": [rate - 0.1, rate + 0.05],
+                        "harmless/perplexity": 5.0 + i, "harmless/kl_div": 0.1 * i, "n_harmful": 10},
+        }))
+    (tmp_path / "2_broken").mkdir()
+    (tmp_path / "2_broken" / "results.json").write_text(json.dumps({"status": "failed", "error": "ConfigError: k"}))
+    assert main([str(tmp_path)]) == 1  # a failed run makes the report exit non-zero
+    md = (tmp_path / "report.md").read_text()
+    assert "90.0% [80–95]" in md and "k=2" in md and "ConfigError: k" in md

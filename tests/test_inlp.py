@@ -1,0 +1,212 @@
+"""INLP fitted by a Lightning Trainer: geometry, planted-concept recovery, sklearn parity, artifacts, logging."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+
+from refusal.errors import ArtifactError, ConfigError, DataError
+from refusal.fitting.inlp import INLPConfig, INLPResult, fit_inlp, orthonormal_append
+from refusal.fitting.inlp_reference import (
+    fit_inlp_reference,
+    get_projection_to_intersection_of_nullspaces,
+    get_rowspace_projection,
+    make_planted_concept,
+)
+
+K = 3  # planted concept dimension
+
+
+@pytest.fixture(scope="module")
+def planted():
+    return make_planted_concept(4000, 64, K, spread=2.0, seed=0)
+
+
+@pytest.fixture(scope="module")
+def fitted(planted) -> INLPResult:
+    X, y, X_val, y_val, _ = planted
+    return fit_inlp(X, y, X_val, y_val, INLPConfig(n_iterations=8, accelerator="cpu"), enable_progress_bar=False)
+
+
+@pytest.fixture(scope="module")
+def reference(planted) -> INLPResult:
+    X, y, X_val, y_val, _ = planted
+    return fit_inlp_reference(X, y, X_val, y_val, n_iterations=8)
+
+
+@pytest.fixture(scope="module")
+def small():
+    return make_planted_concept(600, 32, 2, seed=1)
+
+
+def test_directions_orthonormal(fitted):
+    W = fitted.directions.double()
+    assert W.shape[1] == 64 and W.shape[0] >= K
+    assert torch.allclose(W @ W.T, torch.eye(W.shape[0], dtype=W.dtype), atol=1e-5)
+
+
+@pytest.mark.parametrize("k", [None, 1, K])
+def test_projection_is_orthogonal_projector_onto_nullspace(fitted, k):
+    P = fitted.projection(k).double()
+    W = fitted.directions[: (fitted.rank if k is None else k)].double()
+    assert torch.allclose(P @ P, P, atol=1e-5)
+    assert torch.allclose(P, P.T, atol=1e-6)
+    assert (P @ W.T).abs().max() < 1e-5
+    assert torch.linalg.matrix_rank(P, atol=1e-4).item() == 64 - W.shape[0]
+
+
+def test_planted_concept_recovered(planted, fitted):
+    *_, U = planted
+    acc = fitted.val_accuracy
+    assert acc[0] > 0.9  # the concept is there
+    assert K <= fitted.n_useful <= K + 1
+    assert acc[K] <= fitted.chance + 0.05  # once the planted subspace is gone, so is the signal
+    assert acc[-1] <= fitted.chance + 0.02 and fitted.config["stop_reason"] == "chance"  # stopped by the rule
+    # the leading directions span (nearly) the planted subspace: cosines of the principal angles
+    # (the last planted axis is the weakest, so its direction also picks up some sampling noise)
+    cosines = torch.linalg.svdvals(fitted.directions[:K].double() @ U.double())
+    assert cosines[: K - 1].min() > 0.95 and cosines.min() > 0.8, cosines
+    assert torch.linalg.svdvals(fitted.directions[: K + 1].double() @ U.double()).min() > 0.9
+
+
+def test_accuracy_falls_towards_chance(fitted):
+    acc = fitted.val_accuracy
+    assert all(later <= earlier + 0.02 for earlier, later in zip(acc, acc[1:], strict=False)), acc
+    assert acc[-1] < acc[0]
+    assert len(fitted.train_accuracy) == len(acc) == fitted.rank
+
+
+def test_directions_point_to_harmful(planted, fitted):
+    X, y, *_ = planted
+    gap = (X[y == 1].mean(0) - X[y == 0].mean(0)) @ fitted.directions[0]
+    assert gap > 0
+    assert torch.allclose(fitted.center, (fitted.mean_harmful + fitted.mean_harmless) / 2, atol=1e-5)
+
+
+def test_parity_with_sklearn_reference(fitted, reference):
+    assert fitted.n_useful == reference.n_useful
+    assert fitted.chance == reference.chance
+    n = min(len(fitted.val_accuracy), len(reference.val_accuracy))
+    assert n >= fitted.n_useful + 1 or fitted.rank == 8
+    np.testing.assert_allclose(fitted.val_accuracy[:n], reference.val_accuracy[:n], atol=0.02)
+    np.testing.assert_allclose(fitted.train_accuracy[:n], reference.train_accuracy[:n], atol=0.02)
+    # L-BFGS reaches sklearn's optimum: the useful directions coincide
+    cos = (fitted.directions[: fitted.n_useful] * reference.directions[: fitted.n_useful]).sum(1)
+    assert cos.min() > 0.99, cos
+
+
+def test_parity_svm(small):
+    X, y, X_val, y_val, _ = small
+    ours = fit_inlp(X, y, X_val, y_val, INLPConfig(n_iterations=4, classifier="svm"), enable_progress_bar=False)
+    ref = fit_inlp_reference(X, y, X_val, y_val, n_iterations=4, classifier="svm")
+    assert ours.n_useful == ref.n_useful
+    n = min(len(ours.val_accuracy), len(ref.val_accuracy))
+    np.testing.assert_allclose(ours.val_accuracy[:n], ref.val_accuracy[:n], atol=0.02)
+
+
+def test_reference_projection_matches_ours(reference):
+    d = reference.d_model
+    W = reference.directions.double().numpy()
+    P_ref = get_projection_to_intersection_of_nullspaces([get_rowspace_projection(w[None]) for w in W], d)
+    np.testing.assert_allclose(P_ref, reference.projection().double().numpy(), atol=1e-5)
+
+
+def test_invariant_to_activation_scale(small):
+    """Residual streams have large norms and offsets: internal scaling makes that irrelevant."""
+    X, y, X_val, y_val, _ = small
+    cfg = INLPConfig(n_iterations=3)
+    base = fit_inlp(X, y, X_val, y_val, cfg, enable_progress_bar=False)
+    big = fit_inlp(X * 300 + 40, y, X_val * 300 + 40, y_val, cfg, enable_progress_bar=False)
+    assert big.val_accuracy == pytest.approx(base.val_accuracy, abs=2e-3)
+    k = min(base.n_useful, big.n_useful)
+    assert (base.directions[:k] * big.directions[:k]).sum(1).min() > 0.999
+
+
+def test_same_seed_is_bit_identical(small):
+    X, y, X_val, y_val, _ = small
+    for cfg in (INLPConfig(n_iterations=3, seed=7), INLPConfig(n_iterations=2, seed=7, batch_size=128, max_epochs=2)):
+        a = fit_inlp(X, y, X_val, y_val, cfg, enable_progress_bar=False)
+        b = fit_inlp(X, y, X_val, y_val, cfg, enable_progress_bar=False)
+        assert torch.equal(a.directions, b.directions)
+        assert a.val_accuracy == b.val_accuracy and a.train_accuracy == b.train_accuracy
+
+
+def test_minibatch_adam_close_to_full_batch(small):
+    X, y, X_val, y_val, _ = small
+    full = fit_inlp(X, y, X_val, y_val, INLPConfig(n_iterations=2), enable_progress_bar=False)
+    mini = fit_inlp(X, y, X_val, y_val, INLPConfig(n_iterations=2, batch_size=300, max_epochs=30, lr=0.3),
+                    enable_progress_bar=False)
+    W = mini.directions.double()
+    assert torch.allclose(W @ W.T, torch.eye(W.shape[0], dtype=W.dtype), atol=1e-5)
+    assert abs(mini.val_accuracy[0] - full.val_accuracy[0]) < 0.03
+    assert float(mini.directions[0] @ full.directions[0]) > 0.95
+
+
+def test_save_load_roundtrip(tmp_path, fitted):
+    stem = tmp_path / "inlp_L3"
+    fitted.save(stem, {"model": "tiny", "layer": 3})
+    loaded = INLPResult.load(stem, expect={"model": "tiny", "layer": 3, "d_model": 64})
+    assert torch.equal(loaded.directions, fitted.directions)
+    for name in ("mean_harmful", "mean_harmless", "center"):
+        assert torch.equal(getattr(loaded, name), getattr(fitted, name))
+    assert loaded.train_accuracy == fitted.train_accuracy and loaded.val_accuracy == fitted.val_accuracy
+    assert (loaded.n_useful, loaded.chance, loaded.config) == (fitted.n_useful, fitted.chance, fitted.config)
+    assert torch.equal(loaded.projection(), fitted.projection())
+
+
+def test_load_with_mismatched_expect_raises(tmp_path, fitted):
+    stem = tmp_path / "inlp"
+    fitted.save(stem, {"model": "tiny"})
+    with pytest.raises(ArtifactError, match="d_model"):
+        INLPResult.load(stem, expect={"d_model": 128})
+    with pytest.raises(ArtifactError, match="model"):
+        INLPResult.load(stem, expect={"model": "other"})
+
+
+def test_extra_meta_cannot_override_core_keys(tmp_path, fitted):
+    with pytest.raises(ConfigError):
+        fitted.save(tmp_path / "x", {"d_model": 1})
+
+
+def test_logger_receives_per_iteration_metrics(tmp_path, small):
+    from lightning.pytorch.loggers import CSVLogger
+
+    X, y, X_val, y_val, _ = small
+    logger = CSVLogger(tmp_path, name="inlp", version=0)
+    result = fit_inlp(X, y, X_val, y_val, INLPConfig(n_iterations=4), logger=logger, enable_progress_bar=False)
+    with open(tmp_path / "inlp" / "version_0" / "metrics.csv", newline="") as fh:
+        rows = [row for row in csv.DictReader(fh) if row.get("inlp/val_acc")]
+    assert [int(row["step"]) for row in rows] == list(range(len(result.val_accuracy)))
+    assert [float(row["inlp/val_acc"]) for row in rows] == pytest.approx(result.val_accuracy)
+    assert [float(row["inlp/train_acc"]) for row in rows] == pytest.approx(result.train_accuracy)
+    assert (tmp_path / "inlp" / "version_0" / "hparams.yaml").read_text().count("inlp/") > 5
+
+
+def test_orthonormal_append_skips_vectors_in_span():
+    W, added = orthonormal_append(torch.zeros(0, 4), torch.tensor([3.0, 0, 0, 0]))
+    assert added and torch.equal(W, torch.tensor([[1.0, 0, 0, 0]]))
+    W2, added = orthonormal_append(W, torch.tensor([2.0, 0, 0, 0]))
+    assert not added and W2 is W
+    W3, added = orthonormal_append(W, torch.tensor([1.0, 1.0, 0, 0]))
+    assert added and torch.allclose(W3[1], torch.tensor([0.0, 1.0, 0, 0]))
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{"classifier": "tree"}, {"l2": 0.0}, {"n_iterations": 0}, {"batch_size": 0}, {"center": "median"}],
+)
+def test_bad_config_raises(small, bad):
+    X, y, X_val, y_val, _ = small
+    with pytest.raises(ConfigError):
+        fit_inlp(X, y, X_val, y_val, INLPConfig(**bad), enable_progress_bar=False)
+
+
+def test_bad_data_raises(small):
+    X, y, X_val, y_val, _ = small
+    with pytest.raises(DataError, match="one class"):
+        fit_inlp(X, torch.ones_like(y), X_val, y_val, INLPConfig(n_iterations=1), enable_progress_bar=False)
+    with pytest.raises(DataError):
+        fit_inlp(X, y, X_val[:, :5], y_val, INLPConfig(n_iterations=1), enable_progress_bar=False)

