@@ -35,7 +35,7 @@ def orthogonalize_(model: nn.Module, unit: torch.Tensor) -> nn.Module:
             f"{layout.model_type} normalises each sub-layer output before adding it to the residual, so weight "
             "orthogonalisation cannot be exact; use the hook-based intervention=dim_ablation instead"
         )
-    unit = unit.to(device=layout.embedding.weight.device, dtype=torch.float32)
+    unit = unit.to(device=layout.embedding.weight.device, dtype=torch.float64)  # exact to the weights' precision
     if model.get_output_embeddings() is not None and model.get_output_embeddings().weight is layout.embedding.weight:
         head = model.get_output_embeddings()
         head.weight = nn.Parameter(head.weight.detach().clone())
@@ -44,11 +44,11 @@ def orthogonalize_(model: nn.Module, unit: torch.Tensor) -> nn.Module:
             model.config.get_text_config().tie_word_embeddings = False
 
     def project_rows(weight: torch.Tensor) -> None:  # rows live in the residual space: [*, d]
-        w = weight.float()
+        w = weight.double()
         weight.copy_(w - torch.outer(w @ unit, unit))
 
     def project_cols(weight: torch.Tensor) -> None:  # output dim is the residual: [d, *]
-        w = weight.float()
+        w = weight.double()
         weight.copy_(w - torch.outer(unit, unit @ w))
 
     project_rows(layout.embedding.weight)
@@ -56,7 +56,7 @@ def orthogonalize_(model: nn.Module, unit: torch.Tensor) -> nn.Module:
         linear = _writer_linear(writer)
         project_cols(linear.weight)
         if linear.bias is not None:
-            b = linear.bias.float()
+            b = linear.bias.double()
             linear.bias.copy_(b - (b @ unit) * unit)
     return model
 
