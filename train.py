@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from refusal.cli import friendly_errors, quiet_libraries
@@ -21,10 +23,12 @@ log = logging.getLogger("refusal.train")
 @friendly_errors
 def main(cfg: DictConfig) -> None:
     quiet_libraries()
+    from refusal.artifacts import atomic_write_text
     from refusal.training import run_training
 
-    summary = run_training(cfg)
-    log.info("fitted: %s", json.dumps(summary, indent=2, default=str))
+    summary = json.dumps(run_training(cfg), indent=2, default=str)
+    atomic_write_text(Path(HydraConfig.get().runtime.output_dir) / "fitted.json", summary + "\n")
+    log.info("fitted: %s", summary)
 
 
 if __name__ == "__main__":

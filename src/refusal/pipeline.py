@@ -187,7 +187,10 @@ def fit(ctx: RunContext, needs: set[str] | None = None, logger: Any = None) -> F
 def summary(ctx: RunContext, fitted: Fitted) -> Mapping[str, Any]:
     out: dict[str, Any] = {"model": ctx.bundle.name, "data": ctx.splits.source, "sizes": ctx.splits.sizes()}
     if fitted.dim is not None:
-        out.update(layer=fitted.dim.layer, position=fitted.dim.position)
+        out.update(layer=fitted.dim.layer, n_layers=ctx.bundle.n_layers, position=fitted.dim.position)
     if fitted.inlp is not None:
-        out.update(inlp_val_accuracy=list(fitted.inlp.val_accuracy), inlp_n_useful=fitted.inlp.n_useful)
+        out.update(
+            inlp_val_accuracy=list(fitted.inlp.val_accuracy), inlp_n_useful=fitted.inlp.n_useful,
+            inlp_rank=int(fitted.inlp.directions.shape[0]),
+        )
     return out

@@ -32,6 +32,10 @@ COLUMNS = [
 ]
 
 
+#: Parameter values not worth a column entry (the defaults of the built-ins).
+DEFAULT_PARAMS = {("center", "midpoint"), ("target", "harmless")}
+
+
 @dataclass
 class Report:
     markdown_path: Path
@@ -41,10 +45,10 @@ class Report:
     failures: list[tuple[str, str]] = field(default_factory=list)
 
 
-def _params(results: dict[str, Any]) -> str:
+def _params(results: dict[str, Any]) -> dict[str, Any]:
     params = results.get("params") or {}
-    keep = {k: v for k, v in params.items() if k in ("coeff", "k", "alpha", "target", "center") and v is not None}
-    return ", ".join(f"{k}={v}" for k, v in keep.items()) or "-"
+    shown = {k: v for k, v in params.items() if k in ("coeff", "k", "alpha", "target", "center") and v is not None}
+    return {k: v for k, v in shown.items() if (k, v) not in DEFAULT_PARAMS}
 
 
 def flat_row(results: dict[str, Any], run: str = "") -> dict[str, Any]:
@@ -54,7 +58,8 @@ def flat_row(results: dict[str, Any], run: str = "") -> dict[str, Any]:
         "status": results.get("status", "ok"),
         "model": results.get("model"),
         "intervention": results.get("intervention"),
-        "params": _params(results),
+        "params": ", ".join(f"{k}={v}" for k, v in _params(results).items()) or "-",
+        **{f"params/{k}": v for k, v in _params(results).items()},
         "layer": results.get("intervention_layer", results.get("layer")),
         **{k: v for k, v in metrics.items() if not isinstance(v, (list, dict))},
     }

@@ -59,3 +59,52 @@ def plot_bars(rows: list[dict[str, Any]], path: Path) -> Path:
     axes[0].set_ylabel("%")
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+def plot_tunability(rows: list[dict[str, Any]], path: Path) -> Path:
+    """Per model: INLP k- and α-curves in the refusal-vs-perplexity plane, DiM and actadd as points."""
+    models = sorted({r["model"] for r in rows})
+    fig, axes = plt.subplots(1, len(models), figsize=(5.4 * len(models), 4.4), squeeze=False)
+
+    def point(row: dict[str, Any]) -> tuple[float, float] | None:
+        x, y = row.get("harmless/perplexity"), row.get("harmful/refusal_rate")
+        return None if x is None or y is None else (float(x), 100 * float(y))
+
+    for ax, model in zip(axes[0], models, strict=False):
+        mine = [r for r in rows if r["model"] == model]
+        rank = max((int(r.get("params/k") or 0) for r in mine if r["intervention"].startswith("inlp")), default=0)
+        flips = [r for r in mine if r["intervention"] == "inlp_flip"]
+        curves = [  # (label, varied parameter, members, style)
+            ("INLP nullspace, k", "params/k", [r for r in mine if r["intervention"] == "inlp_nullspace"], "-o"),
+            ("INLP flip, k (α=1)", "params/k", [r for r in flips if r.get("params/alpha", 1.0) == 1.0], "-s"),
+            ("INLP flip, α (k=all)", "params/alpha", [r for r in flips if r.get("params/k") == rank], "--^"),
+        ]
+        for label, key, members, style in curves:
+            members = sorted((m for m in members if point(m)), key=lambda m: float(m.get(key) or 0))
+            if not members:
+                continue
+            colour = _colour("inlp_nullspace" if "nullspace" in label else "inlp_flip")
+            xs, ys = zip(*(point(m) for m in members), strict=True)
+            ax.plot(xs, ys, style, color=colour, label=label, ms=5, lw=1.2, alpha=0.9 if key == "params/k" else 0.6)
+            for m, x, y in zip(members, xs, ys, strict=True):
+                value = m.get(key)
+                tag = ("all" if key == "params/k" and int(value) == rank else f"{value:g}") if value is not None else ""
+                ax.annotate(("k=" if key == "params/k" else "α=") + tag, (x, y), textcoords="offset points",
+                            xytext=(4, 3), fontsize=6, color=colour)
+        for row in mine:
+            if row["intervention"] in ("none", "dim_ablation") or (row["intervention"] == "actadd" and (row.get("params/coeff") or 0) < 0):
+                xy = point(row)
+                if xy:
+                    name = row["intervention"] + (" c=" + f"{row['params/coeff']:g}" if "params/coeff" in row else "")
+                    ax.scatter(*xy, s=70, marker="*" if row["intervention"] == "none" else "D",
+                               color=_colour(row["intervention"]), edgecolor="black", lw=0.5, zorder=4, label=name)
+        ax.set_xscale("log")
+        ax.set_title(model)
+        ax.set_xlabel("harmless perplexity (own completions, log) →")
+        ax.set_ylabel("harmful refusal rate (%)")
+        ax.set_ylim(-5, 105)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7, loc="best")
+    fig.suptitle("Tunability: how much refusal each setting removes, at what fluency cost")
+    fig.tight_layout()
+    return save_figure(fig, path)

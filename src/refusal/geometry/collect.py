@@ -36,26 +36,44 @@ def _probe_at(ctx: Any, site: int, position: int):
     return fit_probe(X, y)
 
 
+def landing_at(
+    ctx: Any, fitted: Fitted, intervention: Intervention, sites: list[int] | None = None
+) -> tuple[dict[int, dict[str, Any]], dict[str, torch.Tensor]]:
+    """Landing statistics of ``intervention`` at each site (default: its layer and the downstream ones).
+
+    Returns the per-site statistics and the residuals at the DiM position (all layers) that
+    they were computed from: ``base_harmful``, ``base_harmless``, ``steered_harmful``, ``steered_harmless``.
+    """
+    bundle = ctx.bundle
+    layer = intervention.layer if intervention.layer is not None else fitted.dim.layer
+    position = fitted.dim.position
+    acts = {"base_harmful": ctx.activations("harmful_test")[:, :, position],
+            "base_harmless": ctx.activations("harmless_test")[:, :, position]}
+    if intervention.hook_specs(bundle):
+        acts["steered_harmful"] = steered_activations(ctx, intervention, "harmful_test")[:, :, position]
+        acts["steered_harmless"] = steered_activations(ctx, intervention, "harmless_test")[:, :, position]
+    else:
+        acts["steered_harmful"], acts["steered_harmless"] = acts["base_harmful"], acts["base_harmless"]
+    if sites is None:
+        downstream = [int(d) for d in ctx.cfg.geometry.get("downstream", [])]
+        sites = [s for s in [layer, *[layer + d for d in downstream]] if s <= bundle.n_layers]
+    per_site = {}
+    for site in sites:
+        harm, safe = acts["base_harmful"][:, site], acts["base_harmless"][:, site]
+        stats = landing_stats(harm, safe, acts["steered_harmful"][:, site], _probe_at(ctx, site, position))
+        flipped = landing_stats(safe, harm, acts["steered_harmless"][:, site])
+        per_site[site] = {**stats, "harmless_axis_coordinate": flipped["axis_coordinate"]}
+    return per_site, acts
+
+
 def run_geometry(ctx: Any, fitted: Fitted, intervention: Intervention, output_dir: Path) -> dict[str, Any]:
     """Landing statistics at the intervention layer and downstream, a per-layer table, and plots."""
     bundle = ctx.bundle
     layer = intervention.layer if intervention.layer is not None else fitted.dim.layer
     position = fitted.dim.position
-    base_harm = ctx.activations("harmful_test")[:, :, position]
-    base_safe = ctx.activations("harmless_test")[:, :, position]
-    if intervention.hook_specs(bundle):
-        steered_harm = steered_activations(ctx, intervention, "harmful_test")[:, :, position]
-        steered_safe = steered_activations(ctx, intervention, "harmless_test")[:, :, position]
-    else:
-        steered_harm, steered_safe = base_harm, base_safe
-    downstream = [int(d) for d in ctx.cfg.geometry.get("downstream", [])]
-    sites = [s for s in [layer, *[layer + d for d in downstream]] if s <= bundle.n_layers]
-    per_site = {}
-    for site in sites:
-        probe = _probe_at(ctx, site, position)
-        stats = landing_stats(base_harm[:, site], base_safe[:, site], steered_harm[:, site], probe)
-        flipped = landing_stats(base_safe[:, site], base_harm[:, site], steered_safe[:, site])
-        per_site[site] = {**stats, "harmless_axis_coordinate": flipped["axis_coordinate"]}
+    per_site, acts = landing_at(ctx, fitted, intervention)
+    base_harm, base_safe = acts["base_harmful"], acts["base_harmless"]
+    steered_harm, steered_safe = acts["steered_harmful"], acts["steered_harmless"]
     unit = fitted.dim.unit
     table_base = layer_table(base_harm.transpose(0, 1), base_safe.transpose(0, 1), unit)
     table_steered = layer_table(steered_harm.transpose(0, 1), steered_safe.transpose(0, 1), unit)

@@ -1,0 +1,161 @@
+"""Several interventions on one model, side by side: the geometry table and a multi-panel plot.
+
+    python -m refusal.geometry --interventions none,actadd,dim_ablation,inlp_nullspace,inlp_flip \
+        --out geometry/qwen05 model=qwen05 data=embedded
+
+The model is loaded and the directions fitted once; each intervention then costs two forward
+passes over the test prompts (no generation), so this is the cheap way to answer "where do the
+transformed activations land" for every intervention, plugins included. ``name:key=value`` sets
+one intervention's parameters, e.g. ``actadd:coeff=1.0`` or ``inlp_flip:k=2:alpha=0.5``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from refusal.artifacts import atomic_write_text
+from refusal.errors import ConfigError
+from refusal.geometry.collect import _probe_at, landing_at
+from refusal.geometry.plots import plot_landing
+from refusal.geometry.stats import LANDING_THRESHOLDS, format_table
+
+log = logging.getLogger(__name__)
+CONF_DIR = Path(__file__).resolve().parents[3] / "conf"
+
+
+@dataclass(frozen=True)
+class InterventionSpec:
+    """One column of the comparison: an intervention name and its parameter overrides."""
+
+    name: str
+    params: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def parse(cls, text: str) -> InterventionSpec:
+        name, *pairs = text.strip().split(":")
+        params = []
+        for pair in pairs:
+            key, sep, value = pair.partition("=")
+            if not sep or not key:
+                raise ConfigError(f"bad intervention spec {text!r}: write name:key=value, e.g. actadd:coeff=1.0")
+            params.append((key, value))
+        return cls(name, tuple(params))
+
+    @property
+    def label(self) -> str:
+        return self.name + (" (" + ", ".join(f"{k}={v}" for k, v in self.params) + ")" if self.params else "")
+
+    def overrides(self) -> list[str]:
+        return [f"intervention={self.name}", *(f"intervention.{k}={v}" for k, v in self.params)]
+
+
+def compose_configs(specs: list[InterventionSpec], overrides: list[str], config_dir: Path = CONF_DIR) -> dict[InterventionSpec, DictConfig]:
+    """The full Hydra config of each spec (the same as evaluate.py would see with those overrides)."""
+    from hydra import compose, initialize_config_dir
+
+    if not (config_dir / "config.yaml").is_file():
+        raise ConfigError(f"no conf/config.yaml in {config_dir}: run from a checkout of refusal or pass --config-dir")
+    from hydra.errors import HydraException
+
+    configs = {}
+    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+        for spec in specs:
+            try:
+                configs[spec] = compose("config", overrides=[*overrides, *spec.overrides()])
+            except HydraException as err:
+                known = sorted(p.stem for p in (config_dir / "intervention").glob("*.yaml"))
+                raise ConfigError(f"{spec.label}: {str(err).splitlines()[0]} (interventions with a config: "
+                                  f"{', '.join(known)}; check the Hydra overrides too)") from err
+    return configs
+
+
+def compare(configs: dict[InterventionSpec, DictConfig], out_dir: Path) -> dict[str, Any]:
+    """Landing statistics of every spec at the DiM layer (and downstream), one table and one plot."""
+    from refusal.config import plugin_dirs
+    from refusal.interventions import get_intervention
+    from refusal.pipeline import fit, prepare
+
+    first = next(iter(configs.values()))
+    ctx = prepare(first)
+    classes = {spec: get_intervention(spec.name, plugin_dirs(cfg)) for spec, cfg in configs.items()}
+    needs = {"dim"}.union(*(set(cls.needs) for cls in classes.values()))
+    fitted = fit(ctx, needs)
+    layer, position = fitted.dim.layer, fitted.dim.position
+    downstream = [int(d) for d in first.geometry.get("downstream", [])]
+    sites = [s for s in [layer, *(layer + d for d in downstream)] if s <= ctx.bundle.n_layers]
+
+    rows, steered, base = [], {}, None
+    for spec, cfg in configs.items():
+        intervention = classes[spec](OmegaConf.to_container(cfg.intervention, resolve=True), fitted)
+        per_site, acts = landing_at(ctx, fitted, intervention, sites)
+        base = acts
+        steered[spec.label] = acts["steered_harmful"][:, layer]
+        here = per_site[layer]
+        row = {"intervention": spec.label, "label": here["label"], "t": here["axis_coordinate"],
+               "t_std": here["axis_coordinate_std"], "d_harmful": here["dist_to_harmful"],
+               "d_harmless": here["dist_to_harmless"], "p_harmful": here["probe_p_harmful"],
+               "harmless_t": here["harmless_axis_coordinate"]}
+        row.update({f"t@L{s}": per_site[s]["axis_coordinate"] for s in sites if s != layer})
+        rows.append(row)
+        log.info("%s: %s (t = %.3f)", spec.label, here["label"], here["axis_coordinate"])
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plot = plot_landing(
+        base["base_harmful"][:, layer], base["base_harmless"][:, layer], steered, out_dir / "geometry_landing.png",
+        title=f"{ctx.bundle.name}, layer {layer}, position {position}: where each intervention moves harmful activations",
+        probe=_probe_at(ctx, layer, position),
+    )
+    thresholds = LANDING_THRESHOLDS
+    result = {
+        "model": ctx.bundle.name, "data": ctx.splits.source, "layer": layer, "position": position,
+        "n_harmful": int(base["base_harmful"].shape[0]), "n_harmless": int(base["base_harmless"].shape[0]),
+        "thresholds": {"stays_below": thresholds.stays_below, "opposite_above": thresholds.opposite_above,
+                       "probe_harmful_below": thresholds.probe_harmful_below},
+        "rows": rows, "plot": str(plot),
+    }
+    atomic_write_text(out_dir / "geometry.json", json.dumps(result, indent=2) + "\n")
+    atomic_write_text(out_dir / "geometry.md", markdown(result))
+    return result
+
+
+def markdown(result: dict[str, Any]) -> str:
+    th = result["thresholds"]
+    return (
+        f"# Where interventions land: {result['model']}, layer {result['layer']}, position {result['position']}\n\n"
+        f"Data: {result['data']}; {result['n_harmful']} harmful and {result['n_harmless']} harmless test prompts.\n"
+        f"`t` is the mean coordinate of transformed harmful activations on the DiM axis (0 = harmful mean, "
+        f"1 = harmless mean), `d_*` their mean distance to each centroid in units of the centroid distance, "
+        f"`p_harmful` a probe fitted on unsteered train activations, `harmless_t` the same coordinate for "
+        f"transformed harmless activations (0 = harmless mean, 1 = harmful mean: induction), `t@L` downstream.\n"
+        f"Labels: stays if t < {th['stays_below']}, opposite if t > {th['opposite_above']} and p_harmful < "
+        f"{th['probe_harmful_below']}, between otherwise.\n\n"
+        f"{format_table(result['rows'])}\n\n![landing]({Path(result['plot']).name})\n"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m refusal.geometry", description=__doc__.splitlines()[0])
+    parser.add_argument("--interventions", default="none,actadd,dim_ablation,inlp_nullspace,inlp_flip",
+                        help="comma-separated names, each optionally name:key=value[:key=value]")
+    parser.add_argument("--out", type=Path, default=Path("geometry"), help="folder for geometry.md/.json/.png")
+    parser.add_argument("--config-dir", type=Path, default=CONF_DIR)
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=qwen05 data=embedded")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from refusal.cli import quiet_libraries
+
+    quiet_libraries()
+    specs = [InterventionSpec.parse(t) for t in args.interventions.split(",") if t.strip()]
+    if not specs:
+        parser.error("--interventions is empty")
+    result = compare(compose_configs(specs, args.overrides, args.config_dir), args.out)
+    print(markdown(result))
+    print(f"wrote {args.out / 'geometry.md'}, {args.out / 'geometry.json'}, {result['plot']}")
+    return 0
