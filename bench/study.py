@@ -117,8 +117,14 @@ def _rows(model_dir: Path, sweep: str) -> list[dict[str, Any]]:
 
 
 def _order(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Intervention order of the issue, then by parameter value (numbers as numbers)."""
     rank = {"none": 0, "actadd": 1, "dim_ablation": 2, "inlp_nullspace": 3, "inlp_flip": 4}
-    return sorted(rows, key=lambda r: (rank.get(r["intervention"], 9), str(r["params"])))
+    return sorted(rows, key=lambda r: (rank.get(r["intervention"], 9), *(float(r.get(f"params/{k}") or 0) for k in ("coeff", "alpha", "k"))))
+
+
+def _relative(text: str) -> str:
+    """Paths as a reader of the checkout would write them."""
+    return text.replace(f"{REPO}/", "").replace(f"{REPO.parent}/", "../")
 
 
 def render(root: Path, docs: Path, meta: dict[str, Any]) -> Path:
@@ -137,7 +143,7 @@ def render(root: Path, docs: Path, meta: dict[str, Any]) -> Path:
         "(see below). `k=all` is every INLP direction fitted; actadd c=−1 is read on harmful prompts (suppression), "
         "c=+1 on harmless prompts (induced refusal column).", "",
     ]
-    main_rows, tune_rows, geo_sections, notes = [], [], [], []
+    main_rows, tune_rows, tune_plot, geo_sections, notes = [], [], [], [], []
     for model in meta["models"]:
         mdir = root / model
         if not mdir.exists():
@@ -147,7 +153,8 @@ def render(root: Path, docs: Path, meta: dict[str, Any]) -> Path:
         rows = _order(_rows(mdir, "main") + _rows(mdir, "actadd"))
         main_rows += rows
         tune = rows + _rows(mdir, "k") + _rows(mdir, "alpha")
-        tune_rows += tune
+        tune_plot += tune
+        tune_rows += [r for r in _order(tune) if r["intervention"].startswith("inlp")]
         base = next((r for r in rows if r["intervention"] == "none"), None)
         acc = ", ".join(f"{a:.2f}" for a in fitted.get("inlp_val_accuracy", []))
         notes.append(
@@ -161,21 +168,21 @@ def render(root: Path, docs: Path, meta: dict[str, Any]) -> Path:
             png = figures / f"{model}_geometry.png"
             shutil.copyfile(mdir / "geometry" / "geometry_landing.png", png)
             body = geo.read_text().split("\n", 1)[1].replace("![landing](geometry_landing.png)", f"![{model} geometry](results/{png.name})")
-            geo_sections += [f"### {model}", body]
+            geo_sections += [f"### {model}", _relative(body)]
     md += ["## Main table", "", markdown_table(main_rows), "", "Fitted directions:", "", *notes, ""]
     if tune_rows:
-        plot = plot_tunability(tune_rows, figures / "tunability.png")
+        plot = plot_tunability(tune_plot, figures / "tunability.png")
         md += [
             "## Tunability: INLP k and α against DiM", "",
             "Harmful refusal rate against harmless perplexity. INLP nullspace and flip for k = 1, 2, 4, 8 and all "
             "(lines, in order of k), flip for α = 0.25, 0.5, 1, 2 at k = all, DiM ablation and actadd as points.", "",
             f"![tunability](results/{plot.name})", "",
-            markdown_table(_order([r for r in tune_rows if r["intervention"].startswith("inlp")])), "",
+            markdown_table(tune_rows), "",
         ]
     if geo_sections:
         md += ["## Geometry: where transformed harmful activations land", "", *geo_sections, ""]
     md += ["## Commands", "", "Every number above comes from these commands (run by `bench/study.py`, in order):", "",
-           "```bash", *meta["commands"], "```", ""]
+           "```bash", *map(_relative, meta["commands"]), "```", ""]
     timings = root / "timings.json"
     if timings.exists():
         md += ["Wall time per step (s): " + ", ".join(f"`{k}` {v}" for k, v in json.loads(timings.read_text()).items()), ""]

@@ -98,9 +98,12 @@ def plot_tunability(rows: list[dict[str, Any]], path: Path) -> Path:
                     name = row["intervention"] + (" c=" + f"{row['params/coeff']:g}" if "params/coeff" in row else "")
                     ax.scatter(*xy, s=70, marker="*" if row["intervention"] == "none" else "D",
                                color=_colour(row["intervention"]), edgecolor="black", lw=0.5, zorder=4, label=name)
-        ax.set_xscale("log")
+        xs = [xy[0] for xy in map(point, mine) if xy]
+        wide = bool(xs) and max(xs) / min(xs) > 10  # a broken model (ppl 1e9) would squash the rest
+        if wide:
+            ax.set_xscale("log")
         ax.set_title(model)
-        ax.set_xlabel("harmless perplexity (own completions, log) →")
+        ax.set_xlabel("harmless perplexity (own completions" + (", log) →" if wide else ") →"))
         ax.set_ylabel("harmful refusal rate (%)")
         ax.set_ylim(-5, 105)
         ax.grid(alpha=0.3, which="both")
