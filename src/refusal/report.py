@@ -53,13 +53,14 @@ def _params(results: dict[str, Any]) -> dict[str, Any]:
 
 def flat_row(results: dict[str, Any], run: str = "") -> dict[str, Any]:
     metrics = results.get("metrics", {})
+    params = _params(results)
     row = {
         "run": run,
         "status": results.get("status", "ok"),
         "model": results.get("model"),
         "intervention": results.get("intervention"),
-        "params": ", ".join(f"{k}={v}" for k, v in _params(results).items()) or "-",
-        **{f"params/{k}": v for k, v in _params(results).items()},
+        "params": ", ".join(f"{k}={v}" for k, v in params.items()) or "-",
+        **{f"params/{k}": v for k, v in params.items()},
         "layer": results.get("intervention_layer", results.get("layer")),
         **{k: v for k, v in metrics.items() if not isinstance(v, (list, dict))},
     }

@@ -7,6 +7,7 @@ block receives). Everything is read at the DiM position of the post-instruction 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import torch
 from refusal.activations import extract_activations
 from refusal.artifacts import atomic_write_text
 from refusal.geometry.plots import plot_landing, plot_layer_table
-from refusal.geometry.stats import fit_probe, format_table, landing_stats, layer_table
+from refusal.geometry.stats import LinearProbe, fit_probe, format_table, landing_stats, layer_table
 from refusal.interventions.base import Fitted, Intervention
 
 
@@ -28,7 +29,7 @@ def steered_activations(ctx: Any, intervention: Intervention, split: str) -> tor
         )
 
 
-def _probe_at(ctx: Any, site: int, position: int):
+def probe_at(ctx: Any, site: int, position: int):
     harm = ctx.activations("harmful_train")[:, site, position]
     safe = ctx.activations("harmless_train")[:, site, position]
     X = torch.cat([harm, safe])
@@ -36,31 +37,33 @@ def _probe_at(ctx: Any, site: int, position: int):
     return fit_probe(X, y)
 
 
+def landing_sites(ctx: Any, layer: int) -> list[int]:
+    """The intervention layer and the configured downstream layers that exist in the model."""
+    downstream = [int(d) for d in ctx.cfg.geometry.get("downstream", [])]
+    return [s for s in [layer, *(layer + d for d in downstream)] if s <= ctx.bundle.n_layers]
+
+
 def landing_at(
-    ctx: Any, fitted: Fitted, intervention: Intervention, sites: list[int] | None = None
+    ctx: Any, fitted: Fitted, intervention: Intervention, probes: Mapping[int, LinearProbe]
 ) -> tuple[dict[int, dict[str, Any]], dict[str, torch.Tensor]]:
-    """Landing statistics of ``intervention`` at each site (default: its layer and the downstream ones).
+    """Landing statistics of ``intervention`` at each site of ``probes`` (site -> probe on unsteered train data).
 
     Returns the per-site statistics and the residuals at the DiM position (all layers) that
     they were computed from: ``base_harmful``, ``base_harmless``, ``steered_harmful``, ``steered_harmless``.
+    The probes are passed in because they depend only on the site, not on the intervention.
     """
-    bundle = ctx.bundle
-    layer = intervention.layer if intervention.layer is not None else fitted.dim.layer
     position = fitted.dim.position
     acts = {"base_harmful": ctx.activations("harmful_test")[:, :, position],
             "base_harmless": ctx.activations("harmless_test")[:, :, position]}
-    if intervention.hook_specs(bundle):
+    if intervention.hook_specs(ctx.bundle):
         acts["steered_harmful"] = steered_activations(ctx, intervention, "harmful_test")[:, :, position]
         acts["steered_harmless"] = steered_activations(ctx, intervention, "harmless_test")[:, :, position]
     else:
         acts["steered_harmful"], acts["steered_harmless"] = acts["base_harmful"], acts["base_harmless"]
-    if sites is None:
-        downstream = [int(d) for d in ctx.cfg.geometry.get("downstream", [])]
-        sites = [s for s in [layer, *[layer + d for d in downstream]] if s <= bundle.n_layers]
     per_site = {}
-    for site in sites:
+    for site, probe in probes.items():
         harm, safe = acts["base_harmful"][:, site], acts["base_harmless"][:, site]
-        stats = landing_stats(harm, safe, acts["steered_harmful"][:, site], _probe_at(ctx, site, position))
+        stats = landing_stats(harm, safe, acts["steered_harmful"][:, site], probe)
         flipped = landing_stats(safe, harm, acts["steered_harmless"][:, site])
         per_site[site] = {**stats, "harmless_axis_coordinate": flipped["axis_coordinate"]}
     return per_site, acts
@@ -71,7 +74,8 @@ def run_geometry(ctx: Any, fitted: Fitted, intervention: Intervention, output_di
     bundle = ctx.bundle
     layer = intervention.layer if intervention.layer is not None else fitted.dim.layer
     position = fitted.dim.position
-    per_site, acts = landing_at(ctx, fitted, intervention)
+    probes = {site: probe_at(ctx, site, position) for site in landing_sites(ctx, layer)}
+    per_site, acts = landing_at(ctx, fitted, intervention, probes)
     base_harm, base_safe = acts["base_harmful"], acts["base_harmless"]
     steered_harm, steered_safe = acts["steered_harmful"], acts["steered_harmless"]
     unit = fitted.dim.unit
@@ -81,7 +85,7 @@ def run_geometry(ctx: Any, fitted: Fitted, intervention: Intervention, output_di
     name = intervention.name
     landing_png = plot_landing(
         base_harm[:, layer], base_safe[:, layer], {name: steered_harm[:, layer]}, output_dir / "geometry_landing.png",
-        title=f"{bundle.name}, layer {layer}: where {name} moves harmful activations", probe=_probe_at(ctx, layer, position),
+        title=f"{bundle.name}, layer {layer}: where {name} moves harmful activations", probe=probes[layer],
     )
     table_png = plot_layer_table(table_steered, output_dir / "geometry_layers.png",
                                  title=f"{bundle.name} with {name}: class geometry per layer")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from refusal.artifacts import atomic_write_text
 from refusal.errors import ConfigError
-from refusal.geometry.collect import _probe_at, landing_at
+from refusal.geometry.collect import landing_at, landing_sites, probe_at
 from refusal.geometry.plots import plot_landing
 from refusal.geometry.stats import LANDING_THRESHOLDS, format_table
 
@@ -59,10 +59,10 @@ class InterventionSpec:
 def compose_configs(specs: list[InterventionSpec], overrides: list[str], config_dir: Path = CONF_DIR) -> dict[InterventionSpec, DictConfig]:
     """The full Hydra config of each spec (the same as evaluate.py would see with those overrides)."""
     from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
 
     if not (config_dir / "config.yaml").is_file():
         raise ConfigError(f"no conf/config.yaml in {config_dir}: run from a checkout of refusal or pass --config-dir")
-    from hydra.errors import HydraException
 
     configs = {}
     with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
@@ -88,37 +88,32 @@ def compare(configs: dict[InterventionSpec, DictConfig], out_dir: Path) -> dict[
     needs = {"dim"}.union(*(set(cls.needs) for cls in classes.values()))
     fitted = fit(ctx, needs)
     layer, position = fitted.dim.layer, fitted.dim.position
-    downstream = [int(d) for d in first.geometry.get("downstream", [])]
-    sites = [s for s in [layer, *(layer + d for d in downstream)] if s <= ctx.bundle.n_layers]
+    probes = {site: probe_at(ctx, site, position) for site in landing_sites(ctx, layer)}
 
-    rows, steered, base = [], {}, None
+    rows, steered = [], {}
     for spec, cfg in configs.items():
         intervention = classes[spec](OmegaConf.to_container(cfg.intervention, resolve=True), fitted)
-        per_site, acts = landing_at(ctx, fitted, intervention, sites)
-        base = acts
+        per_site, acts = landing_at(ctx, fitted, intervention, probes)
         steered[spec.label] = acts["steered_harmful"][:, layer]
         here = per_site[layer]
         row = {"intervention": spec.label, "label": here["label"], "t": here["axis_coordinate"],
                "t_std": here["axis_coordinate_std"], "d_harmful": here["dist_to_harmful"],
                "d_harmless": here["dist_to_harmless"], "p_harmful": here["probe_p_harmful"],
                "harmless_t": here["harmless_axis_coordinate"]}
-        row.update({f"t@L{s}": per_site[s]["axis_coordinate"] for s in sites if s != layer})
+        row.update({f"t@L{s}": per_site[s]["axis_coordinate"] for s in probes if s != layer})
         rows.append(row)
         log.info("%s: %s (t = %.3f)", spec.label, here["label"], here["axis_coordinate"])
 
     out_dir.mkdir(parents=True, exist_ok=True)
     plot = plot_landing(
-        base["base_harmful"][:, layer], base["base_harmless"][:, layer], steered, out_dir / "geometry_landing.png",
+        acts["base_harmful"][:, layer], acts["base_harmless"][:, layer], steered, out_dir / "geometry_landing.png",
         title=f"{ctx.bundle.name}, layer {layer}, position {position}: where each intervention moves harmful activations",
-        probe=_probe_at(ctx, layer, position),
+        probe=probes[layer],
     )
-    thresholds = LANDING_THRESHOLDS
     result = {
         "model": ctx.bundle.name, "data": ctx.splits.source, "layer": layer, "position": position,
-        "n_harmful": int(base["base_harmful"].shape[0]), "n_harmless": int(base["base_harmless"].shape[0]),
-        "thresholds": {"stays_below": thresholds.stays_below, "opposite_above": thresholds.opposite_above,
-                       "probe_harmful_below": thresholds.probe_harmful_below},
-        "rows": rows, "plot": str(plot),
+        "n_harmful": int(acts["base_harmful"].shape[0]), "n_harmless": int(acts["base_harmless"].shape[0]),
+        "thresholds": asdict(LANDING_THRESHOLDS), "rows": rows, "plot": str(plot),
     }
     atomic_write_text(out_dir / "geometry.json", json.dumps(result, indent=2) + "\n")
     atomic_write_text(out_dir / "geometry.md", markdown(result))
