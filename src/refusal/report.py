@@ -98,7 +98,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 def format_run(results: dict[str, Any]) -> str:
     """One run's results for the terminal."""
     row = flat_row(results)
-    lines = [f"\n{results.get('model')} · {results.get('intervention')} ({row['params']}) · layer {row['layer']}",
+    lines = [f"\n{results.get('model')} · {results.get('intervention')} ({row['params']}) · layer {_fmt(row['layer'], 'layer', row)}",
              markdown_table([row])]
     timings = results.get("timings") or {}
     if timings:
