@@ -55,6 +55,15 @@ def sweep_overrides(sweep: str, rank: int) -> list[str]:
     raise SystemExit(f"unknown sweep {sweep!r}; choose from {SWEEPS}")
 
 
+def _model_order(model: str) -> tuple[int, str]:
+    """Packaged models in the issue's order, others after them (studies may add models one at a time)."""
+    return (PACKAGED.index(model) if model in PACKAGED else len(PACKAGED), model)
+
+
+def _command_order(command: str) -> tuple[int, str]:
+    return _model_order(next((a.split("=", 1)[1] for a in shlex.split(command) if a.startswith("model=")), ""))
+
+
 def installed(model: str) -> bool:
     import yaml
 
@@ -144,7 +153,7 @@ def render(root: Path, docs: Path, meta: dict[str, Any]) -> Path:
         "c=+1 on harmless prompts (induced refusal column).", "",
     ]
     main_rows, tune_rows, tune_plot, geo_sections, notes = [], [], [], [], []
-    for model in meta["models"]:
+    for model in sorted(meta["models"], key=_model_order):
         mdir = root / model
         if not mdir.exists():
             continue
@@ -182,10 +191,11 @@ def render(root: Path, docs: Path, meta: dict[str, Any]) -> Path:
     if geo_sections:
         md += ["## Geometry: where transformed harmful activations land", "", *geo_sections, ""]
     md += ["## Commands", "", "Every number above comes from these commands (run by `bench/study.py`, in order):", "",
-           "```bash", *map(_relative, meta["commands"]), "```", ""]
+           "```bash", *map(_relative, sorted(meta["commands"], key=_command_order)), "```", ""]
     timings = root / "timings.json"
     if timings.exists():
-        md += ["Wall time per step (s): " + ", ".join(f"`{k}` {v}" for k, v in json.loads(timings.read_text()).items()), ""]
+        md += ["Wall time per step (s): " + ", ".join(f"`{k}` {v}" for k, v in sorted(
+            json.loads(timings.read_text()).items(), key=lambda kv: _model_order(kv[0].split("/")[0]))), ""]
     path = docs / "RESULTS.md"
     atomic_write_text(path, "\n".join(md))
     return path
