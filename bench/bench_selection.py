@@ -1,13 +1,20 @@
-"""Wall time of DiM direction selection: every position vs. the last-position shortlist.
+"""Wall time of DiM direction selection: every candidate vs. the shortlist train.py uses.
 
 Selection scores each candidate direction (one per eligible layer and post-instruction position)
-on the val split: bypass and KL under directional ablation, induce under activation addition.
-``full`` scores all positions (fit.dim.positions=all, Arditi et al.); ``last`` only the last one
-(fit.dim.positions=last). Activations come from the pipeline's on-disk cache (computed once if
-missing, timed separately), so the figures are selection alone: CandidateScorer (which computes the
-unsteered val logits) plus select_direction, exactly as pipeline.fit_dim runs them.
+on val prompts: bypass and KL under directional ablation, induce under activation addition. Modes,
+all with the product's settings from conf/fit/default.yaml (n_prompts, batch_size, filters):
+
+* ``full``: every eligible layer × position (positions=all, shortlist=0; Arditi et al.);
+* ``shortlist``: train.py's default (last position for every layer, then all positions of the
+  best ``shortlist`` layers);
+* ``last``: the last position only (positions=last).
+
+Activations come from the pipeline's on-disk cache (computed once if missing, timed separately), so
+the figures are selection alone: CandidateScorer (which computes the unsteered val logits) plus
+select_direction, exactly as pipeline.fit_dim runs them.
 
     python bench/bench_selection.py --model qwen05
+    python bench/bench_selection.py --model qwen15 --modes shortlist last
     python bench/bench_selection.py --smoke
 """
 
@@ -17,6 +24,7 @@ import time
 import warnings
 
 import _common as C
+import yaml
 
 from refusal.activations import ActivationCache
 from refusal.fitting.dim import CandidateScorer, SelectionConfig, dim_candidates, select_direction
@@ -27,18 +35,20 @@ NAME = "selection"
 def main(argv: list[str] | None = None) -> int:
     parser = C.base_parser(__doc__.splitlines()[0])
     parser.set_defaults(repeats=1)
-    parser.add_argument("--modes", nargs="+", default=["last", "full"], choices=["last", "full"],
-                        help="last: positions=last; full: positions=all")
-    parser.add_argument("--shortlist", type=int, default=0,
-                        help="also time positions=all with fit.dim.shortlist=N (last position first, then N layers)")
-    parser.add_argument("--batch-size", type=int, default=32, help="fit.dim.batch_size")
+    parser.add_argument("--modes", nargs="+", default=["shortlist", "full", "last"], choices=["shortlist", "full", "last"])
+    parser.add_argument("--shortlist", type=int, default=None, help="layers shortlisted (default: fit.dim.shortlist)")
+    parser.add_argument("--n-prompts", type=int, default=None, help="val prompts per class (default: fit.dim.n_prompts)")
     args = C.parse(parser, argv)
+    dim = yaml.safe_load((C.REPO / "conf" / "fit" / "default.yaml").read_text())["dim"]
+    shortlist = args.shortlist if args.shortlist is not None else int(dim["shortlist"])
+    n_prompts = args.n_prompts or dim.get("n_prompts") or None
     sizes = dict(n_train=16, n_val=8, n_test=8) if args.smoke else dict(n_train=64, n_val=24, n_test=48)
     bundle = C.load_bundle(args.model, args.device)
     device = bundle.device
     splits = C.embedded_splits(**sizes)
     tok = {name: bundle.tokenize_instructions(getattr(splits, name))
            for name in ("harmful_train", "harmless_train", "harmful_val", "harmless_val")}
+    harmful_val, harmless_val = tok["harmful_val"][:n_prompts], tok["harmless_val"][:n_prompts]
     n_pos = len(bundle.post_instruction_ids)
     cache = ActivationCache(C.cache_dir() / "activations")
     batch = int(C.model_config(args.model).get("batch_size", 16))
@@ -48,10 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     activations_s = time.perf_counter() - t0
     candidates = dim_candidates(harm, safe)[: bundle.n_layers]
 
-    modes = {m: SelectionConfig(positions="last" if m == "last" else "all", batch_size=args.batch_size) for m in args.modes}
-    if args.shortlist > 0:
-        modes[f"shortlist{args.shortlist}"] = SelectionConfig(positions="all", shortlist=args.shortlist,
-                                                              batch_size=args.batch_size)
+    base = {k: dim[k] for k in ("max_kl", "min_induce", "prune_last_fraction", "batch_size")}
+    settings = {"full": dict(positions="all", shortlist=0), "shortlist": dict(positions="all", shortlist=shortlist),
+                "last": dict(positions="last", shortlist=0)}
+    modes = {m: SelectionConfig(**base, **settings[m]) for m in args.modes}
+    warm = CandidateScorer(bundle, harmful_val[:2], harmless_val[:2], progress=False)  # untimed: first hooked passes
+    warm.score(candidates[1:2, -1], [1])
     rows, figures = [], {}
     for mode, cfg in modes.items():
         seconds = []
@@ -59,8 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 t0 = time.perf_counter()
-                scorer = CandidateScorer(bundle, tok["harmful_val"], tok["harmless_val"], batch_size=cfg.batch_size,
-                                         progress=False)
+                scorer = CandidateScorer(bundle, harmful_val, harmless_val, batch_size=cfg.batch_size, progress=False)
                 result = select_direction(candidates, scorer, cfg)
                 C.sync(device)
                 seconds.append(time.perf_counter() - t0)
@@ -74,14 +85,15 @@ def main(argv: list[str] | None = None) -> int:
                         f"{mode}_pick": f"L{result.layer}P{result.position}"})
         if caught:
             figures[f"{mode}_notes"] = "; ".join(sorted({str(w.message)[:80] for w in caught}))
-    if "full_s" in figures and "last_s" in figures:
-        figures["full_over_last_ratio"] = figures["full_s"] / figures["last_s"]
+    for other in ("shortlist", "last"):
+        if "full_s" in figures and f"{other}_s" in figures:
+            figures[f"full_over_{other}_ratio"] = figures["full_s"] / figures[f"{other}_s"]
     C.print_table(
-        f"{bundle.name} on {device}: DiM selection, val {len(tok['harmful_val'])}+{len(tok['harmless_val'])} prompts, "
+        f"{bundle.name} on {device}: DiM selection, val {len(harmful_val)}+{len(harmless_val)} prompts, "
         f"{bundle.n_layers} layers x {n_pos} positions (activations {activations_s:.1f}s, cached after the first run)",
         rows,
     )
-    figures = {"n_val": len(tok["harmful_val"]), "n_positions": n_pos, "repeats": args.repeats,
+    figures = {"n_val": len(harmful_val), "shortlist_layers": shortlist, "n_positions": n_pos, "repeats": args.repeats,
                "activations_s": activations_s, **figures, **C.peak_memory(device)}
     C.print_table("memory", [{k: v for k, v in figures.items() if k.startswith("peak_")}])
     path = C.append_row(NAME, args, device, figures)

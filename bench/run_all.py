@@ -38,8 +38,10 @@ def discover() -> dict[str, Path]:
 
 
 def _takes(script: Path, flag: str) -> bool:
-    """Whether a bench script defines ``flag`` (benches written elsewhere may not take every common flag)."""
-    return f'"{flag}"' in script.read_text()
+    """Whether a bench script takes ``flag``: its own, or a common one via ``_common.base_parser``."""
+    text = script.read_text()
+    common = "base_parser(" in text and f'"{flag}"' in (C.REPO / "bench" / "_common.py").read_text()
+    return common or f'"{flag}"' in text
 
 
 def bench_command(script: Path, args: argparse.Namespace) -> list[str]:
@@ -131,7 +133,8 @@ def _selection(row: dict[str, str]) -> list[Figure]:
         figures += [Figure(f"{mode}_candidates", f"{mode}: candidates scored"),
                     Figure(f"{mode}_s", f"{mode}: selection wall time, s", note=row.get(f"{mode}_pick", "")),
                     Figure(f"{mode}_s_per_candidate", f"{mode}: s per candidate")]
-    return figures + [Figure("full_over_last_ratio", "full ÷ last"), Figure("activations_s", "activations (cache get), s")]
+    return figures + [Figure("full_over_shortlist_ratio", "full ÷ shortlist"), Figure("full_over_last_ratio", "full ÷ last"),
+                      Figure("activations_s", "activations (cache get), s")]
 
 
 def _evaluate(row: dict[str, str]) -> list[Figure]:
@@ -201,9 +204,11 @@ SECTIONS = {
     ),
     "selection": Section(
         "DiM direction selection",
-        "CandidateScorer + select_direction on the val split with cached activations: `full` scores every "
-        "eligible layer × post-instruction position (fit.dim.positions=all), `last` only the last position "
-        "(positions=last). The picked candidate is in the notes column.",
+        "CandidateScorer + select_direction with train.py's settings (conf/fit/default.yaml: val prompts per class, "
+        "batch size, filters) on cached activations: `full` scores every eligible layer × post-instruction position "
+        "(positions=all, shortlist=0, as Arditi et al.), `shortlist` is train.py's default (last position for every "
+        "layer, then all positions of the best layers), `last` only the last position. The picked candidate is in "
+        "the notes column.",
         _selection,
     ),
     "inlp": Section(
@@ -336,7 +341,7 @@ def render_docs(results_dir: Path, docs_path: Path) -> Path:
         "python bench/run_all.py --model qwen05          # the real measurement (CPU: an hour or more, see below)",
         "python bench/bench_extraction.py --model qwen05 # one bench; each appends a row to bench/results/<name>.csv",
         "python bench/bench_hooks.py --model smollm2 --repeats 5",
-        "python bench/bench_selection.py --model qwen05 --shortlist 3",
+        "python bench/bench_selection.py --model qwen05  # full, shortlist (train.py's default) and last",
         "python bench/bench_evaluate.py --model qwen05 [--skip-dequantize]",
         "python bench/run_all.py --docs-only             # re-render from the CSVs",
         "bash bench/gpu_check.sh                         # on a CUDA machine: tests + benches on qwen05, figures to $OUT/gpu_check.txt",
@@ -346,17 +351,18 @@ def render_docs(results_dir: Path, docs_path: Path) -> Path:
         "`--repeats N`, `--no-csv`. None of these run in CI.",
         "",
         "Cost on a 2-core CPU (qwen05, float32; one forward pass over 64 embedded prompts ≈ 12 s): extraction "
-        "≈ 3 min (12 passes), hooks ≈ 7 variants × 4 generations, selection ≈ 72 val-prompt forwards per "
-        "candidate (`last` 19 candidates, `full` 95), and evaluate runs the default evaluate.py three times, "
-        "each cold run including the full DiM selection: budget an hour or more for `run_all.py --model qwen05` "
-        "on CPU (`--skip evaluate`, or `bench_evaluate.py --override fit.dim.positions=last`, for a shorter run). "
+        "≈ 3 min (12 passes), hooks ≈ 7 variants × 4 generations, selection ≈ 48 val-prompt forwards per "
+        "candidate, ≈ 11 s each (`last` 19 candidates, `shortlist` 27, `full` 95: ≈ 25 min; qwen15 ≈ 47 s per "
+        "candidate), and evaluate runs the default evaluate.py three times, each cold run including extraction and "
+        "train.py's DiM selection: budget an hour or more for `run_all.py --model qwen05` on CPU (`--skip "
+        "evaluate`, or `bench_evaluate.py --override fit.dim.positions=last`, for a shorter run). "
         "On a GPU `bash bench/gpu_check.sh` does all of it in about 5 minutes.",
         "",
         "| bench | figure | target |",
         "|---|---|---|",
         f"| extraction | extract_activations ÷ base-decoder forward | ≤ {C.TARGETS['extraction']:.2f} |",
         f"| hooks | generation with an intervention ÷ without | ≤ {C.TARGETS['hooks']:.2f} (orthogonalized model: the 1.00 reference) |",
-        "| selection | DiM selection seconds, full vs. last-position shortlist | – |",
+        "| selection | DiM selection seconds: full, train.py's shortlist, last position only | – |",
         "| inlp | fit_inlp vs. the scikit-learn reference (bench_inlp.py; planted data, no model) | – |",
         "| evaluate | evaluate.py cold / warm wall time and child peak RSS | – |",
         "",

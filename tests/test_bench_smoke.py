@@ -1,0 +1,53 @@
+"""The bench scripts in smoke mode (tiny model): they run, write their CSV rows where told, and render.
+
+The figures of a smoke run are not judged (the tiny model on a shared CPU); this guards the
+plumbing that docs/BENCHMARKS.md depends on, so a broken bench shows up in CI rather than in the
+hour-long real run.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BENCHES = ["extraction", "hooks", "selection", "inlp", "evaluate"]
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_run_all_smoke_writes_only_where_told_and_renders(tmp_path):
+    results, page = tmp_path / "results", tmp_path / "BENCHMARKS.md"
+    repo_csvs = {p: p.read_bytes() for p in (REPO / "bench" / "results").glob("*.csv")}
+    env = {**os.environ, "REFUSAL_CACHE": str(tmp_path / "cache"), "WANDB_MODE": "offline"}
+    proc = subprocess.run(
+        [sys.executable, "bench/run_all.py", "--smoke", "--results-dir", str(results), "--docs-out", str(page)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    for name in BENCHES:
+        rows = _rows(results / f"{name}.csv")
+        assert len(rows) == 1, name
+        assert rows[0].get("smoke", "1") == "1" and rows[0].get("model", "tiny") == "tiny", name  # inlp.csv: no model
+    assert {p: p.read_bytes() for p in (REPO / "bench" / "results").glob("*.csv")} == repo_csvs, "smoke rows leaked"
+
+    selection = _rows(results / "selection.csv")[0]
+    full, shortlist, last = (int(selection[f"{m}_candidates"]) for m in ("full", "shortlist", "last"))
+    assert full > shortlist > last > 0  # the shortlist scores a subset of full and a superset of last
+    hooks = _rows(results / "hooks.csv")[0]
+    for name in ("actadd", "dim_ablation", "inlp_nullspace", "inlp_flip", "random_ablation", "orthogonalized"):
+        assert float(hooks[f"{name}_ratio"]) > 0, name  # every registered intervention, the plugin included
+    evaluate = _rows(results / "evaluate.csv")[0]
+    assert evaluate["warm_rc"] == "0" and float(evaluate["warm_s"]) > 0 and float(evaluate["warm_rss_mb"]) > 0
+
+    text = page.read_text()
+    for title in ("Activation extraction", "Hook overhead", "DiM direction selection", "INLP fitting", "evaluate.py"):
+        assert title in text, title
+    assert "not judged (smoke)" in text and "full ÷ shortlist" in text
