@@ -348,7 +348,7 @@ def render_docs(results_dir: Path, docs_path: Path) -> Path:
         "```",
         "",
         "Common flags: `--model NAME` (conf/model/NAME.yaml, default qwen05), `--smoke`, `--device cpu|cuda`, "
-        "`--repeats N`, `--no-csv`. None of these run in CI.",
+        "`--repeats N`, `--no-csv`. CI runs only the smoke mode (tests/test_bench_smoke.py, into a temp folder).",
         "",
         "Cost on a 2-core CPU (qwen05, float32; one forward pass over 64 embedded prompts ≈ 12 s): extraction "
         "≈ 3 min (12 passes), hooks ≈ 7 variants × 4 generations, selection ≈ 48 val-prompt forwards per "
