@@ -8,8 +8,8 @@
 Each step is an ordinary command (printed, and listed in the report): ``train.py`` once per model,
 then ``evaluate.py -m`` sweeps into ``study/<model>/<sweep>/`` and ``python -m refusal.geometry``.
 A step whose output already exists is skipped, so an interrupted study resumes where it stopped.
-Nothing here runs in CI. Measured on 2 CPU cores with the defaults: qwen05 ≈ 30 min, smollm2 ≈ 10,
-gemma3_270m ≈ 15; qwen15 needs well over an hour.
+Nothing here runs in CI. Measured on 2 CPU cores with the defaults: qwen05 ≈ 30 min, qwen15 ≈ 110
+(train.py alone 35), smollm2 ≈ 10, gemma3_270m ≈ 15.
 """
 
 from __future__ import annotations

@@ -63,7 +63,7 @@ def plot_bars(rows: list[dict[str, Any]], path: Path) -> Path:
 
 def plot_tunability(rows: list[dict[str, Any]], path: Path) -> Path:
     """Per model: INLP k- and α-curves in the refusal-vs-perplexity plane, DiM and actadd as points."""
-    models = sorted({r["model"] for r in rows})
+    models = list(dict.fromkeys(r["model"] for r in rows))  # in the order given (the study: issue order)
     fig, axes = plt.subplots(1, len(models), figsize=(5.4 * len(models), 4.4), squeeze=False)
 
     def point(row: dict[str, Any]) -> tuple[float, float] | None:
