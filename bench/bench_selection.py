@@ -58,10 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     activations_s = time.perf_counter() - t0
     candidates = dim_candidates(harm, safe)[: bundle.n_layers]
 
-    base = {k: dim[k] for k in ("max_kl", "min_induce", "prune_last_fraction", "batch_size")}
     settings = {"full": dict(positions="all", shortlist=0), "shortlist": dict(positions="all", shortlist=shortlist),
                 "last": dict(positions="last", shortlist=0)}
-    modes = {m: SelectionConfig(**base, **settings[m]) for m in args.modes}
+    modes = {m: SelectionConfig(**{**dim, "n_prompts": n_prompts, **settings[m]}) for m in args.modes}  # as fit_dim
     warm = CandidateScorer(bundle, harmful_val[:2], harmless_val[:2], progress=False)  # untimed: first hooked passes
     warm.score(candidates[1:2, -1], [1])
     rows, figures = [], {}
