@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         figures.update({f"{mode}_candidates": result.scored, f"{mode}_s": med,
                         f"{mode}_s_per_candidate": med / max(1, result.scored),
                         f"{mode}_pick": f"L{result.layer}P{result.position}"})
+        print(f"{mode}: {result.scored} candidates in {med:.1f}s, picked L{result.layer}P{result.position}", flush=True)
         if caught:
             figures[f"{mode}_notes"] = "; ".join(sorted({str(w.message)[:80] for w in caught}))
     for other in ("shortlist", "last"):
