@@ -199,7 +199,8 @@ SECTIONS = {
         "Batched greedy generation (min_new_tokens = max_new_tokens) with each registered intervention active "
         "÷ no intervention; random DiM direction / random orthonormal INLP basis (k=8). The orthogonalized-weights "
         "model has no hooks: the 1.00 reference, so its distance from 1.00 is the noise floor of that run. "
-        "Interleaved runs, medians (fastest-runs ratio in brackets).",
+        "Interleaved rounds; the value is the median over rounds of each round's variant ÷ none (paired, so load "
+        "that slows a whole round cancels), the fastest-runs ratio in brackets.",
         _hooks,
     ),
     "selection": Section(
