@@ -95,6 +95,24 @@ def orthogonalized_bundle(bundle: ModelBundle, unit: torch.Tensor, roundtrip: bo
     return dataclasses.replace(bundle, model=model, layout=residual_layout(model))
 
 
+def hook_seconds_per_step(intervention: Any, bundle: ModelBundle, batch: int, loops: int = 20, trials: int = 5) -> float:
+    """Seconds the hooks' own tensor work takes in one decode step: every hook once on ``[batch, 1, d]``.
+
+    Fastest of ``trials`` (other load only adds time), so it resolves costs far below the run-to-run
+    noise of whole generations; module-call dispatch (a few µs per hooked module) is not included.
+    """
+    fns = [spec.fn for spec in intervention.hook_specs(bundle)]
+    x = torch.randn(batch, 1, bundle.d_model, dtype=bundle.dtype, device=bundle.device)
+
+    def step() -> None:
+        for _ in range(loops):
+            for fn in fns:
+                fn(x)
+
+    step()
+    return min(C.timed(step, bundle.device) for _ in range(trials)) / loops
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = C.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=None, help="embedded harmful+harmless test prompts (default 32; smoke 8)")
@@ -152,20 +170,32 @@ def main(argv: list[str] | None = None) -> int:
         else:
             target, verdict = f"<= {TARGET_RATIO}", "pass" if ratio <= TARGET_RATIO else "FAIL"
         rows.append({"variant": name, "hooks": n_hooks, "median_s": med[name], "paired_ratio": ratio,
-                     "ratio_fastest": best[name] / best["none"], "target": target, "result": verdict,
+                     "ratio_fastest": best[name] / best["none"], "hook_ms_per_step": "", "attributed_ratio": "",
+                     "target": target, "result": verdict,
                      "runs_s": " ".join(f"{t:.3f}" for t in values)})
         figures[f"{name}_s"] = med[name]
         if name != "none":
             figures[f"{name}_ratio"] = ratio
             figures[f"{name}_min_ratio"] = best[name] / best["none"]
     generated = len(ids) * new_tokens
+    # Attributed cost: the hooks' own work per decode step ÷ the unhooked time per step (prefill
+    # included in the denominator, so this is a slight underestimate of the share).
+    n_batches = -(-len(ids) // batch_size)
+    step_s = med["none"] / (n_batches * new_tokens)
+    for row in rows:
+        if row["variant"] in interventions:
+            hook_s = hook_seconds_per_step(interventions[row["variant"]], bundle, min(batch_size, len(ids)))
+            row["hook_ms_per_step"], row["attributed_ratio"] = 1e3 * hook_s, 1 + hook_s / step_s
+            figures[f"{row['variant']}_hook_ms_per_step"] = row["hook_ms_per_step"]
+            figures[f"{row['variant']}_attributed_ratio"] = row["attributed_ratio"]
     C.print_table(
         f"{bundle.name} on {device}: {len(ids)} prompts x {new_tokens} new tokens (greedy, batch {batch_size}); "
-        f"{args.repeats} rounds; none = {generated / med['none']:.1f} tok/s",
+        f"{args.repeats} rounds; none = {generated / med['none']:.1f} tok/s, {1e3 * step_s:.1f} ms per step",
         rows,
     )
     figures = {"n_prompts": len(ids), "new_tokens": new_tokens, "batch_size": batch_size, "k": args.k,
-               "repeats": args.repeats, "none_tok_per_s": generated / med["none"], **figures,
+               "repeats": args.repeats, "none_tok_per_s": generated / med["none"], "none_ms_per_step": 1e3 * step_s,
+               **figures,
                "ratio_estimator": "median of per-round ratios",
                "max_intervention_ratio": max((r["paired_ratio"] for r in rows if r["variant"] in interventions), default=float("nan")),
                **C.peak_memory(device)}

@@ -114,15 +114,19 @@ def _extraction(row: dict[str, str]) -> list[Figure]:
 
 
 def _hooks(row: dict[str, str]) -> list[Figure]:
-    figures = [Figure("none_tok_per_s", "no intervention, tokens/s")]
+    figures = [Figure("none_tok_per_s", "no intervention, tokens/s"), Figure("none_ms_per_step", "no intervention, ms per step")]
+    derived = ("_min_ratio", "_attributed_ratio")
     for key in row:
-        if not key.endswith("_ratio") or key.endswith("_min_ratio") or key == "max_intervention_ratio":
+        if not key.endswith("_ratio") or key.endswith(derived) or key == "max_intervention_ratio":
             continue
         name = key.removesuffix("_ratio")
         if name == "orthogonalized":
             figures.append(Figure(key, "orthogonalized weights ÷ none", None, f"{name}_min_ratio", "reference, no hooks"))
-        else:
-            figures.append(Figure(key, f"{name} ÷ none", C.TARGETS["hooks"], f"{name}_min_ratio"))
+            continue
+        figures.append(Figure(key, f"{name} ÷ none, end to end", C.TARGETS["hooks"], f"{name}_min_ratio"))
+        if row.get(f"{name}_attributed_ratio"):
+            figures.append(Figure(f"{name}_attributed_ratio", f"{name}: 1 + hook work ÷ step time", C.TARGETS["hooks"],
+                                  note=f"{float(row[f'{name}_hook_ms_per_step']):.3f} ms of hook work per step"))
     return figures
 
 
@@ -199,8 +203,11 @@ SECTIONS = {
         "Batched greedy generation (min_new_tokens = max_new_tokens) with each registered intervention active "
         "÷ no intervention; random DiM direction / random orthonormal INLP basis (k=8). The orthogonalized-weights "
         "model has no hooks: the 1.00 reference, so its distance from 1.00 is the noise floor of that run. "
-        "Interleaved rounds; the value is the median over rounds of each round's variant ÷ none (paired, so load "
-        "that slows a whole round cancels), the fastest-runs ratio in brackets.",
+        "Interleaved rounds; the end-to-end value is the median over rounds of each round's variant ÷ none (paired, "
+        "so load that slows a whole round cancels), the fastest-runs ratio in brackets. On a shared 2-core machine "
+        "single generations vary by ±15%, more than the effect, so each intervention also gets an attributed figure: "
+        "its hooks' own tensor work for one decode step (every hook once on a `[batch, 1, d]` tensor, fastest of 5 "
+        "trials) ÷ the unhooked time per step, plus 1.",
         _hooks,
     ),
     "selection": Section(
@@ -353,8 +360,8 @@ def render_docs(results_dir: Path, docs_path: Path) -> Path:
         "",
         "Cost on a 2-core CPU (qwen05, float32; one forward pass over 64 embedded prompts ≈ 12 s): extraction "
         "≈ 3 min (12 passes), hooks ≈ 7 variants × 4 generations, selection ≈ 48 val-prompt forwards per "
-        "candidate, ≈ 11 s each (`last` 19 candidates, `shortlist` 27, `full` 95: ≈ 25 min; qwen15 ≈ 47 s per "
-        "candidate), and evaluate runs the default evaluate.py three times, each cold run including extraction and "
+        "candidate, ≈ 11 s each (`last` 19 candidates, `shortlist` 27, `full` 95: ≈ 25 min; qwen15 ≈ 36–40 s "
+        "per candidate, `shortlist` 30 and `full` 110: ≈ 90 min with its 100 s of activations), and evaluate runs the default evaluate.py three times, each cold run including extraction and "
         "train.py's DiM selection: budget an hour or more for `run_all.py --model qwen05` on CPU (`--skip "
         "evaluate`, or `bench_evaluate.py --override fit.dim.positions=last`, for a shorter run). "
         "On a GPU `bash bench/gpu_check.sh` does all of it in about 5 minutes.",
