@@ -348,7 +348,7 @@ def render_docs(results_dir: Path, docs_path: Path) -> Path:
         "python bench/run_all.py --smoke                 # all benches on the tiny model (< 2 min), re-renders this page",
         "python bench/run_all.py --model qwen05          # the real measurement (CPU: an hour or more, see below)",
         "python bench/bench_extraction.py --model qwen05 # one bench; each appends a row to bench/results/<name>.csv",
-        "python bench/bench_hooks.py --model smollm2 --repeats 5",
+        "python bench/bench_hooks.py --model smollm2 --repeats 9",
         "python bench/bench_selection.py --model qwen05  # full, shortlist (train.py's default) and last",
         "python bench/bench_evaluate.py --model qwen05 [--skip-dequantize]",
         "python bench/run_all.py --docs-only             # re-render from the CSVs",
@@ -359,7 +359,7 @@ def render_docs(results_dir: Path, docs_path: Path) -> Path:
         "`--repeats N`, `--no-csv`. CI runs only the smoke mode (tests/test_bench_smoke.py, into a temp folder).",
         "",
         "Cost on a 2-core CPU (qwen05, float32; one forward pass over 64 embedded prompts ≈ 12 s): extraction "
-        "≈ 3 min (12 passes), hooks ≈ 7 variants × 4 generations, selection ≈ 48 val-prompt forwards per "
+        "≈ 3 min (12 passes), hooks ≈ 7 variants × (repeats + 1) generations (smollm2, 9 rounds: ≈ 10 min), selection ≈ 48 val-prompt forwards per "
         "candidate, ≈ 11 s each (`last` 19 candidates, `shortlist` 27, `full` 95: ≈ 25 min; qwen15 ≈ 36–40 s "
         "per candidate, `shortlist` 30 and `full` 110: ≈ 90 min with its 100 s of activations), and evaluate runs the default evaluate.py three times, each cold run including extraction and "
         "train.py's DiM selection: budget an hour or more for `run_all.py --model qwen05` on CPU (`--skip "
