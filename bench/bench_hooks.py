@@ -9,6 +9,8 @@ exactly the same number of tokens whatever the steering does to the text. Runs a
 (rotated order per round) and each variant is compared with the unhooked run of the same round: the
 reported ratio is the median over rounds of those paired ratios, so load that slows a whole round
 cancels (a ratio of two medians does not pair them and reads several percent of noise on 2 cores).
+Because single generations still vary by more than the 3% target there, each intervention also gets
+an attributed figure: its hooks' own work for one decode step ÷ the unhooked time per step, plus 1.
 
     python bench/bench_hooks.py --model qwen05
     python bench/bench_hooks.py --smoke
@@ -157,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     times = C.interleaved(fns, device, args.repeats)
     med = {k: C.median(v) for k, v in times.items()}
     best = {k: min(v) for k, v in times.items()}
-    paired = {k: C.median(t / t0 for t, t0 in zip(v, times["none"])) for k, v in times.items()}
+    paired = {k: C.median(t / t0 for t, t0 in zip(v, times["none"], strict=True)) for k, v in times.items()}
 
     rows, figures = [], {}
     for name, values in times.items():

@@ -114,7 +114,8 @@ def _extraction(row: dict[str, str]) -> list[Figure]:
 
 
 def _hooks(row: dict[str, str]) -> list[Figure]:
-    figures = [Figure("none_tok_per_s", "no intervention, tokens/s"), Figure("none_ms_per_step", "no intervention, ms per step")]
+    figures = [Figure("none_tok_per_s", "no intervention, tokens/s"),
+               Figure("none_ms_per_step", "no intervention, ms per step")]
     derived = ("_min_ratio", "_attributed_ratio")
     for key in row:
         if not key.endswith("_ratio") or key.endswith(derived) or key == "max_intervention_ratio":
@@ -359,10 +360,11 @@ def render_docs(results_dir: Path, docs_path: Path) -> Path:
         "`--repeats N`, `--no-csv`. CI runs only the smoke mode (tests/test_bench_smoke.py, into a temp folder).",
         "",
         "Cost on a 2-core CPU (qwen05, float32; one forward pass over 64 embedded prompts ≈ 12 s): extraction "
-        "≈ 3 min (12 passes), hooks ≈ 7 variants × (repeats + 1) generations (smollm2, 9 rounds: ≈ 10 min), selection ≈ 48 val-prompt forwards per "
-        "candidate, ≈ 11 s each (`last` 19 candidates, `shortlist` 27, `full` 95: ≈ 25 min; qwen15 ≈ 36–40 s "
-        "per candidate, `shortlist` 30 and `full` 110: ≈ 90 min with its 100 s of activations), and evaluate runs the default evaluate.py three times, each cold run including extraction and "
-        "train.py's DiM selection: budget an hour or more for `run_all.py --model qwen05` on CPU (`--skip "
+        "≈ 3 min (12 passes), hooks ≈ 7 variants × (repeats + 1) generations (smollm2, 9 rounds: ≈ 10 min), "
+        "selection ≈ 48 val-prompt forwards per candidate, ≈ 11 s each (`last` 19 candidates, `shortlist` 27, "
+        "`full` 95: ≈ 25 min; qwen15 ≈ 36–40 s per candidate, `shortlist` 30 and `full` 110: ≈ 90 min with its "
+        "100 s of activations), and evaluate runs the default evaluate.py three times, each cold run including "
+        "extraction and train.py's DiM selection: budget an hour or more for `run_all.py --model qwen05` on CPU (`--skip "
         "evaluate`, or `bench_evaluate.py --override fit.dim.positions=last`, for a shorter run). "
         "On a GPU `bash bench/gpu_check.sh` does all of it in about 5 minutes.",
         "",

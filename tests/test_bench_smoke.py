@@ -44,6 +44,8 @@ def test_run_all_smoke_writes_only_where_told_and_renders(tmp_path):
     hooks = _rows(results / "hooks.csv")[0]
     for name in ("actadd", "dim_ablation", "inlp_nullspace", "inlp_flip", "random_ablation", "orthogonalized"):
         assert float(hooks[f"{name}_ratio"]) > 0, name  # every registered intervention, the plugin included
+        if name != "orthogonalized":  # hooked: the attributed figure adds the hooks' own (positive) work per step
+            assert float(hooks[f"{name}_hook_ms_per_step"]) > 0 and float(hooks[f"{name}_attributed_ratio"]) > 1, name
     evaluate = _rows(results / "evaluate.csv")[0]
     assert evaluate["warm_rc"] == "0" and float(evaluate["warm_s"]) > 0 and float(evaluate["warm_rss_mb"]) > 0
 
