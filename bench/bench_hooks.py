@@ -160,11 +160,17 @@ def main(argv: list[str] | None = None) -> int:
     med = {k: C.median(v) for k, v in times.items()}
     best = {k: min(v) for k, v in times.items()}
     paired = {k: C.median(t / t0 for t, t0 in zip(v, times["none"], strict=True)) for k, v in times.items()}
+    generated = len(ids) * new_tokens
+    # Attributed cost: the hooks' own work per decode step ÷ the unhooked time per step (prefill
+    # included in the denominator, so this slightly underestimates the share).
+    step_s = med["none"] / (-(-len(ids) // batch_size) * new_tokens)
 
     rows, figures = [], {}
     for name, values in times.items():
         ratio = paired[name]
-        n_hooks = len(interventions[name].hook_specs(bundle)) if name in interventions else 0
+        hooked = name in interventions
+        n_hooks = len(interventions[name].hook_specs(bundle)) if hooked else 0
+        hook_s = hook_seconds_per_step(interventions[name], bundle, min(batch_size, len(ids))) if hooked else None
         if name == "none":
             target, verdict = "-", "-"
         elif name == ORTHO:
@@ -172,24 +178,18 @@ def main(argv: list[str] | None = None) -> int:
         else:
             target, verdict = f"<= {TARGET_RATIO}", "pass" if ratio <= TARGET_RATIO else "FAIL"
         rows.append({"variant": name, "hooks": n_hooks, "median_s": med[name], "paired_ratio": ratio,
-                     "ratio_fastest": best[name] / best["none"], "hook_ms_per_step": "", "attributed_ratio": "",
+                     "ratio_fastest": best[name] / best["none"],
+                     "hook_ms_per_step": "" if hook_s is None else 1e3 * hook_s,
+                     "attributed_ratio": "" if hook_s is None else 1 + hook_s / step_s,
                      "target": target, "result": verdict,
                      "runs_s": " ".join(f"{t:.3f}" for t in values)})
         figures[f"{name}_s"] = med[name]
         if name != "none":
             figures[f"{name}_ratio"] = ratio
             figures[f"{name}_min_ratio"] = best[name] / best["none"]
-    generated = len(ids) * new_tokens
-    # Attributed cost: the hooks' own work per decode step ÷ the unhooked time per step (prefill
-    # included in the denominator, so this is a slight underestimate of the share).
-    n_batches = -(-len(ids) // batch_size)
-    step_s = med["none"] / (n_batches * new_tokens)
-    for row in rows:
-        if row["variant"] in interventions:
-            hook_s = hook_seconds_per_step(interventions[row["variant"]], bundle, min(batch_size, len(ids)))
-            row["hook_ms_per_step"], row["attributed_ratio"] = 1e3 * hook_s, 1 + hook_s / step_s
-            figures[f"{row['variant']}_hook_ms_per_step"] = row["hook_ms_per_step"]
-            figures[f"{row['variant']}_attributed_ratio"] = row["attributed_ratio"]
+        if hooked:
+            figures[f"{name}_hook_ms_per_step"] = rows[-1]["hook_ms_per_step"]
+            figures[f"{name}_attributed_ratio"] = rows[-1]["attributed_ratio"]
     C.print_table(
         f"{bundle.name} on {device}: {len(ids)} prompts x {new_tokens} new tokens (greedy, batch {batch_size}); "
         f"{args.repeats} rounds; none = {generated / med['none']:.1f} tok/s, {1e3 * step_s:.1f} ms per step",

@@ -79,10 +79,10 @@ def main(argv: list[str] | None = None) -> int:
                      "s_per_candidate": med / max(1, result.scored), "layer": result.layer,
                      "position": result.position, "passed_filters": result.passed_filters,
                      "runs_s": " ".join(f"{t:.2f}" for t in seconds)})
+        pick = f"L{result.layer}P{result.position}"
         figures.update({f"{mode}_candidates": result.scored, f"{mode}_s": med,
-                        f"{mode}_s_per_candidate": med / max(1, result.scored),
-                        f"{mode}_pick": f"L{result.layer}P{result.position}"})
-        print(f"{mode}: {result.scored} candidates in {med:.1f}s, picked L{result.layer}P{result.position}", flush=True)
+                        f"{mode}_s_per_candidate": med / max(1, result.scored), f"{mode}_pick": pick})
+        print(f"{mode}: {result.scored} candidates in {med:.1f}s, picked {pick}", flush=True)
         if caught:
             figures[f"{mode}_notes"] = "; ".join(sorted({str(w.message)[:80] for w in caught}))
     for other in ("shortlist", "last"):
