@@ -1,45 +1,52 @@
-"""Control baseline: ablate a random direction instead of the refusal direction.
+"""Control: ablate a random k-dimensional subspace instead of a fitted one.
 
-If ablating a random unit vector (seeded, drawn once per model) also suppressed refusal, the DiM
-result would say little; a good refusal direction beats this control by a wide margin.
+k=1 at every layer is the control for DiM ablation (does removing *any* direction suppress
+refusal?); k = the INLP rank at INLP's scope is the control for INLP nullspace projection (does
+removing *any* subspace of that size do what INLP's does?). The subspace is drawn once per seed
+and model width (an orthonormal basis of a Gaussian matrix), so runs are reproducible.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+from jaxtyping import Float
 
-from refusal.hooks import HookSpec
+from refusal.errors import ConfigError
+from refusal.hooks import TensorFn
 from refusal.interventions import Intervention
-from refusal.interventions.builtin import project_out
-from refusal.models.bundle import ModelBundle
+from refusal.interventions.base import Cast, Fitted
+from refusal.interventions.builtin import project_out_subspace
 
 
-class RandomDirectionAblation(Intervention):
+def random_subspace(d_model: int, k: int, seed: int) -> Float[torch.Tensor, "k d_model"]:
+    """k orthonormal rows spanning a uniformly random subspace of R^d (QR of a seeded Gaussian)."""
+    generator = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(d_model, k, generator=generator, dtype=torch.float64))
+    return q.T.to(torch.float32)
+
+
+class RandomSubspaceAblation(Intervention):
     name = "random_ablation"
-    description = "Control: directional ablation of a seeded random direction (same hooks as dim_ablation)."
+    description = "Control: ablate a seeded random k-dim subspace (k=1: DiM ablation's control; k=INLP rank: INLP's)."
     needs = frozenset({"dim"})
+    default_layers = "all"
+    edits_writes = True
 
-    def _unit(self, d_model: int) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(int(self.cfg.get("seed", 0)))
-        v = torch.randn(d_model, generator=generator)
-        return v / v.norm()
+    def __init__(self, cfg: dict[str, Any], fitted: Fitted):
+        super().__init__(cfg, fitted)
+        self.k, self.seed = self.cfg.get("k", 1), self.cfg.get("seed", 0)
+        for key, value in (("k", self.k), ("seed", self.seed)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if key == "k" else 0):
+                raise ConfigError(f"intervention.{key}={value!r} must be an integer >= {1 if key == 'k' else 0}")
+        d_model = int(fitted.dim.direction.shape[-1])
+        if self.k > d_model:
+            raise ConfigError(f"intervention.k={self.k} exceeds the model width {d_model}")
+        self.basis = random_subspace(d_model, self.k, self.seed)
 
-    @property
-    def layer(self) -> int:
-        return self.fitted.dim.layer
+    def residual_edit(self, layer: int, cast: Cast) -> TensorFn:
+        W = cast(self.basis)
+        return lambda x: project_out_subspace(x, W)
 
-    def transform(self, x: torch.Tensor) -> torch.Tensor:
-        return project_out(x, self._unit(x.shape[-1]).to(x))
-
-    def hook_specs(self, bundle: ModelBundle) -> list[HookSpec]:
-        unit = self._tensor(self._unit(bundle.d_model), bundle)
-
-        def fn(x: torch.Tensor) -> torch.Tensor:
-            return project_out(x, unit)
-
-        layout = bundle.layout
-        return [
-            *[HookSpec(b, fn, "pre") for b in layout.blocks],
-            *[HookSpec(m, fn, "post") for m in (*layout.attn_writers, *layout.mlp_writers)],
-            HookSpec(layout.final_norm, fn, "pre"),
-        ]
+    write_edit = residual_edit

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from numbers import Real
@@ -27,8 +28,8 @@ def _int(value: Any, key: str) -> int:
 
 
 def _number(value: Any, key: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise ConfigError(f"{key} must be a number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number, got {value!r}")
     return float(value)
 
 
@@ -63,21 +64,20 @@ def resolve_layer_spec(layer_cfg: Any, n_layers: int | None, n_positions: int | 
 
 def _check_intervention(cfg: DictConfig, n_layers: int | None = None) -> None:
     from refusal.interventions import get_intervention
+    from refusal.interventions.scope import Scope, check_k
 
     icfg = cfg.intervention
     cls = get_intervention(str(icfg.name), plugin_dirs(cfg))
+    for key, value in icfg.items():  # every numeric parameter, plugins' included: no NaN or inf anywhere
+        if isinstance(value, float):
+            _number(value, f"intervention.{key}")
     for key in ("coeff", "alpha"):
         if key in icfg and icfg[key] is not None:
             _number(icfg[key], f"intervention.{key}")
-    if icfg.get("k") is not None and _int(icfg.k, "intervention.k") < 1:
-        raise ConfigError(f"intervention.k={icfg.k} must be >= 1 (or null for all fitted directions)")
-    # INLP finds at most n_iterations directions: a larger k can only fail, so fail before fitting.
-    n_iter = cfg.fit.inlp.get("n_iterations")
-    if "inlp" in cls.needs and icfg.get("k") is not None and isinstance(n_iter, int) and icfg.k > n_iter:
-        raise ConfigError(
-            f"intervention.k={icfg.k} exceeds fit.inlp.n_iterations={n_iter}, the most directions INLP can fit; "
-            "lower intervention.k or raise fit.inlp.n_iterations"
-        )
+    if "inlp" in cls.needs:  # INLP finds at most n_iterations directions: a larger k can only fail
+        n_iter = cfg.fit.inlp.get("n_iterations")
+        check_k(icfg.get("k"), n_iter if isinstance(n_iter, int) else None)
+    Scope.from_config(icfg, cls.default_layers).check_range(n_layers)
     if icfg.get("layer") is not None:
         layer = _int(icfg.layer, "intervention.layer")
         if n_layers is not None and not 0 <= layer < n_layers:
@@ -116,11 +116,14 @@ def _check_inlp(icfg: Any) -> None:
     positions = options.pop("positions", "all")
     if positions not in ("all", "selected"):
         raise ConfigError(f"fit.inlp.positions={positions!r} must be 'all' or 'selected'")
+    per_layer = options.pop("per_layer", False)
+    if not isinstance(per_layer, bool):
+        raise ConfigError(f"fit.inlp.per_layer={per_layer!r} must be true or false")
     try:
         INLPConfig(**options).validate()
     except TypeError as err:  # an unknown key
         fields = sorted(INLPConfig.__dataclass_fields__)
-        raise ConfigError(f"fit.inlp has an unknown key ({err}); valid keys: positions, {', '.join(fields)}") from None
+        raise ConfigError(f"fit.inlp has an unknown key ({err}); valid keys: positions, per_layer, {', '.join(fields)}") from None
 
 
 def plugin_dirs(cfg: DictConfig) -> list[str]:

@@ -19,7 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from refusal.activations import ActivationCache
-from refusal.artifacts import artifact_exists, load_artifact, save_artifact
+from refusal.artifacts import artifact_exists, load_artifact, save_artifact, sha256_json
 from refusal.config import check_config, resolve_layer_spec
 from refusal.data import InstructionSplits, load_splits
 from refusal.errors import ArtifactError, ConfigError
@@ -67,6 +67,11 @@ def _plain(cfg: Any) -> dict:
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
 
 
+def settings_key(settings: Mapping[str, Any]) -> str:
+    """Short digest of the settings that made an artifact: part of its file name, so fits coexist."""
+    return sha256_json(settings)[:8]
+
+
 def prepare(cfg: DictConfig) -> RunContext:
     """Validate the config, load data and model; cheap errors first, the model last."""
     t0 = time.perf_counter()
@@ -86,8 +91,9 @@ def prepare(cfg: DictConfig) -> RunContext:
 def fit_dim(ctx: RunContext) -> DiMDirection:
     """The DiM direction for the configured layer spec: pinned, relative, or selected on val."""
     spec = resolve_layer_spec(ctx.cfg.layer, ctx.bundle.n_layers, len(ctx.bundle.post_instruction_ids))
-    stem = ctx.artifact_dir / f"dim_{spec.tag}"
     selection = {"selection": _plain(ctx.cfg.fit.dim)} if spec.mode == "auto" else {}
+    # Keyed by what made it: another selection config is another artifact, never a clash.
+    stem = ctx.artifact_dir / (f"dim_{spec.tag}-{settings_key(selection)}" if selection else f"dim_{spec.tag}")
     expect = ctx.expect(layer_spec=spec.tag, **selection)
     if artifact_exists(stem):
         try:
@@ -145,17 +151,29 @@ def _inlp_data(ctx: RunContext, split: str, layer: int, position: int, positions
     return X, y
 
 
-def fit_inlp(ctx: RunContext, dim: DiMDirection, logger: Any = None):
-    """INLP at the DiM layer, fitted by the Lightning fitter (artifact reused when it matches)."""
+def inlp_settings(ctx: RunContext) -> tuple[str, bool, dict[str, Any]]:
+    """(positions, per_layer, the INLPConfig fields): fit.inlp split into what selects data and what fits."""
+    icfg = _plain(ctx.cfg.fit.inlp)
+    positions, per_layer = icfg.pop("positions", "all"), bool(icfg.pop("per_layer", False))
+    if positions not in ("all", "selected"):
+        raise ConfigError(f"fit.inlp.positions={positions!r} must be 'all' or 'selected'")
+    return positions, per_layer, icfg
+
+
+def fit_inlp(ctx: RunContext, dim: DiMDirection, layer: int | None = None, logger: Any = None):
+    """INLP at ``layer`` (default: the DiM layer), fitted by the Lightning fitter; reused when it matches.
+
+    The artifact's name carries a digest of the fit settings (where it runs excluded), so fits with
+    other settings coexist instead of refusing each other.
+    """
     from refusal.fitting.inlp import INLPConfig, INLPResult
     from refusal.fitting.inlp import fit_inlp as run_fit
 
-    icfg = _plain(ctx.cfg.fit.inlp)
-    positions = icfg.pop("positions", "all")
-    if positions not in ("all", "selected"):
-        raise ConfigError(f"fit.inlp.positions={positions!r} must be 'all' or 'selected'")
-    stem = ctx.artifact_dir / f"inlp_L{dim.layer}_P{dim.position}_{positions}"
-    expect = ctx.expect(layer=dim.layer, position=dim.position, positions=positions, fit_config=icfg)
+    layer = dim.layer if layer is None else layer
+    positions, _, icfg = inlp_settings(ctx)
+    settings = {k: v for k, v in icfg.items() if k not in ("accelerator", "devices")}
+    stem = ctx.artifact_dir / f"inlp_L{layer}_P{dim.position}_{positions}-{settings_key(settings)}"
+    expect = ctx.expect(layer=layer, position=dim.position, positions=positions, fit_settings=settings)
     if artifact_exists(stem):
         try:
             return INLPResult.load(stem, expect=expect)
@@ -164,16 +182,20 @@ def fit_inlp(ctx: RunContext, dim: DiMDirection, logger: Any = None):
                 raise
             log.warning("%s; refitting", err)
     t0 = time.perf_counter()
-    X, y = _inlp_data(ctx, "train", dim.layer, dim.position, positions)
-    X_val, y_val = _inlp_data(ctx, "val", dim.layer, dim.position, positions)
+    X, y = _inlp_data(ctx, "train", layer, dim.position, positions)
+    X_val, y_val = _inlp_data(ctx, "val", layer, dim.position, positions)
     result = run_fit(X, y, X_val, y_val, INLPConfig(**icfg), logger=logger, enable_progress_bar=ctx.progress)
     result.save(stem, extra_meta={k: v for k, v in expect.items() if k != "d_model"})
-    ctx.timings["fit_inlp"] = time.perf_counter() - t0
+    ctx.timings["fit_inlp"] = ctx.timings.get("fit_inlp", 0.0) + time.perf_counter() - t0
+    log.info("INLP at layer %d: rank %d, stop reason %s (%s)", layer, result.rank, result.stop_reason, stem)
     return result
 
 
-def fit(ctx: RunContext, needs: set[str] | None = None, logger: Any = None) -> Fitted:
-    """Fit (or reuse) what ``needs`` names: "dim" and/or "inlp" (INLP also needs DiM's layer)."""
+def fit(ctx: RunContext, needs: set[str] | None = None, logger: Any = None, inlp_layers: list[int] | None = None) -> Fitted:
+    """Fit (or reuse) what ``needs`` names: "dim" and/or "inlp" (INLP also needs DiM's layer).
+
+    ``inlp_layers``: with ``fit.inlp.per_layer=true``, also fit INLP at each of these layers.
+    """
     needs = {"dim", "inlp"} if needs is None else set(needs)
     fitted = Fitted()
     if needs & {"dim", "inlp"}:
@@ -181,7 +203,29 @@ def fit(ctx: RunContext, needs: set[str] | None = None, logger: Any = None) -> F
     if "inlp" in needs:
         fitted.inlp = fit_inlp(ctx, fitted.dim, logger=logger)
         fitted.inlp_layer = fitted.dim.layer
+        if inlp_layers and inlp_settings(ctx)[1]:
+            fitted.inlp_by_layer = {layer: fit_inlp(ctx, fitted.dim, layer) for layer in inlp_layers}
     return fitted
+
+
+def inlp_record(fitted: Fitted) -> dict[str, Any]:
+    """What fitted.json and results.json say about INLP: rank, stop reason, accuracies, capture and alignment."""
+    from refusal.fitting.capture import capture_curve, direction_cosines
+
+    inlp = fitted.inlp
+    out: dict[str, Any] = {
+        "rank": inlp.rank, "n_useful": inlp.n_useful, "stop_reason": inlp.stop_reason,
+        "chance": inlp.chance, "cap": inlp.config.get("n_iterations"),
+        "val_accuracy": [round(a, 4) for a in inlp.val_accuracy],
+        "train_accuracy": [round(a, 4) for a in inlp.train_accuracy],
+    }
+    if fitted.dim is not None:
+        out["capture"] = [round(c, 4) for c in capture_curve(inlp.directions, fitted.dim.direction).tolist()]
+        out["cos_with_dim"] = [round(c, 4) for c in direction_cosines(inlp.directions, fitted.dim.direction).tolist()]
+    if fitted.inlp_by_layer:
+        out["per_layer"] = {str(layer): {"rank": r.rank, "stop_reason": r.stop_reason}
+                            for layer, r in sorted(fitted.inlp_by_layer.items())}
+    return out
 
 
 def summary(ctx: RunContext, fitted: Fitted) -> Mapping[str, Any]:
@@ -189,8 +233,5 @@ def summary(ctx: RunContext, fitted: Fitted) -> Mapping[str, Any]:
     if fitted.dim is not None:
         out.update(layer=fitted.dim.layer, n_layers=ctx.bundle.n_layers, position=fitted.dim.position)
     if fitted.inlp is not None:
-        out.update(
-            inlp_val_accuracy=list(fitted.inlp.val_accuracy), inlp_n_useful=fitted.inlp.n_useful,
-            inlp_rank=int(fitted.inlp.directions.shape[0]),
-        )
+        out.update(inlp_rank=fitted.inlp.rank, inlp=inlp_record(fitted))
     return out

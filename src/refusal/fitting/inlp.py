@@ -25,6 +25,7 @@ scikit-learn's equivalent is ``C = 1 / (l2 · n · s²)`` on the raw activations
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -50,13 +51,14 @@ __all__ = [
 ]
 
 CENTERS = ("midpoint", "mean", "zero")
+log = logging.getLogger(__name__)
 
 
 @dataclass
 class INLPConfig:
-    """How to fit INLP. Defaults: full-batch L-BFGS logistic regression, up to 16 directions."""
+    """How to fit INLP. Defaults: full-batch L-BFGS logistic regression until held-out accuracy is at chance."""
 
-    n_iterations: int = 16
+    n_iterations: int = 300  # a safety cap: INLP stops at chance; hitting the cap is reported (stop_reason "cap")
     classifier: str = "logistic"  # "logistic" (L2 logistic regression) or "svm" (linear SVM, squared hinge)
     l2: float = 1e-3  # L2 coefficient on the normalised problem; sklearn C = 1/(l2·n·s²), see module doc
     epsilon: float = 0.02  # stop once val accuracy <= chance + epsilon
@@ -118,6 +120,11 @@ class INLPResult:
     @property
     def rank(self) -> int:
         return int(self.directions.shape[0])
+
+    @property
+    def stop_reason(self) -> str:
+        """chance (converged), cap (fit.inlp.n_iterations reached first) or degenerate."""
+        return str(self.config.get("stop_reason", "unknown"))
 
     def projection(self, k: int | None = None) -> Tensor:
         """P = I − W_kᵀW_k: projection onto the nullspace of the first k directions (all if None)."""
@@ -301,7 +308,10 @@ def fit_inlp(
     elif module.val_accuracy and module.val_accuracy[-1] <= threshold:
         stop_reason = "chance"
     else:
-        stop_reason = "n_iterations"
+        stop_reason = "cap"
+        log.warning("INLP stopped at its cap of %d iterations with val accuracy %.3f (chance %.3f + epsilon %.3f): "
+                    "the subspace is truncated; raise fit.inlp.n_iterations to converge", cfg.n_iterations,
+                    module.val_accuracy[-1] if module.val_accuracy else float("nan"), chance, cfg.epsilon)
     return INLPResult(
         directions=directions,
         train_accuracy=list(module.train_accuracy),

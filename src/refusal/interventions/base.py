@@ -1,54 +1,76 @@
 """The contract every intervention follows.
 
 An intervention is built from its Hydra config plus the fitted artifacts it declares in
-``needs``; it names the modules it hooks and the tensor function it applies there. Applying it
-is a context manager: hooks on enter, all removed on exit, even on error. Any subclass that
-sets ``name`` registers itself, so a plugin file only has to define the class.
+``needs``. It says what it does to the residual stream at one layer (:meth:`residual_edit`,
+and for projections :meth:`write_edit` on the block's attention/MLP outputs); *where* it does it
+is its :class:`~refusal.interventions.scope.Scope` (``intervention.layers`` and
+``intervention.positions``), which the base class turns into hooks, so every intervention,
+plugins included, takes every scope. Applying it is a context manager: hooks on enter, all removed
+on exit, even on error. Any subclass that sets ``name`` registers itself, so a plugin file only has
+to define the class.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
+from jaxtyping import Float
 
 from refusal.errors import ConfigError
-from refusal.hooks import HookSpec, hooked
+from refusal.hooks import HookSpec, TensorFn, hooked
+from refusal.interventions.scope import Scope, at_positions
 from refusal.models.bundle import ModelBundle
+
+#: Moves a fitted tensor to where the edit runs (the model's device and dtype, or a given tensor's).
+Cast = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
 class DiMDirection:
     """A difference-in-means refusal direction r (unnormalised) read at one layer and position."""
 
-    direction: torch.Tensor  # [d_model]
+    direction: Float[torch.Tensor, " d_model"]
     layer: int
     position: int  # negative offset into the post-instruction tokens
 
     @property
-    def unit(self) -> torch.Tensor:
+    def unit(self) -> Float[torch.Tensor, " d_model"]:
         return self.direction / self.direction.norm()
 
 
 @dataclass
 class Fitted:
-    """Everything fitted that interventions may need; ``None`` where not fitted."""
+    """Everything fitted that interventions may need; ``None`` where not fitted.
+
+    ``inlp`` is the INLP fit at the DiM layer; ``inlp_by_layer`` holds one fit per layer when
+    ``fit.inlp.per_layer=true`` (each layer's own centre, signs and directions).
+    """
 
     dim: DiMDirection | None = None
     inlp: Any = None  # refusal.fitting.inlp.INLPResult
     inlp_layer: int | None = None
+    inlp_by_layer: dict[int, Any] = field(default_factory=dict)
 
 
 class Intervention(ABC):
-    """Base class. Subclasses set ``name``, ``description``, ``needs`` and implement :meth:`hook_specs`."""
+    """Base class. Subclasses set ``name``, ``description``, ``needs`` and implement :meth:`residual_edit`.
+
+    ``default_layers`` is the layer scope when the config gives none (``selected`` or ``all``);
+    ``edits_writes`` marks projections: at ``layers=all`` they are also applied to every block's
+    attention/MLP outputs, so the removed component is zero everywhere in the residual stream
+    (Arditi et al.'s ablation). An additive or reflecting edit is not: it would compound.
+    """
 
     name: ClassVar[str | None] = None
     description: ClassVar[str] = ""
     needs: ClassVar[frozenset[str]] = frozenset()
+    default_layers: ClassVar[str] = "selected"
+    edits_writes: ClassVar[bool] = False
 
     def __init__(self, cfg: Mapping[str, Any], fitted: Fitted):
         self.cfg = dict(cfg)
@@ -56,6 +78,11 @@ class Intervention(ABC):
         missing = [need for need in sorted(self.needs) if getattr(fitted, need, None) is None]
         if missing:
             raise ConfigError(f"intervention {self.name!r} needs fitted {missing}; run train.py or let evaluate.py fit them")
+        self.scope = Scope.from_config(self.cfg, self.default_layers)
+        layer = self.cfg.get("layer")
+        if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int)):
+            raise ConfigError(f"intervention.layer={layer!r} must be an integer, or null for the DiM layer")
+        self._layer = int(layer) if layer is not None else (fitted.dim.layer if fitted.dim is not None else None)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -66,23 +93,54 @@ class Intervention(ABC):
 
     # -- what subclasses provide -------------------------------------------------------------
     @abstractmethod
-    def hook_specs(self, bundle: ModelBundle) -> list[HookSpec]:
-        """The hooks that implement this intervention on ``bundle``'s model."""
+    def residual_edit(self, layer: int, cast: Cast) -> TensorFn | None:
+        """The edit of the residual stream at the input of block ``layer`` (None: leave it alone).
+
+        ``cast`` moves a fitted tensor to where the edit runs; call it once here, never per forward.
+        """
+
+    def write_edit(self, layer: int, cast: Cast) -> TensorFn | None:
+        """For projections: the edit of block ``layer``'s attention/MLP outputs (the linear part)."""
+        return None
 
     @property
     def layer(self) -> int | None:
-        """The layer whose input this intervention edits (for geometry), or None if everywhere/nowhere."""
-        return None
+        """The layer whose input this intervention edits (for geometry): ``intervention.layer`` or the DiM layer."""
+        return self._layer
 
-    def transform(self, x: torch.Tensor) -> torch.Tensor:
-        """The edit applied to residual activations at :attr:`layer` (identity by default)."""
-        return x
+    def layers(self, n_layers: int) -> list[int]:
+        """The layers in scope, concretely."""
+        return self.scope.resolve(n_layers, self._layer)
+
+    def transform(self, x: Float[torch.Tensor, "*batch d_model"]) -> Float[torch.Tensor, "*batch d_model"]:
+        """The edit at :attr:`layer` applied to residual activations (e.g. cached ones)."""
+        fn = self.residual_edit(self._layer, lambda t: t.to(x)) if self._layer is not None else None
+        return x if fn is None else fn(x)
 
     def params(self) -> dict[str, Any]:
         """Parameters worth recording in results (defaults to the config minus its name)."""
         return {k: v for k, v in self.cfg.items() if k != "name"}
 
     # -- shared machinery ---------------------------------------------------------------------
+    def hook_specs(self, bundle: ModelBundle) -> list[HookSpec]:
+        """The hooks that implement this intervention on ``bundle``'s model, in its scope."""
+
+        def cast(value: torch.Tensor) -> torch.Tensor:
+            return self._tensor(value, bundle)
+
+        layout, specs = bundle.layout, []
+        positions = self.scope.positions
+        project_writes = self.edits_writes and self.scope.layers == "all"
+        for layer in self.layers(bundle.n_layers):
+            edit = self.residual_edit(layer, cast)
+            if edit is not None:
+                specs.append(HookSpec(layout.blocks[layer], at_positions(edit, positions), "pre"))
+            write = self.write_edit(layer, cast) if project_writes else None
+            if write is not None:
+                fn = at_positions(write, positions)
+                specs += [HookSpec(layout.attn_writers[layer], fn, "post"), HookSpec(layout.mlp_writers[layer], fn, "post")]
+        return specs
+
     @contextmanager
     def apply(self, bundle: ModelBundle) -> Iterator[None]:
         """Hooks on, yield, hooks off (always)."""
@@ -97,8 +155,3 @@ class Intervention(ABC):
                 "the artifact belongs to another model, refit it"
             )
         return value.to(device=bundle.device, dtype=bundle.dtype)
-
-    def _check_layer(self, layer: int, bundle: ModelBundle) -> int:
-        if not 0 <= layer < bundle.n_layers:
-            raise ConfigError(f"{self.name}: layer {layer} is out of range for {bundle.name} (0..{bundle.n_layers - 1})")
-        return layer

@@ -2,17 +2,22 @@
 
 Notation: r is the DiM direction at the chosen layer and position, r̂ = r/|r|; W_k holds the
 first k orthonormal INLP directions (rows) and μ a centre (midpoint of the class means by default).
+Each says what it does at one layer; where it acts is its scope (see :mod:`refusal.interventions.scope`).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
+from jaxtyping import Float
+from torch import Tensor
 
 from refusal.errors import ConfigError
-from refusal.hooks import HookSpec
-from refusal.interventions.base import Intervention
+from refusal.hooks import HookSpec, TensorFn
+from refusal.interventions.base import Cast, Fitted, Intervention
+from refusal.interventions.scope import resolve_k
 from refusal.models.bundle import ModelBundle
 
 
@@ -20,140 +25,139 @@ class NoIntervention(Intervention):
     name = "none"
     description = "Baseline: the unsteered model."
 
+    def residual_edit(self, layer: int, cast: Cast) -> TensorFn | None:
+        return None
+
     def hook_specs(self, bundle: ModelBundle) -> list[HookSpec]:
         return []
 
 
-def _float(cfg: dict, key: str, default: float) -> float:
+def finite_number(cfg: dict, key: str, default: float) -> float:
+    """``cfg[key]`` as a finite float; NaN, ±inf, booleans and strings are config errors."""
     value = cfg.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"intervention.{key} must be a number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"intervention.{key} must be a finite number, got {value!r}")
     return float(value)
 
 
 class ActAdd(Intervention):
-    """x ← x + c·r at the input of one block, every position (c=+1 induces, c=−1 suppresses)."""
+    """x ← x + c·r at the input of each block in scope, every position (c=+1 induces, c=−1 suppresses)."""
 
     name = "actadd"
     description = "DiM activation addition: x + c·r at one layer (c=-1 suppresses, +1 induces refusal)."
     needs = frozenset({"dim"})
 
-    def __init__(self, cfg: dict[str, Any], fitted):
+    def __init__(self, cfg: dict[str, Any], fitted: Fitted):
         super().__init__(cfg, fitted)
-        self.coeff = _float(self.cfg, "coeff", -1.0)
-        layer = self.cfg.get("layer")
-        self._layer = int(layer) if layer is not None else fitted.dim.layer
+        self.coeff = finite_number(self.cfg, "coeff", -1.0)
 
-    @property
-    def layer(self) -> int:
-        return self._layer
-
-    def transform(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.coeff * self.fitted.dim.direction.to(x)
-
-    def hook_specs(self, bundle: ModelBundle) -> list[HookSpec]:
-        shift = self.coeff * self._tensor(self.fitted.dim.direction, bundle)
-        block = bundle.layout.blocks[self._check_layer(self._layer, bundle)]
-        return [HookSpec(block, lambda x: x + shift, "pre")]
+    def residual_edit(self, layer: int, cast: Cast) -> TensorFn:
+        shift = self.coeff * cast(self.fitted.dim.direction)
+        return lambda x: x + shift
 
 
-def project_out(x: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
+def project_out(x: Float[Tensor, "*batch d_model"], unit: Float[Tensor, " d_model"]) -> Float[Tensor, "*batch d_model"]:
     """x − (x·r̂) r̂ over the last dimension."""
     return x - (x @ unit).unsqueeze(-1) * unit
 
 
+def project_out_subspace(
+    x: Float[Tensor, "*batch d_model"], W: Float[Tensor, "k d_model"], mu: Float[Tensor, " d_model"] | None = None
+) -> Float[Tensor, "*batch d_model"]:
+    """x − Wᵀ W (x − μ) for orthonormal rows W: the span of W set to μ's coordinates (0 without μ)."""
+    return x - ((x if mu is None else x - mu) @ W.T) @ W
+
+
 class DiMAblation(Intervention):
-    """Project r̂ out of every block input and every attention/MLP write, at all positions."""
+    """Project r̂ out of the residual stream; by default at every block input and every attention/MLP write."""
 
     name = "dim_ablation"
     description = "DiM directional ablation: remove r̂ from the residual stream at every layer."
     needs = frozenset({"dim"})
+    default_layers = "all"
+    edits_writes = True
 
-    @property
-    def layer(self) -> int:
-        return self.fitted.dim.layer
+    def residual_edit(self, layer: int, cast: Cast) -> TensorFn:
+        unit = cast(self.fitted.dim.unit)
+        return lambda x: project_out(x, unit)
 
-    def transform(self, x: torch.Tensor) -> torch.Tensor:
-        return project_out(x, self.fitted.dim.unit.to(x))
-
-    def hook_specs(self, bundle: ModelBundle) -> list[HookSpec]:
-        unit = self._tensor(self.fitted.dim.unit, bundle)
-
-        def fn(x: torch.Tensor) -> torch.Tensor:
-            return project_out(x, unit)
-
-        layout = bundle.layout
-        specs = [HookSpec(block, fn, "pre") for block in layout.blocks]
-        specs += [HookSpec(m, fn, "post") for m in (*layout.attn_writers, *layout.mlp_writers)]
-        specs.append(HookSpec(layout.final_norm, fn, "pre"))
-        return specs
+    write_edit = residual_edit
 
 
 class _INLPBase(Intervention):
     needs = frozenset({"inlp"})
     _CENTRES = ("midpoint", "zero", "harmful_mean", "harmless_mean")
 
-    def __init__(self, cfg: dict[str, Any], fitted):
+    def __init__(self, cfg: dict[str, Any], fitted: Fitted):
         super().__init__(cfg, fitted)
-        inlp = fitted.inlp
-        rank = int(inlp.directions.shape[0])
-        k = self.cfg.get("k")
-        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= rank):
-            raise ConfigError(f"intervention.k={k!r} must be an int in 1..{rank} (the fitted INLP rank), or null for all")
-        self.k = rank if k is None else k
-        centre = self.cfg.get("center", "midpoint")
-        if centre not in self._CENTRES:
-            raise ConfigError(f"intervention.center={centre!r} must be one of {self._CENTRES}")
-        self.centre = {
-            "midpoint": inlp.center,
-            "zero": torch.zeros_like(inlp.center),
-            "harmful_mean": inlp.mean_harmful,
-            "harmless_mean": inlp.mean_harmless,
-        }[centre]
-        self.W = inlp.directions[: self.k]
-        layer = self.cfg.get("layer")
-        if layer is None:
-            layer = fitted.inlp_layer if fitted.inlp_layer is not None else fitted.dim.layer
-        self._layer = int(layer)
+        self.centre_name = self.cfg.get("center", "midpoint")
+        if self.centre_name not in self._CENTRES:
+            raise ConfigError(f"intervention.center={self.centre_name!r} must be one of {self._CENTRES}")
+        if self._layer is None:
+            self._layer = fitted.inlp_layer
+        resolve_k(self.cfg.get("k"), fitted.inlp.rank)  # a bad k fails now, right after fitting, not mid-run
+        self._per_layer: dict[int, tuple[Tensor, ...]] = {}
 
     @property
-    def layer(self) -> int:
-        return self._layer
+    def k(self) -> int:
+        """Directions used at the selected layer (``intervention.k`` resolved against its fit's rank)."""
+        return resolve_k(self.cfg.get("k"), self.fit_at(self._layer).rank)
+
+    def fit_at(self, layer: int):
+        """The INLP fit used at ``layer``: its own with ``fit.inlp.per_layer``, else the selected layer's."""
+        by_layer = self.fitted.inlp_by_layer
+        if not by_layer:
+            return self.fitted.inlp
+        if layer not in by_layer:
+            raise ConfigError(f"{self.name}: no per-layer INLP fit for layer {layer} (fitted: {sorted(by_layer)}); "
+                              "let evaluate.py fit the layers in scope, or set fit.inlp.per_layer=false")
+        return by_layer[layer]
+
+    def tensors_at(self, layer: int) -> tuple[Tensor, ...]:
+        """(W_k, μ, *extra) of ``layer`` in float32 on CPU, computed once per layer."""
+        if layer not in self._per_layer:
+            inlp = self.fit_at(layer)
+            k = resolve_k(self.cfg.get("k"), inlp.rank, f"intervention.k (layer {layer}, rank {inlp.rank})")
+            centre = {"midpoint": inlp.center, "zero": torch.zeros_like(inlp.center),
+                      "harmful_mean": inlp.mean_harmful, "harmless_mean": inlp.mean_harmless}[self.centre_name]
+            W = inlp.directions[:k]
+            self._per_layer[layer] = (W, centre, *self._extra(inlp, W, centre))
+        return self._per_layer[layer]
+
+    def check_layers(self, n_layers: int) -> None:
+        """Resolve k at every layer in scope: a k beyond some layer's rank fails before generation."""
+        for layer in self.layers(n_layers):
+            self.tensors_at(layer)
 
     def params(self) -> dict[str, Any]:
         return {**super().params(), "k": self.k}
 
-    def hook_specs(self, bundle: ModelBundle) -> list[HookSpec]:
-        W = self._tensor(self.W, bundle)
-        mu = self._tensor(self.centre, bundle)
-        extra = self._hook_tensors(bundle)
-        block = bundle.layout.blocks[self._check_layer(self._layer, bundle)]
-        return [HookSpec(block, lambda x: self._apply(x, W, mu, *extra), "pre")]
+    def residual_edit(self, layer: int, cast: Cast) -> TensorFn:
+        W, mu, *extra = (cast(t) for t in self.tensors_at(layer))
+        return lambda x: self._apply(x, W, mu, *extra)
 
-    def transform(self, x: torch.Tensor) -> torch.Tensor:
-        extra = [t.to(x) for t in self._extra_tensors()]
-        return self._apply(x, self.W.to(x), self.centre.to(x), *extra)
-
-    def _extra_tensors(self) -> list[torch.Tensor]:
+    def _extra(self, inlp: Any, W: Tensor, centre: Tensor) -> list[Tensor]:
         return []
 
-    def _hook_tensors(self, bundle: ModelBundle) -> list[torch.Tensor]:
-        return [t.to(device=bundle.device, dtype=bundle.dtype) for t in self._extra_tensors()]
-
     @staticmethod
-    def _apply(x: torch.Tensor, W: torch.Tensor, mu: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
+    def _apply(x: Tensor, W: Tensor, mu: Tensor, *extra: Tensor) -> Tensor:
         raise NotImplementedError
 
 
 class INLPNullspace(_INLPBase):
-    """x ← x − W_kᵀW_k(x − μ): remove the rowspace component relative to the centre."""
+    """x ← x − W_kᵀW_k(x − μ): the rowspace coordinates set to the centre's."""
 
     name = "inlp_nullspace"
     description = "INLP nullspace projection: x - W_k^T W_k (x - mu) at one layer."
+    edits_writes = True
 
     @staticmethod
-    def _apply(x: torch.Tensor, W: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
-        return x - ((x - mu) @ W.T) @ W
+    def _apply(x: Tensor, W: Tensor, mu: Tensor) -> Tensor:
+        return project_out_subspace(x, W, mu)
+
+    def write_edit(self, layer: int, cast: Cast) -> TensorFn:
+        W = cast(self.tensors_at(layer)[0])  # writes are increments: the linear part, no centre
+        return lambda w: project_out_subspace(w, W)
 
 
 class INLPFlip(_INLPBase):
@@ -162,21 +166,19 @@ class INLPFlip(_INLPBase):
     name = "inlp_flip"
     description = "INLP counterfactual flip: move rowspace coordinates to the target class's side (AlterRep)."
 
-    def __init__(self, cfg: dict[str, Any], fitted):
+    def __init__(self, cfg: dict[str, Any], fitted: Fitted):
+        self.alpha = finite_number(dict(cfg), "alpha", 1.0)
+        self.target = dict(cfg).get("target", "harmless")
+        if self.target not in ("harmless", "harmful"):
+            raise ConfigError(f"intervention.target={self.target!r} must be 'harmless' (suppress) or 'harmful' (induce)")
         super().__init__(cfg, fitted)
-        self.alpha = _float(self.cfg, "alpha", 1.0)
-        target = self.cfg.get("target", "harmless")
-        if target not in ("harmless", "harmful"):
-            raise ConfigError(f"intervention.target={target!r} must be 'harmless' (suppress) or 'harmful' (induce)")
-        inlp = fitted.inlp
-        target_mean = inlp.mean_harmless if target == "harmless" else inlp.mean_harmful
-        signs = torch.sign((target_mean - self.centre) @ self.W.T)
-        self.signs = torch.where(signs == 0, torch.ones_like(signs), signs)
 
-    def _extra_tensors(self) -> list[torch.Tensor]:
-        return [self.alpha * self.signs]
+    def _extra(self, inlp: Any, W: Tensor, centre: Tensor) -> list[Tensor]:
+        target_mean = inlp.mean_harmless if self.target == "harmless" else inlp.mean_harmful
+        signs = torch.sign((target_mean - centre) @ W.T)
+        return [self.alpha * torch.where(signs == 0, torch.ones_like(signs), signs)]
 
     @staticmethod
-    def _apply(x: torch.Tensor, W: torch.Tensor, mu: torch.Tensor, scaled_signs: torch.Tensor) -> torch.Tensor:
+    def _apply(x: Tensor, W: Tensor, mu: Tensor, scaled_signs: Tensor) -> Tensor:
         coords = (x - mu) @ W.T
         return x + (coords.abs() * scaled_signs - coords) @ W
