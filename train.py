@@ -26,8 +26,9 @@ def main(cfg: DictConfig) -> None:
     from refusal.artifacts import atomic_write_text
     from refusal.training import run_training
 
-    summary = json.dumps(run_training(cfg), indent=2, default=str)
-    atomic_write_text(Path(HydraConfig.get().runtime.output_dir) / "fitted.json", summary + "\n")
+    output_dir = Path(HydraConfig.get().runtime.output_dir)
+    summary = json.dumps(run_training(cfg, output_dir=output_dir), indent=2, default=str)
+    atomic_write_text(output_dir / "fitted.json", summary + "\n")
     log.info("fitted: %s", summary)
 
 

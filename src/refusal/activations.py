@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from refusal.artifacts import artifact_exists, load_artifact, save_artifact, sha256_json
 from refusal.errors import ArtifactError, DataError
 from refusal.hooks import residual_input
+from refusal.interventions.scope import declare_roles
 from refusal.models.architecture import decoder_of
 from refusal.models.bundle import ModelBundle
 
@@ -77,12 +78,13 @@ def extract_activations(
             current["buf"] = torch.empty(
                 (len(idx), n_sites, n_positions, bundle.d_model), dtype=bundle.dtype, device=bundle.device
             )
-            decoder(
-                input_ids=batch.input_ids,
-                attention_mask=batch.attention_mask,
-                position_ids=batch.position_ids,
-                use_cache=False,
-            )
+            with declare_roles(bundle, [len(token_ids[i]) for i in idx], batch.input_ids.shape[1]):
+                decoder(
+                    input_ids=batch.input_ids,
+                    attention_mask=batch.attention_mask,
+                    position_ids=batch.position_ids,
+                    use_cache=False,
+                )
             out[torch.tensor(idx)] = current["buf"].float().cpu()
     finally:
         for handle in handles:

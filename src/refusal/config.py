@@ -77,7 +77,11 @@ def _check_intervention(cfg: DictConfig, n_layers: int | None = None) -> None:
     if "inlp" in cls.needs:  # INLP finds at most n_iterations directions: a larger k can only fail
         n_iter = cfg.fit.inlp.get("n_iterations")
         check_k(icfg.get("k"), n_iter if isinstance(n_iter, int) else None)
-    Scope.from_config(icfg, cls.default_layers).check_range(n_layers)
+    scope = Scope.from_config(icfg, cls.default_layers)
+    scope.check_range(n_layers)
+    if icfg.get("export") and (scope.layers != "all" or scope.positions != "all"):
+        raise ConfigError(f"intervention.export=true bakes the ablation into every layer's weights for every token, "
+                          f"but this run's scope is {scope.label()}; drop export or use layers=all positions=all")
     if icfg.get("layer") is not None:
         layer = _int(icfg.layer, "intervention.layer")
         if n_layers is not None and not 0 <= layer < n_layers:

@@ -25,9 +25,10 @@ from refusal.artifacts import atomic_write_json, atomic_write_text
 from refusal.config import plugin_dirs
 from refusal.generation import GenerationCache, generate
 from refusal.interventions import Intervention, get_intervention
+from refusal.interventions.scope import declare_roles
 from refusal.metrics import KLDivergence, Perplexity, RefusalRate, RefusalScore, is_refusal, wilson_interval
 from refusal.models.bundle import ModelBundle
-from refusal.pipeline import RunContext, fit, prepare
+from refusal.pipeline import RunContext, fit_for, inlp_record, prepare
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,8 @@ def teacher_forced_scores(
         if intervention is None:
             steered = base
         else:
-            with intervention.apply(bundle):
+            roles = declare_roles(bundle, [len(rows[i]) for i in idx], width, [len(prompts[i]) for i in idx])
+            with roles, intervention.apply(bundle):
                 steered = bundle.model(**kwargs).logits.float()
         target = target.to(base.device)
         ppl.update(steered, target)
@@ -101,9 +103,10 @@ def evaluate_context(ctx: RunContext, output_dir: Path, tracker: Any = None) -> 
     cfg, bundle = ctx.cfg, ctx.bundle
     t0 = time.perf_counter()
     cls = get_intervention(str(cfg.intervention.name), plugin_dirs(cfg))
-    needs = set(cls.needs) | ({"dim"} if cfg.get("geometry", {}).get("enabled", False) else set())
-    fitted = fit(ctx, needs, logger=None)
-    intervention = cls(OmegaConf.to_container(cfg.intervention, resolve=True), fitted)
+    icfg = OmegaConf.to_container(cfg.intervention, resolve=True)
+    fitted = fit_for(ctx, cls, icfg, geometry=bool(cfg.get("geometry", {}).get("enabled", False)))
+    intervention = cls(icfg, fitted)
+    intervention.hook_specs(bundle)  # builds every hook once: a bad k or layer fails here, before generation
     ctx.timings["fit"] = time.perf_counter() - t0
 
     ecfg = cfg.eval
@@ -150,12 +153,17 @@ def evaluate_context(ctx: RunContext, output_dir: Path, tracker: Any = None) -> 
         "layer": fitted.dim.layer if fitted.dim is not None else None,
         "position": fitted.dim.position if fitted.dim is not None else None,
         "intervention_layer": intervention.layer,
+        "scope": {"layers": intervention.layers(bundle.n_layers) if cls.name != "none" else [],
+                  "positions": intervention.scope.positions},
+        "max_new_tokens": int(ecfg.max_new_tokens),
         "metrics": metrics,
         "data": {"source": ctx.splits.source, "digest": ctx.splits.digest(), "sizes": ctx.splits.sizes()},
         "weights_hash": bundle.weights_hash,
         "seed": int(cfg.seed),
         "versions": versions(),
     }
+    if fitted.inlp is not None:
+        results["inlp"] = inlp_record(fitted)
     if cfg.get("geometry", {}).get("enabled", False) and fitted.dim is not None:
         from refusal.geometry.collect import run_geometry
 

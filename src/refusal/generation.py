@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from refusal.activations import batches_by_length
 from refusal.artifacts import artifact_exists, atomic_write_json, load_artifact, save_artifact, sha256_json
 from refusal.errors import ArtifactError
+from refusal.interventions.scope import declare_roles
 from refusal.models.bundle import ModelBundle
 
 
@@ -47,19 +48,8 @@ def generate(
     batches = batches_by_length([len(r) for r in token_ids], batch_size)
     for idx in tqdm(batches, desc=desc, disable=not progress, unit="batch"):
         batch = bundle.pad([token_ids[i] for i in idx]).to(bundle.device)
-        out = bundle.model.generate(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            temperature=None,
-            top_p=None,
-            top_k=None,
-            return_dict_in_generate=True,
-            output_logits=True,
-            pad_token_id=bundle.pad_token_id,
-            eos_token_id=sorted(eos) or None,
-        )
+        with declare_roles(bundle, [len(token_ids[i]) for i in idx], batch.input_ids.shape[1]):
+            out = _generate(bundle, batch, max_new_tokens, eos)
         new_tokens = out.sequences[:, batch.input_ids.shape[1]:].cpu()
         logits0 = out.logits[0].float().cpu()
         if first_logits is None:
@@ -74,6 +64,22 @@ def generate(
             completion_ids[i] = ids
             completions[i] = bundle.tokenizer.decode(ids, skip_special_tokens=True)
     return Generations(list(completions), list(completion_ids), first_logits)
+
+
+def _generate(bundle: ModelBundle, batch, max_new_tokens: int, eos: set[int]):
+    return bundle.model.generate(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+        return_dict_in_generate=True,
+        output_logits=True,
+        pad_token_id=bundle.pad_token_id,
+        eos_token_id=sorted(eos) or None,
+    )
 
 
 class GenerationCache:

@@ -191,11 +191,8 @@ def fit_inlp(ctx: RunContext, dim: DiMDirection, layer: int | None = None, logge
     return result
 
 
-def fit(ctx: RunContext, needs: set[str] | None = None, logger: Any = None, inlp_layers: list[int] | None = None) -> Fitted:
-    """Fit (or reuse) what ``needs`` names: "dim" and/or "inlp" (INLP also needs DiM's layer).
-
-    ``inlp_layers``: with ``fit.inlp.per_layer=true``, also fit INLP at each of these layers.
-    """
+def fit(ctx: RunContext, needs: set[str] | None = None, logger: Any = None) -> Fitted:
+    """Fit (or reuse) what ``needs`` names: "dim" and/or "inlp" (INLP also needs DiM's layer)."""
     needs = {"dim", "inlp"} if needs is None else set(needs)
     fitted = Fitted()
     if needs & {"dim", "inlp"}:
@@ -203,8 +200,19 @@ def fit(ctx: RunContext, needs: set[str] | None = None, logger: Any = None, inlp
     if "inlp" in needs:
         fitted.inlp = fit_inlp(ctx, fitted.dim, logger=logger)
         fitted.inlp_layer = fitted.dim.layer
-        if inlp_layers and inlp_settings(ctx)[1]:
-            fitted.inlp_by_layer = {layer: fit_inlp(ctx, fitted.dim, layer) for layer in inlp_layers}
+    return fitted
+
+
+def fit_for(ctx: RunContext, cls: type, icfg: Mapping[str, Any], geometry: bool = False) -> Fitted:
+    """What one intervention needs (plus DiM for geometry); with ``fit.inlp.per_layer=true``, an INLP
+    fit at every layer in the intervention's scope (each cached like any artifact)."""
+    from refusal.interventions.scope import Scope
+
+    fitted = fit(ctx, set(cls.needs) | ({"dim"} if geometry else set()))
+    if "inlp" in cls.needs and inlp_settings(ctx)[1]:
+        selected = icfg.get("layer") if icfg.get("layer") is not None else fitted.dim.layer
+        layers = Scope.from_config(icfg, cls.default_layers).resolve(ctx.bundle.n_layers, selected)
+        fitted.inlp_by_layer = {layer: fit_inlp(ctx, fitted.dim, layer) for layer in layers}
     return fitted
 
 

@@ -47,7 +47,10 @@ class Report:
 
 def _params(results: dict[str, Any]) -> dict[str, Any]:
     params = results.get("params") or {}
-    shown = {k: v for k, v in params.items() if k in ("coeff", "k", "alpha", "target", "center") and v is not None}
+    shown = {k: v for k, v in params.items()
+             if k in ("coeff", "k", "alpha", "target", "center", "layers", "positions") and v is not None}
+    if isinstance(shown.get("layers"), list):
+        shown["layers"] = "[" + ",".join(map(str, shown["layers"])) + "]"
     return {k: v for k, v in shown.items() if (k, v) not in DEFAULT_PARAMS}
 
 

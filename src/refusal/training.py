@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import lightning
@@ -14,12 +15,18 @@ from refusal.pipeline import fit, prepare, summary
 log = logging.getLogger(__name__)
 
 
-def run_training(cfg: DictConfig, needs: set[str] | None = None) -> dict[str, Any]:
+def run_training(cfg: DictConfig, needs: set[str] | None = None, output_dir: Path | None = None) -> dict[str, Any]:
+    """Fit, summarise (fitted.json's content) and, with ``output_dir``, plot INLP's capture of the DiM difference."""
     t0 = time.perf_counter()
     lightning.seed_everything(int(cfg.seed), verbose=False)
     ctx = prepare(cfg)
     fitted = fit(ctx, needs)
     out = dict(summary(ctx, fitted))
+    if output_dir is not None and "capture" in out.get("inlp", {}):
+        from refusal.geometry.plots import plot_capture
+
+        out["capture_plot"] = str(plot_capture(out["inlp"], Path(output_dir) / "capture.png",
+                                               title=f"{ctx.bundle.name}, layer {fitted.dim.layer}: INLP vs the DiM difference"))
     out["timings"] = {**ctx.timings, "total": time.perf_counter() - t0}
     out["artifact_dir"] = str(ctx.artifact_dir)
     return out

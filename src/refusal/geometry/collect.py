@@ -96,7 +96,7 @@ def run_geometry(ctx: Any, fitted: Fitted, intervention: Intervention, output_di
     return {
         "layer": layer,
         "position": position,
-        "landing": per_site[layer],
+        "landing": {**per_site[layer], **(intervention.expected_landing(fitted.dim.direction) or {})},
         "downstream": {str(s): v for s, v in per_site.items() if s != layer},
         "layers_unsteered": table_base,
         "layers_steered": table_steered,

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from refusal.artifacts import atomic_write_text
 from refusal.errors import ConfigError
 from refusal.geometry.collect import landing_at, landing_sites, probe_at
-from refusal.geometry.plots import plot_landing
+from refusal.geometry.plots import plot_capture, plot_landing
 from refusal.geometry.stats import LANDING_THRESHOLDS, format_table
 
 log = logging.getLogger(__name__)
@@ -77,47 +77,75 @@ def compose_configs(specs: list[InterventionSpec], overrides: list[str], config_
 
 
 def compare(configs: dict[InterventionSpec, DictConfig], out_dir: Path) -> dict[str, Any]:
-    """Landing statistics of every spec at the DiM layer (and downstream), one table and one plot."""
-    from refusal.config import plugin_dirs
-    from refusal.interventions import get_intervention
-    from refusal.pipeline import fit, prepare
+    """Landing statistics of every spec at the DiM layer (and downstream), one table and one plot.
 
+    Every spec is checked before any forward pass: its config before the model loads, its fitted
+    parameters (k against the INLP rank, layers) right after fitting. Each row is written to
+    geometry.json/.md as soon as it is done, so a failure later never loses what ran.
+    """
+    from refusal.config import check_config, plugin_dirs
+    from refusal.interventions import get_intervention
+    from refusal.pipeline import fit_for, inlp_record, prepare
+
+    for cfg in configs.values():
+        check_config(cfg)
     first = next(iter(configs.values()))
     ctx = prepare(first)
-    classes = {spec: get_intervention(spec.name, plugin_dirs(cfg)) for spec, cfg in configs.items()}
-    needs = {"dim"}.union(*(set(cls.needs) for cls in classes.values()))
-    fitted = fit(ctx, needs)
-    layer, position = fitted.dim.layer, fitted.dim.position
+    interventions = {}
+    for spec, cfg in configs.items():
+        cls = get_intervention(spec.name, plugin_dirs(cfg))
+        icfg = OmegaConf.to_container(cfg.intervention, resolve=True)
+        fitted = fit_for(ctx, cls, icfg, geometry=True)
+        try:
+            interventions[spec] = cls(icfg, fitted)
+            interventions[spec].hook_specs(ctx.bundle)
+        except ConfigError as err:
+            raise ConfigError(f"{spec.label}: {err}") from None
+    dim = fitted.dim
+    layer, position = dim.layer, dim.position
+    fitted = next((i.fitted for i in interventions.values() if i.fitted.inlp is not None), fitted)
     probes = {site: probe_at(ctx, site, position) for site in landing_sites(ctx, layer)}
 
-    rows, steered = [], {}
-    for spec, cfg in configs.items():
-        intervention = classes[spec](OmegaConf.to_container(cfg.intervention, resolve=True), fitted)
-        per_site, acts = landing_at(ctx, fitted, intervention, probes)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = {
+        "model": ctx.bundle.name, "data": ctx.splits.source, "layer": layer, "position": position,
+        "n_harmful": len(ctx.splits.harmful_test), "n_harmless": len(ctx.splits.harmless_test),
+        "thresholds": asdict(LANDING_THRESHOLDS), "rows": [], "plot": None,
+    }
+    if fitted.inlp is not None:
+        result["inlp"] = inlp_record(fitted)
+        result["capture_plot"] = str(plot_capture(result["inlp"], out_dir / "capture.png",
+                                                  title=f"{ctx.bundle.name}, layer {layer}: INLP directions vs the DiM difference"))
+    steered = {}
+    for spec, intervention in interventions.items():
+        per_site, acts = landing_at(ctx, intervention.fitted, intervention, probes)
         steered[spec.label] = acts["steered_harmful"][:, layer]
         here = per_site[layer]
         row = {"intervention": spec.label, "label": here["label"], "t": here["axis_coordinate"],
-               "t_std": here["axis_coordinate_std"], "d_harmful": here["dist_to_harmful"],
+               "t_lo": here["axis_coordinate_ci95"][0], "t_hi": here["axis_coordinate_ci95"][1],
+               "label_ci": here["label_ci"], "d_harmful": here["dist_to_harmful"],
                "d_harmless": here["dist_to_harmless"], "p_harmful": here["probe_p_harmful"],
                "harmless_t": here["harmless_axis_coordinate"]}
+        expected = intervention.expected_landing(dim.direction)
+        if expected:
+            row.update(expected)
         row.update({f"t@L{s}": per_site[s]["axis_coordinate"] for s in probes if s != layer})
-        rows.append(row)
-        log.info("%s: %s (t = %.3f)", spec.label, here["label"], here["axis_coordinate"])
+        result["rows"].append(row)
+        _write(result, out_dir)  # after every row: what ran is never lost
+        log.info("%s: %s (t = %.3f [%.3f, %.3f])", spec.label, here["label"], row["t"], row["t_lo"], row["t_hi"])
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    plot = plot_landing(
+    result["plot"] = str(plot_landing(
         acts["base_harmful"][:, layer], acts["base_harmless"][:, layer], steered, out_dir / "geometry_landing.png",
         title=f"{ctx.bundle.name}, layer {layer}, position {position}: where each intervention moves harmful activations",
         probe=probes[layer],
-    )
-    result = {
-        "model": ctx.bundle.name, "data": ctx.splits.source, "layer": layer, "position": position,
-        "n_harmful": int(acts["base_harmful"].shape[0]), "n_harmless": int(acts["base_harmless"].shape[0]),
-        "thresholds": asdict(LANDING_THRESHOLDS), "rows": rows, "plot": str(plot),
-    }
+    ))
+    _write(result, out_dir)
+    return result
+
+
+def _write(result: dict[str, Any], out_dir: Path) -> None:
     atomic_write_text(out_dir / "geometry.json", json.dumps(result, indent=2) + "\n")
     atomic_write_text(out_dir / "geometry.md", markdown(result))
-    return result
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -130,8 +158,13 @@ def markdown(result: dict[str, Any]) -> str:
         f"`p_harmful` a probe fitted on unsteered train activations, `harmless_t` the same coordinate for "
         f"transformed harmless activations (0 = harmless mean, 1 = harmful mean: induction), `t@L` downstream.\n"
         f"Labels: stays if t < {th['stays_below']}, opposite if t > {th['opposite_above']} and p_harmful < "
-        f"{th['probe_harmful_below']}, between otherwise.\n\n"
-        f"{format_table(result['rows'])}\n\n![landing]({Path(result['plot']).name})\n"
+        f"{th['probe_harmful_below']}, between otherwise; `t_lo`–`t_hi` is a 95% bootstrap interval over prompts and "
+        f"`label_ci` the label only where the whole interval agrees (else inconclusive). For INLP, `capture` is the "
+        f"share |W_k Δ|²/|Δ|² of the DiM mean difference inside the k directions used, and `t_pred` the landing it "
+        f"predicts for symmetric clusters (capture/2 for nullspace, (1+α)/2·capture for flip).\n\n"
+        f"{format_table(result['rows'])}\n"
+        + (f"\n![landing]({Path(result['plot']).name})\n" if result.get("plot") else "")
+        + (f"\n![capture]({Path(result['capture_plot']).name})\n" if result.get("capture_plot") else "")
     )
 
 

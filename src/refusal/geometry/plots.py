@@ -345,3 +345,35 @@ def plot_layer_table(
         if title:
             fig.suptitle(title, fontsize=12, fontweight="bold")
         return _save_atomic(fig, path)
+
+
+def plot_capture(record: Mapping[str, Any], path: str | os.PathLike[str], title: str = "") -> Path:
+    """INLP against DiM: capture(k) = |W_k Δ|²/|Δ|² with each direction's val accuracy, and cos(w_i, r̂).
+
+    ``record`` is :func:`refusal.pipeline.inlp_record`'s output (``capture``, ``cos_with_dim``,
+    ``val_accuracy``, ``chance``). Reading it: where the capture curve flattens, later directions
+    encode harmfulness in ways the DiM mean difference does not see.
+    """
+    capture, cosines = record.get("capture") or [], record.get("cos_with_dim") or []
+    if not capture:
+        raise DataError("plot_capture needs a record with a capture curve (INLP fitted next to a DiM direction)")
+    ks = list(range(1, len(capture) + 1))
+    with _rc_context():
+        fig = Figure(figsize=(8.0, 6.0), layout="constrained")
+        ax_cap, ax_cos = fig.subplots(2, 1, sharex=True)
+        ax_cap.plot(ks, capture, color="#1b6ca8", marker="o", markersize=3, label="capture of Δ by the first k")
+        acc = record.get("val_accuracy") or []
+        if acc:
+            ax_cap.plot(ks[: len(acc)], acc[: len(ks)], color="#d1495b", linestyle="--", label="val accuracy of direction k")
+            ax_cap.axhline(float(record.get("chance", 0.5)), color="#999999", linewidth=0.8, linestyle=":", label="chance")
+        ax_cap.set_ylim(0, 1.05)
+        ax_cap.set_ylabel("fraction / accuracy")
+        ax_cap.legend(loc="lower right", frameon=False)
+        ax_cos.bar(ks[: len(cosines)], cosines, color="#66a182")
+        ax_cos.axhline(0.0, color="#bbbbbb", linewidth=0.8)
+        ax_cos.set_ylim(-1.05, 1.05)
+        ax_cos.set_ylabel("cos(INLP direction, r̂)")
+        ax_cos.set_xlabel("INLP direction k")
+        fig.suptitle(title or f"INLP rank {len(capture)} ({record.get('stop_reason', '?')}) vs the DiM difference")
+        _styled(fig)
+        return _save_atomic(fig, path)

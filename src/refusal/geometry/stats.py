@@ -174,6 +174,45 @@ def landing_label(
     return "between"
 
 
+#: Bootstrap resamples behind the interval on the landing coordinate t.
+N_BOOTSTRAP = 2000
+
+
+def bootstrap_axis_interval(
+    harmful: Tensor, harmless: Tensor, transformed: Tensor, *, n_boot: int = N_BOOTSTRAP, seed: int = 0
+) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of the mean landing coordinate t, resampling prompts.
+
+    Harmless prompts are resampled on their own; harmful prompts are resampled jointly with their
+    transformed rows when both have the same length (the same prompts before and after), so the
+    interval covers the centroids' sampling noise as well as the spread of the landing points.
+    """
+    harmful, harmless = _as_2d(harmful, "harmful"), _as_2d(harmless, "harmless")
+    transformed = _as_2d(transformed, "transformed")
+    gen = torch.Generator().manual_seed(seed)
+
+    def weights(n: int) -> Tensor:  # [n_boot, n] resampling counts / n: one matmul gives every resampled mean
+        idx = torch.randint(n, (n_boot, n), generator=gen)
+        return torch.zeros(n_boot, n, dtype=torch.float64).scatter_add_(1, idx, torch.ones(n_boot, n, dtype=torch.float64)) / n
+
+    w_h = weights(harmful.shape[0])
+    w_t = w_h if transformed.shape[0] == harmful.shape[0] else weights(transformed.shape[0])
+    mu_h, mu_l, mu_t = w_h @ harmful, weights(harmless.shape[0]) @ harmless, w_t @ transformed
+    delta = mu_l - mu_h
+    t = ((mu_t - mu_h) * delta).sum(1) / (delta * delta).sum(1)
+    lo, hi = torch.quantile(t, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return lo, hi
+
+
+def interval_label(
+    t: float, interval: tuple[float, float], p_harmful: float = math.nan, thresholds: LandingThresholds = LANDING_THRESHOLDS
+) -> str:
+    """The landing label when the whole interval gets it, else ``inconclusive``: a label whose
+    interval straddles a threshold is not decided by the sample at hand."""
+    labels = {landing_label(v, p_harmful, thresholds) for v in (t, *interval)}
+    return labels.pop() if len(labels) == 1 else "inconclusive"
+
+
 def landing_stats(
     harmful: Tensor,
     harmless: Tensor,
@@ -195,13 +234,16 @@ def landing_stats(
     gap = float(torch.linalg.vector_norm(mu_l - mu_h))
     p = math.nan if probe is None else float(probe.predict_harmful_proba(transformed).mean())
     t_mean = float(t.mean())
+    interval = bootstrap_axis_interval(harmful, harmless, transformed)
     return {
         "dist_to_harmful": float(torch.linalg.vector_norm(transformed - mu_h, dim=1).mean()) / gap,
         "dist_to_harmless": float(torch.linalg.vector_norm(transformed - mu_l, dim=1).mean()) / gap,
         "axis_coordinate": t_mean,
         "axis_coordinate_std": float(t.std(correction=0)),
+        "axis_coordinate_ci95": list(interval),
         "probe_p_harmful": p,
         "label": landing_label(t_mean, p, thresholds),
+        "label_ci": interval_label(t_mean, interval, p, thresholds),
     }
 
 

@@ -117,9 +117,19 @@ class Intervention(ABC):
         fn = self.residual_edit(self._layer, lambda t: t.to(x)) if self._layer is not None else None
         return x if fn is None else fn(x)
 
+    def expected_landing(self, delta: Float[torch.Tensor, " d_model"]) -> dict[str, float] | None:
+        """What the edit predicts for the landing coordinate t along ``delta`` (the DiM mean difference),
+        for symmetric clusters; None where there is no such prediction."""
+        return None
+
     def params(self) -> dict[str, Any]:
-        """Parameters worth recording in results (defaults to the config minus its name)."""
-        return {k: v for k, v in self.cfg.items() if k != "name"}
+        """Parameters worth recording in results: the config minus its name, scope only where not the default."""
+        out = {k: v for k, v in self.cfg.items() if k not in ("name", "layers", "positions")}
+        if self.scope.layers != self.default_layers:
+            out["layers"] = self.scope.layers if isinstance(self.scope.layers, str) else list(self.scope.layers)
+        if self.scope.positions != "all":
+            out["positions"] = self.scope.positions
+        return out
 
     # -- shared machinery ---------------------------------------------------------------------
     def hook_specs(self, bundle: ModelBundle) -> list[HookSpec]:

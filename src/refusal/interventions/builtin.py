@@ -132,8 +132,22 @@ class _INLPBase(Intervention):
     def params(self) -> dict[str, Any]:
         return {**super().params(), "k": self.k}
 
+    #: t ≈ landing_factor · capture for symmetric clusters (see refusal.fitting.capture).
+    landing_factor: float = 0.5
+
+    def expected_landing(self, delta: Tensor) -> dict[str, float] | None:
+        if self.centre_name != "midpoint":
+            return None
+        from refusal.fitting.capture import capture_curve
+
+        W = self.tensors_at(self._layer)[0]
+        capture = float(capture_curve(W, delta)[-1]) if W.shape[0] else 0.0
+        return {"capture": capture, "t_pred": self.landing_factor * capture}
+
     def residual_edit(self, layer: int, cast: Cast) -> TensorFn:
-        W, mu, *extra = (cast(t) for t in self.tensors_at(layer))
+        W, mu, *extra = self.tensors_at(layer)
+        W, mu = cast(W), cast(mu)
+        extra = [t.to(W) for t in extra]  # per-direction values ([k]), not activations
         return lambda x: self._apply(x, W, mu, *extra)
 
     def _extra(self, inlp: Any, W: Tensor, centre: Tensor) -> list[Tensor]:
@@ -172,6 +186,10 @@ class INLPFlip(_INLPBase):
         if self.target not in ("harmless", "harmful"):
             raise ConfigError(f"intervention.target={self.target!r} must be 'harmless' (suppress) or 'harmful' (induce)")
         super().__init__(cfg, fitted)
+
+    @property
+    def landing_factor(self) -> float:  # the flip reflects (α = 1) or overshoots the captured share
+        return (1 + self.alpha) / 2 if self.target == "harmless" else math.nan
 
     def _extra(self, inlp: Any, W: Tensor, centre: Tensor) -> list[Tensor]:
         target_mean = inlp.mean_harmless if self.target == "harmless" else inlp.mean_harmful

@@ -175,3 +175,10 @@ def at_positions(fn: TensorFn, positions: str) -> TensorFn:
         return x if mask is None else torch.where(mask[..., None], fn(x), x)
 
     return masked
+
+
+def declare_roles(bundle: Any, lengths: Sequence[int], width: int, prompt_lengths: Sequence[int] | None = None):
+    """:func:`token_roles` for a left-padded batch of ``bundle``'s chat prompts (plus completions
+    where ``prompt_lengths`` is shorter than ``lengths``)."""
+    grid = role_grid(lengths, lengths if prompt_lengths is None else prompt_lengths, width, len(bundle.post_instruction_ids))
+    return token_roles(grid, bundle.device)
