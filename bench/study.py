@@ -1,15 +1,17 @@
-"""The study behind docs/RESULTS.md: Hydra multiruns per packaged model, then the report.
+"""The study behind docs/RESULTS.md: fits, sweeps, controls and geometry per model, then the verdict.
 
-    python bench/study.py                                  # every packaged model that is installed
-    python bench/study.py --models qwen05 smollm2          # some models
-    python bench/study.py --models qwen15 --sweeps main actadd --n-test 16
+    python bench/study.py                                  # qwen05 and qwen15, every step
+    python bench/study.py --models qwen05 --steps main k geometry
+    python bench/study.py --models qwen15 --ks 4 16 --alphas 2.0 --controls dim_ablation_selected flip_all
     python bench/study.py --render-only                    # re-render docs/RESULTS.md from study/
 
 Each step is an ordinary command (printed, and listed in the report): ``train.py`` once per model,
-then ``evaluate.py -m`` sweeps into ``study/<model>/<sweep>/`` and ``python -m refusal.geometry``.
-A step whose output already exists is skipped, so an interrupted study resumes where it stopped.
-Nothing here runs in CI. Measured on 2 CPU cores with the defaults: qwen05 ≈ 30 min, qwen15 ≈ 110
-(train.py alone 35), smollm2 ≈ 10, gemma3_270m ≈ 15.
+then ``evaluate.py`` sweeps and control runs into ``study/<model>/<step>/`` and ``python -m
+refusal.geometry``. A step whose output already exists is skipped, so an interrupted study resumes
+where it stopped. INLP runs to convergence (the study's setting); the k sweep includes k=16, the
+setting of earlier versions, and the verdict is given under both. Nothing here runs in CI.
+Wall time per model is written into the report (2 CPU cores: qwen05 ≈ 60 min, qwen15 ≈ 100 min
+with the reduced step list of docs/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -33,44 +35,35 @@ from _common import host_info  # noqa: E402
 
 from refusal.artifacts import atomic_write_text  # noqa: E402
 from refusal.report import flat_row, load_runs, markdown_table  # noqa: E402
+from refusal.verdict import RULES, ClaimInputs, c1, c2, claims_table, decide  # noqa: E402
 
-PACKAGED = ["qwen05", "qwen15", "smollm2", "gemma3_270m"]
+STUDY_MODELS = ["qwen05", "qwen15"]  # the packaged models that refuse
 SPLITS_DIR = REPO.parent / "shared" / "data" / "refusal_direction_splits"
-SWEEPS = ["main", "actadd", "k", "alpha"]
-ALPHAS = "0.25,0.5,2.0"
-KS = [1, 2, 4, 8]
+STEPS = ["main", "actadd", "k", "alpha", "controls", "tokens", "geometry"]
+KS = [1, 2, 4, 8, 16]
+ALPHAS = [0.5, 1.5, 2.0, 3.0]
+LEGACY_K = 16  # INLP's old iteration default: the "today's setting" column of the verdict
+NO_GEOMETRY = "geometry.enabled=false"
 
-
-def sweep_overrides(sweep: str, rank: int) -> list[str]:
-    """The Hydra multirun overrides of one sweep (``rank`` = INLP directions fitted: k=all)."""
-    if sweep == "main":
-        return ["intervention=none,dim_ablation,inlp_nullspace,inlp_flip"]
-    if sweep == "actadd":
-        return ["intervention=actadd", "intervention.coeff=-1.0,1.0"]
-    if sweep == "k":
-        ks = [k for k in KS if k < rank]
-        return ["intervention=inlp_nullspace,inlp_flip", "intervention.k=" + ",".join(map(str, ks))] if ks else []
-    if sweep == "alpha":
-        return ["intervention=inlp_flip", f"intervention.alpha={ALPHAS}"]
-    raise SystemExit(f"unknown sweep {sweep!r}; choose from {SWEEPS}")
+#: Control runs: name -> overrides ({rank} is the converged INLP rank). What each one separates:
+CONTROLS = {
+    "dim_ablation_selected": ["intervention=dim_ablation", "intervention.layers=selected"],  # ablation's reach, not r̂
+    "actadd_all": ["intervention=actadd", "intervention.layers=all"],
+    "nullspace_all": ["intervention=inlp_nullspace", "intervention.layers=all"],  # INLP with ablation's reach
+    "flip_all": ["intervention=inlp_flip", "intervention.layers=all"],
+    "nullspace_per_layer": ["intervention=inlp_nullspace", "intervention.layers=all", "fit.inlp.per_layer=true"],
+    "flip_per_layer": ["intervention=inlp_flip", "intervention.layers=all", "fit.inlp.per_layer=true"],
+    "random_rank_selected": ["intervention=random_ablation", "intervention.k={rank}", "intervention.layers=selected"],
+    "random_rank_all": ["intervention=random_ablation", "intervention.k={rank}"],
+    "random_1_all": ["intervention=random_ablation", "intervention.k=1"],
+}
+GEOMETRY_SPECS = ["none", "actadd:coeff=-1.0", "dim_ablation", "inlp_nullspace", "inlp_flip",
+                  f"inlp_nullspace:k={LEGACY_K}", f"inlp_flip:k={LEGACY_K}", "dim_ablation:layers=selected",
+                  "inlp_nullspace:layers=all", "inlp_flip:layers=all"]
 
 
 def _model_order(model: str) -> tuple[int, str]:
-    """Packaged models in the issue's order, others after them (studies may add models one at a time)."""
-    return (PACKAGED.index(model) if model in PACKAGED else len(PACKAGED), model)
-
-
-def _command_order(command: str) -> tuple[int, str]:
-    return _model_order(next((a.split("=", 1)[1] for a in shlex.split(command) if a.startswith("model=")), ""))
-
-
-def installed(model: str) -> bool:
-    import yaml
-
-    from refusal.models.gguf_package import packaged_parts_installed
-
-    cfg = yaml.safe_load((REPO / "conf" / "model" / f"{model}.yaml").read_text())
-    return packaged_parts_installed(cfg["gguf"]["parts"])
+    return (STUDY_MODELS.index(model) if model in STUDY_MODELS else len(STUDY_MODELS), model)
 
 
 class Study:
@@ -104,31 +97,58 @@ class Study:
         print(f"  {'ok' if rc == 0 else f'FAILED (exit {rc}), see {log}'} in {took / 60:.1f} min", flush=True)
         return rc == 0
 
-    def model(self, model: str, sweeps: list[str]) -> None:
+    def sweep(self, out: Path, name: str, args: list[str], overrides: list[str]) -> None:
+        self.run(["evaluate.py", "-m", *args, *overrides, f"hydra.sweep.dir={out / name}"],
+                 out / f"{name}.log", out / name / "report.csv")
+
+    def model(self, model: str, steps: list[str], opts: argparse.Namespace) -> None:
         out = self.root / model
         args = [f"model={model}", *self.common]
         if not self.run(["train.py", *args, f"hydra.run.dir={out / 'train'}"], out / "train.log", out / "train" / "fitted.json"):
             return
-        rank = int(json.loads((out / "train" / "fitted.json").read_text()).get("inlp_rank", 0))
-        for sweep in sweeps:
-            extra = sweep_overrides(sweep, rank)
-            if extra:
-                self.run(["evaluate.py", "-m", *args, *extra, f"hydra.sweep.dir={out / sweep}"],
-                         out / f"{sweep}.log", out / sweep / "report.csv")
-        self.run(["-m", "refusal.geometry", "--interventions",
-                  "none,actadd:coeff=-1.0,dim_ablation,inlp_nullspace,inlp_flip", "--out", str(out / "geometry"), *args],
-                 out / "geometry.log", out / "geometry" / "geometry.json")
+        rank = int(json.loads((out / "train" / "fitted.json").read_text())["inlp_rank"])
+        if "main" in steps:
+            self.sweep(out, "main", args, ["intervention=none,dim_ablation,inlp_nullspace,inlp_flip"])
+        if "actadd" in steps:
+            self.sweep(out, "actadd", args, ["intervention=actadd", "intervention.coeff=-1.0,1.0"])
+        ks = [k for k in opts.ks if k < rank]
+        if "k" in steps and ks:
+            self.sweep(out, "k", args, ["intervention=inlp_nullspace,inlp_flip", "intervention.k=" + ",".join(map(str, ks)), NO_GEOMETRY])
+        if "alpha" in steps and opts.alphas:
+            self.sweep(out, "alpha", args, ["intervention=inlp_flip", "intervention.alpha=" + ",".join(map(str, opts.alphas)), NO_GEOMETRY])
+        if "controls" in steps:
+            for name in opts.controls:
+                overrides = [o.format(rank=rank) for o in CONTROLS[name]]
+                run_dir = out / "controls" / name
+                self.run(["evaluate.py", *args, *overrides, f"hydra.run.dir={run_dir}"], out / "controls" / f"{name}.log",
+                         run_dir / "results.json")
+        if "tokens" in steps and model in opts.token_models:
+            self.sweep(out, "tokens", [a for a in args if not a.startswith("eval.max_new_tokens=")],
+                       ["intervention=none,actadd,dim_ablation,inlp_nullspace,inlp_flip",
+                        f"eval.max_new_tokens={opts.token_budget}", NO_GEOMETRY])
+        if "geometry" in steps:
+            specs = ",".join(s for s in GEOMETRY_SPECS if not s.endswith(f"k={LEGACY_K}") or LEGACY_K < rank)
+            self.run(["-m", "refusal.geometry", "--interventions", specs, "--out", str(out / "geometry"), *args],
+                     out / "geometry.log", out / "geometry" / "geometry.json")
 
 
 # -- the report -----------------------------------------------------------------------------------
-def _rows(model_dir: Path, sweep: str) -> list[dict[str, Any]]:
-    return [flat_row(r, run) for run, r in load_runs(model_dir / sweep) if r.get("status", "ok") == "ok"]
+def _rows(folder: Path) -> list[dict[str, Any]]:
+    return [flat_row(r, run) for run, r in load_runs(folder) if r.get("status", "ok") == "ok"] if folder.exists() else []
 
 
 def _order(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Intervention order of the issue, then by parameter value (numbers as numbers)."""
-    rank = {"none": 0, "actadd": 1, "dim_ablation": 2, "inlp_nullspace": 3, "inlp_flip": 4}
-    return sorted(rows, key=lambda r: (rank.get(r["intervention"], 9), *(float(r.get(f"params/{k}") or 0) for k in ("coeff", "alpha", "k"))))
+    """Intervention order of the study, then by parameter value (numbers as numbers)."""
+    rank = {"none": 0, "actadd": 1, "dim_ablation": 2, "inlp_nullspace": 3, "inlp_flip": 4, "random_ablation": 5}
+
+    def num(value: Any) -> float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            return 0.0
+
+    return sorted(rows, key=lambda r: (rank.get(r["intervention"], 9), str(r.get("params/layers", "")),
+                                       *(num(r.get(f"params/{k}")) for k in ("coeff", "alpha", "k"))))
 
 
 def _relative(text: str) -> str:
@@ -136,66 +156,196 @@ def _relative(text: str) -> str:
     return text.replace(f"{REPO}/", "").replace(f"{REPO.parent}/", "../")
 
 
+def _pick(rows: list[dict[str, Any]], intervention: str, **params: Any) -> dict[str, Any] | None:
+    """The row of ``intervention`` whose shown params equal ``params`` (missing = not shown)."""
+    for row in rows:
+        if row["intervention"] == intervention and all(str(row.get(f"params/{k}")) == str(v) for k, v in params.items()):
+            return row
+    return None
+
+
+class ModelRuns:
+    """Everything the report reads for one model."""
+
+    def __init__(self, mdir: Path):
+        self.fitted = json.loads((mdir / "train" / "fitted.json").read_text()) if (mdir / "train" / "fitted.json").exists() else {}
+        self.rank = int(self.fitted.get("inlp_rank") or 0)
+        self.main = _order(_rows(mdir / "main") + _rows(mdir / "actadd"))
+        self.k = _rows(mdir / "k")
+        self.alpha = _rows(mdir / "alpha")
+        self.controls = {run.split("/")[0]: flat_row(r, run) for run, r in load_runs(mdir / "controls")
+                         if r.get("status", "ok") == "ok"} if (mdir / "controls").exists() else {}
+        self.tokens = _order(_rows(mdir / "tokens"))
+        geo = mdir / "geometry" / "geometry.json"
+        self.geometry = json.loads(geo.read_text()) if geo.exists() else {}
+
+    def geometry_row(self, label: str) -> dict[str, Any] | None:
+        return next((r for r in self.geometry.get("rows", []) if r["intervention"] == label), None)
+
+    def inputs(self, k_cap: int | None = None, rows: list[dict[str, Any]] | None = None) -> ClaimInputs | None:
+        """Claim inputs at the converged rank, or with INLP cut to its first ``k_cap`` directions;
+        ``rows`` replaces the main rows (e.g. the same runs at another token budget)."""
+        rank = self.rank if k_cap is None else min(k_cap, self.rank)
+        main = self.main if rows is None else rows
+        by_k: dict[str, dict[int, dict[str, Any]]] = {"inlp_flip": {}, "inlp_nullspace": {}}
+        for name, found in by_k.items():
+            found.update({int(r["params/k"]): r for r in self.k if r["intervention"] == name and int(r["params/k"]) < rank})
+            found[rank] = _pick(main, name, k=rank) if rank == self.rank else _pick(self.k, name, k=rank)
+        baseline, ablation = _pick(main, "none"), _pick(main, "dim_ablation")
+        flip, null = by_k["inlp_flip"][rank], by_k["inlp_nullspace"][rank]
+        if not all((baseline, ablation, flip, null)):
+            return None
+        suffix = "" if k_cap is None else f" (k={k_cap})"
+        geometry = {key: g for key, label in (("nullspace", "inlp_nullspace"), ("flip", "inlp_flip"))
+                    if (g := self.geometry_row(label + suffix))}
+        return ClaimInputs(baseline, ablation, flip, null, rank, by_k["inlp_flip"], by_k["inlp_nullspace"], geometry)
+
+
+def _controls_table(runs: dict[str, ModelRuns]) -> list[str]:
+    """C1/C2 with one row swapped for a control: which verdicts the controls change."""
+    swaps = [
+        ("C1", "ablation at the selected layer only (scope-matched)", "ablation", "dim_ablation_selected"),
+        ("C1", "flip at every layer (selected layer's subspace)", "flip", "flip_all"),
+        ("C1", "flip at every layer (per-layer INLP fits)", "flip", "flip_per_layer"),
+        ("C1", "flip α=2", "flip", "alpha=2.0"),
+        ("C1", "flip α=3", "flip", "alpha=3.0"),
+        ("C2", "nullspace at every layer (selected layer's subspace)", "nullspace", "nullspace_all"),
+        ("C2", "nullspace at every layer (per-layer INLP fits)", "nullspace", "nullspace_per_layer"),
+    ]
+    models = list(runs)
+    lines = ["| claim | control | " + " | ".join(models) + " |", "|---|---|" + "---|" * len(models)]
+    for claim, text, field, source in swaps:
+        cells = []
+        for model in models:
+            mr = runs[model]
+            inputs = mr.inputs()
+            row = (_pick(mr.alpha, "inlp_flip", alpha=source.split("=")[1]) if source.startswith("alpha=")
+                   else mr.controls.get(source))
+            if inputs is None or row is None:
+                cells.append("not run")
+                continue
+            base = decide(inputs)[0 if claim == "C1" else 1].verdict
+            setattr(inputs, field, row)
+            v = (c1 if claim == "C1" else c2)(inputs)
+            cells.append(f"{'**' + v.verdict + '** (changed)' if v.verdict != base else v.verdict}: {v.evidence}")
+        lines.append(f"| {claim} | {text} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _token_section(runs: dict[str, ModelRuns], short: int, long: int) -> list[str]:
+    out = []
+    for model, mr in runs.items():
+        if not mr.tokens:
+            continue
+        changed_rates, lines = 0, ["| intervention | params | " + f"{short} tokens | {long} tokens |", "|---|---|---|---|"]
+        for row in mr.tokens:
+            params = {k.split("/", 1)[1]: v for k, v in row.items() if k.startswith("params/")}
+            other = _pick(mr.main, row["intervention"], **params)
+            if other is None:
+                continue
+            a, b = other["harmful/refusal_rate"], row["harmful/refusal_rate"]
+            changed_rates += a != b
+            lines.append(f"| {row['intervention']} | {row['params']} | {a:.1%} | {b:.1%} |")
+        short_inputs, long_inputs = mr.inputs(), mr.inputs(rows=mr.tokens)
+        verdict_note = ""
+        if short_inputs and long_inputs:
+            pairs = [(c1(short_inputs), c1(long_inputs)), (c2(short_inputs), c2(long_inputs))]
+            flips = [f"{a.claim}: {a.verdict} → {b.verdict}" for a, b in pairs if a.verdict != b.verdict]
+            verdict_note = (f"C1/C2 decided on the {long}-token rows: " + ("; ".join(flips) if flips else "no verdict changes")
+                            + f" ({'; '.join(f'{b.claim} {b.evidence}' for _, b in pairs)}).")
+        out += [f"**{model}**: {changed_rates} of {len(lines) - 2} harmful refusal rates change between {short} and "
+                f"{long} new tokens. {verdict_note}", "", *lines, ""]
+    return out
+
+
 def render(root: Path, docs: Path, meta: dict[str, Any]) -> Path:
     from refusal.report_plots import plot_tunability
 
     figures = docs / "results"
     figures.mkdir(parents=True, exist_ok=True)
+    models = [m for m in sorted(meta["models"], key=_model_order) if (root / m / "train" / "fitted.json").exists()]
+    runs = {m: ModelRuns(root / m) for m in models}
+    short = meta["max_new_tokens"]
     md = [
-        "# Results: steering refusal on the packaged models", "",
+        "# Results: does INLP steer refusal like DiM? A verdict on the study's four claims", "",
         f"Generated by `python bench/study.py` on {meta['date']} ({meta['hardware']}); do not edit by hand "
         "(`python bench/study.py --render-only` re-renders from `study/`).", "",
-        f"Data: {meta['data']}. Greedy decoding, {meta['max_new_tokens']} new tokens. Refusal rate = substring match "
-        "(Arditi et al. / JailbreakBench phrases) with a 95% Wilson interval in brackets; score = first-token refusal "
-        "log-odds; ppl = perplexity of the unsteered model's own harmless completions under the intervention; "
-        "KL = next-token KL(baseline ‖ steered) on harmless prompts; lands = geometry label at the intervention layer "
-        "(see below). `k=all` is every INLP direction fitted; actadd c=−1 is read on harmful prompts (suppression), "
-        "c=+1 on harmless prompts (induced refusal column).", "",
+        f"Settings for every number below unless a row says otherwise: {meta['data']}; greedy decoding, {short} new "
+        "tokens; DiM layer and position selected on val (Arditi et al.'s rule, `fit.dim` shortlist); INLP fitted "
+        "at the DiM layer on all post-instruction positions, logistic classifiers, run to convergence (held-out "
+        "accuracy within 0.02 of chance; `k=all` = the converged rank); INLP nullspace and flip act at the DiM layer "
+        "on every position, DiM ablation at every block input and attention/MLP write, actadd at the DiM layer. "
+        "Refusal rate = substring match (Arditi et al. / JailbreakBench phrases), 95% Wilson interval in brackets.", "",
+        "## Verdict", "", "Rules (applied by `refusal.verdict`, not by hand):", "", RULES,
     ]
-    main_rows, tune_rows, tune_plot, geo_sections, notes = [], [], [], [], []
-    for model in sorted(meta["models"], key=_model_order):
-        mdir = root / model
-        if not mdir.exists():
-            continue
-        fitted_path = mdir / "train" / "fitted.json"
-        fitted = json.loads(fitted_path.read_text()) if fitted_path.exists() else {}
-        rows = _order(_rows(mdir, "main") + _rows(mdir, "actadd"))
-        main_rows += rows
-        tune = rows + _rows(mdir, "k") + _rows(mdir, "alpha")
-        tune_plot += tune
-        tune_rows += [r for r in _order(tune) if r["intervention"].startswith("inlp")]
-        base = next((r for r in rows if r["intervention"] == "none"), None)
-        acc = ", ".join(f"{a:.2f}" for a in fitted.get("inlp_val_accuracy", []))
-        notes.append(
-            f"- **{model}**: DiM layer {fitted.get('layer')} / {fitted.get('n_layers', '?')}, position "
-            f"{fitted.get('position')}; INLP rank {fitted.get('inlp_rank')} (useful {fitted.get('inlp_n_useful')}), "
-            f"val accuracy per iteration [{acc}]"
-            + (f"; baseline harmful refusal {100 * base['harmful/refusal_rate']:.0f}%" if base else "")
-        )
-        geo = mdir / "geometry" / "geometry.md"
-        if geo.exists():
-            png = figures / f"{model}_geometry.png"
-            shutil.copyfile(mdir / "geometry" / "geometry_landing.png", png)
-            body = geo.read_text().split("\n", 1)[1].replace("![landing](geometry_landing.png)", f"![{model} geometry](results/{png.name})")
+    verdicts = {m: decide(i) for m, mr in runs.items() if (i := mr.inputs())}
+    legacy = {m: decide(i) for m, mr in runs.items() if (i := mr.inputs(LEGACY_K)) and mr.rank > LEGACY_K}
+    if verdicts:
+        md += ["### Converged INLP (the study's setting)", "", claims_table(verdicts), ""]
+    if legacy:
+        md += [f"### INLP cut to its first {LEGACY_K} directions (this framework's earlier default)", "",
+               claims_table(legacy), ""]
+        changed = [f"{m} {a.claim} ({b.verdict} → {a.verdict})" for m in legacy for a, b in zip(verdicts[m], legacy[m], strict=True)
+                   if a.verdict != b.verdict]
+        md += [f"Verdicts that convergence changes: {', '.join(changed) if changed else 'none'}.", ""]
+    md += ["### Controls: which verdicts change when one row is swapped", "",
+           "Each control replaces one row of the converged verdict and re-applies C1 or C2.", "", *_controls_table(runs), ""]
+    md += ["### Limits of the refusal judge", "",
+           f"Refusal is a substring match on the first {short} new tokens: a refusal that starts later, a dodge that never "
+           "says a stock phrase, or a moralising answer count as compliance, and a completion that quotes a phrase counts "
+           "as refusal. The token-budget check below reruns the main rows with a longer budget.", "",
+           *_token_section(runs, short, meta.get("token_budget", 128))]
+
+    main_rows = [r for mr in runs.values() for r in mr.main]
+    md += ["## Main table", "", markdown_table(main_rows), "", "Fitted directions:", ""]
+    for model, mr in runs.items():
+        f, inlp = mr.fitted, mr.fitted.get("inlp", {})
+        capture = inlp.get("capture") or [0]
+        cos = inlp.get("cos_with_dim") or [0]
+        md.append(f"- **{model}**: DiM layer {f.get('layer')} / {f.get('n_layers')}, position {f.get('position')}; "
+                  f"INLP rank {inlp.get('rank')} (stop: {inlp.get('stop_reason')}, cap {inlp.get('cap')}), val accuracy "
+                  f"{inlp.get('val_accuracy', [0])[0]:.2f} → {inlp.get('val_accuracy', [0])[-1]:.2f} (chance {inlp.get('chance', 0):.2f}); "
+                  f"capture of Δ by k=1: {capture[0]:.2f}, k={min(LEGACY_K, len(capture))}: {capture[min(LEGACY_K, len(capture)) - 1]:.2f}, "
+                  f"k=all: {capture[-1]:.2f}; cos(w_1, r̂) = {cos[0]:.2f}")
+    md.append("")
+    control_rows = [r for mr in runs.values() for r in _order(list(mr.controls.values()))]
+    if control_rows:
+        md += ["## Controls", "", "Scope and random-subspace controls (`layers=all` for a projection also projects every "
+               "attention/MLP write; per-layer = `fit.inlp.per_layer=true`, each layer its own INLP fit; random_ablation "
+               "k = the INLP rank).", "", markdown_table(control_rows), ""]
+    tune = [r for mr in runs.values() for r in _order(mr.main + mr.k + mr.alpha) if r["intervention"].startswith("inlp")]
+    if tune:
+        plot = plot_tunability([r for mr in runs.values() for r in mr.main + mr.k + mr.alpha], figures / "tunability.png")
+        md += ["## Tunability: INLP k and α against DiM", "",
+               "Harmful refusal rate against harmless perplexity: INLP nullspace and flip over k (lines), flip over α "
+               "at the converged rank, DiM ablation and actadd as points.", "",
+               f"![tunability](results/{plot.name})", "", markdown_table(tune), ""]
+    geo_sections = []
+    for model in models:
+        geo = root / model / "geometry"
+        if (geo / "geometry.md").exists():
+            body = (geo / "geometry.md").read_text().split("\n", 1)[1]
+            for name in ("geometry_landing.png", "capture.png"):
+                if (geo / name).exists():
+                    target = figures / f"{model}_{name}"
+                    shutil.copyfile(geo / name, target)
+                    body = body.replace(f"]({name})", f"](results/{target.name})")
             geo_sections += [f"### {model}", _relative(body)]
-    md += ["## Main table", "", markdown_table(main_rows), "", "Fitted directions:", "", *notes, ""]
-    if tune_rows:
-        plot = plot_tunability(tune_plot, figures / "tunability.png")
-        md += [
-            "## Tunability: INLP k and α against DiM", "",
-            "Harmful refusal rate against harmless perplexity. INLP nullspace and flip for k = 1, 2, 4, 8 and all "
-            "(lines, in order of k), flip for α = 0.25, 0.5, 1, 2 at k = all, DiM ablation and actadd as points.", "",
-            f"![tunability](results/{plot.name})", "",
-            markdown_table(tune_rows), "",
-        ]
     if geo_sections:
-        md += ["## Geometry: where transformed harmful activations land", "", *geo_sections, ""]
+        md += ["## Geometry: where transformed harmful activations land, and why", "",
+               "Capture explains the landing: for symmetric clusters nullspace lands near capture/2 and flip near "
+               "(1+α)/2·capture, so a subspace that holds little of the DiM difference cannot carry activations far "
+               "along it, however many directions it has.", "", *geo_sections, ""]
     md += ["## Commands", "", "Every number above comes from these commands (run by `bench/study.py`, in order):", "",
-           "```bash", *map(_relative, sorted(meta["commands"], key=_command_order)), "```", ""]
+           "```bash", *map(_relative, meta["commands"]), "```", ""]
     timings = root / "timings.json"
     if timings.exists():
-        md += ["Wall time per step (s): " + ", ".join(f"`{k}` {v}" for k, v in sorted(
-            json.loads(timings.read_text()).items(), key=lambda kv: _model_order(kv[0].split("/")[0]))), ""]
+        saved = json.loads(timings.read_text())
+        for model in models:
+            steps = {k: v for k, v in saved.items() if k.startswith(f"{model}/")}
+            md.append(f"Wall time, {model}: {sum(steps.values()) / 60:.0f} min in all ("
+                      + ", ".join(f"`{k.split('/', 1)[1].removesuffix('.log')}` {v / 60:.1f}" for k, v in steps.items()) + ").")
+        md.append("")
     path = docs / "RESULTS.md"
     atomic_write_text(path, "\n".join(md))
     return path
@@ -203,8 +353,13 @@ def render(root: Path, docs: Path, meta: dict[str, Any]) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=None, help=f"default: the installed ones of {PACKAGED}")
-    parser.add_argument("--sweeps", nargs="+", default=SWEEPS, choices=SWEEPS)
+    parser.add_argument("--models", nargs="+", default=STUDY_MODELS)
+    parser.add_argument("--steps", nargs="+", default=STEPS, choices=STEPS)
+    parser.add_argument("--ks", nargs="+", type=int, default=KS, help="k sweep (below the converged rank)")
+    parser.add_argument("--alphas", nargs="*", type=float, default=ALPHAS, help="flip α sweep at the converged rank")
+    parser.add_argument("--controls", nargs="*", default=list(CONTROLS), choices=list(CONTROLS))
+    parser.add_argument("--token-models", nargs="*", default=["qwen05"], help="models whose main rows rerun at --token-budget")
+    parser.add_argument("--token-budget", type=int, default=128)
     parser.add_argument("--root", type=Path, default=REPO / "study", help="where the runs go")
     parser.add_argument("--docs", type=Path, default=REPO / "docs")
     parser.add_argument("--max-new-tokens", type=int, default=24, help="enough for the opening refusal phrases")
@@ -213,9 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--render-only", action="store_true")
     args = parser.parse_args(argv)
 
-    models = args.models or [m for m in PACKAGED if installed(m)]
-    data = ["data=refusal_direction"] if SPLITS_DIR.is_dir() else ["data=embedded"]
-    common = [*data, "logger=none", f"eval.max_new_tokens={args.max_new_tokens}"]
+    data = ["data=refusal_direction", f"data.dir={SPLITS_DIR}"] if SPLITS_DIR.is_dir() else ["data=embedded"]
+    common = [*data, "logger=none", "progress=false", f"eval.max_new_tokens={args.max_new_tokens}"]
     if args.n_test:
         common.append(f"data.n_test={args.n_test}")
     common += args.override
@@ -226,8 +380,8 @@ def main(argv: list[str] | None = None) -> int:
         meta = json.loads(meta_path.read_text())
     else:
         study = Study(args.root, common)
-        for model in models:
-            study.model(model, args.sweeps)
+        for model in args.models:
+            study.model(model, args.steps, args)
         info = host_info("cpu")
         meta = {
             "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d"),
@@ -235,11 +389,12 @@ def main(argv: list[str] | None = None) -> int:
             "data": ("the Arditi et al. `refusal_direction` splits (AdvBench-derived harmful, Alpaca harmless), "
                      f"{args.n_test or 'all configured'} test prompts per class"
                      if SPLITS_DIR.is_dir() else "the embedded set (../shared splits not found)"),
-            "max_new_tokens": args.max_new_tokens, "models": models, "commands": study.commands,
+            "max_new_tokens": args.max_new_tokens, "token_budget": args.token_budget,
+            "models": args.models, "commands": study.commands,
         }
-        if meta_path.exists():  # an earlier invocation ran other models: keep them in the report
+        if meta_path.exists():  # an earlier invocation ran other models or steps: keep them in the report
             old = json.loads(meta_path.read_text())
-            meta["models"] = [*old["models"], *(m for m in models if m not in old["models"])]
+            meta["models"] = [*old["models"], *(m for m in args.models if m not in old["models"])]
             meta["commands"] = [*old["commands"], *(c for c in study.commands if c not in old["commands"])]
         atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")
     print(f"wrote {render(args.root, args.docs, meta)}")

@@ -119,7 +119,6 @@ def test_plugin_in_a_temporary_folder_runs_through_evaluate(tmp_path):
     plugins = tmp_path / "my_plugins"
     plugins.mkdir()
     (plugins / "halve.py").write_text(textwrap.dedent('''
-        from refusal.hooks import HookSpec
         from refusal.interventions import Intervention
 
         class Halve(Intervention):
@@ -127,8 +126,8 @@ def test_plugin_in_a_temporary_folder_runs_through_evaluate(tmp_path):
             description = "Halves the residual entering the DiM layer (test plugin)."
             needs = frozenset({"dim"})
 
-            def hook_specs(self, bundle):
-                return [HookSpec(bundle.layout.blocks[self.fitted.dim.layer], lambda x: 0.5 * x, "pre")]
+            def residual_edit(self, layer, cast):
+                return lambda x: 0.5 * x
     '''))
     out = tmp_path / "run"
     proc = run_cli(

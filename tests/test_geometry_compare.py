@@ -63,3 +63,46 @@ def test_unknown_intervention_is_a_clear_error(tmp_path):
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 2 and "nope" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _configs(tmp_path, *specs: str):
+    from refusal.geometry.compare import compose_configs
+
+    places = [f"cache_dir={tmp_path / 'cache'}", f"artifacts_dir={tmp_path / 'artifacts'}"]
+    return compose_configs([InterventionSpec.parse(s) for s in specs], ["model=tiny", *places, *SMALL])
+
+
+def test_every_spec_is_checked_before_any_forward_pass(tmp_path, monkeypatch):
+    """k beyond the fitted rank fails right after fitting, before the first intervention's passes."""
+    from refusal.geometry import compare as cmp
+
+    def no_forward(*args, **kwargs):
+        raise AssertionError("a forward pass ran before every spec was checked")
+
+    monkeypatch.setattr(cmp, "landing_at", no_forward)
+    with pytest.raises(ConfigError, match=r"inlp_flip \(k=64\): intervention.k=64 must be in 1\.\.\d+ \(the fitted INLP rank\)"):
+        cmp.compare(_configs(tmp_path, "none", "inlp_flip:k=64"), tmp_path / "geo")
+    with pytest.raises(ConfigError, match="intervention.layers='most' must be one of"):  # config-only: before the model loads
+        cmp.compare(_configs(tmp_path, "none", "actadd:layers=most"), tmp_path / "geo")
+    assert not (tmp_path / "geo" / "geometry.json").exists()
+
+
+def test_rows_are_written_as_they_finish(tmp_path, monkeypatch):
+    from refusal.geometry import compare as cmp
+
+    real, calls = cmp.landing_at, []
+
+    def second_one_dies(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("killed mid-run")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cmp, "landing_at", second_one_dies)
+    with pytest.raises(RuntimeError, match="killed"):
+        cmp.compare(_configs(tmp_path, "inlp_nullspace", "inlp_flip", "none"), tmp_path / "geo")
+    saved = json.loads((tmp_path / "geo" / "geometry.json").read_text())
+    assert [r["intervention"] for r in saved["rows"]] == ["inlp_nullspace"]
+    row = saved["rows"][0]
+    assert row["t_lo"] <= row["t"] <= row["t_hi"] and 0 <= row["capture"] <= 1 and row["t_pred"] == pytest.approx(row["capture"] / 2)
+    assert saved["inlp"]["stop_reason"] in ("chance", "degenerate") and (tmp_path / "geo" / "capture.png").exists()

@@ -210,3 +210,22 @@ def test_bad_data_raises(small):
         fit_inlp(X, torch.ones_like(y), X_val, y_val, INLPConfig(n_iterations=1), enable_progress_bar=False)
     with pytest.raises(DataError):
         fit_inlp(X, y, X_val[:, :5], y_val, INLPConfig(n_iterations=1), enable_progress_bar=False)
+
+
+def test_pipeline_fits_to_convergence_by_default_and_keys_artifacts_by_settings(compose, caplog):
+    """Default INLP stops at chance, not at a cap; a fit with other settings is another artifact, not a clash."""
+    from refusal.pipeline import fit, inlp_record, prepare
+
+    small = ["data.n_train=16", "data.n_val=8", "data.n_test=8", "fit.dim.n_prompts=4", "layer=fixed", "layer.index=1"]
+    default = fit(prepare(compose(*small)))
+    assert default.inlp.stop_reason == "chance" and default.inlp.rank < 300
+    record = inlp_record(default)
+    assert len(record["val_accuracy"]) == len(record["capture"]) == len(record["cos_with_dim"]) == default.inlp.rank
+    with caplog.at_level("WARNING", logger="refusal.fitting.inlp"):
+        capped = fit(prepare(compose(*small, "fit.inlp.n_iterations=1")))
+    assert capped.inlp.stop_reason == "cap" and capped.inlp.rank == 1
+    assert "stopped at its cap of 1 iterations" in caplog.text
+    ctx = prepare(compose(*small))
+    assert len(list(ctx.artifact_dir.glob("inlp_*.safetensors"))) == 2  # both fits kept
+    again = fit(ctx)  # reuses the first: same directions, no refusal
+    torch.testing.assert_close(again.inlp.directions, default.inlp.directions, rtol=0, atol=0)

@@ -84,6 +84,10 @@ class DiMAblation(Intervention):
     write_edit = residual_edit
 
 
+def _rank(inlp: Any) -> int:
+    return int(inlp.directions.shape[0])
+
+
 class _INLPBase(Intervention):
     needs = frozenset({"inlp"})
     _CENTRES = ("midpoint", "zero", "harmful_mean", "harmless_mean")
@@ -95,13 +99,13 @@ class _INLPBase(Intervention):
             raise ConfigError(f"intervention.center={self.centre_name!r} must be one of {self._CENTRES}")
         if self._layer is None:
             self._layer = fitted.inlp_layer
-        resolve_k(self.cfg.get("k"), fitted.inlp.rank)  # a bad k fails now, right after fitting, not mid-run
+        resolve_k(self.cfg.get("k"), _rank(fitted.inlp))  # a bad k fails now, right after fitting, not mid-run
         self._per_layer: dict[int, tuple[Tensor, ...]] = {}
 
     @property
     def k(self) -> int:
         """Directions used at the selected layer (``intervention.k`` resolved against its fit's rank)."""
-        return resolve_k(self.cfg.get("k"), self.fit_at(self._layer).rank)
+        return resolve_k(self.cfg.get("k"), _rank(self.fit_at(self._layer)))
 
     def fit_at(self, layer: int):
         """The INLP fit used at ``layer``: its own with ``fit.inlp.per_layer``, else the selected layer's."""
@@ -117,7 +121,7 @@ class _INLPBase(Intervention):
         """(W_k, μ, *extra) of ``layer`` in float32 on CPU, computed once per layer."""
         if layer not in self._per_layer:
             inlp = self.fit_at(layer)
-            k = resolve_k(self.cfg.get("k"), inlp.rank, f"intervention.k (layer {layer}, rank {inlp.rank})")
+            k = resolve_k(self.cfg.get("k"), _rank(inlp), f"intervention.k (layer {layer}, rank {_rank(inlp)})")
             centre = {"midpoint": inlp.center, "zero": torch.zeros_like(inlp.center),
                       "harmful_mean": inlp.mean_harmful, "harmless_mean": inlp.mean_harmless}[self.centre_name]
             W = inlp.directions[:k]
