@@ -227,7 +227,11 @@ def append_row(name: str, args: argparse.Namespace, device: Any, figures: Mappin
         **host_info(device),
         **{k: round(v, 6) if isinstance(v, float) else v for k, v in figures.items()},
     }
-    path = Path(args.results_dir) / f"{name}.csv"
+    return write_row(Path(args.results_dir) / f"{name}.csv", row)
+
+
+def write_row(path: Path, row: Mapping[str, Any]) -> Path:
+    """Append ``row`` to the CSV at ``path``, widening its header (and rewriting it atomically) if needed."""
     path.parent.mkdir(parents=True, exist_ok=True)
     old_rows: list[dict[str, str]] = []
     header: list[str] = []

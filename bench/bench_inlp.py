@@ -1,17 +1,20 @@
-"""Time ``fit_inlp`` (Lightning, L-BFGS) against the scikit-learn reference INLP on planted data.
+"""Time ``fit_inlp`` (Lightning, L-BFGS) against the scikit-learn reference INLP.
 
-Both run exactly ``--iters`` iterations by default (``--epsilon -1`` disables the early stop, so
-the per-iteration cost is compared like for like); ``n_useful`` is still reported for the
-usual threshold chance + 0.02. Appends one row per run to ``bench/results/inlp.csv``.
+On planted data both run exactly ``--iters`` iterations by default (``--epsilon -1`` disables the
+early stop, so the per-iteration cost is compared like for like); ``n_useful`` is still reported
+for the usual threshold chance + 0.02. ``--model`` instead takes the study's own INLP problem (the
+cached activations of a packaged model at its DiM layer, all post-instruction positions) and runs
+both to convergence (chance + 0.02, cap 300), so time and accuracy are compared at the rank the
+study uses. Appends one row per run to ``bench/results/inlp.csv``.
 
-    python bench/bench_inlp.py            # 4096 x 1536, 16 iterations
-    python bench/bench_inlp.py --smoke    # 512 x 64, 6 iterations, seconds
+    python bench/bench_inlp.py                  # planted 4096 x 1536, 16 iterations
+    python bench/bench_inlp.py --model qwen05   # the study's qwen05 problem, to convergence
+    python bench/bench_inlp.py --smoke          # 512 x 64, 6 iterations, seconds
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import platform
 import time
@@ -19,6 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from _common import write_row
 
 from refusal.fitting.inlp import INLPConfig, INLPResult, fit_inlp, n_useful_of
 from refusal.fitting.inlp_reference import fit_inlp_reference, make_planted_concept
@@ -37,11 +41,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--accelerator", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--smoke", action="store_true", help="small and fast: 512 x 64, 6 iterations, k=3")
+    ap.add_argument("--model", default=None, help="fit the study's INLP problem on this packaged model, to convergence")
+    ap.add_argument("--override", nargs="*", default=[], help="Hydra overrides for --model (default: the study's data)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     if args.smoke:
         args.n, args.d, args.iters, args.k = 512, 64, 6, 3
+    if args.model:
+        args.iters, args.epsilon, args.k = 300, (0.02 if args.epsilon < 0 else args.epsilon), 0
     return args
+
+
+def study_problem(model: str, overrides: list[str]) -> tuple[torch.Tensor, ...]:
+    """The INLP training and held-out data the study fits on ``model`` (DiM layer from its artifact)."""
+    from hydra import compose, initialize_config_dir
+
+    from refusal.pipeline import _inlp_data, fit_dim, inlp_settings, prepare
+
+    splits = Path(__file__).resolve().parents[2] / "shared" / "data" / "refusal_direction_splits"
+    data = ["data=refusal_direction", f"data.dir={splits}", "data.n_test=32"] if splits.is_dir() else []
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=[f"model={model}", *data, "logger=none", "progress=false", *overrides])
+    ctx = prepare(cfg)
+    dim = fit_dim(ctx)
+    positions = inlp_settings(ctx)[0]
+    return (*_inlp_data(ctx, "train", dim.layer, dim.position, positions),
+            *_inlp_data(ctx, "val", dim.layer, dim.position, positions))
 
 
 def timed(fn, *args, **kwargs) -> tuple[INLPResult, float]:
@@ -56,7 +81,11 @@ def _fmt(accs: list[float]) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, object]:
     args = parse_args(argv)
-    X, y, X_val, y_val, _ = make_planted_concept(args.n, args.d, args.k, seed=args.seed)
+    if args.model:
+        X, y, X_val, y_val = study_problem(args.model, args.override)
+        args.n, args.d = X.shape
+    else:
+        X, y, X_val, y_val, _ = make_planted_concept(args.n, args.d, args.k, seed=args.seed)
     cfg = INLPConfig(n_iterations=args.iters, classifier=args.classifier, epsilon=args.epsilon,
                      seed=args.seed, accelerator=args.accelerator)
 
@@ -75,6 +104,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     max_diff = max(abs(a - b) for a, b in zip(ours.val_accuracy[:n_common], ref.val_accuracy[:n_common], strict=True))
     row = {
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "problem": f"{args.model} study INLP" if args.model else "planted",
         "n": args.n, "d": args.d, "iters": args.iters, "k_planted": args.k, "classifier": args.classifier,
         "epsilon": args.epsilon, "accelerator": args.accelerator,
         "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
@@ -88,23 +118,17 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         "val_acc_ours": _fmt(ours.val_accuracy), "val_acc_ref": _fmt(ref.val_accuracy),
     }
 
-    print(f"INLP bench: n={args.n} d={args.d} iters={args.iters} planted k={args.k} classifier={args.classifier} "
+    print(f"INLP bench ({row['problem']}): n={args.n} d={args.d} iters={args.iters} planted k={args.k} classifier={args.classifier} "
           f"(torch threads={row['torch_threads']}, load {row['loadavg_1m']})")
-    print(f"  fit_inlp (Lightning, L-BFGS): {t_ours:8.2f} s   n_useful={useful['ours']}")
-    print(f"  sklearn reference          : {t_ref:8.2f} s   n_useful={useful['ref']}")
+    print(f"  fit_inlp (Lightning, L-BFGS): {t_ours:8.2f} s   rank={ours.rank} n_useful={useful['ours']}")
+    print(f"  sklearn reference          : {t_ref:8.2f} s   rank={ref.rank} n_useful={useful['ref']}")
     print(f"  ratio reference / fit_inlp : {t_ref / t_ours:8.2f} x")
     print(f"  chance={ours.chance:.4f}  max |val acc diff|={max_diff:.4f}  "
           f"min cos(useful directions)={row['min_cos_useful_dirs']}")
     print(f"  val acc fit_inlp : {_fmt(ours.val_accuracy)}")
     print(f"  val acc reference: {_fmt(ref.val_accuracy)}")
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    new = not args.out.exists()
-    with open(args.out, "a", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(row))
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
+    write_row(args.out, row)
     print(f"  appended to {args.out}")
     return row
 

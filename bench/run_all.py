@@ -157,17 +157,22 @@ def _inlp(row: dict[str, str]) -> list[Figure]:
         Figure("reference_s", "scikit-learn reference INLP, s", note=f"val acc {row.get('val_acc_ref', '')}"),
         Figure("speedup_ref_over_ours", "reference ÷ fit_inlp"),
         Figure("n_useful_ours", "useful directions (fit_inlp)", note=f"reference: {row.get('n_useful_ref', '?')}"),
+        Figure("iters_ours", "rank reached (fit_inlp)", note=f"reference: {row.get('iters_ref', '?')}"),
         Figure("max_abs_val_acc_diff", "max |val acc difference|"),
         Figure("min_cos_useful_dirs", "min cosine of useful directions"),
     ]
 
 
 def _inlp_key(row: dict[str, str]) -> str:
-    """bench_inlp.py rows have no model (planted data): group them by problem size."""
+    """bench_inlp.py rows: planted data grouped by problem size, or a model's study problem (to convergence)."""
+    if row.get("problem", "planted") not in ("", "planted"):
+        return f"{row['problem']} {row.get('n', '?')}×{row.get('d', '?')}, to convergence, {row.get('classifier', '?')}"
     return f"planted {row.get('n', '?')}×{row.get('d', '?')}, {row.get('iters', '?')} iters, {row.get('classifier', '?')}"
 
 
 def _inlp_command(row: dict[str, str]) -> str:
+    if row.get("problem", "planted") not in ("", "planted"):
+        return f"python bench/bench_inlp.py --model {row['problem'].split()[0]}"
     flags = [("--n", "n"), ("--d", "d"), ("--iters", "iters"), ("--k", "k_planted"), ("--classifier", "classifier"),
              ("--epsilon", "epsilon"), ("--accelerator", "accelerator")]
     return " ".join(["python bench/bench_inlp.py", *(f"{f} {row[k]}" for f, k in flags if row.get(k, "") != "")])

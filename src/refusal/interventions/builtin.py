@@ -25,6 +25,10 @@ class NoIntervention(Intervention):
     name = "none"
     description = "Baseline: the unsteered model."
 
+    @property
+    def layer(self) -> None:
+        return None
+
     def residual_edit(self, layer: int, cast: Cast) -> TensorFn | None:
         return None
 
