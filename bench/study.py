@@ -90,9 +90,10 @@ class Study:
         with log.open("w") as fh:
             rc = subprocess.call([sys.executable, *argv], cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, env=env)
         took = time.perf_counter() - t0
-        timings = self.root / "timings.json"
+        model, *step = log.relative_to(self.root).parts
+        timings = self.root / model / "timings.json"  # one file per model: studies of two models may run at once
         saved = json.loads(timings.read_text()) if timings.exists() else {}
-        saved[str(log.relative_to(self.root))] = round(took, 1)
+        saved["/".join(step)] = round(took, 1)
         atomic_write_text(timings, json.dumps(saved, indent=2) + "\n")
         print(f"  {'ok' if rc == 0 else f'FAILED (exit {rc}), see {log}'} in {took / 60:.1f} min", flush=True)
         return rc == 0
@@ -338,14 +339,12 @@ def render(root: Path, docs: Path, meta: dict[str, Any]) -> Path:
                "along it, however many directions it has.", "", *geo_sections, ""]
     md += ["## Commands", "", "Every number above comes from these commands (run by `bench/study.py`, in order):", "",
            "```bash", *map(_relative, meta["commands"]), "```", ""]
-    timings = root / "timings.json"
-    if timings.exists():
-        saved = json.loads(timings.read_text())
-        for model in models:
-            steps = {k: v for k, v in saved.items() if k.startswith(f"{model}/")}
-            md.append(f"Wall time, {model}: {sum(steps.values()) / 60:.0f} min in all ("
-                      + ", ".join(f"`{k.split('/', 1)[1].removesuffix('.log')}` {v / 60:.1f}" for k, v in steps.items()) + ").")
-        md.append("")
+    for model in models:
+        timings = root / model / "timings.json"
+        if timings.exists():
+            steps = json.loads(timings.read_text())
+            md += [f"Wall time, {model}: {sum(steps.values()) / 60:.0f} min in all (minutes per step: "
+                   + ", ".join(f"`{k.removesuffix('.log')}` {v / 60:.1f}" for k, v in steps.items()) + ").", ""]
     path = docs / "RESULTS.md"
     atomic_write_text(path, "\n".join(md))
     return path
@@ -365,10 +364,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=24, help="enough for the opening refusal phrases")
     parser.add_argument("--n-test", type=int, default=32, help="test prompts per class (0: the data config's)")
     parser.add_argument("--override", nargs="*", default=[], help="extra Hydra overrides for every step")
+    parser.add_argument("--splits", type=Path, default=SPLITS_DIR, help="the refusal_direction splits folder")
     parser.add_argument("--render-only", action="store_true")
     args = parser.parse_args(argv)
 
-    data = ["data=refusal_direction", f"data.dir={SPLITS_DIR}"] if SPLITS_DIR.is_dir() else ["data=embedded"]
+    data = ["data=refusal_direction", f"data.dir={args.splits}"] if args.splits.is_dir() else ["data=embedded"]
     common = [*data, "logger=none", "progress=false", f"eval.max_new_tokens={args.max_new_tokens}"]
     if args.n_test:
         common.append(f"data.n_test={args.n_test}")
@@ -388,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
             "hardware": f"{info.get('cpu_count')} × {info.get('cpu')}, torch {info.get('torch')}, no GPU",
             "data": ("the Arditi et al. `refusal_direction` splits (AdvBench-derived harmful, Alpaca harmless), "
                      f"{args.n_test or 'all configured'} test prompts per class"
-                     if SPLITS_DIR.is_dir() else "the embedded set (../shared splits not found)"),
+                     if args.splits.is_dir() else "the embedded set (../shared splits not found)"),
             "max_new_tokens": args.max_new_tokens, "token_budget": args.token_budget,
             "models": args.models, "commands": study.commands,
         }
