@@ -196,7 +196,8 @@ def test_orthonormal_append_skips_vectors_in_span():
 
 @pytest.mark.parametrize(
     "bad",
-    [{"classifier": "tree"}, {"l2": 0.0}, {"n_iterations": 0}, {"batch_size": 0}, {"center": "median"}],
+    [{"classifier": "tree"}, {"l2": 0.0}, {"n_iterations": 0}, {"batch_size": 0}, {"center": "median"},
+     {"lr": float("inf")}, {"epsilon": float("nan")}, {"l2": float("inf")}],
 )
 def test_bad_config_raises(small, bad):
     X, y, X_val, y_val, _ = small

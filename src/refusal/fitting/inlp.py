@@ -92,8 +92,8 @@ class INLPConfig:
                 raise ConfigError(f"inlp.{name}={value!r} must be an int >= 1")
         for name in ("lr", "tolerance_grad", "tolerance_change"):
             value = getattr(self, name)
-            if not (isinstance(value, int | float) and value > 0):
-                raise ConfigError(f"inlp.{name}={value!r} must be a number > 0")
+            if isinstance(value, bool) or not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+                raise ConfigError(f"inlp.{name}={value!r} must be a finite number > 0")
         if self.center not in CENTERS:
             raise ConfigError(f"inlp.center={self.center!r} must be one of {CENTERS}")
         return self
