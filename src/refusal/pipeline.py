@@ -126,7 +126,7 @@ def fit_dim(ctx: RunContext) -> DiMDirection:
         )
         from refusal.fitting.plots import plot_selection
 
-        plot_selection(result, ctx.artifact_dir / f"dim_{spec.tag}_selection.png", title=f"{ctx.bundle.name}: DiM selection")
+        plot_selection(result, stem.with_name(f"{stem.name}_selection.png"), title=f"{ctx.bundle.name}: DiM selection")
     else:
         layer, position = spec.layer, spec.position
     direction = candidates[layer, position]

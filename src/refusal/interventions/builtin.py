@@ -29,6 +29,9 @@ class NoIntervention(Intervention):
     def layer(self) -> None:
         return None
 
+    def layers(self, n_layers: int) -> list[int]:
+        return []
+
     def residual_edit(self, layer: int, cast: Cast) -> TensorFn | None:
         return None
 
