@@ -118,7 +118,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         "val_acc_ours": _fmt(ours.val_accuracy), "val_acc_ref": _fmt(ref.val_accuracy),
     }
 
-    print(f"INLP bench ({row['problem']}): n={args.n} d={args.d} iters={args.iters} planted k={args.k} classifier={args.classifier} "
+    shape = f"cap {args.iters}, epsilon {args.epsilon}" if args.model else f"iters={args.iters} planted k={args.k}"
+    print(f"INLP bench ({row['problem']}): n={args.n} d={args.d} {shape} classifier={args.classifier} "
           f"(torch threads={row['torch_threads']}, load {row['loadavg_1m']})")
     print(f"  fit_inlp (Lightning, L-BFGS): {t_ours:8.2f} s   rank={ours.rank} n_useful={useful['ours']}")
     print(f"  sklearn reference          : {t_ref:8.2f} s   rank={ref.rank} n_useful={useful['ref']}")

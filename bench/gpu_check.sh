@@ -74,7 +74,7 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,dri
 
 # -- tests (they run on the tiny model on CPU for now) ---------------------------------------------
 tests=()
-for t in tests/test_models.py tests/test_interventions.py tests/test_inlp.py; do [ -f "$t" ] && tests+=("$t"); done
+for t in tests/test_models.py tests/test_interventions.py tests/test_scope.py tests/test_inlp.py; do [ -f "$t" ] && tests+=("$t"); done
 step tests 90 "$PY" -m pytest -q -x -p no:cacheprovider -m "not slow" "${tests[@]}"
 
 # -- the model: dequantized in the cache, or its packaged weights installed? load once (cached for every bench) ------------------
@@ -106,8 +106,8 @@ common=(--model "$MODEL" --device "$DEVICE" --results-dir "$RES")
 step extraction 45 "$PY" bench/bench_extraction.py "${common[@]}" --repeats 10
 step hooks 75 "$PY" bench/bench_hooks.py "${common[@]}" --repeats 5
 step selection 60 "$PY" bench/bench_selection.py "${common[@]}"
-# bench_inlp.py has no model (planted data); d=896 is qwen05's width; small n and 6 iterations keep its CPU reference short
-step inlp 60 "$PY" bench/bench_inlp.py --n 2048 --d 896 --iters 6 --out "$RES/inlp.csv" \
+# the study's INLP problem on $MODEL (its cached activations), both implementations run to convergence
+step inlp 120 "$PY" bench/bench_inlp.py --model "$MODEL" --out "$RES/inlp.csv" \
   --accelerator "$([[ $DEVICE == cuda* ]] && echo gpu || echo "$DEVICE")"
 eval_args=("${common[@]}" --timeout 100)
 [ "${EVAL_DEQUANT:-0}" = 1 ] || eval_args+=(--skip-dequantize)
