@@ -59,12 +59,17 @@ class RandomINLP:
 
 
 def random_fitted(d_model: int, n_layers: int, k: int = 8, seed: int = 0) -> Fitted:
-    """A random unit DiM direction and a random INLP basis at the middle layer."""
+    """A random unit DiM direction, a random INLP basis and a random rank-one LEACE eraser at the middle layer."""
+    from refusal.fitting.leace import LEACEResult
+
     g = torch.Generator().manual_seed(seed)
     v = torch.randn(d_model, generator=g)
+    u = torch.randn(d_model, generator=g)
+    u /= u.norm()
     layer = n_layers // 2
+    leace = LEACEResult(u[:, None], u[None], torch.zeros(d_model), torch.randn(d_model, generator=g), torch.randn(d_model, generator=g))
     return Fitted(dim=DiMDirection(v / v.norm(), layer, -1), inlp=RandomINLP.random(d_model, min(k, d_model), seed + 1),
-                  inlp_layer=layer)
+                  inlp_layer=layer, leace=leace)
 
 
 def build_interventions(fitted: Fitted, names: list[str] | None) -> tuple[dict[str, Any], list[str]]:

@@ -160,6 +160,8 @@ def _inlp(row: dict[str, str]) -> list[Figure]:
         Figure("iters_ours", "rank reached (fit_inlp)", note=f"reference: {row.get('iters_ref', '?')}"),
         Figure("max_abs_val_acc_diff", "max |val acc difference|"),
         Figure("min_cos_useful_dirs", "min cosine of useful directions"),
+        Figure("leading_dirs_agreeing", "leading directions agreeing (|cos| ≥ 0.99)"),
+        Figure("subspace_overlap", "subspace overlap (mean cos² of principal angles)"),
     ]
 
 

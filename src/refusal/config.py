@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import re
 from dataclasses import dataclass
@@ -77,6 +78,10 @@ def _check_intervention(cfg: DictConfig, n_layers: int | None = None) -> None:
     if "inlp" in cls.needs:  # INLP finds at most n_iterations directions: a larger k can only fail
         n_iter = cfg.fit.inlp.get("n_iterations")
         check_k(icfg.get("k"), n_iter if isinstance(n_iter, int) else None)
+    if "leace" in cls.needs and importlib.util.find_spec("concept_erasure") is None:
+        from refusal.fitting.leace import INSTALL_HINT
+
+        raise ConfigError(f"intervention {cls.name!r} needs the concept-erasure package: {INSTALL_HINT}")
     scope = Scope.from_config(icfg, cls.default_layers)
     scope.check_range(n_layers)
     if icfg.get("export") and (scope.layers != "all" or scope.positions != "all"):

@@ -191,15 +191,39 @@ def fit_inlp(ctx: RunContext, dim: DiMDirection, layer: int | None = None, logge
     return result
 
 
+def fit_leace(ctx: RunContext, dim: DiMDirection):
+    """The LEACE eraser on INLP's data (DiM layer, ``fit.inlp.positions``); reused when it matches."""
+    from refusal.fitting.leace import LEACEResult
+    from refusal.fitting.leace import fit_leace as run_fit
+
+    positions = inlp_settings(ctx)[0]
+    stem = ctx.artifact_dir / f"leace_L{dim.layer}_P{dim.position}_{positions}"
+    expect = ctx.expect(layer=dim.layer, position=dim.position, positions=positions)
+    if artifact_exists(stem):
+        try:
+            return LEACEResult.load(stem, expect=expect)
+        except ArtifactError as err:
+            if "made for something else" in str(err):
+                raise
+            log.warning("%s; refitting", err)
+    t0 = time.perf_counter()
+    result = run_fit(*_inlp_data(ctx, "train", dim.layer, dim.position, positions))
+    result.save(stem, {k: v for k, v in expect.items() if k != "d_model"})
+    ctx.timings["fit_leace"] = time.perf_counter() - t0
+    return result
+
+
 def fit(ctx: RunContext, needs: set[str] | None = None, logger: Any = None) -> Fitted:
-    """Fit (or reuse) what ``needs`` names: "dim" and/or "inlp" (INLP also needs DiM's layer)."""
+    """Fit (or reuse) what ``needs`` names: "dim", "inlp", "leace" (INLP and LEACE also need DiM's layer)."""
     needs = {"dim", "inlp"} if needs is None else set(needs)
     fitted = Fitted()
-    if needs & {"dim", "inlp"}:
+    if needs & {"dim", "inlp", "leace"}:
         fitted.dim = fit_dim(ctx)
     if "inlp" in needs:
         fitted.inlp = fit_inlp(ctx, fitted.dim, logger=logger)
         fitted.inlp_layer = fitted.dim.layer
+    if "leace" in needs:
+        fitted.leace = fit_leace(ctx, fitted.dim)
     return fitted
 
 

@@ -55,6 +55,7 @@ class Fitted:
     inlp: Any = None  # refusal.fitting.inlp.INLPResult
     inlp_layer: int | None = None
     inlp_by_layer: dict[int, Any] = field(default_factory=dict)
+    leace: Any = None  # refusal.fitting.leace.LEACEResult
 
 
 class Intervention(ABC):

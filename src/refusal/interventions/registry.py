@@ -85,6 +85,7 @@ def load_entry_points() -> None:
 
 def _ensure_builtins() -> None:
     import refusal.interventions.builtin  # noqa: F401  (registers on import)
+    import refusal.interventions.leace  # noqa: F401
 
 
 def available(plugin_dirs: list[str | Path] | None = None) -> dict[str, str]:
