@@ -35,11 +35,11 @@ from _common import host_info  # noqa: E402
 
 from refusal.artifacts import atomic_write_text  # noqa: E402
 from refusal.report import flat_row, load_runs, markdown_table  # noqa: E402
-from refusal.verdict import RULES, ClaimInputs, c1, c2, claims_table, decide  # noqa: E402
+from refusal.verdict import RULES, ClaimInputs, Rate, c1, c2, claims_table, decide  # noqa: E402
 
 STUDY_MODELS = ["qwen05", "qwen15"]  # the packaged models that refuse
 SPLITS_DIR = REPO.parent / "shared" / "data" / "refusal_direction_splits"
-STEPS = ["main", "actadd", "k", "alpha", "controls", "tokens", "geometry"]
+STEPS = ["main", "actadd", "k", "alpha", "controls", "tokens", "geometry", "leace"]
 KS = [1, 2, 4, 8, 16]
 ALPHAS = [0.5, 1.5, 2.0, 3.0]
 LEGACY_K = 16  # INLP's old iteration default: the "today's setting" column of the verdict
@@ -127,6 +127,10 @@ class Study:
             self.sweep(out, "tokens", [a for a in args if not a.startswith("eval.max_new_tokens=")],
                        ["intervention=none,actadd,dim_ablation,inlp_nullspace,inlp_flip",
                         f"eval.max_new_tokens={opts.token_budget}", NO_GEOMETRY])
+        if "leace" in steps:  # the third family: LEACE erasure and its flip, with their own geometry
+            self.sweep(out, "leace", args, ["intervention=leace_erase,leace_flip"])
+            self.run(["-m", "refusal.geometry", "--interventions", "none,leace_erase,leace_flip", "--out",
+                      str(out / "geometry_leace"), *args], out / "geometry_leace.log", out / "geometry_leace" / "geometry.json")
         if "geometry" in steps:
             specs = ",".join(s for s in GEOMETRY_SPECS if not s.endswith(f"k={LEGACY_K}") or LEGACY_K < rank)
             self.run(["-m", "refusal.geometry", "--interventions", specs, "--out", str(out / "geometry"), *args],
@@ -140,7 +144,8 @@ def _rows(folder: Path) -> list[dict[str, Any]]:
 
 def _order(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Intervention order of the study, then by parameter value (numbers as numbers)."""
-    rank = {"none": 0, "actadd": 1, "dim_ablation": 2, "inlp_nullspace": 3, "inlp_flip": 4, "random_ablation": 5}
+    rank = {"none": 0, "actadd": 1, "dim_ablation": 2, "inlp_nullspace": 3, "inlp_flip": 4, "leace_erase": 5,
+            "leace_flip": 6, "random_ablation": 7}
 
     def num(value: Any) -> float:
         try:
@@ -172,6 +177,9 @@ class ModelRuns:
         self.fitted = json.loads((mdir / "train" / "fitted.json").read_text()) if (mdir / "train" / "fitted.json").exists() else {}
         self.rank = int(self.fitted.get("inlp_rank") or 0)
         self.main = _order(_rows(mdir / "main") + _rows(mdir / "actadd"))
+        self.leace = _rows(mdir / "leace")
+        geo_leace = mdir / "geometry_leace" / "geometry.json"
+        self.geometry_leace = json.loads(geo_leace.read_text()) if geo_leace.exists() else {}
         self.k = _rows(mdir / "k")
         self.alpha = _rows(mdir / "alpha")
         self.controls = {run.split("/")[0]: flat_row(r, run) for run, r in load_runs(mdir / "controls")
@@ -259,6 +267,29 @@ def _token_section(runs: dict[str, ModelRuns], short: int, long: int) -> list[st
     return out
 
 
+def _leace_section(runs: dict[str, ModelRuns]) -> list[str]:
+    """LEACE beside DiM and INLP: does erasing the linear information suppress refusal, and where does it land?"""
+    lines = []
+    for model, mr in runs.items():
+        base, erase, flip = _pick(mr.main, "none"), _pick(mr.leace, "leace_erase"), _pick(mr.leace, "leace_flip")
+        if not (base and erase and flip):
+            continue
+        geo = {r["intervention"]: r for r in mr.geometry_leace.get("rows", [])}
+
+        def lands(name: str, geo: dict[str, Any] = geo) -> str:
+            g = geo.get(name)
+            return f", lands t={g['t']:.2f} [{g['t_lo']:.2f}, {g['t_hi']:.2f}] ({g['label_ci']}, predicted {g['t_pred']:.2f})" if g else ""
+
+        lines.append(f"- **{model}**: baseline {Rate.of(base)}; LEACE erase {Rate.of(erase)}{lands('leace_erase')}; "
+                     f"LEACE flip {Rate.of(flip)}{lands('leace_flip')}.")
+    if not lines:
+        return []
+    return ["### LEACE: erasing the linear information", "",
+            "LEACE (fitted with `concept-erasure` on INLP's data, applied at the DiM layer) removes exactly the linear "
+            "harmful/harmless information: by construction its erasure should land between the clusters and its "
+            "reflection in the opposite one. Whether that moves refusal is the question:", "", *lines, ""]
+
+
 def render(root: Path, docs: Path, meta: dict[str, Any]) -> Path:
     from refusal.report_plots import plot_tunability
 
@@ -297,7 +328,8 @@ def render(root: Path, docs: Path, meta: dict[str, Any]) -> Path:
            "as refusal. The token-budget check below reruns the main rows with a longer budget.", "",
            *_token_section(runs, short, meta.get("token_budget", 128))]
 
-    main_rows = [r for mr in runs.values() for r in mr.main]
+    md += _leace_section(runs)
+    main_rows = [r for mr in runs.values() for r in _order(mr.main + mr.leace)]
     md += ["## Main table", "", markdown_table(main_rows), "", "Fitted directions:", ""]
     for model, mr in runs.items():
         f, inlp = mr.fitted, mr.fitted.get("inlp", {})

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -28,6 +28,7 @@ from refusal.interventions.base import DiMDirection, Fitted
 from refusal.models import ModelBundle, load_model
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -72,6 +73,20 @@ def settings_key(settings: Mapping[str, Any]) -> str:
     return sha256_json(settings)[:8]
 
 
+def _reuse(stem: Path, load: Callable[[], T]) -> T | None:
+    """The artifact at ``stem`` when it exists and matches; None (refit) when missing or corrupt. One
+    made for another model or data is an error: it is never overwritten or silently used."""
+    if not artifact_exists(stem):
+        return None
+    try:
+        return load()
+    except ArtifactError as err:
+        if "made for something else" in str(err):
+            raise
+        log.warning("%s; refitting", err)
+        return None
+
+
 def prepare(cfg: DictConfig) -> RunContext:
     """Validate the config, load data and model; cheap errors first, the model last."""
     t0 = time.perf_counter()
@@ -95,15 +110,13 @@ def fit_dim(ctx: RunContext) -> DiMDirection:
     # Keyed by what made it: another selection config is another artifact, never a clash.
     stem = ctx.artifact_dir / (f"dim_{spec.tag}-{settings_key(selection)}" if selection else f"dim_{spec.tag}")
     expect = ctx.expect(layer_spec=spec.tag, **selection)
-    if artifact_exists(stem):
-        try:
-            tensors, meta = load_artifact(stem, expect=expect)
-            log.info("reusing DiM artifact %s", stem)
-            return DiMDirection(tensors["direction"], int(meta["layer"]), int(meta["position"]))
-        except ArtifactError as err:
-            if "made for something else" in str(err):
-                raise
-            log.warning("%s; refitting", err)
+    def load() -> DiMDirection:
+        tensors, meta = load_artifact(stem, expect=expect)
+        log.info("reusing DiM artifact %s", stem)
+        return DiMDirection(tensors["direction"], int(meta["layer"]), int(meta["position"]))
+
+    if (reused := _reuse(stem, load)) is not None:
+        return reused
     t0 = time.perf_counter()
     candidates = dim_candidates(ctx.activations("harmful_train"), ctx.activations("harmless_train"))
     candidates = candidates[: ctx.bundle.n_layers]  # block inputs only
@@ -174,13 +187,8 @@ def fit_inlp(ctx: RunContext, dim: DiMDirection, layer: int | None = None, logge
     settings = {k: v for k, v in icfg.items() if k not in ("accelerator", "devices")}
     stem = ctx.artifact_dir / f"inlp_L{layer}_P{dim.position}_{positions}-{settings_key(settings)}"
     expect = ctx.expect(layer=layer, position=dim.position, positions=positions, fit_settings=settings)
-    if artifact_exists(stem):
-        try:
-            return INLPResult.load(stem, expect=expect)
-        except ArtifactError as err:
-            if "made for something else" in str(err):
-                raise
-            log.warning("%s; refitting", err)
+    if (reused := _reuse(stem, lambda: INLPResult.load(stem, expect=expect))) is not None:
+        return reused
     t0 = time.perf_counter()
     X, y = _inlp_data(ctx, "train", layer, dim.position, positions)
     X_val, y_val = _inlp_data(ctx, "val", layer, dim.position, positions)
@@ -199,13 +207,8 @@ def fit_leace(ctx: RunContext, dim: DiMDirection):
     positions = inlp_settings(ctx)[0]
     stem = ctx.artifact_dir / f"leace_L{dim.layer}_P{dim.position}_{positions}"
     expect = ctx.expect(layer=dim.layer, position=dim.position, positions=positions)
-    if artifact_exists(stem):
-        try:
-            return LEACEResult.load(stem, expect=expect)
-        except ArtifactError as err:
-            if "made for something else" in str(err):
-                raise
-            log.warning("%s; refitting", err)
+    if (reused := _reuse(stem, lambda: LEACEResult.load(stem, expect=expect))) is not None:
+        return reused
     t0 = time.perf_counter()
     result = run_fit(*_inlp_data(ctx, "train", dim.layer, dim.position, positions))
     result.save(stem, {k: v for k, v in expect.items() if k != "d_model"})

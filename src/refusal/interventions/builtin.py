@@ -135,11 +135,6 @@ class _INLPBase(Intervention):
             self._per_layer[layer] = (W, centre, *self._extra(inlp, W, centre))
         return self._per_layer[layer]
 
-    def check_layers(self, n_layers: int) -> None:
-        """Resolve k at every layer in scope: a k beyond some layer's rank fails before generation."""
-        for layer in self.layers(n_layers):
-            self.tensors_at(layer)
-
     def params(self) -> dict[str, Any]:
         return {**super().params(), "k": self.k}
 
