@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
 
     # Warm-up on a toy problem so one-off import / first-Trainer costs are not billed to the run.
     toy = make_planted_concept(64, 8, 1, seed=1)
-    fit_inlp(*toy[:4], INLPConfig(n_iterations=1, accelerator=args.accelerator), enable_progress_bar=False)
+    fit_inlp(*toy[:4], INLPConfig(n_iterations=1, epsilon=1.0, accelerator=args.accelerator), enable_progress_bar=False)
 
     ours, t_ours = timed(fit_inlp, X, y, X_val, y_val, cfg, enable_progress_bar=False)
     ref, t_ref = timed(fit_inlp_reference, X, y, X_val, y_val, n_iterations=args.iters,
