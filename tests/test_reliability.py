@@ -337,3 +337,21 @@ def test_hydra_target_only_in_the_callback_and_only_refusal_classes():
     for source, where, target in found:
         assert source == "conf/config.yaml" and where.startswith("hydra.callbacks."), (source, where)
         assert isinstance(target, str) and target.startswith("refusal."), (source, where, target)
+
+
+def test_atomic_writes_get_the_users_usual_mode_not_mkstemps_private_one(tmp_path):
+    """Results and artifacts are readable by collaborators like any file the user writes (0666 minus umask)."""
+    import os
+    import stat
+
+    from refusal.artifacts import atomic_write_json, save_artifact
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_json(tmp_path / "results.json", {"ok": 1})
+        save_artifact(tmp_path / "art", {"x": torch.zeros(2)}, {"k": 1})
+    finally:
+        os.umask(old)
+    for name in ("results.json", "art.json", "art.safetensors"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644
+    assert not list(tmp_path.glob(".*.tmp"))

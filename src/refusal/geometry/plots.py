@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from torch import Tensor
 
+from refusal.artifacts import atomic_target
 from refusal.errors import DataError
 from refusal.geometry.stats import (
     LANDING_THRESHOLDS,
@@ -62,17 +62,9 @@ def landing_figsize(n_panels: int) -> tuple[float, float]:
 
 def _save_atomic(fig: Figure, path: str | os.PathLike[str]) -> Path:
     """Write ``fig`` as PNG to ``path`` via a temp file in the same folder and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format="png", dpi=DPI, facecolor="white")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_target(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=DPI, facecolor="white")
+    return Path(path)
 
 
 def _unit(v: Tensor) -> Tensor:

