@@ -10,8 +10,14 @@ then ``evaluate.py`` sweeps and control runs into ``study/<model>/<step>/`` and 
 refusal.geometry``. A step whose output already exists is skipped, so an interrupted study resumes
 where it stopped. INLP runs to convergence (the study's setting); the k sweep includes k=16, the
 setting of earlier versions, and the verdict is given under both. Nothing here runs in CI.
-Wall time per model is written into the report (2 CPU cores: qwen05 ≈ 60 min, qwen15 ≈ 100 min
-with the reduced step list of docs/RESULTS.md).
+Wall time per step is written into the report. On 2 CPU cores every step is a few minutes on qwen05
+and about three times that on qwen15 (a run of 32 + 32 test prompts: 1–3 min on qwen05, 3–6 on
+qwen15), so docs/RESULTS.md was made with a reduced plan (the commands are listed in it):
+
+    python bench/study.py --models qwen05 --ks 4 16 --alphas 2.0 3.0 \
+        --controls dim_ablation_selected flip_all nullspace_all flip_per_layer random_rank_selected
+    python bench/study.py --models qwen15 --steps main geometry k controls --ks 16 \
+        --controls dim_ablation_selected flip_all
 """
 
 from __future__ import annotations
