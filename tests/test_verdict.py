@@ -119,3 +119,15 @@ def test_interval_label_is_inconclusive_across_a_threshold():
     assert interval_label(0.5, (0.4, 0.6)) == "between"
     assert interval_label(0.85, (0.7, 0.95), p_harmful=0.2) == "inconclusive"
     assert interval_label(0.9, (0.8, 1.0), p_harmful=0.2) == "opposite"
+
+
+def test_a_run_that_breaks_the_model_cannot_decide_c1_or_c2():
+    broken_flip = inputs(flip=0)
+    broken_flip.flip = row(0, ppl=1.8 * 10)  # 0% refusal, but perplexity 10x the baseline's
+    verdict = c1(broken_flip)
+    assert verdict.verdict == UNSURE and "model broken (ppl 18" in verdict.evidence
+    fluent = inputs(flip=0)
+    assert c1(fluent).verdict == HOLDS and c2(inputs(null=20)).verdict == HOLDS
+    broken_null = inputs(null=20)
+    broken_null.nullspace = row(20, ppl=100.0)
+    assert c2(broken_null).verdict == UNSURE
