@@ -183,23 +183,28 @@ def bootstrap_axis_interval(
 ) -> tuple[float, float]:
     """95% percentile-bootstrap interval of the mean landing coordinate t, resampling prompts.
 
-    Harmless prompts are resampled on their own; harmful prompts are resampled jointly with their
-    transformed rows when both have the same length (the same prompts before and after), so the
-    interval covers the centroids' sampling noise as well as the spread of the landing points.
+    Conditional on the DiM axis of the full sample: every point is projected on it once, and the
+    resampling is one-dimensional. (Resampling the axis too would inflate |Δ|² by the noise of a
+    high-dimensional mean and bias t towards 0.) Harmless prompts are resampled on their own;
+    harmful prompts jointly with their transformed rows when both have the same length (the same
+    prompts before and after), so the interval covers the centroids' noise along the axis as well
+    as the spread of the landing points.
     """
     harmful, harmless = _as_2d(harmful, "harmful"), _as_2d(harmless, "harmless")
     transformed = _as_2d(transformed, "transformed")
+    axis = harmless.mean(0) - harmful.mean(0)
+    axis = axis / torch.linalg.vector_norm(axis)
+    h, s, x = harmful @ axis, harmless @ axis, transformed @ axis  # harmful, safe (harmless), transformed
     gen = torch.Generator().manual_seed(seed)
 
     def weights(n: int) -> Tensor:  # [n_boot, n] resampling counts / n: one matmul gives every resampled mean
         idx = torch.randint(n, (n_boot, n), generator=gen)
         return torch.zeros(n_boot, n, dtype=torch.float64).scatter_add_(1, idx, torch.ones(n_boot, n, dtype=torch.float64)) / n
 
-    w_h = weights(harmful.shape[0])
-    w_t = w_h if transformed.shape[0] == harmful.shape[0] else weights(transformed.shape[0])
-    mu_h, mu_l, mu_t = w_h @ harmful, weights(harmless.shape[0]) @ harmless, w_t @ transformed
-    delta = mu_l - mu_h
-    t = ((mu_t - mu_h) * delta).sum(1) / (delta * delta).sum(1)
+    w_h = weights(len(h))
+    w_x = w_h if len(x) == len(h) else weights(len(x))
+    mu_h, mu_s, mu_x = w_h @ h, weights(len(s)) @ s, w_x @ x
+    t = (mu_x - mu_h) / (mu_s - mu_h)
     lo, hi = torch.quantile(t, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
     return lo, hi
 
