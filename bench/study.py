@@ -75,12 +75,10 @@ def _model_order(model: str) -> tuple[int, str]:
 class Study:
     def __init__(self, root: Path, common: list[str]) -> None:
         self.root, self.common = root, common
-        self.commands: list[str] = []
 
     def run(self, argv: list[str], log: Path, done: Path) -> bool:
         """Run one step unless ``done`` exists; output goes to ``log``; returns success."""
         shown = " ".join(shlex.quote(a) for a in ["python", *argv])
-        self.commands.append(shown)
         stamp = log.with_suffix(".command")
         if done.exists():
             if stamp.exists() and stamp.read_text().strip() == shown:
@@ -296,6 +294,18 @@ def _leace_section(runs: dict[str, ModelRuns]) -> list[str]:
             "reflection in the opposite one. Whether that moves refusal is the question:", "", *lines, ""]
 
 
+def _commands(model_dir: Path) -> list[str]:
+    """The stamped command of every step that ran for one model, in the study's step order."""
+    order = ["train", "main", "actadd", "k", "alpha", "controls", "tokens", "geometry", "leace", "geometry_leace"]
+
+    def rank(path: Path) -> tuple[int, str]:
+        step = path.relative_to(model_dir).parts[0].removesuffix(".command")
+        return (order.index(step) if step in order else len(order), str(path))
+
+    stamps = sorted([*model_dir.glob("*.command"), *model_dir.glob("controls/*.command")], key=rank)
+    return [p.read_text().strip() for p in stamps]
+
+
 def render(root: Path, docs: Path, meta: dict[str, Any]) -> Path:
     from refusal.report_plots import plot_tunability
 
@@ -375,8 +385,9 @@ def render(root: Path, docs: Path, meta: dict[str, Any]) -> Path:
                "Capture explains the landing: for symmetric clusters nullspace lands near capture/2 and flip near "
                "(1+α)/2·capture, so a subspace that holds little of the DiM difference cannot carry activations far "
                "along it, however many directions it has.", "", *geo_sections, ""]
-    md += ["## Commands", "", "Every number above comes from these commands (run by `bench/study.py`, in order):", "",
-           "```bash", *map(_relative, meta["commands"]), "```", ""]
+    md += ["## Commands", "", "Every number above comes from these commands (run by `bench/study.py`; each step's "
+           "command is stamped next to its output, so this list is what ran, interrupted invocations included):", "",
+           "```bash", *(_relative(c) for model in models for c in _commands(root / model)), "```", ""]
     for model in models:
         timings = root / model / "timings.json"
         if timings.exists():
@@ -427,13 +438,11 @@ def main(argv: list[str] | None = None) -> int:
             "data": ("the Arditi et al. `refusal_direction` splits (AdvBench-derived harmful, Alpaca harmless), "
                      f"{args.n_test or 'all configured'} test prompts per class"
                      if args.splits.is_dir() else "the embedded set (../shared splits not found)"),
-            "max_new_tokens": args.max_new_tokens, "token_budget": args.token_budget,
-            "models": args.models, "commands": study.commands,
+            "max_new_tokens": args.max_new_tokens, "token_budget": args.token_budget, "models": args.models,
         }
         if meta_path.exists():  # an earlier invocation ran other models or steps: keep them in the report
             old = json.loads(meta_path.read_text())
             meta["models"] = [*old["models"], *(m for m in args.models if m not in old["models"])]
-            meta["commands"] = [*old["commands"], *(c for c in study.commands if c not in old["commands"])]
         atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")
     print(f"wrote {render(args.root, args.docs, meta)}")
     return 0
