@@ -129,7 +129,7 @@ class Study:
                          run_dir / "results.json")
         if "tokens" in steps and model in opts.token_models:
             self.sweep(out, "tokens", [a for a in args if not a.startswith("eval.max_new_tokens=")],
-                       ["intervention=none,actadd,dim_ablation,inlp_nullspace,inlp_flip",
+                       ["intervention=none,dim_ablation,inlp_nullspace,inlp_flip",  # the rows C1 and C2 compare
                         f"eval.max_new_tokens={opts.token_budget}", NO_GEOMETRY])
         if "leace" in steps:  # the third family: LEACE erasure and its flip, with their own geometry
             self.sweep(out, "leace", args, ["intervention=leace_erase,leace_flip"])
