@@ -68,6 +68,13 @@ GEOMETRY_SPECS = ["none", "actadd:coeff=-1.0", "dim_ablation", "inlp_nullspace",
                   "inlp_nullspace:layers=all", "inlp_flip:layers=all"]
 
 
+def swept(key: str, values: list[Any]) -> str:
+    """A multirun override over ``values``; one value as choice(v), or Hydra would apply it to the
+    primary config (intervention=none, which has no such key) before the jobs choose their group."""
+    joined = ",".join(map(str, values))
+    return f"{key}={joined}" if len(values) > 1 else f"{key}=choice({joined})"
+
+
 def _model_order(model: str) -> tuple[int, str]:
     return (STUDY_MODELS.index(model) if model in STUDY_MODELS else len(STUDY_MODELS), model)
 
@@ -118,9 +125,9 @@ class Study:
             self.sweep(out, "actadd", args, ["intervention=actadd", "intervention.coeff=-1.0,1.0"])
         ks = [k for k in opts.ks if k < rank]
         if "k" in steps and ks:
-            self.sweep(out, "k", args, ["intervention=inlp_nullspace,inlp_flip", "intervention.k=" + ",".join(map(str, ks)), NO_GEOMETRY])
+            self.sweep(out, "k", args, ["intervention=inlp_nullspace,inlp_flip", swept("intervention.k", ks), NO_GEOMETRY])
         if "alpha" in steps and opts.alphas:
-            self.sweep(out, "alpha", args, ["intervention=inlp_flip", "intervention.alpha=" + ",".join(map(str, opts.alphas)), NO_GEOMETRY])
+            self.sweep(out, "alpha", args, ["intervention=inlp_flip", swept("intervention.alpha", opts.alphas), NO_GEOMETRY])
         if "controls" in steps:
             for name in opts.controls:
                 overrides = [o.format(rank=rank) for o in CONTROLS[name]]
