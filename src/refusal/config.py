@@ -118,9 +118,8 @@ def _check_model(model: Any) -> None:
         raise ConfigError(f"model.trust_remote_code={trust!r} must be true or false (a boolean, not a string)")
 
 
-def _check_inlp(icfg: Any) -> None:
-    from refusal.fitting.inlp import INLPConfig
-
+def split_inlp_settings(icfg: Any) -> tuple[str, bool, dict[str, Any]]:
+    """``fit.inlp`` as (positions, per_layer, the INLPConfig fields): what selects data and what fits."""
     options = OmegaConf.to_container(icfg, resolve=True) if isinstance(icfg, DictConfig) else dict(icfg)
     positions = options.pop("positions", "all")
     if positions not in ("all", "selected"):
@@ -128,6 +127,13 @@ def _check_inlp(icfg: Any) -> None:
     per_layer = options.pop("per_layer", False)
     if not isinstance(per_layer, bool):
         raise ConfigError(f"fit.inlp.per_layer={per_layer!r} must be true or false")
+    return positions, per_layer, options
+
+
+def _check_inlp(icfg: Any) -> None:
+    from refusal.fitting.inlp import INLPConfig
+
+    _, _, options = split_inlp_settings(icfg)
     try:
         INLPConfig(**options).validate()
     except TypeError as err:  # an unknown key

@@ -20,9 +20,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from refusal.activations import ActivationCache
 from refusal.artifacts import artifact_exists, load_artifact, save_artifact, sha256_json
-from refusal.config import check_config, resolve_layer_spec
+from refusal.config import check_config, resolve_layer_spec, split_inlp_settings
 from refusal.data import InstructionSplits, load_splits
-from refusal.errors import ArtifactError, ConfigError
+from refusal.errors import ArtifactError
 from refusal.fitting.dim import CandidateScorer, SelectionConfig, dim_candidates, select_direction
 from refusal.interventions.base import DiMDirection, Fitted
 from refusal.models import ModelBundle, load_model
@@ -165,12 +165,8 @@ def _inlp_data(ctx: RunContext, split: str, layer: int, position: int, positions
 
 
 def inlp_settings(ctx: RunContext) -> tuple[str, bool, dict[str, Any]]:
-    """(positions, per_layer, the INLPConfig fields): fit.inlp split into what selects data and what fits."""
-    icfg = _plain(ctx.cfg.fit.inlp)
-    positions, per_layer = icfg.pop("positions", "all"), bool(icfg.pop("per_layer", False))
-    if positions not in ("all", "selected"):
-        raise ConfigError(f"fit.inlp.positions={positions!r} must be 'all' or 'selected'")
-    return positions, per_layer, icfg
+    """(positions, per_layer, the INLPConfig fields) of this run's ``fit.inlp``."""
+    return split_inlp_settings(ctx.cfg.fit.inlp)
 
 
 def fit_inlp(ctx: RunContext, dim: DiMDirection, layer: int | None = None, logger: Any = None):
