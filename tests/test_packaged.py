@@ -123,3 +123,10 @@ def test_dim_ablation_on_the_real_model_and_its_weight_export(smollm2, instructi
     # float32 rounding through 30 layers leaves ~3e-4 on logits of ~15 (tiny meets 1e-4); the
     # ablation itself moves them by orders of magnitude more
     assert gap <= 1e-3 and gap < 1e-2 * (hooked_logits - before).abs().max()
+
+
+def test_dim_selection_scores_with_a_shared_prefix_equal_the_plain_path(smollm2):
+    from test_selection import assert_prefix_sharing_scores_like_the_plain_path
+
+    splits = load_splits({"name": "embedded", "seed": 0, "n_train": 4, "n_val": 3, "n_test": 2})
+    assert_prefix_sharing_scores_like_the_plain_path(smollm2, splits.harmful_val, splits.harmless_val)

@@ -9,8 +9,11 @@ from conftest import random_unit
 from refusal.fitting.dim import (
     CandidateScorer,
     SelectionConfig,
+    SelectionResult,
+    common_prefix,
     dim_candidates,
     eligible_layers,
+    picks_by_rule,
     select_direction,
 )
 from refusal.hooks import HookSpec, hooked
@@ -27,6 +30,8 @@ def planted(tmp_path_factory):
     A hook at the input of block PLANT_LAYER adds c·r̂ to every position of prompts that contain a
     trigger token (our stand-in for 'the model recognised harm'), and the unembedding rows of the
     refusal tokens point along r̂, so refusal log-odds rise with the r̂ component of the residual.
+    The plant sees a whole row at once, so with a shared prompt prefix (the scorer's default) the
+    prefix runs unplanted; selection must still find r̂ from the instruction's own tokens.
     """
     bundle = load_model({"name": "planted", "source": "tiny", "tiny": {"n_layers": 6, "seed": 3}},
                         tmp_path_factory.mktemp("cache"))
@@ -114,3 +119,69 @@ def test_shortlist_scores_fewer_candidates_and_agrees(planted):
     assert short.scored == n_layers - 1 + 2 * (n_pos - 1)
     for res in (last, short):
         assert torch.nn.functional.cosine_similarity(candidates[res.layer, res.position], unit, dim=0) > 0.9
+
+
+def assert_prefix_sharing_scores_like_the_plain_path(bundle, harmful: list[str], harmless: list[str]) -> None:
+    """Shared by the tiny and the packaged-model test: same bypass/induce/KL per candidate, either path."""
+    tok = bundle.tokenize_instructions
+    harmful_ids, harmless_ids = tok(harmful), tok(harmless)
+    gen = torch.Generator().manual_seed(0)
+    directions = 3.0 * torch.randn(5, bundle.d_model, generator=gen)
+    layers = [1, 2, 2, bundle.n_layers // 2, bundle.n_layers - 2]
+    plain = CandidateScorer(bundle, harmful_ids, harmless_ids, batch_size=6, progress=False, share_prefix=False)
+    shared = CandidateScorer(bundle, harmful_ids, harmless_ids, batch_size=6, progress=False)
+    assert plain.prefix == [] and len(shared.prefix) >= 2  # the chat template's opening is shared
+    assert shared.prefix == harmful_ids[0][: len(shared.prefix)]
+    for name, a, b in zip(("bypass", "induce", "kl"), plain.score(directions, layers), shared.score(directions, layers),
+                          strict=True):
+        torch.testing.assert_close(b, a, atol=2e-5, rtol=1e-4, msg=f"{name} differs with a shared prefix")
+    torch.testing.assert_close(torch.tensor(shared.baselines()), torch.tensor(plain.baselines()), atol=2e-5, rtol=1e-4)
+
+
+def test_prefix_sharing_gives_the_plain_scores(tiny_bundle):
+    # not the planted model: its plant sees the whole row (a trigger anywhere), so its prefix is not causal
+    assert_prefix_sharing_scores_like_the_plain_path(tiny_bundle, _instructions(3, True), _instructions(5, False)[2:])
+
+
+def test_common_prefix_leaves_every_row_a_token():
+    assert common_prefix([[1, 2, 3, 4], [1, 2, 3, 9], [1, 2, 3, 4, 5]]) == [1, 2, 3]
+    assert common_prefix([[1, 2], [1, 2, 3]]) == [1]  # [1, 2] must keep one token of its own
+    assert common_prefix([[7, 1], [8, 1]]) == [] and common_prefix([]) == []
+
+
+def _grid(bypass, induce, kl, baseline_harmless: float) -> SelectionResult:
+    t = lambda v: torch.tensor(v, dtype=torch.float32)[:, None]  # noqa: E731 - one position per layer
+    return SelectionResult(layer=0, position=-1, bypass=t(bypass), induce=t(induce), kl=t(kl),
+                           baseline_harmful=0.0, baseline_harmless=baseline_harmless, passed_filters=True)
+
+
+def test_relative_rule_keeps_weak_refusers_induce_filter():
+    # a weak refuser: unsteered harmless score -4; layer 1 raises it to -2 (induces), layer 0 lowers it to -5,
+    # layer 2 breaks the model (KL). No candidate's score is above 0, so Arditi's absolute rule falls back
+    # to KL only and takes layer 0, whose actadd does not induce refusal at all.
+    result = _grid(bypass=[-6.0, -5.0, -9.0], induce=[-5.0, -2.0, 1.0], kl=[0.05, 0.05, 3.0], baseline_harmless=-4.0)
+    assert picks_by_rule(result, SelectionConfig()) == {"relative": "L1P-1", "absolute": "L0P-1"}
+    cfg = SelectionConfig()
+    assert cfg.induce_threshold(-4.0) == -4.0 and SelectionConfig(induce_rule="absolute").induce_threshold(-4.0) == 0.0
+    assert SelectionConfig(min_induce=0.5).induce_threshold(-4.0) == -3.5
+    with pytest.raises(ValueError, match="relative, absolute"):
+        SelectionConfig(induce_rule="median")
+
+
+def test_selection_records_the_rule_that_decided(planted):
+    bundle, _ = planted
+    tok = bundle.tokenize_instructions
+    from refusal.activations import extract_activations
+
+    n_pos = len(bundle.post_instruction_ids)
+    acts_h = extract_activations(bundle, tok(_instructions(6, True)), n_pos, progress=False)
+    acts_s = extract_activations(bundle, tok(_instructions(6, False)), n_pos, progress=False)
+    candidates = dim_candidates(acts_h, acts_s)[: bundle.n_layers]
+    scorer = CandidateScorer(bundle, tok(_instructions(3, True)), tok(_instructions(3, False)), progress=False)
+    relative = select_direction(candidates, scorer, SelectionConfig(max_kl=10.0, positions="last"))
+    assert relative.decided_by.startswith("relative rule") and "fallback" not in relative.decided_by
+    assert relative.winner()["induce"] > relative.baseline_harmless
+    # an absolute threshold no candidate reaches: the fallback is recorded, not hidden
+    absolute = select_direction(candidates, scorer, SelectionConfig(max_kl=10.0, positions="last",
+                                                                    induce_rule="absolute", min_induce=1e3))
+    assert not absolute.passed_filters and "fallback" in absolute.decided_by

@@ -168,6 +168,9 @@ def check_config(cfg: DictConfig, bundle: Any = None) -> None:
         raise ConfigError("fit.dim.prune_last_fraction must be within [0, 1)")
     if dim.positions not in ("all", "last"):
         raise ConfigError(f"fit.dim.positions={dim.positions!r} must be 'all' or 'last'")
+    if dim.get("induce_rule", "relative") not in ("relative", "absolute"):
+        raise ConfigError(f"fit.dim.induce_rule={dim.induce_rule!r} must be 'relative' (induce over the unsteered "
+                          "harmless score) or 'absolute' (Arditi et al.: induce > min_induce)")
     _int(dim.shortlist, "fit.dim.shortlist")
     if dim.get("n_prompts") is not None and _int(dim.n_prompts, "fit.dim.n_prompts") < 1:
         raise ConfigError("fit.dim.n_prompts must be >= 1 (or null for the whole val split)")

@@ -23,7 +23,14 @@ from refusal.artifacts import artifact_exists, load_artifact, save_artifact, sha
 from refusal.config import check_config, resolve_layer_spec, split_inlp_settings
 from refusal.data import InstructionSplits, load_splits
 from refusal.errors import ArtifactError
-from refusal.fitting.dim import CandidateScorer, SelectionConfig, dim_candidates, select_direction
+from refusal.fitting.dim import (
+    EXECUTION_ONLY,
+    CandidateScorer,
+    SelectionConfig,
+    dim_candidates,
+    picks_by_rule,
+    select_direction,
+)
 from refusal.interventions.base import DiMDirection, Fitted
 from refusal.models import ModelBundle, load_model
 
@@ -106,7 +113,8 @@ def prepare(cfg: DictConfig) -> RunContext:
 def fit_dim(ctx: RunContext) -> DiMDirection:
     """The DiM direction for the configured layer spec: pinned, relative, or selected on val."""
     spec = resolve_layer_spec(ctx.cfg.layer, ctx.bundle.n_layers, len(ctx.bundle.post_instruction_ids))
-    selection = {"selection": _plain(ctx.cfg.fit.dim)} if spec.mode == "auto" else {}
+    settings = {k: v for k, v in _plain(ctx.cfg.fit.dim).items() if k not in EXECUTION_ONLY}
+    selection = {"selection": settings} if spec.mode == "auto" else {}
     # Keyed by what made it: another selection config is another artifact, never a clash.
     stem = ctx.artifact_dir / (f"dim_{spec.tag}-{settings_key(selection)}" if selection else f"dim_{spec.tag}")
     expect = ctx.expect(layer_spec=spec.tag, **selection)
@@ -127,15 +135,16 @@ def fit_dim(ctx: RunContext) -> DiMDirection:
         n = fit_cfg.get("n_prompts")
         scorer = CandidateScorer(
             ctx.bundle, ctx.tokens("harmful_val")[:n], ctx.tokens("harmless_val")[:n],
-            batch_size=int(fit_cfg.batch_size), progress=ctx.progress,
+            batch_size=int(fit_cfg.batch_size), progress=ctx.progress, share_prefix=bool(fit_cfg.get("share_prefix", True)),
         )
-        result = select_direction(candidates, scorer, SelectionConfig(**_plain(fit_cfg)))
+        selection_cfg = SelectionConfig(**_plain(fit_cfg))
+        result = select_direction(candidates, scorer, selection_cfg)
         layer, position = result.layer, result.position
         tensors.update(bypass=result.bypass, induce=result.induce, kl=result.kl)
         meta.update(
             winner=result.winner(), passed_filters=result.passed_filters, scored=result.scored,
             baseline_harmful_score=result.baseline_harmful, baseline_harmless_score=result.baseline_harmless,
-            notes=result.notes,
+            notes=result.notes, decided_by=result.decided_by, picks_by_rule=picks_by_rule(result, selection_cfg),
         )
         from refusal.fitting.plots import plot_selection
 

@@ -16,7 +16,8 @@ import logging
 import math
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -33,15 +34,37 @@ def dim_candidates(harmful: torch.Tensor, harmless: torch.Tensor) -> torch.Tenso
     return harmful.mean(dim=0) - harmless.mean(dim=0)
 
 
+INDUCE_RULES = ("relative", "absolute")
+
+#: SelectionConfig fields that change how fast scores are computed, never what they are.
+EXECUTION_ONLY = ("batch_size", "share_prefix")
+
+
 @dataclass
 class SelectionConfig:
     max_kl: float = 0.1
     min_induce: float = 0.0
+    # "relative": actadd must raise the harmless refusal score by more than min_induce over the
+    # unsteered harmless score; "absolute" (Arditi et al.): the score itself must exceed min_induce.
+    induce_rule: str = "relative"
     prune_last_fraction: float = 0.2
     positions: str = "all"  # "all" or "last"
     shortlist: int = 0  # >0: last position for every layer first, then all positions of the best N layers
     n_prompts: int | None = None  # val prompts per class used for scoring (applied by the caller)
     batch_size: int = 32
+    share_prefix: bool = True  # run the prompts' common prefix once per candidate (same scores, fewer FLOPs)
+
+    def __post_init__(self) -> None:
+        if self.induce_rule not in INDUCE_RULES:
+            raise ValueError(f"fit.dim.induce_rule={self.induce_rule!r}: choose one of {', '.join(INDUCE_RULES)}")
+
+    def induce_threshold(self, baseline_harmless: float) -> float:
+        return self.min_induce + (baseline_harmless if self.induce_rule == "relative" else 0.0)
+
+    def induce_filter(self, baseline_harmless: float) -> str:
+        if self.induce_rule == "relative":
+            return f"induce > unsteered harmless {baseline_harmless:.2f} + {self.min_induce}"
+        return f"induce > {self.min_induce}"
 
 
 @dataclass
@@ -55,6 +78,7 @@ class SelectionResult:
     baseline_harmless: float
     passed_filters: bool
     scored: int = 0
+    decided_by: str = ""  # the filters the winner passed (which induce rule, or the fallback taken)
     notes: list[str] = field(default_factory=list)
 
     def winner(self) -> dict[str, float]:
@@ -72,32 +96,78 @@ def _kl_rows(base_logits: torch.Tensor, new_logits: torch.Tensor) -> torch.Tenso
     return (base.exp() * (base - new)).sum(-1)
 
 
+def common_prefix(rows: Sequence[Sequence[int]]) -> list[int]:
+    """The longest token prefix every row shares, leaving each row at least one token of its own."""
+    if not rows:
+        return []
+    limit = min(len(r) for r in rows) - 1
+    first = rows[0]
+    n = 0
+    while n < limit and all(r[n] == first[n] for r in rows):
+        n += 1
+    return list(first[:n])
+
+
 class CandidateScorer:
-    """Scores many candidate directions with per-row hooks (rows = candidate × prompt)."""
+    """Scores many candidate directions with per-row hooks (rows = candidate × prompt).
+
+    With ``share_prefix`` (the default) the token prefix every prompt shares (the chat template's
+    system turn: 24 of ~40 tokens on Qwen) runs once per candidate, and each prompt continues from
+    that candidate's key/value cache: the same arithmetic on fewer tokens, so the scores equal the
+    plain path's to float tolerance (tested), at about half the cost.
+    """
 
     def __init__(self, bundle: ModelBundle, harmful_ids: Sequence[Sequence[int]], harmless_ids: Sequence[Sequence[int]],
-                 batch_size: int = 32, progress: bool = True):
+                 batch_size: int = 32, progress: bool = True, share_prefix: bool = True):
         self.bundle = bundle
         self.harmful_ids = list(harmful_ids)
         self.harmless_ids = list(harmless_ids)
         self.batch_size = batch_size
         self.progress = progress
-        self._state: dict[str, torch.Tensor | None] = {}
-        self.baseline_harmless_logits = self._last_logits(self.harmless_ids, [])
+        self.prefix = common_prefix(self.harmful_ids + self.harmless_ids) if share_prefix else []
+        self._state: dict[str, Any] = {}
+        self.baseline_harmless_logits = self._last_logits(self.harmless_ids, [0] * len(self.harmless_ids), [])
+
+    def _select(self, owners: Sequence[int]) -> None:
+        """Point the hooks at the steering of each row's candidate for the next forward pass."""
+        index = torch.tensor(list(owners), device=self.bundle.device)
+        if "unit" in self._state:
+            self._state["unit_rows"] = self._state["unit"][index]
+        if "shift" in self._state:
+            self._state["shift_rows"] = {li: s[index] for li, s in self._state["shift"].items()}
+
+    def _forward(self, rows: Sequence[Sequence[int]], specs: list[HookSpec], offset: int = 0, past: Any = None,
+                 keep_cache: bool = False) -> Any:
+        """One hooked forward pass of left-padded ``rows``, continuing ``past`` (``offset`` tokens) if given."""
+        batch = self.bundle.pad(rows).to(self.bundle.device)
+        mask = batch.attention_mask
+        if offset:
+            mask = torch.cat([mask.new_ones(len(rows), offset), mask], dim=1)
+        with hooked(specs):
+            return self.bundle.model(
+                input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids + offset,
+                cache=past, use_cache=keep_cache or past is not None,
+                logits_to_keep=1,
+            )
 
     @torch.inference_mode()
-    def _last_logits(self, rows: Sequence[Sequence[int]], specs: list[HookSpec]) -> torch.Tensor:
-        batch = self.bundle.pad(rows).to(self.bundle.device)
-        with hooked(specs):
-            out = self.bundle.model(
-                input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                position_ids=batch.position_ids, use_cache=False, logits_to_keep=1,
-            )
-        return out.logits[:, -1].float()
+    def _last_logits(self, rows: Sequence[Sequence[int]], owners: Sequence[int], specs: list[HookSpec]) -> torch.Tensor:
+        """Last-position logits of token ``rows``; row i is steered as candidate ``owners[i]``."""
+        if not self.prefix:
+            self._select(owners)
+            return self._forward(rows, specs).logits[:, -1].float()
+        candidates = sorted(set(owners))
+        self._select(candidates)
+        past = self._forward([self.prefix] * len(candidates), specs, keep_cache=True).cache
+        slot = {c: i for i, c in enumerate(candidates)}
+        past.batch_select_indices(torch.tensor([slot[o] for o in owners], device=self.bundle.device))
+        self._select(owners)
+        n = len(self.prefix)
+        return self._forward([r[n:] for r in rows], specs, offset=n, past=past).logits[:, -1].float()
 
     def _ablation_specs(self) -> list[HookSpec]:
         def fn(x: torch.Tensor) -> torch.Tensor:
-            unit = self._state["unit"][:, None, :]
+            unit = self._state["unit_rows"][:, None, :]
             return x - (x * unit).sum(-1, keepdim=True) * unit
 
         layout = self.bundle.layout
@@ -108,8 +178,7 @@ class CandidateScorer:
     def _actadd_specs(self, layers: Sequence[int]) -> list[HookSpec]:
         def make(layer: int):
             def fn(x: torch.Tensor) -> torch.Tensor:
-                shift = self._state["shift"][layer]
-                return x if shift is None else x + shift[:, None, :]
+                return x + self._state["shift_rows"][layer][:, None, :]
             return fn
 
         return [HookSpec(self.bundle.layout.blocks[li], make(li), "pre") for li in sorted(set(layers))]
@@ -122,35 +191,32 @@ class CandidateScorer:
         n_harm, n_safe = len(self.harmful_ids), len(self.harmless_ids)
         per_batch = max(1, self.batch_size // max(n_harm, n_safe))
         bypass, induce, kl = [], [], []
-        ablation = self._ablation_specs()
-        actadd = self._actadd_specs(layers)
         chunks = range(0, len(units), per_batch)
         for start in tqdm(chunks, desc="scoring DiM candidates", disable=not self.progress, unit="batch"):
             idx = list(range(start, min(start + per_batch, len(units))))
-            # ablation: harmful rows (bypass) and harmless rows (KL), one pass
+            local = range(len(idx))
+            # ablation at every layer: harmful rows (bypass) and harmless rows (KL), one pass
+            self._state = {"unit": units[idx]}
             rows = [r for _ in idx for r in self.harmful_ids] + [r for _ in idx for r in self.harmless_ids]
-            unit_rows = torch.cat([units[i].expand(n_harm, -1) for i in idx] + [units[i].expand(n_safe, -1) for i in idx])
-            self._state["unit"] = unit_rows
-            logits = self._last_logits(rows, ablation)
+            owners = [j for j in local for _ in range(n_harm)] + [j for j in local for _ in range(n_safe)]
+            logits = self._last_logits(rows, owners, self._ablation_specs())
             harm_scores = refusal_score(logits[: len(idx) * n_harm], self.bundle.refusal_token_ids).view(len(idx), n_harm)
             safe_logits = logits[len(idx) * n_harm :].view(len(idx), n_safe, -1)
             bypass.append(harm_scores.mean(1))
-            kl.append(torch.stack([_kl_rows(self.baseline_harmless_logits, safe_logits[j]).mean() for j in range(len(idx))]))
-            # activation addition at each candidate's layer on harmless rows (induce)
-            shift = {li: None for li in set(layers)}
+            kl.append(torch.stack([_kl_rows(self.baseline_harmless_logits, safe_logits[j]).mean() for j in local]))
+            # activation addition at each candidate's own layer on harmless rows (induce)
+            shift = {li: torch.zeros(len(idx), directions.shape[-1], device=dev, dtype=dt) for li in {layers[i] for i in idx}}
             for j, i in enumerate(idx):
-                block = shift[layers[i]]
-                if block is None:
-                    block = shift[layers[i]] = torch.zeros(len(idx) * n_safe, directions.shape[-1], device=dev, dtype=dt)
-                block[j * n_safe : (j + 1) * n_safe] = directions[i]
-            self._state["shift"] = shift
-            logits = self._last_logits([r for _ in idx for r in self.harmless_ids], actadd)
+                shift[layers[i]][j] = directions[i]
+            self._state = {"shift": shift}
+            owners = [j for j in local for _ in range(n_safe)]
+            logits = self._last_logits([r for _ in idx for r in self.harmless_ids], owners, self._actadd_specs(list(shift)))
             induce.append(refusal_score(logits, self.bundle.refusal_token_ids).view(len(idx), n_safe).mean(1))
-        self._state.clear()
+        self._state = {}
         return torch.cat(bypass).cpu(), torch.cat(induce).cpu(), torch.cat(kl).cpu()
 
     def baselines(self) -> tuple[float, float]:
-        harm = self._last_logits(self.harmful_ids, [])
+        harm = self._last_logits(self.harmful_ids, [0] * len(self.harmful_ids), [])
         return (
             float(refusal_score(harm, self.bundle.refusal_token_ids).mean()),
             float(refusal_score(self.baseline_harmless_logits, self.bundle.refusal_token_ids).mean()),
@@ -173,6 +239,8 @@ def select_direction(
     kl = bypass.clone()
     layers = eligible_layers(n_layers, cfg.prune_last_fraction)
 
+    base_harm, base_safe = scorer.baselines()
+    min_induce = cfg.induce_threshold(base_safe)
     norms = candidates.norm(dim=-1)
     degenerate = norms <= 1e-6 * float(norms.max())  # e.g. layer 0: identical post-instruction embeddings
 
@@ -190,14 +258,14 @@ def select_direction(
     if cfg.positions == "all":
         if cfg.shortlist > 0:
             last = [(li, n_pos - 1) for li in layers if not math.isnan(bypass[li, -1])]
-            pool, _ = _filter(bypass, induce, kl, last, cfg)
+            pool, _ = _filter(bypass, induce, kl, last, cfg.max_kl, min_induce)
             best = sorted(pool, key=lambda lp: float(bypass[lp]))[: cfg.shortlist]
             run([(li, p) for li, _ in best for p in range(n_pos)])
         else:
             run([(li, p) for li in layers for p in range(n_pos)])
 
-    scored = [(li, p) for li in range(n_layers) for p in range(n_pos) if not math.isnan(bypass[li, p])]
-    pool, fallback = _filter(bypass, induce, kl, scored, cfg)
+    scored = _scored(bypass)
+    pool, fallback = _filter(bypass, induce, kl, scored, cfg.max_kl, min_induce)
     notes = []
     if degenerate.any():
         notes.append(f"skipped {int(degenerate.sum())} zero-norm candidates (no harmful/harmless difference there)")
@@ -205,31 +273,49 @@ def select_direction(
         notes.append(fallback)
         warnings.warn(fallback, stacklevel=2)
     layer, pos = min(pool, key=lambda lp: float(bypass[lp]))
-    base_harm, base_safe = scorer.baselines()
+    decided = f"{cfg.induce_rule} rule: KL <= {cfg.max_kl} and {cfg.induce_filter(base_safe)}"
     return SelectionResult(
         layer=layer, position=pos - n_pos, bypass=bypass, induce=induce, kl=kl,
         baseline_harmful=base_harm, baseline_harmless=base_safe, passed_filters=fallback is None,
-        scored=len(scored), notes=notes,
+        scored=len(scored), notes=notes, decided_by=decided if fallback is None else f"{decided}; fallback: {fallback}",
     )
 
 
-def _filter(bypass, induce, kl, pairs: list[tuple[int, int]], cfg: SelectionConfig) -> tuple[list[tuple[int, int]], str | None]:
+def _scored(bypass: torch.Tensor) -> list[tuple[int, int]]:
+    return [(li, p) for li in range(bypass.shape[0]) for p in range(bypass.shape[1]) if not math.isnan(bypass[li, p])]
+
+
+def picks_by_rule(result: SelectionResult, cfg: SelectionConfig) -> dict[str, str]:
+    """The winner each induce rule picks among the candidates ``result`` scored (``L15P-1``), so the
+    rules can be compared without rescoring (a rule's own shortlist could have scored others)."""
+    n_pos = result.bypass.shape[1]
+    out = {}
+    for rule in INDUCE_RULES:
+        threshold = replace(cfg, induce_rule=rule).induce_threshold(result.baseline_harmless)
+        pool, _ = _filter(result.bypass, result.induce, result.kl, _scored(result.bypass), cfg.max_kl, threshold)
+        layer, pos = min(pool, key=lambda lp: float(result.bypass[lp]))
+        out[rule] = f"L{layer}P{pos - n_pos}"
+    return out
+
+
+def _filter(bypass, induce, kl, pairs: list[tuple[int, int]], max_kl: float,
+            min_induce: float) -> tuple[list[tuple[int, int]], str | None]:
     """Candidates that pass both filters; failing that, those that pass the KL filter; failing that, all.
 
     A weakly refusing model (e.g. a coder model) often has no direction whose addition pushes
     harmless prompts past even odds of refusing; dropping the induce filter then still keeps the
     KL guard against directions that break the model. The second value says which fallback was taken.
     """
-    both = [lp for lp in pairs if kl[lp] <= cfg.max_kl and induce[lp] > cfg.min_induce]
+    both = [lp for lp in pairs if kl[lp] <= max_kl and induce[lp] > min_induce]
     if both:
         return both, None
-    kl_only = [lp for lp in pairs if kl[lp] <= cfg.max_kl]
+    kl_only = [lp for lp in pairs if kl[lp] <= max_kl]
     if kl_only:
         return kl_only, (
-            f"no candidate passed both filters (KL <= {cfg.max_kl}, induce > {cfg.min_induce}); chose among the "
-            f"{len(kl_only)} that pass the KL filter — actadd never made harmless prompts likelier to refuse than not"
+            f"no candidate passed both filters (KL <= {max_kl}, induce > {min_induce:.2f}); chose among the "
+            f"{len(kl_only)} that pass the KL filter — no candidate's actadd raised harmless refusal past the induce threshold"
         )
     return pairs, (
-        f"no candidate passed the filters (KL <= {cfg.max_kl}, induce > {cfg.min_induce}); "
+        f"no candidate passed the filters (KL <= {max_kl}, induce > {min_induce:.2f}); "
         "took the lowest bypass score regardless — the model may barely refuse"
     )
