@@ -1,13 +1,15 @@
-"""End-to-end ``python evaluate.py`` wall time and peak memory: cold and warm.
+"""End-to-end wall time and peak memory of the README's first command: cold and warm.
 
-Three runs of the default evaluation as a subprocess, each with fresh REFUSAL_CACHE and
-REFUSAL_ARTIFACTS temp dirs (the user's caches are never written):
+The command is ``python evaluate.py experiment=compare`` (baseline, DiM ablation, actadd, INLP
+nullspace and flip as one multirun sharing one model load and one fit); ``--single`` times the
+plain ``python evaluate.py`` (baseline only) instead. Three runs as a subprocess, each with fresh
+REFUSAL_CACHE and REFUSAL_ARTIFACTS temp dirs (the user's caches are never written):
 
 * ``cold_dequant``: empty cache, so it includes assembling and dequantizing the packaged GGUF
   (the float checkpoint lives in REFUSAL_CACHE/models), extraction, DiM selection, generation;
 * ``cold_cached``: a fresh cache whose ``models/`` entries are symlinks to already dequantized
   checkpoints: everything but dequantization is recomputed;
-* ``warm``: the same command again on the cold_cached dirs: activations, artifacts and baseline
+* ``warm``: the same command again on the cold_cached dirs: activations, artifacts and
   generations all hit the cache.
 
 Peak RSS is the child's ru_maxrss (os.wait4 on that child, so runs do not mix). The hydra run
@@ -88,12 +90,17 @@ def dequantized_present(model: str, cache: Path) -> bool | None:
 
 
 def timings_of(run_dir: Path) -> str:
-    """The run's own timing breakdown from results.json (load, fit, generate, ...)."""
-    try:
-        timings = json.loads((run_dir / "results.json").read_text()).get("timings", {})
-    except (OSError, ValueError):
-        return ""
-    return " ".join(f"{k}={v:.1f}" for k, v in timings.items())
+    """The runs' own timing breakdown from results.json (load, fit, generate, ...), summed over a
+    multirun's jobs."""
+    total: dict[str, float] = {}
+    for path in sorted([*run_dir.glob("results.json"), *run_dir.glob("*/results.json")]):
+        try:
+            timings = json.loads(path.read_text()).get("timings", {})
+        except (OSError, ValueError):
+            continue
+        for key, value in timings.items():
+            total[key] = total.get(key, 0.0) + float(value)
+    return " ".join(f"{k}={v:.1f}" for k, v in total.items())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,11 +108,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-dequantize", action="store_true",
                         help="skip the cold_dequant run (it writes the multi-GB float checkpoint again)")
     parser.add_argument("--override", nargs="*", default=[], help="extra Hydra overrides for evaluate.py")
+    parser.add_argument("--single", action="store_true", help="time plain `evaluate.py` (baseline only), not the compare")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per evaluate.py run")
     parser.add_argument("--tmp", type=Path, default=None, help="parent of the temp dirs (needs room for a checkpoint)")
     parser.add_argument("--keep", action="store_true", help="keep the temp dirs (logs, outputs) for inspection")
     args = C.parse(parser, argv)
-    overrides = [f"model={args.model}"]
+    overrides = ([] if args.single else ["experiment=compare"]) + [f"model={args.model}"]
     if args.device:
         overrides.append(f"model.device={args.device}")
     overrides += (SMOKE_OVERRIDES if args.smoke else []) + list(args.override)
@@ -129,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             cache.mkdir(parents=True, exist_ok=True)
             artifacts.mkdir(parents=True, exist_ok=True)
             run_dir = tmp / "runs" / phase
-            cmd = [sys.executable, "evaluate.py", *overrides, f"hydra.run.dir={run_dir}"]
+            cmd = [sys.executable, "evaluate.py", *overrides, f"hydra.run.dir={run_dir}", f"hydra.sweep.dir={run_dir}"]
             env = {**os.environ, "REFUSAL_CACHE": str(cache), "REFUSAL_ARTIFACTS": str(artifacts)}
             print(f"[{phase}] REFUSAL_CACHE={cache} REFUSAL_ARTIFACTS={artifacts} {' '.join(cmd[1:])}", flush=True)
             out = run_child(cmd, env, tmp / f"{phase}.log", args.timeout)

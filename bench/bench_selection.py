@@ -9,11 +9,16 @@ all with the product's settings from conf/fit/default.yaml (n_prompts, batch_siz
   best ``shortlist`` layers);
 * ``last``: the last position only (positions=last).
 
+Each mode runs with both scorers in the same process: ``plain`` (every prompt token through the
+model for every candidate, the code before prefix sharing) and ``shared`` (the prompts' common
+chat-template prefix once per candidate, then each prompt from its cache; the default). The row
+records the speed-up and whether both picked the same winner.
+
 Activations come from the pipeline's on-disk cache (computed once if missing, timed separately), so
 the figures are selection alone: CandidateScorer (which computes the unsteered val logits) plus
 select_direction, exactly as pipeline.fit_dim runs them.
 
-    python bench/bench_selection.py --model qwen05
+    python bench/bench_selection.py --model qwen05 --modes shortlist
     python bench/bench_selection.py --model qwen15 --modes shortlist last
     python bench/bench_selection.py --smoke
 """
@@ -38,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", nargs="+", default=["shortlist", "full", "last"], choices=["shortlist", "full", "last"])
     parser.add_argument("--shortlist", type=int, default=None, help="layers shortlisted (default: fit.dim.shortlist)")
     parser.add_argument("--n-prompts", type=int, default=None, help="val prompts per class (default: fit.dim.n_prompts)")
+    parser.add_argument("--scorers", nargs="+", default=["plain", "shared"], choices=["plain", "shared"])
     args = C.parse(parser, argv)
     dim = yaml.safe_load((C.REPO / "conf" / "fit" / "default.yaml").read_text())["dim"]
     shortlist = args.shortlist if args.shortlist is not None else int(dim["shortlist"])
@@ -65,29 +71,34 @@ def main(argv: list[str] | None = None) -> int:
     warm.score(candidates[1:2, -1], [1])
     rows, figures = [], {}
     for mode, cfg in modes.items():
-        seconds = []
-        for _ in range(args.repeats):
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                t0 = time.perf_counter()
-                scorer = CandidateScorer(bundle, harmful_val, harmless_val, batch_size=cfg.batch_size, progress=False)
-                result = select_direction(candidates, scorer, cfg)
-                C.sync(device)
-                seconds.append(time.perf_counter() - t0)
-        med = C.median(seconds)
-        rows.append({"mode": mode, "positions": cfg.positions, "candidates": result.scored, "median_s": med,
-                     "s_per_candidate": med / max(1, result.scored), "layer": result.layer,
-                     "position": result.position, "passed_filters": result.passed_filters,
-                     "runs_s": " ".join(f"{t:.2f}" for t in seconds)})
-        pick = f"L{result.layer}P{result.position}"
-        figures.update({f"{mode}_candidates": result.scored, f"{mode}_s": med,
-                        f"{mode}_s_per_candidate": med / max(1, result.scored), f"{mode}_pick": pick})
-        print(f"{mode}: {result.scored} candidates in {med:.1f}s, picked {pick}", flush=True)
-        if caught:
-            figures[f"{mode}_notes"] = "; ".join(sorted({str(w.message)[:80] for w in caught}))
-    for other in ("shortlist", "last"):
-        if "full_s" in figures and f"{other}_s" in figures:
-            figures[f"full_over_{other}_ratio"] = figures["full_s"] / figures[f"{other}_s"]
+        for scorer_name in args.scorers:
+            seconds = []
+            for _ in range(args.repeats):
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    t0 = time.perf_counter()
+                    scorer = CandidateScorer(bundle, harmful_val, harmless_val, batch_size=cfg.batch_size,
+                                             progress=False, share_prefix=scorer_name == "shared")
+                    result = select_direction(candidates, scorer, cfg)
+                    C.sync(device)
+                    seconds.append(time.perf_counter() - t0)
+            med = C.median(seconds)
+            pick = f"L{result.layer}P{result.position}"
+            rows.append({"mode": mode, "scorer": scorer_name, "prefix_tokens": len(scorer.prefix),
+                         "candidates": result.scored, "median_s": med, "s_per_candidate": med / max(1, result.scored),
+                         "pick": pick, "passed_filters": result.passed_filters,
+                         "runs_s": " ".join(f"{t:.2f}" for t in seconds)})
+            tag = f"{mode}_{scorer_name}"
+            figures.update({f"{tag}_candidates": result.scored, f"{tag}_s": med,
+                            f"{tag}_s_per_candidate": med / max(1, result.scored), f"{tag}_pick": pick})
+            print(f"{mode}/{scorer_name}: {result.scored} candidates in {med:.1f}s, picked {pick}", flush=True)
+            if caught:
+                figures[f"{tag}_notes"] = "; ".join(sorted({str(w.message)[:80] for w in caught}))
+        if {"plain", "shared"} <= set(args.scorers):
+            figures[f"{mode}_shared_over_plain"] = figures[f"{mode}_shared_s"] / figures[f"{mode}_plain_s"]
+            figures[f"{mode}_same_pick"] = figures[f"{mode}_plain_pick"] == figures[f"{mode}_shared_pick"]
+            print(f"{mode}: shared prefix {1 / figures[f'{mode}_shared_over_plain']:.2f}x faster, same pick: "
+                  f"{figures[f'{mode}_same_pick']}", flush=True)
     C.print_table(
         f"{bundle.name} on {device}: DiM selection, val {len(harmful_val)}+{len(harmless_val)} prompts, "
         f"{bundle.n_layers} layers x {n_pos} positions (activations {activations_s:.1f}s, cached after the first run)",

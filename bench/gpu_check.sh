@@ -74,7 +74,7 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,dri
 
 # -- tests (they run on the tiny model on CPU for now) ---------------------------------------------
 tests=()
-for t in tests/test_models.py tests/test_interventions.py tests/test_scope.py tests/test_inlp.py; do [ -f "$t" ] && tests+=("$t"); done
+for t in tests/test_models.py tests/test_interventions.py tests/test_scope.py tests/test_inlp.py tests/test_selection.py; do [ -f "$t" ] && tests+=("$t"); done
 step tests 90 "$PY" -m pytest -q -x -p no:cacheprovider -m "not slow" "${tests[@]}"
 
 # -- the model: dequantized in the cache, or its packaged weights installed? load once (cached for every bench) ------------------
@@ -105,12 +105,14 @@ print(f'loaded {b.name}: {b.n_layers} layers, d_model {b.d_model}, {b.dtype} on 
 common=(--model "$MODEL" --device "$DEVICE" --results-dir "$RES")
 step extraction 45 "$PY" bench/bench_extraction.py "${common[@]}" --repeats 10
 step hooks 75 "$PY" bench/bench_hooks.py "${common[@]}" --repeats 5
-step selection 60 "$PY" bench/bench_selection.py "${common[@]}"
+# plain vs shared-prefix scoring in one run (the >= 2x target), shortlist and full sweep
+step selection 90 "$PY" bench/bench_selection.py "${common[@]}" --modes shortlist full
 # the study's INLP problem on $MODEL (its cached activations), both implementations run to convergence
 step inlp 120 "$PY" bench/bench_inlp.py --model "$MODEL" --out "$RES/inlp.csv" \
   --accelerator "$([[ $DEVICE == cuda* ]] && echo gpu || echo "$DEVICE")"
 eval_args=("${common[@]}" --timeout 100)
 [ "${EVAL_DEQUANT:-0}" = 1 ] || eval_args+=(--skip-dequantize)
+# the README's first command (experiment=compare: five jobs, one load, one fit), cold and warm
 step evaluate 200 "$PY" bench/bench_evaluate.py "${eval_args[@]}"
 
 # -- a rendered page next to the report ------------------------------------------------------------

@@ -132,21 +132,26 @@ def _hooks(row: dict[str, str]) -> list[Figure]:
 
 
 def _selection(row: dict[str, str]) -> list[Figure]:
-    modes = [k.removesuffix("_candidates") for k in row if k.endswith("_candidates")]
+    tags = [k.removesuffix("_candidates") for k in row if k.endswith("_candidates")]  # <mode>_<scorer>
     figures = []
-    for mode in modes:
-        figures += [Figure(f"{mode}_candidates", f"{mode}: candidates scored"),
-                    Figure(f"{mode}_s", f"{mode}: selection wall time, s", note=row.get(f"{mode}_pick", "")),
-                    Figure(f"{mode}_s_per_candidate", f"{mode}: s per candidate")]
-    return figures + [Figure("full_over_shortlist_ratio", "full ÷ shortlist"), Figure("full_over_last_ratio", "full ÷ last"),
-                      Figure("activations_s", "activations (cache get), s")]
+    for tag in tags:
+        figures += [Figure(f"{tag}_candidates", f"{tag}: candidates scored"),
+                    Figure(f"{tag}_s", f"{tag}: selection wall time, s", note=row.get(f"{tag}_pick", "")),
+                    Figure(f"{tag}_s_per_candidate", f"{tag}: s per candidate")]
+    for mode in dict.fromkeys(t.rsplit("_", 1)[0] for t in tags):
+        figures.append(Figure(f"{mode}_shared_over_plain", f"{mode}: shared-prefix ÷ plain wall time", C.TARGETS["selection"],
+                              note=f"same pick: {row.get(f'{mode}_same_pick', '?')}"))
+    return figures + [Figure("activations_s", "activations (cache get), s")]
 
 
 def _evaluate(row: dict[str, str]) -> list[Figure]:
     labels = {"cold_dequant": "cold incl. dequantize", "cold_cached": "cold, model cached", "warm": "warm (all cached)"}
+    compare = "experiment=compare" in row.get("overrides", "")  # the README's first command; older rows: baseline only
+    what = "compare (5 jobs)" if compare else "baseline only"
     figures = []
     for phase, label in labels.items():
-        figures += [Figure(f"{phase}_s", f"{label}: wall, s", note=row.get(f"{phase}_timings", "")),
+        target = C.TARGETS["first_command"].get(phase) if compare else None
+        figures += [Figure(f"{phase}_s", f"{what}, {label}: wall, s", target, note=row.get(f"{phase}_timings", "")),
                     Figure(f"{phase}_rss_mb", f"{label}: child peak RSS, MiB")]
     return figures
 
@@ -239,7 +244,9 @@ SECTIONS = {
     ),
     "evaluate": Section(
         "End-to-end `python evaluate.py`",
-        "The default evaluation as a child process with fresh REFUSAL_CACHE / REFUSAL_ARTIFACTS: cold including "
+        "The README's first command (`evaluate.py experiment=compare`: baseline and four interventions, one model "
+        "load, one fit; rows before it timed the baseline-only `evaluate.py`) as a child process with fresh "
+        "REFUSAL_CACHE / REFUSAL_ARTIFACTS: cold including "
         "GGUF dequantization, cold with the float checkpoint symlinked in, and warm (second run, everything "
         "cached). Peak RSS is the child's (wait4 ru_maxrss). Notes: evaluate.py's own timing breakdown.",
         _evaluate,
@@ -360,7 +367,7 @@ def render_docs(results_dir: Path, docs_path: Path) -> Path:
         "python bench/run_all.py --model qwen05          # the real measurement (CPU: an hour or more, see below)",
         "python bench/bench_extraction.py --model qwen05 # one bench; each appends a row to bench/results/<name>.csv",
         "python bench/bench_hooks.py --model smollm2 --repeats 9",
-        "python bench/bench_selection.py --model qwen05  # full, shortlist (train.py's default) and last",
+        "python bench/bench_selection.py --model qwen05  # full, shortlist (train.py's default) and last; plain vs shared prefix",
         "python bench/bench_evaluate.py --model qwen05 [--skip-dequantize]",
         "python bench/run_all.py --docs-only             # re-render from the CSVs",
         "bash bench/gpu_check.sh                         # on a CUDA machine: tests + benches on qwen05, figures to $OUT/gpu_check.txt",
@@ -382,9 +389,9 @@ def render_docs(results_dir: Path, docs_path: Path) -> Path:
         "|---|---|---|",
         f"| extraction | extract_activations ÷ base-decoder forward | ≤ {C.TARGETS['extraction']:.2f} |",
         f"| hooks | generation with an intervention ÷ without | ≤ {C.TARGETS['hooks']:.2f} (orthogonalized model: the 1.00 reference) |",
-        "| selection | DiM selection seconds: full, train.py's shortlist, last position only | – |",
+        "| selection | DiM selection: shared-prefix ÷ plain scorer wall time, same run, same pick | ≤ 0.5 |",
         "| inlp | fit_inlp vs. the scikit-learn reference (bench_inlp.py; planted data, no model) | – |",
-        "| evaluate | evaluate.py cold / warm wall time and child peak RSS | – |",
+        f"| evaluate | the first command (experiment=compare), cold incl. dequantize / warm, wall s | ≤ {C.TARGETS['first_command']['cold_dequant']:.0f} / ≤ {C.TARGETS['first_command']['warm']:.0f} |",
         "",
     ]
     if not names:

@@ -36,7 +36,7 @@ def no_model_load(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("the model was loaded before the bad input was reported")
 
-    monkeypatch.setattr("refusal.pipeline.load_model", forbidden)
+    monkeypatch.setattr("refusal.pipeline.held_model", forbidden)  # held or fresh: no model at all
 
 
 @pytest.fixture

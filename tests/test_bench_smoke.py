@@ -39,8 +39,11 @@ def test_run_all_smoke_writes_only_where_told_and_renders(tmp_path):
     assert {p: p.read_bytes() for p in (REPO / "bench" / "results").glob("*.csv")} == repo_csvs, "smoke rows leaked"
 
     selection = _rows(results / "selection.csv")[0]
-    full, shortlist, last = (int(selection[f"{m}_candidates"]) for m in ("full", "shortlist", "last"))
+    full, shortlist, last = (int(selection[f"{m}_shared_candidates"]) for m in ("full", "shortlist", "last"))
     assert full > shortlist > last > 0  # the shortlist scores a subset of full and a superset of last
+    for mode in ("full", "shortlist", "last"):  # both scorers ran in the same process and agreed on the winner
+        assert selection[f"{mode}_plain_candidates"] == selection[f"{mode}_shared_candidates"]
+        assert selection[f"{mode}_same_pick"] == "True" and float(selection[f"{mode}_shared_over_plain"]) > 0
     hooks = _rows(results / "hooks.csv")[0]
     for name in ("actadd", "dim_ablation", "inlp_nullspace", "inlp_flip", "random_ablation", "orthogonalized"):
         assert float(hooks[f"{name}_ratio"]) > 0, name  # every registered intervention, the plugin included
@@ -52,4 +55,4 @@ def test_run_all_smoke_writes_only_where_told_and_renders(tmp_path):
     text = page.read_text()
     for title in ("Activation extraction", "Hook overhead", "DiM direction selection", "INLP fitting", "evaluate.py"):
         assert title in text, title
-    assert "not judged (smoke)" in text and "full ÷ shortlist" in text
+    assert "not judged (smoke)" in text and "shared-prefix ÷ plain" in text

@@ -109,6 +109,12 @@ def test_digest_tracks_content_not_source():
     edited = splits.lists()
     edited["harmless_test"] = [*edited["harmless_test"][:-1], "Explain how tides work"]
     assert InstructionSplits(**edited, source="embedded").digest() != splits.digest()
+    # fitted artifacts depend on train and val only: another test split keeps them
+    assert InstructionSplits(**edited, source="embedded").fit_digest() == splits.fit_digest()
+    more_tests = load_splits({**EMBEDDED, "n_test": EMBEDDED["n_test"] + 4})
+    assert more_tests.fit_digest() == splits.fit_digest() and more_tests.digest() != splits.digest()
+    edited["harmless_val"] = [*edited["harmless_val"][:-1], "Explain how tides work"]
+    assert InstructionSplits(**edited, source="embedded").fit_digest() != splits.fit_digest()
 
 
 def test_null_size_takes_the_rest():

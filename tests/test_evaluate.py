@@ -66,6 +66,20 @@ def test_artifacts_are_reused_and_match(compose, tmp_path):
     torch.testing.assert_close(first.dim.direction, acts, rtol=0, atol=1e-6)
 
 
+def test_a_rerun_regenerates_nothing_and_a_new_parameter_does(compose, tmp_path, monkeypatch):
+    cfg = compose("intervention=inlp_flip", *SMALL, "geometry.enabled=false")
+    first = run_evaluation(cfg, tmp_path / "first")
+    calls = []
+    real = __import__("refusal.generation", fromlist=["generate"]).generate
+    monkeypatch.setattr("refusal.generation.generate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = run_evaluation(cfg, tmp_path / "again")
+    assert calls == [] and again["metrics"] == first["metrics"]  # baseline and steered generations from the cache
+    assert (tmp_path / "first" / "completions.jsonl").read_text() == (tmp_path / "again" / "completions.jsonl").read_text()
+    run_evaluation(compose("intervention=inlp_flip", "intervention.alpha=2.0", *SMALL, "geometry.enabled=false"),
+                   tmp_path / "alpha2")
+    assert len(calls) == 2  # harmful and harmless under the new steering; the baseline stays cached
+
+
 def test_artifact_from_another_model_is_refused(compose, tmp_path):
     from refusal.artifacts import load_artifact
 
@@ -178,3 +192,40 @@ def test_report_rows_hide_default_params_and_plot_tunability(tmp_path):
                 ("inlp_flip", 4, 1.0, None, 5.8, 0.3), ("inlp_flip", 4, 0.5, None, 5.4, 0.6)]]
     path = plot_tunability(rows, tmp_path / "tune.png")
     assert path.stat().st_size > 20_000
+
+
+def test_compare_experiment_runs_the_five_rows_with_one_model_load(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_cli(
+        "evaluate.py", "experiment=compare", "model=tiny", *SMALL, "data.n_test=4", f"cache_dir={tmp_path / 'cache'}",
+        f"artifacts_dir={tmp_path / 'art'}", "progress=false", "logger=none", f"hydra.sweep.dir={sweep}",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/results.json"))]
+    assert [r["intervention"] for r in runs] == BUILTINS[:1] + ["dim_ablation", "actadd", "inlp_nullspace", "inlp_flip"]
+    assert [r["model_reused"] for r in runs] == [False, True, True, True, True]  # one load for five jobs
+    assert all(r["metrics"]["n_harmful"] == 4 for r in runs)
+    # one fit: the DiM artifact and the INLP artifact each exist once and later jobs reused them
+    art = next((tmp_path / "art" / "tiny").iterdir())
+    assert len(list(art.glob("dim_auto-*.json"))) == 1 and len(list(art.glob("inlp_*.json"))) == 1
+    assert all("fit_dim" not in r["timings"] for r in runs[1:])
+    table = proc.stdout[proc.stdout.rindex("| model |"):]
+    assert table.count("| tiny |") == 5 and "[" in table  # rates with intervals
+    assert (sweep / "report.md").exists() and (sweep / "tradeoff.png").stat().st_size > 5000
+
+
+def test_a_reused_model_carries_no_hooks_from_the_previous_job(tmp_path):
+    # dim_ablation first, then none on the same in-memory model: the baseline's live teacher-forced
+    # perplexity must equal a fresh process's, bit for bit, or the ablation hooks leaked across jobs
+    common = ["model=tiny", *SMALL, f"cache_dir={tmp_path / 'cache'}", f"artifacts_dir={tmp_path / 'art'}",
+              "progress=false", "logger=none", "geometry.enabled=false"]
+    proc = run_cli("evaluate.py", "-m", "intervention=dim_ablation,none", *common, f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    after = json.loads((tmp_path / "sweep" / "1_tiny_none" / "results.json").read_text())
+    assert after["model_reused"] is True
+    proc = run_cli("evaluate.py", "intervention=none", *common, f"hydra.run.dir={tmp_path / 'fresh'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    fresh = json.loads((tmp_path / "fresh" / "results.json").read_text())
+    assert fresh["model_reused"] is False
+    assert after["metrics"]["harmless/perplexity"] == fresh["metrics"]["harmless/perplexity"]
+    assert after["metrics"]["harmless/kl_div"] == 0.0

@@ -250,3 +250,21 @@ def test_duplicate_plugin_name_names_both_files(tmp_path):
     with pytest.raises(ConfigError, match="defined twice"):
         load_plugin_dir(tmp_path)
     assert get_intervention("actadd").__module__ == "refusal.interventions.builtin"
+
+
+@pytest.mark.parametrize("name", ["actadd", "dim_ablation", "inlp_nullspace", "inlp_flip"])
+def test_fingerprint_changes_with_config_scope_and_every_fitted_tensor(tiny_bundle, fitted, name):
+    n = tiny_bundle.n_layers
+    print_ = make(name, fitted).fingerprint(n)
+    assert make(name, fitted).fingerprint(n) == print_  # deterministic: cached generations are found again
+    assert make(name, fitted, layers="all").fingerprint(n) != print_
+    assert make(name, fitted, positions="prompt").fingerprint(n) != print_
+    knob = {"actadd": {"coeff": 2.0}, "dim_ablation": {"layer": 1}, "inlp_nullspace": {"k": 2}, "inlp_flip": {"alpha": 2.0}}
+    assert make(name, fitted, **knob[name]).fingerprint(n) != print_
+    nudged_dim = DiMDirection(fitted.dim.direction + 1e-4, fitted.dim.layer, fitted.dim.position)
+    nudged_inlp = FakeINLP(tiny_bundle.d_model, 4)
+    nudged_inlp.center = nudged_inlp.center + 1e-4
+    changed = {"dim": Fitted(dim=nudged_dim, inlp=fitted.inlp, inlp_layer=2),
+               "inlp": Fitted(dim=fitted.dim, inlp=nudged_inlp, inlp_layer=2)}
+    assert make(name, changed["dim"]).fingerprint(n) != print_
+    assert make(name, changed["inlp"]).fingerprint(n) != print_  # even a tensor this intervention never reads

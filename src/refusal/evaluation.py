@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from refusal.activations import batches_by_length
 from refusal.artifacts import atomic_write_json, atomic_write_text
 from refusal.config import plugin_dirs
-from refusal.generation import GenerationCache, generate
+from refusal.generation import GenerationCache
 from refusal.interventions import Intervention, get_intervention
 from refusal.interventions.scope import declare_roles
 from refusal.metrics import KLDivergence, Perplexity, RefusalRate, RefusalScore, is_refusal, wilson_interval
@@ -119,9 +119,10 @@ def evaluate_context(ctx: RunContext, output_dir: Path, tracker: Any = None) -> 
     if cls.name == "none":
         steered_harmful, steered_harmless = base_harmful, base_harmless
     else:
+        steer = intervention.fingerprint(bundle.n_layers)
         with intervention.apply(bundle):
-            steered_harmful = generate(bundle, harmful, desc=f"{cls.name} harmful", **gen_kwargs)
-            steered_harmless = generate(bundle, harmless, desc=f"{cls.name} harmless", **gen_kwargs)
+            steered_harmful = cache.get(bundle, harmful, steer=steer, desc=f"{cls.name} harmful", **gen_kwargs)
+            steered_harmless = cache.get(bundle, harmless, steer=steer, desc=f"{cls.name} harmless", **gen_kwargs)
     ctx.timings["generate"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()
@@ -156,8 +157,9 @@ def evaluate_context(ctx: RunContext, output_dir: Path, tracker: Any = None) -> 
         "scope": {"layers": intervention.layers(bundle.n_layers), "positions": intervention.scope.positions},
         "max_new_tokens": int(ecfg.max_new_tokens),
         "metrics": metrics,
-        "data": {"source": ctx.splits.source, "digest": ctx.splits.digest(), "sizes": ctx.splits.sizes()},
+        "data": {"source": ctx.splits.source, "digest": ctx.splits.digest(), "fit_digest": ctx.splits.fit_digest(), "sizes": ctx.splits.sizes()},
         "weights_hash": bundle.weights_hash,
+        "model_reused": ctx.model_reused,
         "seed": int(cfg.seed),
         "versions": versions(),
     }

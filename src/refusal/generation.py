@@ -2,7 +2,9 @@
 
 Prompts are batched by length; the first step's raw logits come back with the text, so the
 first-token refusal score needs no extra forward pass. The unsteered model's generations are
-cached (they are the baseline of every run and the text that perplexity is measured on).
+cached (they are the baseline of every run and the text that perplexity is measured on), and so
+are steered ones, keyed by the intervention's fingerprint (its code, config, scope and fitted
+tensors), so rerunning a comparison regenerates nothing.
 """
 
 from __future__ import annotations
@@ -83,7 +85,8 @@ def _generate(bundle: ModelBundle, batch, max_new_tokens: int, eos: set[int]):
 
 
 class GenerationCache:
-    """Baseline generations on disk, keyed by weights hash, prompt tokens and length budget.
+    """Generations on disk, keyed by weights hash, prompt tokens, length budget and the steering
+    (``steer``: an intervention fingerprint; None for the unsteered model).
 
     Text goes to ``<key>.json``, first-step logits to the ``<key>.logits`` artifact (checksummed);
     anything unreadable or partial is regenerated, never trusted.
@@ -92,8 +95,11 @@ class GenerationCache:
     def __init__(self, root: str | Path):
         self.root = Path(root)
 
-    def get(self, bundle: ModelBundle, token_ids: Sequence[Sequence[int]], max_new_tokens: int, **kwargs) -> Generations:
-        key = sha256_json({"w": bundle.weights_hash, "t": [list(r) for r in token_ids], "m": max_new_tokens})[:24]
+    def get(self, bundle: ModelBundle, token_ids: Sequence[Sequence[int]], max_new_tokens: int,
+            steer: str | None = None, **kwargs) -> Generations:
+        """Cached generations, or generate now (call it with the intervention's hooks on when ``steer``)."""
+        what = {"w": bundle.weights_hash, "t": [list(r) for r in token_ids], "m": max_new_tokens}
+        key = sha256_json(what if steer is None else {**what, "steer": steer})[:24]
         text_path = self.root / bundle.name / f"{key}.json"
         logits_stem = self.root / bundle.name / f"{key}.logits"
         if text_path.exists() and artifact_exists(logits_stem):

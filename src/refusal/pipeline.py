@@ -32,7 +32,8 @@ from refusal.fitting.dim import (
     select_direction,
 )
 from refusal.interventions.base import DiMDirection, Fitted
-from refusal.models import ModelBundle, load_model
+from refusal.models import ModelBundle
+from refusal.models.held import held_model
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -47,6 +48,7 @@ class RunContext:
     splits: InstructionSplits
     cache: ActivationCache
     artifact_dir: Path
+    model_reused: bool = False  # the model was already in memory from an earlier job of this process
     timings: dict[str, float] = field(default_factory=dict)
     _tokens: dict[str, list[list[int]]] = field(default_factory=dict)
 
@@ -68,7 +70,7 @@ class RunContext:
         )
 
     def expect(self, **extra: Any) -> dict[str, Any]:
-        return {**self.bundle.identity(), "data_digest": self.splits.digest(), **extra}
+        return {**self.bundle.identity(), "data_digest": self.splits.fit_digest(), **extra}
 
 
 def _plain(cfg: Any) -> dict:
@@ -99,10 +101,10 @@ def prepare(cfg: DictConfig) -> RunContext:
     t0 = time.perf_counter()
     check_config(cfg)
     splits = load_splits(_plain(cfg.data))
-    bundle = load_model(_plain(cfg.model), cfg.cache_dir)
+    bundle, reused = held_model(_plain(cfg.model), cfg.cache_dir)
     check_config(cfg, bundle)
-    root = Path(cfg.artifacts_dir) / bundle.name / f"{cfg.data.name}-{splits.digest()[:10]}"
-    ctx = RunContext(cfg, bundle, splits, ActivationCache(Path(cfg.cache_dir) / "activations"), root)
+    root = Path(cfg.artifacts_dir) / bundle.name / f"{cfg.data.name}-{splits.fit_digest()[:10]}"
+    ctx = RunContext(cfg, bundle, splits, ActivationCache(Path(cfg.cache_dir) / "activations"), root, reused)
     for split in splits.lists():  # cheap; a prompt too long for the context fails here, not after a fit
         ctx.tokens(split)
     ctx.timings["load"] = time.perf_counter() - t0

@@ -44,6 +44,11 @@ class InstructionSplits:
         """SHA-256 of the content only, so moving a data folder does not invalidate caches."""
         return sha256_json(self.lists())
 
+    def fit_digest(self) -> str:
+        """SHA-256 of the train and val lists: what fitted artifacts depend on (never the test prompts,
+        so evaluating on more or other test prompts reuses the fits)."""
+        return sha256_json({k: v for k, v in self.lists().items() if not k.endswith("_test")})
+
     def sizes(self) -> dict[str, int]:
         return {name: len(rows) for name, rows in self.lists().items()}
 

@@ -12,6 +12,11 @@ to define the class.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import inspect
+import json
+import sys
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -132,6 +137,21 @@ class Intervention(ABC):
             out["positions"] = self.scope.positions
         return out
 
+    def fingerprint(self, n_layers: int) -> str:
+        """Digest of everything the steered model depends on: the source of this class and of the
+        hook machinery, its config, its concrete scope and every fitted tensor it could read. Steered
+        generations are cached under it, so a changed plugin, parameter or fit never reuses them."""
+        digest = hashlib.sha256()
+        modules = {c.__module__ for c in type(self).__mro__ if c.__module__ not in ("builtins", "abc")}
+        for name in sorted(modules | {hooked.__module__, Scope.__module__}):
+            digest.update(inspect.getsource(sys.modules[name]).encode())
+        digest.update(json.dumps({"cfg": self.cfg, "layers": self.layers(n_layers), "positions": self.scope.positions},
+                                 sort_keys=True, default=str).encode())
+        for path, tensor in _tensors(self.fitted):
+            digest.update(path.encode())
+            digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()
+
     # -- shared machinery ---------------------------------------------------------------------
     def hook_specs(self, bundle: ModelBundle) -> list[HookSpec]:
         """The hooks that implement this intervention on ``bundle``'s model, in its scope."""
@@ -166,3 +186,22 @@ class Intervention(ABC):
                 "the artifact belongs to another model, refit it"
             )
         return value.to(device=bundle.device, dtype=bundle.dtype)
+
+
+def _tensors(value: Any, path: str = "", depth: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor inside ``value`` (dataclasses, plain objects, dicts, lists), with a stable path."""
+    if isinstance(value, torch.Tensor):
+        yield path, value
+        return
+    if depth > 8 or isinstance(value, (str, bytes, int, float, bool, type, torch.nn.Module)) or value is None:
+        return
+    if isinstance(value, Mapping):
+        items = [(f"[{k}]", value[k]) for k in sorted(value, key=str)]
+    elif isinstance(value, (list, tuple)):
+        items = [(f"[{i}]", v) for i, v in enumerate(value)]
+    elif dataclasses.is_dataclass(value):
+        items = [(f".{f.name}", getattr(value, f.name)) for f in dataclasses.fields(value)]
+    else:
+        items = [(f".{k}", v) for k, v in sorted(getattr(value, "__dict__", {}).items())]
+    for suffix, item in items:
+        yield from _tensors(item, path + suffix, depth + 1)
