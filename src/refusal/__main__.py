@@ -1,4 +1,4 @@
-"""``python -m refusal interventions``: list what is registered (built-ins, plugins, entry points)."""
+"""``python -m refusal interventions|judges``: list what is registered (built-ins, plugins, entry points)."""
 
 from __future__ import annotations
 
@@ -9,17 +9,20 @@ from pathlib import Path
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="refusal", description="refusal: steer refusal in chat models")
     sub = parser.add_subparsers(dest="command", required=True)
-    listing = sub.add_parser("interventions", help="list registered interventions")
-    listing.add_argument("--plugins", action="append", default=[], help="extra plugin folder (repeatable)")
+    for kind in ("interventions", "judges"):
+        listing = sub.add_parser(kind, help=f"list registered {kind}")
+        listing.add_argument("--plugins", action="append", default=[], help="extra plugin folder (repeatable)")
     args = parser.parse_args(argv)
     if args.command == "interventions":
         from refusal.interventions import available
+    else:
+        from refusal.judges import available_judges as available
 
-        default = Path(__file__).resolve().parents[2] / "plugins"
-        names = available([default, *args.plugins])
-        width = max(len(n) for n in names)
-        for name, description in names.items():
-            print(f"{name:<{width}}  {description}")
+    default = Path(__file__).resolve().parents[2] / "plugins"
+    names = available([default, *args.plugins])
+    width = max(len(n) for n in names)
+    for name, description in names.items():
+        print(f"{name:<{width}}  {description}")
     return 0
 
 

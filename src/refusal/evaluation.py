@@ -9,6 +9,7 @@ prompts (last prompt position and over the completion).
 from __future__ import annotations
 
 import importlib.metadata
+import itertools
 import logging
 import platform
 import time
@@ -26,7 +27,8 @@ from refusal.config import plugin_dirs
 from refusal.generation import GenerationCache
 from refusal.interventions import Intervention, get_intervention
 from refusal.interventions.scope import declare_roles
-from refusal.metrics import KLDivergence, Perplexity, RefusalRate, RefusalScore, is_refusal, wilson_interval
+from refusal.judges import Judgement, agreement, configured_judges
+from refusal.metrics import JudgedRefusalRate, KLDivergence, Perplexity, RefusalScore, wilson_interval
 from refusal.models.bundle import ModelBundle
 from refusal.pipeline import RunContext, fit_for, inlp_record, prepare
 
@@ -85,11 +87,32 @@ def teacher_forced_scores(
     }
 
 
-def _rate(completions: list[str], phrases: list[str] | None) -> tuple[float, list[float], list[bool]]:
-    metric = RefusalRate(phrases)
-    metric.update(completions)
-    flags = [is_refusal(c, phrases) if phrases else is_refusal(c) for c in completions]
-    return float(metric.compute()), list(wilson_interval(sum(flags), len(flags))), flags
+def _column_metrics(column: str, judged: dict[str, list[Judgement]], primary: str,
+                    primary_base: list[str]) -> dict[str, Any]:
+    """Refusal rates of one column: the primary judge's under the plain keys (``harmful/refusal_rate``),
+    every judge's under ``harmful/judge/<name>/...`` when several ran, and the primary baseline."""
+    out: dict[str, Any] = {}
+    for name, verdicts in judged.items():
+        metric = JudgedRefusalRate()
+        metric.update([v.label for v in verdicts])
+        rate, refused, unclear, n = float(metric.compute()), int(metric.refused), int(metric.unclear), int(metric.total)
+        keys = [f"{column}/judge/{name}/"] if len(judged) > 1 else []
+        if name == primary:
+            keys.append(f"{column}/")
+        for prefix in keys:
+            out[f"{prefix}refusal_rate"] = rate
+            out[f"{prefix}refusal_rate_ci95"] = list(wilson_interval(refused, n))
+            out[f"{prefix}unclear"] = unclear
+    base = JudgedRefusalRate()
+    base.update(primary_base)
+    out[f"baseline/{column}/refusal_rate"] = float(base.compute())
+    return out
+
+
+def _agreements(labels: dict[str, dict[str, list[Judgement]]]) -> dict[str, dict[str, Any]]:
+    """Cohen's κ and the confusion matrix for every pair of judges, over all steered completions."""
+    flat = {name: [j.label for column in cols.values() for j in column] for name, cols in labels.items()}
+    return {f"{a}~{b}": agreement(flat[a], flat[b]) for a, b in itertools.combinations(flat, 2)}
 
 
 def _score(first_logits: torch.Tensor, token_ids: list[int]) -> float:
@@ -110,32 +133,44 @@ def evaluate_context(ctx: RunContext, output_dir: Path, tracker: Any = None) -> 
     ctx.timings["fit"] = time.perf_counter() - t0
 
     ecfg = cfg.eval
-    gen_kwargs = dict(max_new_tokens=int(ecfg.max_new_tokens), batch_size=int(ecfg.batch_size), progress=ctx.progress)
-    harmful, harmless = ctx.tokens("harmful_test"), ctx.tokens("harmless_test")
+    max_new = int(ecfg.max_new_tokens)
+    gen_kwargs = dict(max_new_tokens=max_new, batch_size=int(ecfg.batch_size), progress=ctx.progress)
+    # columns: the main test split's two classes, then every named test set (label: what refusal means there)
+    columns = [("harmful", "harmful_test", "harmful"), ("harmless", "harmless_test", "harmless"),
+               *((s.name, s.name, s.label) for s in ctx.test_sets)]
     t1 = time.perf_counter()
     cache = GenerationCache(Path(cfg.cache_dir) / "generations")
-    base_harmful = cache.get(bundle, harmful, desc="baseline harmful", **gen_kwargs)
-    base_harmless = cache.get(bundle, harmless, desc="baseline harmless", **gen_kwargs)
-    if cls.name == "none":
-        steered_harmful, steered_harmless = base_harmful, base_harmless
-    else:
-        steer = intervention.fingerprint(bundle.n_layers)
+    base, steered = {}, {}
+    steer = None if cls.name == "none" else intervention.fingerprint(bundle.n_layers)
+    for column, split, _ in columns:
+        base[column] = cache.get(bundle, ctx.tokens(split), desc=f"baseline {column}", **gen_kwargs)
+    for column, split, _ in columns:
+        if steer is None:
+            steered[column] = base[column]
+            continue
         with intervention.apply(bundle):
-            steered_harmful = cache.get(bundle, harmful, steer=steer, desc=f"{cls.name} harmful", **gen_kwargs)
-            steered_harmless = cache.get(bundle, harmless, steer=steer, desc=f"{cls.name} harmless", **gen_kwargs)
+            steered[column] = cache.get(bundle, ctx.tokens(split), steer=steer, desc=f"{cls.name} {column}", **gen_kwargs)
     ctx.timings["generate"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()
-    phrases = list(ecfg.get("refusal_phrases") or []) or None
-    metrics: dict[str, Any] = {"n_harmful": len(harmful), "n_harmless": len(harmless)}
-    for split, gens, base in (("harmful", steered_harmful, base_harmful), ("harmless", steered_harmless, base_harmless)):
-        rate, ci, _ = _rate(gens.completions, phrases)
-        metrics[f"{split}/refusal_rate"] = rate
-        metrics[f"{split}/refusal_rate_ci95"] = ci
-        metrics[f"{split}/refusal_score"] = _score(gens.first_logits, bundle.refusal_token_ids)
-        metrics[f"baseline/{split}/refusal_rate"] = _rate(base.completions, phrases)[0]
+    judges = configured_judges(cfg, plugin_dirs(cfg))
+    primary = next(iter(judges))
+    labels: dict[str, dict[str, list[Judgement]]] = {}  # judge -> column -> judgements of the steered completions
+    metrics: dict[str, Any] = {"n_harmful": len(ctx.tokens("harmful_test")), "n_harmless": len(ctx.tokens("harmless_test"))}
+    for column, split, _ in columns:
+        prompts = ctx.texts(split)
+        for name, judge in judges.items():
+            labels.setdefault(name, {})[column] = judge.judge(prompts, steered[column].completions)
+        primary_base = [j.label for j in judges[primary].judge(prompts, base[column].completions)]
+        metrics.update(_column_metrics(column, {n: labels[n][column] for n in judges}, primary, primary_base))
+        metrics[f"{column}/refusal_score"] = _score(steered[column].first_logits, bundle.refusal_token_ids)
+        metrics[f"{column}/hit_token_limit"] = sum(len(ids) >= max_new for ids in steered[column].completion_ids)
+        if column not in ("harmful", "harmless"):
+            metrics[f"{column}/n"] = len(prompts)
+    agreement_of = _agreements(labels) if len(judges) > 1 else {}
+    metrics.update({f"judges/kappa/{pair}": a["kappa"] for pair, a in agreement_of.items()})
     tf = teacher_forced_scores(
-        bundle, harmless, base_harmless.completion_ids, None if cls.name == "none" else intervention,
+        bundle, ctx.tokens("harmless_test"), base["harmless"].completion_ids, None if cls.name == "none" else intervention,
         max(1, int(ecfg.batch_size) // 2),
     )
     metrics.update({f"harmless/{k}": v for k, v in tf.items()})
@@ -155,14 +190,20 @@ def evaluate_context(ctx: RunContext, output_dir: Path, tracker: Any = None) -> 
         "position": fitted.dim.position if fitted.dim is not None else None,
         "intervention_layer": intervention.layer,
         "scope": {"layers": intervention.layers(bundle.n_layers), "positions": intervention.scope.positions},
-        "max_new_tokens": int(ecfg.max_new_tokens),
+        "max_new_tokens": max_new,
         "metrics": metrics,
+        "judge": primary,  # the primary judge (the plain refusal_rate keys); all of them under "judges"
+        "judges": {name: judges[name].cfg for name in judges},
+        "test_sets": {s.name: {"label": s.label, "source": s.source, "n": len(s.instructions),
+                               "dropped_overlap": s.dropped_overlap} for s in ctx.test_sets},
         "data": {"source": ctx.splits.source, "digest": ctx.splits.digest(), "fit_digest": ctx.splits.fit_digest(), "sizes": ctx.splits.sizes()},
         "weights_hash": bundle.weights_hash,
         "model_reused": ctx.model_reused,
         "seed": int(cfg.seed),
         "versions": versions(),
     }
+    if agreement_of:
+        results["judge_agreement"] = agreement_of
     if fitted.inlp is not None:
         results["inlp"] = inlp_record(fitted)
     if cfg.get("geometry", {}).get("enabled", False) and fitted.dim is not None:
@@ -178,13 +219,15 @@ def evaluate_context(ctx: RunContext, output_dir: Path, tracker: Any = None) -> 
     results["timings"] = dict(ctx.timings)
 
     rows = []
-    for split, instr, gens, base in (
-        ("harmful", ctx.splits.harmful_test, steered_harmful, base_harmful),
-        ("harmless", ctx.splits.harmless_test, steered_harmless, base_harmless),
-    ):
-        for text, completion, baseline in zip(instr, gens.completions, base.completions, strict=True):
-            rows.append({"split": split, "prompt": text, "completion": completion,
-                         "refused": is_refusal(completion, phrases) if phrases else is_refusal(completion),
+    for column, split, label in columns:
+        for i, (text, completion, baseline) in enumerate(
+            zip(ctx.texts(split), steered[column].completions, base[column].completions, strict=True)
+        ):
+            verdicts = {name: {"label": labels[name][column][i].label, "score": labels[name][column][i].score}
+                        for name in judges}
+            rows.append({"split": column, "label": label, "prompt": text, "completion": completion,
+                         "refused": verdicts[primary]["label"] == "refusal", "judges": verdicts,
+                         "hit_token_limit": len(steered[column].completion_ids[i]) >= max_new,
                          "baseline_completion": baseline})
     write_outputs(output_dir, results, rows)
     if tracker is not None:

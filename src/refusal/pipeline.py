@@ -20,8 +20,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from refusal.activations import ActivationCache
 from refusal.artifacts import artifact_exists, load_artifact, save_artifact, sha256_json
-from refusal.config import check_config, resolve_layer_spec, split_inlp_settings
+from refusal.config import check_config, plugin_dirs, resolve_layer_spec, split_inlp_settings
 from refusal.data import InstructionSplits, load_splits
+from refusal.data.test_sets import TestSet, load_test_sets
 from refusal.errors import ArtifactError
 from refusal.fitting.dim import (
     EXECUTION_ONLY,
@@ -32,6 +33,7 @@ from refusal.fitting.dim import (
     select_direction,
 )
 from refusal.interventions.base import DiMDirection, Fitted
+from refusal.judges import judge_configs
 from refusal.models import ModelBundle
 from refusal.models.held import held_model
 
@@ -49,6 +51,7 @@ class RunContext:
     cache: ActivationCache
     artifact_dir: Path
     model_reused: bool = False  # the model was already in memory from an earlier job of this process
+    test_sets: list[TestSet] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     _tokens: dict[str, list[list[int]]] = field(default_factory=dict)
 
@@ -56,10 +59,15 @@ class RunContext:
     def progress(self) -> bool:
         return bool(self.cfg.get("progress", True))
 
+    def texts(self, split: str) -> list[str]:
+        """Instructions of a split (``harmful_train``, ...) or of a named test set."""
+        named = {s.name: s.instructions for s in self.test_sets}
+        return named[split] if split in named else getattr(self.splits, split)
+
     def tokens(self, split: str) -> list[list[int]]:
-        """Chat-formatted token ids of one split (e.g. ``harmful_train``), tokenized once."""
+        """Chat-formatted token ids of a split or test set, tokenized once."""
         if split not in self._tokens:
-            self._tokens[split] = self.bundle.tokenize_instructions(getattr(self.splits, split))
+            self._tokens[split] = self.bundle.tokenize_instructions(self.texts(split))
         return self._tokens[split]
 
     def activations(self, split: str) -> torch.Tensor:
@@ -101,11 +109,13 @@ def prepare(cfg: DictConfig) -> RunContext:
     t0 = time.perf_counter()
     check_config(cfg)
     splits = load_splits(_plain(cfg.data))
+    test_sets = load_test_sets(_plain(cfg.eval.get("test_sets") or {}), splits, int(cfg.seed))
+    judge_configs(cfg, plugin_dirs(cfg))  # an unknown judge or a judge model not installed fails here
     bundle, reused = held_model(_plain(cfg.model), cfg.cache_dir)
     check_config(cfg, bundle)
     root = Path(cfg.artifacts_dir) / bundle.name / f"{cfg.data.name}-{splits.fit_digest()[:10]}"
-    ctx = RunContext(cfg, bundle, splits, ActivationCache(Path(cfg.cache_dir) / "activations"), root, reused)
-    for split in splits.lists():  # cheap; a prompt too long for the context fails here, not after a fit
+    ctx = RunContext(cfg, bundle, splits, ActivationCache(Path(cfg.cache_dir) / "activations"), root, reused, test_sets)
+    for split in [*splits.lists(), *(s.name for s in test_sets)]:  # a prompt too long fails here, not after a fit
         ctx.tokens(split)
     ctx.timings["load"] = time.perf_counter() - t0
     return ctx

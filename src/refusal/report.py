@@ -65,11 +65,10 @@ def flat_row(results: dict[str, Any], run: str = "") -> dict[str, Any]:
         "params": ", ".join(f"{k}={v}" for k, v in params.items()) or "-",
         **{f"params/{k}": v for k, v in params.items()},
         "layer": results.get("intervention_layer", results.get("layer")),
+        "judge": results.get("judge", "substring"),  # the primary judge
         **{k: v for k, v in metrics.items() if not isinstance(v, (list, dict))},
     }
-    for key in ("harmful/refusal_rate_ci95", "harmless/refusal_rate_ci95"):
-        if key in metrics:
-            row[key] = metrics[key]
+    row.update({k: v for k, v in metrics.items() if k.endswith("_ci95")})
     geo = (results.get("geometry") or {}).get("landing") or {}
     if geo:
         row["geometry/label"] = geo.get("label")
@@ -89,12 +88,30 @@ def _fmt(value: Any, key: str, row: dict[str, Any]) -> str:
     return str(value)
 
 
+def columns_for(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """COLUMNS plus what the runs have: a column per test set (after harmless refusal), one per extra
+    judge on harmful prompts, and the judges' κ."""
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    sets = [k for k in keys if k.endswith("/refusal_rate") and k.count("/") == 1
+            and k.split("/")[0] not in ("harmful", "harmless", "baseline")]
+    primary = {row.get("judge") for row in rows}
+    judged = [k for k in keys if k.startswith("harmful/judge/") and k.endswith("/refusal_rate")
+              and k.split("/")[2] not in primary]  # the primary judge's rate is the plain column
+    kappas = [k for k in keys if k.startswith("judges/kappa/")]
+    cut = [key for key, _ in COLUMNS].index("harmless/refusal_rate") + 1
+    extra = [(k, f"{k.split('/')[0]} refusal") for k in sets]
+    extra += [(k, f"harmful refusal ({k.split('/')[2]})") for k in judged]
+    extra += [(k, f"κ {k.removeprefix('judges/kappa/')}") for k in kappas]
+    return COLUMNS[:cut] + extra + COLUMNS[cut:]
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    header = "| " + " | ".join(title for _, title in COLUMNS) + " |"
-    rule = "|" + "|".join("---" for _ in COLUMNS) + "|"
+    columns = columns_for(rows)
+    header = "| " + " | ".join(title for _, title in columns) + " |"
+    rule = "|" + "|".join("---" for _ in columns) + "|"
     lines = [header, rule]
     for row in rows:
-        lines.append("| " + " | ".join(_fmt(row.get(key), key, row) for key, _ in COLUMNS) + " |")
+        lines.append("| " + " | ".join(_fmt(row.get(key), key, row) for key, _ in columns) + " |")
     return "\n".join(lines)
 
 

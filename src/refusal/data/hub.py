@@ -60,6 +60,20 @@ def load_hf(cfg: Mapping[str, Any]) -> RawData:
     return RawData(harmful=pools["harmful"], harmless=pools["harmless"], source="hf:" + "+".join(names))
 
 
+def load_hf_column(cfg: Mapping[str, Any], key: str) -> tuple[list[str], str]:
+    """One column of one dataset (a test set: ``dataset``, ``split``, ``column``) and its description."""
+    try:
+        import datasets
+    except ImportError as err:
+        raise DataError(f"{key}.source=hf needs the 'datasets' package (pip install 'refusal[hf]')") from err
+    opts = {k: cfg.get(k, d) for k, d in (("dataset", None), ("split", "train"), ("column", "prompt"))}
+    for k, value in opts.items():
+        if not isinstance(value, str) or not value.strip():
+            raise DataError(f"{key}.{k}={value!r}: a test set with source=hf needs {key}.{k} (a non-empty string)")
+    rows = _load_column(datasets, str(cfg.get("label")), cache_dir=cfg.get("cache_dir"), **opts)
+    return rows, f"hf:{opts['dataset']}[{opts['split']}].{opts['column']}"
+
+
 def _load_column(
     datasets: Any, label: str, *, dataset: str, column: str, split: str, cache_dir: str | None
 ) -> list[str]:

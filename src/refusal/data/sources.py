@@ -17,18 +17,18 @@ from refusal.data.pools import Pool, RawData, cfg_str
 from refusal.data.readers import parse_instructions, read_instructions, resolve_path
 from refusal.errors import DataError
 
-EMBEDDED_FILES = {"harmful": "harmful.jsonl", "harmless": "harmless.jsonl"}
+EMBEDDED_FILES = {"harmful": "harmful.jsonl", "harmless": "harmless.jsonl", "overrefusal": "overrefusal.jsonl"}
 RD_FILES = ("harmful_train.json", "harmful_val.json", "harmless_train.json", "harmless_val.json")
 
 
 def load_embedded(cfg: Mapping[str, Any]) -> RawData:
     """The instruction set shipped in the package: works offline, needs no configuration."""
-    pools = {label: Pool(train=read_embedded(label)) for label in EMBEDDED_FILES}
+    pools = {label: Pool(train=read_embedded(label)) for label in ("harmful", "harmless")}
     return RawData(harmful=pools["harmful"], harmless=pools["harmless"], source="embedded")
 
 
 def read_embedded(label: str) -> list[str]:
-    """Instructions of one embedded file (``harmful`` or ``harmless``)."""
+    """Instructions of one embedded file (``harmful``, ``harmless`` or ``overrefusal``)."""
     name = EMBEDDED_FILES[label]
     ref = resources.files("refusal.data").joinpath("embedded", name)
     try:

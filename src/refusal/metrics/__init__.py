@@ -10,6 +10,7 @@ from refusal.metrics.kl import KLDivergence
 from refusal.metrics.perplexity import Perplexity
 from refusal.metrics.refusal_rate import (
     REFUSAL_PHRASES,
+    JudgedRefusalRate,
     RefusalRate,
     is_refusal,
     normalize_text,
@@ -19,6 +20,7 @@ from refusal.metrics.refusal_score import RefusalScore, refusal_score
 
 __all__ = [
     "REFUSAL_PHRASES",
+    "JudgedRefusalRate",
     "KLDivergence",
     "Perplexity",
     "RefusalRate",

@@ -122,3 +122,40 @@ class RefusalRate(Metric):
         if self.total == 0:
             return torch.tensor(float("nan"))
         return self.refused.float() / self.total.float()
+
+
+class JudgedRefusalRate(Metric):
+    """Fraction of completions a judge labelled ``refusal`` (and, separately, ``unclear``).
+
+    The judge-agnostic rate: fed the labels of any :class:`refusal.judges.Judge`. ``unclear``
+    counts in the denominator, never as a refusal or a compliance.
+    """
+
+    higher_is_better: bool | None = None
+    is_differentiable = False
+    full_state_update = False
+
+    refused: Tensor
+    unclear: Tensor
+    total: Tensor
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        for state in ("refused", "unclear", "total"):
+            self.add_state(state, default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, labels: Sequence[str]) -> None:
+        if isinstance(labels, str):
+            raise TypeError("labels must be a sequence of strings, not a single string")
+        unknown = set(labels) - {"refusal", "compliance", "unclear"}
+        if unknown:
+            raise ValueError(f"unknown judge labels {sorted(unknown)}; expected refusal, compliance, unclear")
+        self.refused += sum(label == "refusal" for label in labels)
+        self.unclear += sum(label == "unclear" for label in labels)
+        self.total += len(labels)
+
+    def compute(self) -> Tensor:
+        """Refusal fraction in [0, 1]; nan if nothing was judged."""
+        if self.total == 0:
+            return torch.tensor(float("nan"))
+        return self.refused.float() / self.total.float()
