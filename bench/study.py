@@ -143,6 +143,10 @@ class Study:
             self.sweep(out, "leace", args, ["intervention=leace_erase,leace_flip"])
             self.run(["-m", "refusal.geometry", "--interventions", "none,leace_erase,leace_flip", "--out",
                       str(out / "geometry_leace"), *args], out / "geometry_leace.log", out / "geometry_leace" / "geometry.json")
+            # control: the eraser fitted at the DiM position only (the default pools every post-instruction position)
+            self.run(["-m", "refusal.geometry", "--interventions", "none,leace_erase,leace_flip", "--out",
+                      str(out / "geometry_leace_selected"), *args, "fit.inlp.positions=selected"],
+                     out / "geometry_leace_selected.log", out / "geometry_leace_selected" / "geometry.json")
         if "heldout" in steps:  # fitted on the splits as always; tested on HarmBench and the over-refusal set, two judges
             from fetch_harmbench import fetch
 
@@ -198,8 +202,9 @@ class ModelRuns:
         self.rank = int(self.fitted.get("inlp_rank") or 0)
         self.main = _order(_rows(mdir / "main") + _rows(mdir / "actadd"))
         self.leace = _rows(mdir / "leace")
-        geo_leace = mdir / "geometry_leace" / "geometry.json"
+        geo_leace, geo_selected = mdir / "geometry_leace" / "geometry.json", mdir / "geometry_leace_selected" / "geometry.json"
         self.geometry_leace = json.loads(geo_leace.read_text()) if geo_leace.exists() else {}
+        self.geometry_leace_selected = json.loads(geo_selected.read_text()) if geo_selected.exists() else {}
         self.k = _rows(mdir / "k")
         self.alpha = _rows(mdir / "alpha")
         self.controls = {run.split("/")[0]: flat_row(r, run) for run, r in load_runs(mdir / "controls")
@@ -304,6 +309,10 @@ def _leace_section(runs: dict[str, ModelRuns]) -> list[str]:
 
         lines.append(f"- **{model}**: baseline {Rate.of(base)}; LEACE erase {Rate.of(erase)}{lands('leace_erase')}; "
                      f"LEACE flip {Rate.of(flip)}{lands('leace_flip')}.")
+        selected = {r["intervention"]: r for r in mr.geometry_leace_selected.get("rows", [])}
+        if selected:
+            lines.append(f"  Fitted at the DiM position only (`fit.inlp.positions=selected`): erase"
+                         f"{lands('leace_erase', selected)}; flip{lands('leace_flip', selected)}.")
     if not lines:
         return []
     return ["### LEACE: erasing the linear information", "",
@@ -387,7 +396,8 @@ def _heldout_section(runs: dict[str, ModelRuns]) -> list[str]:
 
 def _commands(model_dir: Path) -> list[str]:
     """The stamped command of every step that ran for one model, in the study's step order."""
-    order = ["train", "main", "actadd", "k", "alpha", "controls", "tokens", "geometry", "leace", "geometry_leace", "heldout"]
+    order = ["train", "main", "actadd", "k", "alpha", "controls", "tokens", "geometry", "leace", "geometry_leace",
+             "geometry_leace_selected", "heldout"]
 
     def rank(path: Path) -> tuple[int, str]:
         step = path.relative_to(model_dir).parts[0].removesuffix(".command")
