@@ -82,13 +82,17 @@ def test_model_judge_reads_the_first_answer_token_and_caches(tmp_path, monkeypat
     assert all(torch.isfinite(torch.tensor(j.score)) for j in verdicts)
 
 
-def test_model_judge_scores_are_batch_independent(tmp_path):
-    prompts = ["Name a river.", "Write a poem about tea, please, in four lines."]
-    completions = ["The Nile.", "Steam rises softly"]
-    one = ModelJudge({"model": TINY, "batch_size": 1}, tmp_path / "a").judge(prompts, completions)
-    two = ModelJudge({"model": TINY, "batch_size": 2}, tmp_path / "b").judge(prompts, completions)
-    assert [j.label for j in one] == [j.label for j in two]
-    torch.testing.assert_close(torch.tensor([j.score for j in two]), torch.tensor([j.score for j in one]), atol=1e-4, rtol=0)
+def test_model_judge_scores_do_not_depend_on_batching_or_the_shared_prefix(tmp_path):
+    prompts = ["Name a river.", "Write a poem about tea, please, in four lines.", "Give me a bread recipe"]
+    completions = ["The Nile.", "Steam rises softly", "I can't do that."]
+    plain = ModelJudge({"model": TINY, "batch_size": 1, "share_prefix": False}, tmp_path / "a")
+    runs = [plain.judge(prompts, completions)]
+    for i, batch_size in enumerate((1, 3)):  # the rubric's shared opening runs once, rows continue from its cache
+        runs.append(ModelJudge({"model": TINY, "batch_size": batch_size}, tmp_path / f"s{i}").judge(prompts, completions))
+    reference = torch.tensor([j.score for j in runs[0]])
+    for verdicts in runs[1:]:
+        assert [j.label for j in verdicts] == [j.label for j in runs[0]]
+        torch.testing.assert_close(torch.tensor([j.score for j in verdicts]), reference, atol=1e-4, rtol=0)
 
 
 def test_model_judge_config_errors_name_the_fix():

@@ -10,7 +10,6 @@ from refusal.fitting.dim import (
     CandidateScorer,
     SelectionConfig,
     SelectionResult,
-    common_prefix,
     dim_candidates,
     eligible_layers,
     picks_by_rule,
@@ -18,6 +17,7 @@ from refusal.fitting.dim import (
 )
 from refusal.hooks import HookSpec, hooked
 from refusal.models import load_model
+from refusal.prefix import common_prefix
 
 PLANT_LAYER = 3
 TRIGGER = "<|endoftext|>"

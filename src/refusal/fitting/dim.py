@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from refusal.hooks import HookSpec, hooked
 from refusal.metrics import refusal_score
 from refusal.models.bundle import ModelBundle
+from refusal.prefix import common_prefix, forward
 
 log = logging.getLogger(__name__)
 
@@ -96,18 +97,6 @@ def _kl_rows(base_logits: torch.Tensor, new_logits: torch.Tensor) -> torch.Tenso
     return (base.exp() * (base - new)).sum(-1)
 
 
-def common_prefix(rows: Sequence[Sequence[int]]) -> list[int]:
-    """The longest token prefix every row shares, leaving each row at least one token of its own."""
-    if not rows:
-        return []
-    limit = min(len(r) for r in rows) - 1
-    first = rows[0]
-    n = 0
-    while n < limit and all(r[n] == first[n] for r in rows):
-        n += 1
-    return list(first[:n])
-
-
 class CandidateScorer:
     """Scores many candidate directions with per-row hooks (rows = candidate × prompt).
 
@@ -136,19 +125,9 @@ class CandidateScorer:
         if "shift" in self._state:
             self._state["shift_rows"] = {li: s[index] for li, s in self._state["shift"].items()}
 
-    def _forward(self, rows: Sequence[Sequence[int]], specs: list[HookSpec], offset: int = 0, past: Any = None,
-                 keep_cache: bool = False) -> Any:
-        """One hooked forward pass of left-padded ``rows``, continuing ``past`` (``offset`` tokens) if given."""
-        batch = self.bundle.pad(rows).to(self.bundle.device)
-        mask = batch.attention_mask
-        if offset:
-            mask = torch.cat([mask.new_ones(len(rows), offset), mask], dim=1)
+    def _forward(self, rows: Sequence[Sequence[int]], specs: list[HookSpec], **kwargs: Any) -> Any:
         with hooked(specs):
-            return self.bundle.model(
-                input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids + offset,
-                cache=past, use_cache=keep_cache or past is not None,
-                logits_to_keep=1,
-            )
+            return forward(self.bundle, rows, **kwargs)
 
     @torch.inference_mode()
     def _last_logits(self, rows: Sequence[Sequence[int]], owners: Sequence[int], specs: list[HookSpec]) -> torch.Tensor:
