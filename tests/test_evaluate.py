@@ -75,12 +75,17 @@ def test_a_rerun_regenerates_nothing_and_a_new_parameter_does(compose, tmp_path,
     calls = []
     real = __import__("refusal.generation", fromlist=["generate"]).generate
     monkeypatch.setattr("refusal.generation.generate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    scored = []
+    real_scores = __import__("refusal.evaluation", fromlist=["x"]).teacher_forced_scores
+    monkeypatch.setattr("refusal.evaluation.teacher_forced_scores", lambda *a, **k: scored.append(1) or real_scores(*a, **k))
     again = run_evaluation(cfg, tmp_path / "again")
-    assert calls == [] and again["metrics"] == first["metrics"]  # baseline and steered generations from the cache
+    assert calls == [] and scored == []  # generations and teacher-forced scores from the cache
+    assert again["metrics"] == first["metrics"]
     assert (tmp_path / "first" / "completions.jsonl").read_text() == (tmp_path / "again" / "completions.jsonl").read_text()
     run_evaluation(compose("intervention=inlp_flip", "intervention.alpha=2.0", *SMALL, "geometry.enabled=false"),
                    tmp_path / "alpha2")
     assert len(calls) == 3  # harmful, harmless and over-refusal under the new steering; the baseline stays cached
+    assert scored == [1]
 
 
 def test_test_sets_and_test_size_reuse_the_fits_made_on_data(compose, tmp_path):

@@ -22,7 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from refusal.activations import batches_by_length
-from refusal.artifacts import atomic_write_json, atomic_write_text
+from refusal.artifacts import atomic_write_json, atomic_write_text, sha256_json
 from refusal.config import plugin_dirs
 from refusal.generation import GenerationCache
 from refusal.interventions import Intervention, get_intervention
@@ -85,6 +85,23 @@ def teacher_forced_scores(
         "kl_div": float(kl_last.compute()),
         "kl_div_completion": float(kl_completion.compute()),
     }
+
+
+def cached_scores(folder: Path, key: dict[str, Any], compute: Any) -> dict[str, float]:
+    """Teacher-forced scores keyed by what determines them (weights, tokens, steering fingerprint), so a
+    rerun of the same comparison recomputes nothing; an unreadable entry is recomputed."""
+    import json
+
+    path = folder / f"{sha256_json(key)[:24]}.json"
+    try:
+        saved = json.loads(path.read_text())
+        if set(saved) == {"perplexity", "kl_div", "kl_div_completion"}:
+            return saved
+    except (OSError, ValueError):
+        pass
+    scores = compute()
+    atomic_write_json(path, scores)
+    return scores
 
 
 def _column_metrics(column: str, judged: dict[str, list[Judgement]], primary: str,
@@ -169,9 +186,11 @@ def evaluate_context(ctx: RunContext, output_dir: Path, tracker: Any = None) -> 
             metrics[f"{column}/n"] = len(prompts)
     agreement_of = _agreements(labels) if len(judges) > 1 else {}
     metrics.update({f"judges/kappa/{pair}": a["kappa"] for pair, a in agreement_of.items()})
-    tf = teacher_forced_scores(
-        bundle, ctx.tokens("harmless_test"), base["harmless"].completion_ids, None if cls.name == "none" else intervention,
-        max(1, int(ecfg.batch_size) // 2),
+    tf = cached_scores(
+        Path(cfg.cache_dir) / "scores" / bundle.name,
+        {"w": bundle.weights_hash, "p": ctx.tokens("harmless_test"), "c": base["harmless"].completion_ids, "steer": steer},
+        lambda: teacher_forced_scores(bundle, ctx.tokens("harmless_test"), base["harmless"].completion_ids,
+                                      None if cls.name == "none" else intervention, max(1, int(ecfg.batch_size) // 2)),
     )
     metrics.update({f"harmless/{k}": v for k, v in tf.items()})
     ctx.timings["score"] = time.perf_counter() - t2
