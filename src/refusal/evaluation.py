@@ -24,10 +24,10 @@ from omegaconf import DictConfig, OmegaConf
 from refusal.activations import batches_by_length
 from refusal.artifacts import atomic_write_json, atomic_write_text, sha256_json
 from refusal.config import plugin_dirs
-from refusal.generation import GenerationCache
+from refusal.generation import GenerationCache, Generations
 from refusal.interventions import Intervention, get_intervention
 from refusal.interventions.scope import declare_roles
-from refusal.judges import Judgement, agreement, configured_judges
+from refusal.judges import Judge, Judgement, agreement, configured_judges
 from refusal.metrics import JudgedRefusalRate, KLDivergence, Perplexity, RefusalScore, wilson_interval
 from refusal.models.bundle import ModelBundle
 from refusal.pipeline import RunContext, fit_for, inlp_record, prepare
@@ -138,6 +138,42 @@ def _score(first_logits: torch.Tensor, token_ids: list[int]) -> float:
     return float(metric.compute())
 
 
+Columns = list[tuple[str, str, str]]  # (metric prefix, split or test-set name, label)
+
+
+def _generate_columns(ctx: RunContext, intervention: Intervention, steer: str | None, columns: Columns,
+                      gen_kwargs: dict[str, Any]) -> tuple[dict[str, Generations], dict[str, Generations]]:
+    """Baseline and steered generations of every column, from the cache when they were made before."""
+    cache = GenerationCache(Path(ctx.cfg.cache_dir) / "generations")
+    base = {col: cache.get(ctx.bundle, ctx.tokens(split), desc=f"baseline {col}", **gen_kwargs) for col, split, _ in columns}
+    if steer is None:
+        return base, base
+    steered = {}
+    for col, split, _ in columns:
+        with intervention.apply(ctx.bundle):
+            steered[col] = cache.get(ctx.bundle, ctx.tokens(split), steer=steer, desc=f"{intervention.name} {col}", **gen_kwargs)
+    return base, steered
+
+
+def _judge_columns(ctx: RunContext, judges: dict[str, Judge], columns: Columns, base: dict[str, Generations],
+                   steered: dict[str, Generations], metrics: dict[str, Any], max_new: int) -> dict[str, dict[str, list[Judgement]]]:
+    """Every judge on every column's steered completions (the primary one also on the baseline's); adds the
+    column metrics to ``metrics`` and returns judge -> column -> judgements."""
+    primary = next(iter(judges))
+    labels: dict[str, dict[str, list[Judgement]]] = {name: {} for name in judges}
+    for column, split, _ in columns:
+        prompts = ctx.texts(split)
+        for name, judge in judges.items():
+            labels[name][column] = judge.judge(prompts, steered[column].completions)
+        primary_base = [j.label for j in judges[primary].judge(prompts, base[column].completions)]
+        metrics.update(_column_metrics(column, {n: labels[n][column] for n in judges}, primary, primary_base))
+        metrics[f"{column}/refusal_score"] = _score(steered[column].first_logits, ctx.bundle.refusal_token_ids)
+        metrics[f"{column}/hit_token_limit"] = sum(len(ids) >= max_new for ids in steered[column].completion_ids)
+        if column not in ("harmful", "harmless"):
+            metrics[f"{column}/n"] = len(prompts)
+    return labels
+
+
 def evaluate_context(ctx: RunContext, output_dir: Path, tracker: Any = None) -> dict[str, Any]:
     """Run one evaluation on a prepared context; writes results.json and completions.jsonl."""
     cfg, bundle = ctx.cfg, ctx.bundle
@@ -156,34 +192,15 @@ def evaluate_context(ctx: RunContext, output_dir: Path, tracker: Any = None) -> 
     columns = [("harmful", "harmful_test", "harmful"), ("harmless", "harmless_test", "harmless"),
                *((s.name, s.name, s.label) for s in ctx.test_sets)]
     t1 = time.perf_counter()
-    cache = GenerationCache(Path(cfg.cache_dir) / "generations")
-    base, steered = {}, {}
     steer = None if cls.name == "none" else intervention.fingerprint(bundle.n_layers)
-    for column, split, _ in columns:
-        base[column] = cache.get(bundle, ctx.tokens(split), desc=f"baseline {column}", **gen_kwargs)
-    for column, split, _ in columns:
-        if steer is None:
-            steered[column] = base[column]
-            continue
-        with intervention.apply(bundle):
-            steered[column] = cache.get(bundle, ctx.tokens(split), steer=steer, desc=f"{cls.name} {column}", **gen_kwargs)
+    base, steered = _generate_columns(ctx, intervention, steer, columns, gen_kwargs)
     ctx.timings["generate"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()
     judges = configured_judges(cfg, plugin_dirs(cfg))
     primary = next(iter(judges))
-    labels: dict[str, dict[str, list[Judgement]]] = {}  # judge -> column -> judgements of the steered completions
     metrics: dict[str, Any] = {"n_harmful": len(ctx.tokens("harmful_test")), "n_harmless": len(ctx.tokens("harmless_test"))}
-    for column, split, _ in columns:
-        prompts = ctx.texts(split)
-        for name, judge in judges.items():
-            labels.setdefault(name, {})[column] = judge.judge(prompts, steered[column].completions)
-        primary_base = [j.label for j in judges[primary].judge(prompts, base[column].completions)]
-        metrics.update(_column_metrics(column, {n: labels[n][column] for n in judges}, primary, primary_base))
-        metrics[f"{column}/refusal_score"] = _score(steered[column].first_logits, bundle.refusal_token_ids)
-        metrics[f"{column}/hit_token_limit"] = sum(len(ids) >= max_new for ids in steered[column].completion_ids)
-        if column not in ("harmful", "harmless"):
-            metrics[f"{column}/n"] = len(prompts)
+    labels = _judge_columns(ctx, judges, columns, base, steered, metrics, max_new)
     agreement_of = _agreements(labels) if len(judges) > 1 else {}
     metrics.update({f"judges/kappa/{pair}": a["kappa"] for pair, a in agreement_of.items()})
     tf = cached_scores(
