@@ -14,7 +14,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from refusal.cli import friendly_errors, quiet_libraries
+from refusal.cli import entry_point, friendly_errors, quiet_libraries
 
 log = logging.getLogger("refusal.train")
 
@@ -33,4 +33,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    entry_point(main, Path(__file__).resolve().parent / "conf")

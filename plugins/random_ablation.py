@@ -33,6 +33,7 @@ class RandomSubspaceAblation(Intervention):
     needs = frozenset({"dim"})
     default_layers = "all"
     edits_writes = True
+    defaults = {"k": 1, "seed": 0}
 
     def __init__(self, cfg: dict[str, Any], fitted: Fitted):
         super().__init__(cfg, fitted)

@@ -176,6 +176,39 @@ def test_plugin_in_a_temporary_folder_runs_through_evaluate(tmp_path):
     assert "halve_residual" in proc.stdout
 
 
+def test_a_one_file_plugin_is_a_config_option_in_a_multirun(tmp_path):
+    plugins = tmp_path / "one_file"
+    plugins.mkdir()
+    (plugins / "scale.py").write_text(textwrap.dedent('''
+        from refusal.interventions import Intervention
+
+        class Scale(Intervention):
+            name = "scale_residual"
+            description = "Scales the residual entering the DiM layer by `factor` (test plugin, no yaml)."
+            needs = frozenset({"dim"})
+            defaults = {"factor": 0.5}
+
+            def residual_edit(self, layer, cast):
+                factor = float(self.cfg["factor"])
+                return lambda x: factor * x
+    '''))
+    common = ["model=tiny", *SMALL, f"cache_dir={tmp_path / 'cache'}", f"artifacts_dir={tmp_path / 'art'}", "logger=none",
+              "progress=false", "geometry.enabled=false", f"plugin_dirs=[{plugins}]"]
+    proc = run_cli("evaluate.py", "-m", "intervention=none,scale_residual", *common, f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    plugin = json.loads((tmp_path / "sweep" / "1_tiny_scale_residual" / "results.json").read_text())
+    assert plugin["params"] == {"factor": 0.5} and plugin["metrics"]["harmless/kl_div"] > 0  # its declared defaults
+    proc = run_cli("evaluate.py", "intervention=scale_residual", "intervention.factor=0.25", *common,
+                   f"hydra.run.dir={tmp_path / 'one'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "one" / "results.json").read_text())["params"] == {"factor": 0.25}
+    # a yaml, where present, still wins: only plugins without one are put in the ConfigStore
+    from refusal.cli import register_plugin_configs
+
+    stored = register_plugin_configs([f"plugin_dirs=[{plugins}]"], REPO / "conf")
+    assert "scale_residual" in stored and not {"random_ablation", "inlp_flip", "leace_flip"} & set(stored)
+
+
 def test_report_cli_on_a_folder(tmp_path):
     from refusal.report import main
 

@@ -6,6 +6,7 @@ import functools
 import logging
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from refusal.errors import RefusalError
@@ -60,3 +61,39 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def register_plugin_configs(argv: list[str], conf_dir: Path) -> list[str]:
+    """Make every registered intervention a Hydra option of group ``intervention`` (ConfigStore), so a
+    one-file plugin works in ``-m intervention=none,my_plugin`` with no yaml anywhere. Its node is the
+    class's declared ``defaults`` plus the scope keys; a ``conf/intervention/<name>.yaml`` still wins.
+    The plugin folders are this checkout's ``plugins/`` and any ``plugin_dirs=`` on the command line."""
+    from hydra.core.config_store import ConfigStore
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from refusal.interventions.registry import INTERVENTIONS, available
+
+    dirs = [str(conf_dir.parent / "plugins")]
+    given = [a for a in argv if a.split("=", 1)[0].lstrip("+~") == "plugin_dirs"]
+    if given:
+        value = OverridesParser.create().parse_overrides(given[-1:])[0].value()
+        dirs += [str(v) for v in (value if isinstance(value, list) else [value])]
+    available(dirs)
+    stored = []
+    for name, cls in INTERVENTIONS.classes.items():
+        if (conf_dir / "intervention" / f"{name}.yaml").exists():
+            continue
+        node = {"name": name, **dict(cls.defaults), "layers": None, "positions": "all"}
+        ConfigStore.instance().store(group="intervention", name=name, node=node)
+        stored.append(name)
+    return stored
+
+
+def entry_point(main: Callable[[], Any], conf_dir: Path) -> None:
+    """Run a Hydra ``main`` after registering plugin configs; a broken plugin is one ``error:`` line."""
+    try:
+        register_plugin_configs(sys.argv[1:], conf_dir)
+    except RefusalError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    main()

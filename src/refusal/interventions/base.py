@@ -77,6 +77,8 @@ class Intervention(ABC):
     needs: ClassVar[frozenset[str]] = frozenset()
     default_layers: ClassVar[str] = "selected"
     edits_writes: ClassVar[bool] = False
+    #: Parameters and their defaults: the Hydra config of ``intervention=<name>`` when no yaml exists.
+    defaults: ClassVar[Mapping[str, Any]] = {}
 
     def __init__(self, cfg: Mapping[str, Any], fitted: Fitted):
         self.cfg = dict(cfg)
