@@ -13,7 +13,7 @@ import torch
 import wandb_records
 from conftest import REPO
 
-from refusal.errors import ArtifactError
+from refusal.errors import ArtifactError, ConfigError
 from refusal.evaluation import run_evaluation
 from refusal.pipeline import fit, prepare
 
@@ -320,3 +320,32 @@ def test_multirun_with_two_test_sets_and_two_judges(tmp_path):
     report = (sweep / "report.md").read_text()
     assert "heldout refusal" in report and "overrefusal refusal" in report and "κ substring~heretic" in report
     assert "harmful refusal (heretic)" in report and "harmful refusal (substring)" not in report
+
+
+@pytest.mark.parametrize("launcher", [["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
+                                      ["hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10"]])
+def test_launchers_run_jobs_at_once_on_shared_artifact_and_cache_roots(tmp_path, launcher):
+    # both jobs need the same missing DiM artifact at the same time: each fits it and renames a complete
+    # file into place, so neither reads a half-written one and the survivor is what both used
+    sweep = tmp_path / "sweep"
+    proc = run_cli("evaluate.py", "-m", *launcher, "model=tiny", "intervention=dim_ablation,actadd", *SMALL,
+                   f"cache_dir={tmp_path / 'cache'}", f"artifacts_dir={tmp_path / 'art'}", "logger=none", "progress=false",
+                   "geometry.enabled=false", f"hydra.sweep.dir={sweep}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/results.json"))]
+    assert [r["intervention"] for r in runs] == ["dim_ablation", "actadd"] and all(r["status"] == "ok" for r in runs)
+    (dim,) = (tmp_path / "art" / "tiny").glob("*/dim_auto-*.json")
+    from refusal.artifacts import load_artifact
+
+    _, meta = load_artifact(dim.with_suffix(""))  # checksummed: complete
+    assert {r["layer"] for r in runs} == {meta["layer"]}
+    assert (sweep / "report.md").read_text().count("| tiny |") == 2
+
+
+def test_a_documented_launcher_that_is_not_installed_names_the_extra(monkeypatch):
+    from refusal import cli
+
+    monkeypatch.setitem(cli.LAUNCHERS, "joblib", "hydra_plugins.not_installed_launcher_xyz")
+    with pytest.raises(ConfigError, match=r"hydra/launcher=joblib is not installed: pip install -e '\.\[cluster\]'"):
+        cli.check_launcher(["-m", "hydra/launcher=joblib", "model=tiny"])
+    cli.check_launcher(["hydra/launcher=basic"])  # Hydra's own launchers need nothing

@@ -89,9 +89,30 @@ def register_plugin_configs(argv: list[str], conf_dir: Path) -> list[str]:
     return stored
 
 
+#: Hydra launchers this project documents, and the package of each (installed by the ``cluster`` extra).
+LAUNCHERS = {"joblib": "hydra_plugins.hydra_joblib_launcher", "submitit_local": "hydra_plugins.hydra_submitit_launcher",
+             "submitit_slurm": "hydra_plugins.hydra_submitit_launcher"}
+
+
+def check_launcher(argv: list[str]) -> None:
+    """A documented launcher that is not installed names the extra that installs it (Hydra itself would
+    only list the installed ones)."""
+    import importlib.util
+
+    from refusal.errors import ConfigError
+
+    for arg in argv:
+        key, _, value = arg.partition("=")
+        if key.lstrip("+") == "hydra/launcher" and value in LAUNCHERS and importlib.util.find_spec(LAUNCHERS[value]) is None:
+            raise ConfigError(f"hydra/launcher={value} is not installed: pip install -e '.[cluster]' "
+                              "(hydra-joblib-launcher, hydra-submitit-launcher)")
+
+
 def entry_point(main: Callable[[], Any], conf_dir: Path) -> None:
-    """Run a Hydra ``main`` after registering plugin configs; a broken plugin is one ``error:`` line."""
+    """Run a Hydra ``main`` after registering plugin configs; a broken plugin or a launcher that is not
+    installed is one ``error:`` line."""
     try:
+        check_launcher(sys.argv[1:])
         register_plugin_configs(sys.argv[1:], conf_dir)
     except RefusalError as err:
         print(f"error: {err}", file=sys.stderr)
