@@ -491,3 +491,21 @@ def test_overrefusal_set_is_embedded_and_distinct():
     assert len(rows) == 100 and len({r["instruction"].lower() for r in rows}) == 100
     assert len({r["category"] for r in rows}) >= 8
     assert not set(read_embedded("overrefusal")) & (set(read_embedded("harmful")) | set(read_embedded("harmless")))
+
+
+def test_hf_and_refusal_direction_test_sets(monkeypatch, tmp_path):
+    from refusal.data.test_sets import load_test_sets
+
+    fake_hub(monkeypatch, {"JailbreakBench/JBB-Behaviors": {"Goal": words("jbb", 6)}})
+    splits = _splits()
+    (jbb,) = load_test_sets({"jbb": {"source": "hf", "dataset": "JailbreakBench/JBB-Behaviors", "split": "harmful",
+                                     "column": "Goal", "label": "harmful", "n": 4}}, splits, seed=0)
+    assert len(jbb.instructions) == 4 and jbb.source == "hf:JailbreakBench/JBB-Behaviors[harmful].Goal"
+    with pytest.raises(DataError, match="set eval.test_sets.jbb.column to one of them"):
+        load_test_sets({"jbb": {"source": "hf", "dataset": "JailbreakBench/JBB-Behaviors", "column": "goal",
+                                "label": "harmful"}}, splits, seed=0)
+    folder = tmp_path / "rd"
+    folder.mkdir()
+    (folder / "harmless_val.json").write_text(json.dumps([{"instruction": w} for w in words("calm", 5)]))
+    (rd,) = load_test_sets({"rdval": {"source": "refusal_direction", "dir": str(folder), "label": "harmless"}}, splits, seed=0)
+    assert sorted(rd.instructions) == sorted(words("calm", 5)) and rd.label == "harmless"

@@ -70,13 +70,14 @@ def load_hf_column(cfg: Mapping[str, Any], key: str) -> tuple[list[str], str]:
     for k, value in opts.items():
         if not isinstance(value, str) or not value.strip():
             raise DataError(f"{key}.{k}={value!r}: a test set with source=hf needs {key}.{k} (a non-empty string)")
-    rows = _load_column(datasets, str(cfg.get("label")), cache_dir=cfg.get("cache_dir"), **opts)
+    rows = _load_column(datasets, str(cfg.get("label")), cache_dir=cfg.get("cache_dir"), keys=f"{key}.", **opts)
     return rows, f"hf:{opts['dataset']}[{opts['split']}].{opts['column']}"
 
 
 def _load_column(
-    datasets: Any, label: str, *, dataset: str, column: str, split: str, cache_dir: str | None
+    datasets: Any, label: str, *, dataset: str, column: str, split: str, cache_dir: str | None, keys: str = ""
 ) -> list[str]:
+    keys = keys or f"data.{label}_"  # how the config names this source's keys, for the error messages
     try:
         with _honour_offline_env():
             ds = datasets.load_dataset(dataset, split=split, cache_dir=cache_dir)
@@ -88,13 +89,13 @@ def _load_column(
             ) from err
         raise DataError(
             f"cannot load {dataset} split '{split}' ({type(err).__name__}: {err}); check "
-            f"data.{label}_dataset and data.{label}_split, or {OFFLINE_ALTERNATIVES}"
+            f"{keys}dataset and {keys}split, or {OFFLINE_ALTERNATIVES}"
         ) from err
     columns = list(ds.column_names)
     if column not in columns:
         raise DataError(
             f"{dataset} [{split}] has no column '{column}'; columns found: {columns}; "
-            f"set data.{label}_column to one of them"
+            f"set {keys}column to one of them"
         )
     values = list(ds[column])
     # Alpaca-style rows with an `input` refer to text the model never sees: skip them (Arditi et al.).
