@@ -124,3 +124,15 @@ def test_a_judge_plugin_file_registers(tmp_path):
     assert [j.label for j in judge.judge(["p", "p"], ["No.", "Here you go: bread"])] == ["refusal", "compliance"]
     with pytest.raises(ConfigError, match="unknown judge 'nope'; registered: .*model.*short_answer.*substring"):
         get_judge("nope", [tmp_path])
+
+
+def test_hub_classifier_judges_fail_fast_offline(monkeypatch):
+    import yaml
+    from conftest import REPO
+
+    monkeypatch.setattr("refusal.models.loader.hub_reachable", lambda *a, **k: False)
+    monkeypatch.setattr("huggingface_hub.try_to_load_from_cache", lambda *a, **k: None)  # nothing cached
+    for name in ("llama_guard", "harmbench"):
+        cfg = yaml.safe_load((REPO / "conf" / "judge" / f"{name}.yaml").read_text())[name]
+        with pytest.raises(ConfigError, match=f"needs {cfg['model']['hub_id']} from the Hugging Face Hub, which is unreachable"):
+            get_judge(cfg["type"]).check({**cfg, "label": name})
