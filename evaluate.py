@@ -1,5 +1,6 @@
 """The main job: fit what is missing, apply an intervention, generate, score, log.
 
+    python evaluate.py experiment=compare                # baseline + 4 interventions, one load, one fit
     python evaluate.py                                   # qwen05, embedded data, no intervention
     python evaluate.py intervention=inlp_flip intervention.k=4
     python evaluate.py -m model=qwen05,qwen15 intervention=none,actadd,dim_ablation,inlp_nullspace,inlp_flip
