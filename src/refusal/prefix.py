@@ -8,7 +8,6 @@ same arithmetic on fewer tokens: logits equal the plain pass's to float toleranc
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from typing import Any
 
@@ -43,23 +42,14 @@ def forward(bundle: ModelBundle, rows: Sequence[Sequence[int]], *, offset: int =
     )
 
 
-def prefix_cache(bundle: ModelBundle, prefix: Sequence[int], copies: int = 1) -> Any:
-    """The key/value cache of ``prefix``, computed once and repeated for ``copies`` rows."""
-    past = forward(bundle, [prefix], keep_cache=True).cache
-    if copies > 1:
-        past.batch_repeat_interleave(copies)
-    return past
+def prefix_cache(bundle: ModelBundle, prefixes: Sequence[Sequence[int]]) -> Any:
+    """The key/value cache of equally long ``prefixes`` (one slot each), for :func:`continue_rows`."""
+    return forward(bundle, prefixes, keep_cache=True).cache
 
 
-@torch.inference_mode()
-def last_logits_shared(bundle: ModelBundle, rows: Sequence[Sequence[int]], prefix: Sequence[int],
-                       past: Any = None) -> torch.Tensor:
-    """``[len(rows), vocab]`` last-position logits of rows that all start with ``prefix``; ``past``: the
-    prefix's cache for one row (computed here when None), reused for every call."""
-    n = len(prefix)
-    if n == 0:
-        return forward(bundle, rows).logits[:, -1].float()
-    base = past if past is not None else prefix_cache(bundle, prefix)
-    cache = copy.deepcopy(base)  # the forward appends to it
-    cache.batch_repeat_interleave(len(rows))
-    return forward(bundle, [r[n:] for r in rows], offset=n, past=cache).logits[:, -1].float()
+def continue_rows(bundle: ModelBundle, rows: Sequence[Sequence[int]], n_prefix: int, past: Any,
+                  slots: Sequence[int]) -> torch.Tensor:
+    """``[len(rows), vocab]`` last-position logits of rows whose first ``n_prefix`` tokens are already in
+    ``past``: row i continues the cache's slot ``slots[i]``. ``past`` is consumed (selected, appended to)."""
+    past.batch_select_indices(torch.tensor(list(slots), device=bundle.device))
+    return forward(bundle, [r[n_prefix:] for r in rows], offset=n_prefix, past=past).logits[:, -1].float()

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from refusal.hooks import HookSpec, hooked
 from refusal.metrics import refusal_score
 from refusal.models.bundle import ModelBundle
-from refusal.prefix import common_prefix, forward
+from refusal.prefix import common_prefix, continue_rows, forward, prefix_cache
 
 log = logging.getLogger(__name__)
 
@@ -125,24 +125,19 @@ class CandidateScorer:
         if "shift" in self._state:
             self._state["shift_rows"] = {li: s[index] for li, s in self._state["shift"].items()}
 
-    def _forward(self, rows: Sequence[Sequence[int]], specs: list[HookSpec], **kwargs: Any) -> Any:
-        with hooked(specs):
-            return forward(self.bundle, rows, **kwargs)
-
     @torch.inference_mode()
     def _last_logits(self, rows: Sequence[Sequence[int]], owners: Sequence[int], specs: list[HookSpec]) -> torch.Tensor:
         """Last-position logits of token ``rows``; row i is steered as candidate ``owners[i]``."""
-        if not self.prefix:
+        with hooked(specs):
+            if not self.prefix:
+                self._select(owners)
+                return forward(self.bundle, rows).logits[:, -1].float()
+            candidates = sorted(set(owners))  # the prefix once per candidate, each under its own steering
+            self._select(candidates)
+            past = prefix_cache(self.bundle, [self.prefix] * len(candidates))
             self._select(owners)
-            return self._forward(rows, specs).logits[:, -1].float()
-        candidates = sorted(set(owners))
-        self._select(candidates)
-        past = self._forward([self.prefix] * len(candidates), specs, keep_cache=True).cache
-        slot = {c: i for i, c in enumerate(candidates)}
-        past.batch_select_indices(torch.tensor([slot[o] for o in owners], device=self.bundle.device))
-        self._select(owners)
-        n = len(self.prefix)
-        return self._forward([r[n:] for r in rows], specs, offset=n, past=past).logits[:, -1].float()
+            slot = {c: i for i, c in enumerate(candidates)}
+            return continue_rows(self.bundle, rows, len(self.prefix), past, [slot[o] for o in owners])
 
     def _ablation_specs(self) -> list[HookSpec]:
         def fn(x: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ re-report costs nothing.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from collections.abc import Mapping, Sequence
@@ -24,7 +25,7 @@ from refusal.artifacts import atomic_write_json, sha256_json
 from refusal.errors import ConfigError
 from refusal.judges.base import Judge, Judgement
 from refusal.models.bundle import ModelBundle
-from refusal.prefix import common_prefix, last_logits_shared, prefix_cache
+from refusal.prefix import common_prefix, continue_rows, forward, prefix_cache
 
 log = logging.getLogger(__name__)
 
@@ -188,13 +189,15 @@ class ModelJudge(Judge):
         texts = [self._prompt_text(p, c) for p, c in zip(prompts, completions, strict=True)]
         rows = bundle.tokenizer(texts, add_special_tokens=False)["input_ids"]
         # the chat template and the rubric's opening are the same for every row: run them once
-        prefix = common_prefix(rows) if self.share_prefix else []
-        past = prefix_cache(bundle, prefix) if prefix else None
+        n = len(common_prefix(rows)) if self.share_prefix else 0
+        past = prefix_cache(bundle, [rows[0][:n]]) if n else None
         out: list[list[Any]] = [[]] * len(rows)
         refusal_ids = torch.tensor(answer_ids["refusal"])
         compliance_ids = torch.tensor(answer_ids["compliance"])
         for idx in batches_by_length([len(r) for r in rows], self.batch_size):
-            logits = last_logits_shared(bundle, [rows[i] for i in idx], prefix, past)
+            batch = [rows[i] for i in idx]
+            logits = (continue_rows(bundle, batch, n, copy.deepcopy(past), [0] * len(idx)) if n
+                      else forward(bundle, batch).logits[:, -1].float())
             logp = torch.log_softmax(logits.float().cpu(), dim=-1)
             score = torch.logsumexp(logp[:, refusal_ids], -1) - torch.logsumexp(logp[:, compliance_ids], -1)
             top = logp.argmax(-1)
