@@ -27,7 +27,7 @@ from refusal.config import plugin_dirs
 from refusal.generation import GenerationCache, Generations
 from refusal.interventions import Intervention, get_intervention
 from refusal.interventions.scope import declare_roles
-from refusal.judges import Judge, Judgement, agreement, configured_judges
+from refusal.judges import Judge, Judgement, agreement, build_judges
 from refusal.metrics import JudgedRefusalRate, KLDivergence, Perplexity, RefusalScore, wilson_interval
 from refusal.models.bundle import ModelBundle
 from refusal.pipeline import RunContext, fit_for, inlp_record, prepare
@@ -197,7 +197,7 @@ def evaluate_context(ctx: RunContext, output_dir: Path, tracker: Any = None) -> 
     ctx.timings["generate"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()
-    judges = configured_judges(cfg, plugin_dirs(cfg))
+    judges = build_judges(ctx.judges, plugin_dirs(cfg), cfg.cache_dir)
     primary = next(iter(judges))
     metrics: dict[str, Any] = {"n_harmful": len(ctx.tokens("harmful_test")), "n_harmless": len(ctx.tokens("harmless_test"))}
     labels = _judge_columns(ctx, judges, columns, base, steered, metrics, max_new)

@@ -52,6 +52,7 @@ class RunContext:
     artifact_dir: Path
     model_reused: bool = False  # the model was already in memory from an earlier job of this process
     test_sets: list[TestSet] = field(default_factory=list)
+    judges: dict[str, dict[str, Any]] = field(default_factory=dict)  # eval.judges resolved and checked
     timings: dict[str, float] = field(default_factory=dict)
     _tokens: dict[str, list[list[int]]] = field(default_factory=dict)
 
@@ -110,11 +111,11 @@ def prepare(cfg: DictConfig) -> RunContext:
     check_config(cfg)
     splits = load_splits(_plain(cfg.data))
     test_sets = load_test_sets(_plain(cfg.eval.get("test_sets") or {}), splits, int(cfg.seed))
-    judge_configs(cfg, plugin_dirs(cfg))  # an unknown judge or a judge model not installed fails here
+    judges = judge_configs(cfg, plugin_dirs(cfg))  # an unknown judge or a judge model not installed fails here
     bundle, reused = held_model(_plain(cfg.model), cfg.cache_dir)
     check_config(cfg, bundle)
     root = Path(cfg.artifacts_dir) / bundle.name / f"{cfg.data.name}-{splits.fit_digest()[:10]}"
-    ctx = RunContext(cfg, bundle, splits, ActivationCache(Path(cfg.cache_dir) / "activations"), root, reused, test_sets)
+    ctx = RunContext(cfg, bundle, splits, ActivationCache(Path(cfg.cache_dir) / "activations"), root, reused, test_sets, judges)
     for split in [*splits.lists(), *(s.name for s in test_sets)]:  # a prompt too long fails here, not after a fit
         ctx.tokens(split)
     ctx.timings["load"] = time.perf_counter() - t0

@@ -12,7 +12,7 @@ from refusal.judges.agreement import agreement
 from refusal.judges.base import LABELS, Judge, Judgement
 from refusal.judges.registry import JUDGES, available_judges, get_judge
 
-__all__ = ["JUDGES", "LABELS", "Judge", "Judgement", "agreement", "available_judges", "configured_judges",
+__all__ = ["JUDGES", "LABELS", "Judge", "Judgement", "agreement", "available_judges", "build_judges",
            "get_judge", "judge_configs"]
 
 
@@ -37,6 +37,6 @@ def judge_configs(cfg: DictConfig, plugin_dirs: list[str | Path]) -> dict[str, d
     return out
 
 
-def configured_judges(cfg: DictConfig, plugin_dirs: list[str | Path]) -> dict[str, Judge]:
-    """label -> Judge instance for ``eval.judges`` (the first is the primary judge)."""
-    return {name: get_judge(j["type"], plugin_dirs)(j, cfg.cache_dir) for name, j in judge_configs(cfg, plugin_dirs).items()}
+def build_judges(configs: dict[str, dict[str, Any]], plugin_dirs: list[str | Path], cache_dir: str | Path) -> dict[str, Judge]:
+    """label -> Judge instance from :func:`judge_configs`' output (the first is the primary judge)."""
+    return {name: get_judge(j["type"], plugin_dirs)(j, cache_dir) for name, j in configs.items()}
