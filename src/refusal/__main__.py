@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+
+from refusal.config import PLUGINS_DIR
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,8 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from refusal.judges import available_judges as available
 
-    default = Path(__file__).resolve().parents[2] / "plugins"
-    names = available([default, *args.plugins])
+    names = available([PLUGINS_DIR, *args.plugins])
     width = max(len(n) for n in names)
     for name, description in names.items():
         print(f"{name:<{width}}  {description}")

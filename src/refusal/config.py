@@ -7,6 +7,7 @@ import math
 import re
 from dataclasses import dataclass
 from numbers import Real
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -141,11 +142,12 @@ def _check_inlp(icfg: Any) -> None:
         raise ConfigError(f"fit.inlp has an unknown key ({err}); valid keys: positions, per_layer, {', '.join(fields)}") from None
 
 
-def plugin_dirs(cfg: DictConfig) -> list[str]:
-    from pathlib import Path
+#: The checkout's own plugin folder, always scanned.
+PLUGINS_DIR = Path(__file__).resolve().parents[2] / "plugins"
 
-    default = Path(__file__).resolve().parents[2] / "plugins"
-    return [str(default), *[str(p) for p in (cfg.get("plugin_dirs") or [])]]
+
+def plugin_dirs(cfg: DictConfig) -> list[str]:
+    return [str(PLUGINS_DIR), *[str(p) for p in (cfg.get("plugin_dirs") or [])]]
 
 
 def check_config(cfg: DictConfig, bundle: Any = None) -> None:
