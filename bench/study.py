@@ -323,27 +323,25 @@ def _leace_section(runs: dict[str, ModelRuns]) -> list[str]:
 
 def _selection_section(runs: dict[str, ModelRuns]) -> list[str]:
     """The DiM pick under each induce rule, from the study's own selection scores (no rescoring)."""
-    import glob
+    from dataclasses import replace
 
-    from safetensors.torch import load_file
-
-    from refusal.fitting.dim import SelectionConfig, SelectionResult, picks_by_rule
+    from refusal.artifacts import load_artifact
+    from refusal.fitting.dim import INDUCE_RULES, SelectionConfig, SelectionResult, picks_by_rule
 
     lines = []
     for model, mr in runs.items():
-        found = sorted(glob.glob(f"{mr.fitted.get('artifact_dir', '')}/dim_auto-*.json"))
+        found = sorted(Path(mr.fitted.get("artifact_dir", "")).glob("dim_auto-*.json"))
         if not found:
             continue
-        meta = json.loads(Path(found[0]).read_text())["meta"]
-        meta = json.loads(meta) if isinstance(meta, str) else meta
-        t = load_file(found[0].replace(".json", ".safetensors"))
+        t, meta = load_artifact(found[0].with_suffix(""))
         result = SelectionResult(layer=meta["layer"], position=meta["position"], bypass=t["bypass"], induce=t["induce"],
                                  kl=t["kl"], baseline_harmful=meta["baseline_harmful_score"],
                                  baseline_harmless=meta["baseline_harmless_score"], passed_filters=meta["passed_filters"])
-        picks = picks_by_rule(result, SelectionConfig(max_kl=meta["selection"]["max_kl"]))
+        cfg = SelectionConfig(max_kl=meta["selection"]["max_kl"], min_induce=meta["selection"]["min_induce"])
+        picks = picks_by_rule(result, cfg)
         scored = int(t["bypass"].isfinite().sum())
-        passing = {rule: int(((t["kl"] <= meta["selection"]["max_kl"]) & (t["induce"] > thr)).sum())
-                   for rule, thr in (("relative", meta["baseline_harmless_score"]), ("absolute", 0.0))}
+        passing = {rule: int(((t["kl"] <= cfg.max_kl) & (t["induce"] > replace(cfg, induce_rule=rule).induce_threshold(
+            result.baseline_harmless))).sum()) for rule in INDUCE_RULES}
         lines.append(f"| {model} | {picks['relative']} ({passing['relative']} of {scored} pass) | "
                      f"{picks['absolute']} ({passing['absolute']} of {scored} pass) | {meta['baseline_harmless_score']:.2f} |")
     if not lines:
