@@ -21,6 +21,13 @@ SMALL = ["data.n_train=16", "data.n_val=8", "data.n_test=8", "eval.max_new_token
 BUILTINS = ["none", "actadd", "dim_ablation", "inlp_nullspace", "inlp_flip"]
 
 
+def plugin_folder(folder: Path, filename: str, source: str) -> Path:
+    """A plugin folder holding one file with ``source`` (dedented)."""
+    folder.mkdir()
+    (folder / filename).write_text(textwrap.dedent(source))
+    return folder
+
+
 def run_cli(script: str, *overrides: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(REPO / script), *overrides], cwd=cwd, capture_output=True, text=True, timeout=600)
 
@@ -150,9 +157,7 @@ def test_multirun_two_by_two_with_report_and_wandb(tmp_path):
 
 
 def test_plugin_in_a_temporary_folder_runs_through_evaluate(tmp_path):
-    plugins = tmp_path / "my_plugins"
-    plugins.mkdir()
-    (plugins / "halve.py").write_text(textwrap.dedent('''
+    plugins = plugin_folder(tmp_path / "my_plugins", "halve.py", '''
         from refusal.interventions import Intervention
 
         class Halve(Intervention):
@@ -162,7 +167,7 @@ def test_plugin_in_a_temporary_folder_runs_through_evaluate(tmp_path):
 
             def residual_edit(self, layer, cast):
                 return lambda x: 0.5 * x
-    '''))
+    ''')
     out = tmp_path / "run"
     proc = run_cli(
         "evaluate.py", "intervention=none", "intervention.name=halve_residual", f"plugin_dirs=[{plugins}]",
@@ -177,9 +182,7 @@ def test_plugin_in_a_temporary_folder_runs_through_evaluate(tmp_path):
 
 
 def test_a_one_file_plugin_is_a_config_option_in_a_multirun(tmp_path):
-    plugins = tmp_path / "one_file"
-    plugins.mkdir()
-    (plugins / "scale.py").write_text(textwrap.dedent('''
+    plugins = plugin_folder(tmp_path / "one_file", "scale.py", '''
         from refusal.interventions import Intervention
 
         class Scale(Intervention):
@@ -191,7 +194,7 @@ def test_a_one_file_plugin_is_a_config_option_in_a_multirun(tmp_path):
             def residual_edit(self, layer, cast):
                 factor = float(self.cfg["factor"])
                 return lambda x: factor * x
-    '''))
+    ''')
     common = ["model=tiny", *SMALL, f"cache_dir={tmp_path / 'cache'}", f"artifacts_dir={tmp_path / 'art'}", "logger=none",
               "progress=false", "geometry.enabled=false", f"plugin_dirs=[{plugins}]"]
     proc = run_cli("evaluate.py", "-m", "intervention=none,scale_residual", *common, f"hydra.sweep.dir={tmp_path / 'sweep'}")
