@@ -53,21 +53,35 @@ def teacher_forced_scores(
     intervention: Intervention | None,
     batch_size: int,
 ) -> dict[str, float]:
-    """Perplexity of ``completions`` and KL(unsteered ‖ steered) at the last prompt token and over them."""
+    """Perplexity of ``completions`` and KL(unsteered ‖ steered) at the last prompt token and over them.
+
+    Rows are left-padded, so every completion ends at the right edge: the vocabulary head runs only on
+    the last ``longest completion + 1`` positions. The unsteered logits are the same for every
+    intervention scored on these rows, so they are computed once per loaded model and kept on it
+    (``bundle.memo``) for the next job of a multirun.
+    """
     ppl, kl_last, kl_completion = Perplexity(), KLDivergence(), KLDivergence()
     rows = [p + c for p, c in zip(prompts, completions, strict=True)]
-    for idx in batches_by_length([len(r) for r in rows], batch_size):
+    batches = batches_by_length([len(r) for r in rows], batch_size)
+    memo_key = "unsteered_logits:" + sha256_json({"w": bundle.weights_hash, "rows": rows, "b": batch_size})
+    unsteered = bundle.memo.get(memo_key)
+    if unsteered is None:
+        bundle.memo = {k: v for k, v in bundle.memo.items() if not k.startswith("unsteered_logits:")}
+        unsteered = []
+    for n, idx in enumerate(batches):
         batch = bundle.pad([rows[i] for i in idx]).to(bundle.device)
         width = batch.input_ids.shape[1]
-        target = torch.full_like(batch.input_ids, -100)
-        last_prompt = torch.empty(len(idx), dtype=torch.long)
+        keep = max(len(completions[i]) for i in idx) + 1  # the last prompt token and every completion token
+        target = torch.full((len(idx), keep), -100, dtype=torch.long)
+        last_prompt = torch.tensor([keep - 1 - len(completions[i]) for i in idx])  # logits here predict the first completion token
         for j, i in enumerate(idx):
-            start = width - len(rows[i])
-            prompt_end = start + len(prompts[i]) - 1  # logits here predict the first completion token
-            last_prompt[j] = prompt_end
-            target[j, prompt_end : width - 1] = batch.input_ids[j, prompt_end + 1 :]
-        kwargs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids, use_cache=False)
-        base = bundle.model(**kwargs).logits.float()
+            if completions[i]:
+                target[j, last_prompt[j]: keep - 1] = torch.tensor(completions[i])
+        kwargs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                      use_cache=False, logits_to_keep=keep)
+        if n == len(unsteered):
+            unsteered.append(bundle.model(**kwargs).logits.float())
+        base = unsteered[n]
         if intervention is None:
             steered = base
         else:
@@ -79,7 +93,8 @@ def teacher_forced_scores(
         arange = torch.arange(len(idx), device=base.device)
         kl_last.update(base[arange, last_prompt], steered[arange, last_prompt])
         kl_completion.update(base, steered, mask=target != -100)
-        del base, steered
+        del steered
+    bundle.memo[memo_key] = unsteered
     return {
         "perplexity": float(ppl.compute()),
         "kl_div": float(kl_last.compute()),
@@ -145,13 +160,12 @@ def _generate_columns(ctx: RunContext, intervention: Intervention, steer: str | 
                       gen_kwargs: dict[str, Any]) -> tuple[dict[str, Generations], dict[str, Generations]]:
     """Baseline and steered generations of every column, from the cache when they were made before."""
     cache = GenerationCache(Path(ctx.cfg.cache_dir) / "generations")
-    base = {col: cache.get(ctx.bundle, ctx.tokens(split), desc=f"baseline {col}", **gen_kwargs) for col, split, _ in columns}
+    sets = {col: ctx.tokens(split) for col, split, _ in columns}
+    base = cache.get_many(ctx.bundle, sets, desc="baseline", **gen_kwargs)
     if steer is None:
         return base, base
-    steered = {}
-    for col, split, _ in columns:
-        with intervention.apply(ctx.bundle):
-            steered[col] = cache.get(ctx.bundle, ctx.tokens(split), steer=steer, desc=f"{intervention.name} {col}", **gen_kwargs)
+    with intervention.apply(ctx.bundle):
+        steered = cache.get_many(ctx.bundle, sets, steer=steer, desc=intervention.name, **gen_kwargs)
     return base, steered
 
 

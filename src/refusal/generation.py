@@ -1,21 +1,24 @@
 """Batched greedy generation with left padding and KV cache, plus its disk cache.
 
 Prompts are batched by length; the first step's raw logits come back with the text, so the
-first-token refusal score needs no extra forward pass. The unsteered model's generations are
-cached (they are the baseline of every run and the text that perplexity is measured on), and so
-are steered ones, keyed by the intervention's fingerprint (its code, config, scope and fitted
-tensors), so rerunning a comparison regenerates nothing.
+first-token refusal score needs no extra forward pass. A decoding step reads every weight once
+whatever the batch, so on a CPU it is bandwidth-bound: the cache generates the missing entries
+of several prompt sets (harmful, harmless, a test set) in one call, in full batches. The
+unsteered model's generations are cached (they are the baseline of every run and the text that
+perplexity is measured on), and so are steered ones, keyed by the intervention's fingerprint
+(its code, config, scope and fitted tensors), so rerunning a comparison regenerates nothing.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from refusal.activations import batches_by_length
 from refusal.artifacts import artifact_exists, atomic_write_json, load_artifact, save_artifact, sha256_json
@@ -51,9 +54,9 @@ def generate(
     for idx in tqdm(batches, desc=desc, disable=not progress, unit="batch"):
         batch = bundle.pad([token_ids[i] for i in idx]).to(bundle.device)
         with declare_roles(bundle, [len(token_ids[i]) for i in idx], batch.input_ids.shape[1]):
-            out = _generate(bundle, batch, max_new_tokens, eos)
-        new_tokens = out.sequences[:, batch.input_ids.shape[1]:].cpu()
-        logits0 = out.logits[0].float().cpu()
+            sequences, logits0 = _generate(bundle, batch, max_new_tokens, eos)
+        new_tokens = sequences[:, batch.input_ids.shape[1]:].cpu()
+        logits0 = logits0.float().cpu()
         if first_logits is None:
             first_logits = torch.empty((n, logits0.shape[-1]), dtype=torch.float32)
         first_logits[torch.tensor(idx)] = logits0
@@ -68,8 +71,23 @@ def generate(
     return Generations(list(completions), list(completion_ids), first_logits)
 
 
-def _generate(bundle: ModelBundle, batch, max_new_tokens: int, eos: set[int]):
-    return bundle.model.generate(
+class _FirstLogits(LogitsProcessor):
+    """Keeps the first step's logits (greedy decoding has no other processor before this one), so
+    the other steps' ``[batch, vocab]`` logits are never stored, as ``output_logits`` would."""
+
+    def __init__(self) -> None:
+        self.logits: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.logits is None:
+            self.logits = scores.clone()
+        return scores
+
+
+def _generate(bundle: ModelBundle, batch, max_new_tokens: int, eos: set[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sequences, first-step logits) of one left-padded batch."""
+    first = _FirstLogits()
+    sequences = bundle.model.generate(
         input_ids=batch.input_ids,
         attention_mask=batch.attention_mask,
         max_new_tokens=max_new_tokens,
@@ -77,11 +95,12 @@ def _generate(bundle: ModelBundle, batch, max_new_tokens: int, eos: set[int]):
         temperature=None,
         top_p=None,
         top_k=None,
-        return_dict_in_generate=True,
-        output_logits=True,
+        repetition_penalty=None if bundle.model.generation_config.repetition_penalty in (None, 1.0) else 1.0,  # pure greedy
+        logits_processor=LogitsProcessorList([first]),
         pad_token_id=bundle.pad_token_id,
         eos_token_id=sorted(eos) or None,
     )
+    return sequences, first.logits
 
 
 class GenerationCache:
@@ -98,19 +117,48 @@ class GenerationCache:
     def get(self, bundle: ModelBundle, token_ids: Sequence[Sequence[int]], max_new_tokens: int,
             steer: str | None = None, **kwargs) -> Generations:
         """Cached generations, or generate now (call it with the intervention's hooks on when ``steer``)."""
+        return self.get_many(bundle, {"": token_ids}, max_new_tokens, steer, **kwargs)[""]
+
+    def get_many(self, bundle: ModelBundle, sets: Mapping[str, Sequence[Sequence[int]]], max_new_tokens: int,
+                 steer: str | None = None, **kwargs) -> dict[str, Generations]:
+        """Generations of several named prompt sets, each cached on its own; the missing ones are
+        generated together in one call, so their decoding steps share batches."""
+        keys = {name: self._key(bundle, rows, max_new_tokens, steer) for name, rows in sets.items()}
+        out = {name: hit for name, rows in sets.items() if (hit := self._load(bundle, keys[name], len(rows))) is not None}
+        missing = [name for name in sets if name not in out]
+        if missing:
+            rows = [row for name in missing for row in sets[name]]
+            gens = generate(bundle, rows, max_new_tokens=max_new_tokens, **kwargs)
+            start = 0
+            for name in missing:
+                part = slice(start, start + len(sets[name]))
+                start = part.stop
+                out[name] = Generations(gens.completions[part], gens.completion_ids[part], gens.first_logits[part].clone())
+                self._save(bundle, keys[name], out[name])
+        return {name: out[name] for name in sets}
+
+    @staticmethod
+    def _key(bundle: ModelBundle, token_ids: Sequence[Sequence[int]], max_new_tokens: int, steer: str | None) -> str:
         what = {"w": bundle.weights_hash, "t": [list(r) for r in token_ids], "m": max_new_tokens}
-        key = sha256_json(what if steer is None else {**what, "steer": steer})[:24]
-        text_path = self.root / bundle.name / f"{key}.json"
-        logits_stem = self.root / bundle.name / f"{key}.logits"
-        if text_path.exists() and artifact_exists(logits_stem):
-            try:
-                record = json.loads(text_path.read_text(encoding="utf-8"))
-                tensors, _ = load_artifact(logits_stem, expect={"key": key})
-                if record.get("key") == key and len(record["completions"]) == len(token_ids):
-                    return Generations(record["completions"], record["completion_ids"], tensors["first_logits"])
-            except (ArtifactError, ValueError, KeyError):
-                pass
-        gens = generate(bundle, token_ids, max_new_tokens=max_new_tokens, **kwargs)
+        return sha256_json(what if steer is None else {**what, "steer": steer})[:24]
+
+    def _paths(self, bundle: ModelBundle, key: str) -> tuple[Path, Path]:
+        return self.root / bundle.name / f"{key}.json", self.root / bundle.name / f"{key}.logits"
+
+    def _load(self, bundle: ModelBundle, key: str, n: int) -> Generations | None:
+        text_path, logits_stem = self._paths(bundle, key)
+        if not (text_path.exists() and artifact_exists(logits_stem)):
+            return None
+        try:
+            record = json.loads(text_path.read_text(encoding="utf-8"))
+            tensors, _ = load_artifact(logits_stem, expect={"key": key})
+            if record.get("key") == key and len(record["completions"]) == n:
+                return Generations(record["completions"], record["completion_ids"], tensors["first_logits"])
+        except (ArtifactError, ValueError, KeyError):
+            pass
+        return None
+
+    def _save(self, bundle: ModelBundle, key: str, gens: Generations) -> None:
+        text_path, logits_stem = self._paths(bundle, key)
         save_artifact(logits_stem, {"first_logits": gens.first_logits}, {"key": key})
         atomic_write_json(text_path, {"key": key, "completions": gens.completions, "completion_ids": gens.completion_ids})
-        return gens

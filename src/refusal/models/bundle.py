@@ -38,6 +38,9 @@ class ModelBundle:
     weights_hash: str
     source: str
     extra: dict = field(default_factory=dict)
+    # Results that depend only on this model and their inputs (the unsteered logits of the texts that
+    # perplexity/KL are scored on), kept while the model is held, so the next multirun job reuses them.
+    memo: dict = field(default_factory=dict, repr=False)
 
     @property
     def n_layers(self) -> int:

@@ -1,0 +1,114 @@
+"""Generation and teacher-forced scoring: the batched fast paths equal a row-by-row reference."""
+
+from __future__ import annotations
+
+import torch
+from conftest import random_unit
+
+from refusal.evaluation import teacher_forced_scores
+from refusal.generation import GenerationCache, generate
+from refusal.interventions import DiMDirection, Fitted, get_intervention
+from refusal.interventions.scope import declare_roles
+from refusal.metrics.kl import _kl_rows
+
+
+class BlockCalls:
+    """Counts calls of the first block and the rows they carried."""
+
+    def __init__(self, bundle):
+        self.calls, self.rows = 0, 0
+        self.handle = bundle.layout.blocks[0].register_forward_pre_hook(self._count)
+
+    def _count(self, module, args) -> None:
+        self.calls += 1
+        self.rows += args[0].shape[0]
+
+    def __enter__(self) -> BlockCalls:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.handle.remove()
+
+
+def actadd(bundle, coeff: float = -4.0):
+    fitted = Fitted(dim=DiMDirection(3.0 * random_unit(bundle.d_model, 1), layer=1, position=-1))
+    return get_intervention("actadd")({"name": "actadd", "coeff": coeff}, fitted)
+
+
+def rows_of(bundle, prompts):
+    ids = bundle.tokenize_instructions(prompts)
+    completions = [[11, 12, 13, 14, 15], [], [21, 22], [31, 32, 33]]  # one empty: the model stopped at once
+    return ids, completions
+
+
+@torch.inference_mode()
+def reference_scores(bundle, prompts, completions, intervention):
+    """Row by row, no padding, full logits: the definition of perplexity and both KLs."""
+    nll, tokens, kl_last, kl_tokens = 0.0, 0, [], []
+    for p, c in zip(prompts, completions, strict=True):
+        ids = torch.tensor([p + c])
+        base = bundle.model(input_ids=ids).logits[0].float()
+        steered = base
+        if intervention is not None:
+            with declare_roles(bundle, [len(p + c)], len(p + c), [len(p)]), intervention.apply(bundle):
+                steered = bundle.model(input_ids=ids).logits[0].float()
+        span = slice(len(p) - 1, len(p) + len(c) - 1)  # logits that predict the completion's tokens
+        if c:
+            nll += float(torch.nn.functional.cross_entropy(steered[span], torch.tensor(c), reduction="sum"))
+            tokens += len(c)
+            kl_tokens.append(_kl_rows(base[span], steered[span]))
+        kl_last.append(float(_kl_rows(base[len(p) - 1][None], steered[len(p) - 1][None])))
+    return {"perplexity": float(torch.exp(torch.tensor(nll / tokens))), "kl_div": sum(kl_last) / len(kl_last),
+            "kl_div_completion": float(torch.cat(kl_tokens).mean())}
+
+
+def test_teacher_forced_scores_equal_the_row_by_row_definition(tiny_bundle, prompts):
+    ids, completions = rows_of(tiny_bundle, prompts)
+    for intervention in (None, actadd(tiny_bundle)):
+        got = teacher_forced_scores(tiny_bundle, ids, completions, intervention, batch_size=3)
+        want = reference_scores(tiny_bundle, ids, completions, intervention)
+        for key, value in want.items():
+            assert abs(got[key] - value) <= 1e-4 * max(1.0, abs(value)), (key, got[key], value)
+    assert got["kl_div"] > 1e-3  # the intervention really changed the distribution being compared
+
+
+def test_unsteered_logits_are_computed_once_per_model_and_rows(tiny_bundle, prompts):
+    ids, completions = rows_of(tiny_bundle, prompts)
+    tiny_bundle.memo.clear()
+    with BlockCalls(tiny_bundle) as first:
+        teacher_forced_scores(tiny_bundle, ids, completions, None, batch_size=2)
+    with BlockCalls(tiny_bundle) as steered:
+        teacher_forced_scores(tiny_bundle, ids, completions, actadd(tiny_bundle), batch_size=2)
+    assert first.calls == 2 and steered.calls == 2  # two batches each: the second job ran no unsteered pass
+    with BlockCalls(tiny_bundle) as other_rows:
+        teacher_forced_scores(tiny_bundle, ids[:3], completions[:3], actadd(tiny_bundle), batch_size=2)
+    assert other_rows.calls == 4  # other rows: unsteered again, and the memo holds only these rows now
+    assert sum(k.startswith("unsteered_logits:") for k in tiny_bundle.memo) == 1
+
+
+@torch.inference_mode()
+def test_first_logits_are_the_prompts_next_token_logits(tiny_bundle, prompts):
+    ids = tiny_bundle.tokenize_instructions(prompts)
+    gens = generate(tiny_bundle, ids, max_new_tokens=3, batch_size=3, progress=False)
+    for i, row in enumerate(ids):
+        alone = tiny_bundle.model(input_ids=torch.tensor([row])).logits[0, -1].float()
+        torch.testing.assert_close(gens.first_logits[i], alone, atol=1e-4, rtol=1e-4)
+        first = gens.completion_ids[i][0] if gens.completion_ids[i] else None
+        if first is not None:
+            assert first == int(alone.argmax())  # greedy: the first token is the argmax of those logits
+
+
+def test_sets_generated_together_equal_sets_generated_alone_and_are_cached_each(tiny_bundle, prompts, tmp_path):
+    ids = tiny_bundle.tokenize_instructions(prompts)
+    sets = {"a": ids[:3], "b": ids[3:]}
+    cache = GenerationCache(tmp_path / "gens")
+    with BlockCalls(tiny_bundle) as together:
+        both = cache.get_many(tiny_bundle, sets, 4, batch_size=8, progress=False)
+    assert together.calls <= 4  # one batch of all four rows: a prefill and at most three decoding steps
+    for name, rows in sets.items():
+        alone = generate(tiny_bundle, rows, max_new_tokens=4, batch_size=8, progress=False)
+        assert both[name].completion_ids == alone.completion_ids
+        torch.testing.assert_close(both[name].first_logits, alone.first_logits, atol=1e-4, rtol=1e-4)
+    with BlockCalls(tiny_bundle) as hit:
+        again = GenerationCache(tmp_path / "gens").get(tiny_bundle, sets["b"], 4, batch_size=8, progress=False)
+    assert hit.calls == 0 and again.completions == both["b"].completions
