@@ -2,14 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
+
+import pytest
 import torch
 from conftest import random_unit
 
+from refusal.activations import extract_activations
 from refusal.evaluation import teacher_forced_scores
 from refusal.generation import GenerationCache, generate
 from refusal.interventions import DiMDirection, Fitted, get_intervention
 from refusal.interventions.scope import declare_roles
 from refusal.metrics.kl import _kl_rows
+from refusal.prefix import MIN_SHARED, shared_prefix
+
+
+@pytest.fixture(scope="module")
+def tiny_with_system(tmp_path_factory):
+    """tiny with a system turn, so its prompts share a chat-template prefix as real chat models' do."""
+    from refusal.models import load_model
+
+    cfg = {"name": "tiny", "source": "tiny", "device": "cpu", "system_prompt": "You are a helpful assistant. Answer briefly."}
+    return load_model(cfg, tmp_path_factory.mktemp("cache"))
 
 
 class BlockCalls:
@@ -30,9 +44,9 @@ class BlockCalls:
         self.handle.remove()
 
 
-def actadd(bundle, coeff: float = -4.0):
+def actadd(bundle, coeff: float = -4.0, positions: str | None = None):
     fitted = Fitted(dim=DiMDirection(3.0 * random_unit(bundle.d_model, 1), layer=1, position=-1))
-    return get_intervention("actadd")({"name": "actadd", "coeff": coeff}, fitted)
+    return get_intervention("actadd")({"name": "actadd", "coeff": coeff, "positions": positions}, fitted)
 
 
 def rows_of(bundle, prompts):
@@ -112,3 +126,19 @@ def test_sets_generated_together_equal_sets_generated_alone_and_are_cached_each(
     with BlockCalls(tiny_bundle) as hit:
         again = GenerationCache(tmp_path / "gens").get(tiny_bundle, sets["b"], 4, batch_size=8, progress=False)
     assert hit.calls == 0 and again.completions == both["b"].completions
+
+
+@pytest.mark.parametrize("positions", [None, "prompt", "post_instruction"])
+def test_extraction_through_the_shared_prefix_equals_the_plain_pass(tiny_with_system, prompts, positions):
+    tiny_bundle = tiny_with_system
+    ids = tiny_bundle.tokenize_instructions(prompts)
+    assert len(shared_prefix(ids)) >= MIN_SHARED  # the chat template's opening is shared: the fast path runs
+    n_pos = len(tiny_bundle.post_instruction_ids)
+    steer = actadd(tiny_bundle, coeff=-8.0, positions=positions) if positions else None
+    with steer.apply(tiny_bundle) if steer else contextlib.nullcontext():
+        fast = extract_activations(tiny_bundle, ids, n_pos, batch_size=3, progress=False)
+        plain = extract_activations(tiny_bundle, ids, n_pos, batch_size=3, progress=False, share_prefix=False)
+    torch.testing.assert_close(fast, plain, atol=1e-4, rtol=1e-4)
+    if steer:
+        unsteered = extract_activations(tiny_bundle, ids, n_pos, batch_size=3, progress=False)
+        assert (fast[:, 2:] - unsteered[:, 2:]).abs().max() > 1e-2  # the steering reached the captured residuals

@@ -3,7 +3,8 @@
 One forward pass of the base decoder (no vocab projection) per batch; a pre-hook on every
 block and on the final norm copies only the last ``n_pos`` positions of each residual into a
 preallocated output, so extraction costs about a plain forward pass. Prompts are tokenized
-once and batched by length. Results are cached on disk in shards (safetensors + JSON with
+once and batched by length, and the chat-template prefix they all share runs once per batch
+(its key/value cache continued by every row: same residuals to float tolerance, fewer tokens). Results are cached on disk in shards (safetensors + JSON with
 checksums) keyed by weights hash, token ids, positions and dtype: a rerun after a crash
 resumes from the completed shards, and a full hit never touches the model.
 """
@@ -24,6 +25,7 @@ from refusal.hooks import residual_input
 from refusal.interventions.scope import declare_roles
 from refusal.models.architecture import decoder_of
 from refusal.models.bundle import ModelBundle
+from refusal.prefix import prompt_prefix_cache, shared_prefix
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,7 @@ def extract_activations(
     batch_size: int = 16,
     progress: bool = True,
     desc: str = "activations",
+    share_prefix: bool = True,
 ) -> torch.Tensor:
     """Residuals at the last ``n_positions`` tokens of every prompt, for every layer.
 
@@ -58,11 +61,12 @@ def extract_activations(
     layout = bundle.layout
     n_sites = layout.n_layers + 1
     out = torch.empty((len(token_ids), n_sites, n_positions, bundle.d_model), dtype=torch.float32)
-    current: dict[str, torch.Tensor] = {}
+    current: dict[str, torch.Tensor | None] = {"buf": None}
 
     def capture(site: int):
         def hook(module, args, kwargs):
-            current["buf"][:, site] = residual_input(args, kwargs)[:, -n_positions:, :]
+            if current["buf"] is not None:  # None while the shared prefix runs
+                current["buf"][:, site] = residual_input(args, kwargs)[:, -n_positions:, :]
 
         return hook
 
@@ -73,19 +77,26 @@ def extract_activations(
     decoder = decoder_of(bundle.model)
     try:
         batches = batches_by_length([len(r) for r in token_ids], batch_size)
+        prefix = shared_prefix(token_ids) if share_prefix else []
+        n_prefix = len(prefix)
         for idx in tqdm(batches, desc=desc, disable=not progress, unit="batch"):
-            batch = bundle.pad([token_ids[i] for i in idx]).to(bundle.device)
+            past = prompt_prefix_cache(bundle, prefix, len(idx)) if prefix else None
+            rows = [token_ids[i][n_prefix:] for i in idx]
+            batch = bundle.pad(rows).to(bundle.device)
+            mask = torch.cat([batch.attention_mask.new_ones(len(idx), n_prefix), batch.attention_mask], dim=1)
             current["buf"] = torch.empty(
                 (len(idx), n_sites, n_positions, bundle.d_model), dtype=bundle.dtype, device=bundle.device
             )
-            with declare_roles(bundle, [len(token_ids[i]) for i in idx], batch.input_ids.shape[1]):
+            with declare_roles(bundle, [len(r) for r in rows], batch.input_ids.shape[1]):
                 decoder(
                     input_ids=batch.input_ids,
-                    attention_mask=batch.attention_mask,
-                    position_ids=batch.position_ids,
-                    use_cache=False,
+                    attention_mask=mask,
+                    position_ids=batch.position_ids + n_prefix,
+                    cache=past,
+                    use_cache=past is not None,
                 )
             out[torch.tensor(idx)] = current["buf"].float().cpu()
+            current["buf"] = None
     finally:
         for handle in handles:
             handle.remove()

@@ -13,7 +13,11 @@ from typing import Any
 
 import torch
 
+from refusal.interventions.scope import INSTRUCTION, token_roles
 from refusal.models.bundle import ModelBundle
+
+# A shorter common prefix is not worth a separate pass (prompts without a system turn share ~3 tokens).
+MIN_SHARED = 8
 
 
 def common_prefix(rows: Sequence[Sequence[int]]) -> list[int]:
@@ -40,6 +44,21 @@ def forward(bundle: ModelBundle, rows: Sequence[Sequence[int]], *, offset: int =
         input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids + offset,
         cache=past, use_cache=keep_cache or past is not None, logits_to_keep=1,
     )
+
+
+def shared_prefix(rows: Sequence[Sequence[int]]) -> list[int]:
+    """:func:`common_prefix` when it is long enough to be worth running once, else ``[]``."""
+    prefix = common_prefix(rows)
+    return prefix if len(prefix) >= MIN_SHARED else []
+
+
+def prompt_prefix_cache(bundle: ModelBundle, prefix: Sequence[int], n_rows: int) -> Any:
+    """The key/value cache of one prompt prefix, run once (with its positions declared prompt tokens, so
+    a position-scoped intervention treats them as in the plain pass) and repeated for ``n_rows`` rows."""
+    with token_roles(torch.full((1, len(prefix)), INSTRUCTION), bundle.device):
+        past = prefix_cache(bundle, [prefix])
+    past.batch_select_indices(torch.zeros(n_rows, dtype=torch.long, device=bundle.device))
+    return past
 
 
 def prefix_cache(bundle: ModelBundle, prefixes: Sequence[Sequence[int]]) -> Any:
