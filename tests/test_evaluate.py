@@ -91,8 +91,20 @@ def test_a_rerun_regenerates_nothing_and_a_new_parameter_does(compose, tmp_path,
     assert (tmp_path / "first" / "completions.jsonl").read_text() == (tmp_path / "again" / "completions.jsonl").read_text()
     run_evaluation(compose("intervention=inlp_flip", "intervention.alpha=2.0", *SMALL, "geometry.enabled=false"),
                    tmp_path / "alpha2")
-    assert len(calls) == 3  # harmful, harmless and over-refusal under the new steering; the baseline stays cached
+    assert len(calls) == 1  # harmful, harmless and over-refusal under the new steering, in one call; the baseline stays cached
     assert scored == [1]
+
+
+def test_a_rerun_extracts_no_steered_activations_for_geometry(compose, tmp_path, monkeypatch):
+    cfg = compose("intervention=actadd", *SMALL)
+    first = run_evaluation(cfg, tmp_path / "first")
+    calls = []
+    real = __import__("refusal.activations", fromlist=["x"]).extract_activations
+    monkeypatch.setattr("refusal.activations.extract_activations", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = run_evaluation(cfg, tmp_path / "again")
+    assert calls == [] and again["geometry"] == first["geometry"]
+    run_evaluation(compose("intervention=actadd", "intervention.coeff=-2.0", *SMALL), tmp_path / "coeff2")
+    assert len(calls) == 2  # harmful and harmless test prompts under the new steering
 
 
 def test_test_sets_and_test_size_reuse_the_fits_made_on_data(compose, tmp_path):

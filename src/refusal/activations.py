@@ -114,16 +114,16 @@ class ActivationCache:
         self.root = Path(root)
         self.shard_size = shard_size
 
-    def key(self, bundle: ModelBundle, token_ids: Sequence[Sequence[int]], n_positions: int) -> str:
-        return sha256_json(
-            {
-                "weights_hash": bundle.weights_hash,
-                "token_ids": sha256_json([list(r) for r in token_ids]),
-                "n_positions": n_positions,
-                "dtype": str(bundle.dtype),
-                "n_layers": bundle.n_layers,
-            }
-        )[:24]
+    def key(self, bundle: ModelBundle, token_ids: Sequence[Sequence[int]], n_positions: int,
+            steer: str | None = None) -> str:
+        what = {
+            "weights_hash": bundle.weights_hash,
+            "token_ids": sha256_json([list(r) for r in token_ids]),
+            "n_positions": n_positions,
+            "dtype": str(bundle.dtype),
+            "n_layers": bundle.n_layers,
+        }
+        return sha256_json(what if steer is None else {**what, "steer": steer})[:24]
 
     def get(
         self,
@@ -134,9 +134,12 @@ class ActivationCache:
         batch_size: int = 16,
         progress: bool = True,
         desc: str = "activations",
+        steer: str | None = None,
     ) -> torch.Tensor:
-        """Cached activations for these prompts; computes (and stores) only missing shards."""
-        key = self.key(bundle, token_ids, n_positions)
+        """Cached activations for these prompts; computes (and stores) only missing shards. With ``steer``
+        (an intervention's fingerprint; call it with that intervention's hooks on) they are the steered
+        residuals, cached apart from the unsteered ones."""
+        key = self.key(bundle, token_ids, n_positions, steer)
         folder = self.root / bundle.name / key
         expect = {"key": key, **bundle.identity()}
         shards = []

@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 
-from refusal.activations import extract_activations
 from refusal.artifacts import atomic_write_text
 from refusal.geometry.plots import plot_landing, plot_layer_table
 from refusal.geometry.stats import LinearProbe, fit_probe, format_table, landing_stats, layer_table
@@ -21,11 +20,12 @@ from refusal.interventions.base import Fitted, Intervention
 
 
 def steered_activations(ctx: Any, intervention: Intervention, split: str) -> torch.Tensor:
-    """``[n, n_layers + 1, P, d]`` residuals of ``split`` with the intervention applied."""
+    """``[n, n_layers + 1, P, d]`` residuals of ``split`` with the intervention applied (cached by its fingerprint)."""
     with intervention.apply(ctx.bundle):
-        return extract_activations(
+        return ctx.cache.get(
             ctx.bundle, ctx.tokens(split), len(ctx.bundle.post_instruction_ids),
             batch_size=int(ctx.cfg.model.get("batch_size", 16)), progress=ctx.progress, desc=f"{intervention.name} {split}",
+            steer=intervention.fingerprint(ctx.bundle.n_layers),
         )
 
 
