@@ -30,12 +30,14 @@ class BlockCalls:
     """Counts calls of the first block and the rows they carried."""
 
     def __init__(self, bundle):
-        self.calls, self.rows = 0, 0
+        self.calls, self.rows, self.widest_batch = 0, 0, 0
         self.handle = bundle.layout.blocks[0].register_forward_pre_hook(self._count)
 
     def _count(self, module, args) -> None:
         self.calls += 1
         self.rows += args[0].shape[0]
+        if args[0].shape[0] > 1:
+            self.widest_batch = max(self.widest_batch, args[0].shape[1])
 
     def __enter__(self) -> BlockCalls:
         return self
@@ -135,10 +137,28 @@ def test_extraction_through_the_shared_prefix_equals_the_plain_pass(tiny_with_sy
     assert len(shared_prefix(ids)) >= MIN_SHARED  # the chat template's opening is shared: the fast path runs
     n_pos = len(tiny_bundle.post_instruction_ids)
     steer = actadd(tiny_bundle, coeff=-8.0, positions=positions) if positions else None
-    with steer.apply(tiny_bundle) if steer else contextlib.nullcontext():
+    with steer.apply(tiny_bundle) if steer else contextlib.nullcontext(), BlockCalls(tiny_bundle) as calls:
         fast = extract_activations(tiny_bundle, ids, n_pos, batch_size=3, progress=False)
+    assert calls.widest_batch < min(map(len, ids)) - MIN_SHARED  # no batch pass re-ran the prefix
+    with steer.apply(tiny_bundle) if steer else contextlib.nullcontext():
         plain = extract_activations(tiny_bundle, ids, n_pos, batch_size=3, progress=False, share_prefix=False)
     torch.testing.assert_close(fast, plain, atol=1e-4, rtol=1e-4)
     if steer:
         unsteered = extract_activations(tiny_bundle, ids, n_pos, batch_size=3, progress=False)
         assert (fast[:, 2:] - unsteered[:, 2:]).abs().max() > 1e-2  # the steering reached the captured residuals
+
+
+@pytest.mark.parametrize("positions", [None, "post_instruction"])
+def test_generation_through_the_shared_prefix_equals_the_plain_generation(tiny_with_system, prompts, positions):
+    ids = tiny_with_system.tokenize_instructions(prompts)
+    steer = actadd(tiny_with_system, coeff=-8.0, positions=positions) if positions else None
+    with steer.apply(tiny_with_system) if steer else contextlib.nullcontext(), BlockCalls(tiny_with_system) as calls:
+        fast = generate(tiny_with_system, ids, max_new_tokens=6, batch_size=3, progress=False)
+    assert calls.widest_batch < min(map(len, ids)) - MIN_SHARED  # no batch pass re-ran the prefix
+    with steer.apply(tiny_with_system) if steer else contextlib.nullcontext():
+        plain = generate(tiny_with_system, ids, max_new_tokens=6, batch_size=3, progress=False, share_prefix=False)
+    assert fast.completion_ids == plain.completion_ids
+    torch.testing.assert_close(fast.first_logits, plain.first_logits, atol=1e-4, rtol=1e-4)
+    if steer:
+        unsteered = generate(tiny_with_system, ids, max_new_tokens=6, batch_size=3, progress=False)
+        assert (fast.first_logits - unsteered.first_logits).abs().max() > 1e-2  # the steering acted

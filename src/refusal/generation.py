@@ -15,6 +15,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -25,6 +26,7 @@ from refusal.artifacts import artifact_exists, atomic_write_json, load_artifact,
 from refusal.errors import ArtifactError
 from refusal.interventions.scope import declare_roles
 from refusal.models.bundle import ModelBundle
+from refusal.prefix import prompt_prefix_cache, shared_prefix
 
 
 @dataclass
@@ -43,19 +45,31 @@ def generate(
     batch_size: int = 16,
     progress: bool = True,
     desc: str = "generating",
+    share_prefix: bool = True,
 ) -> Generations:
-    """Greedy completions for every prompt (in input order)."""
+    """Greedy completions for every prompt (in input order).
+
+    The chat-template prefix all prompts share is prefilled once per batch and every row continues
+    from its cache (padding then sits between the prefix and the row's own tokens, which the
+    attention mask and positions skip): the same greedy decoding on fewer prefill tokens.
+    """
     n = len(token_ids)
     completions: list[str | None] = [None] * n
     completion_ids: list[list[int] | None] = [None] * n
     first_logits: torch.Tensor | None = None
     eos = set(bundle.extra.get("eos_token_ids", []))
+    prefix = shared_prefix(token_ids) if share_prefix else []
     batches = batches_by_length([len(r) for r in token_ids], batch_size)
     for idx in tqdm(batches, desc=desc, disable=not progress, unit="batch"):
-        batch = bundle.pad([token_ids[i] for i in idx]).to(bundle.device)
-        with declare_roles(bundle, [len(token_ids[i]) for i in idx], batch.input_ids.shape[1]):
-            sequences, logits0 = _generate(bundle, batch, max_new_tokens, eos)
-        new_tokens = sequences[:, batch.input_ids.shape[1]:].cpu()
+        rows = [token_ids[i][len(prefix):] for i in idx]
+        batch = bundle.pad(rows).to(bundle.device)
+        past = prompt_prefix_cache(bundle, prefix, len(idx)) if prefix else None
+        input_ids = torch.cat([torch.tensor([prefix] * len(idx), dtype=torch.long, device=bundle.device).view(len(idx), -1),
+                               batch.input_ids], dim=1)
+        mask = torch.cat([batch.attention_mask.new_ones(len(idx), len(prefix)), batch.attention_mask], dim=1)
+        with declare_roles(bundle, [len(r) for r in rows], batch.input_ids.shape[1]):
+            sequences, logits0 = _generate(bundle, input_ids, mask, past, max_new_tokens, eos)
+        new_tokens = sequences[:, input_ids.shape[1]:].cpu()
         logits0 = logits0.float().cpu()
         if first_logits is None:
             first_logits = torch.empty((n, logits0.shape[-1]), dtype=torch.float32)
@@ -84,12 +98,14 @@ class _FirstLogits(LogitsProcessor):
         return scores
 
 
-def _generate(bundle: ModelBundle, batch, max_new_tokens: int, eos: set[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sequences, first-step logits) of one left-padded batch."""
+def _generate(bundle: ModelBundle, input_ids: torch.Tensor, mask: torch.Tensor, past: Any, max_new_tokens: int,
+              eos: set[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sequences, first-step logits) of one padded batch, continuing ``past`` (its first tokens' cache)."""
     first = _FirstLogits()
     sequences = bundle.model.generate(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
+        input_ids=input_ids,
+        attention_mask=mask,
+        cache=past,
         max_new_tokens=max_new_tokens,
         do_sample=False,
         temperature=None,
@@ -140,6 +156,8 @@ class GenerationCache:
     @staticmethod
     def _key(bundle: ModelBundle, token_ids: Sequence[Sequence[int]], max_new_tokens: int, steer: str | None) -> str:
         what = {"w": bundle.weights_hash, "t": [list(r) for r in token_ids], "m": max_new_tokens}
+        if bundle.dtype != torch.float32:  # another precision decodes differently (float32 keys predate this field)
+            what["dtype"] = str(bundle.dtype)
         return sha256_json(what if steer is None else {**what, "steer": steer})[:24]
 
     def _paths(self, bundle: ModelBundle, key: str) -> tuple[Path, Path]:
