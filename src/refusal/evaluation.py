@@ -31,6 +31,7 @@ from refusal.judges import Judge, Judgement, agreement, build_judges
 from refusal.metrics import JudgedRefusalRate, KLDivergence, Perplexity, RefusalScore, wilson_interval
 from refusal.models.bundle import ModelBundle
 from refusal.pipeline import RunContext, fit_for, inlp_record, prepare
+from refusal.prefix import forward, prompt_prefix_cache, shared_prefix
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,8 @@ def teacher_forced_scores(
     """Perplexity of ``completions`` and KL(unsteered ‖ steered) at the last prompt token and over them.
 
     Rows are left-padded, so every completion ends at the right edge: the vocabulary head runs only on
-    the last ``longest completion + 1`` positions. The unsteered logits are the same for every
+    the last ``longest completion + 1`` positions; the prompts' shared chat-template prefix runs once per
+    batch. The unsteered logits are the same for every
     intervention scored on these rows, so they are computed once per loaded model and kept on it
     (``bundle.memo``) for the next job of a multirun.
     """
@@ -68,26 +70,25 @@ def teacher_forced_scores(
     if unsteered is None:
         bundle.memo = {k: v for k, v in bundle.memo.items() if not k.startswith("unsteered_logits:")}
         unsteered = []
+    prefix = shared_prefix(prompts)
     for n, idx in enumerate(batches):
-        batch = bundle.pad([rows[i] for i in idx]).to(bundle.device)
-        width = batch.input_ids.shape[1]
         keep = max(len(completions[i]) for i in idx) + 1  # the last prompt token and every completion token
         target = torch.full((len(idx), keep), -100, dtype=torch.long)
         last_prompt = torch.tensor([keep - 1 - len(completions[i]) for i in idx])  # logits here predict the first completion token
         for j, i in enumerate(idx):
             if completions[i]:
                 target[j, last_prompt[j]: keep - 1] = torch.tensor(completions[i])
-        kwargs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
-                      use_cache=False, logits_to_keep=keep)
+        own = [rows[i][len(prefix):] for i in idx]
         if n == len(unsteered):
-            unsteered.append(bundle.model(**kwargs).logits.float())
+            unsteered.append(_last_logits(bundle, prefix, own, keep))
         base = unsteered[n]
         if intervention is None:
             steered = base
         else:
-            roles = declare_roles(bundle, [len(rows[i]) for i in idx], width, [len(prompts[i]) for i in idx])
+            width = max(map(len, own))
+            roles = declare_roles(bundle, [len(r) for r in own], width, [len(prompts[i]) - len(prefix) for i in idx])
             with roles, intervention.apply(bundle):
-                steered = bundle.model(**kwargs).logits.float()
+                steered = _last_logits(bundle, prefix, own, keep)
         target = target.to(base.device)
         ppl.update(steered, target)
         arange = torch.arange(len(idx), device=base.device)
@@ -100,6 +101,12 @@ def teacher_forced_scores(
         "kl_div": float(kl_last.compute()),
         "kl_div_completion": float(kl_completion.compute()),
     }
+
+
+def _last_logits(bundle: ModelBundle, prefix: list[int], rows: list[list[int]], keep: int) -> torch.Tensor:
+    """Float32 logits of the last ``keep`` positions of ``prefix + row`` for every row (prefix run once)."""
+    past = prompt_prefix_cache(bundle, prefix, len(rows)) if prefix else None
+    return forward(bundle, rows, offset=len(prefix), past=past, logits_to_keep=keep).logits.float()
 
 
 def cached_scores(folder: Path, key: dict[str, Any], compute: Any) -> dict[str, float]:

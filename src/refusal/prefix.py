@@ -33,16 +33,16 @@ def common_prefix(rows: Sequence[Sequence[int]]) -> list[int]:
 
 
 def forward(bundle: ModelBundle, rows: Sequence[Sequence[int]], *, offset: int = 0, past: Any = None,
-            keep_cache: bool = False) -> Any:
-    """One forward pass of left-padded ``rows`` (last position's logits only), continuing ``past``
-    (a cache of ``offset`` prefix tokens, one per row) when given."""
+            keep_cache: bool = False, logits_to_keep: int = 1) -> Any:
+    """One forward pass of left-padded ``rows`` (the last ``logits_to_keep`` positions' logits),
+    continuing ``past`` (a cache of ``offset`` prefix tokens, one per row) when given."""
     batch = bundle.pad(rows).to(bundle.device)
     mask = batch.attention_mask
     if offset:
         mask = torch.cat([mask.new_ones(len(rows), offset), mask], dim=1)
     return bundle.model(
         input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids + offset,
-        cache=past, use_cache=keep_cache or past is not None, logits_to_keep=1,
+        cache=past, use_cache=keep_cache or past is not None, logits_to_keep=logits_to_keep,
     )
 
 
