@@ -195,7 +195,7 @@ class MemoryEstimate:
         return self.total_bytes <= self.free_bytes
 
     def line(self) -> str:
-        """``qwen05: ~1.8 GiB weights (494M parameters, float32) + ~2.7 GiB working set (batch 32 × 128 tokens); device cpu, 21.9 GiB free``"""
+        """``qwen05: ~2.3 GiB weights (630M parameters, float32) + ~2.6 GiB working set (batch 32 × 128 tokens); device cpu, 21.7 GiB free``"""
         dtype = str(self.dtype).removeprefix("torch.")
         room = f"device {self.where}, " + ("free memory unknown" if self.free_bytes is None else f"{_size(self.free_bytes)} free")
         if self.shape is None:
