@@ -213,6 +213,30 @@ def test_every_intervention_runs_on_a_model_split_over_devices(split_bundle, pro
     assert [x.device.type for x in seen] == ["cpu", "cpu", "meta", "meta", "meta"]
 
 
+def test_offloaded_blocks_get_constants_where_accelerate_runs_them(tmp_path, prompts):
+    """Blocks a device map sends to "disk" keep their weights on meta until accelerate streams them to the
+    execution device (here cpu): hook constants must go there, not to the parameters' meta."""
+    offload = {**SPLIT, "model.layers.2": "disk", "model.layers.3": "disk", "model.norm": "cpu", "lm_head": "cpu"}
+    offload.update({k: "cpu" for k, v in offload.items() if v == "meta"})
+    bundle = load_model({"name": "tiny", "source": "tiny", "device_map": offload}, tmp_path)
+    plain = load_model({"name": "tiny", "source": "tiny", "device": "cpu"}, tmp_path)
+    writer = bundle.layout.attn_writers[3]
+    assert next(writer.parameters()).device.type == "meta" and module_device(writer) == torch.device("cpu")
+    assert bundle.devices == [torch.device("cpu")] and not bundle.spans_devices
+    assert any((tmp_path / "offload" / "tiny").rglob("index.json"))  # offloaded under cache_dir
+    ids = bundle.tokenize_instructions(prompts)
+    fitted = fake_fits(bundle.d_model)
+    before = forward(bundle, ids)
+    torch.testing.assert_close(before, forward(plain, ids), rtol=0, atol=1e-6)
+    for name in STEERING:
+        with make(name, fitted).apply(bundle):
+            steered = forward(bundle, ids)
+        with make(name, fitted).apply(plain):
+            expected = forward(plain, ids)
+        torch.testing.assert_close(steered, expected, rtol=0, atol=1e-5)
+        assert torch.equal(forward(bundle, ids), before)
+
+
 def test_dim_selection_scorer_runs_on_a_model_split_over_devices(split_bundle, prompts):
     bundle = split_bundle
     ids = bundle.tokenize_instructions(prompts)

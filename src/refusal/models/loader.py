@@ -156,19 +156,23 @@ def _refusal_token_ids(tokenizer, strings: list[str]) -> list[int]:
     return sorted(set(ids))
 
 
-def _load_pretrained(path_or_id: str, cfg: Mapping[str, Any], dtype: torch.dtype, device_map: Any = None, **extra):
+def _load_pretrained(path_or_id: str, cfg: Mapping[str, Any], dtype: torch.dtype, device_map: Any = None,
+                     offload_dir: Path | None = None, **extra):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     trust = cfg.get("trust_remote_code", False) is True  # only an explicit boolean true runs Hub code
     revision = cfg.get("revision")
     tokenizer = AutoTokenizer.from_pretrained(path_or_id, trust_remote_code=trust, revision=revision, **extra)
+    if device_map is not None and offload_dir is not None:  # for weights that fit neither GPU nor CPU memory
+        extra["offload_folder"] = str(offload_dir)
     model = AutoModelForCausalLM.from_pretrained(
         path_or_id, dtype=dtype, device_map=device_map, trust_remote_code=trust, revision=revision, **extra
     )
     return model, tokenizer
 
 
-def _dispatch(model: torch.nn.Module, device_map: str | dict[str, int | str], dtype: torch.dtype) -> torch.nn.Module:
+def _dispatch(model: torch.nn.Module, device_map: str | dict[str, int | str], dtype: torch.dtype,
+              offload_dir: Path) -> torch.nn.Module:
     """Spread an in-process model (tiny) over devices as ``from_pretrained(device_map=...)`` does a checkpoint."""
     from accelerate import dispatch_model, infer_auto_device_map
     from accelerate.utils import get_balanced_memory
@@ -180,7 +184,9 @@ def _dispatch(model: torch.nn.Module, device_map: str | dict[str, int | str], dt
             max_memory = get_balanced_memory(model, no_split_module_classes=no_split, dtype=dtype,
                                              low_zero=device_map == "balanced_low_0")
         device_map = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split, dtype=dtype)
-    return dispatch_model(model, device_map=dict(device_map))
+    device_map = dict(device_map)
+    offload = {"offload_dir": str(offload_dir)} if "disk" in device_map.values() else {}
+    return dispatch_model(model, device_map=device_map, **offload)
 
 
 def _from_tiny(cfg: Mapping[str, Any]):
@@ -202,37 +208,39 @@ def load_model(cfg: Mapping[str, Any], cache_dir: str | Path) -> ModelBundle:
     # With a device map accelerate places every module and model.device is not used.
     device = resolve_device(str(cfg.get("device", "auto"))) if device_map is None else None
     cache_dir = Path(cache_dir)
+    offload_dir = cache_dir / "offload" / str(cfg.get("name", "model"))  # weights a device map sends to "disk"
     _log_memory_estimate(cfg, cache_dir, dtype, device, device_map)
 
     if source == "tiny":
         model, tokenizer, weights_hash = _from_tiny(cfg)
         model = model.to(dtype)
         if device_map is not None:
-            model = _dispatch(model, device_map, dtype)
+            # accelerate reuses an offload folder that has an index: one folder per weights and dtype
+            model = _dispatch(model, device_map, dtype, offload_dir / f"{weights_hash[:16]}-{str(dtype).removeprefix('torch.')}")
     elif source == "gguf_package":
         spec = GGUFPackageSpec.from_config(cfg["gguf"])
         # Dequantized once to float32 whatever model.dtype is: the cached checkpoint serves every dtype
         # (one written in bfloat16 would silently round a later float32 run's weights).
         folder = dequantized_checkpoint(spec, cache_dir / "models", {"dtype": torch.float32})
-        model, tokenizer = _load_pretrained(str(folder), cfg, dtype, device_map)
+        model, tokenizer = _load_pretrained(str(folder), cfg, dtype, device_map, offload_dir)
         weights_hash = spec.sha256
     elif source == "local":
         folder = Path(str(cfg.get("path", ""))).expanduser()
         if not (folder / "config.json").exists():
             raise ModelSourceError(f"model.path={folder} is not a Hugging Face checkpoint folder (no config.json)")
-        model, tokenizer = _load_pretrained(str(folder), cfg, dtype, device_map)
+        model, tokenizer = _load_pretrained(str(folder), cfg, dtype, device_map, offload_dir)
         weights_hash = local_weights_hash(folder, cache_dir / "weights_hash")
     else:  # hub
         hub_id = str(cfg["hub_id"])
         try:  # a copy already in the local HF cache works offline
-            model, tokenizer = _load_pretrained(hub_id, cfg, dtype, device_map, local_files_only=True)
+            model, tokenizer = _load_pretrained(hub_id, cfg, dtype, device_map, offload_dir, local_files_only=True)
         except OSError:
             if not hub_reachable():
                 raise ModelSourceError(
                     f"{hub_id} is not in the local Hugging Face cache and the Hub is unreachable. "
                     f"Models that work offline: {OFFLINE_MODELS}."
                 ) from None
-            model, tokenizer = _load_pretrained(hub_id, cfg, dtype, device_map)
+            model, tokenizer = _load_pretrained(hub_id, cfg, dtype, device_map, offload_dir)
         weights_hash = f"hub:{hub_id}@{getattr(model.config, '_commit_hash', None) or cfg.get('revision') or 'main'}"
 
     if device is not None:  # a device map placed the model already: moving it would undo that

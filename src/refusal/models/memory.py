@@ -197,12 +197,12 @@ class MemoryEstimate:
     def line(self) -> str:
         """``qwen05: ~2.3 GiB weights (630M parameters, float32) + ~2.6 GiB working set (batch 32 × 128 tokens); device cpu, 21.7 GiB free``"""
         dtype = str(self.dtype).removeprefix("torch.")
-        room = f"device {self.where}, " + ("free memory unknown" if self.free_bytes is None else f"{_size(self.free_bytes)} free")
+        room = f"device {self.where}, " + ("free memory unknown" if self.free_bytes is None else f"{format_bytes(self.free_bytes)} free")
         if self.shape is None:
             return f"{self.name}: size unknown before loading (no checkpoint config on disk, no declared n_layers/d_model); {room}"
-        count = f"{_count(self.shape.n_params)} parameters" + ("" if self.shape.exact else " from declared sizes")
-        return (f"{self.name}: ~{_size(self.weights_bytes)} weights ({count}, {dtype}) + "
-                f"~{_size(self.working_bytes)} working set (batch {self.batch_size} × {self.tokens} tokens); {room}")
+        count = f"{format_count(self.shape.n_params)} parameters" + ("" if self.shape.exact else " from declared sizes")
+        return (f"{self.name}: ~{format_bytes(self.weights_bytes)} weights ({count}, {dtype}) + "
+                f"~{format_bytes(self.working_bytes)} working set (batch {self.batch_size} × {self.tokens} tokens); {room}")
 
     def warning(self, device_map: Any = None) -> str | None:
         """What to change when the estimate does not fit (None when it fits or is unknown)."""
@@ -213,16 +213,16 @@ class MemoryEstimate:
             fixes.append("use model.dtype=bfloat16 (half the weights)")
         if device_map is None:
             fixes.append("spread it over the GPUs with model.device_map=auto")
-        return (f"{self.name} may not fit: it needs ~{_size(self.total_bytes)} (weights + working set) but "
-                f"{self.where} has {_size(self.free_bytes)} free; the estimate is rough, the run goes on. "
+        return (f"{self.name} may not fit: it needs ~{format_bytes(self.total_bytes)} (weights + working set) but "
+                f"{self.where} has {format_bytes(self.free_bytes)} free; the estimate is rough, the run goes on. "
                 f"If it runs out of memory: {', or '.join(fixes)}")
 
 
-def _size(n: float) -> str:
+def format_bytes(n: float) -> str:
     return f"{n / GIB:.1f} GiB" if n >= GIB else f"{n / (1 << 20):.1f} MiB"
 
 
-def _count(n: int) -> str:
+def format_count(n: int) -> str:
     if n >= 1e9:
         return f"{n / 1e9:.1f}B"
     return f"{n / 1e6:.0f}M" if n >= 1e6 else f"{n / 1e3:.0f}K"

@@ -1,7 +1,7 @@
 """Where a module runs: its device and dtype, also when ``model.device_map`` spread the model over devices.
 
 With a device map, accelerate may run a module on a device other than the one its parameters sit on
-(offloaded weights live on ``meta`` and are streamed in): its hook's ``execution_device`` wins then.
+(offloaded weights wait on ``meta`` and are streamed in): its hook's ``execution_device`` wins then.
 Hooks place their constant tensors with these once, when they are built, never per forward.
 """
 
@@ -24,13 +24,22 @@ def _execution_device(module: nn.Module) -> torch.device | None:
 
 
 def module_device(module: nn.Module, default: torch.device | str = "cpu") -> torch.device:
-    """The device ``module`` computes on: accelerate's execution device, else its first parameter's (or buffer's)."""
+    """The device ``module`` computes on: accelerate's execution device, else its first parameter's (or buffer's).
+
+    An offloaded module's weights wait on ``meta``: accelerate's hook on it, or failing that the first hook
+    on one of its submodules, says where it runs.
+    """
     device = _execution_device(module)
     if device is not None:
         return device
-    for tensor in itertools.chain(module.parameters(), module.buffers()):
-        return tensor.device
-    return torch.device(default)
+    first = next(itertools.chain(module.parameters(), module.buffers()), None)
+    if first is not None and first.device.type != "meta":
+        return first.device
+    for sub in module.modules():
+        device = _execution_device(sub)
+        if device is not None:
+            return device
+    return first.device if first is not None else torch.device(default)
 
 
 def module_dtype(module: nn.Module, default: torch.dtype = torch.float32) -> torch.dtype:
