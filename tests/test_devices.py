@@ -61,18 +61,22 @@ def typed_bundle(request, tmp_path_factory):
     return DTYPES[request.param], load_model(cfg, tmp_path_factory.mktemp("cache"))
 
 
-@pytest.fixture(scope="module")
-def split_bundle(tmp_path_factory):
+def split_tiny(cache_dir):
     """tiny spread over cpu and meta as from_pretrained(device_map=...) spreads a checkpoint over two GPUs;
     outputs stay where the last module ran."""
     from accelerate import dispatch_model
     from accelerate.hooks import remove_hook_from_module
 
-    bundle = load_model({"name": "tiny", "source": "tiny", "device": "cpu"}, tmp_path_factory.mktemp("cache"))
+    bundle = load_model({"name": "tiny", "source": "tiny", "device": "cpu"}, cache_dir)
     # main_device=cpu: in a GPU map "cpu" means offloaded weights run on the first GPU; here cpu is "GPU 0"
     dispatch_model(bundle.model, device_map=SPLIT, main_device="cpu")
     remove_hook_from_module(bundle.model)  # the top-level hook would copy meta logits back to cpu: no data
     return bundle
+
+
+@pytest.fixture(scope="module")
+def split_bundle(tmp_path_factory):
+    return split_tiny(tmp_path_factory.mktemp("cache"))
 
 
 class Recorder(Intervention):
@@ -246,6 +250,18 @@ def test_dim_selection_scorer_runs_on_a_model_split_over_devices(split_bundle, p
     logits = scorer._last_logits(ids[:2] * 2, [0, 0, 1, 1], scorer._ablation_specs() + scorer._actadd_specs([2]))
     assert logits.device == torch.device("meta") and logits.shape == (4, len(bundle.tokenizer))
     assert set(scorer._state["unit_rows"]) == {torch.device("cpu"), torch.device("meta")}
+
+
+def test_weight_orthogonalization_of_a_model_split_over_devices(tmp_path):
+    from refusal.interventions.export import orthogonalize_
+
+    bundle = split_tiny(tmp_path)
+    unit = random_unit(bundle.d_model, 7)
+    orthogonalize_(bundle.model, unit)  # each weight projected on its own device
+    layout = bundle.layout
+    assert float((layout.embedding.weight @ unit).abs().max()) < 1e-6
+    assert float((unit @ layout.mlp_writers[1].down_proj.weight).abs().max()) < 1e-6
+    assert layout.mlp_writers[3].down_proj.weight.device.type == "meta"
 
 
 def test_role_masks_are_copied_once_to_the_hooked_tensor_s_device():
