@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One short GPU check (about 3-5 minutes on an H200): the device-able tests, then every bench on
+# One short GPU check (about 4-6 minutes on an H200): the device-able tests, quick checks of model.dtype=bfloat16
+# and model.device_map (bench/device_check.py, plus one short evaluate.py run in bfloat16), then every bench on
 # qwen05 with device cuda. Figures (the benches' tables) go to $OUT/gpu_check.txt when $OUT is set,
 # else bench/results/gpu_check.txt. With $OUT, the checkout's CSVs are copied to $OUT/results first and
 # the GPU rows appended there (copy them back over bench/results/ and run
@@ -10,14 +11,14 @@
 #   MODEL=smollm2 BUDGET=200 bash bench/gpu_check.sh      # other model, tighter time budget
 #   DEVICE=cpu MODEL=tiny BUDGET=150 bash bench/gpu_check.sh   # dry run of the plumbing without a GPU
 #
-# Env: MODEL (qwen05), DEVICE (cuda), BUDGET (seconds for everything, default 280),
+# Env: MODEL (qwen05), DEVICE (cuda), BUDGET (seconds for everything, default 400),
 #      EVAL_DEQUANT=1 to include evaluate.py's cold-with-dequantization run (adds ~1 min),
 #      GPU_VENV (where a venv is made if the package is not importable; default ~/.venv-refusal-gpu).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 MODEL=${MODEL:-qwen05}
 DEVICE=${DEVICE:-cuda}
-BUDGET=${BUDGET:-280}
+BUDGET=${BUDGET:-400}
 DEST=${OUT:-bench/results}
 mkdir -p "$DEST"
 REPORT="$DEST/gpu_check.txt"
@@ -100,6 +101,23 @@ step "load $MODEL" 150 "$PY" -c "
 import sys, time; sys.path.insert(0, 'bench'); import _common as C
 t = time.perf_counter(); b = C.load_bundle('$MODEL', '$DEVICE')
 print(f'loaded {b.name}: {b.n_layers} layers, d_model {b.d_model}, {b.dtype} on {b.device} in {time.perf_counter() - t:.1f}s')"
+
+# -- big models: model.dtype=bfloat16 and model.device_map (figures only, no CSV) --------------------
+# Where a GPU is present (or on the tiny model, as a dry run): each check loads the model, prints the memory
+# estimate beside what loading took, and checks hooks, ablation, actadd, a position-scoped flip and metrics.
+if [[ $DEVICE == cuda* || $MODEL == tiny ]]; then
+  step "bf16 checks" 60 "$PY" bench/device_check.py --model "$MODEL" --device "$DEVICE" --dtype bfloat16 --reference float32
+  # with a device map, model.device is not used: accelerate places the model (all of it on the one GPU of an H200 box)
+  step "device_map=auto checks" 45 "$PY" bench/device_check.py --model "$MODEL" --device "$DEVICE" --device-map auto
+  # the second half of the blocks on GPU 1, or offloaded to the CPU with one GPU (accelerate runs them on GPU 0)
+  step "device_map split checks" 45 "$PY" bench/device_check.py --model "$MODEL" --device "$DEVICE" --device-map split --dtype bfloat16
+  # evaluate.py end to end in bfloat16 (fit, hooks, generation, metrics), on fresh caches with the model linked
+  step "evaluate bf16" 110 "$PY" bench/bench_evaluate.py --model "$MODEL" --device "$DEVICE" --single --skip-dequantize \
+    --no-csv --timeout 90 --override model.dtype=bfloat16 intervention=dim_ablation data.n_train=32 data.n_val=16 \
+    data.n_test=16 eval.max_new_tokens=16 fit.dim.positions=last geometry.enabled=false logger=none
+else
+  say "### big-model checks (bf16, device_map): SKIPPED (no GPU; DEVICE=$DEVICE MODEL=$MODEL)"
+fi
 
 # -- benches (each appends to bench/results/<name>.csv and prints its table) -----------------------
 common=(--model "$MODEL" --device "$DEVICE" --results-dir "$RES")

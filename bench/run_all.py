@@ -370,7 +370,7 @@ def render_docs(results_dir: Path, docs_path: Path) -> Path:
         "python bench/bench_selection.py --model qwen05  # full, shortlist (train.py's default) and last; plain vs shared prefix",
         "python bench/bench_evaluate.py --model qwen05 [--skip-dequantize]",
         "python bench/run_all.py --docs-only             # re-render from the CSVs",
-        "bash bench/gpu_check.sh                         # on a CUDA machine: tests + benches on qwen05, figures to $OUT/gpu_check.txt",
+        "bash bench/gpu_check.sh                         # on a CUDA machine: tests, bf16/device_map checks, benches on qwen05; figures to $OUT/gpu_check.txt",
         "```",
         "",
         "Common flags: `--model NAME` (conf/model/NAME.yaml, default qwen05), `--smoke`, `--device cpu|cuda`, "
@@ -383,7 +383,7 @@ def render_docs(results_dir: Path, docs_path: Path) -> Path:
         "100 s of activations), and evaluate runs the default evaluate.py three times, each cold run including "
         "extraction and train.py's DiM selection: budget an hour or more for `run_all.py --model qwen05` on CPU (`--skip "
         "evaluate`, or `bench_evaluate.py --override fit.dim.positions=last`, for a shorter run). "
-        "On a GPU `bash bench/gpu_check.sh` does all of it in about 5 minutes.",
+        "On a GPU `bash bench/gpu_check.sh` does all of it in about 5-7 minutes.",
         "",
         "| bench | figure | target |",
         "|---|---|---|",

@@ -117,6 +117,9 @@ def _check_model(model: Any) -> None:
     trust = model.get("trust_remote_code", False)
     if not isinstance(trust, bool):
         raise ConfigError(f"model.trust_remote_code={trust!r} must be true or false (a boolean, not a string)")
+    from refusal.models.loader import check_placement
+
+    check_placement(OmegaConf.to_container(model, resolve=True) if isinstance(model, DictConfig) else dict(model))
 
 
 def split_inlp_settings(icfg: Any) -> tuple[str, bool, dict[str, Any]]:

@@ -20,14 +20,31 @@ TensorFn = Callable[[torch.Tensor], torch.Tensor]
 
 @dataclass(frozen=True)
 class HookSpec:
-    """Apply ``fn`` to a module's input (``pre``) or output (``post``) residual tensor."""
+    """Apply ``fn`` to a module's input (``pre``) or output (``post``) residual tensor.
+
+    ``device`` (pre hooks only): move the input there before ``fn``. A model that ``model.device_map``
+    spread over devices hands a block the previous block's output, on the previous block's device;
+    accelerate moves it only after the pre hooks ran, so a pre hook whose constants sit on its own
+    module's device moves the residual first. None (one device) adds nothing to the call.
+    """
 
     module: nn.Module
     fn: TensorFn
     kind: Literal["pre", "post"] = "post"
+    device: torch.device | None = None
 
 
-def _pre_hook(fn: TensorFn):
+def _moved_first(fn: TensorFn, device: torch.device) -> TensorFn:
+    def moved(x: torch.Tensor) -> torch.Tensor:
+        return fn(x.to(device))
+
+    return moved
+
+
+def _pre_hook(fn: TensorFn, device: torch.device | None = None):
+    if device is not None:
+        fn = _moved_first(fn, device)
+
     def hook(module, args, kwargs):
         if args:
             return (fn(args[0]), *args[1:]), kwargs
@@ -54,7 +71,7 @@ def hooked(specs: Sequence[HookSpec]) -> Iterator[None]:
     try:
         for spec in specs:
             if spec.kind == "pre":
-                handles.append(spec.module.register_forward_pre_hook(_pre_hook(spec.fn), with_kwargs=True))
+                handles.append(spec.module.register_forward_pre_hook(_pre_hook(spec.fn, spec.device), with_kwargs=True))
             else:
                 handles.append(spec.module.register_forward_hook(_post_hook(spec.fn)))
         yield

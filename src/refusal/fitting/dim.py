@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from refusal.hooks import HookSpec, hooked
 from refusal.metrics import refusal_score
 from refusal.models.bundle import ModelBundle
+from refusal.models.placement import devices_of, module_device
 from refusal.prefix import common_prefix, continue_rows, forward, prefix_cache
 
 log = logging.getLogger(__name__)
@@ -115,15 +116,22 @@ class CandidateScorer:
         self.progress = progress
         self.prefix = common_prefix(self.harmful_ids + self.harmless_ids) if share_prefix else []
         self._state: dict[str, Any] = {}
+        layout = bundle.layout
+        # Devices the hooked modules compute on: one, unless model.device_map spread the model over GPUs.
+        self._devices = devices_of([*layout.blocks, *layout.attn_writers, *layout.mlp_writers])
         self.baseline_harmless_logits = self._last_logits(self.harmless_ids, [0] * len(self.harmless_ids), [])
 
     def _select(self, owners: Sequence[int]) -> None:
         """Point the hooks at the steering of each row's candidate for the next forward pass."""
         index = torch.tensor(list(owners), device=self.bundle.device)
         if "unit" in self._state:
-            self._state["unit_rows"] = self._state["unit"][index]
+            self._state["unit_rows"] = self._per_device(self._state["unit"][index])
         if "shift" in self._state:
-            self._state["shift_rows"] = {li: s[index] for li, s in self._state["shift"].items()}
+            self._state["shift_rows"] = {li: self._per_device(s[index]) for li, s in self._state["shift"].items()}
+
+    def _per_device(self, rows: torch.Tensor) -> dict[torch.device, torch.Tensor]:
+        """``rows`` on every device a hooked module computes on, copied once per forward pass, not per hook."""
+        return {device: rows.to(device) for device in self._devices}
 
     @torch.inference_mode()
     def _last_logits(self, rows: Sequence[Sequence[int]], owners: Sequence[int], specs: list[HookSpec]) -> torch.Tensor:
@@ -139,23 +147,31 @@ class CandidateScorer:
             slot = {c: i for i, c in enumerate(candidates)}
             return continue_rows(self.bundle, rows, len(self.prefix), past, [slot[o] for o in owners])
 
+    def _moved_to(self, module: torch.nn.Module) -> torch.device | None:
+        """A pre hook's device when the model spans several (see :class:`~refusal.hooks.HookSpec`)."""
+        return module_device(module) if len(self._devices) > 1 else None
+
     def _ablation_specs(self) -> list[HookSpec]:
-        def fn(x: torch.Tensor) -> torch.Tensor:
-            unit = self._state["unit_rows"][:, None, :]
-            return x - (x * unit).sum(-1, keepdim=True) * unit
+        def make(device: torch.device):
+            def fn(x: torch.Tensor) -> torch.Tensor:
+                unit = self._state["unit_rows"][device][:, None, :]
+                return x - (x * unit).sum(-1, keepdim=True) * unit
+            return fn
 
         layout = self.bundle.layout
-        specs = [HookSpec(b, fn, "pre") for b in layout.blocks]
-        specs += [HookSpec(m, fn, "post") for m in (*layout.attn_writers, *layout.mlp_writers)]
+        specs = [HookSpec(b, make(module_device(b)), "pre", self._moved_to(b)) for b in layout.blocks]
+        specs += [HookSpec(m, make(module_device(m)), "post") for m in (*layout.attn_writers, *layout.mlp_writers)]
         return specs
 
     def _actadd_specs(self, layers: Sequence[int]) -> list[HookSpec]:
-        def make(layer: int):
+        def make(layer: int, device: torch.device):
             def fn(x: torch.Tensor) -> torch.Tensor:
-                return x + self._state["shift_rows"][layer][:, None, :]
+                return x + self._state["shift_rows"][layer][device][:, None, :]
             return fn
 
-        return [HookSpec(self.bundle.layout.blocks[li], make(li), "pre") for li in sorted(set(layers))]
+        blocks = self.bundle.layout.blocks
+        return [HookSpec(blocks[li], make(li, module_device(blocks[li])), "pre", self._moved_to(blocks[li]))
+                for li in sorted(set(layers))]
 
     def score(self, directions: torch.Tensor, layers: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """bypass, induce, KL for each candidate ``directions[i]`` (read at ``layers[i]``)."""

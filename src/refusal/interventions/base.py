@@ -30,8 +30,9 @@ from refusal.errors import ConfigError
 from refusal.hooks import HookSpec, TensorFn, hooked
 from refusal.interventions.scope import Scope, at_positions
 from refusal.models.bundle import ModelBundle
+from refusal.models.placement import module_device, module_dtype
 
-#: Moves a fitted tensor to where the edit runs (the model's device and dtype, or a given tensor's).
+#: Moves a fitted tensor to where the edit runs (the hooked module's device and dtype, or a given tensor's).
 Cast = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -156,22 +157,31 @@ class Intervention(ABC):
 
     # -- shared machinery ---------------------------------------------------------------------
     def hook_specs(self, bundle: ModelBundle) -> list[HookSpec]:
-        """The hooks that implement this intervention on ``bundle``'s model, in its scope."""
+        """The hooks that implement this intervention on ``bundle``'s model, in its scope.
 
-        def cast(value: torch.Tensor) -> torch.Tensor:
-            return self._tensor(value, bundle)
-
+        Each hook's constants are placed once, here, on its own module's device and dtype (a model that
+        ``model.device_map`` spread over GPUs has blocks on several), so a hook call converts nothing.
+        """
         layout, specs = bundle.layout, []
         positions = self.scope.positions
         project_writes = self.edits_writes and self.scope.layers == "all"
+        spread = bundle.spans_devices
         for layer in self.layers(bundle.n_layers):
-            edit = self.residual_edit(layer, cast)
+            block = layout.blocks[layer]
+            where = self._placement(block, bundle)
+            edit = self.residual_edit(layer, self._cast_to(where, bundle))
             if edit is not None:
-                specs.append(HookSpec(layout.blocks[layer], at_positions(edit, positions), "pre"))
-            write = self.write_edit(layer, cast) if project_writes else None
-            if write is not None:
-                fn = at_positions(write, positions)
-                specs += [HookSpec(layout.attn_writers[layer], fn, "post"), HookSpec(layout.mlp_writers[layer], fn, "post")]
+                specs.append(HookSpec(block, at_positions(edit, positions), "pre", where[0] if spread else None))
+            if not project_writes:
+                continue
+            writes: dict[tuple[torch.device, torch.dtype], TensorFn | None] = {}  # attention and MLP share one
+            for writer in (layout.attn_writers[layer], layout.mlp_writers[layer]):
+                where = self._placement(writer, bundle)
+                if where not in writes:
+                    write = self.write_edit(layer, self._cast_to(where, bundle))
+                    writes[where] = None if write is None else at_positions(write, positions)
+                if writes[where] is not None:
+                    specs.append(HookSpec(writer, writes[where], "post"))
         return specs
 
     @contextmanager
@@ -180,14 +190,23 @@ class Intervention(ABC):
         with hooked(self.hook_specs(bundle)):
             yield
 
-    def _tensor(self, value: torch.Tensor, bundle: ModelBundle) -> torch.Tensor:
-        """Move a fitted tensor to the model once, so hooks never convert per call."""
-        if value.shape[-1] != bundle.d_model:
-            raise ConfigError(
-                f"{self.name}: fitted tensor has d_model={value.shape[-1]} but {bundle.name} has {bundle.d_model}; "
-                "the artifact belongs to another model, refit it"
-            )
-        return value.to(device=bundle.device, dtype=bundle.dtype)
+    @staticmethod
+    def _placement(module: torch.nn.Module, bundle: ModelBundle) -> tuple[torch.device, torch.dtype]:
+        return module_device(module, bundle.device), module_dtype(module, bundle.dtype)
+
+    def _cast_to(self, where: tuple[torch.device, torch.dtype], bundle: ModelBundle) -> Cast:
+        """Moves a fitted tensor to ``where`` (a hooked module's device and dtype), once, when the hook is built."""
+        device, dtype = where
+
+        def cast(value: torch.Tensor) -> torch.Tensor:
+            if value.shape[-1] != bundle.d_model:
+                raise ConfigError(
+                    f"{self.name}: fitted tensor has d_model={value.shape[-1]} but {bundle.name} has {bundle.d_model}; "
+                    "the artifact belongs to another model, refit it"
+                )
+            return value.to(device=device, dtype=dtype)
+
+        return cast
 
 
 def _tensors(value: Any, path: str = "", depth: int = 0) -> Iterator[tuple[str, torch.Tensor]]:

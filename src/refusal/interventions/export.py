@@ -43,21 +43,24 @@ def orthogonalize_(model: nn.Module, unit: torch.Tensor) -> nn.Module:
         if hasattr(model.config, "get_text_config"):
             model.config.get_text_config().tie_word_embeddings = False
 
+    def here(weight: torch.Tensor) -> torch.Tensor:  # a model.device_map model keeps its weights on several GPUs
+        return unit if unit.device == weight.device else unit.to(weight.device)
+
     def project_rows(weight: torch.Tensor) -> None:  # rows live in the residual space: [*, d]
-        w = weight.double()
-        weight.copy_(w - torch.outer(w @ unit, unit))
+        w, u = weight.double(), here(weight)
+        weight.copy_(w - torch.outer(w @ u, u))
 
     def project_cols(weight: torch.Tensor) -> None:  # output dim is the residual: [d, *]
-        w = weight.double()
-        weight.copy_(w - torch.outer(unit, unit @ w))
+        w, u = weight.double(), here(weight)
+        weight.copy_(w - torch.outer(u, u @ w))
 
     project_rows(layout.embedding.weight)
     for writer in (*layout.attn_writers, *layout.mlp_writers):
         linear = _writer_linear(writer)
         project_cols(linear.weight)
         if linear.bias is not None:
-            b = linear.bias.double()
-            linear.bias.copy_(b - (b @ unit) * unit)
+            b, u = linear.bias.double(), here(linear.bias)
+            linear.bias.copy_(b - (b @ u) * u)
     return model
 
 

@@ -122,7 +122,7 @@ def check_k(k: Any, cap: int | None = None) -> None:
 
 
 # -- token roles ----------------------------------------------------------------------------------
-_ROLES: ContextVar[dict[str, Tensor] | None] = ContextVar("refusal_token_roles", default=None)
+_ROLES: ContextVar[dict[Any, Tensor] | None] = ContextVar("refusal_token_roles", default=None)
 
 
 def role_grid(
@@ -147,7 +147,9 @@ def role_grid(
 def token_roles(roles: Int[Tensor, "batch width"], device: torch.device | str = "cpu") -> Iterator[None]:
     """Declare the roles of the positions of the forward passes run inside (see module doc)."""
     roles = roles.to(device)
-    masks = {"prompt": (roles == INSTRUCTION) | (roles == POST_INSTRUCTION), "post_instruction": roles == POST_INSTRUCTION}
+    masks: dict[Any, Tensor] = {  # plus copies on other devices, keyed (positions, device), made on demand
+        "prompt": (roles == INSTRUCTION) | (roles == POST_INSTRUCTION), "post_instruction": roles == POST_INSTRUCTION,
+    }
     token = _ROLES.set(masks)
     try:
         yield
@@ -155,14 +157,23 @@ def token_roles(roles: Int[Tensor, "batch width"], device: torch.device | str = 
         _ROLES.reset(token)
 
 
-def current_mask(positions: str, seq_len: int) -> Bool[Tensor, "batch seq"] | None:
-    """The positions to edit in a forward pass of ``seq_len`` tokens; None means none of them."""
+def current_mask(positions: str, seq_len: int, device: torch.device | None = None) -> Bool[Tensor, "batch seq"] | None:
+    """The positions to edit in a forward pass of ``seq_len`` tokens, on ``device`` (default: where the
+    roles were declared); None means none of them. A copy on another device (a block that
+    ``model.device_map`` put on another GPU) is made once per declaration and reused."""
     masks = _ROLES.get()
     if masks is None:
         raise RuntimeError(f"intervention.positions={positions!r} needs token roles, but this forward pass declared none: "
                            "wrap it in refusal.interventions.scope.token_roles(...)")
     mask = masks[positions]
-    return mask if mask.shape[1] == seq_len else None
+    if mask.shape[1] != seq_len:
+        return None
+    if device is None or mask.device == device:
+        return mask
+    moved = masks.get((positions, device))
+    if moved is None:
+        moved = masks[(positions, device)] = mask.to(device)
+    return moved
 
 
 def at_positions(fn: TensorFn, positions: str) -> TensorFn:
@@ -171,7 +182,7 @@ def at_positions(fn: TensorFn, positions: str) -> TensorFn:
         return fn
 
     def masked(x: Tensor) -> Tensor:
-        mask = current_mask(positions, x.shape[1])
+        mask = current_mask(positions, x.shape[1], x.device)
         return x if mask is None else torch.where(mask[..., None], fn(x), x)
 
     return masked

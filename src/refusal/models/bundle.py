@@ -11,6 +11,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from refusal.errors import DataError
 from refusal.models.architecture import ResidualLayout
 from refusal.models.chat import ChatFormat
+from refusal.models.placement import devices_of, module_device, module_dtype
 
 
 @dataclass(frozen=True)
@@ -52,11 +53,23 @@ class ModelBundle:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where inputs go: the embedding's device (with ``model.device_map`` the model spans several)."""
+        return module_device(self.layout.embedding)
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
+        """The residual stream's dtype (the embedding's)."""
+        return module_dtype(self.layout.embedding, next(self.model.parameters()).dtype)
+
+    @property
+    def devices(self) -> list[torch.device]:
+        """Every device the model computes on, input first (one unless ``model.device_map`` spread it)."""
+        layout = self.layout
+        return devices_of([layout.embedding, *layout.blocks, layout.final_norm, layout.lm_head])
+
+    @property
+    def spans_devices(self) -> bool:
+        return len(self.devices) > 1
 
     @property
     def max_context(self) -> int:

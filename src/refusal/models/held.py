@@ -19,7 +19,7 @@ import torch
 
 from refusal.artifacts import sha256_json
 from refusal.models.bundle import ModelBundle
-from refusal.models.loader import load_model
+from refusal.models.loader import load_model, resolve_device_map, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +39,17 @@ def release_model() -> None:
         torch.cuda.empty_cache()
 
 
+def held_key(cfg: Mapping[str, Any], cache_dir: str | Path) -> str:
+    """What a held model is for: its whole config, with the dtype and device map it was loaded with spelled
+    out (an omitted dtype is float32), so a job asking for another dtype or placement gets its own load."""
+    placement = {"dtype": str(resolve_dtype(str(cfg.get("dtype", "float32")))),
+                 "device_map": resolve_device_map(cfg.get("device_map"))}
+    return sha256_json({"model": {**dict(cfg), **placement}, "cache_dir": str(Path(cache_dir).resolve())})
+
+
 def held_model(cfg: Mapping[str, Any], cache_dir: str | Path) -> tuple[ModelBundle, bool]:
     """The model for ``cfg`` and whether it was reused from the previous job of this process."""
-    key = sha256_json({"model": dict(cfg), "cache_dir": str(Path(cache_dir).resolve())})
+    key = held_key(cfg, cache_dir)
     bundle = _held["bundle"]
     if bundle is not None and _held["key"] == key:
         if (hooks := hook_count(bundle.model)) == 0:

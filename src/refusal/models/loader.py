@@ -26,16 +26,76 @@ OFFLINE_MODELS = "model=qwen05, model=qwen15, model=smollm2, model=gemma3_270m (
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+#: accelerate's ways to spread a model over the GPUs (``model.device_map``); a mapping names each module's device.
+DEVICE_MAP_WORDS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
 def resolve_device(device: str) -> torch.device:
+    """``model.device``: ``auto`` (cuda when there is a GPU, else cpu), ``cpu``, ``cuda``, ``cuda:1``..."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(f"model.device={device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"model.device={device!r} but torch sees no CUDA GPU (torch {torch.__version__}); "
+                              "use model.device=cpu or model.device=auto")
+        if resolved.index is not None and resolved.index >= count:
+            raise ConfigError(f"model.device={device!r} but torch sees {count} GPU(s) (cuda:0..cuda:{count - 1})")
+    return resolved
 
 
 def resolve_dtype(name: str) -> torch.dtype:
     if name not in _DTYPES:
-        raise ConfigError(f"model.dtype={name!r} is not one of {sorted(_DTYPES)}")
+        raise ConfigError(f"model.dtype={name!r} is not one of {sorted(_DTYPES)}; float32 is exact, bfloat16 "
+                          "and float16 halve the memory")
     return _DTYPES[name]
+
+
+def _device_map_value(name: str, value: Any) -> int | str:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str):
+        if value == "disk":
+            return value
+        try:
+            torch.device(value)
+            return value
+        except (RuntimeError, ValueError):
+            pass
+    raise ConfigError(f"model.device_map[{name!r}]={value!r} must be a GPU index (0, 1, ...), 'cpu', 'disk' or a "
+                      "device such as 'cuda:1'")
+
+
+def resolve_device_map(value: Any) -> str | dict[str, int | str] | None:
+    """``model.device_map``: null (the whole model on ``model.device``), one of :data:`DEVICE_MAP_WORDS`
+    (accelerate spreads the model over the GPUs), or a mapping of module names to devices."""
+    if value is None:
+        return None
+    if isinstance(value, str) and value in DEVICE_MAP_WORDS:
+        return value
+    if isinstance(value, Mapping) and value:
+        out: dict[str, int | str] = {}
+        for name, device in value.items():
+            if not isinstance(name, str):
+                raise ConfigError(f"model.device_map key {name!r} must be a module name such as 'model.layers.0' "
+                                  "('' for the whole model)")
+            out[name] = _device_map_value(name, device)
+        return out
+    hint = f"; for one device set model.device={value} and leave model.device_map null" if isinstance(value, str) else ""
+    raise ConfigError(f"model.device_map={value!r} must be null (the whole model on model.device), one of "
+                      f"{', '.join(DEVICE_MAP_WORDS)} (spread over the GPUs), or a mapping of module names to "
+                      f"devices such as {{model.embed_tokens: 0, model.layers: 0, model.norm: 1, lm_head: 1}}{hint}")
+
+
+def check_placement(cfg: Mapping[str, Any]) -> None:
+    """``model.dtype``, ``model.device`` and ``model.device_map`` (run before anything loads)."""
+    resolve_dtype(str(cfg.get("dtype", "float32")))
+    if resolve_device_map(cfg.get("device_map")) is None:
+        resolve_device(str(cfg.get("device", "auto")))
 
 
 def state_dict_hash(model: torch.nn.Module) -> str:
@@ -96,16 +156,37 @@ def _refusal_token_ids(tokenizer, strings: list[str]) -> list[int]:
     return sorted(set(ids))
 
 
-def _load_pretrained(path_or_id: str, cfg: Mapping[str, Any], dtype: torch.dtype, **extra):
+def _load_pretrained(path_or_id: str, cfg: Mapping[str, Any], dtype: torch.dtype, device_map: Any = None,
+                     offload_dir: Path | None = None, **extra):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     trust = cfg.get("trust_remote_code", False) is True  # only an explicit boolean true runs Hub code
     revision = cfg.get("revision")
     tokenizer = AutoTokenizer.from_pretrained(path_or_id, trust_remote_code=trust, revision=revision, **extra)
+    if device_map is not None and offload_dir is not None:  # for weights that fit neither GPU nor CPU memory
+        extra["offload_folder"] = str(offload_dir)
     model = AutoModelForCausalLM.from_pretrained(
-        path_or_id, dtype=dtype, trust_remote_code=trust, revision=revision, **extra
+        path_or_id, dtype=dtype, device_map=device_map, trust_remote_code=trust, revision=revision, **extra
     )
     return model, tokenizer
+
+
+def _dispatch(model: torch.nn.Module, device_map: str | dict[str, int | str], dtype: torch.dtype,
+              offload_dir: Path) -> torch.nn.Module:
+    """Spread an in-process model (tiny) over devices as ``from_pretrained(device_map=...)`` does a checkpoint."""
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    if isinstance(device_map, str):
+        no_split = list(getattr(model, "_no_split_modules", None) or [])
+        max_memory = None
+        if device_map != "sequential":
+            max_memory = get_balanced_memory(model, no_split_module_classes=no_split, dtype=dtype,
+                                             low_zero=device_map == "balanced_low_0")
+        device_map = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split, dtype=dtype)
+    device_map = dict(device_map)
+    offload = {"offload_dir": str(offload_dir)} if "disk" in device_map.values() else {}
+    return dispatch_model(model, device_map=device_map, **offload)
 
 
 def _from_tiny(cfg: Mapping[str, Any]):
@@ -123,37 +204,48 @@ def load_model(cfg: Mapping[str, Any], cache_dir: str | Path) -> ModelBundle:
     if source not in SOURCES:
         raise ConfigError(f"model.source={source!r} is not one of {SOURCES}")
     dtype = resolve_dtype(str(cfg.get("dtype", "float32")))
-    device = resolve_device(str(cfg.get("device", "auto")))
+    device_map = resolve_device_map(cfg.get("device_map"))
+    # With a device map accelerate places every module and model.device is not used.
+    device = resolve_device(str(cfg.get("device", "auto"))) if device_map is None else None
     cache_dir = Path(cache_dir)
+    offload_dir = cache_dir / "offload" / str(cfg.get("name", "model"))  # weights a device map sends to "disk"
+    _log_memory_estimate(cfg, cache_dir, dtype, device, device_map)
 
     if source == "tiny":
         model, tokenizer, weights_hash = _from_tiny(cfg)
         model = model.to(dtype)
+        if device_map is not None:
+            # accelerate reuses an offload folder that has an index: one folder per weights and dtype
+            model = _dispatch(model, device_map, dtype, offload_dir / f"{weights_hash[:16]}-{str(dtype).removeprefix('torch.')}")
     elif source == "gguf_package":
         spec = GGUFPackageSpec.from_config(cfg["gguf"])
-        folder = dequantized_checkpoint(spec, cache_dir / "models", {"dtype": dtype})
-        model, tokenizer = _load_pretrained(str(folder), cfg, dtype)
+        # Dequantized once to float32 whatever model.dtype is: the cached checkpoint serves every dtype
+        # (one written in bfloat16 would silently round a later float32 run's weights).
+        folder = dequantized_checkpoint(spec, cache_dir / "models", {"dtype": torch.float32})
+        model, tokenizer = _load_pretrained(str(folder), cfg, dtype, device_map, offload_dir)
         weights_hash = spec.sha256
     elif source == "local":
         folder = Path(str(cfg.get("path", ""))).expanduser()
         if not (folder / "config.json").exists():
             raise ModelSourceError(f"model.path={folder} is not a Hugging Face checkpoint folder (no config.json)")
-        model, tokenizer = _load_pretrained(str(folder), cfg, dtype)
+        model, tokenizer = _load_pretrained(str(folder), cfg, dtype, device_map, offload_dir)
         weights_hash = local_weights_hash(folder, cache_dir / "weights_hash")
     else:  # hub
         hub_id = str(cfg["hub_id"])
         try:  # a copy already in the local HF cache works offline
-            model, tokenizer = _load_pretrained(hub_id, cfg, dtype, local_files_only=True)
+            model, tokenizer = _load_pretrained(hub_id, cfg, dtype, device_map, offload_dir, local_files_only=True)
         except OSError:
             if not hub_reachable():
                 raise ModelSourceError(
                     f"{hub_id} is not in the local Hugging Face cache and the Hub is unreachable. "
                     f"Models that work offline: {OFFLINE_MODELS}."
                 ) from None
-            model, tokenizer = _load_pretrained(hub_id, cfg, dtype)
+            model, tokenizer = _load_pretrained(hub_id, cfg, dtype, device_map, offload_dir)
         weights_hash = f"hub:{hub_id}@{getattr(model.config, '_commit_hash', None) or cfg.get('revision') or 'main'}"
 
-    model = model.to(device).eval()
+    if device is not None:  # a device map placed the model already: moving it would undo that
+        model = model.to(device)
+    model = model.eval()
     model.requires_grad_(False)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
@@ -173,6 +265,21 @@ def load_model(cfg: Mapping[str, Any], cache_dir: str | Path) -> ModelBundle:
         source=source,
         extra={"eos_token_ids": eos_ids},
     )
+
+
+def _log_memory_estimate(cfg: Mapping[str, Any], cache_dir: Path, dtype: torch.dtype, device: torch.device | None,
+                         device_map: Any) -> None:
+    """One line before the model loads (weights + working set vs free memory); a warning when it may not fit."""
+    from refusal.models.memory import estimate_memory
+
+    try:
+        estimate = estimate_memory(cfg, cache_dir, dtype, device, device_map)
+    except Exception as err:  # rough figures must never stop a run
+        log.debug("memory estimate failed: %s", err)
+        return
+    log.info("%s", estimate.line())
+    if (warning := estimate.warning(device_map)) is not None:
+        log.warning("%s", warning)
 
 
 def _eos_ids(tokenizer, model, cfg: Mapping[str, Any]) -> list[int]:

@@ -49,18 +49,18 @@ def build_tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
     return fast
 
 
-def build_tiny_model(
+def tiny_config(
     tokenizer: PreTrainedTokenizerFast,
     *,
     n_layers: int = 4,
     d_model: int = 64,
     n_heads: int = 4,
     d_mlp: int = 128,
-    seed: int = 0,
     tie_word_embeddings: bool = False,
-) -> LlamaForCausalLM:
-    """Random Llama with the tokenizer's vocabulary; seeded so its weights hash is stable."""
-    config = LlamaConfig(
+    **_: object,  # the seed and other build options do not change the architecture
+) -> LlamaConfig:
+    """The tiny model's architecture (also what the memory estimate reads before building it)."""
+    return LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=d_model,
         intermediate_size=d_mlp,
@@ -73,6 +73,21 @@ def build_tiny_model(
         bos_token_id=tokenizer.bos_token_id,
         tie_word_embeddings=tie_word_embeddings,
     )
+
+
+def build_tiny_model(
+    tokenizer: PreTrainedTokenizerFast,
+    *,
+    n_layers: int = 4,
+    d_model: int = 64,
+    n_heads: int = 4,
+    d_mlp: int = 128,
+    seed: int = 0,
+    tie_word_embeddings: bool = False,
+) -> LlamaForCausalLM:
+    """Random Llama with the tokenizer's vocabulary; seeded so its weights hash is stable."""
+    config = tiny_config(tokenizer, n_layers=n_layers, d_model=d_model, n_heads=n_heads, d_mlp=d_mlp,
+                         tie_word_embeddings=tie_word_embeddings)
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
