@@ -107,8 +107,10 @@ def _extraction(row: dict[str, str]) -> list[Figure]:
     return [
         Figure("extract_over_decoder_ratio", "extraction ÷ base-decoder forward", t, "extract_over_decoder_min_ratio"),
         Figure("extract_over_causal_lm_ratio", "extraction ÷ CausalLM forward (logits)"),
+        Figure("shared_over_decoder_ratio", "extraction, shared chat prefix run once ÷ base-decoder forward"),
         Figure("decoder_s", "base-decoder forward, s"),
-        Figure("extract_s", "extract_activations, s"),
+        Figure("extract_s", "extract_activations (plain), s"),
+        Figure("shared_s", "extract_activations (shared prefix, the default), s"),
         Figure("causal_lm_s", "CausalLM forward, s"),
     ]
 
