@@ -27,17 +27,16 @@ def tiny_with_system(tmp_path_factory):
 
 
 class BlockCalls:
-    """Counts calls of the first block and the rows they carried."""
+    """Counts calls of the first block, and the rows and token positions they carried."""
 
     def __init__(self, bundle):
-        self.calls, self.rows, self.widest_batch = 0, 0, 0
+        self.calls, self.rows, self.tokens = 0, 0, 0
         self.handle = bundle.layout.blocks[0].register_forward_pre_hook(self._count)
 
     def _count(self, module, args) -> None:
         self.calls += 1
         self.rows += args[0].shape[0]
-        if args[0].shape[0] > 1:
-            self.widest_batch = max(self.widest_batch, args[0].shape[1])
+        self.tokens += args[0].shape[0] * args[0].shape[1]
 
     def __enter__(self) -> BlockCalls:
         return self
@@ -131,33 +130,35 @@ def test_sets_generated_together_equal_sets_generated_alone_and_are_cached_each(
     assert hit.calls == 0 and again.completions == both["b"].completions
 
 
+@pytest.mark.parametrize("same_rows", [False, True])  # equal rows share all of themselves: the prefix must stop short
 @pytest.mark.parametrize("positions", [None, "prompt", "post_instruction"])
-def test_extraction_through_the_shared_prefix_equals_the_plain_pass(tiny_with_system, prompts, positions):
+def test_extraction_through_the_shared_prefix_equals_the_plain_pass(tiny_with_system, prompts, positions, same_rows):
     tiny_bundle = tiny_with_system
-    ids = tiny_bundle.tokenize_instructions(prompts)
-    assert len(shared_prefix(ids)) >= MIN_SHARED  # the chat template's opening is shared: the fast path runs
+    ids = tiny_bundle.tokenize_instructions(prompts[:1] * 2 if same_rows else prompts)
     n_pos = len(tiny_bundle.post_instruction_ids)
+    assert len(shared_prefix(ids, n_pos)) >= MIN_SHARED  # the chat template's opening is shared: the fast path runs
     steer = actadd(tiny_bundle, coeff=-8.0, positions=positions) if positions else None
     with steer.apply(tiny_bundle) if steer else contextlib.nullcontext(), BlockCalls(tiny_bundle) as calls:
         fast = extract_activations(tiny_bundle, ids, n_pos, batch_size=3, progress=False)
-    assert calls.widest_batch < min(map(len, ids)) - MIN_SHARED  # no batch pass re-ran the prefix
-    with steer.apply(tiny_bundle) if steer else contextlib.nullcontext():
+    with steer.apply(tiny_bundle) if steer else contextlib.nullcontext(), BlockCalls(tiny_bundle) as plain_calls:
         plain = extract_activations(tiny_bundle, ids, n_pos, batch_size=3, progress=False, share_prefix=False)
+    assert calls.tokens < plain_calls.tokens  # the prefix ran once per batch, not once per row
     torch.testing.assert_close(fast, plain, atol=1e-4, rtol=1e-4)
     if steer:
         unsteered = extract_activations(tiny_bundle, ids, n_pos, batch_size=3, progress=False)
         assert (fast[:, 2:] - unsteered[:, 2:]).abs().max() > 1e-2  # the steering reached the captured residuals
 
 
+@pytest.mark.parametrize("same_rows", [False, True])
 @pytest.mark.parametrize("positions", [None, "post_instruction"])
-def test_generation_through_the_shared_prefix_equals_the_plain_generation(tiny_with_system, prompts, positions):
-    ids = tiny_with_system.tokenize_instructions(prompts)
+def test_generation_through_the_shared_prefix_equals_the_plain_generation(tiny_with_system, prompts, positions, same_rows):
+    ids = tiny_with_system.tokenize_instructions(prompts[:1] * 2 if same_rows else prompts)
     steer = actadd(tiny_with_system, coeff=-8.0, positions=positions) if positions else None
     with steer.apply(tiny_with_system) if steer else contextlib.nullcontext(), BlockCalls(tiny_with_system) as calls:
         fast = generate(tiny_with_system, ids, max_new_tokens=6, batch_size=3, progress=False)
-    assert calls.widest_batch < min(map(len, ids)) - MIN_SHARED  # no batch pass re-ran the prefix
-    with steer.apply(tiny_with_system) if steer else contextlib.nullcontext():
+    with steer.apply(tiny_with_system) if steer else contextlib.nullcontext(), BlockCalls(tiny_with_system) as plain_calls:
         plain = generate(tiny_with_system, ids, max_new_tokens=6, batch_size=3, progress=False, share_prefix=False)
+    assert calls.tokens < plain_calls.tokens  # the prefix ran once per batch, not once per row
     assert fast.completion_ids == plain.completion_ids
     torch.testing.assert_close(fast.first_logits, plain.first_logits, atol=1e-4, rtol=1e-4)
     if steer:

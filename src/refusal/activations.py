@@ -77,7 +77,7 @@ def extract_activations(
     decoder = decoder_of(bundle.model)
     try:
         batches = batches_by_length([len(r) for r in token_ids], batch_size)
-        prefix = shared_prefix(token_ids) if share_prefix else []
+        prefix = shared_prefix(token_ids, max(n_positions, len(bundle.post_instruction_ids))) if share_prefix else []
         n_prefix = len(prefix)
         for idx in tqdm(batches, desc=desc, disable=not progress, unit="batch"):
             past = prompt_prefix_cache(bundle, prefix, len(idx)) if prefix else None

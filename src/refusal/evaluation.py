@@ -70,7 +70,7 @@ def teacher_forced_scores(
     if unsteered is None:
         bundle.memo = {k: v for k, v in bundle.memo.items() if not k.startswith("unsteered_logits:")}
         unsteered = []
-    prefix = shared_prefix(prompts)
+    prefix = shared_prefix(prompts, len(bundle.post_instruction_ids))
     for n, idx in enumerate(batches):
         keep = max(len(completions[i]) for i in idx) + 1  # the last prompt token and every completion token
         target = torch.full((len(idx), keep), -100, dtype=torch.long)

@@ -58,7 +58,7 @@ def generate(
     completion_ids: list[list[int] | None] = [None] * n
     first_logits: torch.Tensor | None = None
     eos = set(bundle.extra.get("eos_token_ids", []))
-    prefix = shared_prefix(token_ids) if share_prefix else []
+    prefix = shared_prefix(token_ids, len(bundle.post_instruction_ids)) if share_prefix else []
     batches = batches_by_length([len(r) for r in token_ids], batch_size)
     for idx in tqdm(batches, desc=desc, disable=not progress, unit="batch"):
         rows = [token_ids[i][len(prefix):] for i in idx]

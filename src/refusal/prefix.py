@@ -46,9 +46,14 @@ def forward(bundle: ModelBundle, rows: Sequence[Sequence[int]], *, offset: int =
     )
 
 
-def shared_prefix(rows: Sequence[Sequence[int]]) -> list[int]:
-    """:func:`common_prefix` when it is long enough to be worth running once, else ``[]``."""
-    prefix = common_prefix(rows)
+def shared_prefix(rows: Sequence[Sequence[int]], keep_last: int) -> list[int]:
+    """:func:`common_prefix`, short of each row's last ``keep_last`` tokens, when it is long enough to be
+    worth running once, else ``[]`` (also for a single row: nothing to share). Callers keep the
+    post-instruction tokens out of it: their pass declares those tokens' roles and reads their residuals
+    (equal rows share all of themselves)."""
+    if len(rows) < 2:
+        return []
+    prefix = common_prefix(rows)[: max(0, min(map(len, rows), default=0) - keep_last)]
     return prefix if len(prefix) >= MIN_SHARED else []
 
 
