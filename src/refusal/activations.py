@@ -245,6 +245,6 @@ class ActivationCache:
 
 def read_shard(stem: Path, index: Index) -> torch.Tensor:
     """``acts[index]`` of a verified shard, read as a slice: safetensors maps the file and copies nothing
-    (older versions copy only the slice), so the rest of the shard stays in the page cache, not in memory."""
+    (safetensors 0.8: a view of the mapping), so the rest of the shard stays in the page cache, not in memory."""
     with safe_open(artifact_paths(stem)[0], "pt") as fh:
         return fh.get_slice("acts")[index]
