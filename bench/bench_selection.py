@@ -32,7 +32,7 @@ import _common as C
 import yaml
 
 from refusal.activations import ActivationCache
-from refusal.fitting.dim import CandidateScorer, SelectionConfig, dim_candidates, select_direction
+from refusal.fitting.dim import CandidateScorer, SelectionConfig, dim_candidates_from_means, select_direction
 
 NAME = "selection"
 
@@ -59,10 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     cache = ActivationCache(C.cache_dir() / "activations")
     batch = int(C.model_config(args.model).get("batch_size", 16))
     t0 = time.perf_counter()
-    harm = cache.get(bundle, tok["harmful_train"], n_pos, batch_size=batch, progress=False)
-    safe = cache.get(bundle, tok["harmless_train"], n_pos, batch_size=batch, progress=False)
+    harm = cache.mean(bundle, tok["harmful_train"], n_pos, batch_size=batch, progress=False)  # streamed, as fit_dim
+    safe = cache.mean(bundle, tok["harmless_train"], n_pos, batch_size=batch, progress=False)
     activations_s = time.perf_counter() - t0
-    candidates = dim_candidates(harm, safe)[: bundle.n_layers]
+    candidates = dim_candidates_from_means(harm, safe)[: bundle.n_layers]
 
     settings = {"full": dict(positions="all", shortlist=0), "shortlist": dict(positions="all", shortlist=shortlist),
                 "last": dict(positions="last", shortlist=0)}

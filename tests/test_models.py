@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -141,3 +143,97 @@ def test_cache_hit_miss_and_corruption(tiny_bundle, prompts, tmp_path, monkeypat
     assert torch.equal(first, third)
     other = cache.get(tiny_bundle, ids[:2], n_pos, progress=False)  # other prompts -> other key
     assert calls[-1] == 2 and torch.equal(other, first[:2])
+
+
+# -- streaming reads: slices and means one shard at a time -------------------------------------------
+def _two_classes(tiny_bundle, prompts):
+    ids = tiny_bundle.tokenize_instructions(prompts + [p.upper() for p in prompts])
+    return ids[:5], ids[5:], len(tiny_bundle.post_instruction_ids)
+
+
+def test_slices_and_means_equal_the_full_tensor(tiny_bundle, prompts, tmp_path):
+    from refusal.fitting.dim import dim_candidates, dim_candidates_from_means
+
+    harm, safe, n_pos = _two_classes(tiny_bundle, prompts)
+    full = ActivationCache(tmp_path / "full", shard_size=2).get(tiny_bundle, harm, n_pos, progress=False)
+    sliced = ActivationCache(tmp_path / "sliced", shard_size=2)  # shards extracted by a slice, read back by others
+    n_sites = tiny_bundle.n_layers + 1
+    for layer, position in [(1, -1), (None, -1), (tiny_bundle.n_layers, None), (-1, 0), (None, None)]:
+        expected = full[:, slice(None) if layer is None else layer, slice(None) if position is None else position]
+        got = sliced.get(tiny_bundle, harm, n_pos, layer=layer, position=position, progress=False)
+        assert torch.equal(got, expected), (layer, position)
+        assert got.untyped_storage().nbytes() == got.numel() * 4  # its own memory, not a view of a shard
+    with pytest.raises(IndexError):
+        sliced.get(tiny_bundle, harm, n_pos, layer=n_sites, progress=False)
+    torch.testing.assert_close(sliced.mean(tiny_bundle, harm, n_pos, progress=False), full.mean(0))
+    full_safe = ActivationCache(tmp_path / "full", shard_size=2).get(tiny_bundle, safe, n_pos, progress=False)
+    streamed = dim_candidates_from_means(sliced.mean(tiny_bundle, harm, n_pos, progress=False),
+                                         sliced.mean(tiny_bundle, safe, n_pos, progress=False))
+    torch.testing.assert_close(streamed, dim_candidates(full, full_safe), rtol=0, atol=1e-6)
+
+
+def test_a_reader_holds_one_shard_at_a_time(tiny_bundle, prompts, tmp_path, monkeypatch):
+    """Every shard read or extracted is freed before the next one is; reads are slices; no whole-file loader."""
+    import weakref
+
+    import refusal.activations as activations
+
+    harm, _, n_pos = _two_classes(tiny_bundle, prompts)
+    alive: list[weakref.ref] = []
+    sizes: list[tuple[int, ...]] = []
+
+    def tracked(real):
+        def call(*args, **kwargs):
+            assert all(ref() is None for ref in alive), "an earlier shard is still in memory"
+            out = real(*args, **kwargs)
+            alive.append(weakref.ref(out))
+            sizes.append(tuple(out.shape))
+            return out
+        return call
+
+    monkeypatch.setattr(activations, "extract_activations", tracked(activations.extract_activations))
+    monkeypatch.setattr(activations, "read_shard", tracked(activations.read_shard))
+    monkeypatch.setattr("refusal.artifacts.load_file", lambda *a, **k: pytest.fail("a shard was loaded whole"))
+    cache = ActivationCache(tmp_path, shard_size=2)
+    d, sites = tiny_bundle.d_model, tiny_bundle.n_layers + 1
+    cache.get(tiny_bundle, harm, n_pos, layer=2, position=-1, progress=False)  # miss: extracted whole, sliced
+    assert sizes == [(2, sites, n_pos, d), (2, sites, n_pos, d), (1, sites, n_pos, d)]
+    for kwargs, shape in [({"layer": 2, "position": -1}, (d,)), ({"position": 0}, (sites, d)), ({"layer": 1}, (n_pos, d))]:
+        sizes.clear()
+        cache.get(tiny_bundle, harm, n_pos, progress=False, **kwargs)  # hit: only the slice is read
+        assert sizes == [(2, *shape), (2, *shape), (1, *shape)]
+    sizes.clear()
+    cache.mean(tiny_bundle, harm, n_pos, progress=False)
+    assert sizes == [(2, sites, n_pos, d), (2, sites, n_pos, d), (1, sites, n_pos, d)]  # one shard at a time
+    assert all(ref() is None for ref in alive)
+
+
+def test_a_corrupt_shard_is_recomputed_when_a_slice_is_read(tiny_bundle, prompts, tmp_path, monkeypatch):
+    import refusal.activations as activations
+    import refusal.artifacts as artifacts
+
+    harm, _, n_pos = _two_classes(tiny_bundle, prompts)
+    cache = ActivationCache(tmp_path, shard_size=2)
+    full = cache.get(tiny_bundle, harm, n_pos, progress=False)
+    stem = tmp_path / "tiny" / cache.key(tiny_bundle, harm, n_pos) / "shard00001"
+    tensor_file = artifact_paths(stem)[0]
+    blob = bytearray(tensor_file.read_bytes())
+    blob[-5] ^= 0x01  # one bit, same size: only the checksum can tell
+    tensor_file.write_bytes(bytes(blob))
+    extracted, hashed = [], []
+    real_extract, real_hash = activations.extract_activations, artifacts.sha256_file
+    monkeypatch.setattr(activations, "extract_activations", lambda *a, **k: extracted.append(len(a[1])) or real_extract(*a, **k))
+    monkeypatch.setattr(artifacts, "sha256_file", lambda path: hashed.append(path) or real_hash(path))
+    with pytest.warns(UserWarning, match="checksum"):
+        part = cache.get(tiny_bundle, harm, n_pos, layer=3, position=-1, progress=False)
+    assert extracted == [2] and torch.equal(part, full[:, 3, -1])  # only the corrupt shard, extracted again
+    hashed.clear()
+    assert torch.equal(cache.get(tiny_bundle, harm, n_pos, layer=0, progress=False), full[:, 0])
+    assert [Path(p).name for p in hashed] == ["shard00001.safetensors"]  # the others were verified already
+    hashed.clear()
+    cache.get(tiny_bundle, harm, n_pos, position=-1, progress=False)
+    assert hashed == [] and extracted == [2]  # each shard hashed once per cache object
+    tensor_file.write_bytes(tensor_file.read_bytes()[:-7])  # changed since: verified again, recomputed
+    with pytest.warns(UserWarning, match="checksum"):
+        assert torch.equal(cache.get(tiny_bundle, harm, n_pos, position=-1, progress=False), full[:, :, -1])
+    assert extracted == [2, 2]

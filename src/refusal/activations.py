@@ -7,19 +7,28 @@ once and batched by length, and the chat-template prefix they all share runs onc
 (its key/value cache continued by every row: same residuals to float tolerance, fewer tokens). Results are cached on disk in shards (safetensors + JSON with
 checksums) keyed by weights hash, token ids, positions and dtype: a rerun after a crash
 resumes from the completed shards, and a full hit never touches the model.
+
+Readers stream: :meth:`ActivationCache.get` with ``layer``/``position`` reads only that slice of
+each shard file, and :meth:`ActivationCache.mean` sums shard by shard, so memory holds the result
+plus at most one shard (~850 MB for 64 prompts of a 70B model), never every layer of a split
+(~3.4 GB per split there). Each shard's checksum is verified once per cache object (then remembered by its files' inode,
+size and mtime), since it streams the whole file even when only a slice is read.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+from jaxtyping import Float
+from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from refusal.artifacts import artifact_exists, load_artifact, save_artifact, sha256_json
+from refusal.artifacts import artifact_exists, artifact_paths, save_artifact, sha256_json, verify_artifact
 from refusal.errors import ArtifactError, DataError
 from refusal.hooks import residual_input
 from refusal.interventions.scope import declare_roles
@@ -107,12 +116,17 @@ def extract_activations(
     return out
 
 
+Index = tuple[int | slice, ...]
+
+
 class ActivationCache:
-    """Disk cache of :func:`extract_activations` results, sharded so interrupted runs resume."""
+    """Disk cache of :func:`extract_activations` results, sharded so interrupted runs resume and a
+    reader holds one shard at a time (see :meth:`get` and :meth:`mean`)."""
 
     def __init__(self, root: str | Path, shard_size: int = SHARD_SIZE):
         self.root = Path(root)
         self.shard_size = shard_size
+        self._verified: dict[Path, tuple] = {}  # shard stem -> its files' signature when the checksum last passed
 
     def key(self, bundle: ModelBundle, token_ids: Sequence[Sequence[int]], n_positions: int,
             steer: str | None = None) -> str:
@@ -135,38 +149,102 @@ class ActivationCache:
         progress: bool = True,
         desc: str = "activations",
         steer: str | None = None,
-    ) -> torch.Tensor:
+        layer: int | None = None,
+        position: int | None = None,
+    ) -> Float[torch.Tensor, "n *sites_positions d_model"]:
         """Cached activations for these prompts; computes (and stores) only missing shards. With ``steer``
         (an intervention's fingerprint; call it with that intervention's hooks on) they are the steered
-        residuals, cached apart from the unsteered ones."""
+        residuals, cached apart from the unsteered ones.
+
+        ``[n, n_layers + 1, n_positions, d_model]``, or with ``layer`` and/or ``position`` only that site
+        and/or position (the axis dropped, as tensor indexing does): read from each shard's file as a
+        slice, so memory holds the result plus at most one shard (extracted whole when missing).
+        """
+        index = (slice(None), slice(None) if layer is None else layer, slice(None) if position is None else position)
+        full = (len(token_ids), bundle.n_layers + 1, n_positions, bundle.d_model)
+        out = torch.empty(torch.empty(full, device="meta")[index].shape, dtype=torch.float32)  # IndexError before any work
+        self._each_shard(bundle, token_ids, n_positions, index, lambda start, part: out[start : start + len(part)].copy_(part),
+                         batch_size=batch_size, progress=progress, desc=desc, steer=steer)
+        return out
+
+    def mean(
+        self,
+        bundle: ModelBundle,
+        token_ids: Sequence[Sequence[int]],
+        n_positions: int,
+        *,
+        batch_size: int = 16,
+        progress: bool = True,
+        desc: str = "activations",
+        steer: str | None = None,
+    ) -> Float[torch.Tensor, "sites n_positions d_model"]:
+        """Mean over the prompts of :meth:`get`'s tensor, summed shard by shard (float64 across shards)
+        so it never holds more than one shard: what DiM needs at every layer and position."""
+        total = torch.zeros((bundle.n_layers + 1, n_positions, bundle.d_model), dtype=torch.float64)
+        # float32 sum within a shard: sum(dtype=float64) would first copy the whole shard to float64
+        self._each_shard(bundle, token_ids, n_positions, (slice(None),), lambda _, part: total.add_(part.sum(0)),
+                         batch_size=batch_size, progress=progress, desc=desc, steer=steer)
+        return (total / len(token_ids)).float()
+
+    def _each_shard(
+        self,
+        bundle: ModelBundle,
+        token_ids: Sequence[Sequence[int]],
+        n_positions: int,
+        index: Index,
+        use: Callable[[int, torch.Tensor], object],
+        *,
+        batch_size: int,
+        progress: bool,
+        desc: str,
+        steer: str | None,
+    ) -> None:
+        """``use(start, shard[index])`` for each shard of rows in order: a valid shard is read as a slice,
+        a missing or corrupt one is extracted and saved first. Nothing keeps a shard once ``use`` returns."""
+        if not token_ids:
+            raise DataError("no prompts to extract activations from; check the dataset sizes")
         key = self.key(bundle, token_ids, n_positions, steer)
         folder = self.root / bundle.name / key
         expect = {"key": key, **bundle.identity()}
-        shards = []
         for start in range(0, len(token_ids), self.shard_size):
             rows = token_ids[start : start + self.shard_size]
             stem = folder / f"shard{start // self.shard_size:05d}"
-            shard = self._load(stem, expect, len(rows))
-            if shard is None:
-                shard = extract_activations(
-                    bundle, rows, n_positions, batch_size=batch_size, progress=progress,
-                    desc=f"{desc} [{start}:{start + len(rows)}/{len(token_ids)}]",
-                )
-                save_artifact(stem, {"acts": shard}, {**expect, "start": start, "rows": len(rows)})
-            shards.append(shard)
-        return torch.cat(shards)
+            if self._valid(stem, expect, (len(rows), bundle.n_layers + 1, n_positions, bundle.d_model)):
+                use(start, read_shard(stem, index))
+                continue
+            shard = extract_activations(
+                bundle, rows, n_positions, batch_size=batch_size, progress=progress,
+                desc=f"{desc} [{start}:{start + len(rows)}/{len(token_ids)}]",
+            )
+            save_artifact(stem, {"acts": shard}, {**expect, "start": start, "rows": len(rows)})
+            use(start, shard[index])
+            del shard  # before the next shard is extracted: one in memory at a time
 
-    @staticmethod
-    def _load(stem: Path, expect: dict, rows: int) -> torch.Tensor | None:
+    def _valid(self, stem: Path, expect: dict, shape: tuple[int, ...]) -> bool:
+        """Whether a shard exists, matches ``expect`` and its checksum, and has ``shape``. The checksum reads
+        the whole file, so it runs once per shard and cache object: again only if either file changed since
+        (inode, size or mtime; a byte rewritten in place within the filesystem's clock tick would be missed)."""
         if not artifact_exists(stem):
-            return None
+            return False
+        signature = tuple((s.st_ino, s.st_size, s.st_mtime_ns) for s in map(os.stat, artifact_paths(stem)))
+        if self._verified.get(stem) == signature:
+            return True
         try:
-            tensors, meta = load_artifact(stem, expect=expect)
+            tensor_path, _ = verify_artifact(stem, expect=expect)
         except ArtifactError as err:
-            warnings.warn(f"ignoring activation cache shard: {err}; recomputing it", stacklevel=3)
-            return None
-        acts = tensors.get("acts")
-        if acts is None or acts.shape[0] != rows:
-            warnings.warn(f"activation cache shard {stem} has the wrong shape; recomputing it", stacklevel=3)
-            return None
-        return acts
+            warnings.warn(f"ignoring activation cache shard: {err}; recomputing it", stacklevel=4)
+            return False
+        with safe_open(tensor_path, "pt") as fh:
+            found = tuple(fh.get_slice("acts").get_shape()) if "acts" in fh.keys() else None
+        if found != shape:
+            warnings.warn(f"activation cache shard {stem} has the wrong shape; recomputing it", stacklevel=4)
+            return False
+        self._verified[stem] = signature
+        return True
+
+
+def read_shard(stem: Path, index: Index) -> torch.Tensor:
+    """``acts[index]`` of a verified shard, read as a slice: safetensors maps the file and copies nothing
+    (safetensors 0.8: a view of the mapping), so the rest of the shard stays in the page cache, not in memory."""
+    with safe_open(artifact_paths(stem)[0], "pt") as fh:
+        return fh.get_slice("acts")[index]

@@ -118,10 +118,17 @@ def artifact_exists(stem: str | Path) -> bool:
 def load_artifact(
     stem: str | Path, expect: Mapping[str, Any] | None = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Load and verify an artifact.
+    """Load and verify an artifact (see :func:`verify_artifact` for what is checked)."""
+    tensor_path, meta = verify_artifact(stem, expect)
+    return load_file(tensor_path), meta
+
+
+def verify_artifact(stem: str | Path, expect: Mapping[str, Any] | None = None) -> tuple[Path, dict[str, Any]]:
+    """Check an artifact without loading its tensors: returns the tensor file and the metadata.
 
     Raises :class:`ArtifactError` when a file is missing, the checksum does not match (truncated
     or corrupt) or a metadata key differs from ``expect`` (fitted for another model, layer, data...).
+    The checksum streams the file, so a caller can then read only a slice of it.
     """
     tensor_path, meta_path = artifact_paths(stem)
     if not meta_path.exists() or not tensor_path.exists():
@@ -138,7 +145,7 @@ def load_artifact(
         )
     if expect:
         check_meta(meta, expect, str(stem))
-    return load_file(tensor_path), meta
+    return tensor_path, meta
 
 
 def check_meta(meta: Mapping[str, Any], expect: Mapping[str, Any], what: str) -> None:

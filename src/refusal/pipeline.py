@@ -28,7 +28,7 @@ from refusal.fitting.dim import (
     EXECUTION_ONLY,
     CandidateScorer,
     SelectionConfig,
-    dim_candidates,
+    dim_candidates_from_means,
     picks_by_rule,
     select_direction,
 )
@@ -71,12 +71,20 @@ class RunContext:
             self._tokens[split] = self.bundle.tokenize_instructions(self.texts(split))
         return self._tokens[split]
 
-    def activations(self, split: str) -> torch.Tensor:
-        """``[n, n_layers + 1, P, d]`` residuals at the post-instruction positions (cached)."""
-        return self.cache.get(
-            self.bundle, self.tokens(split), len(self.bundle.post_instruction_ids),
-            batch_size=int(self.cfg.model.get("batch_size", 16)), progress=self.progress, desc=split,
-        )
+    def activations(self, split: str, layer: int | None = None, position: int | None = None) -> torch.Tensor:
+        """``[n, n_layers + 1, P, d]`` residuals at the post-instruction positions (cached); with ``layer``
+        and/or ``position`` only that slice (axis dropped), read shard by shard without the rest."""
+        return self.cache.get(self.bundle, self.tokens(split), len(self.bundle.post_instruction_ids),
+                              layer=layer, position=position, **self.extraction(split))
+
+    def mean(self, split: str) -> torch.Tensor:
+        """``[n_layers + 1, P, d]`` mean residual of a split, streamed from the cache one shard at a time."""
+        return self.cache.mean(self.bundle, self.tokens(split), len(self.bundle.post_instruction_ids),
+                               **self.extraction(split))
+
+    def extraction(self, desc: str) -> dict[str, Any]:
+        """How this run extracts activations that are not cached yet."""
+        return {"batch_size": int(self.cfg.model.get("batch_size", 16)), "progress": self.progress, "desc": desc}
 
     def expect(self, **extra: Any) -> dict[str, Any]:
         return {**self.bundle.identity(), "data_digest": self.splits.fit_digest(), **extra}
@@ -139,7 +147,7 @@ def fit_dim(ctx: RunContext) -> DiMDirection:
     if (reused := _reuse(stem, load)) is not None:
         return reused
     t0 = time.perf_counter()
-    candidates = dim_candidates(ctx.activations("harmful_train"), ctx.activations("harmless_train"))
+    candidates = dim_candidates_from_means(ctx.mean("harmful_train"), ctx.mean("harmless_train"))
     candidates = candidates[: ctx.bundle.n_layers]  # block inputs only
     meta: dict[str, Any] = {**expect, "n_positions": candidates.shape[1]}
     tensors: dict[str, torch.Tensor] = {"candidates": candidates}
@@ -175,12 +183,10 @@ def fit_dim(ctx: RunContext) -> DiMDirection:
 
 # -- INLP -----------------------------------------------------------------------------------------
 def _inlp_data(ctx: RunContext, split: str, layer: int, position: int, positions: str) -> tuple[torch.Tensor, torch.Tensor]:
-    harm = ctx.activations(f"harmful_{split}")[:, layer]
-    safe = ctx.activations(f"harmless_{split}")[:, layer]
-    if positions == "selected":
-        harm, safe = harm[:, position], safe[:, position]
-    else:
-        harm, safe = harm.reshape(-1, harm.shape[-1]), safe.reshape(-1, safe.shape[-1])
+    at = position if positions == "selected" else None  # else every position, one row each
+    harm = ctx.activations(f"harmful_{split}", layer=layer, position=at)
+    safe = ctx.activations(f"harmless_{split}", layer=layer, position=at)
+    harm, safe = harm.reshape(-1, harm.shape[-1]), safe.reshape(-1, safe.shape[-1])
     X = torch.cat([harm, safe])
     y = torch.cat([torch.ones(len(harm), dtype=torch.long), torch.zeros(len(safe), dtype=torch.long)])
     return X, y

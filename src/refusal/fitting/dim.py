@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
+from jaxtyping import Float
 from tqdm.auto import tqdm
 
 from refusal.hooks import HookSpec, hooked
@@ -33,7 +34,17 @@ log = logging.getLogger(__name__)
 
 def dim_candidates(harmful: torch.Tensor, harmless: torch.Tensor) -> torch.Tensor:
     """``[n, sites, P, d]`` activations of each class -> ``[sites, P, d]`` mean differences."""
-    return harmful.mean(dim=0) - harmless.mean(dim=0)
+    return dim_candidates_from_means(harmful.mean(dim=0), harmless.mean(dim=0))
+
+
+def dim_candidates_from_means(
+    harmful_mean: Float[torch.Tensor, "sites n_pos d_model"], harmless_mean: Float[torch.Tensor, "sites n_pos d_model"]
+) -> Float[torch.Tensor, "sites n_pos d_model"]:
+    """The same from each class's mean (streamed from the activation cache: every layer of a split
+    never has to be in memory at once)."""
+    if harmful_mean.shape != harmless_mean.shape or harmful_mean.ndim != 3:
+        raise ValueError(f"expected two [sites, P, d] means, got {tuple(harmful_mean.shape)} and {tuple(harmless_mean.shape)}")
+    return harmful_mean - harmless_mean
 
 
 INDUCE_RULES = ("relative", "absolute")

@@ -19,19 +19,19 @@ from refusal.geometry.stats import LinearProbe, fit_probe, format_table, landing
 from refusal.interventions.base import Fitted, Intervention
 
 
-def steered_activations(ctx: Any, intervention: Intervention, split: str) -> torch.Tensor:
-    """``[n, n_layers + 1, P, d]`` residuals of ``split`` with the intervention applied (cached by its fingerprint)."""
+def steered_activations(ctx: Any, intervention: Intervention, split: str, position: int | None = None) -> torch.Tensor:
+    """``[n, n_layers + 1, P, d]`` residuals of ``split`` with the intervention applied (cached by its
+    fingerprint); with ``position``, ``[n, n_layers + 1, d]`` at that position only."""
     with intervention.apply(ctx.bundle):
         return ctx.cache.get(
-            ctx.bundle, ctx.tokens(split), len(ctx.bundle.post_instruction_ids),
-            batch_size=int(ctx.cfg.model.get("batch_size", 16)), progress=ctx.progress, desc=f"{intervention.name} {split}",
-            steer=intervention.fingerprint(ctx.bundle.n_layers),
+            ctx.bundle, ctx.tokens(split), len(ctx.bundle.post_instruction_ids), position=position,
+            steer=intervention.fingerprint(ctx.bundle.n_layers), **ctx.extraction(f"{intervention.name} {split}"),
         )
 
 
 def probe_at(ctx: Any, site: int, position: int):
-    harm = ctx.activations("harmful_train")[:, site, position]
-    safe = ctx.activations("harmless_train")[:, site, position]
+    harm = ctx.activations("harmful_train", layer=site, position=position)
+    safe = ctx.activations("harmless_train", layer=site, position=position)
     X = torch.cat([harm, safe])
     y = torch.cat([torch.ones(len(harm)), torch.zeros(len(safe))]).long()
     return fit_probe(X, y)
@@ -53,11 +53,11 @@ def landing_at(
     The probes are passed in because they depend only on the site, not on the intervention.
     """
     position = fitted.dim.position
-    acts = {"base_harmful": ctx.activations("harmful_test")[:, :, position],
-            "base_harmless": ctx.activations("harmless_test")[:, :, position]}
+    acts = {"base_harmful": ctx.activations("harmful_test", position=position),
+            "base_harmless": ctx.activations("harmless_test", position=position)}
     if intervention.hook_specs(ctx.bundle):
-        acts["steered_harmful"] = steered_activations(ctx, intervention, "harmful_test")[:, :, position]
-        acts["steered_harmless"] = steered_activations(ctx, intervention, "harmless_test")[:, :, position]
+        acts["steered_harmful"] = steered_activations(ctx, intervention, "harmful_test", position)
+        acts["steered_harmless"] = steered_activations(ctx, intervention, "harmless_test", position)
     else:
         acts["steered_harmful"], acts["steered_harmless"] = acts["base_harmful"], acts["base_harmless"]
     per_site = {}
