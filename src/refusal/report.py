@@ -67,7 +67,7 @@ def flat_row(results: dict[str, Any], run: str = "") -> dict[str, Any]:
         "status": results.get("status", "ok"),
         "model": results.get("model"),
         "intervention": results.get("intervention"),
-        "params": ", ".join(f"{k}={v}" for k, v in params.items()) or "-",
+        "params": ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()) or "-",
         **{f"params/{k}": v for k, v in params.items()},
         "layer": results.get("intervention_layer", results.get("layer")),
         "judge": results.get("judge", "substring"),  # the primary judge
@@ -158,13 +158,16 @@ def mark_front(rows: list[dict[str, Any]]) -> None:
 
 
 def front_table(rows: list[dict[str, Any]]) -> str:
-    """The front as Markdown: per model, by KL ascending (so refusal falls down the table)."""
-    on = sorted((r for r in rows if r.get("pareto")), key=lambda r: (str(r.get("model")), r[FRONT[1]], r[FRONT[0]]))
-    columns = [("model", "model"), ("intervention", "intervention"), ("params", "params"), ("layer", "layer"),
+    """The front as Markdown: a table per model (its own front), by KL ascending, so refusal falls down it."""
+    columns = [("intervention", "intervention"), ("params", "params"), ("layer", "layer"),
                (FRONT[0], "harmful refusal"), (FRONT[1], "KL"), ("run", "run")]
-    lines = ["| " + " | ".join(t for _, t in columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    lines += ["| " + " | ".join(_fmt(r.get(k), k, r) for k, _ in columns) + " |" for r in on]
-    return "\n".join(lines)
+    out = []
+    for model in dict.fromkeys(r.get("model") for r in rows if r.get("pareto")):
+        on = sorted((r for r in rows if r.get("pareto") and r.get("model") == model), key=lambda r: (r[FRONT[1]], r[FRONT[0]]))
+        out += [f"### {model}", "", "| " + " | ".join(t for _, t in columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+        out += ["| " + " | ".join(_fmt(r.get(k), k, r) for k, _ in columns) + " |" for r in on]
+        out.append("")
+    return "\n".join(out).rstrip("\n")
 
 
 def load_runs(sweep_dir: Path) -> list[tuple[str, dict[str, Any]]]:
