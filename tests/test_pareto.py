@@ -188,3 +188,15 @@ def test_a_search_that_cannot_work_is_one_line_before_the_first_trial(tmp_path, 
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert _error_lines(proc) == [message] and "Traceback" not in proc.stderr
     assert not list(sweep.glob("*/results.json")) and not (tmp_path / "cache").exists()  # no trial, no model
+
+
+def test_optuna_sql_storage_works_with_the_pinned_sqlalchemy(tmp_path):
+    # hydra.sweeper.storage=sqlite:///... (a search that resumes): optuna 2.10's schema check needs SQLAlchemy < 2
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(directions=["minimize", "minimize"], storage=storage, study_name="s")
+    study.optimize(lambda t: (t.suggest_float("x", 0, 1), 1 - t.params["x"] ** 2), n_trials=3)
+    again = optuna.load_study(study_name="s", storage=storage)
+    assert len(again.trials) == 3 and 1 <= len(again.best_trials) <= 3
