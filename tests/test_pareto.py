@@ -82,18 +82,21 @@ def test_report_marks_the_front_per_model_across_interventions(tmp_path):
 
 
 # -- lean trials ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["none", "actadd", "inlp_flip"])
-def test_a_lean_trial_measures_what_a_full_run_does_and_nothing_else(compose, tmp_path, name):
-    common = [f"intervention={name}", *SMALL, "geometry.enabled=true"]
+@pytest.mark.parametrize("name, scope", [("none", []), ("actadd", []), ("inlp_flip", []),
+                                         ("actadd", ["intervention.positions=post_instruction"]),
+                                         ("inlp_flip", ["intervention.positions=prompt", "intervention.layers=all"])])
+def test_a_lean_trial_measures_what_a_full_run_does_and_nothing_else(compose, tmp_path, name, scope):
+    common = [f"intervention={name}", *scope, *SMALL, "geometry.enabled=true"]
     full = run_evaluation(compose(*common), tmp_path / "full")
     lean = run_evaluation(compose(*common, "eval=trial", "eval.max_new_tokens=6"), tmp_path / "lean")
     m, f = lean["metrics"], full["metrics"]
     assert lean["eval"] == "lean" and lean["status"] == "ok" and "geometry" not in lean
     assert not any(k.startswith(("overrefusal/", "harmless/perplexity", "harmless/refusal")) for k in m)
     # the same generations (cache) and the same next-token KL as the full run's teacher-forced pass at the
-    # last prompt position: the lean pass computes one position instead of the whole completion
+    # last prompt position: the lean pass computes one position instead of the whole completion, with the
+    # shared chat-template prefix run once (position scopes edit the same tokens either way)
     assert m["harmful/refusal_rate"] == f["harmful/refusal_rate"] and m["harmful/refusal_score"] == f["harmful/refusal_score"]
-    assert m["harmless/kl_div"] == pytest.approx(f["harmless/kl_div"], rel=1e-4, abs=1e-7)
+    assert m["harmless/kl_div"] == pytest.approx(f["harmless/kl_div"], rel=2e-3, abs=1e-6)  # float tolerance
     assert (m["harmless/kl_div"] == 0.0) == (name == "none")
     rows = [json.loads(line) for line in (tmp_path / "lean" / "completions.jsonl").read_text().splitlines()]
     assert len(rows) == 8 and {r["split"] for r in rows} == {"harmful"}

@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +27,12 @@ from refusal.config import plugin_dirs
 from refusal.errors import ConfigError
 from refusal.interventions import Intervention
 from refusal.interventions.base import Fitted
-from refusal.interventions.scope import declare_roles
+from refusal.interventions.scope import INSTRUCTION, declare_roles, token_roles
 from refusal.judges import build_judges
 from refusal.metrics import KLDivergence
 from refusal.models.bundle import ModelBundle
 from refusal.pipeline import RunContext
+from refusal.prefix import common_prefix, continue_rows, forward, prefix_cache
 
 #: Unsteered next-token logits of the last harmless prompts scored, keyed by weights and tokens: the same
 #: for every trial of a search, so consecutive trials in one process compute them once.
@@ -41,19 +43,31 @@ _UNSTEERED: dict[str, torch.Tensor] = {}
 def next_token_logits(bundle: ModelBundle, prompts: Sequence[Sequence[int]], intervention: Intervention | None,
                       batch_size: int) -> Float[torch.Tensor, "n vocab"]:
     """Float32 logits (CPU) at the last position of every prompt, steered by ``intervention`` unless None.
-    Prompts are left-padded, so the last position is the last column and only its logits are computed."""
+
+    Only the last position's logits are computed, and the chat-template prefix every prompt shares (Qwen's
+    system turn: 24 of ~40 tokens) runs once per batch, steered like the rest, each prompt continuing from
+    its key/value cache (:mod:`refusal.prefix`): the same arithmetic on fewer tokens. Token roles are
+    declared for both passes, so position-scoped interventions edit exactly the positions they would in
+    one plain pass.
+    """
+    n_post = len(bundle.post_instruction_ids)
+    prefix = common_prefix(prompts)
+    if any(len(p) - len(prefix) < n_post for p in prompts):  # the prefix would reach into the template's end
+        prefix = []
     out: torch.Tensor | None = None
     for idx in batches_by_length([len(p) for p in prompts], batch_size):
-        batch = bundle.pad([prompts[i] for i in idx]).to(bundle.device)
-        kwargs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
-                      use_cache=False, logits_to_keep=1)
-        with declare_roles(bundle, [len(prompts[i]) for i in idx], batch.input_ids.shape[1]):
-            if intervention is None:
-                logits = bundle.model(**kwargs).logits
+        rows = [prompts[i] for i in idx]
+        with intervention.apply(bundle) if intervention is not None else nullcontext():
+            if prefix:
+                with token_roles(torch.full((1, len(prefix)), INSTRUCTION), bundle.device):
+                    past = prefix_cache(bundle, [prefix])
+                lengths = [len(r) - len(prefix) for r in rows]
+                with declare_roles(bundle, lengths, max(lengths)):
+                    logits = continue_rows(bundle, rows, len(prefix), past, [0] * len(rows))
             else:
-                with intervention.apply(bundle):
-                    logits = bundle.model(**kwargs).logits
-        logits = logits[:, -1].float().cpu()
+                with declare_roles(bundle, [len(r) for r in rows], max(len(r) for r in rows)):
+                    logits = forward(bundle, rows).logits[:, -1]
+        logits = logits.float().cpu()
         if out is None:
             out = torch.empty((len(prompts), logits.shape[-1]), dtype=torch.float32)
         out[torch.tensor(idx)] = logits
