@@ -27,7 +27,7 @@ import _common as C
 
 BENCH = C.REPO / "bench"
 DOCS = C.REPO / "docs" / "BENCHMARKS.md"
-ORDER = ["extraction", "hooks", "selection", "inlp", "evaluate"]
+ORDER = ["extraction", "hooks", "selection", "inlp", "evaluate", "trial"]
 
 
 # -- running ----------------------------------------------------------------------------------------
@@ -158,6 +158,19 @@ def _evaluate(row: dict[str, str]) -> list[Figure]:
     return figures
 
 
+def _trial(row: dict[str, str]) -> list[Figure]:
+    what = f"{row.get('prompts', '?')} + {row.get('prompts', '?')} prompts, {row.get('tokens', '?')} tokens"
+    same_work = (row.get("prompts"), row.get("tokens")) == ("32", "32")  # heretic's work: only then judged
+    return [
+        Figure("trial_s", f"lean trial ({row.get('intervention', '?')}, {what}), s", C.TARGETS["trial"] if same_work else None,
+               "trial_min_s", note=f"varies {row.get('varied', '?')}; setup (load, fits, baseline) {_fmt(row.get('setup_s', ''))} s untimed"),
+        Figure("generate_s", "steered generation on harmful prompts, s"),
+        Figure("score_s", "judging + next-token KL on harmless prompts, s"),
+        Figure("load_s", "config, data, tokenization, held model, s"),
+        Figure("fit_s", "fits read back + intervention built, s"),
+    ]
+
+
 def _inlp(row: dict[str, str]) -> list[Figure]:
     return [
         Figure("fit_inlp_s", "fit_inlp (Lightning, L-BFGS), s", note=f"val acc {row.get('val_acc_ours', '')}"),
@@ -252,6 +265,16 @@ SECTIONS = {
         "GGUF dequantization, cold with the float checkpoint symlinked in, and warm (second run, everything "
         "cached). Peak RSS is the child's (wait4 ru_maxrss). Notes: evaluate.py's own timing breakdown.",
         _evaluate,
+    ),
+    "trial": Section(
+        "Lean search trial (Optuna Pareto search)",
+        "`bench/bench_trial.py`: one trial of `experiment=pareto_*` (`run_evaluation` with `eval=trial`, in-process, "
+        "the model held): steered greedy generation on the test split's first harmful prompts, judged, and next-token "
+        "KL on its first harmless prompts. The model load, fits and unsteered baseline (generations and logits) are "
+        "paid by an untimed first trial, as in a search; each timed trial steers with a new value, so nothing is a "
+        "cache hit. Median of the repeats (fastest in brackets). Target: heretic's 32 s per trial on the same "
+        "checkpoint for 32 + 32 prompts and 32 tokens.",
+        _trial,
     ),
 }
 
@@ -371,6 +394,7 @@ def render_docs(results_dir: Path, docs_path: Path) -> Path:
         "python bench/bench_hooks.py --model smollm2 --repeats 9",
         "python bench/bench_selection.py --model qwen05  # full, shortlist (train.py's default) and last; plain vs shared prefix",
         "python bench/bench_evaluate.py --model qwen05 [--skip-dequantize]",
+        "python bench/bench_trial.py --model qwen05      # lean Optuna trials (inlp_flip α), 32 + 32 prompts, 32 tokens",
         "python bench/run_all.py --docs-only             # re-render from the CSVs",
         "bash bench/gpu_check.sh                         # on a CUDA machine: tests, bf16/device_map checks, benches on qwen05; figures to $OUT/gpu_check.txt",
         "```",
@@ -394,6 +418,7 @@ def render_docs(results_dir: Path, docs_path: Path) -> Path:
         "| selection | DiM selection: shared-prefix ÷ plain scorer wall time, same run, same pick | ≤ 0.5 |",
         "| inlp | fit_inlp vs. the scikit-learn reference (bench_inlp.py; planted data, no model) | – |",
         f"| evaluate | the first command (experiment=compare), cold incl. dequantize / warm, wall s | ≤ {C.TARGETS['first_command']['cold_dequant']:.0f} / ≤ {C.TARGETS['first_command']['warm']:.0f} |",
+        f"| trial | a lean trial on 32+32 prompts, 32 tokens, wall s (heretic's per-trial time) | ≤ {C.TARGETS['trial']:.0f} |",
         "",
     ]
     if not names:

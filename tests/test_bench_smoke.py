@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-BENCHES = ["extraction", "hooks", "selection", "inlp", "evaluate"]
+BENCHES = ["extraction", "hooks", "selection", "inlp", "evaluate", "trial"]
 
 
 def _rows(path: Path) -> list[dict[str, str]]:
@@ -51,8 +51,13 @@ def test_run_all_smoke_writes_only_where_told_and_renders(tmp_path):
             assert float(hooks[f"{name}_hook_ms_per_step"]) > 0 and float(hooks[f"{name}_attributed_ratio"]) > 1, name
     evaluate = _rows(results / "evaluate.csv")[0]
     assert evaluate["warm_rc"] == "0" and float(evaluate["warm_s"]) > 0 and float(evaluate["warm_rss_mb"]) > 0
+    trial = _rows(results / "trial.csv")[0]  # timed lean trials after an untimed setup trial
+    assert trial["intervention"] == "inlp_flip" and trial["varied"] == "alpha" and int(trial["repeats"]) == 5
+    assert 0 < float(trial["trial_min_s"]) <= float(trial["trial_s"]) and float(trial["generate_s"]) > 0
+    assert float(trial["setup_s"]) > float(trial["trial_min_s"])  # the setup trial also loaded and fitted
 
     text = page.read_text()
-    for title in ("Activation extraction", "Hook overhead", "DiM direction selection", "INLP fitting", "evaluate.py"):
+    for title in ("Activation extraction", "Hook overhead", "DiM direction selection", "INLP fitting", "evaluate.py",
+                  "Lean search trial"):
         assert title in text, title
     assert "not judged (smoke)" in text and "shared-prefix ÷ plain" in text

@@ -358,10 +358,30 @@ def test_launchers_run_jobs_at_once_on_shared_artifact_and_cache_roots(tmp_path,
     assert (sweep / "report.md").read_text().count("| tiny |") == 2
 
 
-def test_a_documented_launcher_that_is_not_installed_names_the_extra(monkeypatch):
+def test_a_documented_launcher_or_sweeper_that_is_not_installed_names_the_extra(monkeypatch):
     from refusal import cli
 
-    monkeypatch.setitem(cli.LAUNCHERS, "joblib", "hydra_plugins.not_installed_launcher_xyz")
-    with pytest.raises(ConfigError, match=r"hydra/launcher=joblib is not installed: pip install -e '\.\[cluster\]'"):
-        cli.check_launcher(["-m", "hydra/launcher=joblib", "model=tiny"])
-    cli.check_launcher(["hydra/launcher=basic"])  # Hydra's own launchers need nothing
+    conf = REPO / "conf"
+    monkeypatch.setitem(cli.HYDRA_PLUGINS["hydra/launcher"], "joblib", "hydra_plugins.not_installed_launcher_xyz")
+    monkeypatch.setitem(cli.HYDRA_PLUGINS["hydra/sweeper"], "optuna", "hydra_plugins.not_installed_sweeper_xyz")
+    monkeypatch.setattr(cli, "installed_options", lambda group, conf_dir: ["basic"])
+    extra = r"pip install -e '\.\[cluster\]' adds hydra/launcher=joblib\|submitit_local\|submitit_slurm, hydra/sweeper=optuna"
+    with pytest.raises(ConfigError, match=r"hydra/launcher=joblib is not installed \(installed: basic\); " + extra):
+        cli.check_hydra_plugins(["-m", "hydra/launcher=joblib", "model=tiny"], conf)
+    with pytest.raises(ConfigError, match=r"hydra/sweeper=optuna is not installed \(installed: basic\); " + extra):
+        cli.check_hydra_plugins(["experiment=pareto_inlp_flip"], conf)  # asked for by the experiment's defaults
+    cli.check_hydra_plugins(["hydra/launcher=basic", "hydra/sweeper=basic"], conf)  # Hydra's own need nothing
+    cli.check_hydra_plugins(["experiment=pareto_inlp_flip", "hydra/sweeper=basic"], conf)  # the command line wins
+
+
+def test_an_unknown_launcher_or_sweeper_lists_the_installed_ones_and_names_the_extra():
+    proc = run_cli("evaluate.py", "-m", "hydra/sweeper=nope", "model=tiny")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
+    assert line == ("error: hydra/sweeper=nope is not an installed option (installed: basic, optuna); pip install -e "
+                    "'.[cluster]' adds hydra/launcher=joblib|submitit_local|submitit_slurm, hydra/sweeper=optuna")
+    from refusal import cli
+
+    with pytest.raises(ConfigError, match=r"hydra/launcher=nope is not an installed option \(installed: basic, joblib, "
+                                          r"submitit_local, submitit_slurm\); pip install -e '\.\[cluster\]'"):
+        cli.check_hydra_plugins(["hydra/launcher=nope"], REPO / "conf")

@@ -90,30 +90,83 @@ def register_plugin_configs(argv: list[str], conf_dir: Path) -> list[str]:
     return stored
 
 
-#: Hydra launchers this project documents, and the package of each (installed by the ``cluster`` extra).
-LAUNCHERS = {"joblib": "hydra_plugins.hydra_joblib_launcher", "submitit_local": "hydra_plugins.hydra_submitit_launcher",
-             "submitit_slurm": "hydra_plugins.hydra_submitit_launcher"}
+#: Hydra launchers and sweepers this project documents, and the package of each (the ``cluster`` extra).
+HYDRA_PLUGINS = {
+    "hydra/launcher": {"joblib": "hydra_plugins.hydra_joblib_launcher", "submitit_local": "hydra_plugins.hydra_submitit_launcher",
+                       "submitit_slurm": "hydra_plugins.hydra_submitit_launcher"},
+    "hydra/sweeper": {"optuna": "hydra_plugins.hydra_optuna_sweeper"},
+}
+LAUNCHERS = HYDRA_PLUGINS["hydra/launcher"]
+CLUSTER_EXTRA = ("pip install -e '.[cluster]' adds " + ", ".join(
+    f"{group}={'|'.join(options)}" for group, options in HYDRA_PLUGINS.items()))
 
 
-def check_launcher(argv: list[str]) -> None:
-    """A documented launcher that is not installed names the extra that installs it (Hydra itself would
-    only list the installed ones)."""
+def installed_options(group: str, conf_dir: Path) -> list[str]:
+    """The options Hydra offers for ``group`` (``hydra/sweeper``...) here: its own and installed plugins'."""
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+        return sorted(GlobalHydra.instance().config_loader().get_group_options(group))
+
+
+def _experiment_plugins(name: str, conf_dir: Path, depth: int = 0) -> dict[str, str]:
+    """The launcher/sweeper an ``experiment=<name>`` config selects (``override /hydra/sweeper: optuna``),
+    following the experiments it builds on."""
+    from omegaconf import OmegaConf
+
+    path = conf_dir / "experiment" / f"{name}.yaml"
+    if depth > 4 or not path.is_file():
+        return {}
+    out: dict[str, str] = {}
+    for entry in OmegaConf.to_container(OmegaConf.load(path)).get("defaults") or []:
+        if isinstance(entry, str) and entry != "_self_":
+            out.update(_experiment_plugins(entry, conf_dir, depth + 1))
+        elif isinstance(entry, dict):
+            for key, value in entry.items():
+                group = key.removeprefix("override").strip().lstrip("/")
+                if group in HYDRA_PLUGINS and isinstance(value, str):
+                    out[group] = value
+    return out
+
+
+def requested_plugins(argv: list[str], conf_dir: Path) -> dict[str, str]:
+    """group -> option of the launcher and sweeper a command asks for, through ``experiment=`` or directly."""
+    out: dict[str, str] = {}
+    for arg in argv:
+        key, _, value = arg.partition("=")
+        if key.lstrip("+") == "experiment" and value:
+            out.update(_experiment_plugins(value, conf_dir))
+    for arg in argv:
+        key, _, value = arg.partition("=")
+        if key.lstrip("+") in HYDRA_PLUGINS and value:
+            out[key.lstrip("+")] = value
+    return out
+
+
+def check_hydra_plugins(argv: list[str], conf_dir: Path) -> None:
+    """A launcher or sweeper that is not installed (documented or not) lists the installed ones and names
+    the extra that installs the documented ones; Hydra alone would not name the extra."""
     import importlib.util
 
     from refusal.errors import ConfigError
 
-    for arg in argv:
-        key, _, value = arg.partition("=")
-        if key.lstrip("+") == "hydra/launcher" and value in LAUNCHERS and importlib.util.find_spec(LAUNCHERS[value]) is None:
-            raise ConfigError(f"hydra/launcher={value} is not installed: pip install -e '.[cluster]' "
-                              "(hydra-joblib-launcher, hydra-submitit-launcher)")
+    for group, value in requested_plugins(argv, conf_dir).items():
+        package = HYDRA_PLUGINS[group].get(value)
+        if package is not None and importlib.util.find_spec(package) is not None:
+            continue
+        installed = installed_options(group, conf_dir)
+        if package is None and value in installed:
+            continue  # Hydra's own (basic) or another installed plugin
+        what = "is not installed" if package is not None else "is not an installed option"
+        raise ConfigError(f"{group}={value} {what} (installed: {', '.join(installed)}); {CLUSTER_EXTRA}")
 
 
 def entry_point(main: Callable[[], Any], conf_dir: Path) -> None:
-    """Run a Hydra ``main`` after registering plugin configs; a broken plugin or a launcher that is not
-    installed is one ``error:`` line."""
+    """Run a Hydra ``main`` after registering plugin configs; a broken plugin or a launcher or sweeper
+    that is not installed is one ``error:`` line."""
     try:
-        check_launcher(sys.argv[1:])
+        check_hydra_plugins(sys.argv[1:], conf_dir)
         register_plugin_configs(sys.argv[1:], conf_dir)
     except RefusalError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -201,10 +201,15 @@ def evaluate_context(ctx: RunContext, output_dir: Path, tracker: Any = None) -> 
     t0 = time.perf_counter()
     cls = get_intervention(str(cfg.intervention.name), plugin_dirs(cfg))
     icfg = OmegaConf.to_container(cfg.intervention, resolve=True)
-    fitted = fit_for(ctx, cls, icfg, geometry=bool(cfg.get("geometry", {}).get("enabled", False)))
+    lean = bool(cfg.eval.get("lean", False))  # a search trial (eval=trial): refusal and next-token KL only
+    fitted = fit_for(ctx, cls, icfg, geometry=bool(cfg.get("geometry", {}).get("enabled", False)) and not lean)
     intervention = cls(icfg, fitted)
     intervention.hook_specs(bundle)  # builds every hook once: a bad k or layer fails here, before generation
     ctx.timings["fit"] = time.perf_counter() - t0
+    if lean:
+        from refusal.trial import evaluate_lean
+
+        return evaluate_lean(ctx, intervention, fitted, output_dir, tracker)
 
     ecfg = cfg.eval
     max_new = int(ecfg.max_new_tokens)

@@ -1,4 +1,5 @@
-"""Hydra callback: write the sweep report when a multirun ends, and fail loudly if a job failed."""
+"""Hydra callbacks: check an Optuna search before its first trial; write the sweep report when a multirun
+ends, and fail loudly if a job failed."""
 
 from __future__ import annotations
 
@@ -11,6 +12,23 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
+
+
+class SweepCheck(Callback):
+    """An Optuna search whose parameters or ranges cannot work is one ``error:`` line (exit 2) before
+    any trial runs (see :mod:`refusal.search`); other sweepers are left alone."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from refusal.errors import RefusalError
+        from refusal.search import check_search, is_optuna
+
+        if not is_optuna(config):
+            return
+        try:
+            check_search(config)
+        except RefusalError as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
 
 
 class SweepReport(Callback):

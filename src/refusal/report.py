@@ -11,6 +11,8 @@ import argparse
 import csv
 import io
 import json
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +35,11 @@ COLUMNS = [
 
 
 #: Parameter values not worth a column entry (the defaults of the built-ins).
-DEFAULT_PARAMS = {("center", "midpoint"), ("target", "harmless")}
+DEFAULT_PARAMS = {("center", "midpoint"), ("target", "harmless"), ("export", False)}
+#: Parameters with a column of their own (``layer``) or none worth showing.
+HIDDEN_PARAMS = {"name", "layer"}
+#: The two objectives of the Pareto front, both minimised: what the search is about (refusal left, damage done).
+FRONT = ("harmful/refusal_rate", "harmless/kl_div")
 
 
 @dataclass
@@ -46,9 +52,8 @@ class Report:
 
 
 def _params(results: dict[str, Any]) -> dict[str, Any]:
-    params = results.get("params") or {}
-    shown = {k: v for k, v in params.items()
-             if k in ("coeff", "k", "alpha", "target", "center", "layers", "positions") and v is not None}
+    params = results.get("params") or {}  # every parameter (a plugin's too, so a search over it shows)
+    shown = {k: v for k, v in params.items() if k not in HIDDEN_PARAMS and v is not None}
     if isinstance(shown.get("layers"), list):
         shown["layers"] = "[" + ",".join(map(str, shown["layers"])) + "]"
     return {k: v for k, v in shown.items() if (k, v) not in DEFAULT_PARAMS}
@@ -62,7 +67,7 @@ def flat_row(results: dict[str, Any], run: str = "") -> dict[str, Any]:
         "status": results.get("status", "ok"),
         "model": results.get("model"),
         "intervention": results.get("intervention"),
-        "params": ", ".join(f"{k}={v}" for k, v in params.items()) or "-",
+        "params": ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()) or "-",
         **{f"params/{k}": v for k, v in params.items()},
         "layer": results.get("intervention_layer", results.get("layer")),
         "judge": results.get("judge", "substring"),  # the primary judge
@@ -128,6 +133,43 @@ def format_run(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def dominates(a: Sequence[float], b: Sequence[float]) -> bool:
+    """``a`` is no worse than ``b`` in every coordinate and better in one (all minimised)."""
+    return all(x <= y for x, y in zip(a, b, strict=True)) and any(x < y for x, y in zip(a, b, strict=True))
+
+
+def pareto_front(points: Sequence[Sequence[float | None]]) -> list[int]:
+    """Indices (ascending) of the non-dominated points, every coordinate minimised. Equal points do not
+    dominate each other, so duplicates on the front all stay; a point with a missing or non-finite
+    coordinate is never on it (and dominates nothing)."""
+    valid = [i for i, p in enumerate(points)
+             if all(v is not None and isinstance(v, (int, float)) and math.isfinite(v) for v in p)]
+    return [i for i in valid if not any(dominates(points[j], points[i]) for j in valid if j != i)]
+
+
+def mark_front(rows: list[dict[str, Any]]) -> None:
+    """Set ``row["pareto"]``: on the (harmful refusal, next-token KL) front of its model's runs, every
+    intervention and trial together (KL is only comparable within one model)."""
+    for model in dict.fromkeys(r.get("model") for r in rows):
+        mine = [r for r in rows if r.get("model") == model]
+        front = set(pareto_front([tuple(r.get(k) for k in FRONT) for r in mine]))
+        for i, row in enumerate(mine):
+            row["pareto"] = i in front
+
+
+def front_table(rows: list[dict[str, Any]]) -> str:
+    """The front as Markdown: a table per model (its own front), by KL ascending, so refusal falls down it."""
+    columns = [("intervention", "intervention"), ("params", "params"), ("layer", "layer"),
+               (FRONT[0], "harmful refusal"), (FRONT[1], "KL"), ("run", "run")]
+    out = []
+    for model in dict.fromkeys(r.get("model") for r in rows if r.get("pareto")):
+        on = sorted((r for r in rows if r.get("pareto") and r.get("model") == model), key=lambda r: (r[FRONT[1]], r[FRONT[0]]))
+        out += [f"### {model}", "", "| " + " | ".join(t for _, t in columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+        out += ["| " + " | ".join(_fmt(r.get(k), k, r) for k, _ in columns) + " |" for r in on]
+        out.append("")
+    return "\n".join(out).rstrip("\n")
+
+
 def load_runs(sweep_dir: Path) -> list[tuple[str, dict[str, Any]]]:
     runs = []
     for path in sorted(sweep_dir.glob("*/results.json")) + sorted(sweep_dir.glob("*/*/results.json")):
@@ -140,18 +182,26 @@ def load_runs(sweep_dir: Path) -> list[tuple[str, dict[str, Any]]]:
 
 def write_report(sweep_dir: str | Path) -> Report:
     """Write report.md, report.csv and plots into ``sweep_dir``."""
-    from refusal.report_plots import plot_bars, plot_tradeoff
+    from refusal.report_plots import plot_bars, plot_pareto, plot_tradeoff
 
     sweep_dir = Path(sweep_dir)
     runs = load_runs(sweep_dir)
     ok = [flat_row(r, run) for run, r in runs if r.get("status", "ok") == "ok"]
     failures = [(run, r.get("error", "unknown error")) for run, r in runs if r.get("status", "ok") != "ok"]
+    mark_front(ok)
     table = markdown_table(ok)
     plots = []
-    if ok:
+    if any(r.get("harmless/perplexity") is not None for r in ok):  # lean search trials have no perplexity
         plots.append(plot_tradeoff(ok, sweep_dir / "tradeoff.png"))
+    if any(r.get("pareto") for r in ok):
+        plots.append(plot_pareto(ok, sweep_dir / "pareto.png"))
+    if ok:
         plots.append(plot_bars(ok, sweep_dir / "bars.png"))
     md = [f"# Sweep report: {sweep_dir}", "", f"{len(ok)} runs succeeded, {len(failures)} failed.", "", table, ""]
+    if any(r.get("pareto") for r in ok):
+        md += ["## Pareto front: harmful refusal vs next-token KL", "",
+               "Runs no other run of the same model beats on both (lower harmful refusal, lower KL on harmless "
+               "prompts), across every intervention and trial in this folder.", "", front_table(ok), ""]
     if failures:
         md += ["## Failed runs", ""] + [f"- `{run}`: {err}" for run, err in failures] + [""]
     md += [f"![{p.stem}]({p.name})" for p in plots]

@@ -1,4 +1,4 @@
-"""Plots for sweep reports: refusal vs perplexity trade-off per model, bars per intervention."""
+"""Plots for sweep reports: refusal vs perplexity trade-off and refusal vs KL Pareto front per model, bars per intervention."""
 
 from __future__ import annotations
 
@@ -40,6 +40,42 @@ def plot_tradeoff(rows: list[dict[str, Any]], path: Path) -> Path:
         ax.set_ylim(-5, 105)
         ax.grid(alpha=0.3)
     fig.suptitle("Refusal suppressed vs fluency cost")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def plot_pareto(rows: list[dict[str, Any]], path: Path) -> Path:
+    """Harmful refusal rate (y) against next-token KL on harmless prompts (x), one panel per model: every
+    run as a dot coloured by intervention, the Pareto front (``row["pareto"]``) ringed and joined as a
+    staircase, so which method reaches low refusal at the lowest damage reads off the lower left."""
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    fig, axes = plt.subplots(1, len(models), figsize=(5.6 * len(models), 4.4), squeeze=False)
+    for ax, model in zip(axes[0], models, strict=False):
+        mine = [r for r in rows if r["model"] == model
+                and r.get("harmless/kl_div") is not None and r.get("harmful/refusal_rate") is not None]
+        for name in dict.fromkeys(r["intervention"] for r in mine):
+            xs = [float(r["harmless/kl_div"]) for r in mine if r["intervention"] == name]
+            ys = [100 * float(r["harmful/refusal_rate"]) for r in mine if r["intervention"] == name]
+            ax.scatter(xs, ys, s=28, color=_colour(name), alpha=0.75, lw=0, zorder=3, label=name)
+        front = sorted((r for r in mine if r.get("pareto")), key=lambda r: (r["harmless/kl_div"], r["harmful/refusal_rate"]))
+        if front:
+            fx = [float(r["harmless/kl_div"]) for r in front]
+            fy = [100 * float(r["harmful/refusal_rate"]) for r in front]
+            ax.step(fx, fy, where="post", color="black", lw=1.0, alpha=0.7, zorder=2, label="Pareto front")
+            ax.scatter(fx, fy, s=90, facecolor="none", edgecolor="black", lw=1.3, zorder=4)
+            for r, x, y in zip(front, fx, fy, strict=True):
+                label = r["intervention"] + ("" if r["params"] == "-" else f" ({r['params']})")
+                ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=6)
+        positive = [float(r["harmless/kl_div"]) for r in mine if float(r["harmless/kl_div"]) > 0]
+        if positive and max(positive) / min(positive) > 100:  # KL spans decades; symlog keeps the baseline's 0
+            ax.set_xscale("symlog", linthresh=min(positive))
+        ax.set_title(model)
+        ax.set_xlabel("next-token KL on harmless prompts (damage) →")
+        ax.set_ylabel("harmful refusal rate (%)")
+        ax.set_ylim(-5, 105)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7, loc="best")
+    fig.suptitle("Pareto front: refusal left vs damage done (lower left is better)")
     fig.tight_layout()
     return save_figure(fig, path)
 

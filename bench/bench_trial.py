@@ -1,0 +1,126 @@
+"""Wall time of one lean search trial (what experiment=pareto_* runs per Optuna suggestion), model loaded.
+
+A trial is ``run_evaluation`` with ``eval=trial`` exactly as evaluate.py calls it in a search: config
+checks, data and tokenization, the held model, the fitted artifacts read back, the intervention built,
+steered greedy generation on the test split's first ``--prompts`` harmful prompts (``--tokens`` new
+tokens) judged by the substring judge, and next-token KL on its first ``--prompts`` harmless prompts.
+What a search pays once happens before the timing, in an untimed first trial: the model load, the
+DiM/INLP fits, the unsteered generations and next-token logits. Each timed trial then steers with a
+new value (inlp_flip: α; actadd: the coefficient), so no steered generation comes from the cache.
+
+Target: heretic (the peer tool) spends 32 s per trial on the same checkpoint for 32 + 32 prompts and
+32 tokens; a lean trial on the same work should be no slower.
+
+Generations and next-token logits go to a temporary cache (the dequantized model is linked in from
+REFUSAL_CACHE, so nothing is dequantized again); fits are read from (or written to) the usual
+artifacts_dir, except in --smoke, where everything is temporary.
+
+    python bench/bench_trial.py --model qwen05                    # 32 + 32 prompts, 32 tokens, inlp_flip
+    python bench/bench_trial.py --model qwen05 --intervention actadd --repeats 5
+    python bench/bench_trial.py --smoke
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import _common as C
+
+NAME = "trial"
+#: What each timed trial varies, per intervention: (parameter, first value, step).
+VARIED = {"inlp_flip": ("alpha", 0.5, 0.25), "actadd": ("coeff", -0.5, -0.25), "inlp_nullspace": ("k", 0.05, 0.05)}
+
+
+def link_models(src: Path, dst: Path) -> None:
+    """Symlink the dequantized checkpoints of ``src/models`` into ``dst/models`` (as bench_evaluate does)."""
+    (dst / "models").mkdir(parents=True, exist_ok=True)
+    if (src / "models").is_dir():
+        for entry in sorted((src / "models").iterdir()):
+            if not entry.name.startswith("."):
+                (dst / "models" / entry.name).symlink_to(entry.resolve(), target_is_directory=entry.is_dir())
+
+
+def compose(overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(C.REPO / "conf"), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = C.base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--intervention", default="inlp_flip", choices=sorted(VARIED))
+    parser.add_argument("--prompts", type=int, default=32, help="harmful and harmless test prompts per trial (default 32)")
+    parser.add_argument("--tokens", type=int, default=32, help="new tokens per completion (default 32)")
+    parser.add_argument("--override", nargs="*", default=[], help="extra Hydra overrides for the trial config")
+    args = C.parse(parser, argv)
+    if args.smoke:
+        args.prompts, args.tokens = 4, 4
+    from refusal.evaluation import run_evaluation
+    from refusal.models.held import held_model, release_model
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_trial_"))
+    link_models(C.cache_dir(), tmp / "cache")
+    artifacts = tmp / "artifacts" if args.smoke else Path(os.environ.get("REFUSAL_ARTIFACTS") or C.REPO / "artifacts")
+    overrides = [f"model={args.model}", "eval=trial", "logger=none", "progress=false", f"data.n_test={args.prompts}",
+                 f"eval.max_new_tokens={args.tokens}", f"cache_dir={tmp / 'cache'}", f"artifacts_dir={artifacts}",
+                 f"intervention={args.intervention}"]
+    if args.smoke:
+        overrides += ["data.n_train=16", "data.n_val=8", "fit.dim.n_prompts=4", "fit.dim.positions=last"]
+    if args.device:
+        overrides.append(f"model.device={args.device}")
+    overrides += args.override
+    key, first, step = VARIED[args.intervention]
+    if key == "k" and first + step * args.repeats > 1:
+        parser.error(f"--repeats {args.repeats} would take k (a fraction of the INLP rank) past 1; use at most {int((1 - first) / step)}")
+    runs: list[dict[str, Any]] = []
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the tiny model's "barely refuses" note, once per trial
+            t0 = time.perf_counter()
+            run_evaluation(compose([*overrides, f"intervention.{key}={first}"]), tmp / "trial_setup")
+            setup_s = time.perf_counter() - t0
+            print(f"setup (model load, fits, unsteered generations and logits, first trial): {setup_s:.1f}s", flush=True)
+            for i in range(args.repeats):
+                value = round(first + step * (i + 1), 4)
+                cfg = compose([*overrides, f"intervention.{key}={value}"])
+                t0 = time.perf_counter()
+                results = run_evaluation(cfg, tmp / f"trial_{i}")
+                wall = time.perf_counter() - t0
+                m, timings = results["metrics"], results["timings"]
+                runs.append({"trial": i + 1, key: value, "wall_s": wall, "generate_s": timings.get("generate", 0.0),
+                             "score_s": timings.get("score", 0.0), "load_s": timings.get("load", 0.0),
+                             "fit_s": timings.get("fit", 0.0), "refusal": m["harmful/refusal_rate"], "kl": m["harmless/kl_div"]})
+                print(f"trial {i + 1}: {key}={value} {wall:.1f}s", flush=True)
+        from omegaconf import OmegaConf
+
+        device = held_model(OmegaConf.to_container(cfg.model, resolve=True), cfg.cache_dir)[0].device  # the held one
+    finally:
+        release_model()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    C.print_table(f"lean trials: {args.intervention}, {args.prompts} + {args.prompts} prompts, {args.tokens} tokens, "
+                  f"model loaded and fitted (setup {setup_s:.1f}s untimed)", runs)
+    walls = [r["wall_s"] for r in runs]
+    figures: dict[str, Any] = {
+        "intervention": args.intervention, "varied": key, "prompts": args.prompts, "tokens": args.tokens,
+        "trial_s": C.median(walls), "trial_min_s": min(walls),
+        **{f"{part}_s": C.median(r[f"{part}_s"] for r in runs) for part in ("generate", "score", "load", "fit")},
+        "setup_s": setup_s, "repeats": len(runs), "overrides": " ".join(args.override),
+    }
+    figures.update(C.peak_memory(device))
+    path = C.append_row(NAME, args, device, figures)
+    if path:
+        print(f"\nappended to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

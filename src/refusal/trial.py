@@ -1,0 +1,171 @@
+"""Lean evaluation for search trials (``eval=trial``, i.e. ``eval.lean=true``): what a Pareto search
+scores, and nothing else.
+
+A trial measures refusal on the harmful test prompts (steered greedy generation, judged) and the
+next-token KL(unsteered ‖ steered) on the harmless test prompts (one forward pass each, last prompt
+position). The subsets are fixed: the first ``data.n_test`` prompts of each class. Teacher-forced
+perplexity, geometry and the named test sets are left out: they cost more than the trial itself and
+run once, for the front (the same overrides without ``eval=trial``).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Sequence
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from omegaconf import OmegaConf
+
+from refusal.activations import batches_by_length
+from refusal.artifacts import sha256_json
+from refusal.config import plugin_dirs
+from refusal.errors import ConfigError
+from refusal.interventions import Intervention
+from refusal.interventions.base import Fitted
+from refusal.interventions.scope import INSTRUCTION, declare_roles, token_roles
+from refusal.judges import build_judges
+from refusal.metrics import KLDivergence
+from refusal.models.bundle import ModelBundle
+from refusal.pipeline import RunContext
+from refusal.prefix import common_prefix, continue_rows, forward, prefix_cache
+
+#: Unsteered next-token logits of the last harmless prompts scored, keyed by weights and tokens: the same
+#: for every trial of a search, so consecutive trials in one process compute them once.
+_UNSTEERED: dict[str, torch.Tensor] = {}
+
+
+@torch.inference_mode()
+def next_token_logits(bundle: ModelBundle, prompts: Sequence[Sequence[int]], intervention: Intervention | None,
+                      batch_size: int) -> Float[torch.Tensor, "n vocab"]:
+    """Float32 logits (CPU) at the last position of every prompt, steered by ``intervention`` unless None.
+
+    Only the last position's logits are computed, and the chat-template prefix every prompt shares (Qwen's
+    system turn: 24 of ~40 tokens) runs once per batch, steered like the rest, each prompt continuing from
+    its key/value cache (:mod:`refusal.prefix`): the same arithmetic on fewer tokens. Token roles are
+    declared for both passes, so position-scoped interventions edit exactly the positions they would in
+    one plain pass.
+    """
+    n_post = len(bundle.post_instruction_ids)
+    prefix = common_prefix(prompts)
+    if any(len(p) - len(prefix) < n_post for p in prompts):  # the prefix would reach into the template's end
+        prefix = []
+    out: torch.Tensor | None = None
+    for idx in batches_by_length([len(p) for p in prompts], batch_size):
+        rows = [prompts[i] for i in idx]
+        with intervention.apply(bundle) if intervention is not None else nullcontext():
+            if prefix:
+                with token_roles(torch.full((1, len(prefix)), INSTRUCTION), bundle.device):
+                    past = prefix_cache(bundle, [prefix])
+                lengths = [len(r) - len(prefix) for r in rows]
+                with declare_roles(bundle, lengths, max(lengths)):
+                    logits = continue_rows(bundle, rows, len(prefix), past, [0] * len(rows))
+            else:
+                with declare_roles(bundle, [len(r) for r in rows], max(len(r) for r in rows)):
+                    logits = forward(bundle, rows).logits[:, -1]
+        logits = logits.float().cpu()
+        if out is None:
+            out = torch.empty((len(prompts), logits.shape[-1]), dtype=torch.float32)
+        out[torch.tensor(idx)] = logits
+    assert out is not None, "no prompts"
+    return out
+
+
+def next_token_kl(bundle: ModelBundle, prompts: Sequence[Sequence[int]], intervention: Intervention | None,
+                  batch_size: int) -> float:
+    """Mean KL(unsteered ‖ steered) of the next-token distributions at the last prompt position (0 without
+    an intervention); the unsteered pass is reused across the trials of one process."""
+    key = sha256_json({"w": bundle.weights_hash, "p": [list(p) for p in prompts]})
+    if key not in _UNSTEERED:
+        _UNSTEERED.clear()
+        _UNSTEERED[key] = next_token_logits(bundle, prompts, None, batch_size)
+    if intervention is None:
+        return 0.0
+    metric = KLDivergence()
+    metric.update(_UNSTEERED[key], next_token_logits(bundle, prompts, intervention, batch_size))
+    return float(metric.compute())
+
+
+def measures(key: str) -> bool:
+    """Whether a lean trial reports the metric ``key`` (for checking ``optimize`` before a search starts)."""
+    return key.startswith(("harmful/", "baseline/harmful/")) or key in ("harmless/kl_div", "n_harmful", "n_harmless")
+
+
+def objectives(results: dict[str, Any], keys: Sequence[str] | None) -> float | list[float] | None:
+    """What the job returns to a sweeper: the metrics named by ``eval.optimize``, in order (a float when one).
+    None when nothing asks (no ``eval.optimize``), so plain runs and the basic sweeper are unaffected."""
+    if not keys:
+        return None
+    metrics = results.get("metrics") or {}
+    numeric = sorted(k for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
+    missing = [k for k in keys if k not in numeric]
+    if missing:
+        raise ConfigError(f"eval.optimize={list(keys)} names {missing}, which this run did not measure; it measured: "
+                          f"{', '.join(numeric)}")
+    values = [float(metrics[k]) for k in keys]
+    return values[0] if len(values) == 1 else values
+
+
+def evaluate_lean(ctx: RunContext, intervention: Intervention, fitted: Fitted, output_dir: Path,
+                  tracker: Any = None) -> dict[str, Any]:
+    """One search trial on a prepared context with a built intervention; writes results.json and
+    completions.jsonl (harmful prompts) like a full evaluation, with only the lean metrics."""
+    from refusal.evaluation import _agreements, _generate_columns, _judge_columns, versions, write_outputs
+
+    cfg, bundle = ctx.cfg, ctx.bundle
+    max_new, batch_size = int(cfg.eval.max_new_tokens), int(cfg.eval.batch_size)
+    columns = [("harmful", "harmful_test", "harmful")]
+    steer = None if intervention.name == "none" else intervention.fingerprint(bundle.n_layers)
+    t0 = time.perf_counter()
+    gen_kwargs = dict(max_new_tokens=max_new, batch_size=batch_size, progress=ctx.progress)
+    base, steered = _generate_columns(ctx, intervention, steer, columns, gen_kwargs)
+    ctx.timings["generate"] = time.perf_counter() - t0
+
+    t1 = time.perf_counter()
+    judges = build_judges(ctx.judges, plugin_dirs(cfg), cfg.cache_dir)
+    primary = next(iter(judges))
+    metrics: dict[str, Any] = {"n_harmful": len(ctx.tokens("harmful_test")), "n_harmless": len(ctx.tokens("harmless_test"))}
+    labels = _judge_columns(ctx, judges, columns, base, steered, metrics, max_new)
+    agreement_of = _agreements(labels) if len(judges) > 1 else {}
+    metrics.update({f"judges/kappa/{pair}": a["kappa"] for pair, a in agreement_of.items()})
+    metrics["harmless/kl_div"] = next_token_kl(bundle, ctx.tokens("harmless_test"), None if steer is None else intervention,
+                                               max(1, batch_size // 2))
+    ctx.timings["score"] = time.perf_counter() - t1
+    if metrics["baseline/harmful/refusal_rate"] < 0.1:
+        note = (f"{bundle.name} refuses only {metrics['baseline/harmful/refusal_rate']:.0%} of harmful test prompts "
+                "without intervention: it barely refuses, so suppression numbers say little")
+        warnings.warn(note, stacklevel=2)
+        metrics["warning"] = note
+
+    results: dict[str, Any] = {
+        "status": "ok", "eval": "lean", "model": bundle.name, "intervention": intervention.name,
+        "params": intervention.params(),
+        "layer": fitted.dim.layer if fitted.dim is not None else None,
+        "position": fitted.dim.position if fitted.dim is not None else None,
+        "intervention_layer": intervention.layer,
+        "scope": {"layers": intervention.layers(bundle.n_layers), "positions": intervention.scope.positions},
+        "max_new_tokens": max_new, "metrics": metrics, "judge": primary,
+        "judges": {name: judges[name].cfg for name in judges},
+        "data": {"source": ctx.splits.source, "digest": ctx.splits.digest(), "fit_digest": ctx.splits.fit_digest(),
+                 "sizes": ctx.splits.sizes()},
+        "weights_hash": bundle.weights_hash, "model_reused": ctx.model_reused, "seed": int(cfg.seed),
+        "optimize": OmegaConf.to_container(cfg.eval.optimize) if cfg.eval.get("optimize") else None,
+        "versions": versions(), "timings": dict(ctx.timings),
+    }
+    if agreement_of:
+        results["judge_agreement"] = agreement_of
+    rows = [{"split": "harmful", "label": "harmful", "prompt": text, "completion": completion,
+             "refused": labels[primary]["harmful"][i].label == "refusal",
+             "judges": {name: {"label": labels[name]["harmful"][i].label, "score": labels[name]["harmful"][i].score}
+                        for name in judges},
+             "hit_token_limit": len(steered["harmful"].completion_ids[i]) >= max_new, "baseline_completion": baseline}
+            for i, (text, completion, baseline) in enumerate(
+                zip(ctx.texts("harmful_test"), steered["harmful"].completions, base["harmful"].completions, strict=True))]
+    write_outputs(output_dir, results, rows)
+    if tracker is not None:
+        tracker.log_results(results, rows, images=[])
+    return results
