@@ -27,16 +27,12 @@ from refusal.config import plugin_dirs
 from refusal.errors import ConfigError
 from refusal.interventions import Intervention
 from refusal.interventions.base import Fitted
-from refusal.interventions.scope import INSTRUCTION, declare_roles, token_roles
+from refusal.interventions.scope import declare_roles
 from refusal.judges import build_judges
 from refusal.metrics import KLDivergence
 from refusal.models.bundle import ModelBundle
 from refusal.pipeline import RunContext
-from refusal.prefix import common_prefix, continue_rows, forward, prefix_cache
-
-#: Unsteered next-token logits of the last harmless prompts scored, keyed by weights and tokens: the same
-#: for every trial of a search, so consecutive trials in one process compute them once.
-_UNSTEERED: dict[str, torch.Tensor] = {}
+from refusal.prefix import forward, prompt_prefix_cache, shared_prefix
 
 
 @torch.inference_mode()
@@ -44,30 +40,18 @@ def next_token_logits(bundle: ModelBundle, prompts: Sequence[Sequence[int]], int
                       batch_size: int) -> Float[torch.Tensor, "n vocab"]:
     """Float32 logits (CPU) at the last position of every prompt, steered by ``intervention`` unless None.
 
-    Only the last position's logits are computed, and the chat-template prefix every prompt shares (Qwen's
-    system turn: 24 of ~40 tokens) runs once per batch, steered like the rest, each prompt continuing from
-    its key/value cache (:mod:`refusal.prefix`): the same arithmetic on fewer tokens. Token roles are
-    declared for both passes, so position-scoped interventions edit exactly the positions they would in
-    one plain pass.
+    Only the last position's logits are computed, and the chat-template prefix every prompt shares runs
+    once per batch, steered like the rest (:mod:`refusal.prefix`). Token roles are declared for both
+    passes, so position-scoped interventions edit exactly the positions they would in one plain pass.
     """
-    n_post = len(bundle.post_instruction_ids)
-    prefix = common_prefix(prompts)
-    if any(len(p) - len(prefix) < n_post for p in prompts):  # the prefix would reach into the template's end
-        prefix = []
+    prefix = shared_prefix(prompts, len(bundle.post_instruction_ids))
     out: torch.Tensor | None = None
     for idx in batches_by_length([len(p) for p in prompts], batch_size):
-        rows = [prompts[i] for i in idx]
+        rows = [prompts[i][len(prefix):] for i in idx]
         with intervention.apply(bundle) if intervention is not None else nullcontext():
-            if prefix:
-                with token_roles(torch.full((1, len(prefix)), INSTRUCTION), bundle.device):
-                    past = prefix_cache(bundle, [prefix])
-                lengths = [len(r) - len(prefix) for r in rows]
-                with declare_roles(bundle, lengths, max(lengths)):
-                    logits = continue_rows(bundle, rows, len(prefix), past, [0] * len(rows))
-            else:
-                with declare_roles(bundle, [len(r) for r in rows], max(len(r) for r in rows)):
-                    logits = forward(bundle, rows).logits[:, -1]
-        logits = logits.float().cpu()
+            past = prompt_prefix_cache(bundle, prefix, len(rows)) if prefix else None
+            with declare_roles(bundle, [len(r) for r in rows], max(map(len, rows))):
+                logits = forward(bundle, rows, offset=len(prefix), past=past).logits[:, -1].float().cpu()
         if out is None:
             out = torch.empty((len(prompts), logits.shape[-1]), dtype=torch.float32)
         out[torch.tensor(idx)] = logits
@@ -78,15 +62,15 @@ def next_token_logits(bundle: ModelBundle, prompts: Sequence[Sequence[int]], int
 def next_token_kl(bundle: ModelBundle, prompts: Sequence[Sequence[int]], intervention: Intervention | None,
                   batch_size: int) -> float:
     """Mean KL(unsteered ‖ steered) of the next-token distributions at the last prompt position (0 without
-    an intervention); the unsteered pass is reused across the trials of one process."""
-    key = sha256_json({"w": bundle.weights_hash, "p": [list(p) for p in prompts]})
-    if key not in _UNSTEERED:
-        _UNSTEERED.clear()
-        _UNSTEERED[key] = next_token_logits(bundle, prompts, None, batch_size)
+    an intervention); the unsteered logits are kept on the held model (``bundle.memo``) for the next trial."""
+    key = "next_token_logits:" + sha256_json({"w": bundle.weights_hash, "p": [list(p) for p in prompts]})
+    if key not in bundle.memo:
+        bundle.memo = {k: v for k, v in bundle.memo.items() if not k.startswith("next_token_logits:")}
+        bundle.memo[key] = next_token_logits(bundle, prompts, None, batch_size)
     if intervention is None:
         return 0.0
     metric = KLDivergence()
-    metric.update(_UNSTEERED[key], next_token_logits(bundle, prompts, intervention, batch_size))
+    metric.update(bundle.memo[key], next_token_logits(bundle, prompts, intervention, batch_size))
     return float(metric.compute())
 
 
