@@ -107,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = C.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--skip-dequantize", action="store_true",
                         help="skip the cold_dequant run (it writes the multi-GB float checkpoint again)")
+    parser.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES),
+                        help="which runs (warm reruns on the dirs of the cold run before it)")
     parser.add_argument("--override", nargs="*", default=[], help="extra Hydra overrides for evaluate.py")
     parser.add_argument("--single", action="store_true", help="time plain `evaluate.py` (baseline only), not the compare")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per evaluate.py run")
@@ -125,9 +127,11 @@ def main(argv: list[str] | None = None) -> int:
         packaged = dequantized_present(args.model, user_cache) is not None
         if not packaged:
             notes.append(f"{args.model} is not a packaged GGUF: nothing to dequantize, cold_dequant not run")
-        phases = [p for p in PHASES if not (p == "cold_dequant" and (args.skip_dequantize or not packaged))]
+        phases = [p for p in PHASES if p in args.phases and not (p == "cold_dequant" and (args.skip_dequantize or not packaged))]
+        root = tmp / "cached"
         for phase in phases:
-            root = tmp / ("cold_dequant" if phase == "cold_dequant" else "cached")
+            if phase != "warm":  # warm reruns on the previous cold run's dirs
+                root = tmp / ("cold_dequant" if phase == "cold_dequant" else "cached")
             cache, artifacts = root / "cache", root / "artifacts"
             if phase == "cold_cached":
                 donor = tmp / "cold_dequant" / "cache" if "cold_dequant" in results else user_cache
