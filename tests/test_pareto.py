@@ -132,6 +132,7 @@ def test_optuna_search_on_tiny_writes_the_front(tmp_path):
     proc = run_cli("experiment=pareto_actadd", "intervention.layer=int(interval(1,3))", "hydra.sweeper.n_trials=3",
                    "eval.max_new_tokens=6", *common)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "setup plugin alembic" not in proc.stdout + proc.stderr  # optuna's storage layer kept quiet
     trials = [json.loads(p.read_text()) for p in sorted(sweep.glob("*_tiny_actadd/results.json"))]
     assert len(trials) == 3 and all(t["status"] == "ok" and t["eval"] == "lean" for t in trials)
     for t in trials:  # each suggestion reached the job as an override, inside the searched ranges
