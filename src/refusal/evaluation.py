@@ -14,6 +14,7 @@ import logging
 import platform
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from refusal.artifacts import atomic_write_json, atomic_write_text, sha256_json
 from refusal.config import plugin_dirs
 from refusal.generation import GenerationCache, Generations
 from refusal.interventions import Intervention, get_intervention
+from refusal.interventions.base import Fitted
 from refusal.interventions.scope import declare_roles
 from refusal.judges import Judge, Judgement, agreement, build_judges
 from refusal.metrics import JudgedRefusalRate, KLDivergence, Perplexity, RefusalScore, wilson_interval
@@ -195,6 +197,94 @@ def _judge_columns(ctx: RunContext, judges: dict[str, Judge], columns: Columns, 
     return labels
 
 
+@dataclass
+class Judged:
+    """Baseline and steered generations of every column, and what every judge said about them."""
+
+    columns: Columns
+    base: dict[str, Generations]
+    steered: dict[str, Generations]
+    judges: dict[str, Judge]
+    labels: dict[str, dict[str, list[Judgement]]]  # judge -> column -> one judgement per prompt
+    metrics: dict[str, Any]
+    agreement: dict[str, dict[str, Any]]  # judge pair -> kappa and confusion matrix (two judges or more)
+
+    @property
+    def primary(self) -> str:
+        return next(iter(self.judges))
+
+
+def generate_and_judge(ctx: RunContext, intervention: Intervention, steer: str | None, columns: Columns) -> Judged:
+    """Generate every column (baseline and steered, cached) and judge it: what a full evaluation and a
+    search trial share. Records the ``generate`` and ``score`` timings."""
+    cfg = ctx.cfg
+    max_new = int(cfg.eval.max_new_tokens)
+    t0 = time.perf_counter()
+    gen_kwargs = dict(max_new_tokens=max_new, batch_size=int(cfg.eval.batch_size), progress=ctx.progress)
+    base, steered = _generate_columns(ctx, intervention, steer, columns, gen_kwargs)
+    ctx.timings["generate"] = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    judges = build_judges(ctx.judges, plugin_dirs(cfg), cfg.cache_dir)
+    metrics: dict[str, Any] = {"n_harmful": len(ctx.tokens("harmful_test")), "n_harmless": len(ctx.tokens("harmless_test"))}
+    labels = _judge_columns(ctx, judges, columns, base, steered, metrics, max_new)
+    agreement_of = _agreements(labels) if len(judges) > 1 else {}
+    metrics.update({f"judges/kappa/{pair}": a["kappa"] for pair, a in agreement_of.items()})
+    ctx.timings["score"] = time.perf_counter() - t1
+    return Judged(columns, base, steered, judges, labels, metrics, agreement_of)
+
+
+def warn_if_barely_refuses(bundle: ModelBundle, metrics: dict[str, Any]) -> None:
+    rate = metrics["baseline/harmful/refusal_rate"]
+    if rate < 0.1:
+        note = (f"{bundle.name} refuses only {rate:.0%} of harmful test prompts without intervention: "
+                "it barely refuses, so suppression numbers say little")
+        warnings.warn(note, stacklevel=3)
+        metrics["warning"] = note
+
+
+def run_record(ctx: RunContext, intervention: Intervention, fitted: Fitted, judged: Judged) -> dict[str, Any]:
+    """The results.json fields every run has: what ran, where, with which data and judges, and its metrics."""
+    bundle = ctx.bundle
+    record: dict[str, Any] = {
+        "status": "ok",
+        "model": bundle.name,
+        "intervention": intervention.name,
+        "params": intervention.params(),
+        "layer": fitted.dim.layer if fitted.dim is not None else None,
+        "position": fitted.dim.position if fitted.dim is not None else None,
+        "intervention_layer": intervention.layer,
+        "scope": {"layers": intervention.layers(bundle.n_layers), "positions": intervention.scope.positions},
+        "max_new_tokens": int(ctx.cfg.eval.max_new_tokens),
+        "metrics": judged.metrics,
+        "judge": judged.primary,  # the primary judge (the plain refusal_rate keys); all of them under "judges"
+        "judges": {name: judge.cfg for name, judge in judged.judges.items()},
+        "data": {"source": ctx.splits.source, "digest": ctx.splits.digest(), "fit_digest": ctx.splits.fit_digest(), "sizes": ctx.splits.sizes()},
+        "weights_hash": bundle.weights_hash,
+        "model_reused": ctx.model_reused,
+        "seed": int(ctx.cfg.seed),
+        "versions": versions(),
+    }
+    if judged.agreement:
+        record["judge_agreement"] = judged.agreement
+    return record
+
+
+def completion_rows(ctx: RunContext, judged: Judged) -> list[dict[str, Any]]:
+    """completions.jsonl: every prompt of every column with its steered and baseline completion and verdicts."""
+    max_new, rows = int(ctx.cfg.eval.max_new_tokens), []
+    for column, split, label in judged.columns:
+        steered, labels = judged.steered[column], judged.labels
+        for i, (text, completion, baseline) in enumerate(
+            zip(ctx.texts(split), steered.completions, judged.base[column].completions, strict=True)
+        ):
+            verdicts = {name: {"label": labels[name][column][i].label, "score": labels[name][column][i].score}
+                        for name in judged.judges}
+            rows.append({"split": column, "label": label, "prompt": text, "completion": completion,
+                         "refused": verdicts[judged.primary]["label"] == "refusal", "judges": verdicts,
+                         "hit_token_limit": len(steered.completion_ids[i]) >= max_new, "baseline_completion": baseline})
+    return rows
+
+
 def evaluate_context(ctx: RunContext, output_dir: Path, tracker: Any = None) -> dict[str, Any]:
     """Run one evaluation on a prepared context; writes results.json and completions.jsonl."""
     cfg, bundle = ctx.cfg, ctx.bundle
@@ -211,61 +301,25 @@ def evaluate_context(ctx: RunContext, output_dir: Path, tracker: Any = None) -> 
 
         return evaluate_lean(ctx, intervention, fitted, output_dir, tracker)
 
-    ecfg = cfg.eval
-    max_new = int(ecfg.max_new_tokens)
-    gen_kwargs = dict(max_new_tokens=max_new, batch_size=int(ecfg.batch_size), progress=ctx.progress)
     # columns: the main test split's two classes, then every named test set (label: what refusal means there)
     columns = [("harmful", "harmful_test", "harmful"), ("harmless", "harmless_test", "harmless"),
                *((s.name, s.name, s.label) for s in ctx.test_sets)]
-    t1 = time.perf_counter()
     steer = None if cls.name == "none" else intervention.fingerprint(bundle.n_layers)
-    base, steered = _generate_columns(ctx, intervention, steer, columns, gen_kwargs)
-    ctx.timings["generate"] = time.perf_counter() - t1
-
+    judged = generate_and_judge(ctx, intervention, steer, columns)
     t2 = time.perf_counter()
-    judges = build_judges(ctx.judges, plugin_dirs(cfg), cfg.cache_dir)
-    primary = next(iter(judges))
-    metrics: dict[str, Any] = {"n_harmful": len(ctx.tokens("harmful_test")), "n_harmless": len(ctx.tokens("harmless_test"))}
-    labels = _judge_columns(ctx, judges, columns, base, steered, metrics, max_new)
-    agreement_of = _agreements(labels) if len(judges) > 1 else {}
-    metrics.update({f"judges/kappa/{pair}": a["kappa"] for pair, a in agreement_of.items()})
     tf = cached_scores(
         Path(cfg.cache_dir) / "scores" / bundle.name,
-        {"w": bundle.weights_hash, "p": ctx.tokens("harmless_test"), "c": base["harmless"].completion_ids, "steer": steer},
-        lambda: teacher_forced_scores(bundle, ctx.tokens("harmless_test"), base["harmless"].completion_ids,
-                                      None if cls.name == "none" else intervention, max(1, int(ecfg.batch_size) // 2)),
+        {"w": bundle.weights_hash, "p": ctx.tokens("harmless_test"), "c": judged.base["harmless"].completion_ids, "steer": steer},
+        lambda: teacher_forced_scores(bundle, ctx.tokens("harmless_test"), judged.base["harmless"].completion_ids,
+                                      None if steer is None else intervention, max(1, int(cfg.eval.batch_size) // 2)),
     )
-    metrics.update({f"harmless/{k}": v for k, v in tf.items()})
-    ctx.timings["score"] = time.perf_counter() - t2
-    if metrics["baseline/harmful/refusal_rate"] < 0.1:
-        note = (f"{bundle.name} refuses only {metrics['baseline/harmful/refusal_rate']:.0%} of harmful test prompts "
-                "without intervention: it barely refuses, so suppression numbers say little")
-        warnings.warn(note, stacklevel=2)
-        metrics["warning"] = note
+    judged.metrics.update({f"harmless/{k}": v for k, v in tf.items()})
+    ctx.timings["score"] += time.perf_counter() - t2
+    warn_if_barely_refuses(bundle, judged.metrics)
 
-    results: dict[str, Any] = {
-        "status": "ok",
-        "model": bundle.name,
-        "intervention": cls.name,
-        "params": intervention.params(),
-        "layer": fitted.dim.layer if fitted.dim is not None else None,
-        "position": fitted.dim.position if fitted.dim is not None else None,
-        "intervention_layer": intervention.layer,
-        "scope": {"layers": intervention.layers(bundle.n_layers), "positions": intervention.scope.positions},
-        "max_new_tokens": max_new,
-        "metrics": metrics,
-        "judge": primary,  # the primary judge (the plain refusal_rate keys); all of them under "judges"
-        "judges": {name: judges[name].cfg for name in judges},
-        "test_sets": {s.name: {"label": s.label, "source": s.source, "n": len(s.instructions),
-                               "dropped_overlap": s.dropped_overlap} for s in ctx.test_sets},
-        "data": {"source": ctx.splits.source, "digest": ctx.splits.digest(), "fit_digest": ctx.splits.fit_digest(), "sizes": ctx.splits.sizes()},
-        "weights_hash": bundle.weights_hash,
-        "model_reused": ctx.model_reused,
-        "seed": int(cfg.seed),
-        "versions": versions(),
-    }
-    if agreement_of:
-        results["judge_agreement"] = agreement_of
+    results = run_record(ctx, intervention, fitted, judged)
+    results["test_sets"] = {s.name: {"label": s.label, "source": s.source, "n": len(s.instructions),
+                                     "dropped_overlap": s.dropped_overlap} for s in ctx.test_sets}
     if fitted.inlp is not None:
         results["inlp"] = inlp_record(fitted)
     if cfg.get("geometry", {}).get("enabled", False) and fitted.dim is not None:
@@ -279,18 +333,7 @@ def evaluate_context(ctx: RunContext, output_dir: Path, tracker: Any = None) -> 
 
         results["exported_checkpoint"] = str(export_orthogonalized(bundle, fitted.dim.unit, output_dir / "orthogonalized"))
     results["timings"] = dict(ctx.timings)
-
-    rows = []
-    for column, split, label in columns:
-        for i, (text, completion, baseline) in enumerate(
-            zip(ctx.texts(split), steered[column].completions, base[column].completions, strict=True)
-        ):
-            verdicts = {name: {"label": labels[name][column][i].label, "score": labels[name][column][i].score}
-                        for name in judges}
-            rows.append({"split": column, "label": label, "prompt": text, "completion": completion,
-                         "refused": verdicts[primary]["label"] == "refusal", "judges": verdicts,
-                         "hit_token_limit": len(steered[column].completion_ids[i]) >= max_new,
-                         "baseline_completion": baseline})
+    rows = completion_rows(ctx, judged)
     write_outputs(output_dir, results, rows)
     if tracker is not None:
         tracker.log_results(results, rows, images=sorted(output_dir.glob("*.png")))

@@ -11,7 +11,6 @@ run once, for the front (the same overrides without ``eval=trial``).
 from __future__ import annotations
 
 import time
-import warnings
 from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
@@ -23,12 +22,10 @@ from omegaconf import OmegaConf
 
 from refusal.activations import batches_by_length
 from refusal.artifacts import sha256_json
-from refusal.config import plugin_dirs
 from refusal.errors import ConfigError
 from refusal.interventions import Intervention
 from refusal.interventions.base import Fitted
 from refusal.interventions.scope import declare_roles
-from refusal.judges import build_judges
 from refusal.metrics import KLDivergence
 from refusal.models.bundle import ModelBundle
 from refusal.pipeline import RunContext
@@ -98,57 +95,26 @@ def evaluate_lean(ctx: RunContext, intervention: Intervention, fitted: Fitted, o
                   tracker: Any = None) -> dict[str, Any]:
     """One search trial on a prepared context with a built intervention; writes results.json and
     completions.jsonl (harmful prompts) like a full evaluation, with only the lean metrics."""
-    from refusal.evaluation import _agreements, _generate_columns, _judge_columns, versions, write_outputs
+    from refusal.evaluation import (
+        completion_rows,
+        generate_and_judge,
+        run_record,
+        warn_if_barely_refuses,
+        write_outputs,
+    )
 
     cfg, bundle = ctx.cfg, ctx.bundle
-    max_new, batch_size = int(cfg.eval.max_new_tokens), int(cfg.eval.batch_size)
-    columns = [("harmful", "harmful_test", "harmful")]
     steer = None if intervention.name == "none" else intervention.fingerprint(bundle.n_layers)
+    judged = generate_and_judge(ctx, intervention, steer, [("harmful", "harmful_test", "harmful")])
     t0 = time.perf_counter()
-    gen_kwargs = dict(max_new_tokens=max_new, batch_size=batch_size, progress=ctx.progress)
-    base, steered = _generate_columns(ctx, intervention, steer, columns, gen_kwargs)
-    ctx.timings["generate"] = time.perf_counter() - t0
-
-    t1 = time.perf_counter()
-    judges = build_judges(ctx.judges, plugin_dirs(cfg), cfg.cache_dir)
-    primary = next(iter(judges))
-    metrics: dict[str, Any] = {"n_harmful": len(ctx.tokens("harmful_test")), "n_harmless": len(ctx.tokens("harmless_test"))}
-    labels = _judge_columns(ctx, judges, columns, base, steered, metrics, max_new)
-    agreement_of = _agreements(labels) if len(judges) > 1 else {}
-    metrics.update({f"judges/kappa/{pair}": a["kappa"] for pair, a in agreement_of.items()})
-    metrics["harmless/kl_div"] = next_token_kl(bundle, ctx.tokens("harmless_test"), None if steer is None else intervention,
-                                               max(1, batch_size // 2))
-    ctx.timings["score"] = time.perf_counter() - t1
-    if metrics["baseline/harmful/refusal_rate"] < 0.1:
-        note = (f"{bundle.name} refuses only {metrics['baseline/harmful/refusal_rate']:.0%} of harmful test prompts "
-                "without intervention: it barely refuses, so suppression numbers say little")
-        warnings.warn(note, stacklevel=2)
-        metrics["warning"] = note
-
-    results: dict[str, Any] = {
-        "status": "ok", "eval": "lean", "model": bundle.name, "intervention": intervention.name,
-        "params": intervention.params(),
-        "layer": fitted.dim.layer if fitted.dim is not None else None,
-        "position": fitted.dim.position if fitted.dim is not None else None,
-        "intervention_layer": intervention.layer,
-        "scope": {"layers": intervention.layers(bundle.n_layers), "positions": intervention.scope.positions},
-        "max_new_tokens": max_new, "metrics": metrics, "judge": primary,
-        "judges": {name: judges[name].cfg for name in judges},
-        "data": {"source": ctx.splits.source, "digest": ctx.splits.digest(), "fit_digest": ctx.splits.fit_digest(),
-                 "sizes": ctx.splits.sizes()},
-        "weights_hash": bundle.weights_hash, "model_reused": ctx.model_reused, "seed": int(cfg.seed),
-        "optimize": OmegaConf.to_container(cfg.eval.optimize) if cfg.eval.get("optimize") else None,
-        "versions": versions(), "timings": dict(ctx.timings),
-    }
-    if agreement_of:
-        results["judge_agreement"] = agreement_of
-    rows = [{"split": "harmful", "label": "harmful", "prompt": text, "completion": completion,
-             "refused": labels[primary]["harmful"][i].label == "refusal",
-             "judges": {name: {"label": labels[name]["harmful"][i].label, "score": labels[name]["harmful"][i].score}
-                        for name in judges},
-             "hit_token_limit": len(steered["harmful"].completion_ids[i]) >= max_new, "baseline_completion": baseline}
-            for i, (text, completion, baseline) in enumerate(
-                zip(ctx.texts("harmful_test"), steered["harmful"].completions, base["harmful"].completions, strict=True))]
+    judged.metrics["harmless/kl_div"] = next_token_kl(bundle, ctx.tokens("harmless_test"), None if steer is None else intervention,
+                                                      max(1, int(cfg.eval.batch_size) // 2))
+    ctx.timings["score"] += time.perf_counter() - t0
+    warn_if_barely_refuses(bundle, judged.metrics)
+    results = {**run_record(ctx, intervention, fitted, judged), "eval": "lean",
+               "optimize": OmegaConf.to_container(cfg.eval.optimize) if cfg.eval.get("optimize") else None,
+               "timings": dict(ctx.timings)}
+    rows = completion_rows(ctx, judged)
     write_outputs(output_dir, results, rows)
     if tracker is not None:
         tracker.log_results(results, rows, images=[])
