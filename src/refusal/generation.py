@@ -111,7 +111,7 @@ def _generate(bundle: ModelBundle, input_ids: torch.Tensor, mask: torch.Tensor, 
         temperature=None,
         top_p=None,
         top_k=None,
-        repetition_penalty=None if bundle.model.generation_config.repetition_penalty in (None, 1.0) else 1.0,  # pure greedy
+        repetition_penalty=1.0,  # pure greedy, whatever the checkpoint's generation_config asks
         logits_processor=LogitsProcessorList([first]),
         pad_token_id=bundle.pad_token_id,
         eos_token_id=sorted(eos) or None,
