@@ -7,7 +7,9 @@
 
 Each step is an ordinary command (printed, and listed in the report): ``train.py`` once per model,
 then ``evaluate.py`` sweeps and control runs into ``study/<model>/<step>/`` and ``python -m
-refusal.geometry``. A step whose output already exists is skipped, so an interrupted study resumes
+refusal.geometry``; the ``pareto`` step is an Optuna search (``experiment=pareto_inlp_flip``, lean
+trials, ``--pareto-trials``) with the baseline, DiM ablation and actadd as reference points in its
+folder. A step whose output already exists is skipped, so an interrupted study resumes
 where it stopped. INLP runs to convergence (the study's setting); the k sweep includes k=16, the
 setting of earlier versions, and the verdict is given under both. Nothing here runs in CI.
 Wall time per step is written into the report. On 2 CPU cores every step is a few minutes on qwen05
@@ -40,12 +42,12 @@ sys.path.insert(0, str(REPO / "bench"))
 from _common import host_info  # noqa: E402
 
 from refusal.artifacts import atomic_write_text  # noqa: E402
-from refusal.report import flat_row, load_runs, markdown_table  # noqa: E402
+from refusal.report import flat_row, load_runs, markdown_table, pareto_front  # noqa: E402
 from refusal.verdict import RULES, ClaimInputs, Rate, c1, c2, claims_table, decide  # noqa: E402
 
 STUDY_MODELS = ["qwen05", "qwen15"]  # the packaged models that refuse
 SPLITS_DIR = REPO.parent / "shared" / "data" / "refusal_direction_splits"
-STEPS = ["main", "actadd", "k", "alpha", "controls", "tokens", "geometry", "leace", "heldout"]
+STEPS = ["main", "actadd", "k", "alpha", "controls", "tokens", "geometry", "leace", "heldout", "pareto"]
 HELDOUT_ROWS = "none,actadd,dim_ablation,inlp_nullspace,inlp_flip"
 KS = [1, 2, 4, 8, 16]
 ALPHAS = [0.5, 1.5, 2.0, 3.0]
@@ -155,6 +157,11 @@ class Study:
                 f"intervention={HELDOUT_ROWS}", f"data.n_test={n}", "eval.judges=[substring,model]",
                 f"+eval.test_sets.harmbench={{source: file, path: '{fetch()}', label: harmful, n: {n}}}",
                 f"eval.test_sets.overrefusal.n={n}", NO_GEOMETRY])
+        if "pareto" in steps and opts.pareto_trials:  # Optuna: INLP flip's k and α at the DiM layer, lean trials
+            self.sweep(out, "pareto", args, ["intervention=none,dim_ablation,actadd", "eval=trial"])  # the reference points
+            self.run(["evaluate.py", "experiment=pareto_inlp_flip", "intervention.layer=null",
+                      f"hydra.sweeper.n_trials={opts.pareto_trials}", *args, f"hydra.sweep.dir={out / 'pareto'}"],
+                     out / "pareto_search.log", out / "pareto" / "optimization_results.yaml")
         if "geometry" in steps:
             specs = ",".join(s for s in GEOMETRY_SPECS if not s.endswith(f"k={LEGACY_K}") or LEGACY_K < rank)
             self.run(["-m", "refusal.geometry", "--interventions", specs, "--out", str(out / "geometry"), *args],
@@ -212,6 +219,8 @@ class ModelRuns:
         self.tokens = _order(_rows(mdir / "tokens"))
         self.heldout = _order(_rows(mdir / "heldout"))
         self.heldout_raw = {r["intervention"]: r for _, r in load_runs(mdir / "heldout")} if (mdir / "heldout").exists() else {}
+        self.pareto = [flat_row(r, run) for run, r in load_runs(mdir / "pareto")
+                       if r.get("status", "ok") == "ok"] if (mdir / "pareto").exists() else []
         geo = mdir / "geometry" / "geometry.json"
         self.geometry = json.loads(geo.read_text()) if geo.exists() else {}
 
@@ -392,10 +401,40 @@ def _heldout_section(runs: dict[str, ModelRuns]) -> list[str]:
             "|---|---|---|---|---|---|---|---|---|", *lines, ""]
 
 
+def _pareto_section(runs: dict[str, ModelRuns], figures: Path, root: Path) -> list[str]:
+    """The Optuna search: which runs no other run beats on both harmful refusal and next-token KL."""
+    lines, counts = [], []
+    for model, mr in runs.items():
+        if not mr.pareto:
+            continue
+        points = [(r.get("harmful/refusal_rate"), r.get("harmless/kl_div")) for r in mr.pareto]
+        front = pareto_front(points)
+        counts.append(f"{model}: {sum(r['intervention'] == 'inlp_flip' for r in mr.pareto)} INLP-flip trials "
+                      f"and {sum(r['intervention'] != 'inlp_flip' for r in mr.pareto)} reference runs, DiM layer {mr.fitted.get('layer')}")
+        for i in sorted(range(len(mr.pareto)), key=lambda i: points[i]):
+            r = mr.pareto[i]
+            lines.append(f"| {model} | {r['intervention']} | {r.get('params') or '-'} | {r['harmful/refusal_rate']:.1%} "
+                         f"[{100 * r['harmful/refusal_rate_ci95'][0]:.0f}–{100 * r['harmful/refusal_rate_ci95'][1]:.0f}] | "
+                         f"{r['harmless/kl_div']:.3f} | {'**front**' if i in front else ''} |")
+        if (plot := root / model / "pareto" / "pareto.png").exists():
+            shutil.copyfile(plot, figures / f"{model}_pareto.png")
+            lines.append(f"\n![{model} pareto](results/{model}_pareto.png)\n")
+    if not lines:
+        return []
+    return ["## Pareto search: the lowest refusal at the lowest damage", "",
+            "An Optuna search (`experiment=pareto_inlp_flip`, multi-objective TPE) over INLP flip's k (a fraction of the "
+            "converged rank) and α at the DiM layer, minimising harmful refusal and next-token KL on harmless prompts "
+            "together; DiM ablation, actadd (c = −1) and the baseline as lean reference runs in the same folder. Each "
+            "run is lean (`eval=trial`): the study's harmful test prompts with its token budget, substring judge, and KL "
+            "at the last prompt position of its harmless test prompts. **front** = no other run of the model is lower "
+            "on both. " + "; ".join(counts) + ".", "",
+            "| model | intervention | params | harmful refusal | next-token KL | |", "|---|---|---|---|---|---|", *lines, ""]
+
+
 def _commands(model_dir: Path) -> list[str]:
     """The stamped command of every step that ran for one model, in the study's step order."""
     order = ["train", "main", "actadd", "k", "alpha", "controls", "tokens", "geometry", "leace", "geometry_leace",
-             "geometry_leace_selected", "heldout"]
+             "geometry_leace_selected", "heldout", "pareto", "pareto_search"]
 
     def rank(path: Path) -> tuple[int, str]:
         step = path.relative_to(model_dir).parts[0].removesuffix(".command")
@@ -458,6 +497,7 @@ def render(root: Path, docs: Path, meta: dict[str, Any]) -> Path:
                   f"k=all: {capture[-1]:.2f}; cos(w_1, r̂) = {cos[0]:.2f}")
     md.append("")
     md += _heldout_section(runs)
+    md += _pareto_section(runs, figures, root)
     control_rows = [r for mr in runs.values() for r in _order(list(mr.controls.values()))]
     if control_rows:
         md += ["## Controls", "", "Scope and random-subspace controls (`layers=all` for a projection also projects every "
@@ -516,6 +556,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--override", nargs="*", default=[], help="extra Hydra overrides for every step")
     parser.add_argument("--splits", type=Path, default=SPLITS_DIR, help="the refusal_direction splits folder")
     parser.add_argument("--heldout-n", type=int, default=24, help="prompts per column in the held-out step")
+    parser.add_argument("--pareto-trials", type=int, default=12, help="Optuna trials of the pareto step (0: skip it)")
     parser.add_argument("--render-only", action="store_true")
     args = parser.parse_args(argv)
 
