@@ -60,30 +60,23 @@ def teacher_forced_scores(
 
     Rows are left-padded, so every completion ends at the right edge: the vocabulary head runs only on
     the last ``longest completion + 1`` positions; the prompts' shared chat-template prefix runs once per
-    batch. The unsteered logits are the same for every
-    intervention scored on these rows, so they are computed once per loaded model and kept on it
-    (``bundle.memo``) for the next job of a multirun.
+    batch. The unsteered logits are the same for every intervention scored on these rows, so they are
+    computed once per loaded model and kept on it for the next job of a multirun.
     """
     ppl, kl_last, kl_completion = Perplexity(), KLDivergence(), KLDivergence()
     rows = [p + c for p, c in zip(prompts, completions, strict=True)]
     batches = batches_by_length([len(r) for r in rows], batch_size)
-    memo_key = "unsteered_logits:" + sha256_json({"w": bundle.weights_hash, "rows": rows, "b": batch_size})
-    unsteered = bundle.memo.get(memo_key)
-    if unsteered is None:
-        bundle.memo = {k: v for k, v in bundle.memo.items() if not k.startswith("unsteered_logits:")}
-        unsteered = []
     prefix = shared_prefix(prompts, len(bundle.post_instruction_ids))
-    for n, idx in enumerate(batches):
-        keep = max(len(completions[i]) for i in idx) + 1  # the last prompt token and every completion token
+    owns = [[rows[i][len(prefix):] for i in idx] for idx in batches]
+    keeps = [max(len(completions[i]) for i in idx) + 1 for idx in batches]  # the last prompt token and every completion token
+    unsteered = bundle.remember("unsteered_logits", {"rows": rows, "b": batch_size},
+                                lambda: [_last_logits(bundle, prefix, own, keep) for own, keep in zip(owns, keeps, strict=True)])
+    for idx, own, keep, base in zip(batches, owns, keeps, unsteered, strict=True):
         target = torch.full((len(idx), keep), -100, dtype=torch.long)
         last_prompt = torch.tensor([keep - 1 - len(completions[i]) for i in idx])  # logits here predict the first completion token
         for j, i in enumerate(idx):
             if completions[i]:
                 target[j, last_prompt[j]: keep - 1] = torch.tensor(completions[i])
-        own = [rows[i][len(prefix):] for i in idx]
-        if n == len(unsteered):
-            unsteered.append(_last_logits(bundle, prefix, own, keep))
-        base = unsteered[n]
         if intervention is None:
             steered = base
         else:
@@ -97,7 +90,6 @@ def teacher_forced_scores(
         kl_last.update(base[arange, last_prompt], steered[arange, last_prompt])
         kl_completion.update(base, steered, mask=target != -100)
         del steered
-    bundle.memo[memo_key] = unsteered
     return {
         "perplexity": float(ppl.compute()),
         "kl_div": float(kl_last.compute()),

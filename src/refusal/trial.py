@@ -21,7 +21,6 @@ from jaxtyping import Float
 from omegaconf import OmegaConf
 
 from refusal.activations import batches_by_length
-from refusal.artifacts import sha256_json
 from refusal.errors import ConfigError
 from refusal.interventions import Intervention
 from refusal.interventions.base import Fitted
@@ -59,15 +58,13 @@ def next_token_logits(bundle: ModelBundle, prompts: Sequence[Sequence[int]], int
 def next_token_kl(bundle: ModelBundle, prompts: Sequence[Sequence[int]], intervention: Intervention | None,
                   batch_size: int) -> float:
     """Mean KL(unsteered ‖ steered) of the next-token distributions at the last prompt position (0 without
-    an intervention); the unsteered logits are kept on the held model (``bundle.memo``) for the next trial."""
-    key = "next_token_logits:" + sha256_json({"w": bundle.weights_hash, "p": [list(p) for p in prompts]})
-    if key not in bundle.memo:
-        bundle.memo = {k: v for k, v in bundle.memo.items() if not k.startswith("next_token_logits:")}
-        bundle.memo[key] = next_token_logits(bundle, prompts, None, batch_size)
+    an intervention); the unsteered logits are kept on the held model for the next trial."""
+    unsteered = bundle.remember("next_token_logits", [list(p) for p in prompts],
+                                lambda: next_token_logits(bundle, prompts, None, batch_size))
     if intervention is None:
         return 0.0
     metric = KLDivergence()
-    metric.update(bundle.memo[key], next_token_logits(bundle, prompts, intervention, batch_size))
+    metric.update(unsteered, next_token_logits(bundle, prompts, intervention, batch_size))
     return float(metric.compute())
 
 

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from refusal.artifacts import sha256_json
 from refusal.errors import DataError
 from refusal.models.architecture import ResidualLayout
 from refusal.models.chat import ChatFormat
 from refusal.models.placement import devices_of, module_device, module_dtype
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -39,9 +43,19 @@ class ModelBundle:
     weights_hash: str
     source: str
     extra: dict = field(default_factory=dict)
-    # Results that depend only on this model and their inputs (the unsteered logits of the texts that
-    # perplexity/KL are scored on), kept while the model is held, so the next multirun job reuses them.
+    # Results that depend only on this model and their inputs (see remember), kept while the model is held.
     memo: dict = field(default_factory=dict, repr=False)
+
+    def remember(self, kind: str, inputs: Any, compute: Callable[[], T]) -> T:
+        """``compute()`` for these ``inputs``, kept on the model until a call of the same ``kind`` brings other
+        inputs (one entry per kind, dropped before recomputing): the unsteered logits that every job of a
+        multirun scores against are computed once while the model is held."""
+        digest = sha256_json(inputs)
+        held = self.memo.get(kind)
+        if held is None or held[0] != digest:
+            self.memo.pop(kind, None)
+            held = self.memo[kind] = (digest, compute())
+        return held[1]
 
     @property
     def n_layers(self) -> int:
