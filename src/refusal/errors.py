@@ -25,3 +25,7 @@ class ArtifactError(RefusalError, ValueError):
 
 class ModelSourceError(RefusalError, RuntimeError):
     """A model cannot be obtained (offline hub, missing package, bad checksum)."""
+
+
+class InterventionError(RefusalError, RuntimeError):
+    """An intervention (usually a plugin) is incomplete or its edit misbehaves: fix its code."""

@@ -5,9 +5,12 @@ An intervention is built from its Hydra config plus the fitted artifacts it decl
 and for projections :meth:`write_edit` on the block's attention/MLP outputs); *where* it does it
 is its :class:`~refusal.interventions.scope.Scope` (``intervention.layers`` and
 ``intervention.positions``), which the base class turns into hooks, so every intervention,
-plugins included, takes every scope. Applying it is a context manager: hooks on enter, all removed
-on exit, even on error. Any subclass that sets ``name`` registers itself, so a plugin file only has
-to define the class.
+plugins included, takes every scope. A plugin that acts elsewhere (attention heads, weights)
+builds its own hooks in :meth:`hook_specs` instead; it must provide at least one of the three.
+Applying it is a context manager: hooks on enter, all removed on exit, even on error. Each hook's
+first output is checked (shape, dtype, device, finite) and a bad one is an
+:class:`~refusal.errors.InterventionError` naming the intervention and the hook. Any subclass that
+sets ``name`` registers itself, so a plugin file only has to define the class.
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ import hashlib
 import inspect
 import json
 import sys
-from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -26,8 +28,8 @@ from typing import Any, ClassVar
 import torch
 from jaxtyping import Float
 
-from refusal.errors import ConfigError
-from refusal.hooks import HookSpec, TensorFn, hooked
+from refusal.errors import ConfigError, InterventionError
+from refusal.hooks import Check, HookSpec, TensorFn, hooked
 from refusal.interventions.scope import Scope, at_positions
 from refusal.models.bundle import ModelBundle
 from refusal.models.placement import module_device, module_dtype
@@ -64,8 +66,14 @@ class Fitted:
     leace: Any = None  # refusal.fitting.leace.LEACEResult
 
 
-class Intervention(ABC):
-    """Base class. Subclasses set ``name``, ``description``, ``needs`` and implement :meth:`residual_edit`.
+#: What a subclass implements, at least one of: an edit placed by its scope, or its own hooks.
+EDIT_METHODS = ("residual_edit", "write_edit", "hook_specs")
+
+
+class Intervention:
+    """Base class. Subclasses set ``name``, ``description``, ``needs`` and implement at least one of
+    :meth:`residual_edit`, :meth:`write_edit` (alone: applied to the writes of every layer in scope)
+    or :meth:`hook_specs`.
 
     ``default_layers`` is the layer scope when the config gives none (``selected`` or ``all``);
     ``edits_writes`` marks projections: at ``layers=all`` they are also applied to every block's
@@ -82,6 +90,7 @@ class Intervention(ABC):
     defaults: ClassVar[Mapping[str, Any]] = {}
 
     def __init__(self, cfg: Mapping[str, Any], fitted: Fitted):
+        _require_an_edit(type(self))
         self.cfg = dict(cfg)
         self.fitted = fitted
         missing = [need for need in sorted(self.needs) if getattr(fitted, need, None) is None]
@@ -96,17 +105,18 @@ class Intervention(ABC):
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if cls.__dict__.get("name"):
+            _require_an_edit(cls)
             from refusal.interventions.registry import register
 
             register(cls)
 
-    # -- what subclasses provide -------------------------------------------------------------
-    @abstractmethod
+    # -- what subclasses provide (at least one) ------------------------------------------------
     def residual_edit(self, layer: int, cast: Cast) -> TensorFn | None:
         """The edit of the residual stream at the input of block ``layer`` (None: leave it alone).
 
         ``cast`` moves a fitted tensor to where the edit runs; call it once here, never per forward.
         """
+        return None
 
     def write_edit(self, layer: int, cast: Cast) -> TensorFn | None:
         """For projections: the edit of block ``layer``'s attention/MLP outputs (the linear part)."""
@@ -118,7 +128,10 @@ class Intervention(ABC):
         return self._layer
 
     def layers(self, n_layers: int) -> list[int]:
-        """The layers in scope, concretely."""
+        """The layers in scope, concretely. A plugin that builds its own hooks places them itself: with
+        no selected layer to resolve ``selected`` against, it reports none."""
+        if self.scope.layers == "selected" and self._layer is None and _overrides(type(self), "hook_specs"):
+            return []
         return self.scope.resolve(n_layers, self._layer)
 
     def transform(self, x: Float[torch.Tensor, "*batch d_model"]) -> Float[torch.Tensor, "*batch d_model"]:
@@ -161,34 +174,53 @@ class Intervention(ABC):
 
         Each hook's constants are placed once, here, on its own module's device and dtype (a model that
         ``model.device_map`` spread over GPUs has blocks on several), so a hook call converts nothing.
+        A plugin that acts elsewhere (attention heads, weights) overrides this; :meth:`apply` still
+        checks each of its hooks' first output and removes them all on exit. A position-masked edit
+        checks its own first output here (before the mask, where a wrong shape could broadcast).
         """
         layout, specs = bundle.layout, []
         positions = self.scope.positions
-        project_writes = self.edits_writes and self.scope.layers == "all"
+        writes_only = _overrides(type(self), "write_edit") and not _overrides(type(self), "residual_edit")
+        project_writes = writes_only or (self.edits_writes and self.scope.layers == "all")
         spread = bundle.spans_devices
         for layer in self.layers(bundle.n_layers):
             block = layout.blocks[layer]
             where = self._placement(block, bundle)
             edit = self.residual_edit(layer, self._cast_to(where, bundle))
             if edit is not None:
-                specs.append(HookSpec(block, at_positions(edit, positions), "pre", where[0] if spread else None))
+                masked = at_positions(edit, positions, self._output_check(bundle, block, "pre"))
+                specs.append(HookSpec(block, masked, "pre", where[0] if spread else None))
             if not project_writes:
                 continue
             writes: dict[tuple[torch.device, torch.dtype], TensorFn | None] = {}  # attention and MLP share one
             for writer in (layout.attn_writers[layer], layout.mlp_writers[layer]):
                 where = self._placement(writer, bundle)
                 if where not in writes:
-                    write = self.write_edit(layer, self._cast_to(where, bundle))
-                    writes[where] = None if write is None else at_positions(write, positions)
+                    writes[where] = self.write_edit(layer, self._cast_to(where, bundle))
                 if writes[where] is not None:
-                    specs.append(HookSpec(writer, writes[where], "post"))
+                    masked = at_positions(writes[where], positions, self._output_check(bundle, writer, "post"))
+                    specs.append(HookSpec(writer, masked, "post"))
         return specs
 
     @contextmanager
     def apply(self, bundle: ModelBundle) -> Iterator[None]:
-        """Hooks on, yield, hooks off (always)."""
-        with hooked(self.hook_specs(bundle)):
+        """Hooks on, yield, hooks off (always). Every hook checks its first output (see :meth:`_output_check`)."""
+        specs = [spec if spec.check is not None else
+                 dataclasses.replace(spec, check=self._output_check(bundle, spec.module, spec.kind))
+                 for spec in self.hook_specs(bundle)]
+        with hooked(specs):
             yield
+
+    def _output_check(self, bundle: ModelBundle, module: torch.nn.Module, kind: str) -> Check:
+        """A first-call check of an edit's output, whose error names this intervention and the hooked
+        module (a plugin's bad edit would otherwise fail deep inside the model, or look like its dtype's fault)."""
+        def check(x: torch.Tensor, out: torch.Tensor) -> None:
+            problem = output_problem(x, out)
+            if problem is not None:
+                raise InterventionError(f"intervention {self.name or type(self).__name__!r} at "
+                                        f"{hooked_label(bundle, module, kind)} {problem}")
+
+        return check
 
     @staticmethod
     def _placement(module: torch.nn.Module, bundle: ModelBundle) -> tuple[torch.device, torch.dtype]:
@@ -207,6 +239,45 @@ class Intervention(ABC):
             return value.to(device=device, dtype=dtype)
 
         return cast
+
+
+def _overrides(cls: type, method: str) -> bool:
+    return getattr(cls, method) is not getattr(Intervention, method)
+
+
+def _require_an_edit(cls: type) -> None:
+    """Fail where the class is defined (or built), not with a no-op or a raw error mid-run."""
+    if not any(_overrides(cls, method) for method in EDIT_METHODS):
+        raise InterventionError(f"intervention {getattr(cls, 'name', None) or cls.__name__!r} defines none of "
+                                f"{', '.join(EDIT_METHODS)}; implement one")
+
+
+def output_problem(x: torch.Tensor, out: Any) -> str | None:
+    """What is wrong with ``out`` as the edit of ``x``, or None. Non-finite values count only when ``x``
+    was finite: a model that overflowed on its own is not the edit's fault."""
+    if not isinstance(out, torch.Tensor):
+        return f"returned {type(out).__name__}, expected a tensor shaped like its input; an edit must return a tensor"
+    if out.shape != x.shape:
+        return (f"returned shape {tuple(out.shape)}, expected {tuple(x.shape)} (its input's); "
+                "an edit must return a tensor shaped like its input")
+    if out.dtype != x.dtype or out.device != x.device:
+        return (f"returned {out.dtype} on {out.device}, expected {x.dtype} on {x.device} (its input's); "
+                "build its constants with `cast` (or on the hooked module's device and dtype)")
+    if not bool(torch.isfinite(out).all()) and bool(torch.isfinite(x).all()):
+        return "returned non-finite values (NaN or inf) from a finite input; check its parameters and fitted tensors"
+    return None
+
+
+def hooked_label(bundle: ModelBundle, module: torch.nn.Module, kind: str) -> str:
+    """Where a hook sits, for messages: "layer 3 (block input)", "layer 0 (MLP output)" or a module path."""
+    side = "input" if kind == "pre" else "output"
+    layout = bundle.layout
+    for what, modules in (("block", layout.blocks), ("attention", layout.attn_writers), ("MLP", layout.mlp_writers)):
+        for layer, candidate in enumerate(modules):
+            if candidate is module:
+                return f"layer {layer} ({what} {side})"
+    path = next((name for name, m in bundle.model.named_modules() if m is module), type(module).__name__)
+    return f"{path or 'the model'} ({side})"
 
 
 def _tensors(value: Any, path: str = "", depth: int = 0) -> Iterator[tuple[str, torch.Tensor]]:

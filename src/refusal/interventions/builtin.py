@@ -95,15 +95,41 @@ def _rank(inlp: Any) -> int:
     return int(inlp.directions.shape[0])
 
 
+#: ``intervention.center`` of the INLP edits (and of their random control): the point the edit is taken about.
+INLP_CENTRES = ("midpoint", "zero", "harmful_mean", "harmless_mean")
+
+
+def inlp_centre_name(cfg: dict[str, Any]) -> str:
+    """``intervention.center``, checked (default ``midpoint``)."""
+    name = cfg.get("center", "midpoint")
+    if name not in INLP_CENTRES:
+        raise ConfigError(f"intervention.center={name!r} must be one of {INLP_CENTRES}")
+    return name
+
+
+def inlp_centre(inlp: Any, name: str) -> Float[Tensor, " d_model"]:
+    """The centre ``name`` of an INLP fit (``midpoint`` is the fit's stored centre, see ``fit.inlp.center``)."""
+    return {"midpoint": inlp.center, "zero": torch.zeros_like(inlp.center),
+            "harmful_mean": inlp.mean_harmful, "harmless_mean": inlp.mean_harmless}[name]
+
+
+def inlp_fit_at(fitted: Fitted, layer: int, who: str):
+    """The INLP fit used at ``layer``: its own with ``fit.inlp.per_layer``, else the selected layer's."""
+    by_layer = fitted.inlp_by_layer
+    if not by_layer:
+        return fitted.inlp
+    if layer not in by_layer:
+        raise ConfigError(f"{who}: no per-layer INLP fit for layer {layer} (fitted: {sorted(by_layer)}); "
+                          "let evaluate.py fit the layers in scope, or set fit.inlp.per_layer=false")
+    return by_layer[layer]
+
+
 class _INLPBase(Intervention):
     needs = frozenset({"inlp"})
-    _CENTRES = ("midpoint", "zero", "harmful_mean", "harmless_mean")
 
     def __init__(self, cfg: dict[str, Any], fitted: Fitted):
         super().__init__(cfg, fitted)
-        self.centre_name = self.cfg.get("center", "midpoint")
-        if self.centre_name not in self._CENTRES:
-            raise ConfigError(f"intervention.center={self.centre_name!r} must be one of {self._CENTRES}")
+        self.centre_name = inlp_centre_name(self.cfg)
         if self._layer is None:
             self._layer = fitted.inlp_layer
         resolve_k(self.cfg.get("k"), _rank(fitted.inlp))  # a bad k fails now, right after fitting, not mid-run
@@ -116,21 +142,14 @@ class _INLPBase(Intervention):
 
     def fit_at(self, layer: int):
         """The INLP fit used at ``layer``: its own with ``fit.inlp.per_layer``, else the selected layer's."""
-        by_layer = self.fitted.inlp_by_layer
-        if not by_layer:
-            return self.fitted.inlp
-        if layer not in by_layer:
-            raise ConfigError(f"{self.name}: no per-layer INLP fit for layer {layer} (fitted: {sorted(by_layer)}); "
-                              "let evaluate.py fit the layers in scope, or set fit.inlp.per_layer=false")
-        return by_layer[layer]
+        return inlp_fit_at(self.fitted, layer, self.name)
 
     def tensors_at(self, layer: int) -> tuple[Tensor, ...]:
         """(W_k, μ, *extra) of ``layer`` in float32 on CPU, computed once per layer."""
         if layer not in self._per_layer:
             inlp = self.fit_at(layer)
             k = resolve_k(self.cfg.get("k"), _rank(inlp), f"intervention.k (layer {layer}, rank {_rank(inlp)})")
-            centre = {"midpoint": inlp.center, "zero": torch.zeros_like(inlp.center),
-                      "harmful_mean": inlp.mean_harmful, "harmless_mean": inlp.mean_harmless}[self.centre_name]
+            centre = inlp_centre(inlp, self.centre_name)
             W = inlp.directions[:k]
             self._per_layer[layer] = (W, centre, *self._extra(inlp, W, centre))
         return self._per_layer[layer]
@@ -181,7 +200,12 @@ class INLPNullspace(_INLPBase):
 
 
 class INLPFlip(_INLPBase):
-    """AlterRep-style counterfactual: each rowspace coordinate c_i ← α·|c_i|·s_i (s_i = target's side)."""
+    """AlterRep-style counterfactual: each rowspace coordinate c_i = w_i·(x − μ) ← α·|c_i|·s_i.
+
+    s_i = sign(w_i·(μ_target − μ_other)) is the side of the target class along w_i, whatever the centre
+    μ: taken from the centre instead (w_i·(μ_target − μ)) it is 0 when μ is the target's own mean and
+    the sign of the target's offset from the origin for ``zero``, which pointed the flip the wrong way.
+    """
 
     name = "inlp_flip"
     description = "INLP counterfactual flip: move rowspace coordinates to the target class's side (AlterRep)."
@@ -198,9 +222,11 @@ class INLPFlip(_INLPBase):
         return (1 + self.alpha) / 2 if self.target == "harmless" else math.nan
 
     def _extra(self, inlp: Any, W: Tensor, centre: Tensor) -> list[Tensor]:
-        target_mean = inlp.mean_harmless if self.target == "harmless" else inlp.mean_harmful
-        signs = torch.sign((target_mean - centre) @ W.T)
-        return [self.alpha * torch.where(signs == 0, torch.ones_like(signs), signs)]
+        harmless = self.target == "harmless"
+        target, other = (inlp.mean_harmless, inlp.mean_harmful) if harmless else (inlp.mean_harmful, inlp.mean_harmless)
+        signs = torch.sign((target - other) @ W.T)
+        tie = -1.0 if harmless else 1.0  # no mean difference along w_i: INLP orients its rows towards harmful
+        return [self.alpha * torch.where(signs == 0, torch.full_like(signs, tie), signs)]
 
     @staticmethod
     def _apply(x: Tensor, W: Tensor, mu: Tensor, scaled_signs: Tensor) -> Tensor:

@@ -32,7 +32,7 @@ from jaxtyping import Bool, Int
 from torch import Tensor
 
 from refusal.errors import ConfigError
-from refusal.hooks import TensorFn
+from refusal.hooks import Check, TensorFn
 
 LAYER_WORDS = ("selected", "all")
 POSITION_WORDS = ("all", "prompt", "post_instruction")
@@ -176,14 +176,27 @@ def current_mask(positions: str, seq_len: int, device: torch.device | None = Non
     return moved
 
 
-def at_positions(fn: TensorFn, positions: str) -> TensorFn:
-    """``fn`` restricted to the positions in scope (``fn`` itself for ``all``: no overhead)."""
+def at_positions(fn: TensorFn, positions: str, check: Check | None = None) -> TensorFn:
+    """``fn`` restricted to the positions in scope (``fn`` itself for ``all``: no overhead).
+
+    ``check`` validates ``fn``'s first output before the mask is applied (where a wrong shape could
+    broadcast unnoticed); for ``all`` the hook itself checks (see :class:`~refusal.hooks.HookSpec`).
+    """
     if positions == "all":
         return fn
+    call = fn
+
+    if check is not None:
+        def call(x: Tensor) -> Tensor:  # first call only; then ``masked`` calls fn itself
+            nonlocal call
+            out = fn(x)
+            check(x, out)
+            call = fn
+            return out
 
     def masked(x: Tensor) -> Tensor:
         mask = current_mask(positions, x.shape[1], x.device)
-        return x if mask is None else torch.where(mask[..., None], fn(x), x)
+        return x if mask is None else torch.where(mask[..., None], call(x), x)
 
     return masked
 
