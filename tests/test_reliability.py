@@ -169,6 +169,56 @@ def test_killed_generation_leaves_no_entry_and_rerun_matches(tiny_bundle, tmp_pa
     assert counter.n == 0 and hit.completions == reference.completions
 
 
+KILLED_WRITER = textwrap.dedent('''
+    import sys, time
+    from pathlib import Path
+    from refusal.artifacts import atomic_target
+    from refusal.models.gguf_package import write_checkpoint
+
+    root = Path(sys.argv[1])
+
+    def fill(staging):
+        (staging / "model.safetensors").write_bytes(b"x" * (1 << 20))  # the first GB of a dequantized model
+        print("filling", flush=True)
+        time.sleep(600)
+
+    with atomic_target(root / "m.gguf") as tmp:  # an assembled GGUF half written
+        tmp.write_bytes(b"GGUF half")
+        write_checkpoint(root / "0123456789abcdef-hf", "0" * 64, fill)
+''')
+
+
+def test_killed_dequantization_leaves_temps_the_next_write_removes(tmp_path):
+    from refusal.artifacts import DEAD_WRITER_GRACE_S
+    from refusal.models.gguf_package import verify_checkpoint, write_checkpoint
+
+    root = tmp_path / "models"
+    root.mkdir()
+    script = tmp_path / "writer.py"
+    script.write_text(KILLED_WRITER)
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    proc = subprocess.Popen([sys.executable, str(script), str(root)], stdout=subprocess.PIPE, text=True, env=env)
+    assert proc.stdout.readline().strip() == "filling"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    final = root / "0123456789abcdef-hf"
+    left = sorted(p.name for p in root.iterdir())
+    assert len(left) == 2 and all(n.startswith(".") and n.endswith(".tmp") and f".{proc.pid}@" in n for n in left)
+    assert verify_checkpoint(final, "0" * 64) is not None  # nothing half-built is trusted
+
+    def fill(staging: Path) -> None:
+        (staging / "model.safetensors").write_bytes(b"weights")
+
+    write_checkpoint(final, "0" * 64, fill)  # just killed: kept a while (a writer in another pid namespace?)
+    assert sorted(p.name for p in root.iterdir() if p.name.endswith(".tmp")) == left
+    when = time.time() - DEAD_WRITER_GRACE_S - 60
+    for path in [*root.rglob("*.tmp"), *root.rglob("*.tmp/*")]:
+        os.utime(path, (when, when))
+    write_checkpoint(final, "0" * 64, fill)  # the next write into the folder removes them
+    assert not [p for p in root.iterdir() if p.name.endswith(".tmp")]
+    assert verify_checkpoint(final, "0" * 64) is None
+
+
 def test_multirun_with_a_failing_job_finishes_the_others_and_reports(tmp_path):
     sweep = tmp_path / "sweep"
     # k=999 is meaningless to `none` (ignored) but impossible for inlp_flip (ConfigError before fitting).
