@@ -349,7 +349,7 @@ def _selection_section(runs: dict[str, ModelRuns]) -> list[str]:
         cfg = SelectionConfig(max_kl=meta["selection"]["max_kl"], min_induce=meta["selection"]["min_induce"])
         picks = picks_by_rule(result, cfg)
         scored = int(t["bypass"].isfinite().sum())
-        passing = {rule: int(((t["kl"] <= cfg.max_kl) & (t["induce"] > replace(cfg, induce_rule=rule).induce_threshold(
+        passing = {rule: int(((t["kl"] <= cfg.max_kl) & (t["induce"] >= replace(cfg, induce_rule=rule).induce_threshold(
             result.baseline_harmless))).sum()) for rule in INDUCE_RULES}
         lines.append(f"| {model} | {picks['relative']} ({passing['relative']} of {scored} pass) | "
                      f"{picks['absolute']} ({passing['absolute']} of {scored} pass) | {meta['baseline_harmless_score']:.2f} |")

@@ -172,45 +172,46 @@ def test_wilson_interval_edge_cases() -> None:
 # ---------------------------------------------------------------- refusal_score / RefusalScore
 
 
-def _direct_log_odds(logits: torch.Tensor, ids: list[int]) -> torch.Tensor:
-    p = torch.softmax(logits.double(), dim=-1)[:, sorted(set(ids))].sum(-1)
-    return torch.log(p) - torch.log1p(-p)
+def _arditi_refusal_score(logits: torch.Tensor, ids: list[int], epsilon: float = 1e-8) -> torch.Tensor:
+    """refusal_direction's pipeline/submodules/select_direction.py::refusal_score, line by line."""
+    logits = logits.to(torch.float64)
+    probs = torch.nn.functional.softmax(logits, dim=-1)
+    refusal_probs = probs[:, sorted(set(ids))].sum(dim=-1)
+    nonrefusal_probs = torch.ones_like(refusal_probs) - refusal_probs
+    return torch.log(refusal_probs + epsilon) - torch.log(nonrefusal_probs + epsilon)
 
 
-def test_refusal_score_matches_direct_formula_on_random_logits() -> None:
+def test_refusal_score_is_the_reference_formula_on_random_logits() -> None:
     logits = torch.randn(8, 50, generator=_gen(), dtype=torch.float64) * 3
     ids = [3, 7, 7, 11]  # the duplicate must not be counted twice
-    expected = _direct_log_odds(logits, ids)
-    got32 = refusal_score(logits.float(), ids)
-    assert got32.dtype == torch.float32 and got32.shape == (8,)
-    torch.testing.assert_close(got32.double(), expected, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(refusal_score(logits, torch.tensor(ids)), expected, atol=1e-10, rtol=1e-10)
+    expected = _arditi_refusal_score(logits, ids)
+    got = refusal_score(logits.float(), ids)
+    assert got.dtype == torch.float64 and got.shape == (8,)  # float64 as the reference, whatever comes in
+    torch.testing.assert_close(got, _arditi_refusal_score(logits.float(), ids), atol=0, rtol=0)
+    torch.testing.assert_close(refusal_score(logits, torch.tensor(ids)), expected, atol=0, rtol=0)
 
 
-def test_refusal_score_extreme_probabilities_stay_finite_and_exact() -> None:
+def test_refusal_score_hand_computed_and_bounded_by_epsilon() -> None:
     vocab, ref = 10, 4
-    # All other logits are 0, so log(p / (1 - p)) = L - log(9) exactly.
-    targets = [math.log(9e-30), -200.0, math.log(9e9)]  # p ~ 1e-30, p ~ 1e-88, p ~ 1 - 1e-9
-    logits = torch.zeros(len(targets), vocab)
-    logits[:, ref] = torch.tensor(targets)
+    # All other logits are 0: p = e^L / (e^L + 9). L = log 9 gives p = 1/2, log-odds 0; L = log 27 gives
+    # p = 3/4, log-odds log 3. ε bounds the extremes at ±log((1 + ε)/ε) ≈ ±18.42 (the reference's bound).
+    targets = [math.log(9), math.log(27), -200.0, 200.0]
+    logits = torch.zeros(len(targets), vocab, dtype=torch.float64)
+    logits[:, ref] = torch.tensor(targets, dtype=torch.float64)
     got = refusal_score(logits, [ref])
-    assert torch.isfinite(got).all()
-    expected = torch.tensor(targets, dtype=torch.float64) - math.log(9)
-    torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=1e-5)
-    assert got[0].item() == pytest.approx(math.log(1e-30), rel=1e-6)
-    assert got[2].item() == pytest.approx(math.log((1 - 1e-9) / 1e-9), rel=1e-6)
-    # The naive float32 formula breaks where 1 - p underflows: this is why logsumexp is used.
-    p32 = torch.softmax(logits, dim=-1)[:, ref]
-    assert not torch.isfinite(torch.log(p32) - torch.log1p(-p32)).all()
+    bound = math.log(1 + 1e-8) - math.log(1e-8)
+    assert got[0].item() == pytest.approx(0.0, abs=1e-7)
+    assert got[1].item() == pytest.approx(math.log(3), abs=1e-7)
+    assert got[2].item() == pytest.approx(-bound, rel=1e-9)
+    assert got[3].item() == pytest.approx(bound, rel=1e-9)
+    assert 18.42 < bound < 18.43
 
 
 def test_refusal_score_upcasts_half_precision() -> None:
     logits = torch.randn(3, 20, generator=_gen(1))
     got = refusal_score(logits.bfloat16(), [0, 1])
-    assert got.dtype == torch.float32
-    torch.testing.assert_close(
-        got.double(), _direct_log_odds(logits.bfloat16().double(), [0, 1]), atol=1e-5, rtol=1e-5
-    )
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, _arditi_refusal_score(logits.bfloat16(), [0, 1]), atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("ids", [[], [-1], [20], list(range(20)), [0.5]])
@@ -228,7 +229,7 @@ def test_refusal_score_metric_mean_accumulation_merge_reset() -> None:
     ids = [2, 5]
     x1 = torch.randn(4, 30, generator=_gen(2))
     x2 = torch.randn(6, 30, generator=_gen(3))
-    expected = _direct_log_odds(torch.cat([x1, x2]), ids).mean().item()
+    expected = _arditi_refusal_score(torch.cat([x1, x2]), ids).mean().item()
 
     split = RefusalScore(ids)
     split.update(x1)
@@ -248,7 +249,7 @@ def test_refusal_score_metric_mean_accumulation_merge_reset() -> None:
     a.reset()
     assert int(a.count) == 0 and float(a.score_sum) == 0.0
     a.update(x2)
-    assert a.compute().item() == pytest.approx(_direct_log_odds(x2, ids).mean().item(), abs=1e-5)
+    assert a.compute().item() == pytest.approx(_arditi_refusal_score(x2, ids).mean().item(), abs=1e-5)
     assert "refusal_token_ids" not in a.state_dict()
 
 

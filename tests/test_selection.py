@@ -68,9 +68,52 @@ def test_candidates_are_class_mean_differences():
     torch.testing.assert_close(cand[2, 1], harmful[:, 2, 1].mean(0) - harmless[:, 2, 1].mean(0))
 
 
-def test_eligible_layers_drop_the_last_fifth():
-    assert eligible_layers(24, 0.2) == list(range(20))
-    assert eligible_layers(5, 0.2) == list(range(4))
+@pytest.mark.parametrize(("n_layers", "kept"), [
+    # refusal_direction's filter_fn drops layer >= int(n_layer * (1.0 - 0.2)); worked by hand:
+    (24, 19),  # 24 * 0.8 = 19.2 -> layers 0..18 (qwen05; the old rule kept L19 too)
+    (28, 22),  # 22.4 -> 0..21 (qwen15: L22, the old published pick, is excluded)
+    (30, 24),  # 24.0 exactly -> 0..23 (smollm2)
+    (18, 14),  # 14.4 -> 0..13 (gemma3_270m)
+    (26, 20),  # 20.8 -> 0..19 (gemma-2-2b)
+    (32, 25),  # 25.6 -> 0..24 (llama-3-8b)
+    (5, 4),    # 4.0 -> 0..3
+])
+def test_eligible_layers_are_the_reference_prune_rule(n_layers, kept):
+    assert eligible_layers(n_layers, 0.2) == list(range(kept))
+
+
+def _table(values: list[tuple[float, float, float]]) -> SelectionResult:
+    """A one-position score table: (bypass, induce, kl) per layer."""
+    t = torch.tensor(values, dtype=torch.float64)
+    return SelectionResult(layer=0, position=-1, bypass=t[:, :1], induce=t[:, 1:2], kl=t[:, 2:], baseline_harmful=1.0,
+                           baseline_harmless=-2.0, passed_filters=True)
+
+
+def test_filters_keep_their_boundaries_as_the_reference():
+    # refusal_direction drops kl > threshold and steering < threshold: a candidate exactly at either bound stays
+    at_bounds = (-5.0, 0.0, 0.1)   # induce == 0 (absolute threshold), KL == 0.1
+    plain = (-3.0, 1.0, 0.05)
+    below = (-9.0, -1e-9, 0.0)     # the lowest bypass, but induce just under the threshold
+    cfg = SelectionConfig(max_kl=0.1, min_induce=0.0)
+    assert picks_by_rule(_table([at_bounds, plain, below]), cfg)["absolute"] == "L0P-1"
+    over_kl = (-5.0, 0.0, 0.1 + 1e-12)
+    assert picks_by_rule(_table([over_kl, plain, below]), cfg)["absolute"] == "L1P-1"
+    # relative: the threshold is the unsteered harmless score (-2.0) + min_induce; -2.0 itself passes
+    assert picks_by_rule(_table([(-5.0, -2.0, 0.0), plain]), cfg)["relative"] == "L0P-1"
+    assert picks_by_rule(_table([(-5.0, -2.0 - 1e-9, 0.0), plain]), cfg)["relative"] == "L1P-1"
+
+
+def test_selection_kl_is_the_reference_formula():
+    from refusal.fitting.dim import _kl_rows
+
+    # p = (1/2, 1/2), q = (1/4, 3/4); refusal_direction's kl_div_fn keeps ε = 1e-6 inside each log:
+    # 0.5·(log(0.5+ε) − log(0.25+ε)) + 0.5·(log(0.5+ε) − log(0.75+ε)), worked out to 10 digits
+    base = torch.log(torch.tensor([[0.5, 0.5]]))
+    new = torch.log(torch.tensor([[0.25, 0.75]]))
+    got = _kl_rows(base, new)
+    assert got.dtype == torch.float64
+    assert got.item() == pytest.approx(0.1438404, abs=1e-7)  # 0.14384037; exact KL (no ε) is 0.14384104
+    assert _kl_rows(base, base).item() == 0.0
 
 
 def test_selection_finds_the_planted_direction(planted):

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from refusal.activations import batches_by_length
 from refusal.artifacts import atomic_write_json, atomic_write_text, sha256_json
-from refusal.config import plugin_dirs
+from refusal.config import check_seed, plugin_dirs
 from refusal.generation import GenerationCache, Generations
 from refusal.interventions import Intervention, get_intervention
 from refusal.interventions.base import Fitted
@@ -250,7 +250,8 @@ def run_record(ctx: RunContext, intervention: Intervention, fitted: Fitted, judg
         "metrics": judged.metrics,
         "judge": judged.primary,  # the primary judge (the plain refusal_rate keys); all of them under "judges"
         "judges": {name: judge.cfg for name, judge in judged.judges.items()},
-        "data": {"source": ctx.splits.source, "digest": ctx.splits.digest(), "fit_digest": ctx.splits.fit_digest(), "sizes": ctx.splits.sizes()},
+        "data": {"source": ctx.splits.source, "digest": ctx.splits.digest(), "fit_digest": ctx.splits.fit_digest(), "sizes": ctx.splits.sizes(),
+                 "refusal_filter": ctx.filtered.as_dict()},
         "weights_hash": bundle.weights_hash,
         "model_reused": ctx.model_reused,
         "seed": int(ctx.cfg.seed),
@@ -345,7 +346,7 @@ def run_evaluation(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     from refusal.tracking import make_tracker
 
     output_dir = Path(output_dir)
-    lightning.seed_everything(int(cfg.seed), verbose=False)
+    lightning.seed_everything(check_seed(cfg), verbose=False)
     t0 = time.perf_counter()
     tracker = make_tracker(cfg, output_dir)
     try:

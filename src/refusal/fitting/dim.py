@@ -76,8 +76,8 @@ class SelectionConfig:
 
     def induce_filter(self, baseline_harmless: float) -> str:
         if self.induce_rule == "relative":
-            return f"induce > unsteered harmless {baseline_harmless:.2f} + {self.min_induce}"
-        return f"induce > {self.min_induce}"
+            return f"induce >= unsteered harmless {baseline_harmless:.2f} + {self.min_induce}"
+        return f"induce >= {self.min_induce}"
 
 
 @dataclass
@@ -103,10 +103,17 @@ class SelectionResult:
         }
 
 
-def _kl_rows(base_logits: torch.Tensor, new_logits: torch.Tensor) -> torch.Tensor:
-    base = torch.log_softmax(base_logits.float(), -1)
-    new = torch.log_softmax(new_logits.float(), -1)
-    return (base.exp() * (base - new)).sum(-1)
+#: refusal_direction's ε inside the logs of its selection KL (``kl_div_fn``).
+KL_EPSILON = 1e-6
+
+
+def _kl_rows(base_logits: Float[torch.Tensor, "batch vocab"], new_logits: Float[torch.Tensor, "batch vocab"]
+             ) -> Float[torch.Tensor, " batch"]:
+    """Per-row KL(base ‖ new) as refusal_direction's ``kl_div_fn`` computes it (float64 softmax, ε = 1e-6
+    inside each log), so the KL ≤ 0.1 filter keeps exactly the candidates theirs keeps."""
+    base = base_logits.to(torch.float64).softmax(-1)
+    new = new_logits.to(torch.float64).softmax(-1)
+    return (base * (torch.log(base + KL_EPSILON) - torch.log(new + KL_EPSILON))).sum(-1)
 
 
 class CandidateScorer:
@@ -225,8 +232,12 @@ class CandidateScorer:
 
 
 def eligible_layers(n_layers: int, prune_last_fraction: float) -> list[int]:
-    """Layers before the last ``prune_last_fraction`` of the model (late layers only restate the output)."""
-    limit = n_layers - math.floor(prune_last_fraction * n_layers)
+    """Layers before the last ``prune_last_fraction`` of the model (late layers only restate the output).
+
+    refusal_direction's ``filter_fn`` drops ``layer >= int(n_layer * (1.0 - prune_layer_percentage))``:
+    the same float expression here, so 24 layers keep 0..18 and 28 keep 0..21 as theirs do.
+    """
+    limit = int(n_layers * (1.0 - prune_last_fraction))
     return list(range(max(1, limit)))
 
 
@@ -235,7 +246,7 @@ def select_direction(
 ) -> SelectionResult:
     """Score candidates (``[n_layers, P, d]``) and pick the filtered one with the lowest bypass score."""
     n_layers, n_pos, _ = candidates.shape
-    bypass = torch.full((n_layers, n_pos), math.nan)
+    bypass = torch.full((n_layers, n_pos), math.nan, dtype=torch.float64)  # float64 like the reference's score tables
     induce = bypass.clone()
     kl = bypass.clone()
     layers = eligible_layers(n_layers, cfg.prune_last_fraction)
@@ -307,16 +318,16 @@ def _filter(bypass, induce, kl, pairs: list[tuple[int, int]], max_kl: float,
     harmless prompts past even odds of refusing; dropping the induce filter then still keeps the
     KL guard against directions that break the model. The second value says which fallback was taken.
     """
-    both = [lp for lp in pairs if kl[lp] <= max_kl and induce[lp] > min_induce]
+    both = [lp for lp in pairs if kl[lp] <= max_kl and induce[lp] >= min_induce]  # refusal_direction: < is dropped
     if both:
         return both, None
     kl_only = [lp for lp in pairs if kl[lp] <= max_kl]
     if kl_only:
         return kl_only, (
-            f"no candidate passed both filters (KL <= {max_kl}, induce > {min_induce:.2f}); chose among the "
+            f"no candidate passed both filters (KL <= {max_kl}, induce >= {min_induce:.2f}); chose among the "
             f"{len(kl_only)} that pass the KL filter — no candidate's actadd raised harmless refusal past the induce threshold"
         )
     return pairs, (
-        f"no candidate passed the filters (KL <= {max_kl}, induce > {min_induce:.2f}); "
+        f"no candidate passed the filters (KL <= {max_kl}, induce >= {min_induce:.2f}); "
         "took the lowest bypass score regardless — the model may barely refuse"
     )

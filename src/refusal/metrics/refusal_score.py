@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from jaxtyping import Float
 from torch import Tensor
 from torchmetrics import Metric
 
@@ -24,19 +25,21 @@ def _as_id_tensor(refusal_token_ids: Sequence[int] | Tensor) -> Tensor:
     return torch.unique(ids.long())
 
 
-def refusal_score(first_logits: Tensor, refusal_token_ids: Sequence[int] | Tensor) -> Tensor:
-    """Per-row log(p / (1 - p)), p = softmax probability mass on ``refusal_token_ids``.
+#: Arditi et al.'s ε: each prompt's log-odds is bounded by ±log(1/ε) ≈ ±18.42.
+EPSILON = 1e-8
 
-    ``first_logits`` is ``[batch, vocab]``: the logits predicting the first generated token.
-    Computed as logsumexp(refusal logits) - logsumexp(other logits), which equals the log-odds
-    exactly and stays finite when p underflows (p ~ 1e-30) or 1 - p does (p ~ 1 - 1e-9) — the
-    direct log(p) - log1p(-p) returns ±inf there in float32. Half-precision inputs are upcast to
-    float32 (float64 stays float64); the result has that dtype.
+
+def refusal_score(first_logits: Float[Tensor, "batch vocab"], refusal_token_ids: Sequence[int] | Tensor,
+                  epsilon: float = EPSILON) -> Float[Tensor, " batch"]:
+    """Per-row log(p + ε) − log(1 − p + ε), p = softmax probability mass on ``refusal_token_ids``.
+
+    ``first_logits`` is ``[batch, vocab]``: the logits predicting the first generated token. This is
+    refusal_direction's ``refusal_score`` exactly (float64 softmax, 1 − p by subtraction, ε = 1e-8),
+    so a direction is selected on the same numbers as theirs; ε bounds a confident prompt's score near
+    ±18.4 instead of letting one prompt dominate a mean. The result is float64.
     """
     if first_logits.ndim != 2:
         raise ValueError(f"first_logits must be [batch, vocab], got shape {tuple(first_logits.shape)}")
-    if first_logits.dtype != torch.float64:
-        first_logits = first_logits.float()
     vocab = first_logits.shape[-1]
     ids = _as_id_tensor(refusal_token_ids).to(first_logits.device)
     if ids.min() < 0 or ids.max() >= vocab:
@@ -45,11 +48,9 @@ def refusal_score(first_logits: Tensor, refusal_token_ids: Sequence[int] | Tenso
         raise ValueError(
             "refusal_token_ids covers the whole vocabulary: 1 - p is 0, the log-odds is undefined"
         )
-    is_refusal = torch.zeros(vocab, dtype=torch.bool, device=first_logits.device)
-    is_refusal[ids] = True
-    log_p = torch.logsumexp(first_logits[:, ids], dim=-1)
-    log_not_p = torch.logsumexp(first_logits.masked_fill(is_refusal, float("-inf")), dim=-1)
-    return log_p - log_not_p
+    probs = torch.softmax(first_logits.to(torch.float64), dim=-1)
+    refusal = probs[:, ids].sum(dim=-1)
+    return torch.log(refusal + epsilon) - torch.log(torch.ones_like(refusal) - refusal + epsilon)
 
 
 class RefusalScore(Metric):

@@ -1,0 +1,134 @@
+"""Keep only the fit prompts the model itself treats as its class (Arditi et al.'s ``filter_data``).
+
+refusal_direction scores every train and val prompt with the unsteered model's refusal score and
+keeps a harmful prompt when its score is > 0 (the model is more likely to refuse than not) and a
+harmless one when it is < 0; the direction is then the mean difference of prompts the model really
+refuses and really answers, not of everything labelled harmful. Test prompts are never filtered.
+The scores are cached per model weights and tokens, so a warm run only reads them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Float
+
+from refusal.artifacts import atomic_write_json, sha256_json
+from refusal.data import InstructionSplits
+from refusal.metrics import refusal_score
+from refusal.models.bundle import ModelBundle
+from refusal.prefix import common_prefix, continue_rows, forward, prefix_cache
+
+log = logging.getLogger(__name__)
+
+#: Which splits each switch filters.
+FILTERED = {"filter_train": ("harmful_train", "harmless_train"), "filter_val": ("harmful_val", "harmless_val")}
+#: A class that keeps fewer prompts than this gets a warning: its mean rests on a handful of prompts.
+FEW = 8
+
+
+@torch.inference_mode()
+def unsteered_refusal_scores(bundle: ModelBundle, rows: Sequence[Sequence[int]], batch_size: int = 32
+                             ) -> Float[torch.Tensor, " n"]:
+    """refusal_direction's ``get_refusal_scores`` without hooks: each prompt's first-token refusal score.
+
+    The prompts' shared chat-template prefix runs once per batch (same logits to float tolerance).
+    """
+    out = []
+    for start in range(0, len(rows), batch_size):
+        batch = [list(r) for r in rows[start : start + batch_size]]
+        prefix = common_prefix(batch)
+        past = prefix_cache(bundle, [prefix]) if prefix else None
+        if past is None:
+            logits = forward(bundle, batch).logits[:, -1].float()
+        else:
+            logits = continue_rows(bundle, batch, len(prefix), past, [0] * len(batch))
+        out.append(refusal_score(logits, bundle.refusal_token_ids).cpu())
+    return torch.cat(out) if out else torch.empty(0, dtype=torch.float64)
+
+
+def keeps(split: str, scores: torch.Tensor) -> torch.Tensor:
+    """Arditi's rule for one split: harmful kept when score > 0, harmless when score < 0 (strict)."""
+    return scores > 0 if split.startswith("harmful") else scores < 0
+
+
+@dataclass(frozen=True)
+class FilterRecord:
+    """What the filter did: per filtered split, how many prompts it kept of how many, and the splits
+    used whole because the model treats none of their prompts as their class."""
+
+    kept: dict[str, tuple[int, int]]
+    unfiltered: tuple[str, ...] = ()
+
+    def as_dict(self) -> dict[str, dict[str, Any]]:
+        return {split: {"kept": k, "of": n, **({"used_whole": True} if split in self.unfiltered else {})}
+                for split, (k, n) in self.kept.items()}
+
+    def summary(self) -> str:
+        return ", ".join(f"{split} {k}/{n}" + (" (none: used whole)" if split in self.unfiltered else "")
+                         for split, (k, n) in self.kept.items()) or "off"
+
+
+def _cached_scores(folder: Path, bundle: ModelBundle, split: str, rows: list[list[int]], batch_size: int) -> torch.Tensor:
+    """The split's scores from the cache (checksummed JSON), else computed and stored."""
+    key = {"weights_hash": bundle.weights_hash, "dtype": str(bundle.dtype), "tokens": sha256_json(rows),
+           "refusal_token_ids": sorted(bundle.refusal_token_ids)}
+    path = folder / f"{sha256_json(key)[:24]}.json"
+    try:
+        saved = json.loads(path.read_text())
+        if saved["key"] == key and saved["sha256"] == sha256_json(saved["scores"]) and len(saved["scores"]) == len(rows):
+            return torch.tensor(saved["scores"], dtype=torch.float64)
+        log.warning("refusal-score cache %s does not match its checksum or prompts; recomputing", path)
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, KeyError, TypeError):
+        log.warning("refusal-score cache %s is unreadable; recomputing", path)
+    log.info("scoring %d %s prompts for the refusal filter", len(rows), split)
+    scores = unsteered_refusal_scores(bundle, rows, batch_size)
+    values = [float(s) for s in scores]
+    atomic_write_json(path, {"key": key, "scores": values, "sha256": sha256_json(values)})
+    return scores
+
+
+def filter_splits(splits: InstructionSplits, tokens: Mapping[str, list[list[int]]], bundle: ModelBundle,
+                  switches: Mapping[str, bool], cache_dir: Path, batch_size: int = 32
+                  ) -> tuple[InstructionSplits, FilterRecord]:
+    """``splits`` with the train and/or val prompts the model does not treat as their class removed.
+
+    A split the model treats *none* of as its class (a model that barely refuses, a base model: the
+    negative controls) has no mean to take; refusal_direction would fail there. It is used whole,
+    with a warning, and the record says so.
+    """
+    changed: dict[str, list[str]] = {}
+    kept: dict[str, tuple[int, int]] = {}
+    whole: list[str] = []
+    for switch, names in FILTERED.items():
+        if not switches.get(switch, False):
+            continue
+        for split in names:
+            texts = getattr(splits, split)
+            mask = keeps(split, _cached_scores(cache_dir / bundle.name, bundle, split, tokens[split], batch_size))
+            rows = [t for t, k in zip(texts, mask.tolist(), strict=True) if k]
+            kept[split] = (len(rows), len(texts))
+            side = "refuses" if split.startswith("harmful") else "answers"
+            if not rows:
+                whole.append(split)
+                warnings.warn(f"fit.{switch}: the model {side} none of the {len(texts)} {split} prompts by its "
+                              "first-token refusal score; using all of them (fit.filter_train/filter_val=false "
+                              "does this for every split)", stacklevel=2)
+                continue
+            if len(rows) < min(FEW, len(texts)):
+                warnings.warn(f"fit.{switch}: the model {side} only {len(rows)} of {len(texts)} {split} prompts; "
+                              "their mean rests on these few", stacklevel=2)
+            changed[split] = rows
+    record = FilterRecord(kept, tuple(whole))
+    if kept:
+        log.info("refusal filter (Arditi et al.): kept %s", record.summary())
+    return (replace(splits, **changed) if changed else splits), record
