@@ -98,6 +98,7 @@ def test_pipeline_refits_an_artifact_whose_metadata_was_edited_or_is_stale(compo
     with caplog.at_level(logging.WARNING, logger="refusal.pipeline"):
         third = fit_dim(prepare(compose(*SMALL, *FIXED)))
     assert "is stale" in caplog.text and "refitting" in caplog.text and third.layer == 1
+    assert "delete it" not in caplog.text  # the warning says what happens (refitting), not advice that contradicts it
     assert json.loads(artifact_paths(stem)[1].read_text())["format_version"] == 2
 
 

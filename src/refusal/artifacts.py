@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from refusal.errors import ArtifactError
+from refusal.errors import ArtifactMismatchError, CorruptArtifactError
 
 #: 2: the JSON carries ``record_sha256`` over its own content. Version 1 (no metadata checksum) is stale: refit.
 FORMAT_VERSION = 2
@@ -243,17 +243,15 @@ def verify_artifact(stem: str | Path, expect: Mapping[str, Any] | None = None) -
     Raises :class:`ArtifactError` when a file is missing, a checksum does not match (tensors or
     metadata truncated, corrupt or edited), the metadata predates its checksum (format 1: stale) or
     a metadata key differs from ``expect`` (fitted for another model, layer, data...: the only case
-    whose message says "made for something else"; every other one means "refit it").
+    raised as :class:`ArtifactMismatchError`; every other one means "refit it").
     The checksum streams the file, so a caller can then read only a slice of it.
     """
     tensor_path, meta_path = artifact_paths(stem)
     if not meta_path.exists() or not tensor_path.exists():
-        raise ArtifactError(f"artifact {stem} is incomplete (missing {meta_path.name} or {tensor_path.name}); refit it")
+        raise CorruptArtifactError(f"artifact {stem} is incomplete (missing {meta_path.name} or {tensor_path.name})", "refit it")
     record, meta, expected_sha = _read_record(meta_path)
     if tensor_path.stat().st_size != record.get("tensor_bytes") or sha256_file(tensor_path) != expected_sha:
-        raise ArtifactError(
-            f"artifact {tensor_path} does not match its recorded checksum (truncated or corrupt); delete it to refit"
-        )
+        raise CorruptArtifactError(f"artifact {tensor_path} does not match its recorded checksum (truncated or corrupt)")
     if expect:
         check_meta(meta, expect, str(stem))
     return tensor_path, meta
@@ -265,16 +263,14 @@ def _read_record(meta_path: Path) -> tuple[dict[str, Any], dict[str, Any], str]:
         record = json.loads(meta_path.read_text(encoding="utf-8"))
         meta, expected_sha = record["meta"], record["tensor_sha256"]
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
-        raise ArtifactError(f"artifact metadata {meta_path} is corrupt ({err}); delete it to refit") from err
+        raise CorruptArtifactError(f"artifact metadata {meta_path} is corrupt ({err})") from err
     if record.get("format_version") != FORMAT_VERSION or "record_sha256" not in record:
-        raise ArtifactError(
+        raise CorruptArtifactError(
             f"artifact metadata {meta_path} is stale: format {record.get('format_version')!r} of an older refusal, "
-            f"without a checksum of its own (format {FORMAT_VERSION} has one); delete it to refit"
+            f"without a checksum of its own (format {FORMAT_VERSION} has one)"
         )
     if record["record_sha256"] != _record_sha256(record) or not isinstance(meta, dict):
-        raise ArtifactError(
-            f"artifact metadata {meta_path} does not match its recorded checksum (edited or corrupt); delete it to refit"
-        )
+        raise CorruptArtifactError(f"artifact metadata {meta_path} does not match its recorded checksum (edited or corrupt)")
     return record, meta, expected_sha
 
 
@@ -286,7 +282,7 @@ def check_meta(meta: Mapping[str, Any], expect: Mapping[str, Any], what: str) ->
         if meta.get(key) != value
     ]
     if mismatches:
-        raise ArtifactError(
+        raise ArtifactMismatchError(
             f"artifact {what} was made for something else ({'; '.join(mismatches)}). "
             "Point artifacts_dir elsewhere or delete it to refit."
         )

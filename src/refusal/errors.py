@@ -23,6 +23,19 @@ class ArtifactError(RefusalError, ValueError):
     """An artifact or cache belongs to another model/data, or is corrupt."""
 
 
+class ArtifactMismatchError(ArtifactError):
+    """An artifact was fitted for another model, layer, data...: never overwritten or silently used."""
+
+
+class CorruptArtifactError(ArtifactError):
+    """An artifact is incomplete, corrupt, edited or of an older format: safe to refit. ``problem`` says
+    what is wrong without the advice, for callers that refit it themselves."""
+
+    def __init__(self, problem: str, fix: str = "delete it to refit"):
+        super().__init__(f"{problem}; {fix}")
+        self.problem = problem
+
+
 class ModelSourceError(RefusalError, RuntimeError):
     """A model cannot be obtained (offline hub, missing package, bad checksum)."""
 

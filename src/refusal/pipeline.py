@@ -23,7 +23,7 @@ from refusal.artifacts import artifact_exists, load_artifact, save_artifact, sha
 from refusal.config import check_config, plugin_dirs, resolve_layer_spec, split_inlp_settings
 from refusal.data import InstructionSplits, load_splits
 from refusal.data.test_sets import TestSet, load_test_sets
-from refusal.errors import ArtifactError
+from refusal.errors import ArtifactError, ArtifactMismatchError
 from refusal.fitting.dim import (
     EXECUTION_ONLY,
     CandidateScorer,
@@ -32,6 +32,7 @@ from refusal.fitting.dim import (
     picks_by_rule,
     select_direction,
 )
+from refusal.fitting.prompt_filter import FILTERED, FilterRecord, filter_splits
 from refusal.interventions.base import DiMDirection, Fitted
 from refusal.judges import judge_configs
 from refusal.models import ModelBundle
@@ -54,6 +55,7 @@ class RunContext:
     test_sets: list[TestSet] = field(default_factory=list)
     judges: dict[str, dict[str, Any]] = field(default_factory=dict)  # eval.judges resolved and checked
     timings: dict[str, float] = field(default_factory=dict)
+    filtered: FilterRecord = field(default_factory=lambda: FilterRecord({}))  # what fit.filter_train/val kept
     _tokens: dict[str, list[list[int]]] = field(default_factory=dict)
 
     @property
@@ -106,10 +108,10 @@ def _reuse(stem: Path, load: Callable[[], T]) -> T | None:
         return None
     try:
         return load()
-    except ArtifactError as err:
-        if "made for something else" in str(err):
-            raise
-        log.warning("%s; refitting", err)
+    except ArtifactMismatchError:
+        raise
+    except ArtifactError as err:  # corrupt, stale or inconsistent: the stored advice is "delete it", we refit
+        log.warning("%s; refitting", getattr(err, "problem", err))
         return None
 
 
@@ -122,11 +124,21 @@ def prepare(cfg: DictConfig) -> RunContext:
     judges = judge_configs(cfg, plugin_dirs(cfg))  # an unknown judge or a judge model not installed fails here
     bundle, reused = held_model(_plain(cfg.model), cfg.cache_dir)
     check_config(cfg, bundle)
-    root = Path(cfg.artifacts_dir) / bundle.name / f"{cfg.data.name}-{splits.fit_digest()[:10]}"
-    ctx = RunContext(cfg, bundle, splits, ActivationCache(Path(cfg.cache_dir) / "activations"), root, reused, test_sets, judges)
+    ctx = RunContext(cfg, bundle, splits, ActivationCache(Path(cfg.cache_dir) / "activations"), Path(), reused, test_sets, judges)
     for split in [*splits.lists(), *(s.name for s in test_sets)]:  # a prompt too long fails here, not after a fit
         ctx.tokens(split)
-    ctx.timings["load"] = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    ctx.splits, ctx.filtered = filter_splits(
+        splits, {name: ctx.tokens(name) for name in splits.lists()}, bundle,
+        {switch: bool(cfg.fit.get(switch, False)) for switch in FILTERED}, Path(cfg.cache_dir) / "refusal_scores",
+        int(cfg.model.get("batch_size", 16)),
+    )
+    for name in ctx.filtered.kept:  # tokenized again from the kept prompts
+        ctx._tokens.pop(name)
+    # Keyed by the prompts the fits use: filtered and unfiltered fits never share a folder.
+    ctx.artifact_dir = Path(cfg.artifacts_dir) / bundle.name / f"{cfg.data.name}-{ctx.splits.fit_digest()[:10]}"
+    ctx.timings["filter"] = time.perf_counter() - t1
+    ctx.timings["load"] = t1 - t0
     return ctx
 
 
@@ -149,7 +161,7 @@ def fit_dim(ctx: RunContext) -> DiMDirection:
     t0 = time.perf_counter()
     candidates = dim_candidates_from_means(ctx.mean("harmful_train"), ctx.mean("harmless_train"))
     candidates = candidates[: ctx.bundle.n_layers]  # block inputs only
-    meta: dict[str, Any] = {**expect, "n_positions": candidates.shape[1]}
+    meta: dict[str, Any] = {**expect, "n_positions": candidates.shape[1], "refusal_filter": ctx.filtered.as_dict()}
     tensors: dict[str, torch.Tensor] = {"candidates": candidates}
     if spec.mode == "auto":
         fit_cfg = ctx.cfg.fit.dim
@@ -288,7 +300,8 @@ def inlp_record(fitted: Fitted) -> dict[str, Any]:
 
 
 def summary(ctx: RunContext, fitted: Fitted) -> Mapping[str, Any]:
-    out: dict[str, Any] = {"model": ctx.bundle.name, "data": ctx.splits.source, "sizes": ctx.splits.sizes()}
+    out: dict[str, Any] = {"model": ctx.bundle.name, "data": ctx.splits.source, "sizes": ctx.splits.sizes(),
+                           "refusal_filter": ctx.filtered.as_dict()}
     if fitted.dim is not None:
         out.update(layer=fitted.dim.layer, n_layers=ctx.bundle.n_layers, position=fitted.dim.position)
     if fitted.inlp is not None:
