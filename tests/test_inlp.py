@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import csv
+import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -16,6 +20,7 @@ from refusal.fitting.inlp_reference import (
     get_rowspace_projection,
     make_planted_concept,
 )
+from refusal.fitting.threads import fixed_threads
 
 K = 3  # planted concept dimension
 
@@ -230,3 +235,56 @@ def test_pipeline_fits_to_convergence_by_default_and_keys_artifacts_by_settings(
     assert len(list(ctx.artifact_dir.glob("inlp_*.safetensors"))) == 2  # both fits kept
     again = fit(ctx)  # reuses the first: same directions, no refusal
     torch.testing.assert_close(again.inlp.directions, default.inlp.directions, rtol=0, atol=0)
+    # where it ran is part of the key: on a CPU machine accelerator=auto and cpu are the same fit, recorded as such
+    explicit = prepare(compose(*small, "fit.inlp.accelerator=cpu"))
+    fit(explicit)
+    assert len(list(explicit.artifact_dir.glob("inlp_*.safetensors"))) == 2
+    meta = json.loads(next(explicit.artifact_dir.glob("inlp_*.json")).read_text())["meta"]
+    assert meta["fit_settings"]["runs_on"] == ("gpu" if torch.cuda.is_available() else "cpu")
+    assert meta["fit_settings"]["fit_threads"] == 1
+
+
+# Fits one saved problem under a thread count, as a joblib worker (1) or a serial run (2) would.
+THREADED_FIT = """
+import sys, torch
+torch.set_num_threads(int(sys.argv[1]))
+from refusal.fitting.inlp import INLPConfig, fit_inlp
+X, y, X_val, y_val = torch.load(sys.argv[2])
+r = fit_inlp(X, y, X_val, y_val, INLPConfig(n_iterations=3, accelerator="cpu"), enable_progress_bar=False)
+torch.save({"directions": r.directions, "rank": r.rank, "train": r.train_accuracy, "val": r.val_accuracy,
+            "threads_after": torch.get_num_threads()}, sys.argv[3])
+"""
+
+
+def fit_under_threads(script: str, data, threads: int, tmp_path) -> dict:
+    """Run ``script`` on ``data`` in a fresh process limited to ``threads`` CPU threads; its saved result."""
+    torch.save(data, tmp_path / "data.pt")
+    out = tmp_path / f"threads{threads}.pt"
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    done = subprocess.run([sys.executable, "-c", script, str(threads), str(tmp_path / "data.pt"), str(out)],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return torch.load(out)
+
+
+def test_fit_is_bit_identical_under_one_and_two_threads(tmp_path):
+    """Artifacts are shared by key, so the thread count must not change them. Over 32768 rows ATen
+    splits the loss and intercept-gradient sums into one partial sum per thread; the fit pins it."""
+    X, y, X_val, y_val, _ = make_planted_concept(40_000, 16, 2, n_val=2_000, seed=0)
+    one, two = (fit_under_threads(THREADED_FIT, (X, y, X_val, y_val), t, tmp_path) for t in (1, 2))
+    assert one["rank"] == two["rank"] >= 2
+    assert torch.equal(one["directions"], two["directions"])
+    assert one["train"] == two["train"] and one["val"] == two["val"]
+    assert (one["threads_after"], two["threads_after"]) == (1, 2)  # the caller's count is given back
+
+
+def test_fixed_threads_gives_the_callers_count_back_even_on_error():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(RuntimeError, match="inside"), fixed_threads(1):
+            assert torch.get_num_threads() == 1
+            raise RuntimeError("inside")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

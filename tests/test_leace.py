@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -69,3 +72,34 @@ def test_missing_package_names_the_extra_before_the_model_loads(compose, monkeyp
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "concept_erasure" else real(name, *a))
     with pytest.raises(ConfigError, match=r"concept-erasure package: pip install -e '\.\[leace\]'"):
         check_config(compose("intervention=leace_erase"))
+
+
+# Fits one saved problem under a thread count, as a joblib worker (1) or a serial run (2) would.
+THREADED_FIT = """
+import sys, torch
+torch.set_num_threads(int(sys.argv[1]))
+from refusal.fitting.leace import fit_leace
+X, y = torch.load(sys.argv[2])
+tensors = fit_leace(X, y).to_tensors()
+torch.save({**tensors, "threads_after": torch.get_num_threads()}, sys.argv[3])
+"""
+
+
+def test_fit_is_bit_identical_under_one_and_two_threads(tmp_path):
+    """Artifacts are shared by key, so the caller's thread count must not change them (MKL's product and
+    eigh are reproducible only for a fixed count; the fit pins it) and must be given back afterwards."""
+    from refusal.fitting.inlp_reference import make_planted_concept
+
+    X, y, *_ = make_planted_concept(40_000, 32, 2, n_val=1, seed=0)
+    torch.save((X, y), tmp_path / "data.pt")
+    results = []
+    for threads in (1, 2):
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        out = tmp_path / f"threads{threads}.pt"
+        done = subprocess.run([sys.executable, "-c", THREADED_FIT, str(threads), str(tmp_path / "data.pt"), str(out)],
+                              env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-3000:]
+        results.append(torch.load(out))
+    one, two = results
+    assert (one.pop("threads_after"), two.pop("threads_after")) == (1, 2)
+    assert one.keys() == two.keys() and all(torch.equal(one[name], two[name]) for name in one)

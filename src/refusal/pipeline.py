@@ -33,6 +33,7 @@ from refusal.fitting.dim import (
     select_direction,
 )
 from refusal.fitting.prompt_filter import FILTERED, FilterRecord, filter_splits
+from refusal.fitting.threads import FIT_THREADS
 from refusal.interventions.base import DiMDirection, Fitted
 from refusal.judges import judge_configs
 from refusal.models import ModelBundle
@@ -209,18 +210,28 @@ def inlp_settings(ctx: RunContext) -> tuple[str, bool, dict[str, Any]]:
     return split_inlp_settings(ctx.cfg.fit.inlp)
 
 
+def _inlp_device_kind(accelerator: str) -> str:
+    """``fit.inlp.accelerator`` as Lightning resolves it: ``auto`` is the GPU when there is one."""
+    if accelerator == "auto":
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    return accelerator
+
+
 def fit_inlp(ctx: RunContext, dim: DiMDirection, layer: int | None = None, logger: Any = None):
     """INLP at ``layer`` (default: the DiM layer), fitted by the Lightning fitter; reused when it matches.
 
-    The artifact's name carries a digest of the fit settings (where it runs excluded), so fits with
-    other settings coexist instead of refusing each other.
+    The artifact's name carries a digest of the fit settings and of where it ran (CPU or GPU), so fits
+    with other settings coexist instead of refusing each other.
     """
     from refusal.fitting.inlp import INLPConfig, INLPResult
     from refusal.fitting.inlp import fit_inlp as run_fit
 
     layer = dim.layer if layer is None else layer
     positions, _, icfg = inlp_settings(ctx)
+    # Where it runs changes the last bits (CPU vs GPU kernels; the CPU fit is pinned to FIT_THREADS threads), so
+    # the resolved device kind and thread count are part of the key; "auto" and "cpu" on a CPU machine are one fit.
     settings = {k: v for k, v in icfg.items() if k not in ("accelerator", "devices")}
+    settings.update(runs_on=_inlp_device_kind(str(icfg.get("accelerator", "auto"))), fit_threads=FIT_THREADS)
     stem = ctx.artifact_dir / f"inlp_L{layer}_P{dim.position}_{positions}-{settings_key(settings)}"
     expect = ctx.expect(layer=layer, position=dim.position, positions=positions, fit_settings=settings)
     if (reused := _reuse(stem, lambda: INLPResult.load(stem, expect=expect))) is not None:

@@ -12,8 +12,9 @@ rows above the threshold and ``projection(result.n_useful)`` removes only those.
 numerically inside the span of the earlier rows is not stored and ends the run
 (``config["stop_reason"] == "degenerate"``): the next classifier would see the same data.
 
-Fitting runs in a ``lightning.Trainer`` (see :mod:`refusal.fitting.inlp_module`). Activations are
-not standardised per feature (directions must live in activation space), but they are centred and
+Fitting runs in a ``lightning.Trainer`` (see :mod:`refusal.fitting.inlp_module`), on a fixed CPU thread
+count (:mod:`refusal.fitting.threads`): float sums depend on it, and artifacts are shared by key.
+Activations are not standardised per feature (directions must live in activation space), but they are centred and
 divided by one scalar ``s`` internally — the RMS of the centred entries, mean row norm / √d — so
 that features are O(1) whatever the model's residual scale. A scalar leaves every direction
 unchanged and keeps L-BFGS well conditioned. ``l2`` is the L2 coefficient on that normalised
@@ -36,8 +37,9 @@ import torch
 from torch import Tensor
 
 from refusal.artifacts import load_artifact, save_artifact
-from refusal.errors import ArtifactError, ConfigError, DataError
+from refusal.errors import ConfigError, CorruptArtifactError, DataError
 from refusal.fitting.inlp_module import CLASSIFIERS, INLPModule, orthonormal_append
+from refusal.fitting.threads import FIT_THREADS, fixed_threads
 
 __all__ = [
     "INLPConfig",
@@ -161,14 +163,14 @@ class INLPResult:
         """Rebuild from :meth:`to_tensors` / :meth:`meta`; :class:`ArtifactError` if inconsistent."""
         missing = [key for key in ("directions", "mean_harmful", "mean_harmless", "center") if key not in tensors]
         if missing or meta.get("method") != "inlp":
-            raise ArtifactError(f"not an INLP artifact (method={meta.get('method')!r}, missing tensors {missing}); refit it")
+            raise CorruptArtifactError(f"not an INLP artifact (method={meta.get('method')!r}, missing tensors {missing})", "refit it")
         directions = tensors["directions"]
         d = int(meta.get("d_model", -1))
         shapes_ok = directions.ndim == 2 and directions.shape[1] == d and all(
             tensors[key].shape == (d,) for key in ("mean_harmful", "mean_harmless", "center")
         )
         if not shapes_ok or directions.shape[0] != meta.get("k"):
-            raise ArtifactError(f"INLP artifact tensors do not match its metadata (d_model={d}, k={meta.get('k')}); refit it")
+            raise CorruptArtifactError(f"INLP artifact tensors do not match its metadata (d_model={d}, k={meta.get('k')})", "refit it")
         return cls(
             directions=directions,
             train_accuracy=list(meta["train_accuracy"]),
@@ -256,13 +258,22 @@ def fit_inlp(
 ) -> INLPResult:
     """Fit INLP directions with a Lightning Trainer; same inputs + seed give identical directions on CPU.
 
+    The numerics run on :data:`~refusal.fitting.threads.FIT_THREADS` CPU threads whatever the
+    caller's count (restored afterwards), so a joblib worker and a serial run write the same artifact.
     ``logger``: any Lightning logger (or list); it gets ``inlp/train_acc``, ``inlp/val_acc`` and
     ``inlp/n_directions`` with ``step = iteration``, plus the config as hyperparameters.
     """
-    import lightning as L  # deferred: importing lightning costs about a second
-
     cfg = (cfg or INLPConfig()).validate()
     _check_data(X, y, X_val, y_val)
+    with fixed_threads(FIT_THREADS):
+        return _fit(X, y, X_val, y_val, cfg, logger, enable_progress_bar, callbacks)
+
+
+def _fit(X: Tensor, y: Tensor, X_val: Tensor, y_val: Tensor, cfg: INLPConfig, logger: Any,
+         enable_progress_bar: bool, callbacks: list[Any] | None) -> INLPResult:
+    """:func:`fit_inlp` proper, on validated inputs and the pinned thread count."""
+    import lightning as L  # deferred: importing lightning costs about a second
+
     L.seed_everything(cfg.seed, workers=False, verbose=False)
 
     mean_harmful, mean_harmless, midpoint = class_means(X, y)
@@ -285,7 +296,7 @@ def fit_inlp(
         classifier=cfg.classifier, l2=cfg.l2, threshold=threshold, batch_size=cfg.batch_size,
         max_steps=cfg.max_steps, max_epochs=cfg.max_epochs, lr=cfg.lr,
         tolerance_grad=cfg.tolerance_grad, tolerance_change=cfg.tolerance_change,
-        seed=cfg.seed, hparams=hparams if logger else None,
+        seed=cfg.seed, num_threads=FIT_THREADS, hparams=hparams if logger else None,
     )
     trainer = L.Trainer(
         accelerator=cfg.accelerator,
@@ -321,5 +332,6 @@ def fit_inlp(
         center=center.detach().cpu().to(torch.float32),
         n_useful=n_useful_of(module.val_accuracy, threshold, directions.shape[0]),
         chance=chance,
-        config={**asdict(cfg), "input_scale": scale, "stop_reason": stop_reason, "implementation": "lightning"},
+        config={**asdict(cfg), "input_scale": scale, "stop_reason": stop_reason, "implementation": "lightning",
+                "fit_threads": FIT_THREADS},
     )

@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 
+from refusal.fitting.threads import FIT_THREADS
+
 CLASSIFIERS = ("logistic", "svm")
 
 
@@ -95,6 +97,7 @@ class INLPModule(LightningModule):
         tolerance_change: float = 1e-10,
         history_size: int = 20,
         seed: int = 0,
+        num_threads: int = FIT_THREADS,
         hparams: dict[str, Any] | None = None,
     ):
         super().__init__()
@@ -108,6 +111,8 @@ class INLPModule(LightningModule):
         self.max_steps, self.max_epochs, self.lr = max_steps, max_epochs, lr
         self.tolerance_grad, self.tolerance_change, self.history_size = tolerance_grad, tolerance_change, history_size
         self.seed = seed
+        self.num_threads = num_threads  # CPU threads of the fit: float sums depend on the count
+        self._caller_threads: int | None = None
         d = x.shape[1]
         self.linear = nn.Linear(d, 1)
         # Plain attributes, not buffers: moved to the device once in ``on_fit_start``, never
@@ -147,10 +152,21 @@ class INLPModule(LightningModule):
         return self._batches
 
     def on_fit_start(self) -> None:
-        """Move the data to the accelerator once (the Trainer has placed the module by now)."""
+        """Pin the CPU thread count and move the data to the accelerator once (the module is placed by now).
+
+        Pinned here, not only by the caller: Lightning's DDP launchers set each rank's count (to
+        ``cpu_count // world_size`` when ``OMP_NUM_THREADS`` is unset), and the loss and gradient sums depend on it.
+        """
+        self._caller_threads = torch.get_num_threads()
+        torch.set_num_threads(self.num_threads)
         for name in ("x", "y", "x_val", "y_val", "W"):
             setattr(self, name, getattr(self, name).to(self.device))
         self.xp, self.xp_val = self.x, self.x_val
+
+    def on_fit_end(self) -> None:
+        if self._caller_threads is not None:
+            torch.set_num_threads(self._caller_threads)
+            self._caller_threads = None
 
     def on_train_epoch_start(self) -> None:
         """Project the data onto the current nullspace and reset the classifier and optimiser."""

@@ -19,7 +19,8 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from refusal.artifacts import load_artifact, save_artifact
-from refusal.errors import ArtifactError, ConfigError, DataError
+from refusal.errors import ConfigError, CorruptArtifactError, DataError
+from refusal.fitting.threads import FIT_THREADS, fixed_threads
 
 INSTALL_HINT = "pip install -e '.[leace]' (or pip install concept-erasure==0.2.4)"
 
@@ -61,11 +62,11 @@ class LEACEResult:
         tensors, meta = load_artifact(stem, expect)
         names = ("proj_left", "proj_right", "bias", "mean_harmful", "mean_harmless")
         if meta.get("method") != "leace" or any(name not in tensors for name in names):
-            raise ArtifactError(f"{stem} is not a LEACE artifact (method={meta.get('method')!r}); refit it")
+            raise CorruptArtifactError(f"{stem} is not a LEACE artifact (method={meta.get('method')!r})", "refit it")
         result = cls(*(tensors[name] for name in names))
         d = result.d_model
         if result.proj_left.shape != (d, result.rank) or result.proj_right.shape[1] != d:
-            raise ArtifactError(f"LEACE artifact {stem} has inconsistent shapes; refit it")
+            raise CorruptArtifactError(f"LEACE artifact {stem} has inconsistent shapes", "refit it")
         return result
 
 
@@ -73,7 +74,9 @@ def fit_leace(X: Float[Tensor, "n d_model"], y: Int[Tensor, " n"]) -> LEACEResul
     """Fit the LEACE eraser of the harmful (1) / harmless (0) label on ``X`` (float64 internally).
 
     ``constrain_cov_trace`` is off so that the eraser is the exact LEACE projection (R L = 1, equal
-    class means afterwards); the package's default would mix in an orthogonal projection.
+    class means afterwards); the package's default would mix in an orthogonal projection. Runs on
+    :data:`~refusal.fitting.threads.FIT_THREADS` CPU threads (the covariance product and ``eigh``
+    are MKL's, reproducible only for a fixed count), so the artifact does not depend on the caller's.
     """
     try:
         from concept_erasure import LeaceFitter
@@ -81,13 +84,14 @@ def fit_leace(X: Float[Tensor, "n d_model"], y: Int[Tensor, " n"]) -> LEACEResul
         raise ConfigError(f"LEACE needs the concept-erasure package: {INSTALL_HINT}") from err
     if X.ndim != 2 or len(X) != len(y) or int(y.sum()) in (0, len(y)):
         raise DataError(f"LEACE needs [n, d] activations with both classes, got {tuple(X.shape)} and {int(y.sum())} harmful")
-    X64 = X.detach().to(torch.float64)
-    eraser = LeaceFitter.fit(X64, y.to(torch.float64)[:, None], constrain_cov_trace=False).eraser
-    mask = y.bool()
-    return LEACEResult(
-        proj_left=eraser.proj_left.to(torch.float32).contiguous(),
-        proj_right=eraser.proj_right.to(torch.float32).contiguous(),
-        bias=eraser.bias.to(torch.float32).contiguous(),
-        mean_harmful=X64[mask].mean(0).to(torch.float32),
-        mean_harmless=X64[~mask].mean(0).to(torch.float32),
-    )
+    with fixed_threads(FIT_THREADS):
+        X64 = X.detach().to(torch.float64)
+        eraser = LeaceFitter.fit(X64, y.to(torch.float64)[:, None], constrain_cov_trace=False).eraser
+        mask = y.bool()
+        return LEACEResult(
+            proj_left=eraser.proj_left.to(torch.float32).contiguous(),
+            proj_right=eraser.proj_right.to(torch.float32).contiguous(),
+            bias=eraser.bias.to(torch.float32).contiguous(),
+            mean_harmful=X64[mask].mean(0).to(torch.float32),
+            mean_harmless=X64[~mask].mean(0).to(torch.float32),
+        )
