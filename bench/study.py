@@ -46,6 +46,12 @@ from refusal.report import flat_row, load_runs, markdown_table, pareto_front  # 
 from refusal.verdict import RULES, ClaimInputs, Rate, c1, c2, claims_table, decide  # noqa: E402
 
 STUDY_MODELS = ["qwen05", "qwen15"]  # the packaged models that refuse
+# Negative controls: a chat model that barely refuses and a base model with no chat tuning. They get the main rows
+# only: with no refusal to suppress, C1–C3 have no premise, and they show what the methods do where there is none.
+CONTROL_MODELS = ["smollm2", "gemma3_270m"]
+# The DiM picks published before selection followed refusal_direction exactly (docs/RESULTS.md at commit ff82bc1:
+# layers < n − floor(0.2·n), no prompt filter, float32 log-odds, induce >): the "before" column of the selection table.
+PICKS_BEFORE = {"qwen05": "L15P-1", "qwen15": "L22P-2"}
 SPLITS_DIR = REPO.parent / "shared" / "data" / "refusal_direction_splits"
 STEPS = ["main", "actadd", "k", "alpha", "controls", "tokens", "geometry", "leace", "heldout", "pareto"]
 HELDOUT_ROWS = "none,actadd,dim_ablation,inlp_nullspace,inlp_flip"
@@ -64,7 +70,7 @@ CONTROLS = {
     "flip_per_layer": ["intervention=inlp_flip", "intervention.layers=all", "fit.inlp.per_layer=true"],
     "random_rank_selected": ["intervention=random_ablation", "intervention.k={rank}", "intervention.layers=selected"],
     "random_rank_all": ["intervention=random_ablation", "intervention.k={rank}"],
-    "random_1_all": ["intervention=random_ablation", "intervention.k=1"],
+    "random_1_all": ["intervention=random_ablation", "intervention.k=1", "intervention.center=zero"],  # uncentred like DiM ablation
 }
 GEOMETRY_SPECS = ["none", "actadd:coeff=-1.0", "dim_ablation", "inlp_nullspace", "inlp_flip",
                   f"inlp_nullspace:k={LEGACY_K}", f"inlp_flip:k={LEGACY_K}", "dim_ablation:layers=selected",
@@ -79,7 +85,8 @@ def swept(key: str, values: list[Any]) -> str:
 
 
 def _model_order(model: str) -> tuple[int, str]:
-    return (STUDY_MODELS.index(model) if model in STUDY_MODELS else len(STUDY_MODELS), model)
+    order = STUDY_MODELS + CONTROL_MODELS
+    return (order.index(model) if model in order else len(order), model)
 
 
 class Study:
@@ -303,6 +310,29 @@ def _token_section(runs: dict[str, ModelRuns], short: int, long: int) -> list[st
     return out
 
 
+def _control_models_section(runs: dict[str, ModelRuns]) -> list[str]:
+    """The negative controls: what each method does to a model with (almost) no refusal to suppress."""
+    lines = []
+    for model in (m for m in runs if m in CONTROL_MODELS):
+        mr = runs[model]
+        base, ablation, flip, null = (_pick(mr.main, name) for name in ("none", "dim_ablation", "inlp_flip", "inlp_nullspace"))
+        if not base:
+            continue
+        kept = mr.fitted.get("refusal_filter", {}).get("harmful_train", {})
+        rows = "; ".join(f"{label} {Rate.of(r)}" for label, r in (("DiM ablation", ablation), ("INLP nullspace", null),
+                                                                   ("INLP flip", flip)) if r)
+        lines.append(f"- **{model}**: baseline harmful refusal {Rate.of(base)}, harmless {base['harmless/refusal_rate']:.1%}; "
+                     f"{rows}. The refusal filter kept {kept.get('kept', '?')} of {kept.get('of', '?')} harmful train "
+                     f"prompts{' (none: all were used)' if kept.get('used_whole') else ''}; DiM layer {mr.fitted.get('layer')}, "
+                     f"INLP rank {mr.rank}.")
+    if not lines:
+        return []
+    return ["### Negative controls: models with no refusal to remove", "",
+            "SmolLM2-135M-Instruct barely refuses and Gemma-3-270m is a base model without chat tuning. The claims "
+            "have no premise there (nothing to suppress), so they get no verdict; their rows (same settings, main "
+            "table below) show whether a method's effect needs a refusing model or would appear anyway:", "", *lines, ""]
+
+
 def _leace_section(runs: dict[str, ModelRuns]) -> list[str]:
     """LEACE beside DiM and INLP: does erasing the linear information suppress refusal, and where does it land?"""
     lines = []
@@ -331,7 +361,8 @@ def _leace_section(runs: dict[str, ModelRuns]) -> list[str]:
 
 
 def _selection_section(runs: dict[str, ModelRuns]) -> list[str]:
-    """The DiM pick under each induce rule, from the study's own selection scores (no rescoring)."""
+    """The DiM pick under each induce rule (from the study's own selection scores, no rescoring), what Arditi et
+    al.'s prompt filter kept, and the pick published before selection followed their code exactly."""
     from dataclasses import replace
 
     from refusal.artifacts import load_artifact
@@ -351,17 +382,26 @@ def _selection_section(runs: dict[str, ModelRuns]) -> list[str]:
         scored = int(t["bypass"].isfinite().sum())
         passing = {rule: int(((t["kl"] <= cfg.max_kl) & (t["induce"] >= replace(cfg, induce_rule=rule).induce_threshold(
             result.baseline_harmless))).sum()) for rule in INDUCE_RULES}
-        lines.append(f"| {model} | {picks['relative']} ({passing['relative']} of {scored} pass) | "
-                     f"{picks['absolute']} ({passing['absolute']} of {scored} pass) | {meta['baseline_harmless_score']:.2f} |")
+        kept = meta.get("refusal_filter") or {}
+        filtered = ", ".join(f"{split.replace('_', ' ')} {v['kept']}/{v['of']}" + (" (none: all used)" if v.get("used_whole") else "")
+                             for split, v in kept.items()) or "off"
+        lines.append(f"| {model} | {PICKS_BEFORE.get(model, '-')} | {picks['relative']} ({passing['relative']} of {scored} pass) | "
+                     f"{picks['absolute']} ({passing['absolute']} of {scored} pass) | {meta['baseline_harmless_score']:.2f} | "
+                     f"{filtered} |")
     if not lines:
         return []
-    return ["### DiM selection: relative vs absolute induce rule", "",
-            "Arditi et al. keep a candidate only if adding it makes harmless prompts' first-token refusal log-odds "
-            "positive (`absolute`); on weak refusers no candidate passes and selection falls back to KL only. The "
-            "`relative` rule (the default now) asks that actadd raise the score above the unsteered harmless one. "
-            "Picks among the candidates the study scored (shortlist: every layer's last position, then all positions "
-            "of the best 2 layers):", "",
-            "| model | relative pick | absolute pick | unsteered harmless score |", "|---|---|---|---|", *lines, ""]
+    return ["### DiM selection: Arditi et al.'s rule, relative vs absolute induce filter", "",
+            "Selection follows refusal_direction's `select_direction` and `filter_data`: train and val prompts are first "
+            "filtered by the model's own first-token refusal score (harmful kept when > 0, harmless when < 0; a class "
+            "with none kept is used whole), candidates from layers ≥ int(0.8·n) are dropped, scores are float64 with "
+            "their ε, KL ≤ 0.1 and the induce score ≥ its threshold keep a candidate. Arditi et al. keep a candidate "
+            "only if adding it makes harmless prompts' refusal log-odds non-negative (`absolute`); on weak refusers no "
+            "candidate passes and selection falls back to KL only. The `relative` rule (the default) asks that actadd "
+            "raise the score to at least the unsteered harmless one. *Before*: the pick published before selection "
+            "matched their code (no filter, one more layer, float32 scores). Picks among the candidates the study scored "
+            "(shortlist: every layer's last position, then all positions of the best 2 layers):", "",
+            "| model | before | relative pick (now) | absolute pick | unsteered harmless score | prompts the filter kept |",
+            "|---|---|---|---|---|---|", *lines, ""]
 
 
 def _heldout_section(runs: dict[str, ModelRuns]) -> list[str]:
@@ -457,15 +497,17 @@ def render(root: Path, docs: Path, meta: dict[str, Any]) -> Path:
         f"Generated by `python bench/study.py` on {meta['date']} ({meta['hardware']}); do not edit by hand "
         "(`python bench/study.py --render-only` re-renders from `study/`).", "",
         f"Settings for every number below unless a row says otherwise: {meta['data']}; greedy decoding, {short} new "
-        "tokens; DiM layer and position selected on val (Arditi et al.'s rule, `fit.dim` shortlist); INLP fitted "
+        "tokens; DiM layer and position selected on val by Arditi et al.'s rule (their prompt filter, layer prune and "
+        "score definitions; `fit.dim` shortlist), fits on the filtered train prompts; INLP fitted "
         "at the DiM layer on all post-instruction positions, logistic classifiers, run to convergence (held-out "
         "accuracy within 0.02 of chance; `k=all` = the converged rank); INLP nullspace and flip act at the DiM layer "
         "on every position, DiM ablation at every block input and attention/MLP write, actadd at the DiM layer. "
         "Refusal rate = substring match (Arditi et al. / JailbreakBench phrases), 95% Wilson interval in brackets.", "",
         "## Verdict", "", "Rules (applied by `refusal.verdict`, not by hand):", "", RULES,
     ]
-    verdicts = {m: decide(i) for m, mr in runs.items() if (i := mr.inputs())}
-    legacy = {m: decide(i) for m, mr in runs.items() if (i := mr.inputs(LEGACY_K)) and mr.rank > LEGACY_K}
+    refusing = {m: mr for m, mr in runs.items() if m not in CONTROL_MODELS}
+    verdicts = {m: decide(i) for m, mr in refusing.items() if (i := mr.inputs())}
+    legacy = {m: decide(i) for m, mr in refusing.items() if (i := mr.inputs(LEGACY_K)) and mr.rank > LEGACY_K}
     if verdicts:
         md += ["### Converged INLP (the study's setting)", "", claims_table(verdicts), ""]
     if legacy:
@@ -482,6 +524,7 @@ def render(root: Path, docs: Path, meta: dict[str, Any]) -> Path:
            "as refusal. The token-budget check below reruns the main rows with a longer budget.", "",
            *_token_section(runs, short, meta.get("token_budget", 128))]
 
+    md += _control_models_section(runs)
     md += _leace_section(runs)
     md += _selection_section(runs)
     main_rows = [r for mr in runs.values() for r in _order(mr.main + mr.leace)]
@@ -542,7 +585,8 @@ def render(root: Path, docs: Path, meta: dict[str, Any]) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=STUDY_MODELS)
+    parser.add_argument("--models", nargs="+", default=STUDY_MODELS + CONTROL_MODELS,
+                        help=f"the negative controls ({', '.join(CONTROL_MODELS)}) run the main step only")
     parser.add_argument("--steps", nargs="+", default=STEPS, choices=STEPS)
     parser.add_argument("--ks", nargs="+", type=int, default=KS, help="k sweep (below the converged rank)")
     parser.add_argument("--alphas", nargs="*", type=float, default=ALPHAS, help="flip α sweep at the converged rank")
@@ -573,7 +617,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         study = Study(args.root, common)
         for model in args.models:
-            study.model(model, args.steps, args)
+            study.model(model, [s for s in args.steps if model not in CONTROL_MODELS or s == "main"], args)
         info = host_info("cpu")
         meta = {
             "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d"),
