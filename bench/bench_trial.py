@@ -8,8 +8,11 @@ What a search pays once happens before the timing, in an untimed first trial: th
 DiM/INLP fits, the unsteered generations and next-token logits. Each timed trial then steers with a
 new value (inlp_flip: α; actadd: the coefficient), so no steered generation comes from the cache.
 
-Target: heretic (the peer tool) spends 32 s per trial on the same checkpoint for 32 + 32 prompts and
-32 tokens; a lean trial on the same work should be no slower.
+Target: 32 s per trial, what heretic (the peer tool) took on the same checkpoint in one run set to 32 + 32
+prompts and max_response_length=32; a lean trial on that work (--prompts 32 --tokens 32) should be no
+slower. heretic-llm 1.4.0's defaults do more per trial: 100 + 100 evaluation prompts and
+max_response_length=100 new tokens for the refusal count; its KL, like ours, reads the first generated
+token only.
 
 Generations and next-token logits go to a temporary cache (the dequantized model is linked in from
 REFUSAL_CACHE, so nothing is dequantized again); fits are read from (or written to) the usual

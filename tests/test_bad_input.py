@@ -207,6 +207,134 @@ def test_wrong_type_or_range_fails_before_model_loads(compose, no_model_load, ov
         prepare(compose(*overrides))
 
 
+# -- sizes, seed, ranges, judges list: checked before the model loads ------------------------------
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["eval.batch_size=0"], r"^eval.batch_size=0 must be an integer >= 1 \(rows per generation batch\), e.g. eval.batch_size=16$"),
+        (["eval.batch_size=-1"], r"^eval.batch_size=-1 must be an integer >= 1 "),
+        (["eval.batch_size=2.5"], r"^eval.batch_size=2.5 must be an integer >= 1 "),
+        (["model.batch_size=0"], r"^model.batch_size=0 must be an integer >= 1 \(rows per forward pass\), e.g. model.batch_size=16$"),
+        (["model.batch_size=-1"], r"^model.batch_size=-1 must be an integer >= 1 "),
+        (["fit.dim.batch_size=0"], r"^fit.dim.batch_size=0 must be an integer >= 1 \(rows per scoring forward pass\)"),
+        (["fit.dim.batch_size=-1"], r"^fit.dim.batch_size=-1 must be an integer >= 1 "),
+        (["eval.judges=[substring,model]", "judge.model.batch_size=0"], r"^judge.model.batch_size=0 must be an integer >= 1 "),
+        (["fit.inlp.epsilon=-1"], r"^fit.inlp.epsilon=-1 must be within \[0, 0.5\): INLP stops once held-out accuracy is "
+                                  r"within epsilon of chance, which a negative epsilon may never allow .*; e.g. fit.inlp.epsilon=0.02$"),
+        (["fit.inlp.epsilon=0.5"], r"^fit.inlp.epsilon=0.5 must be within \[0, 0.5\)"),
+        (["fit.inlp.n_iterations=0"], r"^fit.inlp.n_iterations=0 must be an integer >= 1 "),
+        (["fit.inlp.seed=x"], r"^fit.inlp.seed must be an integer, got 'x'$"),
+        (["fit.dim.max_kl=-0.1"], r"^fit.dim.max_kl=-0.1 must be >= 0 "),
+        (["fit.dim.shortlist=-1"], r"^fit.dim.shortlist=-1 must be an integer >= 0 \(0 = no shortlist, N = the best N layers\), e.g. fit.dim.shortlist=2$"),
+        (["fit.dim.share_prefix=maybe"], r"^fit.dim.share_prefix='maybe' must be true or false$"),
+        (["fit.filter_train=no"], r"^fit.filter_train='no' must be true or false$"),
+        (["+fit.dim.max_k=1"], r"^fit.dim has an unknown key 'max_k'; valid keys: batch_size, induce_rule, max_kl, "),
+        (["+fit.dim.filter_train=false"], r"^fit.dim.filter_train is not a fit.dim key: the switch is fit.filter_train "
+                                          r".*; write fit.filter_train=false$"),
+        (["eval.judges=[]"], r"^eval.judges=\[\] names no judge; give at least one, e.g. eval.judges=\[substring\]"),
+        (["eval.judges=null"], r"^eval.judges=null names no judge; give at least one, e.g. eval.judges=\[substring\]"),
+        (["eval.judges=[substring,substring]"], r"lists a judge twice; name each judge once$"),
+    ],
+)
+def test_bad_sizes_ranges_and_switches_fail_before_model_loads(compose, no_model_load, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        prepare(compose(*overrides))
+
+
+def test_the_fit_switches_and_the_range_ends_are_accepted(compose):
+    """The ranges' own ends and the boolean fit switches pass: the checks reject only what cannot work."""
+    check_config(compose("fit.inlp.epsilon=0", "fit.dim.max_kl=0", "fit.dim.shortlist=0", "fit.dim.n_prompts=null",
+                         "fit.filter_train=false", "fit.filter_val=true", "fit.dim.share_prefix=false"))
+
+
+def test_seed_is_checked_first_and_named_as_typed(compose, no_model_load, tmp_path):
+    """data.seed and fit.inlp.seed copy the top-level seed: the error names `seed`, before any int() of it."""
+    from refusal.evaluation import run_evaluation
+    from refusal.training import run_training
+
+    for value, shown in (("a", "'a'"), ("1.5", "1.5")):
+        cfg = compose(f"seed={value}")
+        with pytest.raises(ConfigError, match=rf"^seed={shown} must be an integer, e.g. seed=0$"):
+            run_evaluation(cfg, tmp_path / "run")
+        with pytest.raises(ConfigError, match=rf"^seed={shown} must be an integer, e.g. seed=0$"):
+            run_training(cfg)
+
+
+def test_a_single_judge_name_is_read_as_a_one_judge_list_said_once(compose, caplog, monkeypatch):
+    from refusal.judges import judge_configs
+
+    monkeypatch.setattr("refusal.judges._SINGLE_NAMES_NOTED", set(), raising=False)  # said once per process
+    cfg = compose("eval.judges=substring")
+    with caplog.at_level(logging.INFO, logger="refusal.judges"):
+        check_config(cfg)
+        judges = judge_configs(cfg, [])
+        assert judge_configs(cfg, []) == judges
+    assert list(judges) == ["substring"] and judges["substring"]["type"] == "substring"
+    assert caplog.text.count("eval.judges=substring is one name: read as the one-judge list [substring]") == 1
+
+
+def test_cli_seed_and_batch_size_errors_are_one_line(tmp_path):
+    procs = {"seed": _cli("seed=a", tmp=tmp_path / "a"), "batch": _cli("eval.batch_size=-1", tmp=tmp_path / "b")}
+    out = {name: (*proc.communicate(timeout=300), proc.returncode) for name, proc in procs.items()}
+    expected = {"seed": "error: seed='a' must be an integer, e.g. seed=0",
+                "batch": "error: eval.batch_size=-1 must be an integer >= 1 (rows per generation batch), e.g. eval.batch_size=16"}
+    for name, (_, stderr, code) in out.items():
+        assert code == 2 and "Traceback" not in stderr, stderr[-2000:]
+        assert [line for line in stderr.splitlines() if line.startswith("error:")] == [expected[name]]
+
+
+# -- multirun overrides of a key only some swept options have -------------------------------------
+def _multirun(*overrides: str, tmp: Path) -> subprocess.Popen:
+    args = [sys.executable, str(REPO / "evaluate.py"), "-m", *overrides, "model=tiny", "logger=none", "progress=false",
+            f"cache_dir={tmp / 'cache'}", f"artifacts_dir={tmp / 'art'}", f"hydra.sweep.dir={tmp / 'sweep'}", *SMALL]
+    return subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_a_multirun_override_of_a_key_none_lacks_names_the_double_plus(tmp_path):
+    """The primary config of a multirun is intervention=none; Hydra's own advice there (use +) is wrong."""
+    procs = {
+        "primary": _multirun("intervention=inlp_flip,inlp_nullspace", "intervention.k=4", tmp=tmp_path / "a"),
+        "option": _multirun("intervention=none,inlp_flip", "intervention.k=1,2", tmp=tmp_path / "b"),
+    }
+    out = {name: (*proc.communicate(timeout=300), proc.returncode) for name, proc in procs.items()}
+    expected = {
+        "primary": "error: intervention.k is not a key of intervention=none (the primary config a multirun composes "
+                   "before its jobs); write ++intervention.k=4 to set it in every job (added to the intervention options that lack it)",
+        "option": "error: intervention.k is not a key of intervention=none (one of this multirun's options); write "
+                  "++intervention.k=1,2 to set it in every job (added to the intervention options that lack it)",
+    }
+    for name, (_, stderr, code) in out.items():
+        assert code == 2 and "Traceback" not in stderr, stderr[-2000:]
+        assert [line for line in stderr.splitlines() if line.startswith("error:")] == [expected[name]]
+    assert not (tmp_path / "a" / "sweep").exists() and not (tmp_path / "b" / "sweep").exists()  # no job started
+
+
+def test_multiruns_with_scope_keys_and_the_double_plus_complete_and_none_stays_the_baseline(tmp_path):
+    import csv
+
+    procs = {
+        "layers": _multirun("intervention=dim_ablation,inlp_flip", "intervention.layers=selected", tmp=tmp_path / "a"),
+        "plus": _multirun("intervention=none,inlp_flip", "++intervention.k=1", tmp=tmp_path / "b"),
+    }
+    out = {name: (*proc.communicate(timeout=600), proc.returncode) for name, proc in procs.items()}
+    for _, stderr, code in out.values():
+        assert code == 0, stderr[-3000:]
+    results = {name: {p.parent.name.split("_", 2)[2]: json.loads(p.read_text())
+                      for p in (tmp_path / folder / "sweep").glob("*/results.json")}
+               for name, folder in (("layers", "a"), ("plus", "b"))}
+    layers = results["layers"]
+    assert set(layers) == {"dim_ablation", "inlp_flip"} and all(r["status"] == "ok" for r in layers.values())
+    for r in layers.values():  # layers=selected: the one DiM layer, for dim_ablation (default: all) too
+        assert r["scope"]["layers"] == [r["layer"]]
+    none, flip = results["plus"]["none"], results["plus"]["inlp_flip"]
+    assert none["status"] == flip["status"] == "ok" and flip["params"]["k"] == 1
+    assert none["scope"]["layers"] == [] and none["metrics"]["harmless/kl_div"] == 0.0  # the unsteered model
+    assert none["metrics"]["harmful/refusal_rate"] == none["metrics"]["baseline/harmful/refusal_rate"]
+    rows = {row["intervention"]: row for row in csv.DictReader((tmp_path / "b" / "sweep" / "report.csv").open())}
+    assert rows["none"]["params"] == "-" and rows["none"]["params/k"] == ""  # the baseline shows no k it never read
+    assert rows["inlp_flip"]["params"].endswith("k=1")
+
+
 # -- data -----------------------------------------------------------------------------------------
 def _files_cfg(compose, harmful: Path, harmless: Path, *extra: str):
     return compose("data=files", f"data.harmful_path={harmful}", f"data.harmless_path={harmless}",

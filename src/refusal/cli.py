@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -162,12 +163,132 @@ def check_hydra_plugins(argv: list[str], conf_dir: Path) -> None:
         raise ConfigError(f"{group}={value} {what} (installed: {', '.join(installed)}); {CLUSTER_EXTRA}")
 
 
+_NOT_A_KEY = re.compile(r"Could not override '(?P<key>(?P<group>[A-Za-z_][\w-]*)\.[^']+)'")
+
+
+def _hydra_args(argv: list[str]) -> Any:
+    """Hydra's own reading of the command line, or None where it would stop at the flags itself."""
+    from hydra._internal.utils import get_args_parser
+
+    parser = get_args_parser()
+
+    def refuse(message: str) -> None:
+        raise ValueError(message)
+
+    parser.error = refuse  # type: ignore[method-assign]  # Hydra reports bad flags itself, once
+    try:
+        return parser.parse_args(argv)
+    except (ValueError, SystemExit):
+        return None
+
+
+def _compose(conf_dir: Path, config_name: str, overrides: list[str], multirun: bool) -> tuple[Any, str | None]:
+    """The config Hydra composes for ``overrides`` (a multirun's first, with sweeps left for the jobs), or
+    the message of Hydra's composition error."""
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from hydra.types import RunMode
+
+    with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+        loader = GlobalHydra.instance().config_loader()
+        try:
+            mode = RunMode.MULTIRUN if multirun else RunMode.RUN
+            return loader.load_configuration(config_name, overrides, run_mode=mode, validate_sweep_overrides=False), None
+        except HydraException as err:
+            return None, str(err)
+
+
+def _not_a_key(message: str | None, lines: list[str], choices: dict[str, str], swept: dict[str, list[str]], where: str,
+               ) -> RefusalError | None:
+    """Hydra's 'Could not override intervention.k ... use +' for a key of a swept group as one line naming ``++``."""
+    from refusal.errors import ConfigError
+
+    match = _NOT_A_KEY.match(message or "")
+    if match is None or match["group"] not in swept:
+        return None
+    key, group = match["key"], match["group"]
+    line = next((x for x in lines if x.lstrip("+~").split("=", 1)[0] == key), f"{key}=...")
+    return ConfigError(f"{key} is not a key of {group}={choices.get(group, '?')} ({where}); write ++{line.lstrip('+')} "
+                       f"to set it in every job (added to the {group} options that lack it)")
+
+
+def _values(override: Any) -> list[str] | None:
+    """A sweep's values as strings (``a,b``, ``range(1,3)``); None for a search range (``interval(0,1)``)."""
+    try:
+        return list(override.sweep_string_iterator())
+    except Exception:  # noqa: BLE001  (an Optuna distribution has no list of values)
+        return None
+
+
+def check_multirun_overrides(argv: list[str], conf_dir: Path) -> None:
+    """A multirun composes its first config from the defaults (``intervention=none``) before any job picks its
+    option, so a key only some swept options have (``intervention.k=4`` with ``-m intervention=inlp_flip,
+    inlp_nullspace``) stops with Hydra's 'Could not override ... use +'; that advice is wrong there (+ fails on
+    the options that have the key). This says ``++`` instead, before Hydra starts; a plain run, and every other
+    composition error, is left to Hydra's own message."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.types import RunMode
+
+    if "--version" in argv or not any(a in ("-m", "--multirun") or a.split("=", 1)[0].lstrip("+") in
+                                      ("experiment", "hydra.mode") for a in argv):
+        return  # a plain run: Hydra's own message is right there
+    args = _hydra_args(argv)
+    if args is None or args.config_dir or args.config_path or args.cfg or args.info or args.shell_completion \
+            or args.help or args.hydra_help or args.experimental_rerun:
+        return
+    name, lines = args.config_name or "config", list(args.overrides)
+    try:
+        parsed = OverridesParser.create().parse_overrides(lines)
+    except Exception:  # noqa: BLE001  (Hydra says what is wrong with it)
+        return
+    cfg, error = _compose(conf_dir, name, lines, multirun=True)
+    failing = _NOT_A_KEY.match(error or "")
+    if failing is not None:  # the same without the override Hydra rejects: which option, which sweeps
+        cfg, _ = _compose(conf_dir, name, [x for x in lines if x.lstrip("+~").split("=", 1)[0] != failing["key"]], True)
+    if cfg is None or not (args.multirun or cfg.hydra.mode == RunMode.MULTIRUN):
+        return
+    choices = dict(cfg.hydra.runtime.choices)
+    swept = {o.key_or_group: _values(o) for o in parsed if o.is_sweep_override() and o.key_or_group in choices}
+    for group, value in (cfg.hydra.sweeper.get("params") or {}).items():  # experiment=compare sweeps in its config
+        if group in choices and isinstance(value, str) and "(" not in value:
+            swept.setdefault(str(group), [v.strip() for v in value.split(",")])
+    swept = {group: values for group, values in swept.items() if values}  # config groups with a list of options
+    if failing is not None:
+        hint = _not_a_key(error, lines, choices, swept, "the primary config a multirun composes before its jobs")
+        if hint is not None:
+            raise hint
+        return
+    _check_each_option(conf_dir, name, parsed, swept, choices)
+
+
+def _check_each_option(conf_dir: Path, name: str, parsed: list[Any], swept: dict[str, list[str]],
+                       choices: dict[str, str]) -> None:
+    """Each option of a swept group composed as its job will be (every other sweep at its first value), so
+    ``-m intervention=none,inlp_flip intervention.k=1,2`` stops here, not in the launcher."""
+    lines = [o.input_line for o in parsed]
+    at_first = []
+    for o in parsed:
+        values = _values(o) if o.is_sweep_override() else None
+        if o.key_or_group in swept or (o.is_sweep_override() and not values):
+            continue  # a search range stays out: its values are the sweeper's to draw
+        at_first.append(f"{o.input_line.split('=', 1)[0]}={values[0]}" if values else o.input_line)
+    for group, options in swept.items():
+        others = [f"{g}={values[0]}" for g, values in swept.items() if g != group]
+        for option in options:
+            _, error = _compose(conf_dir, name, [*at_first, *others, f"{group}={option}"], multirun=False)
+            hint = _not_a_key(error, lines, {**choices, group: option}, {group: options}, "one of this multirun's options")
+            if hint is not None:
+                raise hint
+
+
 def entry_point(main: Callable[[], Any], conf_dir: Path) -> None:
-    """Run a Hydra ``main`` after registering plugin configs; a broken plugin or a launcher or sweeper
-    that is not installed is one ``error:`` line."""
+    """Run a Hydra ``main`` after registering plugin configs; a broken plugin, a launcher or sweeper that is
+    not installed, or a multirun override of a key only some swept options have is one ``error:`` line."""
     try:
         check_hydra_plugins(sys.argv[1:], conf_dir)
         register_plugin_configs(sys.argv[1:], conf_dir)
+        check_multirun_overrides(sys.argv[1:], conf_dir)
     except RefusalError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -35,6 +35,28 @@ def _number(value: Any, key: str) -> float:
     return float(value)
 
 
+def _count(value: Any, key: str, what: str, example: int, least: int = 1) -> int:
+    """An integer >= ``least``: a batch size of 0 or -1 would fail deep inside a forward pass, after a fit."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ConfigError(f"{key}={value!r} must be an integer >= {least} ({what}), e.g. {key}={example}")
+    return value
+
+
+def _flag(value: Any, key: str) -> bool:
+    """A switch given as a string ('no', 'false') would be truthy: only true or false is accepted."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}={value!r} must be true or false")
+    return value
+
+
+def check_seed(cfg: Any) -> int:
+    """The top-level ``seed``, checked before anything reads it (data.seed and fit.inlp.seed copy it)."""
+    seed = cfg.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError(f"seed={seed!r} must be an integer, e.g. seed=0")
+    return seed
+
+
 def resolve_layer_spec(layer_cfg: Any, n_layers: int | None, n_positions: int | None = None) -> LayerSpec:
     """Turn ``layer=auto|fixed|relative`` into a concrete spec, checking ranges when sizes are known."""
     mode = layer_cfg.get("mode")
@@ -114,6 +136,8 @@ def _check_model(model: Any) -> None:
     gguf = model.get("gguf")
     if gguf is not None and gguf.get("filename") is not None:
         _check_safe_name(gguf.get("filename"), "model.gguf.filename")
+    if "batch_size" in model:
+        _count(model["batch_size"], "model.batch_size", "rows per forward pass", 16)
     trust = model.get("trust_remote_code", False)
     if not isinstance(trust, bool):
         raise ConfigError(f"model.trust_remote_code={trust!r} must be true or false (a boolean, not a string)")
@@ -137,6 +161,14 @@ def split_inlp_settings(icfg: Any) -> tuple[str, bool, dict[str, Any]]:
 def _check_inlp(icfg: Any) -> None:
     from refusal.fitting.inlp import INLPConfig
 
+    _count(icfg.n_iterations, "fit.inlp.n_iterations", "a cap on the directions INLP fits", 300)
+    epsilon = _number(icfg.epsilon, "fit.inlp.epsilon")
+    if not 0 <= epsilon < 0.5:
+        raise ConfigError(f"fit.inlp.epsilon={epsilon:g} must be within [0, 0.5): INLP stops once held-out accuracy "
+                          "is within epsilon of chance, which a negative epsilon may never allow (it runs to the "
+                          "n_iterations cap) and 0.5 or more always does (one direction); e.g. fit.inlp.epsilon=0.02")
+    if "seed" in icfg:
+        _int(icfg.seed, "fit.inlp.seed")
     _, _, options = split_inlp_settings(icfg)
     try:
         INLPConfig(**options).validate()
@@ -155,6 +187,7 @@ def plugin_dirs(cfg: DictConfig) -> list[str]:
 
 def check_config(cfg: DictConfig, bundle: Any = None) -> None:
     """Validate everything checkable; with ``bundle``, also check declared sizes against the real model."""
+    check_seed(cfg)
     n_layers = cfg.model.get("n_layers")
     n_positions = None
     if bundle is not None:
@@ -166,9 +199,28 @@ def check_config(cfg: DictConfig, bundle: Any = None) -> None:
     _check_model(cfg.model)
     resolve_layer_spec(cfg.layer, n_layers, n_positions)
     _check_intervention(cfg, n_layers)
-    dim = cfg.fit.dim
+    _check_fit(cfg.fit)
+    if "eval" in cfg:
+        _check_eval(cfg.eval)
+
+
+def _check_dim(dim: Any) -> None:
+    from dataclasses import fields
+
+    from refusal.fitting.dim import SelectionConfig
+
+    valid = sorted(f.name for f in fields(SelectionConfig))
+    unknown = sorted(set(dim) - set(valid))
+    for key in unknown:  # fit_dim builds SelectionConfig(**fit.dim): an unknown key would fail after the model loads
+        if key in ("filter_train", "filter_val"):
+            raise ConfigError(f"fit.dim.{key} is not a fit.dim key: the switch is fit.{key} (it filters the prompts of "
+                              f"every fit, not only DiM's); write fit.{key}={str(dim[key]).lower()}")
+        raise ConfigError(f"fit.dim has an unknown key {key!r}; valid keys: {', '.join(valid)}")
     for key in ("max_kl", "min_induce", "prune_last_fraction"):
         _number(dim[key], f"fit.dim.{key}")
+    if dim.max_kl < 0:
+        raise ConfigError(f"fit.dim.max_kl={dim.max_kl:g} must be >= 0 (the KL a candidate's ablation may move "
+                          "harmless next-token distributions), e.g. fit.dim.max_kl=0.1")
     if not 0 <= dim.prune_last_fraction < 1:
         raise ConfigError("fit.dim.prune_last_fraction must be within [0, 1)")
     if dim.positions not in ("all", "last"):
@@ -176,13 +228,26 @@ def check_config(cfg: DictConfig, bundle: Any = None) -> None:
     if dim.get("induce_rule", "relative") not in ("relative", "absolute"):
         raise ConfigError(f"fit.dim.induce_rule={dim.induce_rule!r} must be 'relative' (induce over the unsteered "
                           "harmless score) or 'absolute' (Arditi et al.: induce > min_induce)")
-    _int(dim.shortlist, "fit.dim.shortlist")
+    _count(dim.shortlist, "fit.dim.shortlist", "0 = no shortlist, N = the best N layers", 2, least=0)
     if dim.get("n_prompts") is not None and _int(dim.n_prompts, "fit.dim.n_prompts") < 1:
         raise ConfigError("fit.dim.n_prompts must be >= 1 (or null for the whole val split)")
-    _int(cfg.fit.inlp.n_iterations, "fit.inlp.n_iterations")
-    _number(cfg.fit.inlp.epsilon, "fit.inlp.epsilon")
-    _check_inlp(cfg.fit.inlp)
-    if "eval" in cfg:
-        if _int(cfg.eval.max_new_tokens, "eval.max_new_tokens") < 1:
-            raise ConfigError("eval.max_new_tokens must be >= 1")
-        _int(cfg.eval.batch_size, "eval.batch_size")
+    _count(dim.get("batch_size", 32), "fit.dim.batch_size", "rows per scoring forward pass", 32)
+    if "share_prefix" in dim:
+        _flag(dim.share_prefix, "fit.dim.share_prefix")
+
+
+def _check_fit(fit: Any) -> None:
+    _check_dim(fit.dim)
+    _check_inlp(fit.inlp)
+    for key in ("filter_train", "filter_val"):
+        if key in fit:
+            _flag(fit[key], f"fit.{key}")
+
+
+def _check_eval(ecfg: Any) -> None:
+    if _int(ecfg.max_new_tokens, "eval.max_new_tokens") < 1:
+        raise ConfigError("eval.max_new_tokens must be >= 1")
+    _count(ecfg.batch_size, "eval.batch_size", "rows per generation batch", 16)
+    from refusal.judges import judge_names
+
+    judge_names(ecfg)

@@ -10,6 +10,7 @@ from typing import Any
 import lightning
 from omegaconf import DictConfig
 
+from refusal.config import check_seed
 from refusal.pipeline import fit, prepare, summary
 
 log = logging.getLogger(__name__)
@@ -18,7 +19,7 @@ log = logging.getLogger(__name__)
 def run_training(cfg: DictConfig, needs: set[str] | None = None, output_dir: Path | None = None) -> dict[str, Any]:
     """Fit, summarise (fitted.json's content) and, with ``output_dir``, plot INLP's capture of the DiM difference."""
     t0 = time.perf_counter()
-    lightning.seed_everything(int(cfg.seed), verbose=False)
+    lightning.seed_everything(check_seed(cfg), verbose=False)
     ctx = prepare(cfg)
     fitted = fit(ctx, needs)
     out = dict(summary(ctx, fitted))

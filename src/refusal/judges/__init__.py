@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,16 +14,51 @@ from refusal.judges.agreement import agreement
 from refusal.judges.base import LABELS, Judge, Judgement
 from refusal.judges.registry import JUDGES, available_judges, get_judge
 
+log = logging.getLogger(__name__)
+
 __all__ = ["JUDGES", "LABELS", "Judge", "Judgement", "agreement", "available_judges", "build_judges",
-           "get_judge", "judge_configs"]
+           "get_judge", "judge_configs", "judge_names"]
+
+
+#: Single names already read as a one-judge list, so the log says so once per process, not once per check.
+_SINGLE_NAMES_NOTED: set[str] = set()
+
+
+def judge_names(ecfg: Any) -> list[str]:
+    """``eval.judges`` as a list of names. One name alone (``eval.judges=substring``) is what the user meant
+    by a one-judge list, so it is read as one (said once in the log) instead of iterated letter by letter;
+    an empty list or null names no judge and is refused. No ``judges`` key at all: the default, substring."""
+    if "judges" not in ecfg:
+        return ["substring"]
+    value = ecfg.judges
+    if isinstance(value, str):
+        if value not in _SINGLE_NAMES_NOTED:
+            _SINGLE_NAMES_NOTED.add(value)
+            log.info("eval.judges=%s is one name: read as the one-judge list [%s]", value, value)
+        return [value]
+    if value is not None and not isinstance(value, Sequence):
+        raise ConfigError(f"eval.judges={value!r} must be a list of judge names, e.g. eval.judges=[substring,model]")
+    if not value:
+        raise ConfigError(f"eval.judges={'null' if value is None else '[]'} names no judge; give at least one, "
+                          "e.g. eval.judges=[substring] (the first is the primary judge)")
+    names = list(value)
+    if len(set(map(str, names))) != len(names):
+        raise ConfigError(f"eval.judges={names} lists a judge twice; name each judge once")
+    return names
+
+
+def _check_batch_size(name: str, jcfg: dict[str, Any]) -> None:
+    """A judge model's batch of 0 would fail only after every completion was generated."""
+    size = jcfg.get("batch_size", 1)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ConfigError(f"judge.{name}.batch_size={size!r} must be an integer >= 1 (rows per judge forward pass), "
+                          f"e.g. judge.{name}.batch_size=8")
 
 
 def judge_configs(cfg: DictConfig, plugin_dirs: list[str | Path]) -> dict[str, dict[str, Any]]:
     """``eval.judges`` resolved: label -> judge config (with ``type``), each checked; no model loads."""
-    names = list(cfg.eval.get("judges") or ["substring"])
+    names = judge_names(cfg.eval)
     defined = OmegaConf.to_container(cfg.get("judge") or {}, resolve=True)
-    if len(set(names)) != len(names):
-        raise ConfigError(f"eval.judges={names} lists a judge twice")
     out = {}
     for name in names:
         if not isinstance(name, str) or not name.replace("_", "").isalnum():
@@ -32,6 +69,7 @@ def judge_configs(cfg: DictConfig, plugin_dirs: list[str | Path]) -> dict[str, d
             cls = get_judge(kind, plugin_dirs)
         except ConfigError as err:
             raise ConfigError(f"eval.judges: {err}; configured judges (conf/judge): {', '.join(sorted(defined))}") from None
+        _check_batch_size(name, jcfg)
         cls.check({**jcfg, "label": name})
         out[name] = {**jcfg, "type": kind}
     return out
