@@ -200,6 +200,12 @@ def test_k_larger_than_fitted_rank(tiny_bundle):
         (["layer=relative", "layer.fraction=1.5"], r"layer.fraction=1.5 must be within \[0, 1\]"),
         (["layer=fixed", "layer.index=one"], "layer.index must be an integer, got 'one'"),
         (["eval.max_new_tokens=0"], "eval.max_new_tokens must be >= 1"),
+        (["intervention=inlp_flip", "intervention.alpha=-1"], r"intervention.alpha=-1 must be >= 0 .*set intervention.target"),
+        (["intervention=leace_flip", "intervention.alpha=-0.5"], r"intervention.alpha=-0.5 must be >= 0"),
+        (["intervention=actadd", "+intervention.coef=2"],
+         r"intervention.coef is not a parameter of intervention=actadd \(its parameters: coeff, layer, layers, positions\); "
+         r"did you mean intervention.coeff\?"),
+        (["intervention=random_ablation", "+intervention.sed=3"], r"intervention.sed is not a parameter .*did you mean intervention.seed"),
     ],
 )
 def test_wrong_type_or_range_fails_before_model_loads(compose, no_model_load, overrides, message):
@@ -333,6 +339,16 @@ def test_multiruns_with_scope_keys_and_the_double_plus_complete_and_none_stays_t
     rows = {row["intervention"]: row for row in csv.DictReader((tmp_path / "b" / "sweep" / "report.csv").open())}
     assert rows["none"]["params"] == "-" and rows["none"]["params/k"] == ""  # the baseline shows no k it never read
     assert rows["inlp_flip"]["params"].endswith("k=1")
+    assert none["params"] == {}  # a key only the other jobs have (++) never reaches the baseline's record
+
+
+def test_a_parameter_only_other_interventions_have_is_ignored_with_a_warning(compose):
+    from refusal.config import check_config, intervention_config
+
+    cfg = compose("intervention=dim_ablation", "++intervention.k=4")
+    with pytest.warns(UserWarning, match="intervention=dim_ablation has no parameter k .*ignored"):
+        check_config(cfg)
+    assert "k" not in intervention_config(cfg) and intervention_config(cfg)["name"] == "dim_ablation"
 
 
 # -- data -----------------------------------------------------------------------------------------

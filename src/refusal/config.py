@@ -98,6 +98,10 @@ def _check_intervention(cfg: DictConfig, n_layers: int | None = None) -> None:
     for key in ("coeff", "alpha"):
         if key in icfg and icfg[key] is not None:
             _number(icfg[key], f"intervention.{key}")
+    if icfg.get("alpha") is not None and icfg.alpha < 0:
+        raise ConfigError(f"intervention.alpha={icfg.alpha:g} must be >= 0 (how far past the centre an activation is "
+                          "moved, towards intervention.target); to move towards the other class set intervention.target")
+    _unknown_parameters(cls, set(icfg), cfg)
     if "inlp" in cls.needs:  # INLP finds at most n_iterations directions: a larger k can only fail
         n_iter = cfg.fit.inlp.get("n_iterations")
         check_k(icfg.get("k"), n_iter if isinstance(n_iter, int) else None)
@@ -179,6 +183,50 @@ def _check_inlp(icfg: Any) -> None:
 
 #: The checkout's own plugin folder, always scanned.
 PLUGINS_DIR = Path(__file__).resolve().parents[2] / "plugins"
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+#: Keys every intervention takes (what it is, and where it acts), declared or not.
+COMMON_KEYS = frozenset({"name", "layer", "layers", "positions"})
+
+
+def intervention_parameters(cls: type) -> frozenset[str]:
+    """The keys ``intervention=<name>`` declares: its ``conf/intervention/<name>.yaml`` (which wins, as in
+    Hydra) or else its class's ``defaults``, plus :data:`COMMON_KEYS`."""
+    yaml = CONF_DIR / "intervention" / f"{cls.name}.yaml"
+    keys = OmegaConf.load(yaml).keys() if yaml.exists() else cls.defaults.keys()
+    return COMMON_KEYS | {str(k) for k in keys}
+
+
+def _unknown_parameters(cls: type, given: set[str], cfg: DictConfig) -> None:
+    """A key no intervention declares is a typo (``+intervention.coef=2``): an error naming the close ones. A key
+    only other interventions declare (``++intervention.k=4`` over a multirun) is ignored here, with a warning."""
+    import difflib
+    import warnings
+
+    from refusal.interventions.registry import INTERVENTIONS, available
+
+    unknown = sorted(given - intervention_parameters(cls))
+    if not unknown:
+        return
+    available(plugin_dirs(cfg))
+    others = set().union(*(intervention_parameters(c) for c in INTERVENTIONS.classes.values()))
+    typos = [k for k in unknown if k not in others]
+    if typos:
+        close = difflib.get_close_matches(typos[0], sorted(intervention_parameters(cls) | others), n=1)
+        hint = f"; did you mean intervention.{close[0]}?" if close else ""
+        raise ConfigError(f"intervention.{typos[0]} is not a parameter of intervention={cls.name} (its parameters: "
+                          f"{', '.join(sorted(intervention_parameters(cls) - {'name'}))}){hint}")
+    warnings.warn(f"intervention={cls.name} has no parameter {', '.join(unknown)} (set for the other interventions "
+                  "of this run); ignored", stacklevel=3)
+
+
+def intervention_config(cfg: DictConfig) -> dict[str, Any]:
+    """``cfg.intervention`` as a dict of what the chosen intervention declares: keys set with ``++`` for the other
+    jobs of a multirun are left out, so they neither reach it nor show in its recorded params."""
+    from refusal.interventions import get_intervention
+
+    cls = get_intervention(str(cfg.intervention.name), plugin_dirs(cfg))
+    icfg = OmegaConf.to_container(cfg.intervention, resolve=True)
+    return {k: v for k, v in icfg.items() if k in intervention_parameters(cls)}
 
 
 def plugin_dirs(cfg: DictConfig) -> list[str]:

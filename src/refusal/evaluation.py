@@ -20,11 +20,11 @@ from typing import Any
 
 import lightning
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from refusal.activations import batches_by_length
 from refusal.artifacts import atomic_write_json, atomic_write_text, sha256_json
-from refusal.config import check_seed, plugin_dirs
+from refusal.config import check_seed, intervention_config, plugin_dirs
 from refusal.generation import GenerationCache, Generations
 from refusal.interventions import Intervention, get_intervention
 from refusal.interventions.base import Fitted
@@ -283,7 +283,7 @@ def evaluate_context(ctx: RunContext, output_dir: Path, tracker: Any = None) -> 
     cfg, bundle = ctx.cfg, ctx.bundle
     t0 = time.perf_counter()
     cls = get_intervention(str(cfg.intervention.name), plugin_dirs(cfg))
-    icfg = OmegaConf.to_container(cfg.intervention, resolve=True)
+    icfg = intervention_config(cfg)
     lean = bool(cfg.eval.get("lean", False))  # a search trial (eval=trial): refusal and next-token KL only
     fitted = fit_for(ctx, cls, icfg, geometry=bool(cfg.get("geometry", {}).get("enabled", False)) and not lean)
     intervention = cls(icfg, fitted)

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from refusal.artifacts import atomic_write_text
 from refusal.errors import ConfigError
@@ -83,7 +83,7 @@ def compare(configs: dict[InterventionSpec, DictConfig], out_dir: Path) -> dict[
     parameters (k against the INLP rank, layers) right after fitting. Each row is written to
     geometry.json/.md as soon as it is done, so a failure later never loses what ran.
     """
-    from refusal.config import check_config, plugin_dirs
+    from refusal.config import check_config, intervention_config, plugin_dirs
     from refusal.interventions import get_intervention
     from refusal.pipeline import fit_for, inlp_record, prepare
 
@@ -94,7 +94,7 @@ def compare(configs: dict[InterventionSpec, DictConfig], out_dir: Path) -> dict[
     interventions = {}
     for spec, cfg in configs.items():
         cls = get_intervention(spec.name, plugin_dirs(cfg))
-        icfg = OmegaConf.to_container(cfg.intervention, resolve=True)
+        icfg = intervention_config(cfg)
         fitted = fit_for(ctx, cls, icfg, geometry=True)
         try:
             interventions[spec] = cls(icfg, fitted)
