@@ -168,6 +168,8 @@ def test_k_larger_than_inlp_can_fit_fails_before_fitting(compose, no_model_load)
     with pytest.raises(ConfigError, match="intervention.k=999 exceeds fit.inlp.n_iterations=300"):
         prepare(cfg)
     check_config(compose("intervention=none", "++intervention.k=999"))  # k means nothing to `none`
+    # a random control's k is bounded by the model width (checked when it is built), not by what INLP can fit
+    check_config(compose("intervention=random_ablation", "intervention.k=400", "fit.inlp.n_iterations=300"))
 
 
 def test_k_larger_than_fitted_rank(tiny_bundle):

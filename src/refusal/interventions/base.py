@@ -86,6 +86,8 @@ class Intervention:
     needs: ClassVar[frozenset[str]] = frozenset()
     default_layers: ClassVar[str] = "selected"
     edits_writes: ClassVar[bool] = False
+    #: ``k`` picks the leading INLP directions, so it is bounded by what INLP can fit (not e.g. a random control's k).
+    k_counts_inlp_directions: ClassVar[bool] = False
     #: Parameters and their defaults: the Hydra config of ``intervention=<name>`` when no yaml exists.
     defaults: ClassVar[Mapping[str, Any]] = {}
 

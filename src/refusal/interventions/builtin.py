@@ -126,6 +126,7 @@ def inlp_fit_at(fitted: Fitted, layer: int, who: str):
 
 class _INLPBase(Intervention):
     needs = frozenset({"inlp"})
+    k_counts_inlp_directions = True
 
     def __init__(self, cfg: dict[str, Any], fitted: Fitted):
         super().__init__(cfg, fitted)
