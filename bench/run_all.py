@@ -272,8 +272,9 @@ SECTIONS = {
         "the model held): steered greedy generation on the test split's first harmful prompts, judged, and next-token "
         "KL on its first harmless prompts. The model load, fits and unsteered baseline (generations and logits) are "
         "paid by an untimed first trial, as in a search; each timed trial steers with a new value, so nothing is a "
-        "cache hit. Median of the repeats (fastest in brackets). Target: heretic's 32 s per trial on the same "
-        "checkpoint for 32 + 32 prompts and 32 tokens.",
+        "cache hit. Median of the repeats (fastest in brackets). Target: 32 s per trial, heretic's time on the same "
+        "checkpoint in one run set to 32 + 32 prompts and max_response_length=32 (heretic-llm 1.4.0's defaults: "
+        "100 + 100 prompts, max_response_length=100, KL from the first generated token).",
         _trial,
     ),
 }
@@ -418,7 +419,7 @@ def render_docs(results_dir: Path, docs_path: Path) -> Path:
         "| selection | DiM selection: shared-prefix ÷ plain scorer wall time, same run, same pick | ≤ 0.5 |",
         "| inlp | fit_inlp vs. the scikit-learn reference (bench_inlp.py; planted data, no model) | – |",
         f"| evaluate | the first command (experiment=compare), cold incl. dequantize / warm, wall s | ≤ {C.TARGETS['first_command']['cold_dequant']:.0f} / ≤ {C.TARGETS['first_command']['warm']:.0f} |",
-        f"| trial | a lean trial on 32+32 prompts, 32 tokens, wall s (heretic's per-trial time) | ≤ {C.TARGETS['trial']:.0f} |",
+        f"| trial | a lean trial on 32+32 prompts, 32 tokens, wall s (heretic's per-trial time at those settings, not its defaults) | ≤ {C.TARGETS['trial']:.0f} |",
         "",
     ]
     if not names:
