@@ -52,8 +52,6 @@ class Report:
 
 
 def _params(results: dict[str, Any]) -> dict[str, Any]:
-    if results.get("intervention") == "none":  # the baseline reads no parameter, even one a sweep set in every job
-        return {}
     params = results.get("params") or {}  # every parameter (a plugin's too, so a search over it shows)
     shown = {k: v for k, v in params.items() if k not in HIDDEN_PARAMS and v is not None}
     if isinstance(shown.get("layers"), list):
