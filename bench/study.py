@@ -471,6 +471,13 @@ def _pareto_section(runs: dict[str, ModelRuns], figures: Path, root: Path) -> li
             "| model | intervention | params | harmful refusal | next-token KL | |", "|---|---|---|---|---|---|", *lines, ""]
 
 
+def _step_ran(model_dir: Path, step: str) -> bool:
+    """Whether a study step left its output for this model (a controls step: any control)."""
+    if step == "controls":
+        return any((model_dir / "controls").glob("*/results.json"))
+    return (model_dir / step).is_dir() and any((model_dir / step).iterdir())
+
+
 def _commands(model_dir: Path) -> list[str]:
     """The stamped command of every step that ran for one model, in the study's step order."""
     order = ["train", "main", "actadd", "k", "alpha", "controls", "tokens", "geometry", "leace", "geometry_leace",
@@ -503,8 +510,13 @@ def render(root: Path, docs: Path, meta: dict[str, Any]) -> Path:
         "accuracy within 0.02 of chance; `k=all` = the converged rank); INLP nullspace and flip act at the DiM layer "
         "on every position, DiM ablation at every block input and attention/MLP write, actadd at the DiM layer. "
         "Refusal rate = substring match (Arditi et al. / JailbreakBench phrases), 95% Wilson interval in brackets.", "",
-        "## Verdict", "", "Rules (applied by `refusal.verdict`, not by hand):", "", RULES,
     ]
+    missing = {m: [step for step in STEPS if not _step_ran(root / m, step)] for m in models if m not in CONTROL_MODELS}
+    if any(missing.values()):
+        md += ["**Not run in this study** (their sections are absent below; the numbers last published for them, made "
+               "with earlier settings, are in this file's git history): "
+               + "; ".join(f"{m}: {', '.join(f'`{s}`' for s in steps)}" for m, steps in missing.items() if steps) + ".", ""]
+    md += ["## Verdict", "", "Rules (applied by `refusal.verdict`, not by hand):", "", RULES]
     refusing = {m: mr for m, mr in runs.items() if m not in CONTROL_MODELS}
     verdicts = {m: decide(i) for m, mr in refusing.items() if (i := mr.inputs())}
     legacy = {m: decide(i) for m, mr in refusing.items() if (i := mr.inputs(LEGACY_K)) and mr.rank > LEGACY_K}
