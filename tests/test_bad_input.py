@@ -264,6 +264,8 @@ def test_seed_is_checked_first_and_named_as_typed(compose, no_model_load, tmp_pa
         cfg = compose(f"seed={value}")
         with pytest.raises(ConfigError, match=rf"^seed={shown} must be an integer, e.g. seed=0$"):
             run_evaluation(cfg, tmp_path / "run")
+        failed = json.loads((tmp_path / "run" / "results.json").read_text())  # so a multirun's report lists the job
+        assert failed["status"] == "failed" and failed["error"].startswith("ConfigError: seed=")
         with pytest.raises(ConfigError, match=rf"^seed={shown} must be an integer, e.g. seed=0$"):
             run_training(cfg)
 

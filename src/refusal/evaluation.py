@@ -346,10 +346,11 @@ def run_evaluation(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     from refusal.tracking import make_tracker
 
     output_dir = Path(output_dir)
-    lightning.seed_everything(check_seed(cfg), verbose=False)
     t0 = time.perf_counter()
-    tracker = make_tracker(cfg, output_dir)
-    try:
+    tracker = None
+    try:  # a bad seed or logger is this job's failure too: recorded, so a multirun's report lists it
+        lightning.seed_everything(check_seed(cfg), verbose=False)
+        tracker = make_tracker(cfg, output_dir)
         ctx = prepare(cfg)
         results = evaluate_context(ctx, output_dir, tracker)
     except BaseException as err:
