@@ -46,7 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scorers", nargs="+", default=["plain", "shared"], choices=["plain", "shared"])
     args = C.parse(parser, argv)
     dim = yaml.safe_load((C.REPO / "conf" / "fit" / "default.yaml").read_text())["dim"]
-    shortlist = args.shortlist if args.shortlist is not None else int(dim["shortlist"])
+    # the smoke model's prune rule (int(4·0.8) = 3 layers, layer 0 degenerate) leaves 2 scorable layers: a shortlist
+    # of 1 keeps it a strict subset of full there
+    shortlist = args.shortlist if args.shortlist is not None else (1 if args.smoke else int(dim["shortlist"]))
     n_prompts = args.n_prompts or dim.get("n_prompts") or None
     sizes = dict(n_train=16, n_val=8, n_test=8) if args.smoke else dict(n_train=64, n_val=24, n_test=48)
     bundle = C.load_bundle(args.model, args.device)
