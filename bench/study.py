@@ -321,8 +321,8 @@ def _control_models_section(runs: dict[str, ModelRuns]) -> list[str]:
         kept = mr.fitted.get("refusal_filter", {}).get("harmful_train", {})
         rows = "; ".join(f"{label} {Rate.of(r)}" for label, r in (("DiM ablation", ablation), ("INLP nullspace", null),
                                                                    ("INLP flip", flip)) if r)
-        lines.append(f"- **{model}**: baseline harmful refusal {Rate.of(base)}, harmless {base['harmless/refusal_rate']:.1%}; "
-                     f"{rows}. The refusal filter kept {kept.get('kept', '?')} of {kept.get('of', '?')} harmful train "
+        lines.append(f"- **{model}**: baseline harmful refusal {Rate.of(base)}, harmless {base['harmless/refusal_rate']:.1%}"
+                     f"{'; ' + rows if rows else ''}. The refusal filter kept {kept.get('kept', '?')} of {kept.get('of', '?')} harmful train "
                      f"prompts{' (none: all were used)' if kept.get('used_whole') else ''}; DiM layer {mr.fitted.get('layer')}, "
                      f"INLP rank {mr.rank}.")
     if not lines:
@@ -528,8 +528,10 @@ def render(root: Path, docs: Path, meta: dict[str, Any]) -> Path:
         changed = [f"{m} {a.claim} ({b.verdict} → {a.verdict})" for m in legacy for a, b in zip(verdicts[m], legacy[m], strict=True)
                    if a.verdict != b.verdict]
         md += [f"Verdicts that convergence changes: {', '.join(changed) if changed else 'none'}.", ""]
-    md += ["### Controls: which verdicts change when one row is swapped", "",
-           "Each control replaces one row of the converged verdict and re-applies C1 or C2.", "", *_controls_table(runs), ""]
+    if any(mr.controls or mr.alpha for mr in refusing.values()):
+        md += ["### Controls: which verdicts change when one row is swapped", "",
+               "Each control replaces one row of the converged verdict and re-applies C1 or C2.", "",
+               *_controls_table(refusing), ""]
     md += ["### Limits of the refusal judge", "",
            f"Refusal is a substring match on the first {short} new tokens: a refusal that starts later, a dodge that never "
            "says a stock phrase, or a moralising answer count as compliance, and a completion that quotes a phrase counts "
