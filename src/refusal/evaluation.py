@@ -33,7 +33,7 @@ from refusal.judges import Judge, Judgement, agreement, build_judges
 from refusal.metrics import JudgedRefusalRate, KLDivergence, Perplexity, RefusalScore, wilson_interval
 from refusal.models.bundle import ModelBundle
 from refusal.pipeline import RunContext, fit_for, inlp_record, prepare
-from refusal.prefix import forward, prompt_prefix_cache, shared_prefix
+from refusal.prefix import last_logits, shared_prefix
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def teacher_forced_scores(
     owns = [[rows[i][len(prefix):] for i in idx] for idx in batches]
     keeps = [max(len(completions[i]) for i in idx) + 1 for idx in batches]  # the last prompt token and every completion token
     unsteered = bundle.remember("unsteered_logits", {"rows": rows, "b": batch_size},
-                                lambda: [_last_logits(bundle, prefix, own, keep) for own, keep in zip(owns, keeps, strict=True)])
+                                lambda: [last_logits(bundle, prefix, own, keep) for own, keep in zip(owns, keeps, strict=True)])
     for idx, own, keep, base in zip(batches, owns, keeps, unsteered, strict=True):
         target = torch.full((len(idx), keep), -100, dtype=torch.long)
         last_prompt = torch.tensor([keep - 1 - len(completions[i]) for i in idx])  # logits here predict the first completion token
@@ -83,7 +83,7 @@ def teacher_forced_scores(
             width = max(map(len, own))
             roles = declare_roles(bundle, [len(r) for r in own], width, [len(prompts[i]) - len(prefix) for i in idx])
             with roles, intervention.apply(bundle):
-                steered = _last_logits(bundle, prefix, own, keep)
+                steered = last_logits(bundle, prefix, own, keep)
         target = target.to(base.device)
         ppl.update(steered, target)
         arange = torch.arange(len(idx), device=base.device)
@@ -95,12 +95,6 @@ def teacher_forced_scores(
         "kl_div": float(kl_last.compute()),
         "kl_div_completion": float(kl_completion.compute()),
     }
-
-
-def _last_logits(bundle: ModelBundle, prefix: list[int], rows: list[list[int]], keep: int) -> torch.Tensor:
-    """Float32 logits of the last ``keep`` positions of ``prefix + row`` for every row (prefix run once)."""
-    past = prompt_prefix_cache(bundle, prefix, len(rows)) if prefix else None
-    return forward(bundle, rows, offset=len(prefix), past=past, logits_to_keep=keep).logits.float()
 
 
 def cached_scores(folder: Path, key: dict[str, Any], compute: Any) -> dict[str, float]:

@@ -77,3 +77,10 @@ def continue_rows(bundle: ModelBundle, rows: Sequence[Sequence[int]], n_prefix: 
     ``past``: row i continues the cache's slot ``slots[i]``. ``past`` is consumed (selected, appended to)."""
     past.batch_select_indices(torch.tensor(list(slots), device=bundle.device))
     return forward(bundle, [r[n_prefix:] for r in rows], offset=n_prefix, past=past).logits[:, -1].float()
+
+
+def last_logits(bundle: ModelBundle, prefix: Sequence[int], rows: Sequence[Sequence[int]], keep: int = 1) -> torch.Tensor:
+    """Float32 logits of the last ``keep`` positions of ``prefix + row`` for every row (``rows`` without the
+    prefix; the prefix runs once, as a prompt, when it is not empty)."""
+    past = prompt_prefix_cache(bundle, prefix, len(rows)) if prefix else None
+    return forward(bundle, rows, offset=len(prefix), past=past, logits_to_keep=keep).logits.float()

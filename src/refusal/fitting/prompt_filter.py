@@ -24,7 +24,7 @@ from refusal.artifacts import atomic_write_json, sha256_json
 from refusal.data import InstructionSplits
 from refusal.metrics import refusal_score
 from refusal.models.bundle import ModelBundle
-from refusal.prefix import common_prefix, continue_rows, forward, prefix_cache
+from refusal.prefix import last_logits, shared_prefix
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +44,8 @@ def unsteered_refusal_scores(bundle: ModelBundle, rows: Sequence[Sequence[int]],
     out = []
     for start in range(0, len(rows), batch_size):
         batch = [list(r) for r in rows[start : start + batch_size]]
-        prefix = common_prefix(batch)
-        past = prefix_cache(bundle, [prefix]) if prefix else None
-        if past is None:
-            logits = forward(bundle, batch).logits[:, -1].float()
-        else:
-            logits = continue_rows(bundle, batch, len(prefix), past, [0] * len(batch))
+        prefix = shared_prefix(batch, len(bundle.post_instruction_ids))
+        logits = last_logits(bundle, prefix, [r[len(prefix):] for r in batch])[:, -1]
         out.append(refusal_score(logits, bundle.refusal_token_ids).cpu())
     return torch.cat(out) if out else torch.empty(0, dtype=torch.float64)
 
