@@ -24,9 +24,13 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from refusal.activations import batches_by_length
 from refusal.artifacts import artifact_exists, atomic_write_json, load_artifact, save_artifact, sha256_json
 from refusal.errors import ArtifactError
+from refusal.decoding import greedy_decode
 from refusal.interventions.scope import declare_roles
-from refusal.models.bundle import ModelBundle
+from refusal.models.bundle import Batch, ModelBundle
 from refusal.prefix import prompt_prefix_cache, shared_prefix
+
+
+ENGINES = ("refusal", "transformers")
 
 
 @dataclass
@@ -46,13 +50,18 @@ def generate(
     progress: bool = True,
     desc: str = "generating",
     share_prefix: bool = True,
+    engine: str = "refusal",
 ) -> Generations:
     """Greedy completions for every prompt (in input order).
 
     The chat-template prefix all prompts share is prefilled once per batch and every row continues
     from its cache (padding then sits between the prefix and the row's own tokens, which the
     attention mask and positions skip): the same greedy decoding on fewer prefill tokens.
+    ``engine``: ``refusal`` (:func:`refusal.decoding.greedy_decode`) or ``transformers`` (``generate``, the
+    reference it is tested against).
     """
+    if engine not in ENGINES:
+        raise ValueError(f"engine={engine!r} is not one of {ENGINES}")
     n = len(token_ids)
     completions: list[str | None] = [None] * n
     completion_ids: list[list[int] | None] = [None] * n
@@ -64,12 +73,13 @@ def generate(
         rows = [token_ids[i][len(prefix):] for i in idx]
         batch = bundle.pad(rows).to(bundle.device)
         past = prompt_prefix_cache(bundle, prefix, len(idx)) if prefix else None
-        input_ids = torch.cat([torch.tensor([prefix] * len(idx), dtype=torch.long, device=bundle.device).view(len(idx), -1),
-                               batch.input_ids], dim=1)
-        mask = torch.cat([batch.attention_mask.new_ones(len(idx), len(prefix)), batch.attention_mask], dim=1)
         with declare_roles(bundle, [len(r) for r in rows], batch.input_ids.shape[1]):
-            sequences, logits0 = _generate(bundle, input_ids, mask, past, max_new_tokens, eos)
-        new_tokens = sequences[:, input_ids.shape[1]:].cpu()
+            if engine == "refusal":
+                new_tokens, logits0 = greedy_decode(bundle, batch.input_ids, batch.attention_mask, batch.position_ids,
+                                                    max_new_tokens, eos, past=past, offset=len(prefix))
+            else:
+                new_tokens, logits0 = _generate(bundle, prefix, batch, past, max_new_tokens, eos)
+        new_tokens = new_tokens.cpu()
         logits0 = logits0.float().cpu()
         if first_logits is None:
             first_logits = torch.empty((n, logits0.shape[-1]), dtype=torch.float32)
@@ -98,9 +108,14 @@ class _FirstLogits(LogitsProcessor):
         return scores
 
 
-def _generate(bundle: ModelBundle, input_ids: torch.Tensor, mask: torch.Tensor, past: Any, max_new_tokens: int,
+def _generate(bundle: ModelBundle, prefix: Sequence[int], batch: Batch, past: Any, max_new_tokens: int,
               eos: set[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sequences, first-step logits) of one padded batch, continuing ``past`` (its first tokens' cache)."""
+    """(new tokens, first-step logits) of one padded batch by ``transformers``' ``generate``, continuing
+    ``past`` (the cache of ``prefix``)."""
+    n = batch.input_ids.shape[0]
+    input_ids = torch.cat([torch.tensor([list(prefix)] * n, dtype=torch.long, device=bundle.device).view(n, -1),
+                           batch.input_ids], dim=1)
+    mask = torch.cat([batch.attention_mask.new_ones(n, len(prefix)), batch.attention_mask], dim=1)
     first = _FirstLogits()
     sequences = bundle.model.generate(
         input_ids=input_ids,
@@ -116,7 +131,7 @@ def _generate(bundle: ModelBundle, input_ids: torch.Tensor, mask: torch.Tensor, 
         pad_token_id=bundle.pad_token_id,
         eos_token_id=sorted(eos) or None,
     )
-    return sequences, first.logits
+    return sequences[:, input_ids.shape[1]:], first.logits
 
 
 class GenerationCache:

@@ -1,0 +1,110 @@
+"""The greedy decoding loop against transformers' generate, and the screened head against float32."""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+
+import pytest
+import torch
+from test_scoring import BlockCalls, actadd, tiny_with_system  # noqa: F401  (fixture)
+
+import refusal.decoding as decoding
+from refusal.decoding import GreedyHead
+from refusal.generation import generate
+
+
+def head_of(weight: torch.Tensor, bias: torch.Tensor | None = None) -> GreedyHead:
+    return GreedyHead(weight=weight, bias=bias, screen=weight.bfloat16(), max_row_norm=float(weight.norm(dim=-1).max()),
+                      softcap=None, version=(0, 0))
+
+
+def test_screened_argmax_is_the_float32_argmax_even_below_bfloat16_resolution():
+    gen = torch.Generator().manual_seed(0)
+    vocab, d = 4000, 96
+    weight = torch.randn(vocab, d, generator=gen)
+    hidden = 8 * torch.randn(64, d, generator=gen)
+    # Near ties: for each row, a runner-up token whose logit is the winner's minus 1e-3 (far below the
+    # bfloat16 spacing of logits this size, ~0.06, far above float32's, ~1e-6).
+    exact = hidden @ weight.T
+    winners = exact.argmax(-1)
+    for row, j in enumerate(winners.tolist()[:32]):
+        rival = (row * 37 + 11) % vocab
+        h = hidden[row]
+        weight[rival] = weight[j] - (1e-3 / h.dot(h)) * h  # logit(rival) = logit(j) - 1e-3 for this row
+        exact = hidden @ weight.T
+    head = head_of(weight)
+    torch.testing.assert_close(head.argmax(hidden), exact.argmax(-1), rtol=0, atol=0)
+    # with a bias too
+    bias = torch.randn(vocab, generator=gen)
+    torch.testing.assert_close(head_of(weight, bias).argmax(hidden), (exact + bias).argmax(-1), rtol=0, atol=0)
+
+
+def test_screened_argmax_breaks_exact_ties_by_the_lowest_index():
+    gen = torch.Generator().manual_seed(1)
+    weight = torch.randn(500, 32, generator=gen)
+    hidden = torch.randn(4, 32, generator=gen)
+    top = (hidden @ weight.T).argmax(-1)
+    for row, j in enumerate(top.tolist()):
+        twin = (j + 1 + row) % 250  # a lower or higher index holding the same row
+        weight[twin] = weight[j]
+    exact = hidden @ weight.T
+    want = torch.stack([(exact[r] == exact[r].max()).nonzero()[0, 0] for r in range(4)])
+    torch.testing.assert_close(head_of(weight).argmax(hidden), want, rtol=0, atol=0)
+
+
+def test_the_screening_bound_covers_the_bfloat16_error():
+    gen = torch.Generator().manual_seed(2)
+    weight = torch.randn(3000, 256, generator=gen) * torch.rand(3000, 1, generator=gen) * 3
+    hidden = 50 * torch.randn(16, 256, generator=gen)
+    approx = torch.nn.functional.linear(hidden.bfloat16(), weight.bfloat16()).float()
+    exact = hidden.double() @ weight.double().T
+    u = 2.0**-8
+    bound = (2 * u + u * u + 256 * 2.0**-23 * (1 + u) ** 2) * hidden.norm(dim=-1) * weight.norm(dim=-1).max() \
+        + u * approx.abs().max(-1).values
+    assert ((approx.double() - exact).abs() <= bound.double()[:, None]).all()
+    # and it is not vacuous: the screen keeps few candidates per row
+    best = approx.max(-1).values
+    assert (approx >= (best - 2 * bound)[:, None]).sum(-1).float().mean() < 300
+
+
+@pytest.fixture(params=[True, False], ids=["screened", "float32-head"])
+def screen(request, monkeypatch, tiny_with_system):
+    monkeypatch.setattr(decoding, "_BF16_FAST", request.param)
+    tiny_with_system.memo.pop("greedy_head", None)
+    yield request.param
+    tiny_with_system.memo.pop("greedy_head", None)
+
+
+def _planted_eos(bundle, ids) -> int:
+    """A token the reference emits mid-completion in some rows but not all: declared end-of-turn, rows
+    then finish at different steps (and leave the batch)."""
+    free = generate(bundle, ids, max_new_tokens=8, batch_size=len(ids), progress=False, engine="transformers")
+    counts = Counter(t for row in free.completion_ids for t in set(row[1:6]))
+    return next(t for t, c in counts.most_common() if c < len(ids))
+
+
+@pytest.mark.parametrize("share_prefix", [True, False])
+@pytest.mark.parametrize("positions", [None, "prompt"])
+def test_greedy_decode_equals_transformers_generate(tiny_with_system, prompts, screen, positions, share_prefix, monkeypatch):
+    bundle = tiny_with_system
+    ids = bundle.tokenize_instructions(prompts * 3)
+    steer = actadd(bundle, coeff=-2.0, positions=positions) if positions else None
+    with steer.apply(bundle) if steer else contextlib.nullcontext():
+        monkeypatch.setitem(bundle.extra, "eos_token_ids", [_planted_eos(bundle, ids)])
+    monkeypatch.setattr(decoding, "DROP_SHARE", 0.01)  # drop finished rows at once
+    runs = {}
+    for engine in ("refusal", "transformers"):
+        with steer.apply(bundle) if steer else contextlib.nullcontext(), BlockCalls(bundle) as calls:
+            runs[engine] = generate(bundle, ids, max_new_tokens=8, batch_size=len(ids), progress=False,
+                                    engine=engine, share_prefix=share_prefix)
+        runs[engine + "_rows"] = calls.rows
+    ours, theirs = runs["refusal"], runs["transformers"]
+    assert ours.completion_ids == theirs.completion_ids
+    assert ours.completions == theirs.completions
+    torch.testing.assert_close(ours.first_logits, theirs.first_logits, atol=1e-5, rtol=1e-5)
+    assert len({len(c) for c in ours.completion_ids}) > 1  # rows finished at different steps...
+    assert runs["refusal_rows"] < runs["transformers_rows"]  # ...and left the batch
+    if steer:
+        unsteered = generate(bundle, ids, max_new_tokens=1, batch_size=len(ids), progress=False)
+        assert (ours.first_logits - unsteered.first_logits).abs().max() > 1e-2  # the steering acted
