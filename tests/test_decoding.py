@@ -70,7 +70,7 @@ def test_the_screening_bound_covers_the_bfloat16_error():
 
 @pytest.fixture(params=[True, False], ids=["screened", "float32-head"])
 def screen(request, monkeypatch, tiny_with_system):
-    monkeypatch.setattr(decoding, "_BF16_FAST", request.param)
+    monkeypatch.setattr(decoding, "bf16_is_fast", lambda device: request.param)
     tiny_with_system.memo.pop("greedy_head", None)
     yield request.param
     tiny_with_system.memo.pop("greedy_head", None)

@@ -136,6 +136,7 @@ class ActivationCache:
             "n_positions": n_positions,
             "dtype": str(bundle.dtype),
             "n_layers": bundle.n_layers,
+            **bundle.numerics_key(),
         }
         return sha256_json(what if steer is None else {**what, "steer": steer})[:24]
 

@@ -18,7 +18,6 @@ This loop runs the decoder (the blocks, hooks and all) and then:
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +26,7 @@ from torch import Tensor
 
 from refusal.models.architecture import decoder_of
 from refusal.models.bundle import ModelBundle
+from refusal.models.numerics import bf16_is_fast
 
 # bfloat16's unit roundoff (8 significant bits, round to nearest).
 _U = 2.0**-8
@@ -62,7 +62,7 @@ class GreedyHead:
             return held
         bundle.memo.pop("greedy_head", None)
         w = weight.detach()
-        use_screen = w.device.type == "cpu" and w.dtype == torch.float32 and bf16_matmul_is_fast()
+        use_screen = w.device.type == "cpu" and w.dtype == torch.float32 and bf16_is_fast(w.device)
         head = cls(
             weight=w,
             bias=None if getattr(lm_head, "bias", None) is None else lm_head.bias.detach().float(),
@@ -101,29 +101,6 @@ class GreedyHead:
         top = torch.full((h.shape[0],), -torch.inf).scatter_reduce(0, rows, exact, "amax")
         winners = torch.where(exact == top[rows], cols, torch.iinfo(cols.dtype).max)
         return torch.full((h.shape[0],), torch.iinfo(cols.dtype).max, dtype=cols.dtype).scatter_reduce(0, rows, winners, "amin")
-
-
-_BF16_FAST: bool | None = None
-
-
-def bf16_matmul_is_fast() -> bool:
-    """Whether a bfloat16 matrix product beats float32 here by ≥ 1.5× (CPUs with AMX/AVX-512-BF16
-    do; others emulate it and are slower), measured once per process on a head-sized product."""
-    global _BF16_FAST
-    if _BF16_FAST is None:
-        a, b = torch.randn(64, 1024), torch.randn(8192, 1024)
-        ab, bb = a.bfloat16(), b.bfloat16()
-
-        def best_of(fn) -> float:
-            times = []
-            for _ in range(3):
-                t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
-            return min(times)
-
-        _BF16_FAST = best_of(lambda: torch.nn.functional.linear(ab, bb)) * 1.5 <= best_of(lambda: torch.nn.functional.linear(a, b))
-    return _BF16_FAST
 
 
 @torch.inference_mode()

@@ -247,6 +247,7 @@ def run_record(ctx: RunContext, intervention: Intervention, fitted: Fitted, judg
         "data": {"source": ctx.splits.source, "digest": ctx.splits.digest(), "fit_digest": ctx.splits.fit_digest(), "sizes": ctx.splits.sizes(),
                  "refusal_filter": ctx.filtered.as_dict()},
         "weights_hash": bundle.weights_hash,
+        "numerics": bundle.numerics,
         "model_reused": ctx.model_reused,
         "seed": int(ctx.cfg.seed),
         "versions": versions(),
@@ -296,7 +297,7 @@ def evaluate_context(ctx: RunContext, output_dir: Path, tracker: Any = None) -> 
     t2 = time.perf_counter()
     tf = cached_scores(
         Path(cfg.cache_dir) / "scores" / bundle.name,
-        {"w": bundle.weights_hash, "p": ctx.tokens("harmless_test"), "c": judged.base["harmless"].completion_ids, "steer": steer},
+        {"w": bundle.weights_hash, **bundle.numerics_key(), "p": ctx.tokens("harmless_test"), "c": judged.base["harmless"].completion_ids, "steer": steer},
         lambda: teacher_forced_scores(bundle, ctx.tokens("harmless_test"), judged.base["harmless"].completion_ids,
                                       None if steer is None else intervention, max(1, int(cfg.eval.batch_size) // 2)),
     )

@@ -171,8 +171,9 @@ class GenerationCache:
     @staticmethod
     def _key(bundle: ModelBundle, token_ids: Sequence[Sequence[int]], max_new_tokens: int, steer: str | None) -> str:
         what = {"w": bundle.weights_hash, "t": [list(r) for r in token_ids], "m": max_new_tokens}
-        if bundle.dtype != torch.float32:  # another precision decodes differently (float32 keys predate this field)
+        if bundle.dtype != torch.float32:  # keys of half-precision models made before ``numerics`` existed
             what["dtype"] = str(bundle.dtype)
+        what.update(bundle.numerics_key())
         return sha256_json(what if steer is None else {**what, "steer": steer})[:24]
 
     def _paths(self, bundle: ModelBundle, key: str) -> tuple[Path, Path]:

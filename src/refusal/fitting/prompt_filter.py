@@ -74,7 +74,7 @@ class FilterRecord:
 
 def _cached_scores(folder: Path, bundle: ModelBundle, split: str, rows: list[list[int]], batch_size: int) -> torch.Tensor:
     """The split's scores from the cache (checksummed JSON), else computed and stored."""
-    key = {"weights_hash": bundle.weights_hash, "dtype": str(bundle.dtype), "tokens": sha256_json(rows),
+    key = {"weights_hash": bundle.weights_hash, "dtype": str(bundle.dtype), **bundle.numerics_key(), "tokens": sha256_json(rows),
            "refusal_token_ids": sorted(bundle.refusal_token_ids)}
     path = folder / f"{sha256_json(key)[:24]}.json"
     try:

@@ -43,6 +43,8 @@ class ModelBundle:
     weights_hash: str
     source: str
     extra: dict = field(default_factory=dict)
+    # How the forward pass computes (see models.numerics): "float32", "bfloat16", "float32+bfloat16-matmul".
+    numerics: str = "float32"
     # Results that depend only on this model and their inputs (see remember), kept while the model is held.
     memo: dict = field(default_factory=dict, repr=False)
 
@@ -100,7 +102,12 @@ class ModelBundle:
 
     def identity(self) -> dict:
         """What artifacts fitted on this model must match."""
-        return {"model": self.name, "weights_hash": self.weights_hash, "n_layers": self.n_layers, "d_model": self.d_model}
+        return {"model": self.name, "weights_hash": self.weights_hash, "n_layers": self.n_layers, "d_model": self.d_model,
+                **self.numerics_key()}
+
+    def numerics_key(self) -> dict:
+        """What cache keys of computed results add for numerics other than float32 (whose keys predate it)."""
+        return {} if self.numerics == "float32" else {"numerics": self.numerics}
 
     def tokenize_instructions(self, instructions: Sequence[str]) -> list[list[int]]:
         """Chat-format and tokenize once; checks context length and the post-instruction suffix."""

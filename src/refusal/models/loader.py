@@ -18,6 +18,7 @@ from refusal.models.architecture import residual_layout
 from refusal.models.bundle import ModelBundle
 from refusal.models.chat import ChatFormat
 from refusal.models.gguf_package import GGUFPackageSpec, dequantized_checkpoint
+from refusal.models.numerics import check_matmul, use_bf16_matmuls, warn_if_slow
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,7 @@ def resolve_device_map(value: Any) -> str | dict[str, int | str] | None:
 def check_placement(cfg: Mapping[str, Any]) -> None:
     """``model.dtype``, ``model.device`` and ``model.device_map`` (run before anything loads)."""
     resolve_dtype(str(cfg.get("dtype", "float32")))
+    check_matmul(cfg)
     if resolve_device_map(cfg.get("device_map")) is None:
         resolve_device(str(cfg.get("device", "auto")))
 
@@ -254,17 +256,32 @@ def load_model(cfg: Mapping[str, Any], cache_dir: str | Path) -> ModelBundle:
     eos_ids = _eos_ids(tokenizer, model, cfg)
     model.generation_config.eos_token_id = eos_ids
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+    layout = residual_layout(model)
     return ModelBundle(
         name=str(cfg["name"]),
         model=model,
         tokenizer=tokenizer,
         chat=chat,
-        layout=residual_layout(model),
+        layout=layout,
         refusal_token_ids=_refusal_token_ids(tokenizer, list(cfg.get("refusal_tokens", ["I", "As"]))),
         weights_hash=weights_hash,
         source=source,
         extra={"eos_token_ids": eos_ids},
+        numerics=_set_numerics(model, layout, cfg, dtype),
     )
+
+
+def _set_numerics(model: torch.nn.Module, layout: Any, cfg: Mapping[str, Any], dtype: torch.dtype) -> str:
+    """Apply ``model.matmul`` and name the numerics the forward pass runs in (warning where a bfloat16
+    setting would be slow on this device)."""
+    device = next(model.parameters()).device
+    if check_matmul(cfg) == "bfloat16":
+        warn_if_slow("model.matmul=bfloat16", device)
+        use_bf16_matmuls(model, layout.blocks)
+        return "float32+bfloat16-matmul"
+    if dtype == torch.bfloat16:
+        warn_if_slow("model.dtype=bfloat16", device)
+    return str(dtype).removeprefix("torch.")
 
 
 def _log_memory_estimate(cfg: Mapping[str, Any], cache_dir: Path, dtype: torch.dtype, device: torch.device | None,

@@ -1,0 +1,59 @@
+"""model.matmul=bfloat16: each product in bfloat16 from float32 weights, the rest float32, keyed apart."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from refusal.errors import ConfigError
+from refusal.generation import GenerationCache
+from refusal.models import load_model
+from refusal.models.numerics import Bf16Linear, check_matmul, use_bf16_matmuls
+
+
+def test_bf16_linear_is_the_product_of_rounded_inputs_accumulated_in_float32():
+    gen = torch.Generator().manual_seed(0)
+    layer = nn.Linear(64, 32)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(32, 64, generator=gen))
+        layer.bias.copy_(torch.randn(32, generator=gen))
+    x = torch.randn(3, 5, 64, generator=gen)
+    plain = layer(x)
+    use_bf16_matmuls(layer, [layer])
+    assert isinstance(layer, Bf16Linear)
+    out = layer(x)
+    want = (x.bfloat16().double() @ layer.weight.bfloat16().double().T).bfloat16().float() + layer.bias
+    assert out.dtype == torch.float32 and out.shape == plain.shape
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    assert (out - plain).abs().max() > 0  # it does round
+    with torch.no_grad():  # an in-place edit of the float32 master reaches the next product
+        layer.weight.mul_(-1)
+    torch.testing.assert_close(layer(x), -want + 2 * layer.bias, atol=1e-5, rtol=1e-5)
+
+
+def test_matmul_bfloat16_on_a_model_keys_its_results_apart(tmp_path):
+    base = {"name": "tiny", "source": "tiny", "device": "cpu"}
+    exact = load_model(base, tmp_path)
+    fast = load_model({**base, "matmul": "bfloat16"}, tmp_path)
+    assert (exact.numerics, fast.numerics) == ("float32", "float32+bfloat16-matmul")
+    linears = [m for b in fast.layout.blocks for m in b.modules() if isinstance(m, nn.Linear)]
+    assert linears and all(isinstance(m, Bf16Linear) for m in linears)
+    assert not isinstance(fast.layout.lm_head, Bf16Linear)  # the head stays float32 (scores, first-token logits)
+    assert exact.identity() != fast.identity()
+    rows = exact.tokenize_instructions(["Write a poem."])
+    assert GenerationCache._key(exact, rows, 4, None) != GenerationCache._key(fast, rows, 4, None)
+    ids = torch.tensor([rows[0]])
+    with torch.no_grad():
+        a, b = exact.model(ids).logits, fast.model(ids).logits
+    assert 0 < (a - b).abs().max() < 0.05 * a.abs().max()
+
+
+@pytest.mark.parametrize(("cfg", "words"), [
+    ({"matmul": "int8"}, "not one of"),
+    ({"matmul": "bfloat16", "dtype": "bfloat16"}, "needs model.dtype=float32"),
+    ({"matmul": "bfloat16", "device_map": "auto"}, "model.device_map"),
+])
+def test_bad_matmul_settings_fail_before_loading(cfg, words):
+    with pytest.raises(ConfigError, match=words):
+        check_matmul(cfg)
