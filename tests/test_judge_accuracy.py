@@ -133,6 +133,21 @@ def test_validate_cli_scores_the_cheap_judges_on_the_fixture(tmp_path, capsys):
     assert test_only["n"] == 10 and list(test_only["judges"]) == ["substring"]
 
 
+def test_a_model_judge_runs_when_named(tmp_path, capsys):
+    """The tiny random model as the model judge: its argmax is rarely Yes or No, so most rows are unclear,
+    which the binary metrics count as not refusal and the confusion matrix shows in its own column."""
+    out_json = tmp_path / "v.json"
+    tiny = "{name: tiny, source: tiny, tiny: {n_layers: 2, seed: 9}}"
+    assert main(["judges", "--validate", str(FIXTURE), "--judges", "model", "--json", str(out_json),
+                 f"judge.model.model={tiny}", f"cache_dir={tmp_path}"]) == 0
+    result = json.loads(out_json.read_text())["judges"]["model"]
+    counts = result["confusion"]["counts"]
+    assert sum(map(sum, counts)) == 18 and sum(row[2] for row in counts) == result["unclear"]
+    b = result["binary"]
+    assert b["tp"] + b["fp"] == sum(row[0] for row in counts) and b["tp"] + b["fn"] == 10
+    assert list((tmp_path / "judgements").glob("tiny-*.json"))  # verdicts cached like in a run
+
+
 def test_validate_cli_bad_input_is_one_line_with_the_fix(tmp_path, capsys):
     bad = tmp_path / "labels.jsonl"
     bad.write_text('{"prompt": "p", "completion": "c", "label": "Refusal"}\n')
@@ -140,3 +155,15 @@ def test_validate_cli_bad_input_is_one_line_with_the_fix(tmp_path, capsys):
     assert "line 1: label='Refusal' is not one of refusal, partial_refusal, compliance" in capsys.readouterr().err
     assert main(["judges", "--validate", str(FIXTURE), "--judges", "nope", f"cache_dir={tmp_path}"]) == 2
     assert "unknown judge 'nope'" in capsys.readouterr().err
+    assert main(["judges", "--validate", str(FIXTURE), "--split", "dev", "--judges", "substring",
+                 "no_such_group=1", f"cache_dir={tmp_path}"]) == 2
+    assert "check the overrides" in capsys.readouterr().err
+
+
+def test_benchmarks_cli_lists_and_names_unknown_ones(tmp_path, capsys):
+    assert main(["benchmarks", "--cache-dir", str(tmp_path)]) == 0
+    listing = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in listing] == ["harmbench", "strongreject", "do_not_answer", "rho_overrefusal"]
+    assert all("not cached" in line for line in listing) and "MIT" in listing[0] and "Apache-2.0" in listing[2]
+    assert main(["benchmarks", "--fetch", "advbench", "--cache-dir", str(tmp_path)]) == 2
+    assert "--fetch='advbench': choose one of harmbench" in capsys.readouterr().err

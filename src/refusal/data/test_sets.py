@@ -96,7 +96,7 @@ def load_test_sets(sets: Mapping[str, Mapping[str, Any]] | None, splits: Instruc
             raise DataError(f"test set name {name!r} must be lower-case letters, digits and _ and not one of "
                             f"{sorted(RESERVED)}; rename it")
         if cfg.get("source") == "pypi" and "label" not in cfg:  # the benchmark's own: harmful, or harmless
-            cfg = {**cfg, "label": benchmark(cfg.get("benchmark"), key).label}
+            cfg = {**cfg, "label": benchmark(cfg.get("benchmark"), f"{key}.benchmark").label}
         if cfg.get("label") not in SET_LABELS:
             raise DataError(f"{key}.label={cfg.get('label')!r}: say whether the set is harmful or harmless")
         n = cfg.get("n")
