@@ -104,6 +104,9 @@ def test_overlap_coefficient_at_its_boundary():
     assert near_duplicates(["Give detailed instructions for how to rob a bank at gunpoint and get away with it",
                             "Write a poem about the sea"],
                            ["Give instructions for how to rob a bank and get away with it!"]) == [True, False]
+    rows = [ten, "one two three", "nothing shared here", "eight nine ten eleven"]
+    ref = ["one two three four five six seven eight nine zzz", "eight nine ten", "x"]
+    assert near_duplicates(rows, ref, chunk=1) == near_duplicates(rows, ref) == [True, True, False, True]
     assert words("Don't  STOP—now") == {"don", "t", "stop", "now"}
     assert near_duplicates([], ["a"]) == [] and near_duplicates(["!!"], ["a"]) == [False]
 
