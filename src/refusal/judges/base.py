@@ -33,6 +33,7 @@ class Judge(ABC):
 
     name: ClassVar[str | None] = None
     description: ClassVar[str] = ""
+    loads_model: ClassVar[bool] = False  # True: costly to build; ``judges --validate`` runs it only when named
 
     def __init__(self, cfg: Mapping[str, Any], cache_dir: str | Path):
         self.cfg = dict(cfg)

@@ -94,6 +94,7 @@ def check_model_available(model_cfg: Mapping[str, Any], what: str) -> None:
 class ModelJudge(Judge):
     name = "model"
     description = "a chat model or classifier asked a rubric, read from the log-odds of its first answer token"
+    loads_model = True
 
     @classmethod
     def check(cls, cfg: Mapping[str, Any]) -> None:
