@@ -102,6 +102,19 @@ def test_unsteered_logits_are_computed_once_per_model_and_rows(tiny_bundle, prom
     assert [k for k in tiny_bundle.memo if k.startswith("unsteered_logits")] == ["unsteered_logits"]  # one entry
 
 
+def test_unsteered_logits_too_big_to_hold_are_recomputed_with_the_same_scores(tiny_bundle, prompts, monkeypatch):
+    import refusal.evaluation as evaluation
+
+    ids, completions = rows_of(tiny_bundle, prompts)
+    tiny_bundle.memo.clear()
+    held = teacher_forced_scores(tiny_bundle, ids, completions, actadd(tiny_bundle), batch_size=2)
+    monkeypatch.setattr(evaluation, "HELD_LOGITS_BYTES", 0)
+    with BlockCalls(tiny_bundle) as calls:
+        recomputed = teacher_forced_scores(tiny_bundle, ids, completions, actadd(tiny_bundle), batch_size=2)
+    assert calls.calls == 4 and "unsteered_logits" not in tiny_bundle.memo  # unsteered again, nothing kept
+    assert recomputed == pytest.approx(held, rel=1e-6)
+
+
 @torch.inference_mode()
 def test_first_logits_are_the_prompts_next_token_logits(tiny_bundle, prompts):
     ids = tiny_bundle.tokenize_instructions(prompts)

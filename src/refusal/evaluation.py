@@ -48,6 +48,10 @@ def versions() -> dict[str, str]:
     return out
 
 
+# The unsteered logits of teacher-forced scoring are kept on the model for the next job up to this size.
+HELD_LOGITS_BYTES = 512 << 20
+
+
 @torch.inference_mode()
 def teacher_forced_scores(
     bundle: ModelBundle,
@@ -61,7 +65,8 @@ def teacher_forced_scores(
     Rows are left-padded, so every completion ends at the right edge: the vocabulary head runs only on
     the last ``longest completion + 1`` positions; the prompts' shared chat-template prefix runs once per
     batch. The unsteered logits are the same for every intervention scored on these rows, so they are
-    computed once per loaded model and kept on it for the next job of a multirun.
+    computed once per loaded model and kept on it for the next job of a multirun, when they fit in
+    :data:`HELD_LOGITS_BYTES`; larger ones are recomputed beside each batch's steered pass.
     """
     ppl, kl_last, kl_completion = Perplexity(), KLDivergence(), KLDivergence()
     rows = [p + c for p, c in zip(prompts, completions, strict=True)]
@@ -69,8 +74,13 @@ def teacher_forced_scores(
     prefix = shared_prefix(prompts, len(bundle.post_instruction_ids))
     owns = [[rows[i][len(prefix):] for i in idx] for idx in batches]
     keeps = [max(len(completions[i]) for i in idx) + 1 for idx in batches]  # the last prompt token and every completion token
-    unsteered = bundle.remember("unsteered_logits", {"rows": rows, "b": batch_size},
-                                lambda: [last_logits(bundle, prefix, own, keep) for own, keep in zip(owns, keeps, strict=True)])
+    held_bytes = 4 * bundle.model.config.vocab_size * sum(len(idx) * keep for idx, keep in zip(batches, keeps, strict=True))
+    if held_bytes <= HELD_LOGITS_BYTES:
+        unsteered = bundle.remember("unsteered_logits", {"rows": rows, "b": batch_size},
+                                    lambda: [last_logits(bundle, prefix, own, keep) for own, keep in zip(owns, keeps, strict=True)])
+    else:  # too big to hold for the next job (100 rows × 128 tokens of qwen's vocabulary are 7.8 GB): recompute per batch
+        bundle.memo.pop("unsteered_logits", None)
+        unsteered = (last_logits(bundle, prefix, own, keep) for own, keep in zip(owns, keeps, strict=True))
     for idx, own, keep, base in zip(batches, owns, keeps, unsteered, strict=True):
         target = torch.full((len(idx), keep), -100, dtype=torch.long)
         last_prompt = torch.tensor([keep - 1 - len(completions[i]) for i in idx])  # logits here predict the first completion token
