@@ -435,5 +435,5 @@ def test_runs_record_per_prompt_outcomes_and_their_paired_difference_from_the_ba
     # runs on other prompts (same count) are refused, with the reason
     other = compose("intervention=none", *SMALL, "geometry.enabled=false", "data.seed=1")
     run_evaluation(other, tmp_path / "other")
-    with pytest.raises(DataError, match="different prompts .* paired statistics need the same prompts"):
+    with pytest.raises(DataError, match="harmful prompts differ .* paired statistics need the same prompts"):
         compare(RunOutcomes.from_dir(tmp_path / "flip"), RunOutcomes.from_dir(tmp_path / "other"))

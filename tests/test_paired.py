@@ -97,9 +97,26 @@ def test_bootstrap_is_seeded_and_drops_undefined_resamples():
 def test_runs_on_different_prompts_are_refused_even_with_the_same_count():
     check_same_prompts(["a", "b"], ["a", "b"])
     check_same_prompts(prompts_digest(["a", "b"]), ["a", "b"])
-    with pytest.raises(DataError, match="different prompts .* paired statistics need the same prompts"):
+    with pytest.raises(DataError, match="prompts differ .* paired statistics need the same prompts"):
         check_same_prompts(["a", "b"], ["a", "c"])
-    with pytest.raises(DataError, match="different prompts"):
+    with pytest.raises(DataError, match="prompts differ"):
         check_same_prompts(["a", "b"], ["b", "a"])  # same set, other order: the pairs would be wrong
     with pytest.raises(DataError, match="one value per prompt"):
         paired_rate_difference([True, False], [True])
+
+
+def test_run_comparisons_refuse_other_completions_and_missing_records(tmp_path):
+    from refusal.compare import RunOutcomes, compare
+
+    def outcomes(tokens: int, forced: bool = True) -> RunOutcomes:
+        tf = {"nll": np.ones(3), "tokens": np.full(3, tokens), "kl_div": np.zeros(3)} if forced else {}
+        return RunOutcomes({"harmful": "same"}, {"harmful": np.array([True, False, True])}, teacher_forced=tf)
+
+    assert compare(outcomes(4), outcomes(4))["harmless/perplexity_ratio_vs_b"] == pytest.approx(1.0)
+    with pytest.raises(DataError, match="different harmless completions .* use the same eval.max_new_tokens"):
+        compare(outcomes(4), outcomes(6))
+    assert "harmless/perplexity_ratio_vs_b" not in compare(outcomes(4), outcomes(4, forced=False))  # refusal only
+    with pytest.raises(DataError, match="completions.jsonl not found"):
+        RunOutcomes.from_dir(tmp_path)
+    with pytest.raises(DataError, match="share no column"):
+        compare(outcomes(4), RunOutcomes({"other": "same"}, {"other": np.array([True])}))

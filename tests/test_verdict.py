@@ -171,7 +171,7 @@ def test_c4_uses_both_intervals():
 def test_runs_on_different_prompts_cannot_be_compared():
     other = inputs()
     other.flip = row(1, prompts="another 40")
-    with pytest.raises(DataError, match="different prompts"):
+    with pytest.raises(DataError, match="differ .* paired statistics need the same prompts"):
         decide(other)
 
 
@@ -250,3 +250,64 @@ def test_a_run_that_breaks_the_model_cannot_decide_c1_or_c2():
     broken_null = inputs(null=25)
     broken_null.nullspace = row(25, ppl=100.0)
     assert c2(broken_null).verdict == UNSURE
+
+
+def write_run(folder, intervention: str, refused: int, ppl: float = 2.0, base: int = 30, **params) -> None:
+    """A run folder as evaluate.py writes it (results.json, completions.jsonl), with planted outcomes."""
+    import json
+
+    folder.mkdir(parents=True)
+    harmful = [{"split": "harmful", "prompt": f"harmful {i}", "refused": i < refused, "baseline_refused": i < base}
+               for i in range(N)]
+    harmless = [{"split": "harmless", "prompt": f"harmless {i}", "refused": False, "baseline_refused": False,
+                 "nll": 5 * math.log(ppl), "tokens": 5, "kl_div": 0.0 if intervention == "none" else 0.01,
+                 "kl_div_completion": 0.0, "baseline_nll": 5 * math.log(2.0)} for i in range(N)]
+    (folder / "completions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in harmful + harmless))
+    (folder / "results.json").write_text(json.dumps({
+        "status": "ok", "model": folder.parts[-3], "intervention": intervention, "params": params, "intervention_layer": 10,
+        "metrics": {"harmful/refusal_rate": refused / N, "harmful/refusal_rate_ci95": list(wilson_interval(refused, N)),
+                    "harmless/refusal_rate": 0.0, "harmless/refusal_rate_ci95": [0.0, 0.1], "harmless/perplexity": ppl,
+                    "harmless/kl_div": 0.01, "n_harmful": N}}))
+
+
+def test_the_study_renders_its_verdict_from_the_records_it_writes(tmp_path):
+    """bench/study.py's render on planted study records: qwen05 where C1-C3 hold, qwen15 where ablation and
+    full-rank flip do not suppress (C1, C3 not applicable). Nothing is run."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import study
+
+    rank = 40
+    plans = {"qwen05": {"abl": 2, "flip": 1, "null": 25, "ks": {1: 28, 2: 25, 4: 20, 6: 10, 8: 6, 12: 1, 16: 1, 24: 1}},
+             "qwen15": {"abl": 29, "flip": 29, "null": 30, "ks": dict.fromkeys(study.KS, 30)}}
+    for model, plan in plans.items():
+        mdir = tmp_path / "study" / model
+        (mdir / "train").mkdir(parents=True)
+        (mdir / "train" / "fitted.json").write_text(json.dumps({"inlp_rank": rank, "layer": 10, "n_layers": 24, "position": -1}))
+        write_run(mdir / "main" / "0", "none", 30)
+        write_run(mdir / "main" / "1", "dim_ablation", plan["abl"])
+        write_run(mdir / "main" / "2", "inlp_flip", plan["flip"], k=rank)
+        write_run(mdir / "main" / "3", "inlp_nullspace", plan["null"], k=rank)
+        for i, (k, refused) in enumerate(plan["ks"].items()):
+            write_run(mdir / "k" / f"f{i}", "inlp_flip", refused, k=k)
+            write_run(mdir / "k" / f"n{i}", "inlp_nullspace", 30, k=k)
+    assert len([k for k in study.KS if k < 15]) + 1 >= 6  # the grid reaches C3's 6 values even at the smallest rank
+    meta = {"date": "2026-12-02", "hardware": "planted", "data": "planted records", "max_new_tokens": 24,
+            "token_budget": 128, "models": list(plans)}
+    text = study.render(tmp_path / "study", tmp_path / "docs", meta).read_text()
+    table = text[text.index("### Converged INLP"):].split("\n\n")[1].splitlines()
+    c1_row, c2_row, c3_row, c4_row = table[2:6]
+    assert c1_row.count("**holds**") == 1 and "**not applicable**" in c1_row and "ablation does not suppress" in c1_row
+    assert "**holds**" in c2_row
+    assert c3_row.count("**holds**") == 1 and "**not applicable**" in c3_row and "k=12: share 100% [100%, 100%]" in c3_row
+    assert c4_row.count("**inconclusive**") == 2  # no geometry step in these records
+    assert RULES in text  # the rules are written before the numbers
+    assert text.index("Rules (applied by") < text.index("### Converged INLP")
+    with pytest.raises(DataError, match="differ .* paired statistics need the same prompts"):  # a k run made on other prompts is refused
+        write_run(tmp_path / "study" / "qwen05" / "k" / "zz", "inlp_flip", 5, k=3)
+        rows = (tmp_path / "study" / "qwen05" / "k" / "zz" / "completions.jsonl")
+        rows.write_text(rows.read_text().replace('"harmful 0"', '"another prompt"'))
+        decide(study.ModelRuns(tmp_path / "study" / "qwen05").inputs())

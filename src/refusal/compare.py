@@ -21,7 +21,15 @@ from typing import Any
 import numpy as np
 
 from refusal.errors import DataError
-from refusal.stats.paired import check_same_prompts, paired_mean_difference, paired_rate_difference, prompts_digest
+from refusal.stats.paired import (
+    check_same_prompts,
+    paired_mean_difference,
+    paired_rate_difference,
+    prompts_digest,
+)
+
+#: The per-prompt teacher-forced values a paired perplexity / KL comparison needs.
+TEACHER_FORCED = {"nll", "tokens", "kl_div"}
 
 
 @dataclass
@@ -77,14 +85,18 @@ def log_perplexity(tf: Mapping[str, np.ndarray]) -> np.ndarray:
     return np.divide(tf["nll"], tf["tokens"], out=np.zeros_like(tf["nll"], dtype=np.float64), where=tf["tokens"] > 0)
 
 
-def teacher_forced_vs(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], name: str) -> dict[str, Any]:
+def teacher_forced_vs(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], name: str,
+                      confidence: float = 0.95) -> dict[str, Any]:
     """Harmless perplexity ratio a/b (a per-token weighted difference of log-perplexity, exponentiated) and
     next-token KL difference a − b, each with its paired bootstrap interval."""
+    if not (TEACHER_FORCED <= set(a) and TEACHER_FORCED <= set(b)):
+        raise DataError(f"a run compared with {name} has no per-prompt perplexity in its completions.jsonl (made before "
+                        "it was recorded, or a lean search trial): rerun it with evaluate.py")
     if not np.array_equal(a["tokens"], b["tokens"]):
         raise DataError(f"the runs scored different harmless completions (token counts differ) against {name}: "
                         "perplexity is paired only on the same unsteered completions; use the same eval.max_new_tokens")
-    log_ratio = paired_mean_difference(log_perplexity(a), log_perplexity(b), weights=a["tokens"])
-    kl = paired_mean_difference(a["kl_div"], b["kl_div"])
+    log_ratio = paired_mean_difference(log_perplexity(a), log_perplexity(b), weights=a["tokens"], confidence=confidence)
+    kl = paired_mean_difference(a["kl_div"], b["kl_div"], confidence=confidence)
     return {f"harmless/perplexity_ratio_vs_{name}": math.exp(log_ratio.estimate),
             f"harmless/perplexity_ratio_vs_{name}_ci95": [math.exp(log_ratio.lo), math.exp(log_ratio.hi)],
             f"harmless/kl_div_vs_{name}": kl.estimate, f"harmless/kl_div_vs_{name}_ci95": [kl.lo, kl.hi]}
@@ -101,7 +113,7 @@ def compare(a: RunOutcomes, b: RunOutcomes, name: str = "b") -> dict[str, Any]:
     for column in common:
         check_same_prompts(a.digests[column], b.digests[column], f"the two runs' {column} prompts")
         out.update(refusal_vs(a.refused[column], b.refused[column], column, name))
-    if {"nll", "tokens", "kl_div"} <= set(a.teacher_forced) and {"nll", "tokens", "kl_div"} <= set(b.teacher_forced):
+    if TEACHER_FORCED <= set(a.teacher_forced) and TEACHER_FORCED <= set(b.teacher_forced):
         out.update(teacher_forced_vs(a.teacher_forced, b.teacher_forced, name))
     return out
 

@@ -15,20 +15,18 @@ intervals from report rows that carry their run's per-prompt outcomes (``row["ou
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from refusal.compare import log_perplexity
+from refusal.compare import teacher_forced_vs
 from refusal.stats.paired import (
     PairedDifference,
     bootstrap_interval,
     check_same_prompts,
     holm,
-    paired_mean_difference,
     paired_rate_difference,
 )
 
@@ -140,7 +138,7 @@ def refused(row: Mapping[str, Any], column: str = "harmful") -> np.ndarray:
 
 def paired(a: Mapping[str, Any], b: Mapping[str, Any], what: str) -> PairedDifference:
     """Δ(a − b) of harmful refusal over the same prompts (refused when the runs' prompts differ)."""
-    check_same_prompts(a["outcomes"].digests["harmful"], b["outcomes"].digests["harmful"], f"the runs behind {what}")
+    check_same_prompts(a["outcomes"].digests["harmful"], b["outcomes"].digests["harmful"], f"the harmful prompts of {what}")
     return paired_rate_difference(refused(a), refused(b))
 
 
@@ -235,9 +233,8 @@ def kept_share(base: np.ndarray, at_k: np.ndarray, full: np.ndarray, confidence:
 
 def ppl_ratio(row: Mapping[str, Any], baseline: Mapping[str, Any], confidence: float) -> tuple[float, float, float]:
     """Harmless perplexity of ``row`` over the baseline's on the same completions, paired bootstrap interval."""
-    a, b = row["outcomes"].teacher_forced, baseline["outcomes"].teacher_forced
-    d = paired_mean_difference(log_perplexity(a), log_perplexity(b), weights=a["tokens"], confidence=confidence)
-    return math.exp(d.estimate), math.exp(d.lo), math.exp(d.hi)
+    found = teacher_forced_vs(row["outcomes"].teacher_forced, baseline["outcomes"].teacher_forced, "baseline", confidence)
+    return found["harmless/perplexity_ratio_vs_baseline"], *found["harmless/perplexity_ratio_vs_baseline_ci95"]
 
 
 def c3(inputs: ClaimInputs, found: Mapping[str, tuple[PairedDifference, float]] | None = None) -> Verdict:

@@ -33,12 +33,12 @@ def prompts_digest(prompts: Sequence[str]) -> str:
     return hashlib.sha256(json.dumps(list(prompts), ensure_ascii=False).encode()).hexdigest()[:16]
 
 
-def check_same_prompts(a: str | Sequence[str], b: str | Sequence[str], what: str = "the two runs") -> None:
+def check_same_prompts(a: str | Sequence[str], b: str | Sequence[str], what: str = "the two runs' prompts") -> None:
     """Raise :class:`DataError` unless ``a`` and ``b`` (prompt lists or their digests) are the same prompts
     in the same order; counts alone are not enough, two samples of 32 prompts are not a pair."""
     da, db = (x if isinstance(x, str) else prompts_digest(x) for x in (a, b))
     if da != db:
-        raise DataError(f"{what} were run on different prompts (digest {da} vs {db}): paired statistics need "
+        raise DataError(f"{what} differ (digest {da} vs {db}): paired statistics need "
                         "the same prompts in the same order; compare runs made with the same data and test-set settings")
 
 
