@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from refusal.compare import teacher_forced_vs
+from refusal.geometry.stats import interval_label
 from refusal.stats.paired import (
     PairedDifference,
     bootstrap_interval,
@@ -264,8 +265,6 @@ def c3(inputs: ClaimInputs, found: Mapping[str, tuple[PairedDifference, float]] 
 
 def landing(row: Mapping[str, Any]) -> str:
     """The interval-wide label of a geometry row from both intervals (t and the probe's p(harmful))."""
-    from refusal.geometry.stats import interval_label
-
     return interval_label(row["t"], (row["t_lo"], row["t_hi"]), row["p_harmful"], p_interval=(row["p_lo"], row["p_hi"]))
 
 

@@ -49,6 +49,7 @@ from sklearn.preprocessing import StandardScaler
 from torch import Tensor
 
 from refusal.errors import DataError
+from refusal.stats.paired import bootstrap_interval
 
 #: Most points fed to ``silhouette_score`` per layer; it is O(n^2), so larger sets are subsampled.
 SILHOUETTE_MAX_POINTS = 512
@@ -244,8 +245,6 @@ def landing_stats(
     interval = bootstrap_axis_interval(harmful, harmless, transformed)
     p, p_interval = math.nan, (math.nan, math.nan)
     if probe is not None:  # the probe's mean p(harmful) over the prompts, with a bootstrap interval over them
-        from refusal.stats.paired import bootstrap_interval
-
         p, *p_interval = bootstrap_interval(lambda x: x.mean(-1), probe.predict_harmful_proba(transformed).numpy())
     return {
         "dist_to_harmful": float(torch.linalg.vector_norm(transformed - mu_h, dim=1).mean()) / gap,
