@@ -11,7 +11,9 @@ refusal.geometry``; the ``pareto`` step is an Optuna search (``experiment=pareto
 trials, ``--pareto-trials``) with the baseline, DiM ablation and actadd as reference points in its
 folder. A step whose output already exists is skipped, so an interrupted study resumes
 where it stopped. INLP runs to convergence (the study's setting); the k sweep includes k=16, the
-setting of earlier versions, and the verdict is given under both. Nothing here runs in CI.
+setting of earlier versions, and the verdict is given under both. The verdict (``refusal.verdict``) pairs
+the runs prompt by prompt, from each run's completions.jsonl; C3 needs at least 6 values of k, full rank
+included (``KS``). Nothing here runs in CI.
 Wall time per step is written into the report. On 2 CPU cores every step is a few minutes on qwen05
 and about three times that on qwen15 (a run of 32 + 32 test prompts: 1–3 min on qwen05, 3–6 on
 qwen15), so docs/RESULTS.md was made with a reduced plan (the commands are listed in it):
