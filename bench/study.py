@@ -11,7 +11,9 @@ refusal.geometry``; the ``pareto`` step is an Optuna search (``experiment=pareto
 trials, ``--pareto-trials``) with the baseline, DiM ablation and actadd as reference points in its
 folder. A step whose output already exists is skipped, so an interrupted study resumes
 where it stopped. INLP runs to convergence (the study's setting); the k sweep includes k=16, the
-setting of earlier versions, and the verdict is given under both. Nothing here runs in CI.
+setting of earlier versions, and the verdict is given under both. The verdict (``refusal.verdict``) pairs
+the runs prompt by prompt, from each run's completions.jsonl; C3 needs at least 6 values of k, full rank
+included (``KS``). Nothing here runs in CI.
 Wall time per step is written into the report. On 2 CPU cores every step is a few minutes on qwen05
 and about three times that on qwen15 (a run of 32 + 32 test prompts: 1–3 min on qwen05, 3–6 on
 qwen15), so docs/RESULTS.md was made with a reduced plan (the commands are listed in it):
@@ -42,6 +44,7 @@ sys.path.insert(0, str(REPO / "bench"))
 from _common import host_info  # noqa: E402
 
 from refusal.artifacts import atomic_write_text  # noqa: E402
+from refusal.compare import RunOutcomes  # noqa: E402
 from refusal.report import flat_row, load_runs, markdown_table, pareto_front  # noqa: E402
 from refusal.verdict import RULES, ClaimInputs, Rate, c1, c2, claims_table, decide  # noqa: E402
 
@@ -55,7 +58,9 @@ PICKS_BEFORE = {"qwen05": "L15P-1", "qwen15": "L22P-2"}
 SPLITS_DIR = REPO.parent / "shared" / "data" / "refusal_direction_splits"
 STEPS = ["main", "actadd", "k", "alpha", "controls", "tokens", "geometry", "leace", "heldout", "pareto"]
 HELDOUT_ROWS = "none,actadd,dim_ablation,inlp_nullspace,inlp_flip"
-KS = [1, 2, 4, 8, 16]
+# C3 is decided on at least 6 values of k, full rank included (refusal.verdict.C3_MIN_GRID); the converged
+# ranks are ~15-33, so the values below the rank give 6-9 points: the leading directions densely, then doublings.
+KS = [1, 2, 4, 6, 8, 12, 16, 24]
 ALPHAS = [0.5, 1.5, 2.0, 3.0]
 LEGACY_K = 16  # INLP's old iteration default: the "today's setting" column of the verdict
 NO_GEOMETRY = "geometry.enabled=false"
@@ -174,8 +179,16 @@ class Study:
 
 
 # -- the report -----------------------------------------------------------------------------------
+def _row(folder: Path, run: str, results: dict[str, Any]) -> dict[str, Any]:
+    """A report row with its run's per-prompt outcomes (``outcomes``), which the verdict pairs prompt by prompt."""
+    row = flat_row(results, run)
+    if (folder / run / "completions.jsonl").exists():
+        row["outcomes"] = RunOutcomes.from_dir(folder / run)
+    return row
+
+
 def _rows(folder: Path) -> list[dict[str, Any]]:
-    return [flat_row(r, run) for run, r in load_runs(folder) if r.get("status", "ok") == "ok"] if folder.exists() else []
+    return [_row(folder, run, r) for run, r in load_runs(folder) if r.get("status", "ok") == "ok"] if folder.exists() else []
 
 
 def _order(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -219,7 +232,7 @@ class ModelRuns:
         self.geometry_leace_selected = json.loads(geo_selected.read_text()) if geo_selected.exists() else {}
         self.k = _rows(mdir / "k")
         self.alpha = _rows(mdir / "alpha")
-        self.controls = {run.split("/")[0]: flat_row(r, run) for run, r in load_runs(mdir / "controls")
+        self.controls = {run.split("/")[0]: _row(mdir / "controls", run, r) for run, r in load_runs(mdir / "controls")
                          if r.get("status", "ok") == "ok"} if (mdir / "controls").exists() else {}
         self.tokens = _order(_rows(mdir / "tokens"))
         self.heldout = _order(_rows(mdir / "heldout"))
@@ -239,12 +252,13 @@ class ModelRuns:
         main = self.main if rows is None else rows
         by_k: dict[str, dict[int, dict[str, Any]]] = {"inlp_flip": {}, "inlp_nullspace": {}}
         for name, found in by_k.items():
-            found.update({int(r["params/k"]): r for r in self.k if r["intervention"] == name and int(r["params/k"]) < rank})
+            found.update({int(r["params/k"]): r for r in self.k
+                          if r["intervention"] == name and int(r["params/k"]) < rank and "outcomes" in r})
             found[rank] = _pick(main, name, k=rank) if rank == self.rank else _pick(self.k, name, k=rank)
         baseline, ablation = _pick(main, "none"), _pick(main, "dim_ablation")
         flip, null = by_k["inlp_flip"][rank], by_k["inlp_nullspace"][rank]
-        if not all((baseline, ablation, flip, null)):
-            return None
+        if not all(row and "outcomes" in row for row in (baseline, ablation, flip, null)):
+            return None  # a row missing, or made before runs recorded per-prompt outcomes (rerun that step)
         suffix = "" if k_cap is None else f" (k={k_cap})"
         geometry = {key: g for key, label in (("nullspace", "inlp_nullspace"), ("flip", "inlp_flip"))
                     if (g := self.geometry_row(label + suffix))}
@@ -271,7 +285,7 @@ def _controls_table(runs: dict[str, ModelRuns]) -> list[str]:
             inputs = mr.inputs()
             row = (_pick(mr.alpha, "inlp_flip", alpha=source.split("=")[1]) if source.startswith("alpha=")
                    else mr.controls.get(source))
-            if inputs is None or row is None:
+            if inputs is None or row is None or "outcomes" not in row:
                 cells.append("not run")
                 continue
             base = decide(inputs)[0 if claim == "C1" else 1].verdict

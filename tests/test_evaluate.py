@@ -154,6 +154,9 @@ def test_multirun_two_by_two_with_report_and_wandb(tmp_path):
     assert {json.loads(p.read_text())["intervention"] for p in runs} == {"none", "dim_ablation"}
     report = (sweep / "report.md").read_text()
     assert report.count("| tiny |") == 4 and "0 failed" in report
+    assert "Δ harmful vs none" in report and "McNemar p (Holm)" in report and "ppl ÷ none" in report
+    csv_header = (sweep / "report.csv").read_text().splitlines()[0]
+    assert "harmful/refusal_rate_vs_baseline_ci95" in csv_header and "harmful/mcnemar_p_vs_baseline_holm" in csv_header
     assert (sweep / "report.csv").read_text().count("\n") == 5
     assert (sweep / "tradeoff.png").stat().st_size > 5000 and (sweep / "bars.png").stat().st_size > 5000
     # W&B offline runs: read the logged summary back from the run files
@@ -164,6 +167,12 @@ def test_multirun_two_by_two_with_report_and_wandb(tmp_path):
         summary = wandb_records.summary(offline[0])
         assert summary["harmful/refusal_rate"] == pytest.approx(results["metrics"]["harmful/refusal_rate"])
         assert summary["harmless/perplexity"] == pytest.approx(results["metrics"]["harmless/perplexity"])
+        lo, hi = results["metrics"]["harmful/refusal_rate_ci95"]
+        assert (summary["harmful/refusal_rate_ci95/lo"], summary["harmful/refusal_rate_ci95/hi"]) == pytest.approx((lo, hi))
+        if results["intervention"] != "none":  # the paired difference from the baseline, and its interval's ends
+            m = results["metrics"]
+            assert summary["harmful/refusal_rate_vs_baseline"] == pytest.approx(m["harmful/refusal_rate_vs_baseline"])
+            assert summary["harmless/perplexity_ratio_vs_baseline_ci95/hi"] == pytest.approx(m["harmless/perplexity_ratio_vs_baseline_ci95"][1])
         config = wandb_records.config(offline[0])
         assert config["model.name"] == "tiny" and config["intervention.name"] == results["intervention"]
         assert config["_group"] == sweep.name and set(config["_tags"]) >= {"tiny", results["intervention"]}
@@ -385,3 +394,46 @@ def test_an_unknown_launcher_or_sweeper_lists_the_installed_ones_and_names_the_e
     with pytest.raises(ConfigError, match=r"hydra/launcher=nope is not an installed option \(installed: basic, joblib, "
                                           r"submitit_local, submitit_slurm\); pip install -e '\.\[cluster\]'"):
         cli.check_hydra_plugins(["hydra/launcher=nope"], REPO / "conf")
+
+
+def test_runs_record_per_prompt_outcomes_and_their_paired_difference_from_the_baseline(compose, tmp_path):
+    import math
+
+    from refusal.compare import RunOutcomes, compare, main
+    from refusal.errors import DataError
+    from refusal.stats.paired import mcnemar_exact
+
+    none = run_evaluation(compose("intervention=none", *SMALL, "geometry.enabled=false"), tmp_path / "none")
+    flip = run_evaluation(compose("intervention=inlp_flip", *SMALL, "geometry.enabled=false"), tmp_path / "flip")
+    assert none["prompts"] == flip["prompts"] and set(none["prompts"]) == {"harmful", "harmless", "overrefusal"}
+    rows = [json.loads(line) for line in (tmp_path / "flip" / "completions.jsonl").read_text().splitlines()]
+    harmful = [r for r in rows if r["split"] == "harmful"]
+    steered, base = [r["refused"] for r in harmful], [r["baseline_refused"] for r in harmful]
+    m = flip["metrics"]
+    # the paired difference by hand: the rates' difference, McNemar on the discordant prompts
+    assert m["harmful/refusal_rate_vs_baseline"] == pytest.approx(m["harmful/refusal_rate"] - m["baseline/harmful/refusal_rate"])
+    lo, hi = m["harmful/refusal_rate_vs_baseline_ci95"]
+    assert lo <= m["harmful/refusal_rate_vs_baseline"] <= hi
+    a_only = sum(s and not b for s, b in zip(steered, base, strict=True))
+    b_only = sum(b and not s for s, b in zip(steered, base, strict=True))
+    assert m["harmful/mcnemar_p_vs_baseline"] == mcnemar_exact(a_only, b_only)
+    # perplexity: per prompt NLL and tokens add up to the reported perplexities of both runs
+    harmless = [r for r in rows if r["split"] == "harmless"]
+    tokens = sum(r["tokens"] for r in harmless)
+    assert m["harmless/perplexity"] == pytest.approx(math.exp(sum(r["nll"] for r in harmless) / tokens), rel=1e-5)
+    assert none["metrics"]["harmless/perplexity"] == pytest.approx(math.exp(sum(r["baseline_nll"] for r in harmless) / tokens), rel=1e-5)
+    ratio, (r_lo, r_hi) = m["harmless/perplexity_ratio_vs_baseline"], m["harmless/perplexity_ratio_vs_baseline_ci95"]
+    assert ratio == pytest.approx(m["harmless/perplexity"] / none["metrics"]["harmless/perplexity"], rel=1e-5) and r_lo <= ratio <= r_hi
+    k_lo, k_hi = m["harmless/kl_div_ci95"]
+    assert 0 <= k_lo <= m["harmless/kl_div"] <= k_hi
+    assert "harmful/refusal_rate_vs_baseline" not in none["metrics"]  # the baseline against itself says nothing
+    # any two runs: flip against the none run equals flip against its own baseline
+    paired = compare(RunOutcomes.from_dir(tmp_path / "flip"), RunOutcomes.from_dir(tmp_path / "none"), "none")
+    for key in ("harmful/refusal_rate_vs", "harmful/mcnemar_p_vs", "harmless/perplexity_ratio_vs"):
+        assert paired[f"{key}_none"] == pytest.approx(m[f"{key}_baseline"])
+    assert main([str(tmp_path / "flip"), str(tmp_path / "none")]) == 0
+    # runs on other prompts (same count) are refused, with the reason
+    other = compose("intervention=none", *SMALL, "geometry.enabled=false", "data.seed=1")
+    run_evaluation(other, tmp_path / "other")
+    with pytest.raises(DataError, match="harmful prompts differ .* paired statistics need the same prompts"):
+        compare(RunOutcomes.from_dir(tmp_path / "flip"), RunOutcomes.from_dir(tmp_path / "other"))

@@ -75,6 +75,13 @@ def test_mirror_lands_opposite(setup):
     assert s["axis_coordinate"] == pytest.approx(1.0, abs=0.05)
     assert s["probe_p_harmful"] < 0.5
     assert s["label"] == "opposite"
+    # the probe's mean over prompts with its bootstrap interval: covers the mean and, by the normal
+    # approximation (mean ± 1.96 sd/sqrt(n)), has about its width
+    p = probe.predict_harmful_proba(mirrored).numpy()
+    lo, hi = s["probe_p_harmful_ci95"]
+    assert lo <= s["probe_p_harmful"] <= hi and s["probe_p_harmful"] == pytest.approx(p.mean())
+    assert hi - lo == pytest.approx(2 * 1.96 * p.std(ddof=1) / len(p) ** 0.5, rel=0.25)
+    assert s["label_ci"] == "opposite"  # the whole probe interval lies below 0.5
     assert s["dist_to_harmless"] < s["dist_to_harmful"]
 
 

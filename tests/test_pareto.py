@@ -98,6 +98,9 @@ def test_a_lean_trial_measures_what_a_full_run_does_and_nothing_else(compose, tm
     assert m["harmful/refusal_rate"] == f["harmful/refusal_rate"] and m["harmful/refusal_score"] == f["harmful/refusal_score"]
     assert m["harmless/kl_div"] == pytest.approx(f["harmless/kl_div"], rel=2e-3, abs=1e-6)  # float tolerance
     assert (m["harmless/kl_div"] == 0.0) == (name == "none")
+    if name != "none":  # the paired difference from the baseline, as in a full run
+        assert m["harmful/mcnemar_p_vs_baseline"] == f["harmful/mcnemar_p_vs_baseline"]
+        assert m["harmful/refusal_rate_vs_baseline_ci95"] == f["harmful/refusal_rate_vs_baseline_ci95"]
     rows = [json.loads(line) for line in (tmp_path / "lean" / "completions.jsonl").read_text().splitlines()]
     assert len(rows) == 8 and {r["split"] for r in rows} == {"harmful"}
     assert not list((tmp_path / "lean").glob("wandb"))  # logger=none: no W&B run

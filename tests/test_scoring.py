@@ -59,7 +59,7 @@ def rows_of(bundle, prompts):
 @torch.inference_mode()
 def reference_scores(bundle, prompts, completions, intervention):
     """Row by row, no padding, full logits: the definition of perplexity and both KLs."""
-    nll, tokens, kl_last, kl_tokens = 0.0, 0, [], []
+    nll, tokens, kl_last, kl_tokens, per_nll = 0.0, 0, [], [], []
     for p, c in zip(prompts, completions, strict=True):
         ids = torch.tensor([p + c])
         base = bundle.model(input_ids=ids).logits[0].float()
@@ -68,13 +68,15 @@ def reference_scores(bundle, prompts, completions, intervention):
             with declare_roles(bundle, [len(p + c)], len(p + c), [len(p)]), intervention.apply(bundle):
                 steered = bundle.model(input_ids=ids).logits[0].float()
         span = slice(len(p) - 1, len(p) + len(c) - 1)  # logits that predict the completion's tokens
+        per_nll.append(float(torch.nn.functional.cross_entropy(steered[span], torch.tensor(c), reduction="sum")) if c else 0.0)
         if c:
-            nll += float(torch.nn.functional.cross_entropy(steered[span], torch.tensor(c), reduction="sum"))
+            nll += per_nll[-1]
             tokens += len(c)
             kl_tokens.append(_kl_rows(base[span], steered[span]))
         kl_last.append(float(_kl_rows(base[len(p) - 1][None], steered[len(p) - 1][None])))
     return {"perplexity": float(torch.exp(torch.tensor(nll / tokens))), "kl_div": sum(kl_last) / len(kl_last),
-            "kl_div_completion": float(torch.cat(kl_tokens).mean())}
+            "kl_div_completion": float(torch.cat(kl_tokens).mean()),
+            "per_prompt": {"nll": per_nll, "tokens": [len(c) for c in completions], "kl_div": kl_last}}
 
 
 def test_teacher_forced_scores_equal_the_row_by_row_definition(tiny_with_system, prompts):
@@ -83,6 +85,9 @@ def test_teacher_forced_scores_equal_the_row_by_row_definition(tiny_with_system,
     for intervention in (None, actadd(tiny_bundle)):
         got = teacher_forced_scores(tiny_bundle, ids, completions, intervention, batch_size=3)
         want = reference_scores(tiny_bundle, ids, completions, intervention)
+        for key, value in want.pop("per_prompt").items():  # prompt by prompt, in prompt order: what paired comparisons use
+            torch.testing.assert_close(torch.tensor(got["per_prompt"][key], dtype=torch.float64),
+                                       torch.tensor(value, dtype=torch.float64), rtol=1e-4, atol=1e-4)
         for key, value in want.items():
             assert abs(got[key] - value) <= 1e-4 * max(1.0, abs(value)), (key, got[key], value)
     assert got["kl_div"] > 1e-3  # the intervention really changed the distribution being compared
@@ -112,7 +117,10 @@ def test_unsteered_logits_too_big_to_hold_are_recomputed_with_the_same_scores(ti
     with BlockCalls(tiny_bundle) as calls:
         recomputed = teacher_forced_scores(tiny_bundle, ids, completions, actadd(tiny_bundle), batch_size=2)
     assert calls.calls == 4 and "unsteered_logits" not in tiny_bundle.memo  # unsteered again, nothing kept
-    assert recomputed == pytest.approx(held, rel=1e-6)
+    for key in ("perplexity", "kl_div", "kl_div_completion"):
+        assert recomputed[key] == pytest.approx(held[key], rel=1e-6)
+    for key, values in held["per_prompt"].items():
+        assert recomputed["per_prompt"][key] == pytest.approx(values, rel=1e-6)
 
 
 @torch.inference_mode()

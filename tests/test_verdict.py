@@ -1,59 +1,178 @@
-"""The claims' rules, capture of the DiM difference, and the landing interval."""
+"""The claims' rules at their boundaries, on planted paired outcomes; capture of the DiM difference; the landing interval."""
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import pytest
 import torch
 
+from refusal.compare import RunOutcomes
+from refusal.errors import DataError
 from refusal.fitting.capture import capture_curve, direction_cosines
 from refusal.geometry.stats import bootstrap_axis_interval, interval_label, landing_stats
 from refusal.metrics import wilson_interval
-from refusal.verdict import FAILS, HOLDS, UNSURE, ClaimInputs, c1, c2, c3, c4, claims_table, decide
+from refusal.stats.paired import PairedDifference
+from refusal.verdict import (
+    C1_MARGIN,
+    C3_PPL_RATIO,
+    C3_SHARE,
+    FAILS,
+    HOLDS,
+    NOT_APPLICABLE,
+    RULES,
+    UNSURE,
+    ClaimInputs,
+    c1,
+    c2,
+    c3,
+    c4,
+    claims_table,
+    decide,
+    rule_c1,
+    rule_c2,
+    rule_c3,
+    rule_c3_k,
+    rule_c4,
+)
+
+N = 40  # harmful (and harmless) test prompts of every planted run
+EPS = 1e-9
 
 
-def row(refused: int, n: int = 32, ppl: float = 2.0, **extra) -> dict:
-    return {"harmful/refusal_rate": refused / n, "harmful/refusal_rate_ci95": list(wilson_interval(refused, n)),
-            "n_harmful": n, "harmless/perplexity": ppl, **extra}
+def row(refused: int | np.ndarray, ppl: float = 2.0, prompts: str = "the same 40") -> dict:
+    """A report row with its per-prompt outcomes: an int refuses the first ``refused`` prompts (so a run with
+    fewer refusals refuses a subset of another's: every discordant pair goes one way), an array says which.
+    Every harmless completion has 5 tokens at per-token NLL log(ppl), so perplexity ratios are exact."""
+    flags = np.arange(N) < refused if isinstance(refused, int) else np.asarray(refused, dtype=bool)
+    outcomes = RunOutcomes({"harmful": prompts, "harmless": prompts}, {"harmful": flags},
+                           teacher_forced={"nll": np.full(N, 5 * math.log(ppl)), "tokens": np.full(N, 5.0),
+                                           "kl_div": np.zeros(N)})
+    k = int(flags.sum())
+    return {"harmful/refusal_rate": k / N, "harmful/refusal_rate_ci95": list(wilson_interval(k, N)), "n_harmful": N,
+            "harmless/perplexity": ppl, "outcomes": outcomes}
 
 
-def geo(t: float, lo: float, hi: float, label: str) -> dict:
-    return {"t": t, "t_lo": lo, "t_hi": hi, "label_ci": label}
+def geo(t: float, lo: float, hi: float, p: float = 0.2, p_lo: float = 0.1, p_hi: float = 0.3) -> dict:
+    return {"t": t, "t_lo": lo, "t_hi": hi, "p_harmful": p, "p_lo": p_lo, "p_hi": p_hi}
 
 
-def inputs(base=16, abl=1, flip=2, null=15, rank=40, flip_by_k=None, null_by_k=None, geometry=None) -> ClaimInputs:
-    return ClaimInputs(row(base, ppl=1.8), row(abl), row(flip), row(null), rank,
-                       flip_by_k or {}, null_by_k or {}, geometry or {})
+def inputs(base=30, abl=2, flip=1, null=25, rank=40, flip_by_k=None, null_by_k=None, geometry=None) -> ClaimInputs:
+    flip_row = flip if isinstance(flip, dict) else row(flip)
+    return ClaimInputs(row(base), row(abl), flip_row, row(null), rank, {**(flip_by_k or {}), rank: flip_row},
+                       null_by_k or {}, geometry or {})
 
 
-@pytest.mark.parametrize(("flip", "verdict"), [(1, HOLDS), (4, HOLDS), (8, UNSURE), (17, FAILS)])
-def test_c1_flip_against_ablations_interval_plus_margin(flip, verdict):
-    # ablation 1/32 = 3.1% [0.6–15.7]: the line is 15.7%; 8/32 = 25% has its lower bound below the line
-    assert c1(inputs(abl=1, flip=flip)).verdict == verdict
+def d(lo: float, hi: float) -> PairedDifference:
+    return PairedDifference((lo + hi) / 2, lo, hi, N)
 
 
-def test_c2_needs_nullspace_above_both_intervals_and_at_every_k():
-    assert c2(inputs(abl=1, flip=2, null=20)).verdict == HOLDS
-    assert c2(inputs(abl=1, flip=10, null=12)).verdict == UNSURE  # inside flip's interval
-    assert c2(inputs(abl=10, flip=10, null=1)).verdict == FAILS  # suppresses more than both
-    weaker_at_k = inputs(abl=1, flip=2, null=20, flip_by_k={4: row(20)}, null_by_k={4: row(10)})
-    assert c2(weaker_at_k).verdict == UNSURE and "below flip at k=[4]" in c2(weaker_at_k).evidence
+# -- each rule at its bounds: just inside, on, and just outside -----------------------------------------------
+def test_rule_c1_needs_suppression_then_tests_equivalence_with_the_margin():
+    suppresses, m = d(-0.5, -EPS), C1_MARGIN
+    assert rule_c1(d(-0.5, 0.0), d(-0.05, 0.05)) == NOT_APPLICABLE  # ablation's interval reaches 0
+    assert rule_c1(suppresses, d(-0.05, m - EPS)) == HOLDS
+    assert rule_c1(suppresses, d(-0.05, m)) == UNSURE  # "below the margin" is strict
+    assert rule_c1(suppresses, d(m + EPS, 0.3)) == FAILS
+    assert rule_c1(suppresses, d(m, 0.3)) == UNSURE
+    assert rule_c1(suppresses, d(m - 0.05, m + 0.05)) == UNSURE  # straddles the margin
 
 
-def test_c3_looks_for_a_small_k_that_keeps_most_of_the_suppression_cheaply():
-    # baseline 16/32; full rank 4/32 suppresses 12 points (37.5%)
-    cheap = {2: row(12, ppl=1.85), 8: row(6, ppl=1.88), 40: row(4)}
-    assert c3(inputs(flip=4, flip_by_k=cheap)).verdict == HOLDS and "k=8" in c3(inputs(flip=4, flip_by_k=cheap)).evidence
-    costly = {8: row(6, ppl=2.5), 40: row(4)}
-    assert c3(inputs(flip=4, flip_by_k=costly)).verdict == FAILS
-    no_suppression = c3(inputs(flip=15, flip_by_k={8: row(15)}))
-    assert no_suppression.verdict == FAILS and "no suppression to keep" in no_suppression.evidence
+def test_rule_c2_on_both_paired_intervals():
+    assert rule_c2(d(EPS, 0.4), d(EPS, 0.4)) == HOLDS
+    assert rule_c2(d(0.0, 0.4), d(EPS, 0.4)) == UNSURE and rule_c2(d(EPS, 0.4), d(0.0, 0.4)) == UNSURE
+    assert rule_c2(d(-0.3, -EPS), d(EPS, 0.4)) == FAILS and rule_c2(d(EPS, 0.4), d(-0.3, -EPS)) == FAILS
+    assert rule_c2(d(-0.3, 0.0), d(-0.3, 0.0)) == UNSURE
 
 
-def test_c4_labels_must_hold_over_the_whole_interval():
-    assert c4(inputs(geometry={"nullspace": geo(0.4, 0.3, 0.5, "between"), "flip": geo(0.9, 0.8, 1.0, "opposite")})).verdict == HOLDS
-    assert c4(inputs(geometry={"nullspace": geo(0.4, 0.3, 0.5, "between"), "flip": geo(0.75, 0.6, 0.9, "inconclusive")})).verdict == UNSURE
-    assert c4(inputs(geometry={"nullspace": geo(0.1, 0.0, 0.2, "stays"), "flip": geo(0.9, 0.8, 1.0, "opposite")})).verdict == FAILS
+def test_rule_c3_per_k_on_the_share_and_the_perplexity_intervals():
+    ok_ppl, share = (0.99, C3_PPL_RATIO), (C3_SHARE, 1.0)
+    assert rule_c3_k(share, ok_ppl) == "keeps"  # both bounds inclusive
+    assert rule_c3_k((C3_SHARE - EPS, 1.0), ok_ppl) == "unsure"
+    assert rule_c3_k(share, (0.99, C3_PPL_RATIO + EPS)) == "unsure"
+    assert rule_c3_k((0.2, C3_SHARE - EPS), ok_ppl) == "loses" and rule_c3_k((0.2, C3_SHARE), ok_ppl) == "unsure"
+    assert rule_c3_k(share, (C3_PPL_RATIO + EPS, 1.3)) == "loses" and rule_c3_k(share, (C3_PPL_RATIO, 1.3)) == "unsure"
+
+
+def test_rule_c3_needs_suppression_at_full_rank_and_six_k_values():
+    suppresses = d(-0.5, -EPS)
+    assert rule_c3(d(-0.5, 0.0), 8, {1: "keeps"}) == NOT_APPLICABLE
+    assert rule_c3(suppresses, 5, {1: "keeps"}) == UNSURE and rule_c3(suppresses, 6, {1: "keeps"}) == HOLDS
+    assert rule_c3(suppresses, 6, dict.fromkeys(range(5), "loses")) == FAILS
+    assert rule_c3(suppresses, 6, {**dict.fromkeys(range(4), "loses"), 4: "unsure"}) == UNSURE
+
+
+def test_rule_c4_and_the_label_over_both_intervals():
+    assert rule_c4("between", "opposite") == HOLDS and rule_c4("between", "inconclusive") == UNSURE
+    assert rule_c4("stays", "opposite") == FAILS and rule_c4("between", "between") == FAILS
+    assert interval_label(0.9, (0.8, 1.0), 0.2, p_interval=(0.1, 0.3)) == "opposite"
+    assert interval_label(0.9, (0.8, 1.0), 0.2, p_interval=(0.1, 0.5)) == "inconclusive"  # the probe's interval reaches 0.5
+    assert interval_label(0.9, (0.8, 1.0), 0.2, p_interval=(0.1, 0.5 - EPS)) == "opposite"
+    assert interval_label(0.9, (0.8, 1.0), 0.2) == "opposite"  # the old call: the probe's point estimate only
+
+
+# -- the claims on planted outcomes (40 prompts, Newcombe intervals) ------------------------------------------
+@pytest.mark.parametrize(("abl", "flip", "verdict"), [
+    (2, 1, HOLDS),  # flip − ablation -2.5 [-13.5, +7.3]: below +10
+    (2, 2, HOLDS),  # 0.0 [-9.2, +9.2]
+    (2, 3, UNSURE),  # +2.5 [-7.0, +13.1]: straddles +10
+    (2, 20, FAILS),  # +45 [+27, +60]: above +10
+    (29, 1, NOT_APPLICABLE),  # ablation − baseline -2.5 [-10.4, +5.1]: ablation does not suppress
+])
+def test_c1_on_paired_outcomes(abl, flip, verdict):
+    v = c1(inputs(base=30, abl=abl, flip=flip))
+    assert v.verdict == verdict, v.evidence
+    assert "Δ(flip − ablation)" in v.evidence and "Holm p" in v.evidence
+    if verdict == NOT_APPLICABLE:
+        assert "ablation does not suppress" in v.evidence
+
+
+def test_c1_fails_where_the_old_point_estimate_rule_said_holds():
+    # the issue's case: baseline 27/32, ablation 27/32, flip 28/32 was "holds"; ablation suppresses nothing
+    assert c1(inputs(base=27, abl=27, flip=28)).verdict == NOT_APPLICABLE
+
+
+def test_c2_on_paired_outcomes():
+    assert c2(inputs(abl=2, flip=1, null=25)).verdict == HOLDS
+    assert c2(inputs(abl=2, flip=1, null=3)).verdict == UNSURE
+    assert c2(inputs(abl=10, flip=12, null=0)).verdict == FAILS  # nullspace suppresses more than both
+    # same rates, other prompts: unpaired, nullspace's 25 refusals are not a superset of flip's
+    other = np.zeros(N, dtype=bool)
+    other[N - 25:] = True
+    assert c2(inputs(abl=2, flip=1, null=other)).verdict == HOLDS  # still clear at this size
+
+
+def test_c3_on_paired_outcomes_over_a_six_value_grid():
+    cheap = {1: row(28), 2: row(25), 4: row(20), 8: row(6), 16: row(5)}  # k=8 keeps 96% of 25 points
+    held = c3(inputs(base=30, flip=5, flip_by_k=cheap))
+    assert held.verdict == HOLDS and "k=8: share 96%" in held.evidence and "→ keeps" in held.evidence
+    costly = {k: row(round(N * r["harmful/refusal_rate"]), ppl=2.0 * 1.2) for k, r in cheap.items()}
+    assert c3(inputs(base=30, flip=5, flip_by_k=costly)).verdict == FAILS  # every k costs 20% perplexity
+    weak = {k: row(29) for k in cheap}
+    assert c3(inputs(base=30, flip=5, flip_by_k=weak)).verdict == FAILS  # no k keeps more than 4%
+    coarse = c3(inputs(base=30, flip=5, flip_by_k={8: row(6)}))
+    assert coarse.verdict == UNSURE and "only 2 k values" in coarse.evidence
+    nothing = c3(inputs(base=30, flip=29, flip_by_k=cheap))
+    assert nothing.verdict == NOT_APPLICABLE and "nothing to keep" in nothing.evidence
+
+
+def test_c4_uses_both_intervals():
+    both = {"nullspace": geo(0.4, 0.3, 0.5), "flip": geo(0.9, 0.8, 1.0)}
+    assert c4(inputs(geometry=both)).verdict == HOLDS
+    unsure_probe = {"nullspace": geo(0.4, 0.3, 0.5), "flip": geo(0.9, 0.8, 1.0, p=0.4, p_lo=0.3, p_hi=0.55)}
+    assert c4(inputs(geometry=unsure_probe)).verdict == UNSURE  # t says opposite, the probe's interval reaches 0.5
+    assert c4(inputs(geometry={"nullspace": geo(0.1, 0.0, 0.2), "flip": geo(0.9, 0.8, 1.0)})).verdict == FAILS
+    old = {"nullspace": {**geo(0.4, 0.3, 0.5)}, "flip": {k: v for k, v in geo(0.9, 0.8, 1.0).items() if k not in ("p_lo", "p_hi")}}
+    assert c4(inputs(geometry=old)).verdict == UNSURE and "no interval on the probe" in c4(inputs(geometry=old)).evidence
     assert c4(inputs()).verdict == UNSURE
+
+
+def test_runs_on_different_prompts_cannot_be_compared():
+    other = inputs()
+    other.flip = row(1, prompts="another 40")
+    with pytest.raises(DataError, match="differ .* paired statistics need the same prompts"):
+        decide(other)
 
 
 def test_claims_table_has_a_row_per_claim_and_a_column_per_model():
@@ -61,6 +180,7 @@ def test_claims_table_has_a_row_per_claim_and_a_column_per_model():
     lines = table.splitlines()
     assert lines[0] == "| claim | m1 | m2 |" and len(lines) == 6
     assert "**does not hold**" in lines[2] and "**holds**" in lines[2]  # C1: m1 holds, m2 does not
+    assert "not applicable" in RULES.lower() and "Holm" in RULES and f"+{C1_MARGIN:.0%}" in RULES
 
 
 def test_capture_is_one_inside_the_span_and_zero_orthogonal_to_it():
@@ -123,11 +243,71 @@ def test_interval_label_is_inconclusive_across_a_threshold():
 
 def test_a_run_that_breaks_the_model_cannot_decide_c1_or_c2():
     broken_flip = inputs(flip=0)
-    broken_flip.flip = row(0, ppl=1.8 * 10)  # 0% refusal, but perplexity 10x the baseline's
+    broken_flip.flip = row(0, ppl=2.0 * 10)  # 0% refusal, but perplexity 10x the baseline's
     verdict = c1(broken_flip)
-    assert verdict.verdict == UNSURE and "model broken (ppl 18" in verdict.evidence
-    fluent = inputs(flip=0)
-    assert c1(fluent).verdict == HOLDS and c2(inputs(null=20)).verdict == HOLDS
-    broken_null = inputs(null=20)
-    broken_null.nullspace = row(20, ppl=100.0)
+    assert verdict.verdict == UNSURE and "model broken (ppl 20" in verdict.evidence
+    assert c1(inputs(flip=0)).verdict == HOLDS and c2(inputs(null=25)).verdict == HOLDS
+    broken_null = inputs(null=25)
+    broken_null.nullspace = row(25, ppl=100.0)
     assert c2(broken_null).verdict == UNSURE
+
+
+def write_run(folder, intervention: str, refused: int, ppl: float = 2.0, base: int = 30, **params) -> None:
+    """A run folder as evaluate.py writes it (results.json, completions.jsonl), with planted outcomes."""
+    import json
+
+    folder.mkdir(parents=True)
+    harmful = [{"split": "harmful", "prompt": f"harmful {i}", "refused": i < refused, "baseline_refused": i < base}
+               for i in range(N)]
+    harmless = [{"split": "harmless", "prompt": f"harmless {i}", "refused": False, "baseline_refused": False,
+                 "nll": 5 * math.log(ppl), "tokens": 5, "kl_div": 0.0 if intervention == "none" else 0.01,
+                 "kl_div_completion": 0.0, "baseline_nll": 5 * math.log(2.0)} for i in range(N)]
+    (folder / "completions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in harmful + harmless))
+    (folder / "results.json").write_text(json.dumps({
+        "status": "ok", "model": folder.parts[-3], "intervention": intervention, "params": params, "intervention_layer": 10,
+        "metrics": {"harmful/refusal_rate": refused / N, "harmful/refusal_rate_ci95": list(wilson_interval(refused, N)),
+                    "harmless/refusal_rate": 0.0, "harmless/refusal_rate_ci95": [0.0, 0.1], "harmless/perplexity": ppl,
+                    "harmless/kl_div": 0.01, "n_harmful": N}}))
+
+
+def test_the_study_renders_its_verdict_from_the_records_it_writes(tmp_path):
+    """bench/study.py's render on planted study records: qwen05 where C1-C3 hold, qwen15 where ablation and
+    full-rank flip do not suppress (C1, C3 not applicable). Nothing is run."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import study
+
+    rank = 40
+    plans = {"qwen05": {"abl": 2, "flip": 1, "null": 25, "ks": {1: 28, 2: 25, 4: 20, 6: 10, 8: 6, 12: 1, 16: 1, 24: 1}},
+             "qwen15": {"abl": 29, "flip": 29, "null": 30, "ks": dict.fromkeys(study.KS, 30)}}
+    for model, plan in plans.items():
+        mdir = tmp_path / "study" / model
+        (mdir / "train").mkdir(parents=True)
+        (mdir / "train" / "fitted.json").write_text(json.dumps({"inlp_rank": rank, "layer": 10, "n_layers": 24, "position": -1}))
+        write_run(mdir / "main" / "0", "none", 30)
+        write_run(mdir / "main" / "1", "dim_ablation", plan["abl"])
+        write_run(mdir / "main" / "2", "inlp_flip", plan["flip"], k=rank)
+        write_run(mdir / "main" / "3", "inlp_nullspace", plan["null"], k=rank)
+        for i, (k, refused) in enumerate(plan["ks"].items()):
+            write_run(mdir / "k" / f"f{i}", "inlp_flip", refused, k=k)
+            write_run(mdir / "k" / f"n{i}", "inlp_nullspace", 30, k=k)
+    assert len([k for k in study.KS if k < 15]) + 1 >= 6  # the grid reaches C3's 6 values even at the smallest rank
+    meta = {"date": "2026-12-02", "hardware": "planted", "data": "planted records", "max_new_tokens": 24,
+            "token_budget": 128, "models": list(plans)}
+    text = study.render(tmp_path / "study", tmp_path / "docs", meta).read_text()
+    table = text[text.index("### Converged INLP"):].split("\n\n")[1].splitlines()
+    c1_row, c2_row, c3_row, c4_row = table[2:6]
+    assert c1_row.count("**holds**") == 1 and "**not applicable**" in c1_row and "ablation does not suppress" in c1_row
+    assert "**holds**" in c2_row
+    assert c3_row.count("**holds**") == 1 and "**not applicable**" in c3_row and "k=12: share 100% [100%, 100%]" in c3_row
+    assert c4_row.count("**inconclusive**") == 2  # no geometry step in these records
+    assert RULES in text  # the rules are written before the numbers
+    assert text.index("Rules (applied by") < text.index("### Converged INLP")
+    with pytest.raises(DataError, match="differ .* paired statistics need the same prompts"):  # a k run made on other prompts is refused
+        write_run(tmp_path / "study" / "qwen05" / "k" / "zz", "inlp_flip", 5, k=3)
+        rows = (tmp_path / "study" / "qwen05" / "k" / "zz" / "completions.jsonl")
+        rows.write_text(rows.read_text().replace('"harmful 0"', '"another prompt"'))
+        decide(study.ModelRuns(tmp_path / "study" / "qwen05").inputs())

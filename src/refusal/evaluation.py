@@ -24,13 +24,16 @@ from omegaconf import DictConfig
 
 from refusal.activations import batches_by_length
 from refusal.artifacts import atomic_write_json, atomic_write_text, sha256_json
+from refusal.compare import RunOutcomes, vs_baseline
 from refusal.config import check_seed, intervention_config, plugin_dirs
 from refusal.generation import GenerationCache, Generations
 from refusal.interventions import Intervention, get_intervention
 from refusal.interventions.base import Fitted
 from refusal.interventions.scope import declare_roles
 from refusal.judges import Judge, Judgement, agreement, build_judges
-from refusal.metrics import JudgedRefusalRate, KLDivergence, Perplexity, RefusalScore, wilson_interval
+from refusal.metrics import JudgedRefusalRate, RefusalScore, wilson_interval
+from refusal.metrics.kl import kl_per_position
+from refusal.metrics.perplexity import token_nll
 from refusal.models.bundle import ModelBundle
 from refusal.pipeline import RunContext, fit_for, inlp_record, prepare
 from refusal.prefix import last_logits, shared_prefix
@@ -59,8 +62,10 @@ def teacher_forced_scores(
     completions: list[list[int]],
     intervention: Intervention | None,
     batch_size: int,
-) -> dict[str, float]:
-    """Perplexity of ``completions`` and KL(unsteered ‖ steered) at the last prompt token and over them.
+) -> dict[str, Any]:
+    """Perplexity of ``completions`` and KL(unsteered ‖ steered) at the last prompt token and over them,
+    overall and per prompt (``per_prompt``: each prompt's summed NLL, its token count, its next-token KL
+    and its mean KL over the completion, in prompt order: what paired comparisons of two runs resample).
 
     Rows are left-padded, so every completion ends at the right edge: the vocabulary head runs only on
     the last ``longest completion + 1`` positions; the prompts' shared chat-template prefix runs once per
@@ -68,7 +73,9 @@ def teacher_forced_scores(
     computed once per loaded model and kept on it for the next job of a multirun, when they fit in
     :data:`HELD_LOGITS_BYTES`; larger ones are recomputed beside each batch's steered pass.
     """
-    ppl, kl_last, kl_completion = Perplexity(), KLDivergence(), KLDivergence()
+    n = len(prompts)
+    nll, tokens = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.long)
+    kl_last, kl_completion = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
     rows = [p + c for p, c in zip(prompts, completions, strict=True)]
     batches = batches_by_length([len(r) for r in rows], batch_size)
     prefix = shared_prefix(prompts, len(bundle.post_instruction_ids))
@@ -95,15 +102,24 @@ def teacher_forced_scores(
             with roles, intervention.apply(bundle):
                 steered = last_logits(bundle, prefix, own, keep)
         target = target.to(base.device)
-        ppl.update(steered, target)
-        arange = torch.arange(len(idx), device=base.device)
-        kl_last.update(base[arange, last_prompt], steered[arange, last_prompt])
-        kl_completion.update(base, steered, mask=target != -100)
+        counted = target != -100
+        scored = counted.clone()
+        scored[torch.arange(len(idx)), last_prompt] = True  # KL also at the last prompt position
+        kl = torch.zeros(counted.shape, dtype=torch.float64, device=base.device)
+        kl[scored] = kl_per_position(base[scored], steered[scored])
+        at = torch.tensor(idx)
+        nll[at] = token_nll(steered, target).sum(1).cpu()
+        tokens[at] = counted.sum(1).cpu()
+        kl_last[at] = kl[torch.arange(len(idx)), last_prompt].cpu()
+        kl_completion[at] = (kl * counted).sum(1).cpu() / counted.sum(1).clamp_min(1).cpu()
         del steered
+    total = int(tokens.sum())
     return {
-        "perplexity": float(ppl.compute()),
-        "kl_div": float(kl_last.compute()),
-        "kl_div_completion": float(kl_completion.compute()),
+        "perplexity": float(torch.exp(nll.sum() / total)) if total else float("nan"),
+        "kl_div": float(kl_last.mean()),
+        "kl_div_completion": float((kl_completion * tokens).sum() / total) if total else float("nan"),
+        "per_prompt": {"nll": nll.tolist(), "tokens": tokens.tolist(), "kl_div": kl_last.tolist(),
+                       "kl_div_completion": kl_completion.tolist()},
     }
 
 
@@ -115,7 +131,7 @@ def cached_scores(folder: Path, key: dict[str, Any], compute: Any) -> dict[str, 
     path = folder / f"{sha256_json(key)[:24]}.json"
     try:
         saved = json.loads(path.read_text())
-        if set(saved) == {"perplexity", "kl_div", "kl_div_completion"}:
+        if set(saved) == {"perplexity", "kl_div", "kl_div_completion", "per_prompt"}:
             return saved
     except (OSError, ValueError):
         pass
@@ -175,22 +191,25 @@ def _generate_columns(ctx: RunContext, intervention: Intervention, steer: str | 
 
 
 def _judge_columns(ctx: RunContext, judges: dict[str, Judge], columns: Columns, base: dict[str, Generations],
-                   steered: dict[str, Generations], metrics: dict[str, Any], max_new: int) -> dict[str, dict[str, list[Judgement]]]:
+                   steered: dict[str, Generations], metrics: dict[str, Any],
+                   max_new: int) -> tuple[dict[str, dict[str, list[Judgement]]], dict[str, list[str]]]:
     """Every judge on every column's steered completions (the primary one also on the baseline's); adds the
-    column metrics to ``metrics`` and returns judge -> column -> judgements."""
+    column metrics to ``metrics`` and returns judge -> column -> judgements and column -> the primary
+    judge's baseline labels."""
     primary = next(iter(judges))
     labels: dict[str, dict[str, list[Judgement]]] = {name: {} for name in judges}
+    base_labels: dict[str, list[str]] = {}
     for column, split, _ in columns:
         prompts = ctx.texts(split)
         for name, judge in judges.items():
             labels[name][column] = judge.judge(prompts, steered[column].completions)
-        primary_base = [j.label for j in judges[primary].judge(prompts, base[column].completions)]
+        primary_base = base_labels[column] = [j.label for j in judges[primary].judge(prompts, base[column].completions)]
         metrics.update(_column_metrics(column, {n: labels[n][column] for n in judges}, primary, primary_base))
         metrics[f"{column}/refusal_score"] = _score(steered[column].first_logits, ctx.bundle.refusal_token_ids)
         metrics[f"{column}/hit_token_limit"] = sum(len(ids) >= max_new for ids in steered[column].completion_ids)
         if column not in ("harmful", "harmless"):
             metrics[f"{column}/n"] = len(prompts)
-    return labels
+    return labels, base_labels
 
 
 @dataclass
@@ -202,6 +221,7 @@ class Judged:
     steered: dict[str, Generations]
     judges: dict[str, Judge]
     labels: dict[str, dict[str, list[Judgement]]]  # judge -> column -> one judgement per prompt
+    base_labels: dict[str, list[str]]  # column -> the primary judge's label of each unsteered completion
     metrics: dict[str, Any]
     agreement: dict[str, dict[str, Any]]  # judge pair -> kappa and confusion matrix (two judges or more)
 
@@ -222,11 +242,11 @@ def generate_and_judge(ctx: RunContext, intervention: Intervention, steer: str |
     t1 = time.perf_counter()
     judges = build_judges(ctx.judges, plugin_dirs(cfg), cfg.cache_dir)
     metrics: dict[str, Any] = {"n_harmful": len(ctx.tokens("harmful_test")), "n_harmless": len(ctx.tokens("harmless_test"))}
-    labels = _judge_columns(ctx, judges, columns, base, steered, metrics, max_new)
+    labels, base_labels = _judge_columns(ctx, judges, columns, base, steered, metrics, max_new)
     agreement_of = _agreements(labels) if len(judges) > 1 else {}
     metrics.update({f"judges/kappa/{pair}": a["kappa"] for pair, a in agreement_of.items()})
     ctx.timings["score"] = time.perf_counter() - t1
-    return Judged(columns, base, steered, judges, labels, metrics, agreement_of)
+    return Judged(columns, base, steered, judges, labels, base_labels, metrics, agreement_of)
 
 
 def warn_if_barely_refuses(bundle: ModelBundle, metrics: dict[str, Any]) -> None:
@@ -267,6 +287,15 @@ def run_record(ctx: RunContext, intervention: Intervention, fitted: Fitted, judg
     return record
 
 
+def add_paired(results: dict[str, Any], rows: list[dict[str, Any]], steer: str | None) -> None:
+    """The prompts' digests (``results["prompts"]``: what pairs two runs) and, for a steered run, its paired
+    differences from its own unsteered completions on the same prompts (``…_vs_baseline`` metrics)."""
+    outcomes = RunOutcomes.from_rows(rows)
+    results["prompts"] = outcomes.digests
+    if steer is not None:
+        results["metrics"].update(vs_baseline(outcomes))
+
+
 def completion_rows(ctx: RunContext, judged: Judged) -> list[dict[str, Any]]:
     """completions.jsonl: every prompt of every column with its steered and baseline completion and verdicts."""
     max_new, rows = int(ctx.cfg.eval.max_new_tokens), []
@@ -278,7 +307,8 @@ def completion_rows(ctx: RunContext, judged: Judged) -> list[dict[str, Any]]:
             verdicts = {name: {"label": labels[name][column][i].label, "score": labels[name][column][i].score}
                         for name in judged.judges}
             rows.append({"split": column, "label": label, "prompt": text, "completion": completion,
-                         "refused": verdicts[judged.primary]["label"] == "refusal", "judges": verdicts,
+                         "refused": verdicts[judged.primary]["label"] == "refusal",
+                         "baseline_refused": judged.base_labels[column][i] == "refusal", "judges": verdicts,
                          "hit_token_limit": len(steered.completion_ids[i]) >= max_new, "baseline_completion": baseline})
     return rows
 
@@ -305,13 +335,19 @@ def evaluate_context(ctx: RunContext, output_dir: Path, tracker: Any = None) -> 
     steer = None if cls.name == "none" else intervention.fingerprint(bundle.n_layers)
     judged = generate_and_judge(ctx, intervention, steer, columns)
     t2 = time.perf_counter()
-    tf = cached_scores(
-        Path(cfg.cache_dir) / "scores" / bundle.name,
-        {"w": bundle.weights_hash, **bundle.numerics_key(), "p": ctx.tokens("harmless_test"), "c": judged.base["harmless"].completion_ids, "steer": steer},
-        lambda: teacher_forced_scores(bundle, ctx.tokens("harmless_test"), judged.base["harmless"].completion_ids,
-                                      None if steer is None else intervention, max(1, int(cfg.eval.batch_size) // 2)),
-    )
-    judged.metrics.update({f"harmless/{k}": v for k, v in tf.items()})
+
+    def scores(steer: str | None) -> dict[str, Any]:
+        return cached_scores(
+            Path(cfg.cache_dir) / "scores" / bundle.name,
+            {"w": bundle.weights_hash, **bundle.numerics_key(), "p": ctx.tokens("harmless_test"), "c": judged.base["harmless"].completion_ids, "steer": steer},
+            lambda: teacher_forced_scores(bundle, ctx.tokens("harmless_test"), judged.base["harmless"].completion_ids,
+                                          None if steer is None else intervention, max(1, int(cfg.eval.batch_size) // 2)),
+        )
+
+    tf, base_tf = scores(steer), scores(None)  # the baseline's: no forward pass (the unsteered logits are kept when small)
+    per_prompt = {**{k: tf["per_prompt"][k] for k in ("nll", "tokens", "kl_div", "kl_div_completion")},  # fixed order:
+                  "baseline_nll": base_tf["per_prompt"]["nll"]}  # a cached entry comes back with sorted keys
+    judged.metrics.update({f"harmless/{k}": v for k, v in tf.items() if k != "per_prompt"})
     ctx.timings["score"] += time.perf_counter() - t2
     warn_if_barely_refuses(bundle, judged.metrics)
 
@@ -333,6 +369,9 @@ def evaluate_context(ctx: RunContext, output_dir: Path, tracker: Any = None) -> 
         results["exported_checkpoint"] = str(export_orthogonalized(bundle, fitted.dim.unit, output_dir / "orthogonalized"))
     results["timings"] = dict(ctx.timings)
     rows = completion_rows(ctx, judged)
+    for row, *values in zip((r for r in rows if r["split"] == "harmless"), *per_prompt.values(), strict=True):
+        row.update(zip(per_prompt, values, strict=True))  # nll, tokens, kl_div, kl_div_completion, baseline_nll
+    add_paired(results, rows, steer)
     write_outputs(output_dir, results, rows)
     if tracker is not None:
         tracker.log_results(results, rows, images=sorted(output_dir.glob("*.png")))

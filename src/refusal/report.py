@@ -19,15 +19,21 @@ from typing import Any
 
 from refusal.artifacts import atomic_write_text
 
+#: McNemar's p of each run's harmful refusal against its baseline, Holm-adjusted over the runs of one model.
+HOLM_KEY = "harmful/mcnemar_p_vs_baseline_holm"
+
 COLUMNS = [
     ("model", "model"),
     ("intervention", "intervention"),
     ("params", "params"),
     ("layer", "layer"),
     ("harmful/refusal_rate", "harmful refusal"),
+    ("harmful/refusal_rate_vs_baseline", "Δ harmful vs none"),
+    (HOLM_KEY, "McNemar p (Holm)"),
     ("harmful/refusal_score", "harmful score"),
     ("harmless/refusal_rate", "harmless refusal"),
     ("harmless/perplexity", "harmless ppl"),
+    ("harmless/perplexity_ratio_vs_baseline", "ppl ÷ none"),
     ("harmless/kl_div", "KL"),
     ("geometry/label", "lands"),
     ("n_harmful", "n"),
@@ -40,6 +46,15 @@ DEFAULT_PARAMS = {("center", "midpoint"), ("target", "harmless"), ("export", Fal
 HIDDEN_PARAMS = {"name", "layer"}
 #: The two objectives of the Pareto front, both minimised: what the search is about (refusal left, damage done).
 FRONT = ("harmful/refusal_rate", "harmless/kl_div")
+
+
+PAIRED_NOTE = (
+    "Refusal rates: 95% Wilson intervals. *Δ harmful vs none*: each run against the unsteered model on the same "
+    "prompts (its own baseline completions, which are the `none` run's), paired prompt by prompt: the difference "
+    "in points with Newcombe's paired score interval; *McNemar p (Holm)*: McNemar's exact test of that "
+    "difference, Holm-adjusted over the runs of the same model here. *ppl ÷ none*: harmless perplexity over the "
+    "unsteered model's on the same completions; it and KL with paired bootstrap intervals over prompts "
+    "(`python -m refusal.compare RUN_A RUN_B` pairs any two runs on the same prompts).")
 
 
 @dataclass
@@ -84,12 +99,16 @@ def flat_row(results: dict[str, Any], run: str = "") -> dict[str, Any]:
 def _fmt(value: Any, key: str, row: dict[str, Any]) -> str:
     if value is None:
         return "-"
+    ci = row.get(f"{key}_ci95")
     if key.endswith("refusal_rate"):
-        ci = row.get(f"{key}_ci95")
         text = f"{100 * value:.1f}%"
         return f"{text} [{100 * ci[0]:.0f}–{100 * ci[1]:.0f}]" if ci else text
+    if "/refusal_rate_vs_" in key:  # a paired difference, in points
+        text = f"{100 * value:+.1f}"
+        return f"{text} [{100 * ci[0]:+.0f}, {100 * ci[1]:+.0f}]" if ci else text
     if isinstance(value, float):
-        return f"{value:.3g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.1e}"
+        text = f"{value:.3g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.1e}"
+        return f"{text} [{ci[0]:.3g}, {ci[1]:.3g}]" if ci else text
     return str(value)
 
 
@@ -157,6 +176,18 @@ def mark_front(rows: list[dict[str, Any]]) -> None:
             row["pareto"] = i in front
 
 
+def mark_holm(rows: list[dict[str, Any]]) -> None:
+    """Set :data:`HOLM_KEY` on every run with a paired McNemar p against its baseline: Holm-adjusted over
+    the runs of the same model in this folder, which are tested together against the same baseline."""
+    from refusal.stats.paired import holm
+
+    raw = "harmful/mcnemar_p_vs_baseline"
+    for model in dict.fromkeys(r.get("model") for r in rows):
+        tested = [r for r in rows if r.get("model") == model and r.get(raw) is not None]
+        for row, p in zip(tested, holm([r[raw] for r in tested]), strict=True):
+            row[HOLM_KEY] = p
+
+
 def front_table(rows: list[dict[str, Any]]) -> str:
     """The front as Markdown: a table per model (its own front), by KL ascending, so refusal falls down it."""
     columns = [("intervention", "intervention"), ("params", "params"), ("layer", "layer"),
@@ -189,6 +220,7 @@ def write_report(sweep_dir: str | Path) -> Report:
     ok = [flat_row(r, run) for run, r in runs if r.get("status", "ok") == "ok"]
     failures = [(run, r.get("error", "unknown error")) for run, r in runs if r.get("status", "ok") != "ok"]
     mark_front(ok)
+    mark_holm(ok)
     table = markdown_table(ok)
     plots = []
     if any(r.get("harmless/perplexity") is not None for r in ok):  # lean search trials have no perplexity
@@ -197,7 +229,8 @@ def write_report(sweep_dir: str | Path) -> Report:
         plots.append(plot_pareto(ok, sweep_dir / "pareto.png"))
     if ok:
         plots.append(plot_bars(ok, sweep_dir / "bars.png"))
-    md = [f"# Sweep report: {sweep_dir}", "", f"{len(ok)} runs succeeded, {len(failures)} failed.", "", table, ""]
+    md = [f"# Sweep report: {sweep_dir}", "", f"{len(ok)} runs succeeded, {len(failures)} failed.", "", table, "",
+          PAIRED_NOTE, ""]
     if any(r.get("pareto") for r in ok):
         md += ["## Pareto front: harmful refusal vs next-token KL", "",
                "Runs no other run of the same model beats on both (lower harmful refusal, lower KL on harmless "

@@ -97,6 +97,9 @@ class WandbTracker(Tracker):
 
     def log_results(self, results: dict[str, Any], rows: list[dict], images: list[Path]) -> None:
         flat = {k: v for k, v in flatten(results["metrics"]).items() if isinstance(v, (int, float))}
+        for key, value in results["metrics"].items():  # intervals (Wilson, paired): their ends as numbers
+            if key.endswith("_ci95") and isinstance(value, list) and len(value) == 2:
+                flat[f"{key}/lo"], flat[f"{key}/hi"] = value
         for key, value in flatten(results.get("geometry", {})).items():
             if isinstance(value, (int, float)):
                 flat[f"geometry/{key}"] = value

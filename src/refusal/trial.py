@@ -93,6 +93,7 @@ def evaluate_lean(ctx: RunContext, intervention: Intervention, fitted: Fitted, o
     """One search trial on a prepared context with a built intervention; writes results.json and
     completions.jsonl (harmful prompts) like a full evaluation, with only the lean metrics."""
     from refusal.evaluation import (
+        add_paired,
         completion_rows,
         generate_and_judge,
         run_record,
@@ -112,6 +113,7 @@ def evaluate_lean(ctx: RunContext, intervention: Intervention, fitted: Fitted, o
                "optimize": OmegaConf.to_container(cfg.eval.optimize) if cfg.eval.get("optimize") else None,
                "timings": dict(ctx.timings)}
     rows = completion_rows(ctx, judged)
+    add_paired(results, rows, steer)
     write_outputs(output_dir, results, rows)
     if tracker is not None:
         tracker.log_results(results, rows, images=[])

@@ -125,6 +125,7 @@ def compare(configs: dict[InterventionSpec, DictConfig], out_dir: Path) -> dict[
                "t_lo": here["axis_coordinate_ci95"][0], "t_hi": here["axis_coordinate_ci95"][1],
                "label_ci": here["label_ci"], "d_harmful": here["dist_to_harmful"],
                "d_harmless": here["dist_to_harmless"], "p_harmful": here["probe_p_harmful"],
+               "p_lo": here["probe_p_harmful_ci95"][0], "p_hi": here["probe_p_harmful_ci95"][1],
                "harmless_t": here["harmless_axis_coordinate"]}
         expected = intervention.expected_landing(dim.direction)
         if expected:
@@ -158,8 +159,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"`p_harmful` a probe fitted on unsteered train activations, `harmless_t` the same coordinate for "
         f"transformed harmless activations (0 = harmless mean, 1 = harmful mean: induction), `t@L` downstream.\n"
         f"Labels: stays if t < {th['stays_below']}, opposite if t > {th['opposite_above']} and p_harmful < "
-        f"{th['probe_harmful_below']}, between otherwise; `t_lo`–`t_hi` is a 95% bootstrap interval over prompts and "
-        f"`label_ci` the label only where the whole interval agrees (else inconclusive). For INLP, `capture` is the "
+        f"{th['probe_harmful_below']}, between otherwise; `t_lo`–`t_hi` and `p_lo`–`p_hi` are 95% bootstrap "
+        f"intervals over prompts and `label_ci` the label only where both whole intervals agree (else inconclusive). For INLP, `capture` is the "
         f"share |W_k Δ|²/|Δ|² of the DiM mean difference inside the k directions used, and `t_pred` the landing it "
         f"predicts for symmetric clusters (capture/2 for nullspace, (1+α)/2·capture for flip).\n\n"
         f"{format_table(result['rows'])}\n"

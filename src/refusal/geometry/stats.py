@@ -49,6 +49,7 @@ from sklearn.preprocessing import StandardScaler
 from torch import Tensor
 
 from refusal.errors import DataError
+from refusal.stats.paired import bootstrap_interval
 
 #: Most points fed to ``silhouette_score`` per layer; it is O(n^2), so larger sets are subsampled.
 SILHOUETTE_MAX_POINTS = 512
@@ -210,11 +211,14 @@ def bootstrap_axis_interval(
 
 
 def interval_label(
-    t: float, interval: tuple[float, float], p_harmful: float = math.nan, thresholds: LandingThresholds = LANDING_THRESHOLDS
+    t: float, interval: tuple[float, float], p_harmful: float = math.nan, thresholds: LandingThresholds = LANDING_THRESHOLDS,
+    p_interval: tuple[float, float] | None = None,
 ) -> str:
     """The landing label when the whole interval gets it, else ``inconclusive``: a label whose
-    interval straddles a threshold is not decided by the sample at hand."""
-    labels = {landing_label(v, p_harmful, thresholds) for v in (t, *interval)}
+    interval straddles a threshold is not decided by the sample at hand. With ``p_interval`` (the probe's
+    mean p(harmful) with its interval) every combination of the two intervals' ends must agree."""
+    probes = (p_harmful,) if p_interval is None else (p_harmful, *p_interval)
+    labels = {landing_label(v, p, thresholds) for v in (t, *interval) for p in probes}
     return labels.pop() if len(labels) == 1 else "inconclusive"
 
 
@@ -237,9 +241,11 @@ def landing_stats(
     mu_h, mu_l = harmful.mean(0), harmless.mean(0)
     t = axis_coordinates(transformed, harmful, harmless)
     gap = float(torch.linalg.vector_norm(mu_l - mu_h))
-    p = math.nan if probe is None else float(probe.predict_harmful_proba(transformed).mean())
     t_mean = float(t.mean())
     interval = bootstrap_axis_interval(harmful, harmless, transformed)
+    p, p_interval = math.nan, (math.nan, math.nan)
+    if probe is not None:  # the probe's mean p(harmful) over the prompts, with a bootstrap interval over them
+        p, *p_interval = bootstrap_interval(lambda x: x.mean(-1), probe.predict_harmful_proba(transformed).numpy())
     return {
         "dist_to_harmful": float(torch.linalg.vector_norm(transformed - mu_h, dim=1).mean()) / gap,
         "dist_to_harmless": float(torch.linalg.vector_norm(transformed - mu_l, dim=1).mean()) / gap,
@@ -247,8 +253,9 @@ def landing_stats(
         "axis_coordinate_std": float(t.std(correction=0)),
         "axis_coordinate_ci95": list(interval),
         "probe_p_harmful": p,
+        "probe_p_harmful_ci95": list(p_interval),
         "label": landing_label(t_mean, p, thresholds),
-        "label_ci": interval_label(t_mean, interval, p, thresholds),
+        "label_ci": interval_label(t_mean, interval, p, thresholds, None if probe is None else tuple(p_interval)),
     }
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from jaxtyping import Float
 from torch import Tensor
 from torchmetrics import Metric
 
@@ -25,6 +26,23 @@ def _kl_rows(base: Tensor, steered: Tensor) -> Tensor:
     terms = torch.where(p > 0, p * (log_p - log_q), torch.zeros((), dtype=p.dtype, device=p.device))
     # True KL is >= 0; clamp the float rounding of near-identical distributions.
     return terms.sum(dim=-1).clamp_min(0.0)
+
+
+def kl_per_position(base_logits: Float[Tensor, "*positions vocab"],
+                    steered_logits: Float[Tensor, "*positions vocab"]) -> Float[Tensor, "*positions"]:
+    """KL(P_base || P_steered) at every position (float64), a chunk of rows at a time: the per-prompt
+    values that paired KL comparisons resample, and what :class:`KLDivergence` sums."""
+    if base_logits.shape != steered_logits.shape or base_logits.ndim < 2:
+        raise ValueError(
+            f"base_logits and steered_logits must share a [..., vocab] shape; "
+            f"got {tuple(base_logits.shape)} and {tuple(steered_logits.shape)}"
+        )
+    vocab = base_logits.shape[-1]
+    base, steered = base_logits.reshape(-1, vocab), steered_logits.reshape(-1, vocab)
+    rows = max(1, _CHUNK_ELEMENTS // vocab)
+    kl = [_kl_rows(b, s).double() for b, s in zip(base.split(rows), steered.split(rows), strict=True)]
+    out = torch.cat(kl) if kl else torch.zeros(0, dtype=torch.float64, device=base.device)
+    return out.reshape(base_logits.shape[:-1])
 
 
 class KLDivergence(Metric):
@@ -67,10 +85,7 @@ class KLDivergence(Metric):
                 )
             keep = mask.reshape(-1).to(device=base.device, dtype=torch.bool)
             base, steered = base[keep], steered[keep]
-        rows = max(1, _CHUNK_ELEMENTS // vocab)
-        kl = torch.zeros((), dtype=torch.float64, device=base.device)
-        for b, s in zip(base.split(rows), steered.split(rows), strict=True):
-            kl += _kl_rows(b, s).double().sum()
+        kl = kl_per_position(base, steered).sum()
         self.total_kl += kl.to(self.total_kl.device)
         self.count += base.shape[0]
 

@@ -6,12 +6,34 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from jaxtyping import Float, Int
 from torch import Tensor
 from torchmetrics import Metric
 
 # Upcast at most this many logits to float32 at once, so a 256k vocabulary over a long
 # completion does not need a second full-size copy of the logits.
 _CHUNK_ELEMENTS = 1 << 24
+
+
+def token_nll(logits: Float[Tensor, "*positions vocab"], target: Int[Tensor, "*positions"],
+              ignore_index: int = -100) -> Float[Tensor, "*positions"]:
+    """Negative log-likelihood of each target token (float64; 0 where ``target == ignore_index``), the
+    logits upcast a chunk at a time. Per-prompt sums of it are what paired perplexity comparisons resample."""
+    if logits.ndim < 2 or logits.shape[:-1] != target.shape:
+        raise ValueError(
+            f"logits must be [..., vocab] with target of shape logits.shape[:-1]; "
+            f"got logits {tuple(logits.shape)}, target {tuple(target.shape)}"
+        )
+    vocab = logits.shape[-1]
+    flat_logits = logits.reshape(-1, vocab)
+    flat_target = target.reshape(-1).long()
+    rows = max(1, _CHUNK_ELEMENTS // vocab)
+    nll = torch.zeros(flat_target.shape, dtype=torch.float64, device=logits.device)
+    for start in range(0, len(flat_target), rows):
+        lg, tg = flat_logits[start:start + rows], flat_target[start:start + rows]
+        if (tg != ignore_index).any():
+            nll[start:start + rows] = F.cross_entropy(lg.float(), tg, ignore_index=ignore_index, reduction="none").double()
+    return nll.reshape(target.shape)
 
 
 class Perplexity(Metric):
@@ -42,23 +64,9 @@ class Perplexity(Metric):
 
     def update(self, logits: Tensor, target: Tensor) -> None:
         """Accumulate the summed NLL and the number of counted tokens of one batch."""
-        if logits.ndim < 2 or logits.shape[:-1] != target.shape:
-            raise ValueError(
-                f"logits must be [..., vocab] with target of shape logits.shape[:-1]; "
-                f"got logits {tuple(logits.shape)}, target {tuple(target.shape)}"
-            )
-        vocab = logits.shape[-1]
-        flat_logits = logits.reshape(-1, vocab)
-        flat_target = target.reshape(-1).long()
-        rows = max(1, _CHUNK_ELEMENTS // vocab)
-        nll = torch.zeros((), dtype=torch.float64, device=logits.device)
-        for lg, tg in zip(flat_logits.split(rows), flat_target.split(rows), strict=True):
-            if (tg != self.ignore_index).any():
-                nll += F.cross_entropy(
-                    lg.float(), tg, ignore_index=self.ignore_index, reduction="sum"
-                ).double()
-        self.total_nll += nll.to(self.total_nll.device)
-        self.count += int((flat_target != self.ignore_index).sum())
+        nll = token_nll(logits, target, self.ignore_index)
+        self.total_nll += nll.sum().to(self.total_nll.device)
+        self.count += int((target != self.ignore_index).sum())
 
     def compute(self) -> Tensor:
         """Perplexity (float32); nan if no token was counted."""
