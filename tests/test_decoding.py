@@ -59,13 +59,25 @@ def test_the_screening_bound_covers_the_bfloat16_error():
     hidden = 50 * torch.randn(16, 256, generator=gen)
     approx = torch.nn.functional.linear(hidden.bfloat16(), weight.bfloat16()).float()
     exact = hidden.double() @ weight.double().T
-    u = 2.0**-8
-    bound = (2 * u + u * u + 256 * 2.0**-23 * (1 + u) ** 2) * hidden.norm(dim=-1) * weight.norm(dim=-1).max() \
-        + u * approx.abs().max(-1).values
+    bound = head_of(weight).error_bound(hidden)
     assert ((approx.double() - exact).abs() <= bound.double()[:, None]).all()
     # and it is not vacuous: the screen keeps few candidates per row
     best = approx.max(-1).values
     assert (approx >= (best - 2 * bound)[:, None]).sum(-1).float().mean() < 300
+
+
+def test_rows_whose_candidates_overflow_the_screen_are_computed_whole(monkeypatch):
+    gen = torch.Generator().manual_seed(3)
+    weight = torch.nn.functional.normalize(torch.randn(200, 16, generator=gen), dim=-1)
+    hidden = torch.randn(6, 16, generator=gen)
+    weight[:40] = weight[0]  # 40 tokens share row 0's logit in every row: more than SCREEN_TOP candidates
+    hidden[:3] = weight[0] * 5  # rows 0-2 prefer them: token 0 (the lowest index) must win
+    exact = hidden @ weight.T
+    head = head_of(weight)
+    calls = []
+    monkeypatch.setattr(GreedyHead, "logits", lambda self, h: calls.append(len(h)) or h @ self.weight.T)
+    torch.testing.assert_close(head.argmax(hidden), exact.argmax(-1), rtol=0, atol=0)
+    assert head.argmax(hidden)[:3].tolist() == [0, 0, 0] and calls and calls[0] >= 3
 
 
 @pytest.fixture(params=[True, False], ids=["screened", "float32-head"])

@@ -30,6 +30,8 @@ from refusal.models.numerics import bf16_is_fast
 
 # bfloat16's unit roundoff (8 significant bits, round to nearest).
 _U = 2.0**-8
+# Candidates the screen hands to float32 per row (a row whose candidates may not fit is computed whole).
+SCREEN_TOP = 16
 # Drop finished rows once this share of the running batch has finished (a cache copy costs about a step).
 DROP_SHARE = 0.25
 
@@ -38,10 +40,11 @@ DROP_SHARE = 0.25
 class GreedyHead:
     """The float32 vocabulary head, with a bfloat16 copy that screens argmax candidates.
 
-    For a hidden state h and head row w_j, |bf16(bf16(h)·bf16(w_j)) − h·w_j| ≤ (2u + u²)·Σ|h_i w_ji|
-    + d·2⁻²³·Σ|h_i w_ji|(1+u)² + u·|result| (inputs rounded, float32 accumulation, output rounded),
-    and Σ|h_i w_ji| ≤ ‖h‖·max_j‖w_j‖. Every token whose screened logit is within twice that bound of
-    the row's best screened logit is recomputed in float32; the best of those is the float32 argmax.
+    For a hidden state h and head row w_j the screened logit is within E = (3u + u² + d·2⁻²³(1+u)²)·
+    ‖h‖·max_j‖w_j‖ of the float32 one (:meth:`error_bound`). The row's top :data:`SCREEN_TOP` screened
+    tokens are recomputed in float32; every other token's float32 logit is at most the SCREEN_TOP-th
+    screened logit + E, so when that is below the best recomputed one, the best is the float32 argmax.
+    Otherwise (near ties, rare) the row's logits are computed whole in float32.
     """
 
     weight: Float[Tensor, "vocab d"]
@@ -50,6 +53,8 @@ class GreedyHead:
     max_row_norm: float
     softcap: float | None
     version: tuple[int, int]
+    rows: int = 0  # rows screened, and those the screen could not settle (computed whole)
+    rows_whole: int = 0
 
     @classmethod
     def of(cls, bundle: ModelBundle) -> GreedyHead:
@@ -90,17 +95,26 @@ class GreedyHead:
         approx = torch.nn.functional.linear(h.to(torch.bfloat16), self.screen)
         if self.bias is not None:
             approx = approx.float() + self.bias
-        best = approx.max(-1).values.float()
-        d = h.shape[-1]
-        rel = 2 * _U + _U * _U + d * 2.0**-23 * (1 + _U) ** 2
-        bound = rel * h.norm(dim=-1) * self.max_row_norm + _U * approx.abs().max(-1).values.float()
-        rows, cols = (approx >= (best - 2 * bound)[:, None]).nonzero(as_tuple=True)
-        exact = (h[rows] * self.weight[cols]).sum(-1)
+        values, cols = approx.topk(SCREEN_TOP, -1, sorted=False)
+        exact = torch.einsum("bd,bkd->bk", h, self.weight[cols])
         if self.bias is not None:
             exact = exact + self.bias[cols]
-        top = torch.full((h.shape[0],), -torch.inf).scatter_reduce(0, rows, exact, "amax")
-        winners = torch.where(exact == top[rows], cols, torch.iinfo(cols.dtype).max)
-        return torch.full((h.shape[0],), torch.iinfo(cols.dtype).max, dtype=cols.dtype).scatter_reduce(0, rows, winners, "amin")
+        top = exact.max(-1, keepdim=True).values
+        token = torch.where(exact == top, cols, torch.iinfo(cols.dtype).max).min(-1).values
+        # Any token outside the row's top SCREEN_TOP has a float32 logit ≤ its screened one + E ≤ the
+        # SCREEN_TOP-th screened logit + E; a row where that could reach the best found is computed whole.
+        unsure = values.min(-1).values.float() + self.error_bound(h) >= top[:, 0]
+        self.rows += len(token)
+        if bool(unsure.any()):
+            self.rows_whole += int(unsure.sum())
+            token[unsure] = self.logits(h[unsure]).argmax(-1)
+        return token
+
+    def error_bound(self, h: Float[Tensor, "batch d"]) -> Float[Tensor, " batch"]:
+        """A bound on |screened − float32| logits per row: inputs rounded to bfloat16 (2u + u²), float32
+        accumulation over d terms, the output rounded (u), each times Σ|h_i w_ji| ≤ ‖h‖·max‖w_j‖."""
+        rel = 3 * _U + _U * _U + h.shape[-1] * 2.0**-23 * (1 + _U) ** 2
+        return rel * h.norm(dim=-1) * self.max_row_norm
 
 
 @torch.inference_mode()
