@@ -31,6 +31,7 @@ from refusal.errors import ConfigError, DataError
 from refusal.evaluation import run_evaluation
 from refusal.interventions import DiMDirection, Fitted, get_intervention
 from refusal.interventions.scope import role_grid, token_roles
+from refusal.prefix import MIN_SHARED, shared_prefix
 
 DEV = [
     {"question": "What is 1 + 1?", "subject": "anatomy", "choices": ["1", "2", "3", "4"], "answer": 1},
@@ -99,6 +100,7 @@ def test_scores_equal_a_plain_forward_pass_per_request(tiny_bundle, steered):
     conts += [" a", " the"]  # one-token continuations of the same context share one forward pass
     ctx, cont = encode(tiny_bundle, contexts, conts)
     assert any(len(c) > 1 for c in cont) and any(len(c) == 1 for c in cont)
+    assert len(shared_prefix(ctx, 3)) >= MIN_SHARED  # the few-shot prefix path runs
     intervention = actadd_on_prompt(tiny_bundle) if steered else None
     got = continuation_logprobs(tiny_bundle, ctx, cont, intervention, batch_size=2)
     want = torch.tensor([plain_logprob(tiny_bundle, a, b, intervention) for a, b in zip(ctx, cont, strict=True)], dtype=torch.float64)

@@ -98,9 +98,10 @@ def text_summary(items: list[Item], steered: list[float], base: list[float], n_t
     return summary, lines
 
 
-def evaluate_capability(cfg: Any, bundle: ModelBundle, benchmarks: dict[str, list[Item]], intervention: Intervention,
+def evaluate_capability(cfg: Any, bundle: ModelBundle, benchmarks: dict[str, list[Item]], intervention: Intervention | None,
                         steer: str | None, output_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(metrics, record): the ``capability/<task>/...`` metrics and the results.json record; writes capability.jsonl."""
+    """(metrics, record): the ``capability/<task>/...`` metrics and the results.json record; writes capability.jsonl.
+    ``steer`` is the intervention's fingerprint (None: unsteered, ``intervention`` unused)."""
     ccfg = cfg.eval.capability
     cache = Path(cfg.cache_dir) / "capability" / bundle.name
     metrics: dict[str, Any] = {}

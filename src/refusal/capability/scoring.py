@@ -66,20 +66,28 @@ def continuation_logprobs(
     for r, k in enumerate(request_row):
         requests_of[k].append(r)
     prefix = shared_prefix(rows, max(keep, default=1))
-    out = torch.empty(len(contexts), dtype=torch.float64)
+    out = torch.zeros(len(contexts), dtype=torch.float64)
     for idx in batches_by_length([len(r) for r in rows], batch_size):
         own = [rows[k][len(prefix):] for k in idx]
         width, n_keep = max(map(len, own)), max(keep[k] for k in idx)
-        # roles: the continuation tokens in the row (all but its first, which the row does not hold) are the answer
+        # roles: a row ends with its continuation but the last token; those tokens are the answer, the rest the prompt
         prompt_lengths = [len(own[j]) - keep[k] + 1 for j, k in enumerate(idx)]
         roles = token_roles(role_grid([len(r) for r in own], prompt_lengths, width, 0), bundle.device)
         with roles, intervention.apply(bundle) if intervention is not None else nullcontext():
-            logprobs = last_logits(bundle, prefix, own, n_keep).log_softmax(-1).double()  # [batch, n_keep, vocab]
+            logits = last_logits(bundle, prefix, own, n_keep)  # [batch, n_keep, vocab]
+        log_z = torch.stack([row.logsumexp(-1) for row in logits])  # a row at a time: no second full-size tensor
+        # every scored token of the batch's requests: the last len(cont) positions of its row predict cont
+        req, row, pos, tok = [], [], [], []
         for j, k in enumerate(idx):
             for r in requests_of[k]:
-                cont = torch.as_tensor(continuations[r], device=logprobs.device)
-                # the logits at the last len(cont) positions of the row predict the continuation's tokens
-                out[r] = logprobs[j, n_keep - len(cont):].gather(-1, cont[:, None]).sum().item()
+                n = len(continuations[r])
+                req += [r] * n
+                row += [j] * n
+                pos += range(n_keep - n, n_keep)
+                tok += continuations[r]
+        row_t, pos_t = torch.tensor(row, device=logits.device), torch.tensor(pos, device=logits.device)
+        token_logprobs = logits[row_t, pos_t, torch.tensor(tok, device=logits.device)] - log_z[row_t, pos_t]
+        out.index_add_(0, torch.tensor(req), token_logprobs.double().cpu())
     return out
 
 
