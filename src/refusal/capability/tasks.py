@@ -13,8 +13,8 @@ and the continuations are `` A``, `` B``... after ``Answer:``.
   1000 validation items for HellaSwag; a seeded subsample of ``n`` items.
 - ``arc_challenge_rc``, ``arc_easy_rc``, ``hellaswag_rc``: the same items in OLMES's cloze form (``Question: ..
   \\nAnswer:`` and each answer's text as the continuation), ranked by log-likelihood per character of the
-  continuation (OLMES's ``acc_per_char``, ai2-olmo-eval's ``len_norm``): small models sit at chance on the
-  lettered form, which OLMES reserves for larger ones, and score above it here.
+  continuation (OLMES's ``acc_per_char``, ai2-olmo-eval's ``len_norm``). Small models sit at chance on the
+  lettered form (qwen05 on ARC-C); OLMES scores both forms and keeps each model's better one.
 - ``lambada``: general text, not a choice: cross-entropy (nats per token) of whole LAMBADA passages (OpenAI's
   test set, narrative book text; the passage is the context plus its gold last word), ``n`` of them.
 """
