@@ -120,6 +120,18 @@ def test_scores_equal_a_plain_forward_pass_per_request(tiny_bundle, steered):
         assert not torch.allclose(got, continuation_logprobs(tiny_bundle, ctx, cont, None, batch_size=2), atol=1e-3)
 
 
+def test_a_post_instruction_scope_edits_nothing_in_a_raw_prompt(tiny_bundle):
+    """Why evaluate_capability reuses the unsteered scores for positions=post_instruction (and says so)."""
+    fitted = Fitted(dim=DiMDirection(3.0 * random_unit(tiny_bundle.d_model, 1), layer=1, position=-1))
+    actadd = get_intervention("actadd", [REPO / "plugins"])
+    ctx, cont = encode(tiny_bundle, ["Give me three tips?", "Describe the history of Rome?"], [" Sure", " I'm sorry"])
+    plain = continuation_logprobs(tiny_bundle, ctx, cont, None, batch_size=2)
+    post = actadd({"name": "actadd", "coeff": 4.0, "positions": "post_instruction"}, fitted)
+    torch.testing.assert_close(continuation_logprobs(tiny_bundle, ctx, cont, post, batch_size=2), plain, rtol=0, atol=0)
+    every = actadd({"name": "actadd", "coeff": 4.0, "positions": "all"}, fitted)
+    assert not torch.allclose(continuation_logprobs(tiny_bundle, ctx, cont, every, batch_size=2), plain, atol=1e-3)
+
+
 def test_text_cross_entropy_is_the_perplexity_metrics_log(tiny_bundle, tmp_path):
     """A text task's cross-entropy (nats per token) = log of the Perplexity metric over one plain pass per passage."""
     from refusal.metrics import Perplexity
@@ -256,6 +268,7 @@ def test_capability_group_in_results_report_and_wandb(compose, tmp_path, name):
     if name == "actadd":  # steered scores differ from the unsteered ones on the same items
         assert any(r["scores"] != r["baseline_scores"] for r in rows)
     assert results["capability"]["tasks"]["mmlu"]["groups"] == 1 and "capability" in results["timings"]
+    assert results["capability"]["config"]["mmlu_subjects"] == ["anatomy"] and "note" not in results["capability"]
     wandb.teardown()  # in-process, W&B's service may still be writing the run file after finish(): wait for it
     summary = wandb_records.summary(next((tmp_path / "sweep" / "run" / "wandb").glob("offline-run-*")))
     assert summary["capability/mmlu/accuracy"] == pytest.approx(m["capability/mmlu/accuracy"])

