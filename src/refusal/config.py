@@ -299,3 +299,7 @@ def _check_eval(ecfg: Any) -> None:
     from refusal.judges import judge_names
 
     judge_names(ecfg)
+    if ecfg.get("capability") is not None:
+        from refusal.capability.tasks import check_capability
+
+        check_capability(ecfg.capability)

@@ -25,6 +25,7 @@ from omegaconf import DictConfig
 from refusal.activations import batches_by_length
 from refusal.artifacts import atomic_write_json, atomic_write_text, sha256_json
 from refusal.compare import RunOutcomes, vs_baseline
+from refusal.capability import enabled, evaluate_capability, load_benchmarks
 from refusal.config import check_seed, intervention_config, plugin_dirs
 from refusal.generation import GenerationCache, Generations
 from refusal.interventions import Intervention, get_intervention
@@ -320,6 +321,7 @@ def evaluate_context(ctx: RunContext, output_dir: Path, tracker: Any = None) -> 
     cls = get_intervention(str(cfg.intervention.name), plugin_dirs(cfg))
     icfg = intervention_config(cfg)
     lean = bool(cfg.eval.get("lean", False))  # a search trial (eval=trial): refusal and next-token KL only
+    benchmarks = load_benchmarks(cfg) if enabled(cfg) and not lean else None  # missing data fails before the fit
     fitted = fit_for(ctx, cls, icfg, geometry=bool(cfg.get("geometry", {}).get("enabled", False)) and not lean)
     intervention = cls(icfg, fitted)
     intervention.hook_specs(bundle)  # builds every hook once: a bad k or layer fails here, before generation
@@ -349,12 +351,20 @@ def evaluate_context(ctx: RunContext, output_dir: Path, tracker: Any = None) -> 
                   "baseline_nll": base_tf["per_prompt"]["nll"]}  # a cached entry comes back with sorted keys
     judged.metrics.update({f"harmless/{k}": v for k, v in tf.items() if k != "per_prompt"})
     ctx.timings["score"] += time.perf_counter() - t2
+    capability = None
+    if benchmarks:
+        t_cap = time.perf_counter()
+        capability_metrics, capability = evaluate_capability(cfg, bundle, benchmarks, intervention, steer, output_dir)
+        judged.metrics.update(capability_metrics)
+        ctx.timings["capability"] = time.perf_counter() - t_cap
     warn_if_barely_refuses(bundle, judged.metrics)
 
     results = run_record(ctx, intervention, fitted, judged)
     results["test_sets"] = {s.name: {"label": s.label, "source": s.source, "n": len(s.instructions),
                                      "dropped_overlap": s.dropped_overlap, "dropped_near": s.dropped_near}
                             for s in ctx.test_sets}
+    if capability is not None:
+        results["capability"] = capability
     if fitted.inlp is not None:
         results["inlp"] = inlp_record(fitted)
     if cfg.get("geometry", {}).get("enabled", False) and fitted.dim is not None:

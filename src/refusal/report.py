@@ -100,7 +100,7 @@ def _fmt(value: Any, key: str, row: dict[str, Any]) -> str:
     if value is None:
         return "-"
     ci = row.get(f"{key}_ci95")
-    if key.endswith("refusal_rate"):
+    if key.endswith(("refusal_rate", "/accuracy")):
         text = f"{100 * value:.1f}%"
         return f"{text} [{100 * ci[0]:.0f}–{100 * ci[1]:.0f}]" if ci else text
     if "/refusal_rate_vs_" in key:  # a paired difference, in points
@@ -114,7 +114,7 @@ def _fmt(value: Any, key: str, row: dict[str, Any]) -> str:
 
 def columns_for(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
     """COLUMNS plus what the runs have: a column per test set (after harmless refusal), one per extra
-    judge on harmful prompts, and the judges' κ."""
+    judge on harmful prompts, the judges' κ, and each capability benchmark's accuracy (after KL)."""
     keys = list(dict.fromkeys(k for row in rows for k in row))
     sets = [k for k in keys if k.endswith("/refusal_rate") and k.count("/") == 1
             and k.split("/")[0] not in ("harmful", "harmless", "baseline")]
@@ -126,7 +126,10 @@ def columns_for(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
     extra = [(k, f"{k.split('/')[0]} refusal") for k in sets]
     extra += [(k, f"harmful refusal ({k.split('/')[2]})") for k in judged]
     extra += [(k, f"κ {k.removeprefix('judges/kappa/')}") for k in kappas]
-    return COLUMNS[:cut] + extra + COLUMNS[cut:]
+    at = [key for key, _ in COLUMNS].index("harmless/kl_div") + 1
+    capability = [(k, f"{k.split('/')[1]} {'acc' if k.endswith('/accuracy') else 'CE'}") for k in keys
+                  if k.startswith("capability/") and k.endswith(("/accuracy", "/cross_entropy"))]
+    return COLUMNS[:cut] + extra + COLUMNS[cut:at] + capability + COLUMNS[at:]
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
