@@ -128,6 +128,8 @@ step selection 90 "$PY" bench/bench_selection.py "${common[@]}" --modes shortlis
 # the study's INLP problem on $MODEL (its cached activations), both implementations run to convergence
 step inlp 120 "$PY" bench/bench_inlp.py --model "$MODEL" --out "$RES/inlp.csv" \
   --accelerator "$([[ $DEVICE == cuda* ]] && echo gpu || echo "$DEVICE")"
+# greedy decoding: transformers' generate vs our loop, float32 / bfloat16 products / bfloat16, 64-256 rows, 64 and 256 tokens
+step generation 90 "$PY" bench/bench_generation.py "${common[@]}"
 eval_args=("${common[@]}" --timeout 100)
 [ "${EVAL_DEQUANT:-0}" = 1 ] || eval_args+=(--skip-dequantize)
 # the README's first command (experiment=compare: five jobs, one load, one fit), cold and warm

@@ -57,3 +57,18 @@ def test_matmul_bfloat16_on_a_model_keys_its_results_apart(tmp_path):
 def test_bad_matmul_settings_fail_before_loading(cfg, words):
     with pytest.raises(ConfigError, match=words):
         check_matmul(cfg)
+
+
+def test_a_slow_bfloat16_setting_warns_with_the_measured_ratio(tmp_path, monkeypatch, caplog):
+    import refusal.models.numerics as numerics
+
+    monkeypatch.setitem(numerics._SPEEDUP, "cpu", 0.4)  # as measured on a CPU that emulates bfloat16
+    with caplog.at_level("WARNING", logger="refusal.models.numerics"):
+        load_model({"name": "tiny", "source": "tiny", "device": "cpu", "matmul": "bfloat16"}, tmp_path)
+    assert "0.40× the speed of a float32 one" in caplog.text and "use float32" in caplog.text
+    caplog.clear()
+    monkeypatch.setitem(numerics._SPEEDUP, "cpu", 3.0)
+    with caplog.at_level("WARNING", logger="refusal.models.numerics"):
+        load_model({"name": "tiny", "source": "tiny", "device": "cpu", "matmul": "bfloat16"}, tmp_path)
+    assert "speed of a float32" not in caplog.text
+

@@ -136,8 +136,10 @@ def prepare(cfg: DictConfig) -> RunContext:
     )
     for name in ctx.filtered.kept:  # tokenized again from the kept prompts
         ctx._tokens.pop(name)
-    # Keyed by the prompts the fits use: filtered and unfiltered fits never share a folder.
-    ctx.artifact_dir = Path(cfg.artifacts_dir) / bundle.name / f"{cfg.data.name}-{ctx.splits.fit_digest()[:10]}"
+    # Keyed by the prompts the fits use (filtered and unfiltered fits never share a folder) and by the
+    # numerics (float32 and bfloat16-product fits of one model live side by side).
+    numerics = "".join(f"-{v}" for v in bundle.numerics_key().values())
+    ctx.artifact_dir = Path(cfg.artifacts_dir) / bundle.name / f"{cfg.data.name}-{ctx.splits.fit_digest()[:10]}{numerics}"
     ctx.timings["filter"] = time.perf_counter() - t1
     ctx.timings["load"] = t1 - t0
     return ctx
