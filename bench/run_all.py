@@ -27,7 +27,7 @@ import _common as C
 
 BENCH = C.REPO / "bench"
 DOCS = C.REPO / "docs" / "BENCHMARKS.md"
-ORDER = ["extraction", "hooks", "selection", "inlp", "evaluate", "trial"]
+ORDER = ["extraction", "hooks", "generation", "selection", "inlp", "evaluate", "trial"]
 
 
 # -- running ----------------------------------------------------------------------------------------
@@ -200,6 +200,21 @@ def _inlp_command(row: dict[str, str]) -> str:
     return " ".join(["python bench/bench_inlp.py", *(f"{f} {row[k]}" for f, k in flags if row.get(k, "") != "")])
 
 
+def _generation(row: dict[str, str]) -> list[Figure]:
+    """One figure per path and cell: the ratio to transformers' float32 generate (tok/s beside it)."""
+    out = [Figure("read_gb_s", "machine: read bandwidth GB/s"), Figure("float32_gflop_s", "machine: float32 GFLOP/s"),
+           Figure("bfloat16_gflop_s", "machine: bfloat16 GFLOP/s")]
+    for key in row:
+        if key.endswith("_ratio") and "x" in key:
+            cell = key.removesuffix("_ratio")
+            path, size = cell.rsplit("_", 1)
+            same = row.get(f"{cell}_same_40_chars", "")
+            note = f"{100 * float(same):.0f}% of completions equal float32's in their first 40 characters" if same != "" else ""
+            out.append(Figure(key, f"{path}, {size.replace('x', ' rows × ')} tokens: ratio (tok/s)",
+                              alt=f"{cell}_tok_s", note=note))
+    return out
+
+
 SKIP_GENERIC = set(C.META_COLUMNS) | {"peak_rss_mb", "peak_cuda_mb"}
 
 
@@ -265,6 +280,18 @@ SECTIONS = {
         "GGUF dequantization, cold with the float checkpoint symlinked in, and warm (second run, everything "
         "cached). Peak RSS is the child's (wait4 ru_maxrss). Notes: evaluate.py's own timing breakdown.",
         _evaluate,
+    ),
+    "generation": Section(
+        "Greedy decoding throughput",
+        "`bench/bench_generation.py`: one batch of `rows` prompts (half harmful, half harmless), greedy, `tokens` new "
+        "tokens at most; tokens/s counts new tokens up to each completion's end of turn. Ratio: tokens/s ÷ "
+        "`transformers`' `generate` on the float32 model at 64 rows and the same budget, measured in the same run "
+        "(target ≥ 4× with ≥ 95% of completions equal to float32's in their first 40 characters, issue 24). Paths: "
+        "`refusal-float32` (our loop, exact: its completions equal the reference's), `refusal-bf16-matmul` "
+        "(`model.matmul=bfloat16`), `refusal-bfloat16` (`model.dtype=bfloat16`). The machine rows are measured in "
+        "the same run: a float32 step that only read its weights once would reach rows × bandwidth ÷ 4·params "
+        "tokens/s; one bounded by float32 arithmetic, float32 GFLOP/s ÷ 2·params.",
+        _generation,
     ),
     "trial": Section(
         "Lean search trial (Optuna Pareto search)",

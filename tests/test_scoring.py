@@ -185,3 +185,19 @@ def test_generation_through_the_shared_prefix_equals_the_plain_generation(tiny_w
     if steer:
         unsteered = generate(tiny_with_system, ids, max_new_tokens=6, batch_size=3, progress=False)
         assert (fast.first_logits - unsteered.first_logits).abs().max() > 1e-2  # the steering acted
+
+
+def test_scoring_batches_shrink_to_keep_their_logits_bounded_with_the_same_scores(tiny_bundle, prompts, monkeypatch):
+    import refusal.evaluation as evaluation
+
+    ids, completions = rows_of(tiny_bundle, prompts)
+    tiny_bundle.memo.clear()
+    whole = teacher_forced_scores(tiny_bundle, ids, completions, actadd(tiny_bundle), batch_size=4)
+    per_row = 4 * tiny_bundle.model.config.vocab_size * (max(map(len, completions)) + 1)
+    monkeypatch.setattr(evaluation, "SCORING_LOGITS_BYTES", per_row)  # one row's logits per batch
+    tiny_bundle.memo.clear()
+    with BlockCalls(tiny_bundle) as calls:
+        split = teacher_forced_scores(tiny_bundle, ids, completions, actadd(tiny_bundle), batch_size=4)
+    assert calls.calls == 2 * len(ids) and calls.rows == 2 * len(ids)  # unsteered + steered, one row each
+    for key in ("perplexity", "kl_div", "kl_div_completion"):
+        assert split[key] == pytest.approx(whole[key], rel=1e-5)

@@ -81,7 +81,7 @@ class GreedyHead:
 
     def logits(self, hidden: Float[Tensor, "batch d"]) -> Float[Tensor, "batch vocab"]:
         """Float32 logits (with the model's final soft-capping, where it has one)."""
-        z = torch.nn.functional.linear(hidden.to(self.weight.dtype), self.weight, self.bias).float()
+        z = torch.nn.functional.linear(hidden.to(self.weight.device, self.weight.dtype), self.weight, self.bias).float()
         if self.softcap:
             z = torch.tanh(z / self.softcap) * self.softcap
         return z
@@ -129,7 +129,7 @@ def greedy_decode(
     past=None,
     offset: int = 0,
 ) -> tuple[Int[Tensor, "batch new"], Float[Tensor, "batch vocab"]]:
-    """Greedy tokens (``[batch, max_new_tokens]``, padded after a row's end-of-turn token with it) and the
+    """Greedy tokens (``[batch, max_new_tokens]``; after a row's end-of-turn token, padding) and the
     first step's float32 logits of a left-padded batch, continuing ``past`` (a cache of ``offset`` prefix
     tokens per row) when given. Hooks on the model's modules see every forward pass, as in ``generate``."""
     decoder = decoder_of(bundle.model)
@@ -144,7 +144,7 @@ def greedy_decode(
                     cache=past, use_cache=True)
     past = state.cache
     first_logits = head.logits(state.last_hidden_state[:, -1])
-    token = first_logits.argmax(-1)
+    token = first_logits.argmax(-1).to(device)
     position = position_ids[:, -1] + offset
     active = torch.arange(n, device=device)  # the original row of each running row
     finished = torch.zeros(n, dtype=torch.bool, device=device)
@@ -160,5 +160,5 @@ def greedy_decode(
         position = position + 1
         hidden = decoder(input_ids=token[:, None], attention_mask=mask[:, : width + step + 1],
                          position_ids=position[:, None], cache=past, use_cache=True).last_hidden_state
-        token = head.argmax(hidden[:, -1])
+        token = head.argmax(hidden[:, -1]).to(device)
     return out, first_logits

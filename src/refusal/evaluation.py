@@ -52,8 +52,10 @@ def versions() -> dict[str, str]:
     return out
 
 
-# The unsteered logits of teacher-forced scoring are kept on the model for the next job up to this size.
+# The unsteered logits of teacher-forced scoring are kept on the model for the next job up to this size,
+# and one scoring batch's logits stay below SCORING_LOGITS_BYTES (rows per batch shrink for long completions).
 HELD_LOGITS_BYTES = 512 << 20
+SCORING_LOGITS_BYTES = 1 << 30
 
 
 @torch.inference_mode()
@@ -78,6 +80,9 @@ def teacher_forced_scores(
     nll, tokens = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.long)
     kl_last, kl_completion = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
     rows = [p + c for p, c in zip(prompts, completions, strict=True)]
+    # Each batch holds [rows, longest completion + 1, vocab] float32 logits, steered and unsteered: bounded.
+    per_row = 4 * bundle.model.config.vocab_size * (max(map(len, completions), default=0) + 1)
+    batch_size = max(1, min(batch_size, SCORING_LOGITS_BYTES // per_row))
     batches = batches_by_length([len(r) for r in rows], batch_size)
     prefix = shared_prefix(prompts, len(bundle.post_instruction_ids))
     owns = [[rows[i][len(prefix):] for i in idx] for idx in batches]
