@@ -35,7 +35,9 @@ def run_compare(model: str, matmul: str, tokens: int, out: Path, extra: list[str
     print("$", " ".join(cmd), flush=True)
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, cwd=C.REPO)
-    return time.perf_counter() - t0
+    wall = time.perf_counter() - t0
+    (out / matmul / "wall_s.txt").write_text(f"{wall:.1f}\n")
+    return wall
 
 
 def runs_of(folder: Path) -> dict[str, Path]:
@@ -53,11 +55,11 @@ def direction(artifacts: Path, model: str, numerics_suffix: str):
     from safetensors.torch import load_file
 
     stems = [p for p in (artifacts / model).glob("*/dim_*.safetensors")
-             if p.parent.name.endswith(numerics_suffix) == bool(numerics_suffix)]
+             if (numerics_suffix in p.parent.name if numerics_suffix else "bfloat16" not in p.parent.name)]
     if len(stems) != 1:
         raise SystemExit(f"expected one DiM artifact under {artifacts / model} for {numerics_suffix or 'float32'}, "
                          f"found {len(stems)}: use a fresh --artifacts folder")
-    meta = json.loads(stems[0].with_suffix(".json").read_text())
+    meta = json.loads(stems[0].with_suffix(".json").read_text())["meta"]
     return load_file(stems[0])["direction"].double(), meta
 
 
@@ -67,17 +69,20 @@ def first40(folder: Path) -> dict[tuple[str, str], str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from refusal.compare import RunOutcomes, compare
+    from refusal.compare import RunOutcomes, refusal_vs
+    from refusal.stats.paired import check_same_prompts
 
     parser = C.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=128, help="eval.max_new_tokens (default 128)")
     parser.add_argument("--out", type=Path, default=C.REPO / "multirun" / "numerics", help="where both multiruns go")
     parser.add_argument("--docs", type=Path, default=None, help="the Markdown table (default docs/results/numerics_<model>.md)")
+    parser.add_argument("--skip-runs", action="store_true", help="compare the runs already in --out (their walls from wall_s.txt)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for both runs, e.g. data.n_test=48")
     args = C.parse(parser, argv)
     artifacts = args.out / "artifacts"
     extra = [f"artifacts_dir={artifacts}", *args.overrides, *([f"model.device={args.device}"] if args.device else [])]
-    walls = {m: run_compare(args.model, m, args.tokens, args.out, extra) for m in SETTINGS}
+    walls = {m: float((args.out / m / "wall_s.txt").read_text()) if args.skip_runs else
+             run_compare(args.model, m, args.tokens, args.out, extra) for m in SETTINGS}
     runs = {m: runs_of(args.out / m) for m in SETTINGS}
     (d32, m32), (d16, m16) = direction(artifacts, args.model, ""), direction(artifacts, args.model, "bfloat16-matmul")
     cosine = float(d32 @ d16 / (d32.norm() * d16.norm()))
@@ -87,7 +92,12 @@ def main(argv: list[str] | None = None) -> int:
         if name not in runs["bfloat16"]:
             continue
         a, b = (json.loads((runs[m][name] / "results.json").read_text()) for m in ("bfloat16", "float32"))
-        paired = compare(RunOutcomes.from_dir(runs["bfloat16"][name]), RunOutcomes.from_dir(runs["float32"][name]), "float32")
+        # refusal only: perplexity pairs runs scored on the same unsteered completions, which differ here
+        fast, exact = RunOutcomes.from_dir(runs["bfloat16"][name]), RunOutcomes.from_dir(runs["float32"][name])
+        paired = {}
+        for column in exact.refused:
+            check_same_prompts(fast.digests[column], exact.digests[column], f"the two runs' {column} prompts")
+            paired.update(refusal_vs(fast.refused[column], exact.refused[column], column, "float32"))
         texts = first40(runs["bfloat16"][name]), first40(runs["float32"][name])
         same = sum(texts[0][k] == texts[1].get(k) for k in texts[0]) / len(texts[0])
         for m, rec in (("float32", b), ("bfloat16", a)):
