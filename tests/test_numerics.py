@@ -20,7 +20,7 @@ def test_bf16_linear_is_the_product_of_rounded_inputs_accumulated_in_float32():
         layer.bias.copy_(torch.randn(32, generator=gen))
     x = torch.randn(3, 5, 64, generator=gen)
     plain = layer(x)
-    use_bf16_matmuls(layer, [layer])
+    use_bf16_matmuls([layer])
     assert isinstance(layer, Bf16Linear)
     out = layer(x)
     want = (x.bfloat16().double() @ layer.weight.bfloat16().double().T).bfloat16().float() + layer.bias

@@ -277,7 +277,7 @@ def _set_numerics(model: torch.nn.Module, layout: Any, cfg: Mapping[str, Any], d
     device = next(model.parameters()).device
     if check_matmul(cfg) == "bfloat16":
         warn_if_slow("model.matmul=bfloat16", device)
-        use_bf16_matmuls(model, layout.blocks)
+        use_bf16_matmuls(layout.blocks)
         return "float32+bfloat16-matmul"
     if dtype == torch.bfloat16:
         warn_if_slow("model.dtype=bfloat16", device)

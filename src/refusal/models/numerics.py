@@ -3,9 +3,9 @@
 On CPUs with bfloat16 matrix units (AMX, AVX-512-BF16) a bfloat16 product runs 3-6× faster than a
 float32 one, and a decoding step is almost all matrix products. ``model.dtype=bfloat16`` buys that
 speed by storing the whole model, residual stream included, in bfloat16, whose 8-bit significand
-the residual stream's sums then lose. ``model.matmul=bfloat16`` rounds only the inputs of each
-linear layer inside the blocks: the residual stream, norms, attention softmax, hooks, the
-vocabulary head and every metric stay float32, and each product accumulates in float32. The
+the residual stream's sums then lose. ``model.matmul=bfloat16`` rounds only each linear layer inside
+the blocks (its input, weight and output; the product accumulates in float32): the residual stream,
+norms, attention softmax, hooks, the vocabulary head and every metric stay float32. The
 float32 weights stay the master copy (weight export and in-place edits read and write them); the
 bfloat16 copy is remade whenever they change.
 """
@@ -43,7 +43,7 @@ class Bf16Linear(nn.Linear):
         return y.view(*x.shape[:-1], y.shape[-1])
 
 
-def use_bf16_matmuls(model: nn.Module, blocks: list[nn.Module]) -> int:
+def use_bf16_matmuls(blocks: list[nn.Module]) -> int:
     """Turn every float32 ``nn.Linear`` inside ``blocks`` into a :class:`Bf16Linear` (same parameters,
     same hooks); returns how many."""
     count = 0
