@@ -53,9 +53,10 @@ def versions() -> dict[str, str]:
 
 
 # The unsteered logits of teacher-forced scoring are kept on the model for the next job up to this size,
-# and one scoring batch's logits stay below SCORING_LOGITS_BYTES (rows per batch shrink for long completions).
+# and one scoring batch's logits stay below SCORING_LOGITS_BYTES (rows per batch shrink for long completions;
+# scoring holds about five tensors of that size at once: steered, unsteered, their log-softmaxes, a copy).
 HELD_LOGITS_BYTES = 512 << 20
-SCORING_LOGITS_BYTES = 1 << 30
+SCORING_LOGITS_BYTES = 256 << 20
 
 
 @torch.inference_mode()
