@@ -220,7 +220,8 @@ def print_table(title: str, rows: Sequence[Mapping[str, Any]]) -> None:
 
 
 def append_row(name: str, args: argparse.Namespace, device: Any, figures: Mapping[str, Any]) -> Path | None:
-    """Append one row (metadata + figures) to ``<results-dir>/<name>.csv``; widens the header if needed."""
+    """Append one row (metadata + figures) to ``<results-dir>/<name>.csv`` (widening the header if needed) and
+    say where."""
     if args.no_csv:
         return None
     row: dict[str, Any] = {
@@ -232,7 +233,9 @@ def append_row(name: str, args: argparse.Namespace, device: Any, figures: Mappin
         **host_info(device),
         **{k: round(v, 6) if isinstance(v, float) else v for k, v in figures.items()},
     }
-    return write_row(Path(args.results_dir) / f"{name}.csv", row)
+    path = write_row(Path(args.results_dir) / f"{name}.csv", row)
+    print(f"\nappended to {path}")
+    return path
 
 
 def write_row(path: Path, row: Mapping[str, Any]) -> Path:

@@ -63,9 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         figures.update({f"{task}_n": rec["n"], f"{task}_score": value, f"{task}_s": rec["seconds"]})
     C.print_table(f"{bundle.name}: capability, unsteered (accuracy; lambada: cross-entropy in nats/token)", rows)
     print(f"model load {load_s:.1f}s, scoring {total_s:.1f}s")
-    path = C.append_row(NAME, args, bundle.device, figures)
-    if path:
-        print(f"appended to {path}")
+    C.append_row(NAME, args, bundle.device, figures)
     return 0
 
 

@@ -176,9 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         figures["notes"] = "; ".join(notes)
         print("notes: " + "; ".join(notes))
     figures.update(C.peak_memory("cpu"))  # this driver process; the children's peaks are above
-    path = C.append_row(NAME, args, args.device or C.model_config(args.model).get("device", "auto"), figures)
-    if path:
-        print(f"\nappended to {path}")
+    C.append_row(NAME, args, args.device or C.model_config(args.model).get("device", "auto"), figures)
     return 0 if all(r["rc"] == 0 for r in results.values()) and len(results) == len(phases) else 1
 
 

@@ -96,9 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         **C.peak_memory(device),
     }
     C.print_table("memory", [{k: v for k, v in figures.items() if k.startswith("peak_")}])
-    path = C.append_row(NAME, args, device, figures)
-    if path:
-        print(f"\nappended to {path}")
+    C.append_row(NAME, args, device, figures)
     return 0
 
 

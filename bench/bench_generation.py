@@ -117,6 +117,10 @@ def main(argv: list[str] | None = None) -> int:
                 table.append(row)
                 print(f"{path} rows={rows} tokens={tokens}: {wall:.1f} s, {n_tokens / wall:.1f} tok/s", flush=True)
         figures["n_params"] = n_params
+        head = bundle.memo.get("greedy_head")  # how often the bfloat16 screen could not settle a row
+        if engine == "refusal" and head is not None and head.rows:
+            figures[f"{path}_rows_computed_whole"] = head.rows_whole / head.rows
+            print(f"{path}: {head.rows_whole} of {head.rows} screened rows computed whole", flush=True)
         del bundle
     for row in table:
         refs = {r["rows"]: r for r in table if r["path"] == REFERENCE and r["tokens"] == row["tokens"]}
@@ -131,17 +135,14 @@ def main(argv: list[str] | None = None) -> int:
         key = f"{row['path']}_{row['rows']}x{row['tokens']}"
         figures.update({f"{key}_tok_s": row["tok_s"], f"{key}_ratio": row["ratio"],
                         f"{key}_same_40_chars": row.get("same_40_chars", "")})
-    exact_ref = runs[EXACT, reference_rows[0], tokens_grid[0]].completion_ids if (EXACT, reference_rows[0], tokens_grid[0]) in runs else None
-    if exact_ref is not None:
-        same = runs[REFERENCE, reference_rows[0], tokens_grid[0]].completion_ids == exact_ref
-        figures["exact_path_equals_reference"] = int(same)
-        print(f"refusal-float32 completions equal transformers-float32's: {same}")
+    reference = [r for r in table if r["path"] == REFERENCE and "same" in r]
+    if reference:
+        figures["exact_path_equals_reference"] = int(all(r["same"] == 1 for r in reference))
+        print(f"refusal-float32 completions equal transformers-float32's: {bool(figures['exact_path_equals_reference'])}")
     C.print_table(f"{args.model}: greedy decoding, tokens/s (new tokens up to end of turn ÷ wall) and ratio to "
                   f"{REFERENCE} at {reference_rows[0]} rows, same budget; target ≥ {TARGET}×", table)
     figures.update(C.peak_memory(device))
-    path = C.append_row(NAME, args, device, figures)
-    if path:
-        print(f"\nappended to {path}")
+    C.append_row(NAME, args, device, figures)
     return 0
 
 

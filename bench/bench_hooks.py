@@ -209,9 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     if skipped:
         figures["skipped"] = "; ".join(skipped)
     C.print_table("memory (this process, both models)", [{k: v for k, v in figures.items() if k.startswith("peak_")}])
-    path = C.append_row(NAME, args, device, figures)
-    if path:
-        print(f"\nappended to {path}")
+    C.append_row(NAME, args, device, figures)
     return 0
 
 

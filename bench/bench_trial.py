@@ -119,9 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         "setup_s": setup_s, "repeats": len(runs), "overrides": " ".join(args.override),
     }
     figures.update(C.peak_memory(device))
-    path = C.append_row(NAME, args, device, figures)
-    if path:
-        print(f"\nappended to {path}")
+    C.append_row(NAME, args, device, figures)
     return 0
 
 
