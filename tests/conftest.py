@@ -30,6 +30,15 @@ def tiny_tied_bundle(tmp_path_factory):
     return load_model(cfg, tmp_path_factory.mktemp("cache"))
 
 
+@pytest.fixture(scope="module")
+def tiny_with_system(tmp_path_factory):
+    """tiny with a system turn, so its prompts share a chat-template prefix as real chat models' do."""
+    from refusal.models import load_model
+
+    cfg = {"name": "tiny", "source": "tiny", "device": "cpu", "system_prompt": "You are a helpful assistant. Answer briefly."}
+    return load_model(cfg, tmp_path_factory.mktemp("cache"))
+
+
 @pytest.fixture
 def compose(tmp_path):
     """Compose the real Hydra config with overrides, caches and artifacts under tmp_path."""

@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 import torch
-from test_scoring import BlockCalls, actadd, tiny_with_system  # noqa: F401  (fixture)
+from test_scoring import BlockCalls, actadd
 
 import refusal.decoding as decoding
 from refusal.decoding import GreedyHead

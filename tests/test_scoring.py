@@ -17,15 +17,6 @@ from refusal.metrics.kl import _kl_rows
 from refusal.prefix import MIN_SHARED, shared_prefix
 
 
-@pytest.fixture(scope="module")
-def tiny_with_system(tmp_path_factory):
-    """tiny with a system turn, so its prompts share a chat-template prefix as real chat models' do."""
-    from refusal.models import load_model
-
-    cfg = {"name": "tiny", "source": "tiny", "device": "cpu", "system_prompt": "You are a helpful assistant. Answer briefly."}
-    return load_model(cfg, tmp_path_factory.mktemp("cache"))
-
-
 class BlockCalls:
     """Counts calls of the first block, and the rows and token positions they carried."""
 

@@ -24,8 +24,8 @@ from omegaconf import DictConfig
 
 from refusal.activations import batches_by_length
 from refusal.artifacts import atomic_write_json, atomic_write_text, sha256_json
-from refusal.compare import RunOutcomes, vs_baseline
 from refusal.capability import enabled, evaluate_capability, load_benchmarks
+from refusal.compare import RunOutcomes, vs_baseline
 from refusal.config import check_seed, intervention_config, plugin_dirs
 from refusal.generation import GenerationCache, Generations
 from refusal.interventions import Intervention, get_intervention

@@ -23,12 +23,11 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from refusal.activations import batches_by_length
 from refusal.artifacts import artifact_exists, atomic_write_json, load_artifact, save_artifact, sha256_json
-from refusal.errors import ArtifactError
 from refusal.decoding import greedy_decode
+from refusal.errors import ArtifactError
 from refusal.interventions.scope import declare_roles
 from refusal.models.bundle import Batch, ModelBundle
 from refusal.prefix import prompt_prefix_cache, shared_prefix
-
 
 ENGINES = ("refusal", "transformers")
 
@@ -170,10 +169,7 @@ class GenerationCache:
 
     @staticmethod
     def _key(bundle: ModelBundle, token_ids: Sequence[Sequence[int]], max_new_tokens: int, steer: str | None) -> str:
-        what = {"w": bundle.weights_hash, "t": [list(r) for r in token_ids], "m": max_new_tokens}
-        if bundle.dtype != torch.float32:  # keys of half-precision models made before ``numerics`` existed
-            what["dtype"] = str(bundle.dtype)
-        what.update(bundle.numerics_key())
+        what = {"w": bundle.weights_hash, "t": [list(r) for r in token_ids], "m": max_new_tokens, **bundle.numerics_key()}
         return sha256_json(what if steer is None else {**what, "steer": steer})[:24]
 
     def _paths(self, bundle: ModelBundle, key: str) -> tuple[Path, Path]:
