@@ -140,7 +140,7 @@ class Study:
             self.sweep(out, "actadd", args, ["intervention=actadd", "intervention.coeff=-1.0,1.0"])
         ks = [k for k in opts.ks if k < rank]
         if "k" in steps and ks:
-            self.sweep(out, "k", args, ["intervention=inlp_nullspace,inlp_flip", swept("intervention.k", ks), NO_GEOMETRY])
+            self.sweep(out, "k", args, [swept("intervention", opts.k_interventions), swept("intervention.k", ks), NO_GEOMETRY])
         if "alpha" in steps and opts.alphas:
             self.sweep(out, "alpha", args, ["intervention=inlp_flip", swept("intervention.alpha", opts.alphas), NO_GEOMETRY])
         if "controls" in steps:
@@ -149,10 +149,11 @@ class Study:
                 run_dir = out / "controls" / name
                 self.run(["evaluate.py", *args, *overrides, f"hydra.run.dir={run_dir}"], out / "controls" / f"{name}.log",
                          run_dir / "results.json")
-        if "tokens" in steps and model in opts.token_models:
-            self.sweep(out, "tokens", [a for a in args if not a.startswith("eval.max_new_tokens=")],
-                       ["intervention=none,dim_ablation,inlp_nullspace,inlp_flip",  # the rows C1 and C2 compare
-                        f"eval.max_new_tokens={opts.token_budget}", NO_GEOMETRY])
+        if "tokens" in steps and model in opts.token_models:  # the length curve: one folder per budget, each resumable
+            for budget in opts.token_budgets:
+                self.sweep(out / "tokens", str(budget), [a for a in args if not a.startswith("eval.max_new_tokens=")],
+                           ["intervention=none,dim_ablation,inlp_nullspace,inlp_flip",  # the rows C1 and C2 compare
+                            f"eval.max_new_tokens={budget}", "eval.test_sets.overrefusal=null", NO_GEOMETRY])
         if "leace" in steps:  # the third family: LEACE erasure and its flip, with their own geometry
             self.sweep(out, "leace", args, ["intervention=leace_erase,leace_flip"])
             self.run(["-m", "refusal.geometry", "--interventions", "none,leace_erase,leace_flip", "--out",
@@ -163,7 +164,7 @@ class Study:
                      out / "geometry_leace_selected.log", out / "geometry_leace_selected" / "geometry.json")
         if "heldout" in steps:  # fitted on the splits as always; tested on HarmBench and the over-refusal set, two judges
             n = opts.heldout_n
-            self.sweep(out, "heldout", [a for a in args if not a.startswith("data.n_test=")], [
+            self.sweep(out, "heldout", [a for a in args if not a.startswith(("data.n_test=", "eval.test_sets.overrefusal.n="))], [
                 f"intervention={HELDOUT_ROWS}", f"data.n_test={n}", "eval.judges=[substring,model]",
                 f"+eval.test_sets.harmbench={{source: pypi, benchmark: harmbench, n: {n}}}",
                 f"eval.test_sets.overrefusal.n={n}", NO_GEOMETRY])
@@ -619,11 +620,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--alphas", nargs="*", type=float, default=ALPHAS, help="flip α sweep at the converged rank")
     parser.add_argument("--controls", nargs="*", default=list(CONTROLS), choices=list(CONTROLS))
     parser.add_argument("--token-models", nargs="*", default=["qwen05"], help="models whose main rows rerun at --token-budget")
-    parser.add_argument("--token-budget", type=int, default=128)
+    parser.add_argument("--token-budgets", nargs="*", type=int, default=[32, 64, 256, 512],
+                        help="the length curve: the main rows rerun at each budget (the main budget is its own point)")
     parser.add_argument("--root", type=Path, default=REPO / "study", help="where the runs go")
     parser.add_argument("--docs", type=Path, default=REPO / "docs")
-    parser.add_argument("--max-new-tokens", type=int, default=24, help="enough for the opening refusal phrases")
-    parser.add_argument("--n-test", type=int, default=32, help="test prompts per class (0: the data config's)")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="the field's budget is >= 100 new tokens")
+    parser.add_argument("--n-test", type=int, default=100,
+                        help="test prompts per class from the splits (0: the data config's); 100 = every harmful one left")
+    parser.add_argument("--heldout", default="strongreject", choices=["strongreject", "harmbench", "do_not_answer"],
+                        help="the held-out harmful benchmark every run is also tested on; the verdict is decided on it")
+    parser.add_argument("--overrefusal-n", type=int, default=100, help="over-refusal prompts per run (the embedded 100)")
+    parser.add_argument("--matmul", default="bfloat16", choices=["float32", "bfloat16"],
+                        help="model.matmul: the blocks' products (bfloat16: ~2.5x faster generation on this CPU, same "
+                             "selection and rates as float32 on qwen05, docs/results/numerics_qwen05.md)")
+    parser.add_argument("--k-interventions", nargs="+", default=["inlp_flip"], choices=["inlp_flip", "inlp_nullspace"],
+                        help="the k step's interventions (C3 is decided on flip; nullspace over k is for the tunability plot)")
     parser.add_argument("--override", nargs="*", default=[], help="extra Hydra overrides for every step")
     parser.add_argument("--splits", type=Path, default=SPLITS_DIR, help="the refusal_direction splits folder")
     parser.add_argument("--heldout-n", type=int, default=24, help="prompts per column in the held-out step")
@@ -632,7 +643,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     data = ["data=refusal_direction", f"data.dir={args.splits}"] if args.splits.is_dir() else ["data=embedded"]
-    common = [*data, "logger=none", "progress=false", f"eval.max_new_tokens={args.max_new_tokens}"]
+    common = [*data, "logger=none", "progress=false", f"eval.max_new_tokens={args.max_new_tokens}",
+              f"model.matmul={args.matmul}", f"+eval.test_sets.{args.heldout}={{source: pypi, benchmark: {args.heldout}, n: null}}",
+              f"eval.test_sets.overrefusal.n={args.overrefusal_n}"]
     if args.n_test:
         common.append(f"data.n_test={args.n_test}")
     common += args.override
@@ -652,7 +665,8 @@ def main(argv: list[str] | None = None) -> int:
             "data": ("the Arditi et al. `refusal_direction` splits (AdvBench-derived harmful, Alpaca harmless), "
                      f"{args.n_test or 'all configured'} test prompts per class"
                      if args.splits.is_dir() else "the embedded set (../shared splits not found)"),
-            "max_new_tokens": args.max_new_tokens, "token_budget": args.token_budget, "models": args.models,
+            "max_new_tokens": args.max_new_tokens, "token_budgets": args.token_budgets, "models": args.models,
+            "verdict_column": args.heldout, "matmul": args.matmul,
         }
         if meta_path.exists():  # an earlier invocation ran other models or steps: keep them in the report
             old = json.loads(meta_path.read_text())

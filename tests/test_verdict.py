@@ -175,6 +175,24 @@ def test_runs_on_different_prompts_cannot_be_compared():
         decide(other)
 
 
+def test_claims_are_decided_on_the_chosen_column():
+    """A held-out benchmark column decides the claims when named; the main split's outcomes are then ignored."""
+    def with_heldout(main: int, heldout: int) -> dict:
+        r = row(main)
+        flags = np.arange(N) < heldout
+        r["outcomes"].refused["strongreject"], r["outcomes"].digests["strongreject"] = flags, "held-out 40"
+        return r
+
+    # on the main split ablation does nothing (not applicable); on the held-out column it suppresses and flip matches
+    chosen = ClaimInputs(with_heldout(30, 30), with_heldout(30, 2), with_heldout(30, 1), with_heldout(30, 25), 40)
+    assert c1(chosen).verdict == NOT_APPLICABLE
+    chosen.column = "strongreject"
+    assert c1(chosen).verdict == HOLDS and c2(chosen).verdict == HOLDS
+    chosen.column = "harmbench"
+    with pytest.raises(DataError, match="no 'harmbench' column .* run it with that test set"):
+        c1(chosen)
+
+
 def test_claims_table_has_a_row_per_claim_and_a_column_per_model():
     table = claims_table({"m1": decide(inputs()), "m2": decide(inputs(flip=20))})
     lines = table.splitlines()

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from refusal.compare import teacher_forced_vs
+from refusal.errors import DataError
 from refusal.geometry.stats import interval_label
 from refusal.stats.paired import (
     PairedDifference,
@@ -108,7 +109,9 @@ class ClaimInputs:
     run's per-prompt outcomes under ``"outcomes"``).
 
     ``flip_by_k`` / ``nullspace_by_k`` map k to the row at that k (full rank included);
-    ``geometry`` maps ``nullspace`` and ``flip`` to rows of ``python -m refusal.geometry``.
+    ``geometry`` maps ``nullspace`` and ``flip`` to rows of ``python -m refusal.geometry``; ``column`` is the
+    harmful column the refusal comparisons are paired on (``harmful``: the main split; or a test set's name,
+    e.g. a held-out benchmark).
     """
 
     baseline: Mapping[str, Any]
@@ -119,6 +122,7 @@ class ClaimInputs:
     flip_by_k: dict[int, Mapping[str, Any]] = field(default_factory=dict)
     nullspace_by_k: dict[int, Mapping[str, Any]] = field(default_factory=dict)
     geometry: dict[str, Mapping[str, Any]] = field(default_factory=dict)
+    column: str = "harmful"
 
 
 def _ppl(row: Mapping[str, Any]) -> float:
@@ -137,10 +141,14 @@ def refused(row: Mapping[str, Any], column: str = "harmful") -> np.ndarray:
     return row["outcomes"].refused[column]
 
 
-def paired(a: Mapping[str, Any], b: Mapping[str, Any], what: str) -> PairedDifference:
-    """Δ(a − b) of harmful refusal over the same prompts (refused when the runs' prompts differ)."""
-    check_same_prompts(a["outcomes"].digests["harmful"], b["outcomes"].digests["harmful"], f"the harmful prompts of {what}")
-    return paired_rate_difference(refused(a), refused(b))
+def paired(a: Mapping[str, Any], b: Mapping[str, Any], what: str, column: str = "harmful") -> PairedDifference:
+    """Δ(a − b) of refusal on ``column`` over the same prompts (refused when the runs' prompts differ)."""
+    for row in (a, b):
+        if column not in row["outcomes"].refused:
+            raise DataError(f"{what}: run {row.get('run', '?')} has no '{column}' column (it has "
+                            f"{sorted(row['outcomes'].refused)}); run it with that test set")
+    check_same_prompts(a["outcomes"].digests[column], b["outcomes"].digests[column], f"the {column} prompts of {what}")
+    return paired_rate_difference(refused(a, column), refused(b, column))
 
 
 #: The comparisons the claims make, tested together (Holm): name -> (arm a, arm b) of ClaimInputs.
@@ -151,7 +159,7 @@ FAMILY = {"ablation − baseline": ("ablation", "baseline"), "flip − ablation"
 
 def comparisons(inputs: ClaimInputs) -> dict[str, tuple[PairedDifference, float]]:
     """Every comparison of :data:`FAMILY` with its Holm-adjusted McNemar p."""
-    diffs = {name: paired(getattr(inputs, a), getattr(inputs, b), name) for name, (a, b) in FAMILY.items()}
+    diffs = {name: paired(getattr(inputs, a), getattr(inputs, b), name, inputs.column) for name, (a, b) in FAMILY.items()}
     adjusted = holm([d.p_value for d in diffs.values()])
     return {name: (d, p) for (name, d), p in zip(diffs.items(), adjusted, strict=True)}
 
@@ -244,13 +252,14 @@ def c3(inputs: ClaimInputs, found: Mapping[str, tuple[PairedDifference, float]] 
     grid = sorted({*inputs.flip_by_k, inputs.rank})
     below = [k for k in grid if k < inputs.rank]
     confidence = 1 - ALPHA / max(1, len(below))
-    base, full = refused(inputs.baseline), refused(inputs.flip)
+    base, full = refused(inputs.baseline, inputs.column), refused(inputs.flip, inputs.column)
     per_k, shown = {}, []
     if suppression.hi < 0:
         for k in below:
             row = inputs.flip_by_k[k]
-            paired(row, inputs.baseline, f"flip at k={k} − baseline")  # the same prompts, or an error
-            share, ratio = kept_share(base, refused(row), full, confidence), ppl_ratio(row, inputs.baseline, confidence)
+            paired(row, inputs.baseline, f"flip at k={k} − baseline", inputs.column)  # the same prompts, or an error
+            share = kept_share(base, refused(row, inputs.column), full, confidence)
+            ratio = ppl_ratio(row, inputs.baseline, confidence)
             per_k[k] = rule_c3_k(share[1:], ratio[1:])
             shown.append(f"k={k}: share {share[0]:.0%} [{share[1]:.0%}, {share[2]:.0%}], ppl ×{ratio[0]:.3f} "
                          f"[{ratio[1]:.3f}, {ratio[2]:.3f}] → {per_k[k]}")
