@@ -17,8 +17,8 @@ from __future__ import annotations
 import _common as C
 import torch
 
-from refusal.activations import batches_by_length, extract_activations
 from refusal.models import decoder_of
+from refusal.runtime.activations import batches_by_length, extract_activations
 
 NAME = "extraction"
 TARGET_RATIO = C.TARGETS[NAME]

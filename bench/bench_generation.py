@@ -5,7 +5,7 @@ Paths (each on the same prompts, half harmful and half harmless, one batch of ``
 - ``transformers-float32``: ``transformers``' ``generate`` on the float32 model, the path the project
   used until issue 24 (the reference of every ratio; run at ``--reference-rows``, 64 by default,
   the old ``eval.batch_size``, since it slows down with larger batches);
-- ``refusal-float32``: our loop (``refusal.decoding``), exact: its completions must equal the
+- ``refusal-float32``: our loop (``refusal.runtime.decoding``), exact: its completions must equal the
   reference's (the column ``same_as_reference``);
 - ``refusal-bf16-matmul``: ``model.matmul=bfloat16`` (float32 model, bfloat16 products);
 - ``refusal-bfloat16``: ``model.dtype=bfloat16`` (the whole model in bfloat16).
@@ -71,8 +71,8 @@ def step_bounds(n_params: int, rows: int, limits: dict[str, float], dtype: str) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from refusal.generation import generate
     from refusal.models import load_model
+    from refusal.runtime.generation import generate
 
     parser = C.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, nargs="+", default=None, help="batch sizes (default 64 128 256; smoke 4 8)")

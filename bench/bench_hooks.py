@@ -30,11 +30,11 @@ import torch
 import yaml
 
 from refusal.errors import ConfigError
-from refusal.generation import generate
 from refusal.interventions import DiMDirection, Fitted, available, get_intervention
 from refusal.interventions.export import export_orthogonalized, orthogonalize_
 from refusal.models import residual_layout
 from refusal.models.bundle import ModelBundle
+from refusal.runtime.generation import generate
 
 NAME = "hooks"
 TARGET_RATIO = C.TARGETS[NAME]

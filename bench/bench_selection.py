@@ -31,8 +31,8 @@ import warnings
 import _common as C
 import yaml
 
-from refusal.activations import ActivationCache
 from refusal.fitting.dim import CandidateScorer, SelectionConfig, dim_candidates_from_means, select_direction
+from refusal.runtime.activations import ActivationCache
 
 NAME = "selection"
 

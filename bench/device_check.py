@@ -32,15 +32,15 @@ from typing import Any
 import _common as C
 import torch
 
-from refusal.hooks import HookSpec, hooked
 from refusal.interventions import DiMDirection, Fitted, get_intervention
-from refusal.interventions.scope import declare_roles
 from refusal.metrics import KLDivergence, RefusalScore
 from refusal.metrics.kl import _kl_rows
 from refusal.metrics.refusal_score import refusal_score
 from refusal.models import load_model
 from refusal.models.loader import resolve_device, resolve_device_map, resolve_dtype
 from refusal.models.memory import estimate_memory, format_bytes, format_count
+from refusal.runtime.hooks import HookSpec, hooked
+from refusal.runtime.roles import declare_roles
 
 
 def split_map(cfg: dict[str, Any]) -> dict[str, int | str]:

@@ -45,6 +45,15 @@ def _targets(module: str, node: ast.Import | ast.ImportFrom, is_package: bool, k
     return [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names]
 
 
+def _imports(node: ast.AST, in_function: bool = False, type_only: bool = False):
+    """Every import statement under ``node``, with whether it sits in a function and under ``if TYPE_CHECKING``."""
+    for child in ast.iter_child_nodes(node):
+        if isinstance(child, (ast.Import, ast.ImportFrom)):
+            yield child, in_function, type_only
+        yield from _imports(child, in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)),
+                            type_only or (isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test)))
+
+
 def import_graph(src: Path = SRC) -> tuple[dict[str, set[str]], list[tuple[str, int, str]]]:
     """(module -> the refusal modules it imports at run time, [(module, line, target) of imports inside functions]).
     Imports under ``if TYPE_CHECKING`` never run, so they draw no edge."""
@@ -53,19 +62,14 @@ def import_graph(src: Path = SRC) -> tuple[dict[str, set[str]], list[tuple[str, 
     edges: dict[str, set[str]] = defaultdict(set)
     in_functions: list[tuple[str, int, str]] = []
     for module, path in files.items():
-        def visit(node: ast.AST, in_function: bool, type_only: bool) -> None:
-            for child in ast.iter_child_nodes(node):
-                if isinstance(child, (ast.Import, ast.ImportFrom)):
-                    targets = _targets(module, child, path.name == "__init__.py", known)
-                    in_functions.extend((module, child.lineno, t) for t in targets if in_function)
-                    for target in targets if not type_only else []:
-                        while target not in known and "." in target:
-                            target = target.rsplit(".", 1)[0]
-                        if target in known and target != module:
-                            edges[module].add(target)
-                visit(child, in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)),
-                      type_only or (isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test)))
-        visit(ast.parse(path.read_text()), False, False)
+        for node, in_function, type_only in _imports(ast.parse(path.read_text())):
+            targets = _targets(module, node, path.name == "__init__.py", known)
+            in_functions.extend((module, node.lineno, t) for t in targets if in_function)
+            for target in targets if not type_only else []:
+                while target not in known and "." in target:
+                    target = target.rsplit(".", 1)[0]
+                if target in known and target != module:
+                    edges[module].add(target)
     return edges, in_functions
 
 

@@ -46,7 +46,7 @@ def no_extraction(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("activations were extracted before the bad input was reported")
 
-    monkeypatch.setattr("refusal.activations.extract_activations", forbidden)
+    monkeypatch.setattr("refusal.runtime.activations.extract_activations", forbidden)
 
 
 def _plain(cfg) -> dict:
@@ -528,8 +528,8 @@ def test_corrupt_or_truncated_artifact_is_refitted_not_used(compose, caplog):
 
 
 def test_corrupt_activation_and_generation_caches_are_recomputed(tiny_bundle, prompts, tmp_path):
-    from refusal.activations import ActivationCache
-    from refusal.generation import GenerationCache, generate
+    from refusal.runtime.activations import ActivationCache
+    from refusal.runtime.generation import GenerationCache, generate
 
     ids = tiny_bundle.tokenize_instructions(prompts)
     n_pos = len(tiny_bundle.post_instruction_ids)
@@ -561,8 +561,8 @@ def test_corrupt_activation_and_generation_caches_are_recomputed(tiny_bundle, pr
 
 # -- activations ----------------------------------------------------------------------------------
 def test_nan_or_inf_activations_raise_and_are_not_cached(tiny_bundle, prompts, tmp_path):
-    from refusal.activations import ActivationCache
     from refusal.fitting.inlp import fit_inlp
+    from refusal.runtime.activations import ActivationCache
 
     ids = tiny_bundle.tokenize_instructions(prompts)
     n_pos = len(tiny_bundle.post_instruction_ids)

@@ -31,8 +31,8 @@ from refusal.config import check_config
 from refusal.errors import ConfigError, DataError
 from refusal.evaluation import run_evaluation
 from refusal.interventions import DiMDirection, Fitted, get_intervention
-from refusal.interventions.scope import role_grid, token_roles
-from refusal.prefix import MIN_SHARED, shared_prefix
+from refusal.runtime.prefix import MIN_SHARED, shared_prefix
+from refusal.runtime.roles import role_grid, token_roles
 
 DEV = [
     {"question": "What is 1 + 1?", "subject": "anatomy", "choices": ["1", "2", "3", "4"], "answer": 1},

@@ -9,9 +9,9 @@ import pytest
 import torch
 from test_scoring import BlockCalls, actadd
 
-import refusal.decoding as decoding
-from refusal.decoding import GreedyHead
-from refusal.generation import generate
+import refusal.runtime.decoding as decoding
+from refusal.runtime.decoding import GreedyHead
+from refusal.runtime.generation import generate
 
 
 def head_of(weight: torch.Tensor, bias: torch.Tensor | None = None) -> GreedyHead:

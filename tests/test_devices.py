@@ -20,9 +20,7 @@ from test_interventions import FakeINLP, capture_block_inputs, forward, make
 from refusal.config import check_config
 from refusal.errors import ConfigError
 from refusal.fitting.dim import CandidateScorer
-from refusal.hooks import HookSpec, hooked
 from refusal.interventions import DiMDirection, Fitted, Intervention
-from refusal.interventions.scope import current_mask, role_grid, token_roles
 from refusal.metrics import KLDivergence, RefusalScore
 from refusal.models import load_model
 from refusal.models.held import held_key
@@ -37,6 +35,8 @@ from refusal.models.memory import (
 )
 from refusal.models.placement import module_device, module_dtype
 from refusal.models.tiny import build_tiny_model, build_tiny_tokenizer, tiny_config
+from refusal.runtime.hooks import HookSpec, hooked
+from refusal.runtime.roles import current_mask, role_grid, token_roles
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 STEERING = ["actadd", "dim_ablation", "inlp_nullspace", "inlp_flip", "leace_erase", "leace_flip"]

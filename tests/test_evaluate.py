@@ -80,8 +80,8 @@ def test_a_rerun_regenerates_nothing_and_a_new_parameter_does(compose, tmp_path,
     cfg = compose("intervention=inlp_flip", *SMALL, "geometry.enabled=false")
     first = run_evaluation(cfg, tmp_path / "first")
     calls = []
-    real = __import__("refusal.generation", fromlist=["generate"]).generate
-    monkeypatch.setattr("refusal.generation.generate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = __import__("refusal.runtime.generation", fromlist=["generate"]).generate
+    monkeypatch.setattr("refusal.runtime.generation.generate", lambda *a, **k: calls.append(1) or real(*a, **k))
     scored = []
     real_scores = __import__("refusal.evaluation", fromlist=["x"]).teacher_forced_scores
     monkeypatch.setattr("refusal.evaluation.teacher_forced_scores", lambda *a, **k: scored.append(1) or real_scores(*a, **k))
@@ -99,8 +99,8 @@ def test_a_rerun_extracts_no_steered_activations_for_geometry(compose, tmp_path,
     cfg = compose("intervention=actadd", *SMALL)
     first = run_evaluation(cfg, tmp_path / "first")
     calls = []
-    real = __import__("refusal.activations", fromlist=["x"]).extract_activations
-    monkeypatch.setattr("refusal.activations.extract_activations", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = __import__("refusal.runtime.activations", fromlist=["x"]).extract_activations
+    monkeypatch.setattr("refusal.runtime.activations.extract_activations", lambda *a, **k: calls.append(1) or real(*a, **k))
     again = run_evaluation(cfg, tmp_path / "again")
     same = {k: v for k, v in again["geometry"].items() if k != "plots"}  # plots: paths in each run's folder
     assert calls == [] and same == {k: v for k, v in first["geometry"].items() if k != "plots"}

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from refusal.hooks import HookSpec, hooked
 from refusal.models.held import held_model, hook_count, loads_in_process, release_model
+from refusal.runtime.hooks import HookSpec, hooked
 
 TINY = {"name": "tiny", "source": "tiny", "tiny": {"n_layers": 3, "seed": 5}}
 

@@ -14,7 +14,6 @@ from test_interventions import forward
 
 from refusal.errors import ConfigError, InterventionError
 from refusal.fitting.inlp import INLPResult
-from refusal.hooks import HookSpec, hooked
 from refusal.interventions import (
     DiMDirection,
     Fitted,
@@ -23,7 +22,8 @@ from refusal.interventions import (
     get_intervention,
     load_plugin_dir,
 )
-from refusal.interventions.scope import declare_roles
+from refusal.runtime.hooks import HookSpec, hooked
+from refusal.runtime.roles import declare_roles
 
 CENTRES = ("midpoint", "zero", "harmful_mean", "harmless_mean")
 TARGETS = ("harmless", "harmful")

@@ -10,9 +10,9 @@ from conftest import random_unit
 from transformers import AutoModelForCausalLM
 
 from refusal.errors import ConfigError
-from refusal.hooks import HookSpec, hooked
 from refusal.interventions import DiMDirection, Fitted, available, get_intervention, load_plugin_dir
 from refusal.interventions.export import export_orthogonalized
+from refusal.runtime.hooks import HookSpec, hooked
 
 
 class FakeINLP:
@@ -218,7 +218,7 @@ def test_generation_transforms_every_new_token(tiny_bundle, fitted, prompts):
 
 def test_plugin_file_is_discovered(tmp_path):
     (tmp_path / "scaled_actadd.py").write_text(textwrap.dedent('''
-        from refusal.hooks import HookSpec
+        from refusal.runtime.hooks import HookSpec
         from refusal.interventions import Intervention
 
         class Doubler(Intervention):

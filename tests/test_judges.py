@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from refusal.errors import ConfigError
-from refusal.hooks import HookSpec, hooked
 from refusal.judges import LABELS, agreement, available_judges, get_judge
 from refusal.judges.model_judge import ModelJudge
 from refusal.judges.substring import SubstringJudge
+from refusal.runtime.hooks import HookSpec, hooked
 
 TINY = {"name": "tiny", "source": "tiny", "tiny": {"n_layers": 2, "seed": 9}}
 CASES = [  # completion, arditi label, heretic label

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from refusal.activations import ActivationCache, extract_activations
 from refusal.artifacts import artifact_paths
 from refusal.errors import ConfigError, DataError, ModelSourceError
 from refusal.models import ChatFormat, load_model
 from refusal.models.tiny import build_tiny_tokenizer
+from refusal.runtime.activations import ActivationCache, extract_activations
 
 
 def test_tiny_reports_its_shape(tiny_bundle):
@@ -126,7 +126,7 @@ def test_cache_hit_miss_and_corruption(tiny_bundle, prompts, tmp_path, monkeypat
     ids = tiny_bundle.tokenize_instructions(prompts)
     n_pos = len(tiny_bundle.post_instruction_ids)
     calls = []
-    import refusal.activations as activations
+    import refusal.runtime.activations as activations
 
     real = activations.extract_activations
     monkeypatch.setattr(activations, "extract_activations", lambda *a, **k: calls.append(len(a[1])) or real(*a, **k))
@@ -176,7 +176,7 @@ def test_a_reader_holds_one_shard_at_a_time(tiny_bundle, prompts, tmp_path, monk
     """Every shard read or extracted is freed before the next one is; reads are slices; no whole-file loader."""
     import weakref
 
-    import refusal.activations as activations
+    import refusal.runtime.activations as activations
 
     harm, _, n_pos = _two_classes(tiny_bundle, prompts)
     alive: list[weakref.ref] = []
@@ -209,8 +209,8 @@ def test_a_reader_holds_one_shard_at_a_time(tiny_bundle, prompts, tmp_path, monk
 
 
 def test_a_corrupt_shard_is_recomputed_when_a_slice_is_read(tiny_bundle, prompts, tmp_path, monkeypatch):
-    import refusal.activations as activations
     import refusal.artifacts as artifacts
+    import refusal.runtime.activations as activations
 
     harm, _, n_pos = _two_classes(tiny_bundle, prompts)
     cache = ActivationCache(tmp_path, shard_size=2)

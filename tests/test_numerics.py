@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from refusal.errors import ConfigError
-from refusal.generation import GenerationCache
 from refusal.models import load_model
 from refusal.models.numerics import Bf16Linear, check_matmul, use_bf16_matmuls
+from refusal.runtime.generation import GenerationCache
 
 
 def test_bf16_linear_is_the_product_of_rounded_inputs_accumulated_in_float32():

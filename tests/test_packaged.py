@@ -17,15 +17,15 @@ import yaml
 from conftest import REPO
 from transformers import AutoModelForCausalLM
 
-from refusal.activations import extract_activations
 from refusal.artifacts import sha256_file
 from refusal.data import load_splits
 from refusal.errors import ModelSourceError
-from refusal.hooks import HookSpec, hooked
 from refusal.interventions import DiMDirection, Fitted, get_intervention
 from refusal.interventions.export import export_orthogonalized
 from refusal.models import load_model
 from refusal.models.gguf_package import GGUFPackageSpec, assemble_gguf
+from refusal.runtime.activations import extract_activations
+from refusal.runtime.hooks import HookSpec, hooked
 
 SMOLLM2 = yaml.safe_load((REPO / "conf/model/smollm2.yaml").read_text())
 SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"  # ../shared/MODELS.md

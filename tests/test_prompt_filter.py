@@ -10,10 +10,10 @@ from test_selection import PLANT_LAYER, TRIGGER, planted  # noqa: F401  (the pla
 
 from refusal.data import InstructionSplits
 from refusal.fitting.prompt_filter import filter_splits, keeps, unsteered_refusal_scores
-from refusal.hooks import HookSpec, hooked
 from refusal.metrics import refusal_score
 from refusal.pipeline import prepare
-from refusal.prefix import forward
+from refusal.runtime.hooks import HookSpec, hooked
+from refusal.runtime.prefix import forward
 
 
 def test_keep_rule_is_strict_on_both_sides():

@@ -36,8 +36,8 @@ SHARD = 4  # prompts per shard = per batch, so one forward pass of the first blo
 
 DRIVER = textwrap.dedent('''
     import sys, time
-    from refusal.activations import ActivationCache
-    from refusal.generation import GenerationCache
+    from refusal.runtime.activations import ActivationCache
+    from refusal.runtime.generation import GenerationCache
     from refusal.models import load_model
 
     mode, root, delay = sys.argv[1], sys.argv[2], float(sys.argv[3])
@@ -114,7 +114,7 @@ class ForwardCounter:
 
 # -- nothing lost ---------------------------------------------------------------------------------
 def test_killed_extraction_resumes_from_complete_shards(tiny_bundle, tmp_path):
-    from refusal.activations import ActivationCache
+    from refusal.runtime.activations import ActivationCache
 
     root = tmp_path / "cache"
     n_shards = len(PROMPTS) // SHARD
@@ -145,7 +145,7 @@ def test_killed_extraction_resumes_from_complete_shards(tiny_bundle, tmp_path):
 
 
 def test_killed_generation_leaves_no_entry_and_rerun_matches(tiny_bundle, tmp_path):
-    from refusal.generation import GenerationCache, generate
+    from refusal.runtime.generation import GenerationCache, generate
 
     root = tmp_path / "cache"
     driver = Driver(tmp_path, "generate", root, delay=0.3)

@@ -8,8 +8,6 @@ from conftest import REPO, random_unit
 from test_interventions import FakeINLP, forward
 
 from refusal.errors import ConfigError
-from refusal.generation import generate
-from refusal.hooks import HookSpec, hooked
 from refusal.interventions import DiMDirection, Fitted, get_intervention
 from refusal.interventions.scope import (
     GENERATED,
@@ -23,6 +21,8 @@ from refusal.interventions.scope import (
     role_grid,
     token_roles,
 )
+from refusal.runtime.generation import generate
+from refusal.runtime.hooks import HookSpec, hooked
 
 
 @pytest.fixture

@@ -8,13 +8,13 @@ import pytest
 import torch
 from conftest import random_unit
 
-from refusal.activations import extract_activations
 from refusal.evaluation import teacher_forced_scores
-from refusal.generation import GenerationCache, generate
 from refusal.interventions import DiMDirection, Fitted, get_intervention
-from refusal.interventions.scope import declare_roles
 from refusal.metrics.kl import _kl_rows
-from refusal.prefix import MIN_SHARED, shared_prefix
+from refusal.runtime.activations import extract_activations
+from refusal.runtime.generation import GenerationCache, generate
+from refusal.runtime.prefix import MIN_SHARED, shared_prefix
+from refusal.runtime.roles import declare_roles
 
 
 class BlockCalls:

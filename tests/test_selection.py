@@ -15,9 +15,9 @@ from refusal.fitting.dim import (
     picks_by_rule,
     select_direction,
 )
-from refusal.hooks import HookSpec, hooked
 from refusal.models import load_model
-from refusal.prefix import common_prefix
+from refusal.runtime.hooks import HookSpec, hooked
+from refusal.runtime.prefix import common_prefix
 
 PLANT_LAYER = 3
 TRIGGER = "<|endoftext|>"
@@ -117,7 +117,7 @@ def test_selection_kl_is_the_reference_formula():
 
 
 def test_selection_finds_the_planted_direction(planted):
-    from refusal.activations import extract_activations
+    from refusal.runtime.activations import extract_activations
 
     bundle, unit = planted
     n_pos = len(bundle.post_instruction_ids)
@@ -146,7 +146,7 @@ def test_selection_finds_the_planted_direction(planted):
 
 
 def test_shortlist_scores_fewer_candidates_and_agrees(planted):
-    from refusal.activations import extract_activations
+    from refusal.runtime.activations import extract_activations
 
     bundle, unit = planted
     n_pos = len(bundle.post_instruction_ids)
@@ -214,7 +214,7 @@ def test_relative_rule_keeps_weak_refusers_induce_filter():
 def test_selection_records_the_rule_that_decided(planted):
     bundle, _ = planted
     tok = bundle.tokenize_instructions
-    from refusal.activations import extract_activations
+    from refusal.runtime.activations import extract_activations
 
     n_pos = len(bundle.post_instruction_ids)
     acts_h = extract_activations(bundle, tok(_instructions(6, True)), n_pos, progress=False)

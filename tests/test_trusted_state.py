@@ -103,7 +103,7 @@ def test_pipeline_refits_an_artifact_whose_metadata_was_edited_or_is_stale(compo
 
 
 def test_activation_shard_of_the_previous_format_is_recomputed(tiny_bundle, prompts, tmp_path):
-    from refusal.activations import ActivationCache
+    from refusal.runtime.activations import ActivationCache
 
     ids = tiny_bundle.tokenize_instructions(prompts)
     n_pos = len(tiny_bundle.post_instruction_ids)

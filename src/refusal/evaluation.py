@@ -22,22 +22,22 @@ import lightning
 import torch
 from omegaconf import DictConfig
 
-from refusal.activations import batches_by_length
 from refusal.artifacts import atomic_write_json, atomic_write_text, sha256_json
 from refusal.capability import enabled, evaluate_capability, load_benchmarks
 from refusal.compare import RunOutcomes, vs_baseline
 from refusal.config import check_seed, intervention_config, plugin_dirs
-from refusal.generation import GenerationCache, Generations
 from refusal.interventions import Intervention, get_intervention
 from refusal.interventions.base import Fitted
-from refusal.interventions.scope import declare_roles
 from refusal.judges import Judge, Judgement, agreement, build_judges
 from refusal.metrics import JudgedRefusalRate, RefusalScore, wilson_interval
 from refusal.metrics.kl import kl_per_position
 from refusal.metrics.perplexity import token_nll
 from refusal.models.bundle import ModelBundle
 from refusal.pipeline import RunContext, fit_for, inlp_record, prepare
-from refusal.prefix import last_logits, shared_prefix
+from refusal.runtime.activations import batches_by_length
+from refusal.runtime.generation import GenerationCache, Generations
+from refusal.runtime.prefix import last_logits, shared_prefix
+from refusal.runtime.roles import declare_roles
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,6 @@ from typing import Any, TypeVar
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from refusal.activations import ActivationCache
 from refusal.artifacts import artifact_exists, load_artifact, save_artifact, sha256_json
 from refusal.config import check_config, plugin_dirs, resolve_layer_spec, split_inlp_settings
 from refusal.data import InstructionSplits, load_splits
@@ -38,6 +37,7 @@ from refusal.interventions.base import DiMDirection, Fitted
 from refusal.judges import judge_configs
 from refusal.models import ModelBundle
 from refusal.models.held import held_model
+from refusal.runtime.activations import ActivationCache
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

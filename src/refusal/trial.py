@@ -20,15 +20,15 @@ import torch
 from jaxtyping import Float
 from omegaconf import OmegaConf
 
-from refusal.activations import batches_by_length
 from refusal.errors import ConfigError
 from refusal.interventions import Intervention
 from refusal.interventions.base import Fitted
-from refusal.interventions.scope import declare_roles
 from refusal.metrics import KLDivergence
 from refusal.models.bundle import ModelBundle
 from refusal.pipeline import RunContext
-from refusal.prefix import forward, prompt_prefix_cache, shared_prefix
+from refusal.runtime.activations import batches_by_length
+from refusal.runtime.prefix import forward, prompt_prefix_cache, shared_prefix
+from refusal.runtime.roles import declare_roles
 
 
 @torch.inference_mode()
@@ -37,7 +37,7 @@ def next_token_logits(bundle: ModelBundle, prompts: Sequence[Sequence[int]], int
     """Float32 logits (CPU) at the last position of every prompt, steered by ``intervention`` unless None.
 
     Only the last position's logits are computed, and the chat-template prefix every prompt shares runs
-    once per batch, steered like the rest (:mod:`refusal.prefix`). Token roles are declared for both
+    once per batch, steered like the rest (:mod:`refusal.runtime.prefix`). Token roles are declared for both
     passes, so position-scoped interventions edit exactly the positions they would in one plain pass.
     """
     prefix = shared_prefix(prompts, len(bundle.post_instruction_ids))

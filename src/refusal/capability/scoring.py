@@ -17,11 +17,11 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from refusal.activations import batches_by_length
 from refusal.interventions.base import Intervention
-from refusal.interventions.scope import role_grid, token_roles
 from refusal.models.bundle import ModelBundle
-from refusal.prefix import last_logits, shared_prefix
+from refusal.runtime.activations import batches_by_length
+from refusal.runtime.prefix import last_logits, shared_prefix
+from refusal.runtime.roles import role_grid, token_roles
 
 
 def encode(bundle: ModelBundle, contexts: Sequence[str], continuations: Sequence[str]) -> tuple[list[list[int]], list[list[int]]]:

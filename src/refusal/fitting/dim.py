@@ -23,11 +23,11 @@ import torch
 from jaxtyping import Float
 from tqdm.auto import tqdm
 
-from refusal.hooks import HookSpec, hooked
 from refusal.metrics import refusal_score
 from refusal.models.bundle import ModelBundle
 from refusal.models.placement import devices_of, module_device
-from refusal.prefix import common_prefix, continue_rows, forward, prefix_cache
+from refusal.runtime.hooks import HookSpec, hooked
+from refusal.runtime.prefix import common_prefix, continue_rows, forward, prefix_cache
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +166,7 @@ class CandidateScorer:
             return continue_rows(self.bundle, rows, len(self.prefix), past, [slot[o] for o in owners])
 
     def _moved_to(self, module: torch.nn.Module) -> torch.device | None:
-        """A pre hook's device when the model spans several (see :class:`~refusal.hooks.HookSpec`)."""
+        """A pre hook's device when the model spans several (see :class:`~refusal.runtime.hooks.HookSpec`)."""
         return module_device(module) if len(self._devices) > 1 else None
 
     def _ablation_specs(self) -> list[HookSpec]:

@@ -24,7 +24,7 @@ from refusal.artifacts import atomic_write_json, sha256_json
 from refusal.data import InstructionSplits
 from refusal.metrics import refusal_score
 from refusal.models.bundle import ModelBundle
-from refusal.prefix import last_logits, shared_prefix
+from refusal.runtime.prefix import last_logits, shared_prefix
 
 log = logging.getLogger(__name__)
 

@@ -29,10 +29,11 @@ import torch
 from jaxtyping import Float
 
 from refusal.errors import ConfigError, InterventionError
-from refusal.hooks import Check, HookSpec, TensorFn, hooked
-from refusal.interventions.scope import Scope, at_positions
+from refusal.interventions.scope import Scope
 from refusal.models.bundle import ModelBundle
 from refusal.models.placement import module_device, module_dtype
+from refusal.runtime.hooks import Check, HookSpec, TensorFn, hooked
+from refusal.runtime.roles import at_positions
 
 #: Moves a fitted tensor to where the edit runs (the hooked module's device and dtype, or a given tensor's).
 Cast = Callable[[torch.Tensor], torch.Tensor]

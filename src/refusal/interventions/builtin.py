@@ -15,10 +15,10 @@ from jaxtyping import Float
 from torch import Tensor
 
 from refusal.errors import ConfigError
-from refusal.hooks import HookSpec, TensorFn
 from refusal.interventions.base import Cast, Fitted, Intervention
 from refusal.interventions.scope import resolve_k
 from refusal.models.bundle import ModelBundle
+from refusal.runtime.hooks import HookSpec, TensorFn
 
 
 class NoIntervention(Intervention):

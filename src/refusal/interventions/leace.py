@@ -17,9 +17,9 @@ import torch
 from torch import Tensor
 
 from refusal.errors import ConfigError
-from refusal.hooks import TensorFn
 from refusal.interventions.base import Cast, Fitted, Intervention
 from refusal.interventions.builtin import finite_number
+from refusal.runtime.hooks import TensorFn
 
 
 class _LEACEBase(Intervention):

@@ -20,12 +20,12 @@ from typing import Any
 
 import torch
 
-from refusal.activations import batches_by_length
 from refusal.artifacts import atomic_write_json, sha256_json
 from refusal.errors import ConfigError
 from refusal.judges.base import Judge, Judgement
 from refusal.models.bundle import ModelBundle
-from refusal.prefix import common_prefix, continue_rows, forward, prefix_cache
+from refusal.runtime.activations import batches_by_length
+from refusal.runtime.prefix import common_prefix, continue_rows, forward, prefix_cache
 
 log = logging.getLogger(__name__)
 

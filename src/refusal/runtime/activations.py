@@ -30,11 +30,11 @@ from tqdm.auto import tqdm
 
 from refusal.artifacts import artifact_exists, artifact_paths, save_artifact, sha256_json, verify_artifact
 from refusal.errors import ArtifactError, DataError
-from refusal.hooks import residual_input
-from refusal.interventions.scope import declare_roles
 from refusal.models.architecture import decoder_of
 from refusal.models.bundle import ModelBundle
-from refusal.prefix import prompt_prefix_cache, shared_prefix
+from refusal.runtime.hooks import residual_input
+from refusal.runtime.prefix import prompt_prefix_cache, shared_prefix
+from refusal.runtime.roles import declare_roles
 
 log = logging.getLogger(__name__)
 

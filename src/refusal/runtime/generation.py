@@ -21,13 +21,13 @@ import torch
 from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from refusal.activations import batches_by_length
 from refusal.artifacts import artifact_exists, atomic_write_json, load_artifact, save_artifact, sha256_json
-from refusal.decoding import greedy_decode
 from refusal.errors import ArtifactError
-from refusal.interventions.scope import declare_roles
 from refusal.models.bundle import Batch, ModelBundle
-from refusal.prefix import prompt_prefix_cache, shared_prefix
+from refusal.runtime.activations import batches_by_length
+from refusal.runtime.decoding import greedy_decode
+from refusal.runtime.prefix import prompt_prefix_cache, shared_prefix
+from refusal.runtime.roles import declare_roles
 
 ENGINES = ("refusal", "transformers")
 
@@ -56,7 +56,7 @@ def generate(
     The chat-template prefix all prompts share is prefilled once per batch and every row continues
     from its cache (padding then sits between the prefix and the row's own tokens, which the
     attention mask and positions skip): the same greedy decoding on fewer prefill tokens.
-    ``engine``: ``refusal`` (:func:`refusal.decoding.greedy_decode`) or ``transformers`` (``generate``, the
+    ``engine``: ``refusal`` (:func:`refusal.runtime.decoding.greedy_decode`) or ``transformers`` (``generate``, the
     reference it is tested against).
     """
     if engine not in ENGINES:

@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from refusal.interventions.scope import INSTRUCTION, token_roles
 from refusal.models.bundle import ModelBundle
+from refusal.runtime.roles import INSTRUCTION, token_roles
 
 # A shorter common prefix is not worth a separate pass (prompts without a system turn share ~3 tokens).
 MIN_SHARED = 8
