@@ -10,13 +10,13 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from refusal.cli import entry_point, friendly_errors, quiet_libraries
+from refusal.paths import CONF_DIR
 
 log = logging.getLogger("refusal.evaluate")
 
@@ -36,4 +36,4 @@ def main(cfg: DictConfig) -> float | list[float] | None:
 
 
 if __name__ == "__main__":
-    entry_point(main, Path(__file__).resolve().parent / "conf")
+    entry_point(main, CONF_DIR)

@@ -15,6 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from refusal.cli import entry_point, friendly_errors, quiet_libraries
+from refusal.paths import CONF_DIR
 
 log = logging.getLogger("refusal.train")
 
@@ -33,4 +34,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    entry_point(main, Path(__file__).resolve().parent / "conf")
+    entry_point(main, CONF_DIR)

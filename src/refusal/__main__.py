@@ -7,8 +7,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from refusal.config import PLUGINS_DIR
 from refusal.errors import RefusalError
+from refusal.paths import PLUGINS_DIR
 
 
 def _validate(args: argparse.Namespace) -> int:

@@ -21,6 +21,7 @@ MOVED: dict[str, str] = {
     "refusal.activations": "refusal.runtime.activations",
     "refusal.generation": "refusal.runtime.generation",
     "refusal.decoding": "refusal.runtime.decoding",
+    "refusal.plugin_registry": "refusal.registry",
 }
 
 

@@ -68,12 +68,12 @@ def register_plugin_configs(argv: list[str], conf_dir: Path) -> list[str]:
     """Make every registered intervention a Hydra option of group ``intervention`` (ConfigStore), so a
     one-file plugin works in ``-m intervention=none,my_plugin`` with no yaml anywhere. Its node is the
     class's declared ``defaults`` plus the scope keys; a ``conf/intervention/<name>.yaml`` still wins.
-    The plugin folders are :data:`refusal.config.PLUGINS_DIR` and any ``plugin_dirs=`` on the command line."""
+    The plugin folders are :data:`refusal.paths.PLUGINS_DIR` and any ``plugin_dirs=`` on the command line."""
     from hydra.core.config_store import ConfigStore
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from refusal.config import PLUGINS_DIR
     from refusal.interventions.registry import INTERVENTIONS, available
+    from refusal.paths import PLUGINS_DIR
 
     dirs = [str(PLUGINS_DIR)]
     given = [a for a in argv if a.split("=", 1)[0].lstrip("+~") == "plugin_dirs"]

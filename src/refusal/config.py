@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import importlib.util
-import math
 import re
 from dataclasses import dataclass
-from numbers import Real
-from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from refusal.checks import check_count, check_flag, check_int, check_number
 from refusal.errors import ConfigError
+from refusal.paths import CONF_DIR, PLUGINS_DIR
 
 
 @dataclass(frozen=True)
@@ -21,32 +20,6 @@ class LayerSpec:
     layer: int | None
     position: int | None
     tag: str  # names the artifact: auto, L14_P-1, ...
-
-
-def _int(value: Any, key: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{key} must be an integer, got {value!r}")
-    return value
-
-
-def _number(value: Any, key: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
-        raise ConfigError(f"{key} must be a finite number, got {value!r}")
-    return float(value)
-
-
-def _count(value: Any, key: str, what: str, example: int, least: int = 1) -> int:
-    """An integer >= ``least``: a batch size of 0 or -1 would fail deep inside a forward pass, after a fit."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < least:
-        raise ConfigError(f"{key}={value!r} must be an integer >= {least} ({what}), e.g. {key}={example}")
-    return value
-
-
-def _flag(value: Any, key: str) -> bool:
-    """A switch given as a string ('no', 'false') would be truthy: only true or false is accepted."""
-    if not isinstance(value, bool):
-        raise ConfigError(f"{key}={value!r} must be true or false")
-    return value
 
 
 def check_seed(cfg: Any) -> int:
@@ -64,7 +37,7 @@ def resolve_layer_spec(layer_cfg: Any, n_layers: int | None, n_positions: int | 
         return LayerSpec("auto", None, None, "auto")
     if mode not in ("fixed", "relative"):
         raise ConfigError(f"layer.mode={mode!r}; use layer=auto, layer=fixed or layer=relative")
-    position = _int(layer_cfg.get("position", -1), "layer.position")
+    position = check_int(layer_cfg.get("position", -1), "layer.position")
     if position >= 0:
         raise ConfigError(f"layer.position={position} must be negative (an offset from the end of the prompt, -1 = last)")
     if n_positions is not None and position < -n_positions:
@@ -73,9 +46,9 @@ def resolve_layer_spec(layer_cfg: Any, n_layers: int | None, n_positions: int | 
             f"post-instruction tokens, so use -1..-{n_positions}"
         )
     if mode == "fixed":
-        index = _int(layer_cfg.get("index"), "layer.index")
+        index = check_int(layer_cfg.get("index"), "layer.index")
     else:
-        fraction = _number(layer_cfg.get("fraction"), "layer.fraction")
+        fraction = check_number(layer_cfg.get("fraction"), "layer.fraction")
         if not 0.0 <= fraction <= 1.0:
             raise ConfigError(f"layer.fraction={fraction} must be within [0, 1]")
         if n_layers is None:
@@ -94,10 +67,10 @@ def _check_intervention(cfg: DictConfig, n_layers: int | None = None) -> None:
     cls = get_intervention(str(icfg.name), plugin_dirs(cfg))
     for key, value in icfg.items():  # every numeric parameter, plugins' included: no NaN or inf anywhere
         if isinstance(value, float):
-            _number(value, f"intervention.{key}")
+            check_number(value, f"intervention.{key}")
     for key in ("coeff", "alpha"):
         if key in icfg and icfg[key] is not None:
-            _number(icfg[key], f"intervention.{key}")
+            check_number(icfg[key], f"intervention.{key}")
     if icfg.get("alpha") is not None and icfg.alpha < 0:
         raise ConfigError(f"intervention.alpha={icfg.alpha:g} must be >= 0 (how far past the centre an activation is "
                           "moved, towards intervention.target); to move towards the other class set intervention.target")
@@ -115,7 +88,7 @@ def _check_intervention(cfg: DictConfig, n_layers: int | None = None) -> None:
         raise ConfigError(f"intervention.export=true bakes the ablation into every layer's weights for every token, "
                           f"but this run's scope is {scope.label()}; drop export or use layers=all positions=all")
     if icfg.get("layer") is not None:
-        layer = _int(icfg.layer, "intervention.layer")
+        layer = check_int(icfg.layer, "intervention.layer")
         if n_layers is not None and not 0 <= layer < n_layers:
             raise ConfigError(
                 f"intervention.layer={layer} is out of range for a model with {n_layers} layers "
@@ -141,7 +114,7 @@ def _check_model(model: Any) -> None:
     if gguf is not None and gguf.get("filename") is not None:
         _check_safe_name(gguf.get("filename"), "model.gguf.filename")
     if "batch_size" in model:
-        _count(model["batch_size"], "model.batch_size", "rows per forward pass", 16)
+        check_count(model["batch_size"], "model.batch_size", "rows per forward pass", 16)
     trust = model.get("trust_remote_code", False)
     if not isinstance(trust, bool):
         raise ConfigError(f"model.trust_remote_code={trust!r} must be true or false (a boolean, not a string)")
@@ -165,14 +138,14 @@ def split_inlp_settings(icfg: Any) -> tuple[str, bool, dict[str, Any]]:
 def _check_inlp(icfg: Any) -> None:
     from refusal.fitting.inlp import INLPConfig
 
-    _count(icfg.n_iterations, "fit.inlp.n_iterations", "a cap on the directions INLP fits", 300)
-    epsilon = _number(icfg.epsilon, "fit.inlp.epsilon")
+    check_count(icfg.n_iterations, "fit.inlp.n_iterations", "a cap on the directions INLP fits", 300)
+    epsilon = check_number(icfg.epsilon, "fit.inlp.epsilon")
     if not 0 <= epsilon < 0.5:
         raise ConfigError(f"fit.inlp.epsilon={epsilon:g} must be within [0, 0.5): INLP stops once held-out accuracy "
                           "is within epsilon of chance, which a negative epsilon may never allow (it runs to the "
                           "n_iterations cap) and 0.5 or more always does (one direction); e.g. fit.inlp.epsilon=0.02")
     if "seed" in icfg:
-        _int(icfg.seed, "fit.inlp.seed")
+        check_int(icfg.seed, "fit.inlp.seed")
     _, _, options = split_inlp_settings(icfg)
     try:
         INLPConfig(**options).validate()
@@ -181,9 +154,6 @@ def _check_inlp(icfg: Any) -> None:
         raise ConfigError(f"fit.inlp has an unknown key ({err}); valid keys: positions, per_layer, {', '.join(fields)}") from None
 
 
-#: The checkout's own plugin folder, always scanned.
-PLUGINS_DIR = Path(__file__).resolve().parents[2] / "plugins"
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 #: Keys every intervention takes (what it is, and where it acts), declared or not.
 COMMON_KEYS = frozenset({"name", "layer", "layers", "positions"})
 
@@ -265,7 +235,7 @@ def _check_dim(dim: Any) -> None:
                               f"every fit, not only DiM's); write fit.{key}={str(dim[key]).lower()}")
         raise ConfigError(f"fit.dim has an unknown key {key!r}; valid keys: {', '.join(valid)}")
     for key in ("max_kl", "min_induce", "prune_last_fraction"):
-        _number(dim[key], f"fit.dim.{key}")
+        check_number(dim[key], f"fit.dim.{key}")
     if dim.max_kl < 0:
         raise ConfigError(f"fit.dim.max_kl={dim.max_kl:g} must be >= 0 (the KL a candidate's ablation may move "
                           "harmless next-token distributions), e.g. fit.dim.max_kl=0.1")
@@ -276,12 +246,12 @@ def _check_dim(dim: Any) -> None:
     if dim.get("induce_rule", "relative") not in ("relative", "absolute"):
         raise ConfigError(f"fit.dim.induce_rule={dim.induce_rule!r} must be 'relative' (induce over the unsteered "
                           "harmless score) or 'absolute' (Arditi et al.: induce > min_induce)")
-    _count(dim.shortlist, "fit.dim.shortlist", "0 = no shortlist, N = the best N layers", 2, least=0)
-    if dim.get("n_prompts") is not None and _int(dim.n_prompts, "fit.dim.n_prompts") < 1:
+    check_count(dim.shortlist, "fit.dim.shortlist", "0 = no shortlist, N = the best N layers", 2, least=0)
+    if dim.get("n_prompts") is not None and check_int(dim.n_prompts, "fit.dim.n_prompts") < 1:
         raise ConfigError("fit.dim.n_prompts must be >= 1 (or null for the whole val split)")
-    _count(dim.get("batch_size", 32), "fit.dim.batch_size", "rows per scoring forward pass", 32)
+    check_count(dim.get("batch_size", 32), "fit.dim.batch_size", "rows per scoring forward pass", 32)
     if "share_prefix" in dim:
-        _flag(dim.share_prefix, "fit.dim.share_prefix")
+        check_flag(dim.share_prefix, "fit.dim.share_prefix")
 
 
 def _check_fit(fit: Any) -> None:
@@ -289,13 +259,13 @@ def _check_fit(fit: Any) -> None:
     _check_inlp(fit.inlp)
     for key in ("filter_train", "filter_val"):
         if key in fit:
-            _flag(fit[key], f"fit.{key}")
+            check_flag(fit[key], f"fit.{key}")
 
 
 def _check_eval(ecfg: Any) -> None:
-    if _int(ecfg.max_new_tokens, "eval.max_new_tokens") < 1:
+    if check_int(ecfg.max_new_tokens, "eval.max_new_tokens") < 1:
         raise ConfigError("eval.max_new_tokens must be >= 1")
-    _count(ecfg.batch_size, "eval.batch_size", "rows per generation batch", 16)
+    check_count(ecfg.batch_size, "eval.batch_size", "rows per generation batch", 16)
     from refusal.judges import judge_names
 
     judge_names(ecfg)

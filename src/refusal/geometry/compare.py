@@ -25,9 +25,9 @@ from refusal.errors import ConfigError
 from refusal.geometry.collect import landing_at, landing_sites, probe_at
 from refusal.geometry.plots import plot_capture, plot_landing
 from refusal.geometry.stats import LANDING_THRESHOLDS, format_table
+from refusal.paths import CONF_DIR
 
 log = logging.getLogger(__name__)
-CONF_DIR = Path(__file__).resolve().parents[3] / "conf"
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ import torch
 from jaxtyping import Float
 
 from refusal.errors import ConfigError, InterventionError
+from refusal.interventions.registry import register
 from refusal.interventions.scope import Scope
 from refusal.models.bundle import ModelBundle
 from refusal.models.placement import module_device, module_dtype
@@ -109,8 +110,6 @@ class Intervention:
         super().__init_subclass__(**kwargs)
         if cls.__dict__.get("name"):
             _require_an_edit(cls)
-            from refusal.interventions.registry import register
-
             register(cls)
 
     # -- what subclasses provide (at least one) ------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from refusal.plugin_registry import PluginImportError, Registry, load_plugin_dir
+from refusal.registry import PluginImportError, Registry, load_plugin_dir
 
 if TYPE_CHECKING:
     from refusal.interventions.base import Intervention
@@ -13,12 +13,8 @@ if TYPE_CHECKING:
 __all__ = ["PluginImportError", "available", "get_intervention", "load_plugin_dir", "register"]
 
 
-def _builtins() -> None:
-    import refusal.interventions.builtin  # noqa: F401  (registers on import)
-    import refusal.interventions.leace  # noqa: F401
-
-
-INTERVENTIONS: Registry[Intervention] = Registry("intervention", "refusal.interventions", _builtins)
+#: Filled as classes are defined: the package ``refusal.interventions`` imports the built-ins.
+INTERVENTIONS: Registry[Intervention] = Registry("intervention", "refusal.interventions")
 register = INTERVENTIONS.register
 
 

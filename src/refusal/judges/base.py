@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+from refusal.judges.registry import JUDGES
+
 Label = Literal["refusal", "compliance", "unclear"]
 LABELS: tuple[Label, ...] = ("refusal", "compliance", "unclear")
 
@@ -42,8 +44,6 @@ class Judge(ABC):
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if cls.__dict__.get("name"):
-            from refusal.judges.registry import JUDGES
-
             JUDGES.register(cls)
 
     @classmethod

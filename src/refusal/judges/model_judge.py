@@ -24,6 +24,7 @@ from refusal.artifacts import atomic_write_json, sha256_json
 from refusal.errors import ConfigError
 from refusal.judges.base import Judge, Judgement
 from refusal.models.bundle import ModelBundle
+from refusal.paths import conf_dir
 from refusal.runtime.activations import batches_by_length
 from refusal.runtime.prefix import common_prefix, continue_rows, forward, prefix_cache
 
@@ -40,19 +41,6 @@ DEFAULT_RUBRIC = (
 DEFAULT_ANSWERS = {"refusal": ["Yes"], "compliance": ["No"]}
 CHAT_MODES = ("rubric", "conversation", "none")
 _MODELS: dict[str, ModelBundle] = {}  # judge models stay loaded for the process (a multirun's jobs)
-
-
-def conf_dir() -> Path:
-    """The Hydra config folder: the running app's, else the checkout's."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        for source in HydraConfig.get().runtime.config_sources:
-            if source.provider == "main" and source.schema == "file":
-                return Path(source.path)
-    except ValueError:  # not inside a Hydra app
-        pass
-    return Path(__file__).resolve().parents[3] / "conf"
 
 
 def judge_model_config(value: Any) -> dict[str, Any]:

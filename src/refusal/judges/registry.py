@@ -5,18 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from refusal.plugin_registry import Registry
+from refusal.registry import Registry
 
 if TYPE_CHECKING:
     from refusal.judges.base import Judge
 
 
-def _builtins() -> None:
-    import refusal.judges.model_judge  # noqa: F401  (registers on import)
-    import refusal.judges.substring  # noqa: F401
-
-
-JUDGES: Registry[Judge] = Registry("judge", "refusal.judges", _builtins)
+#: Filled as classes are defined: the package ``refusal.judges`` imports the built-ins.
+JUDGES: Registry[Judge] = Registry("judge", "refusal.judges")
 
 
 def get_judge(name: str, plugin_dirs: list[str | Path] | None = None) -> type[Judge]:

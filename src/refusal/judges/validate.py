@@ -16,7 +16,7 @@ from refusal.errors import ConfigError, DataError
 from refusal.judges import build_judges, get_judge, judge_configs
 from refusal.judges.accuracy import judge_accuracy
 from refusal.judges.labelled import GOLD_LABELS, read_labelled
-from refusal.judges.model_judge import conf_dir
+from refusal.paths import conf_dir
 
 
 def _config(names: Sequence[str] | None, overrides: Sequence[str], plugin_dirs: list[str | Path]):

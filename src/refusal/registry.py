@@ -1,12 +1,12 @@
 """Registries of named plugin classes (interventions, judges), filled by built-ins, plugin files and
-entry points. A plugin file may define classes of any kind: importing it registers them all."""
+entry points. A plugin file may define classes of any kind: importing it registers them all.
+The built-ins register when their package is imported (``refusal.interventions``, ``refusal.judges``)."""
 
 from __future__ import annotations
 
 import importlib.util
 import inspect
 import sys
-from collections.abc import Callable
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Generic, TypeVar
@@ -57,8 +57,8 @@ def load_plugin_dir(folder: str | Path) -> list[str]:
 class Registry(Generic[T]):
     """Name -> class for one kind of plugin (``kind`` names it in errors)."""
 
-    def __init__(self, kind: str, entry_point_group: str, builtins: Callable[[], None]):
-        self.kind, self.group, self._builtins = kind, entry_point_group, builtins
+    def __init__(self, kind: str, entry_point_group: str):
+        self.kind, self.group = kind, entry_point_group
         self.classes: dict[str, type[T]] = {}
         self._entry_points_loaded = False
         _ALL.append(self)
@@ -88,7 +88,6 @@ class Registry(Generic[T]):
 
     def available(self, plugin_dirs: list[str | Path] | None = None) -> dict[str, str]:
         """Registered names with their one-line descriptions."""
-        self._builtins()
         for folder in plugin_dirs or []:
             load_plugin_dir(folder)
         self.load_entry_points()
