@@ -27,8 +27,8 @@ def main(cfg: DictConfig) -> float | list[float] | None:
     """One evaluation; returns the ``eval.optimize`` metrics to a sweeper that searches (Optuna), else None."""
     quiet_libraries()
     from refusal.evaluation import run_evaluation
+    from refusal.evaluation.trial import objectives
     from refusal.report import format_run
-    from refusal.trial import objectives
 
     results = run_evaluation(cfg, HydraConfig.get().runtime.output_dir)
     print(format_run(results))

@@ -56,7 +56,8 @@ def study_problem(model: str, overrides: list[str]) -> tuple[torch.Tensor, ...]:
     """The INLP training and held-out data the study fits on ``model`` (DiM layer from its artifact)."""
     from hydra import compose, initialize_config_dir
 
-    from refusal.pipeline import _inlp_data, fit_dim, inlp_settings, prepare
+    from refusal.context import prepare
+    from refusal.fits import _inlp_data, fit_dim, inlp_settings
 
     splits = Path(__file__).resolve().parents[2] / "shared" / "data" / "refusal_direction_splits"
     data = ["data=refusal_direction", f"data.dir={splits}", "data.n_test=32"] if splits.is_dir() else []

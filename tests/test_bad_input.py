@@ -21,9 +21,10 @@ from conftest import REPO
 
 from refusal.artifacts import artifact_paths, load_artifact, save_artifact
 from refusal.config import check_config
+from refusal.context import prepare
 from refusal.data import DataWarning, load_splits
 from refusal.errors import ArtifactError, ConfigError, DataError, ModelSourceError
-from refusal.pipeline import fit_dim, prepare
+from refusal.fits import fit_dim
 
 SMALL = ["data.n_train=8", "data.n_val=4", "data.n_test=4", "eval.max_new_tokens=4", "geometry.enabled=false"]
 FIXED = ["layer=fixed", "layer.index=1"]
@@ -36,7 +37,7 @@ def no_model_load(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("the model was loaded before the bad input was reported")
 
-    monkeypatch.setattr("refusal.pipeline.held_model", forbidden)  # held or fresh: no model at all
+    monkeypatch.setattr("refusal.fits.held_model", forbidden)  # held or fresh: no model at all
 
 
 @pytest.fixture
@@ -514,7 +515,7 @@ def test_corrupt_or_truncated_artifact_is_refitted_not_used(compose, caplog):
     blob = bytearray(tensor_file.read_bytes())
     blob[-5] ^= 0xFF  # same size, one byte flipped
     tensor_file.write_bytes(bytes(blob))
-    with caplog.at_level(logging.WARNING, logger="refusal.pipeline"):
+    with caplog.at_level(logging.WARNING, logger="refusal.fits"):
         again = fit_dim(prepare(compose(*SMALL, *FIXED)))
     assert "does not match its recorded checksum" in caplog.text and "refitting" in caplog.text
     assert torch.equal(first.direction, again.direction)
@@ -522,7 +523,7 @@ def test_corrupt_or_truncated_artifact_is_refitted_not_used(compose, caplog):
     tensor_file.write_bytes(tensor_file.read_bytes()[:100])  # truncated
     meta_file.write_text(meta_file.read_text()[:40])  # and its metadata half-written
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="refusal.pipeline"):
+    with caplog.at_level(logging.WARNING, logger="refusal.fits"):
         third = fit_dim(prepare(compose(*SMALL, *FIXED)))
     assert "is corrupt" in caplog.text and torch.equal(first.direction, third.direction)
 

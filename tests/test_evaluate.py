@@ -13,9 +13,10 @@ import torch
 import wandb_records
 from conftest import REPO
 
+from refusal.context import prepare
 from refusal.errors import ArtifactError, ConfigError
 from refusal.evaluation import run_evaluation
-from refusal.pipeline import fit, prepare
+from refusal.fits import fit
 
 SMALL = ["data.n_train=16", "data.n_val=8", "data.n_test=8", "eval.max_new_tokens=6", "fit.dim.n_prompts=4"]
 BUILTINS = ["none", "actadd", "dim_ablation", "inlp_nullspace", "inlp_flip"]
@@ -84,7 +85,7 @@ def test_a_rerun_regenerates_nothing_and_a_new_parameter_does(compose, tmp_path,
     monkeypatch.setattr("refusal.runtime.generation.generate", lambda *a, **k: calls.append(1) or real(*a, **k))
     scored = []
     real_scores = __import__("refusal.evaluation", fromlist=["x"]).teacher_forced_scores
-    monkeypatch.setattr("refusal.evaluation.teacher_forced_scores", lambda *a, **k: scored.append(1) or real_scores(*a, **k))
+    monkeypatch.setattr("refusal.evaluation.run.teacher_forced_scores", lambda *a, **k: scored.append(1) or real_scores(*a, **k))
     again = run_evaluation(cfg, tmp_path / "again")
     assert calls == [] and scored == []  # generations and teacher-forced scores from the cache
     assert again["metrics"] == first["metrics"]

@@ -9,9 +9,10 @@ import sys
 import pytest
 from conftest import REPO
 
+from refusal.context import prepare
 from refusal.errors import ConfigError
+from refusal.fits import fit
 from refusal.geometry.compare import InterventionSpec
-from refusal.pipeline import fit, prepare
 
 SMALL = ["data.n_train=16", "data.n_val=8", "data.n_test=8", "fit.dim.n_prompts=4", "progress=false", "logger=none"]
 

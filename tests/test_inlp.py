@@ -220,7 +220,8 @@ def test_bad_data_raises(small):
 
 def test_pipeline_fits_to_convergence_by_default_and_keys_artifacts_by_settings(compose, caplog):
     """Default INLP stops at chance, not at a cap; a fit with other settings is another artifact, not a clash."""
-    from refusal.pipeline import fit, inlp_record, prepare
+    from refusal.context import prepare
+    from refusal.fits import fit, inlp_record
 
     small = ["data.n_train=16", "data.n_val=8", "data.n_test=8", "fit.dim.n_prompts=4", "layer=fixed", "layer.index=1"]
     default = fit(prepare(compose(*small)))

@@ -11,9 +11,10 @@ import pytest
 import torch
 from sklearn.linear_model import LogisticRegression
 
+from refusal.context import prepare
 from refusal.errors import ConfigError
+from refusal.fits import _inlp_data, fit
 from refusal.interventions import get_intervention
-from refusal.pipeline import _inlp_data, fit, prepare
 
 SMALL = ["data.n_train=16", "data.n_val=8", "data.n_test=8", "layer=fixed", "layer.index=2"]
 

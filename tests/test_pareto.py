@@ -107,7 +107,7 @@ def test_a_lean_trial_measures_what_a_full_run_does_and_nothing_else(compose, tm
 
 
 def test_objectives_are_the_named_metrics_in_order():
-    from refusal.trial import objectives
+    from refusal.evaluation.trial import objectives
 
     results = {"metrics": {"harmful/refusal_rate": 0.25, "harmless/kl_div": 0.5, "warning": "x", "judge_ok": True}}
     assert objectives(results, None) is None and objectives(results, []) is None

@@ -8,10 +8,10 @@ import pytest
 import torch
 from test_selection import PLANT_LAYER, TRIGGER, planted  # noqa: F401  (the planted-refusal model fixture)
 
+from refusal.context import prepare
 from refusal.data import InstructionSplits
 from refusal.fitting.prompt_filter import filter_splits, keeps, unsteered_refusal_scores
 from refusal.metrics import refusal_score
-from refusal.pipeline import prepare
 from refusal.runtime.hooks import HookSpec, hooked
 from refusal.runtime.prefix import forward
 

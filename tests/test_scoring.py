@@ -99,7 +99,7 @@ def test_unsteered_logits_are_computed_once_per_model_and_rows(tiny_bundle, prom
 
 
 def test_unsteered_logits_too_big_to_hold_are_recomputed_with_the_same_scores(tiny_bundle, prompts, monkeypatch):
-    import refusal.evaluation as evaluation
+    import refusal.evaluation.scoring as evaluation
 
     ids, completions = rows_of(tiny_bundle, prompts)
     tiny_bundle.memo.clear()
@@ -179,7 +179,7 @@ def test_generation_through_the_shared_prefix_equals_the_plain_generation(tiny_w
 
 
 def test_scoring_batches_shrink_to_keep_their_logits_bounded_with_the_same_scores(tiny_bundle, prompts, monkeypatch):
-    import refusal.evaluation as evaluation
+    import refusal.evaluation.scoring as evaluation
 
     ids, completions = rows_of(tiny_bundle, prompts)
     tiny_bundle.memo.clear()

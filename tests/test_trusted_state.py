@@ -81,21 +81,22 @@ def test_artifact_of_the_previous_format_is_stale(tmp_path):
 
 
 def test_pipeline_refits_an_artifact_whose_metadata_was_edited_or_is_stale(compose, caplog):
-    from refusal.pipeline import fit_dim, prepare
+    from refusal.context import prepare
+    from refusal.fits import fit_dim
 
     ctx = prepare(compose(*SMALL, *FIXED))
     first = fit_dim(ctx)
     assert first.layer == 1
     stem = ctx.artifact_dir / "dim_L1_P-1"
     _edit_json(artifact_paths(stem)[1], lambda r: r["meta"].update(layer=2))  # would steer/fit INLP at L2 with L1's direction
-    with caplog.at_level(logging.WARNING, logger="refusal.pipeline"):
+    with caplog.at_level(logging.WARNING, logger="refusal.fits"):
         again = fit_dim(prepare(compose(*SMALL, *FIXED)))
     assert "does not match its recorded checksum (edited or corrupt)" in caplog.text and "refitting" in caplog.text
     assert again.layer == 1 and torch.equal(again.direction, first.direction)
     assert load_artifact(stem)[1]["layer"] == 1  # the refit replaced it
     _edit_json(artifact_paths(stem)[1], _as_previous_format)
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="refusal.pipeline"):
+    with caplog.at_level(logging.WARNING, logger="refusal.fits"):
         third = fit_dim(prepare(compose(*SMALL, *FIXED)))
     assert "is stale" in caplog.text and "refitting" in caplog.text and third.layer == 1
     assert "delete it" not in caplog.text  # the warning says what happens (refitting), not advice that contradicts it

@@ -22,6 +22,9 @@ MOVED: dict[str, str] = {
     "refusal.generation": "refusal.runtime.generation",
     "refusal.decoding": "refusal.runtime.decoding",
     "refusal.plugin_registry": "refusal.registry",
+    "refusal.pipeline": "refusal.fits",
+    "refusal.trial": "refusal.evaluation.trial",
+    "refusal.search": "refusal.evaluation.search",
 }
 
 

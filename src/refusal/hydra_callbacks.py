@@ -16,11 +16,11 @@ log = logging.getLogger(__name__)
 
 class SweepCheck(Callback):
     """An Optuna search whose parameters or ranges cannot work is one ``error:`` line (exit 2) before
-    any trial runs (see :mod:`refusal.search`); other sweepers are left alone."""
+    any trial runs (see :mod:`refusal.evaluation.search`); other sweepers are left alone."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from refusal.errors import RefusalError
-        from refusal.search import check_search, is_optuna
+        from refusal.evaluation.search import check_search, is_optuna
 
         if not is_optuna(config):
             return

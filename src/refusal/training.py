@@ -11,7 +11,8 @@ import lightning
 from omegaconf import DictConfig
 
 from refusal.config import check_seed
-from refusal.pipeline import fit, prepare, summary
+from refusal.context import prepare
+from refusal.fits import fit, summary
 
 log = logging.getLogger(__name__)
 

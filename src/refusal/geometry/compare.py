@@ -84,8 +84,9 @@ def compare(configs: dict[InterventionSpec, DictConfig], out_dir: Path) -> dict[
     geometry.json/.md as soon as it is done, so a failure later never loses what ran.
     """
     from refusal.config import check_config, intervention_config, plugin_dirs
+    from refusal.context import prepare
+    from refusal.fits import fit_for, inlp_record
     from refusal.interventions import get_intervention
-    from refusal.pipeline import fit_for, inlp_record, prepare
 
     for cfg in configs.values():
         check_config(cfg)

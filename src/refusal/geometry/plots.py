@@ -342,7 +342,7 @@ def plot_layer_table(
 def plot_capture(record: Mapping[str, Any], path: str | os.PathLike[str], title: str = "") -> Path:
     """INLP against DiM: capture(k) = |W_k Δ|²/|Δ|² with each direction's val accuracy, and cos(w_i, r̂).
 
-    ``record`` is :func:`refusal.pipeline.inlp_record`'s output (``capture``, ``cos_with_dim``,
+    ``record`` is :func:`refusal.fits.inlp_record`'s output (``capture``, ``cos_with_dim``,
     ``val_accuracy``, ``chance``). Reading it: where the capture curve flattens, later directions
     encode harmfulness in ways the DiM mean difference does not see.
     """

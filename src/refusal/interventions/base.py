@@ -22,13 +22,13 @@ import json
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from jaxtyping import Float
 
 from refusal.errors import ConfigError, InterventionError
+from refusal.fitting.results import DiMDirection, Fitted  # noqa: F401  (DiMDirection: kept importable from here)
 from refusal.interventions.registry import register
 from refusal.interventions.scope import Scope
 from refusal.models.bundle import ModelBundle
@@ -38,34 +38,6 @@ from refusal.runtime.roles import at_positions
 
 #: Moves a fitted tensor to where the edit runs (the hooked module's device and dtype, or a given tensor's).
 Cast = Callable[[torch.Tensor], torch.Tensor]
-
-
-@dataclass(frozen=True)
-class DiMDirection:
-    """A difference-in-means refusal direction r (unnormalised) read at one layer and position."""
-
-    direction: Float[torch.Tensor, " d_model"]
-    layer: int
-    position: int  # negative offset into the post-instruction tokens
-
-    @property
-    def unit(self) -> Float[torch.Tensor, " d_model"]:
-        return self.direction / self.direction.norm()
-
-
-@dataclass
-class Fitted:
-    """Everything fitted that interventions may need; ``None`` where not fitted.
-
-    ``inlp`` is the INLP fit at the DiM layer; ``inlp_by_layer`` holds one fit per layer when
-    ``fit.inlp.per_layer=true`` (each layer's own centre, signs and directions).
-    """
-
-    dim: DiMDirection | None = None
-    inlp: Any = None  # refusal.fitting.inlp.INLPResult
-    inlp_layer: int | None = None
-    inlp_by_layer: dict[int, Any] = field(default_factory=dict)
-    leace: Any = None  # refusal.fitting.leace.LEACEResult
 
 
 #: What a subclass implements, at least one of: an edit placed by its scope, or its own hooks.

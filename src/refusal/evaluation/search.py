@@ -13,11 +13,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import IntervalSweep, Override, RangeSweep
+from hydra.errors import HydraException
 from omegaconf import DictConfig, ListConfig
 
+from refusal.config import check_config
 from refusal.errors import ConfigError, RefusalError
+from refusal.evaluation.trial import measures
 
 
 def is_optuna(config: DictConfig) -> bool:
@@ -72,8 +76,6 @@ def check_objectives(config: DictConfig) -> None:
         raise ConfigError(f"eval.optimize lists {len(keys)} metrics but hydra.sweeper.direction has {n}; give one direction "
                           f"per metric, e.g. {example}")
     if config.eval.get("lean", False):
-        from refusal.trial import measures
-
         unmeasured = [k for k in keys if not measures(k)]
         if unmeasured:
             raise ConfigError(f"eval.optimize names {unmeasured}, which a lean trial (eval=trial) does not measure: it "
@@ -97,11 +99,6 @@ def check_parameters(config: DictConfig, searched: dict[str, Override]) -> None:
 
 def check_values(config: DictConfig, searched: dict[str, Override], fixed: list[str]) -> None:
     """Compose a trial's config at every extreme of every searched value and run the command-line checks."""
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.errors import HydraException
-
-    from refusal.config import check_config
-
     loader = GlobalHydra.instance().config_loader()
     for key, override in searched.items():
         for value in extremes(override):

@@ -1,4 +1,5 @@
-"""From a Hydra config to a loaded model, data, and fitted artifacts (reused when they match).
+"""Fit what a run needs, or reuse the artifacts that match (the run's context comes from
+:mod:`refusal.context`).
 
 ``train.py`` calls :func:`fit` and stops; ``evaluate.py`` calls it too, so an evaluation fits
 only what is missing. Artifacts live under ``artifacts_dir/<model>/<data>-<digest>/`` and carry
@@ -11,18 +12,18 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 
 from refusal.artifacts import artifact_exists, load_artifact, save_artifact, sha256_json
-from refusal.config import check_config, plugin_dirs, resolve_layer_spec, split_inlp_settings
-from refusal.data import InstructionSplits, load_splits
-from refusal.data.test_sets import TestSet, load_test_sets
+from refusal.config import resolve_layer_spec, split_inlp_settings
+from refusal.context import RunContext, plain, prepare  # noqa: F401  (refusal.pipeline, an alias of this module, had them)
 from refusal.errors import ArtifactError, ArtifactMismatchError
+from refusal.fitting import inlp as inlp_fitting
+from refusal.fitting import leace as leace_fitting
+from refusal.fitting.capture import capture_curve, direction_cosines
 from refusal.fitting.dim import (
     EXECUTION_ONLY,
     CandidateScorer,
@@ -31,70 +32,15 @@ from refusal.fitting.dim import (
     picks_by_rule,
     select_direction,
 )
-from refusal.fitting.prompt_filter import FILTERED, FilterRecord, filter_splits
+from refusal.fitting.inlp import INLPConfig, INLPResult
+from refusal.fitting.leace import LEACEResult
+from refusal.fitting.plots import plot_selection
 from refusal.fitting.threads import FIT_THREADS
 from refusal.interventions.base import DiMDirection, Fitted
-from refusal.judges import judge_configs
-from refusal.models import ModelBundle
-from refusal.models.held import held_model
-from refusal.runtime.activations import ActivationCache
+from refusal.interventions.scope import Scope
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-@dataclass
-class RunContext:
-    """What one run works on: config, model, data, caches and where artifacts go."""
-
-    cfg: DictConfig
-    bundle: ModelBundle
-    splits: InstructionSplits
-    cache: ActivationCache
-    artifact_dir: Path
-    model_reused: bool = False  # the model was already in memory from an earlier job of this process
-    test_sets: list[TestSet] = field(default_factory=list)
-    judges: dict[str, dict[str, Any]] = field(default_factory=dict)  # eval.judges resolved and checked
-    timings: dict[str, float] = field(default_factory=dict)
-    filtered: FilterRecord = field(default_factory=lambda: FilterRecord({}))  # what fit.filter_train/val kept
-    _tokens: dict[str, list[list[int]]] = field(default_factory=dict)
-
-    @property
-    def progress(self) -> bool:
-        return bool(self.cfg.get("progress", True))
-
-    def texts(self, split: str) -> list[str]:
-        """Instructions of a split (``harmful_train``, ...) or of a named test set."""
-        named = {s.name: s.instructions for s in self.test_sets}
-        return named[split] if split in named else getattr(self.splits, split)
-
-    def tokens(self, split: str) -> list[list[int]]:
-        """Chat-formatted token ids of a split or test set, tokenized once."""
-        if split not in self._tokens:
-            self._tokens[split] = self.bundle.tokenize_instructions(self.texts(split))
-        return self._tokens[split]
-
-    def activations(self, split: str, layer: int | None = None, position: int | None = None) -> torch.Tensor:
-        """``[n, n_layers + 1, P, d]`` residuals at the post-instruction positions (cached); with ``layer``
-        and/or ``position`` only that slice (axis dropped), read shard by shard without the rest."""
-        return self.cache.get(self.bundle, self.tokens(split), len(self.bundle.post_instruction_ids),
-                              layer=layer, position=position, **self.extraction(split))
-
-    def mean(self, split: str) -> torch.Tensor:
-        """``[n_layers + 1, P, d]`` mean residual of a split, streamed from the cache one shard at a time."""
-        return self.cache.mean(self.bundle, self.tokens(split), len(self.bundle.post_instruction_ids),
-                               **self.extraction(split))
-
-    def extraction(self, desc: str) -> dict[str, Any]:
-        """How this run extracts activations that are not cached yet."""
-        return {"batch_size": int(self.cfg.model.get("batch_size", 16)), "progress": self.progress, "desc": desc}
-
-    def expect(self, **extra: Any) -> dict[str, Any]:
-        return {**self.bundle.identity(), "data_digest": self.splits.fit_digest(), **extra}
-
-
-def _plain(cfg: Any) -> dict:
-    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
 
 
 def settings_key(settings: Mapping[str, Any]) -> str:
@@ -116,40 +62,11 @@ def _reuse(stem: Path, load: Callable[[], T]) -> T | None:
         return None
 
 
-def prepare(cfg: DictConfig) -> RunContext:
-    """Validate the config, load data and model; cheap errors first, the model last."""
-    t0 = time.perf_counter()
-    check_config(cfg)
-    splits = load_splits(_plain(cfg.data))
-    test_sets = load_test_sets(_plain(cfg.eval.get("test_sets") or {}), splits, int(cfg.seed), str(cfg.cache_dir))
-    judges = judge_configs(cfg, plugin_dirs(cfg))  # an unknown judge or a judge model not installed fails here
-    bundle, reused = held_model(_plain(cfg.model), cfg.cache_dir)
-    check_config(cfg, bundle)
-    ctx = RunContext(cfg, bundle, splits, ActivationCache(Path(cfg.cache_dir) / "activations"), Path(), reused, test_sets, judges)
-    for split in [*splits.lists(), *(s.name for s in test_sets)]:  # a prompt too long fails here, not after a fit
-        ctx.tokens(split)
-    t1 = time.perf_counter()
-    ctx.splits, ctx.filtered = filter_splits(
-        splits, {name: ctx.tokens(name) for name in splits.lists()}, bundle,
-        {switch: bool(cfg.fit.get(switch, False)) for switch in FILTERED}, Path(cfg.cache_dir) / "refusal_scores",
-        int(cfg.model.get("batch_size", 16)),
-    )
-    for name in ctx.filtered.kept:  # tokenized again from the kept prompts
-        ctx._tokens.pop(name)
-    # Keyed by the prompts the fits use (filtered and unfiltered fits never share a folder) and by the
-    # numerics (float32 and bfloat16-product fits of one model live side by side).
-    numerics = "".join(f"-{v}" for v in bundle.numerics_key().values())
-    ctx.artifact_dir = Path(cfg.artifacts_dir) / bundle.name / f"{cfg.data.name}-{ctx.splits.fit_digest()[:10]}{numerics}"
-    ctx.timings["filter"] = time.perf_counter() - t1
-    ctx.timings["load"] = t1 - t0
-    return ctx
-
-
 # -- DiM ------------------------------------------------------------------------------------------
 def fit_dim(ctx: RunContext) -> DiMDirection:
     """The DiM direction for the configured layer spec: pinned, relative, or selected on val."""
     spec = resolve_layer_spec(ctx.cfg.layer, ctx.bundle.n_layers, len(ctx.bundle.post_instruction_ids))
-    settings = {k: v for k, v in _plain(ctx.cfg.fit.dim).items() if k not in EXECUTION_ONLY}
+    settings = {k: v for k, v in plain(ctx.cfg.fit.dim).items() if k not in EXECUTION_ONLY}
     selection = {"selection": settings} if spec.mode == "auto" else {}
     # Keyed by what made it: another selection config is another artifact, never a clash.
     stem = ctx.artifact_dir / (f"dim_{spec.tag}-{settings_key(selection)}" if selection else f"dim_{spec.tag}")
@@ -173,7 +90,7 @@ def fit_dim(ctx: RunContext) -> DiMDirection:
             ctx.bundle, ctx.tokens("harmful_val")[:n], ctx.tokens("harmless_val")[:n],
             batch_size=int(fit_cfg.batch_size), progress=ctx.progress, share_prefix=bool(fit_cfg.get("share_prefix", True)),
         )
-        selection_cfg = SelectionConfig(**_plain(fit_cfg))
+        selection_cfg = SelectionConfig(**plain(fit_cfg))
         result = select_direction(candidates, scorer, selection_cfg)
         layer, position = result.layer, result.position
         tensors.update(bypass=result.bypass, induce=result.induce, kl=result.kl)
@@ -182,8 +99,6 @@ def fit_dim(ctx: RunContext) -> DiMDirection:
             baseline_harmful_score=result.baseline_harmful, baseline_harmless_score=result.baseline_harmless,
             notes=result.notes, decided_by=result.decided_by, picks_by_rule=picks_by_rule(result, selection_cfg),
         )
-        from refusal.fitting.plots import plot_selection
-
         plot_selection(result, stem.with_name(f"{stem.name}_selection.png"), title=f"{ctx.bundle.name}: DiM selection")
     else:
         layer, position = spec.layer, spec.position
@@ -225,9 +140,6 @@ def fit_inlp(ctx: RunContext, dim: DiMDirection, layer: int | None = None, logge
     The artifact's name carries a digest of the fit settings and of where it ran (CPU or GPU), so fits
     with other settings coexist instead of refusing each other.
     """
-    from refusal.fitting.inlp import INLPConfig, INLPResult
-    from refusal.fitting.inlp import fit_inlp as run_fit
-
     layer = dim.layer if layer is None else layer
     positions, _, icfg = inlp_settings(ctx)
     # Where it runs changes the last bits (CPU vs GPU kernels; the CPU fit is pinned to FIT_THREADS threads), so
@@ -241,7 +153,7 @@ def fit_inlp(ctx: RunContext, dim: DiMDirection, layer: int | None = None, logge
     t0 = time.perf_counter()
     X, y = _inlp_data(ctx, "train", layer, dim.position, positions)
     X_val, y_val = _inlp_data(ctx, "val", layer, dim.position, positions)
-    result = run_fit(X, y, X_val, y_val, INLPConfig(**icfg), logger=logger, enable_progress_bar=ctx.progress)
+    result = inlp_fitting.fit_inlp(X, y, X_val, y_val, INLPConfig(**icfg), logger=logger, enable_progress_bar=ctx.progress)
     result.save(stem, extra_meta={k: v for k, v in expect.items() if k != "d_model"})
     ctx.timings["fit_inlp"] = ctx.timings.get("fit_inlp", 0.0) + time.perf_counter() - t0
     log.info("INLP at layer %d: rank %d, stop reason %s (%s)", layer, result.rank, result.stop_reason, stem)
@@ -250,16 +162,13 @@ def fit_inlp(ctx: RunContext, dim: DiMDirection, layer: int | None = None, logge
 
 def fit_leace(ctx: RunContext, dim: DiMDirection):
     """The LEACE eraser on INLP's data (DiM layer, ``fit.inlp.positions``); reused when it matches."""
-    from refusal.fitting.leace import LEACEResult
-    from refusal.fitting.leace import fit_leace as run_fit
-
     positions = inlp_settings(ctx)[0]
     stem = ctx.artifact_dir / f"leace_L{dim.layer}_P{dim.position}_{positions}"
     expect = ctx.expect(layer=dim.layer, position=dim.position, positions=positions)
     if (reused := _reuse(stem, lambda: LEACEResult.load(stem, expect=expect))) is not None:
         return reused
     t0 = time.perf_counter()
-    result = run_fit(*_inlp_data(ctx, "train", dim.layer, dim.position, positions))
+    result = leace_fitting.fit_leace(*_inlp_data(ctx, "train", dim.layer, dim.position, positions))
     result.save(stem, {k: v for k, v in expect.items() if k != "d_model"})
     ctx.timings["fit_leace"] = time.perf_counter() - t0
     return result
@@ -282,8 +191,6 @@ def fit(ctx: RunContext, needs: set[str] | None = None, logger: Any = None) -> F
 def fit_for(ctx: RunContext, cls: type, icfg: Mapping[str, Any], geometry: bool = False) -> Fitted:
     """What one intervention needs (plus DiM for geometry); with ``fit.inlp.per_layer=true``, an INLP
     fit at every layer in the intervention's scope (each cached like any artifact)."""
-    from refusal.interventions.scope import Scope
-
     fitted = fit(ctx, set(cls.needs) | ({"dim"} if geometry else set()))
     if "inlp" in cls.needs and inlp_settings(ctx)[1]:
         selected = icfg.get("layer") if icfg.get("layer") is not None else fitted.dim.layer
@@ -294,8 +201,6 @@ def fit_for(ctx: RunContext, cls: type, icfg: Mapping[str, Any], geometry: bool 
 
 def inlp_record(fitted: Fitted) -> dict[str, Any]:
     """What fitted.json and results.json say about INLP: rank, stop reason, accuracies, capture and alignment."""
-    from refusal.fitting.capture import capture_curve, direction_cosines
-
     inlp = fitted.inlp
     out: dict[str, Any] = {
         "rank": inlp.rank, "n_useful": inlp.n_useful, "stop_reason": inlp.stop_reason,

@@ -20,12 +20,20 @@ import torch
 from jaxtyping import Float
 from omegaconf import OmegaConf
 
+from refusal.context import RunContext
 from refusal.errors import ConfigError
+from refusal.evaluation.judging import generate_and_judge
+from refusal.evaluation.records import (
+    add_paired,
+    completion_rows,
+    run_record,
+    warn_if_barely_refuses,
+    write_outputs,
+)
+from refusal.fitting.results import Fitted
 from refusal.interventions import Intervention
-from refusal.interventions.base import Fitted
 from refusal.metrics import KLDivergence
 from refusal.models.bundle import ModelBundle
-from refusal.pipeline import RunContext
 from refusal.runtime.activations import batches_by_length
 from refusal.runtime.prefix import forward, prompt_prefix_cache, shared_prefix
 from refusal.runtime.roles import declare_roles
@@ -92,15 +100,6 @@ def evaluate_lean(ctx: RunContext, intervention: Intervention, fitted: Fitted, o
                   tracker: Any = None) -> dict[str, Any]:
     """One search trial on a prepared context with a built intervention; writes results.json and
     completions.jsonl (harmful prompts) like a full evaluation, with only the lean metrics."""
-    from refusal.evaluation import (
-        add_paired,
-        completion_rows,
-        generate_and_judge,
-        run_record,
-        warn_if_barely_refuses,
-        write_outputs,
-    )
-
     cfg, bundle = ctx.cfg, ctx.bundle
     steer = None if intervention.name == "none" else intervention.fingerprint(bundle.n_layers)
     judged = generate_and_judge(ctx, intervention, steer, [("harmful", "harmful_test", "harmful")])

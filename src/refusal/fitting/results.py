@@ -1,0 +1,40 @@
+"""What fitting produces, as the interventions read it: the DiM direction and the bundle of every fit a run
+made (INLP and LEACE results own their save/load in :mod:`refusal.fitting.inlp` and :mod:`refusal.fitting.leace`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from jaxtyping import Float
+
+from refusal.fitting.inlp import INLPResult
+from refusal.fitting.leace import LEACEResult
+
+
+@dataclass(frozen=True)
+class DiMDirection:
+    """A difference-in-means refusal direction r (unnormalised) read at one layer and position."""
+
+    direction: Float[torch.Tensor, " d_model"]
+    layer: int
+    position: int  # negative offset into the post-instruction tokens
+
+    @property
+    def unit(self) -> Float[torch.Tensor, " d_model"]:
+        return self.direction / self.direction.norm()
+
+
+@dataclass
+class Fitted:
+    """Everything fitted that interventions may need; ``None`` where not fitted.
+
+    ``inlp`` is the INLP fit at the DiM layer; ``inlp_by_layer`` holds one fit per layer when
+    ``fit.inlp.per_layer=true`` (each layer's own centre, signs and directions).
+    """
+
+    dim: DiMDirection | None = None
+    inlp: INLPResult | None = None
+    inlp_layer: int | None = None
+    inlp_by_layer: dict[int, INLPResult] = field(default_factory=dict)
+    leace: LEACEResult | None = None
