@@ -15,7 +15,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from refusal.cli import entry_point, friendly_errors, quiet_libraries
+from refusal.app.startup import entry_point, friendly_errors, quiet_libraries
 from refusal.paths import CONF_DIR
 
 log = logging.getLogger("refusal.evaluate")

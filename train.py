@@ -14,7 +14,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from refusal.cli import entry_point, friendly_errors, quiet_libraries
+from refusal.app.startup import entry_point, friendly_errors, quiet_libraries
 from refusal.paths import CONF_DIR
 
 log = logging.getLogger("refusal.train")
@@ -24,8 +24,8 @@ log = logging.getLogger("refusal.train")
 @friendly_errors
 def main(cfg: DictConfig) -> None:
     quiet_libraries()
+    from refusal.app.train import run_training
     from refusal.artifacts import atomic_write_text
-    from refusal.training import run_training
 
     output_dir = Path(HydraConfig.get().runtime.output_dir)
     summary = json.dumps(run_training(cfg, output_dir=output_dir), indent=2, default=str)

@@ -17,15 +17,18 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from _common import write_row
+from _common import REPO, write_row
+
+sys.path.insert(0, str(REPO / "tests"))  # the scikit-learn oracle is test code: tests/reference/
+from reference.inlp_reference import fit_inlp_reference, make_planted_concept  # noqa: E402
 
 from refusal.fitting.inlp import INLPConfig, INLPResult, fit_inlp, n_useful_of
-from refusal.fitting.inlp_reference import fit_inlp_reference, make_planted_concept
 
 RESULTS = Path(__file__).resolve().parent / "results" / "inlp.csv"
 

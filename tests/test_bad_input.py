@@ -258,8 +258,8 @@ def test_the_fit_switches_and_the_range_ends_are_accepted(compose):
 
 def test_seed_is_checked_first_and_named_as_typed(compose, no_model_load, tmp_path):
     """data.seed and fit.inlp.seed copy the top-level seed: the error names `seed`, before any int() of it."""
+    from refusal.app.train import run_training
     from refusal.evaluation import run_evaluation
-    from refusal.training import run_training
 
     for value, shown in (("a", "'a'"), ("1.5", "1.5")):
         cfg = compose(f"seed={value}")

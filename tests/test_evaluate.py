@@ -229,7 +229,7 @@ def test_a_one_file_plugin_is_a_config_option_in_a_multirun(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((tmp_path / "one" / "results.json").read_text())["params"] == {"factor": 0.25}
     # a yaml, where present, still wins: only plugins without one are put in the ConfigStore
-    from refusal.cli import register_plugin_configs
+    from refusal.app.startup import register_plugin_configs
 
     stored = register_plugin_configs([f"plugin_dirs=[{plugins}]"], REPO / "conf")
     assert "scale_residual" in stored and not {"random_ablation", "inlp_flip", "leace_flip"} & set(stored)
@@ -255,7 +255,7 @@ def test_report_cli_on_a_folder(tmp_path):
 
 def test_report_rows_hide_default_params_and_plot_tunability(tmp_path):
     from refusal.report import flat_row
-    from refusal.report_plots import plot_tunability
+    from refusal.report.plots import plot_tunability
 
     flip = flat_row({"model": "m", "intervention": "inlp_flip",
                      "params": {"k": 4, "alpha": 0.5, "target": "harmless", "center": "midpoint", "layer": None}})

@@ -11,15 +11,15 @@ import sys
 import numpy as np
 import pytest
 import torch
-
-from refusal.errors import ArtifactError, ConfigError, DataError
-from refusal.fitting.inlp import INLPConfig, INLPResult, fit_inlp, orthonormal_append
-from refusal.fitting.inlp_reference import (
+from reference.inlp_reference import (
     fit_inlp_reference,
     get_projection_to_intersection_of_nullspaces,
     get_rowspace_projection,
     make_planted_concept,
 )
+
+from refusal.errors import ArtifactError, ConfigError, DataError
+from refusal.fitting.inlp import INLPConfig, INLPResult, fit_inlp, orthonormal_append
 from refusal.fitting.threads import fixed_threads
 
 K = 3  # planted concept dimension

@@ -89,7 +89,7 @@ torch.save({**tensors, "threads_after": torch.get_num_threads()}, sys.argv[3])
 def test_fit_is_bit_identical_under_one_and_two_threads(tmp_path):
     """Artifacts are shared by key, so the caller's thread count must not change them (MKL's product and
     eigh are reproducible only for a fixed count; the fit pins it) and must be given back afterwards."""
-    from refusal.fitting.inlp_reference import make_planted_concept
+    from reference.inlp_reference import make_planted_concept
 
     X, y, *_ = make_planted_concept(40_000, 32, 2, n_val=1, seed=0)
     torch.save((X, y), tmp_path / "data.pt")

@@ -25,6 +25,10 @@ MOVED: dict[str, str] = {
     "refusal.pipeline": "refusal.fits",
     "refusal.trial": "refusal.evaluation.trial",
     "refusal.search": "refusal.evaluation.search",
+    "refusal.cli": "refusal.app.startup",
+    "refusal.hydra_callbacks": "refusal.app.hydra_callbacks",
+    "refusal.training": "refusal.app.train",
+    "refusal.report_plots": "refusal.report.plots",
 }
 
 

@@ -21,7 +21,7 @@ unchanged and keeps L-BFGS well conditioned. ``l2`` is the L2 coefficient on tha
 problem, ``mean loss + (l2/2)·‖w'‖²`` with ``w' = s·w``, so it means the same for every model
 and width (normalising by the row norm instead would make the penalty grow with d);
 scikit-learn's equivalent is ``C = 1 / (l2 · n · s²)`` on the raw activations
-(:func:`refusal.fitting.inlp_reference.sklearn_C`).
+(``sklearn_C`` in the test oracle ``tests/reference/inlp_reference.py``).
 """
 
 from __future__ import annotations

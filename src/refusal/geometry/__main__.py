@@ -1,6 +1,6 @@
 """``python -m refusal.geometry``: compare where several interventions land (see ``compare``)."""
 
-from refusal.cli import friendly_errors
+from refusal.app.startup import friendly_errors
 from refusal.geometry.compare import main
 
 if __name__ == "__main__":

@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=qwen05 data=embedded")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from refusal.cli import quiet_libraries
+    from refusal.app.startup import quiet_libraries
 
     quiet_libraries()
     specs = [InterventionSpec.parse(t) for t in args.interventions.split(",") if t.strip()]

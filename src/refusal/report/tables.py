@@ -2,7 +2,7 @@
 
     python -m refusal.report multirun/2026-11-28/12-00-00
 
-Also written automatically at the end of each Hydra multirun (see ``hydra_callbacks``).
+Also written automatically at the end of each Hydra multirun (see :mod:`refusal.app.hydra_callbacks`).
 """
 
 from __future__ import annotations
@@ -11,13 +11,14 @@ import argparse
 import csv
 import io
 import json
-import math
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from refusal.artifacts import atomic_write_text
+from refusal.report.pareto import FRONT, dominates, mark_front, pareto_front  # noqa: F401  (kept importable from here)
+from refusal.report.plots import plot_bars, plot_pareto, plot_tradeoff
+from refusal.stats.paired import holm
 
 #: McNemar's p of each run's harmful refusal against its baseline, Holm-adjusted over the runs of one model.
 HOLM_KEY = "harmful/mcnemar_p_vs_baseline_holm"
@@ -45,7 +46,6 @@ DEFAULT_PARAMS = {("center", "midpoint"), ("target", "harmless"), ("export", Fal
 #: Parameters with a column of their own (``layer``) or none worth showing.
 HIDDEN_PARAMS = {"name", "layer"}
 #: The two objectives of the Pareto front, both minimised: what the search is about (refusal left, damage done).
-FRONT = ("harmful/refusal_rate", "harmless/kl_div")
 
 
 PAIRED_NOTE = (
@@ -155,35 +155,9 @@ def format_run(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def dominates(a: Sequence[float], b: Sequence[float]) -> bool:
-    """``a`` is no worse than ``b`` in every coordinate and better in one (all minimised)."""
-    return all(x <= y for x, y in zip(a, b, strict=True)) and any(x < y for x, y in zip(a, b, strict=True))
-
-
-def pareto_front(points: Sequence[Sequence[float | None]]) -> list[int]:
-    """Indices (ascending) of the non-dominated points, every coordinate minimised. Equal points do not
-    dominate each other, so duplicates on the front all stay; a point with a missing or non-finite
-    coordinate is never on it (and dominates nothing)."""
-    valid = [i for i, p in enumerate(points)
-             if all(v is not None and isinstance(v, (int, float)) and math.isfinite(v) for v in p)]
-    return [i for i in valid if not any(dominates(points[j], points[i]) for j in valid if j != i)]
-
-
-def mark_front(rows: list[dict[str, Any]]) -> None:
-    """Set ``row["pareto"]``: on the (harmful refusal, next-token KL) front of its model's runs, every
-    intervention and trial together (KL is only comparable within one model)."""
-    for model in dict.fromkeys(r.get("model") for r in rows):
-        mine = [r for r in rows if r.get("model") == model]
-        front = set(pareto_front([tuple(r.get(k) for k in FRONT) for r in mine]))
-        for i, row in enumerate(mine):
-            row["pareto"] = i in front
-
-
 def mark_holm(rows: list[dict[str, Any]]) -> None:
     """Set :data:`HOLM_KEY` on every run with a paired McNemar p against its baseline: Holm-adjusted over
     the runs of the same model in this folder, which are tested together against the same baseline."""
-    from refusal.stats.paired import holm
-
     raw = "harmful/mcnemar_p_vs_baseline"
     for model in dict.fromkeys(r.get("model") for r in rows):
         tested = [r for r in rows if r.get("model") == model and r.get(raw) is not None]
@@ -216,8 +190,6 @@ def load_runs(sweep_dir: Path) -> list[tuple[str, dict[str, Any]]]:
 
 def write_report(sweep_dir: str | Path) -> Report:
     """Write report.md, report.csv and plots into ``sweep_dir``."""
-    from refusal.report_plots import plot_bars, plot_pareto, plot_tradeoff
-
     sweep_dir = Path(sweep_dir)
     runs = load_runs(sweep_dir)
     ok = [flat_row(r, run) for run, r in runs if r.get("status", "ok") == "ok"]
@@ -268,6 +240,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"FAILED {run}: {err}")
     return 1 if report.failures else 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

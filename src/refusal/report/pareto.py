@@ -1,0 +1,35 @@
+"""The Pareto front of a sweep: the runs no other run of the same model beats on both harmful refusal and
+next-token KL (both minimised)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+#: The two coordinates of the front, both minimised.
+FRONT = ("harmful/refusal_rate", "harmless/kl_div")
+
+
+def dominates(a: Sequence[float], b: Sequence[float]) -> bool:
+    """``a`` is no worse than ``b`` in every coordinate and better in one (all minimised)."""
+    return all(x <= y for x, y in zip(a, b, strict=True)) and any(x < y for x, y in zip(a, b, strict=True))
+
+
+def pareto_front(points: Sequence[Sequence[float | None]]) -> list[int]:
+    """Indices (ascending) of the non-dominated points, every coordinate minimised. Equal points do not
+    dominate each other, so duplicates on the front all stay; a point with a missing or non-finite
+    coordinate is never on it (and dominates nothing)."""
+    valid = [i for i, p in enumerate(points)
+             if all(v is not None and isinstance(v, (int, float)) and math.isfinite(v) for v in p)]
+    return [i for i in valid if not any(dominates(points[j], points[i]) for j in valid if j != i)]
+
+
+def mark_front(rows: list[dict[str, Any]]) -> None:
+    """Set ``row["pareto"]``: on the (harmful refusal, next-token KL) front of its model's runs, every
+    intervention and trial together (KL is only comparable within one model)."""
+    for model in dict.fromkeys(r.get("model") for r in rows):
+        mine = [r for r in rows if r.get("model") == model]
+        front = set(pareto_front([tuple(r.get(k) for k in FRONT) for r in mine]))
+        for i, row in enumerate(mine):
+            row["pareto"] = i in front
