@@ -37,7 +37,7 @@ def no_model_load(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("the model was loaded before the bad input was reported")
 
-    monkeypatch.setattr("refusal.fits.held_model", forbidden)  # held or fresh: no model at all
+    monkeypatch.setattr("refusal.context.held_model", forbidden)  # held or fresh: no model at all
 
 
 @pytest.fixture

@@ -7,15 +7,17 @@ from __future__ import annotations
 import argparse
 import sys
 
+from refusal.artifacts import atomic_write_json
+from refusal.data.benchmarks import BENCHMARKS, benchmark, default_cache_dir, fetch, is_cached
 from refusal.errors import RefusalError
+from refusal.interventions import available
+from refusal.judges import available_judges
+from refusal.judges.accuracy import format_report
+from refusal.judges.validate import validate
 from refusal.paths import PLUGINS_DIR
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from refusal.artifacts import atomic_write_json
-    from refusal.judges.accuracy import format_report
-    from refusal.judges.validate import validate
-
     names = [n.strip() for n in args.judges.split(",") if n.strip()] if args.judges else None
     out = validate(args.validate, names, split=args.split, overrides=args.overrides,
                    plugin_dirs=[PLUGINS_DIR, *args.plugins])
@@ -31,8 +33,6 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _benchmarks(args: argparse.Namespace) -> int:
-    from refusal.data.benchmarks import BENCHMARKS, benchmark, default_cache_dir, fetch, is_cached
-
     cache = args.cache_dir or default_cache_dir()
     for name in args.fetch or []:
         bench = benchmark(name, "--fetch")
@@ -69,12 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     except RefusalError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if args.command == "interventions":
-        from refusal.interventions import available
-    else:
-        from refusal.judges import available_judges as available
-
-    names = available([PLUGINS_DIR, *args.plugins])
+    listing = available if args.command == "interventions" else available_judges
+    names = listing([PLUGINS_DIR, *args.plugins])
     width = max(len(n) for n in names)
     for name, description in names.items():
         print(f"{name:<{width}}  {description}")

@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import re
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, fields
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from refusal.capability.tasks import check_capability
 from refusal.checks import check_count, check_flag, check_int, check_number
 from refusal.errors import ConfigError
+from refusal.fitting.dim import SelectionConfig
+from refusal.fitting.inlp import INLPConfig
+from refusal.fitting.leace import INSTALL_HINT
+from refusal.interventions import get_intervention
+from refusal.interventions.registry import INTERVENTIONS, available
+from refusal.interventions.scope import Scope, check_k
+from refusal.judges import judge_names
+from refusal.models.loader import check_placement
 from refusal.paths import CONF_DIR, PLUGINS_DIR
 
 
@@ -60,9 +71,6 @@ def resolve_layer_spec(layer_cfg: Any, n_layers: int | None, n_positions: int | 
 
 
 def _check_intervention(cfg: DictConfig, n_layers: int | None = None) -> None:
-    from refusal.interventions import get_intervention
-    from refusal.interventions.scope import Scope, check_k
-
     icfg = cfg.intervention
     cls = get_intervention(str(icfg.name), plugin_dirs(cfg))
     for key, value in icfg.items():  # every numeric parameter, plugins' included: no NaN or inf anywhere
@@ -79,8 +87,6 @@ def _check_intervention(cfg: DictConfig, n_layers: int | None = None) -> None:
         n_iter = cfg.fit.inlp.get("n_iterations")
         check_k(icfg.get("k"), n_iter if isinstance(n_iter, int) else None)
     if "leace" in cls.needs and importlib.util.find_spec("concept_erasure") is None:
-        from refusal.fitting.leace import INSTALL_HINT
-
         raise ConfigError(f"intervention {cls.name!r} needs the concept-erasure package: {INSTALL_HINT}")
     scope = Scope.from_config(icfg, cls.default_layers)
     scope.check_range(n_layers)
@@ -118,7 +124,6 @@ def _check_model(model: Any) -> None:
     trust = model.get("trust_remote_code", False)
     if not isinstance(trust, bool):
         raise ConfigError(f"model.trust_remote_code={trust!r} must be true or false (a boolean, not a string)")
-    from refusal.models.loader import check_placement
 
     check_placement(OmegaConf.to_container(model, resolve=True) if isinstance(model, DictConfig) else dict(model))
 
@@ -136,8 +141,6 @@ def split_inlp_settings(icfg: Any) -> tuple[str, bool, dict[str, Any]]:
 
 
 def _check_inlp(icfg: Any) -> None:
-    from refusal.fitting.inlp import INLPConfig
-
     check_count(icfg.n_iterations, "fit.inlp.n_iterations", "a cap on the directions INLP fits", 300)
     epsilon = check_number(icfg.epsilon, "fit.inlp.epsilon")
     if not 0 <= epsilon < 0.5:
@@ -169,11 +172,6 @@ def intervention_parameters(cls: type) -> frozenset[str]:
 def _unknown_parameters(cls: type, given: set[str], cfg: DictConfig) -> None:
     """A key no intervention declares is a typo (``+intervention.coef=2``): an error naming the close ones. A key
     only other interventions declare (``++intervention.k=4`` over a multirun) is ignored here, with a warning."""
-    import difflib
-    import warnings
-
-    from refusal.interventions.registry import INTERVENTIONS, available
-
     unknown = sorted(given - intervention_parameters(cls))
     if not unknown:
         return
@@ -192,8 +190,6 @@ def _unknown_parameters(cls: type, given: set[str], cfg: DictConfig) -> None:
 def intervention_config(cfg: DictConfig) -> dict[str, Any]:
     """``cfg.intervention`` as a dict of what the chosen intervention declares: keys set with ``++`` for the other
     jobs of a multirun are left out, so they neither reach it nor show in its recorded params."""
-    from refusal.interventions import get_intervention
-
     cls = get_intervention(str(cfg.intervention.name), plugin_dirs(cfg))
     icfg = OmegaConf.to_container(cfg.intervention, resolve=True)
     return {k: v for k, v in icfg.items() if k in intervention_parameters(cls)}
@@ -223,10 +219,6 @@ def check_config(cfg: DictConfig, bundle: Any = None) -> None:
 
 
 def _check_dim(dim: Any) -> None:
-    from dataclasses import fields
-
-    from refusal.fitting.dim import SelectionConfig
-
     valid = sorted(f.name for f in fields(SelectionConfig))
     unknown = sorted(set(dim) - set(valid))
     for key in unknown:  # fit_dim builds SelectionConfig(**fit.dim): an unknown key would fail after the model loads
@@ -266,10 +258,7 @@ def _check_eval(ecfg: Any) -> None:
     if check_int(ecfg.max_new_tokens, "eval.max_new_tokens") < 1:
         raise ConfigError("eval.max_new_tokens must be >= 1")
     check_count(ecfg.batch_size, "eval.batch_size", "rows per generation batch", 16)
-    from refusal.judges import judge_names
 
     judge_names(ecfg)
     if ecfg.get("capability") is not None:
-        from refusal.capability.tasks import check_capability
-
         check_capability(ecfg.capability)

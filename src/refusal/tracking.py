@@ -15,6 +15,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from refusal.artifacts import atomic_write_text
@@ -37,9 +39,6 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
 
 def _sweep_group() -> str | None:
     try:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
-
         hc = HydraConfig.get()
         if hc.mode == RunMode.MULTIRUN:
             return Path(hc.sweep.dir).name

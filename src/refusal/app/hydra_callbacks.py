@@ -11,6 +11,10 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from refusal.errors import RefusalError
+from refusal.evaluation.search import check_search, is_optuna
+from refusal.report import write_report
+
 log = logging.getLogger(__name__)
 
 
@@ -19,9 +23,6 @@ class SweepCheck(Callback):
     any trial runs (see :mod:`refusal.evaluation.search`); other sweepers are left alone."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from refusal.errors import RefusalError
-        from refusal.evaluation.search import check_search, is_optuna
-
         if not is_optuna(config):
             return
         try:
@@ -33,8 +34,6 @@ class SweepCheck(Callback):
 
 class SweepReport(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from refusal.report import write_report
-
         sweep_dir = Path(config.hydra.sweep.dir)
         report = write_report(sweep_dir)
         print(report.markdown_table)

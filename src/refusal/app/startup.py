@@ -3,23 +3,34 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
 import logging
 import re
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from refusal.errors import RefusalError
+from hydra import initialize_config_dir
+from hydra._internal.utils import get_args_parser
+from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
+from hydra.types import RunMode
+from omegaconf import OmegaConf
+
+from refusal.errors import ConfigError, RefusalError
+from refusal.interventions.registry import INTERVENTIONS, available
+from refusal.paths import PLUGINS_DIR
 
 log = logging.getLogger("refusal")
 
 
 def in_multirun() -> bool:
     try:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
-
         return HydraConfig.get().mode == RunMode.MULTIRUN
     except (ValueError, ImportError):
         return False
@@ -53,8 +64,6 @@ def friendly_errors(main: Callable[..., Any]) -> Callable[..., Any]:
 
 def quiet_libraries() -> None:
     """Keep the console for our progress and results, not library chatter."""
-    import warnings
-
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -69,12 +78,6 @@ def register_plugin_configs(argv: list[str], conf_dir: Path) -> list[str]:
     one-file plugin works in ``-m intervention=none,my_plugin`` with no yaml anywhere. Its node is the
     class's declared ``defaults`` plus the scope keys; a ``conf/intervention/<name>.yaml`` still wins.
     The plugin folders are :data:`refusal.paths.PLUGINS_DIR` and any ``plugin_dirs=`` on the command line."""
-    from hydra.core.config_store import ConfigStore
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    from refusal.interventions.registry import INTERVENTIONS, available
-    from refusal.paths import PLUGINS_DIR
-
     dirs = [str(PLUGINS_DIR)]
     given = [a for a in argv if a.split("=", 1)[0].lstrip("+~") == "plugin_dirs"]
     if given:
@@ -104,9 +107,6 @@ CLUSTER_EXTRA = ("pip install -e '.[cluster]' adds " + ", ".join(
 
 def installed_options(group: str, conf_dir: Path) -> list[str]:
     """The options Hydra offers for ``group`` (``hydra/sweeper``...) here: its own and installed plugins'."""
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
     with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
         return sorted(GlobalHydra.instance().config_loader().get_group_options(group))
 
@@ -114,8 +114,6 @@ def installed_options(group: str, conf_dir: Path) -> list[str]:
 def _experiment_plugins(name: str, conf_dir: Path, depth: int = 0) -> dict[str, str]:
     """The launcher/sweeper an ``experiment=<name>`` config selects (``override /hydra/sweeper: optuna``),
     following the experiments it builds on."""
-    from omegaconf import OmegaConf
-
     path = conf_dir / "experiment" / f"{name}.yaml"
     if depth > 4 or not path.is_file():
         return {}
@@ -148,10 +146,6 @@ def requested_plugins(argv: list[str], conf_dir: Path) -> dict[str, str]:
 def check_hydra_plugins(argv: list[str], conf_dir: Path) -> None:
     """A launcher or sweeper that is not installed (documented or not) lists the installed ones and names
     the extra that installs the documented ones; Hydra alone would not name the extra."""
-    import importlib.util
-
-    from refusal.errors import ConfigError
-
     for group, value in requested_plugins(argv, conf_dir).items():
         package = HYDRA_PLUGINS[group].get(value)
         if package is not None and importlib.util.find_spec(package) is not None:
@@ -168,8 +162,6 @@ _NOT_A_KEY = re.compile(r"Could not override '(?P<key>(?P<group>[A-Za-z_][\w-]*)
 
 def _hydra_args(argv: list[str]) -> Any:
     """Hydra's own reading of the command line, or None where it would stop at the flags itself."""
-    from hydra._internal.utils import get_args_parser
-
     parser = get_args_parser()
 
     def refuse(message: str) -> None:
@@ -185,11 +177,6 @@ def _hydra_args(argv: list[str]) -> Any:
 def _compose(conf_dir: Path, config_name: str, overrides: list[str], multirun: bool) -> tuple[Any, str | None]:
     """The config Hydra composes for ``overrides`` (a multirun's first, with sweeps left for the jobs), or
     the message of Hydra's composition error."""
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.errors import HydraException
-    from hydra.types import RunMode
-
     with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
         loader = GlobalHydra.instance().config_loader()
         try:
@@ -202,8 +189,6 @@ def _compose(conf_dir: Path, config_name: str, overrides: list[str], multirun: b
 def _not_a_key(message: str | None, lines: list[str], choices: dict[str, str], swept: dict[str, list[str]], where: str,
                ) -> RefusalError | None:
     """Hydra's 'Could not override intervention.k ... use +' for a key of a swept group as one line naming ``++``."""
-    from refusal.errors import ConfigError
-
     match = _NOT_A_KEY.match(message or "")
     if match is None or match["group"] not in swept:
         return None
@@ -227,9 +212,6 @@ def check_multirun_overrides(argv: list[str], conf_dir: Path) -> None:
     inlp_nullspace``) stops with Hydra's 'Could not override ... use +'; that advice is wrong there (+ fails on
     the options that have the key). This says ``++`` instead, before Hydra starts; a plain run, and every other
     composition error, is left to Hydra's own message."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.types import RunMode
-
     if "--version" in argv or not any(a in ("-m", "--multirun") or a.split("=", 1)[0].lstrip("+") in
                                       ("experiment", "hydra.mode") for a in argv):
         return  # a plain run: Hydra's own message is right there

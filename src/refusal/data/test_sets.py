@@ -23,9 +23,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from refusal.data.benchmarks import benchmark, load_benchmark
+from refusal.data.hub import load_hf_column
 from refusal.data.overlap import DEFAULT_THRESHOLD, near_duplicates
 from refusal.data.pools import DataWarning
 from refusal.data.readers import read_instructions, resolve_path
+from refusal.data.sources import EMBEDDED_FILES, read_embedded
 from refusal.data.splits import InstructionSplits
 from refusal.errors import DataError
 from refusal.metrics.refusal_rate import normalize_text
@@ -51,8 +53,6 @@ def _read(name: str, cfg: Mapping[str, Any], cache_dir: str | None) -> tuple[lis
     if source not in SET_SOURCES:
         raise DataError(f"{key}.source={source!r}: choose one of {', '.join(SET_SOURCES)}")
     if source == "embedded":
-        from refusal.data.sources import EMBEDDED_FILES, read_embedded
-
         which = cfg.get("file", cfg.get("label"))
         if which not in EMBEDDED_FILES:
             raise DataError(f"{key}.file={which!r}: the embedded sets are {', '.join(EMBEDDED_FILES)}")
@@ -67,7 +67,6 @@ def _read(name: str, cfg: Mapping[str, Any], cache_dir: str | None) -> tuple[lis
         return read_instructions(resolve_path(str(path), f"{key}.dir"), "instruction", key=f"{key}.dir"), f"refusal_direction:{path}"
     if source == "pypi":
         return load_benchmark(cfg, key, cache_dir)
-    from refusal.data.hub import load_hf_column
 
     return load_hf_column(cfg, key)
 

@@ -18,13 +18,20 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
 from omegaconf import DictConfig
 
+from refusal.app.startup import quiet_libraries
 from refusal.artifacts import atomic_write_text
+from refusal.config import check_config, intervention_config, plugin_dirs
+from refusal.context import prepare
 from refusal.errors import ConfigError
+from refusal.fits import fit_for, inlp_record
 from refusal.geometry.collect import landing_at, landing_sites, probe_at
 from refusal.geometry.plots import plot_capture, plot_landing
 from refusal.geometry.stats import LANDING_THRESHOLDS, format_table
+from refusal.interventions import get_intervention
 from refusal.paths import CONF_DIR
 
 log = logging.getLogger(__name__)
@@ -58,9 +65,6 @@ class InterventionSpec:
 
 def compose_configs(specs: list[InterventionSpec], overrides: list[str], config_dir: Path = CONF_DIR) -> dict[InterventionSpec, DictConfig]:
     """The full Hydra config of each spec (the same as evaluate.py would see with those overrides)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-
     if not (config_dir / "config.yaml").is_file():
         raise ConfigError(f"no conf/config.yaml in {config_dir}: run from a checkout of refusal or pass --config-dir")
 
@@ -83,11 +87,6 @@ def compare(configs: dict[InterventionSpec, DictConfig], out_dir: Path) -> dict[
     parameters (k against the INLP rank, layers) right after fitting. Each row is written to
     geometry.json/.md as soon as it is done, so a failure later never loses what ran.
     """
-    from refusal.config import check_config, intervention_config, plugin_dirs
-    from refusal.context import prepare
-    from refusal.fits import fit_for, inlp_record
-    from refusal.interventions import get_intervention
-
     for cfg in configs.values():
         check_config(cfg)
     first = next(iter(configs.values()))
@@ -179,7 +178,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=qwen05 data=embedded")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from refusal.app.startup import quiet_libraries
 
     quiet_libraries()
     specs = [InterventionSpec.parse(t) for t in args.interventions.split(",") if t.strip()]

@@ -15,6 +15,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from refusal.errors import ConfigError
+from refusal.fitting.capture import capture_curve
 from refusal.interventions.base import Cast, Fitted, Intervention
 from refusal.interventions.scope import resolve_k
 from refusal.models.bundle import ModelBundle
@@ -164,7 +165,6 @@ class _INLPBase(Intervention):
     def expected_landing(self, delta: Tensor) -> dict[str, float] | None:
         if self.centre_name != "midpoint":
             return None
-        from refusal.fitting.capture import capture_curve
 
         W = self.tensors_at(self._layer)[0]
         capture = float(capture_curve(W, delta)[-1]) if W.shape[0] else 0.0

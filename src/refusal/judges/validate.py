@@ -12,6 +12,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
+from omegaconf import OmegaConf
+
 from refusal.errors import ConfigError, DataError
 from refusal.judges import build_judges, get_judge, judge_configs
 from refusal.judges.accuracy import judge_accuracy
@@ -20,10 +24,6 @@ from refusal.paths import conf_dir
 
 
 def _config(names: Sequence[str] | None, overrides: Sequence[str], plugin_dirs: list[str | Path]):
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf import OmegaConf
-
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         try:
             cfg = compose("config", overrides=list(overrides))

@@ -18,7 +18,9 @@ from refusal.models.architecture import residual_layout
 from refusal.models.bundle import ModelBundle
 from refusal.models.chat import ChatFormat
 from refusal.models.gguf_package import GGUFPackageSpec, dequantized_checkpoint
+from refusal.models.memory import estimate_memory
 from refusal.models.numerics import check_matmul, use_bf16_matmuls, warn_if_slow
+from refusal.models.tiny import build_tiny_model, build_tiny_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -192,8 +194,6 @@ def _dispatch(model: torch.nn.Module, device_map: str | dict[str, int | str], dt
 
 
 def _from_tiny(cfg: Mapping[str, Any]):
-    from refusal.models.tiny import build_tiny_model, build_tiny_tokenizer
-
     tokenizer = build_tiny_tokenizer()
     tiny = cfg.get("tiny", {}) or {}
     model = build_tiny_model(tokenizer, **dict(tiny))
@@ -287,8 +287,6 @@ def _set_numerics(model: torch.nn.Module, layout: Any, cfg: Mapping[str, Any], d
 def _log_memory_estimate(cfg: Mapping[str, Any], cache_dir: Path, dtype: torch.dtype, device: torch.device | None,
                          device_map: Any) -> None:
     """One line before the model loads (weights + working set vs free memory); a warning when it may not fit."""
-    from refusal.models.memory import estimate_memory
-
     try:
         estimate = estimate_memory(cfg, cache_dir, dtype, device, device_map)
     except Exception as err:  # rough figures must never stop a run

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from refusal.models.tiny import build_tiny_tokenizer, tiny_config
+
 log = logging.getLogger(__name__)
 
 GIB = float(1 << 30)
@@ -99,8 +101,6 @@ def checkpoint_config(cfg: Mapping[str, Any], cache_dir: str | Path) -> Any | No
     source = cfg.get("source")
     try:
         if source == "tiny":
-            from refusal.models.tiny import build_tiny_tokenizer, tiny_config
-
             return tiny_config(build_tiny_tokenizer(), **dict(cfg.get("tiny") or {}))
         if source == "local":
             folder = Path(str(cfg.get("path", ""))).expanduser()
