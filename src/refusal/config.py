@@ -19,7 +19,7 @@ from refusal.fitting.inlp import INLPConfig
 from refusal.fitting.leace import INSTALL_HINT
 from refusal.interventions import get_intervention
 from refusal.interventions.registry import INTERVENTIONS, available
-from refusal.interventions.scope import Scope, check_k
+from refusal.interventions.scope import Scope, check_k, check_layer
 from refusal.judges import judge_names
 from refusal.models.loader import check_placement
 from refusal.paths import CONF_DIR, PLUGINS_DIR
@@ -93,13 +93,7 @@ def _check_intervention(cfg: DictConfig, n_layers: int | None = None) -> None:
     if icfg.get("export") and (scope.layers != "all" or scope.positions != "all"):
         raise ConfigError(f"intervention.export=true bakes the ablation into every layer's weights for every token, "
                           f"but this run's scope is {scope.label()}; drop export or use layers=all positions=all")
-    if icfg.get("layer") is not None:
-        layer = check_int(icfg.layer, "intervention.layer")
-        if n_layers is not None and not 0 <= layer < n_layers:
-            raise ConfigError(
-                f"intervention.layer={layer} is out of range for a model with {n_layers} layers "
-                f"(use 0..{n_layers - 1}, or null for the DiM layer)"
-            )
+    check_layer(icfg.get("layer"), n_layers)
 
 
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")

@@ -16,6 +16,7 @@ from refusal.context import RunContext
 from refusal.evaluation.judging import Judged
 from refusal.fitting.results import Fitted
 from refusal.interventions import Intervention
+from refusal.metrics.names import BASELINE_HARMFUL_REFUSAL
 from refusal.models.bundle import ModelBundle
 
 
@@ -30,7 +31,7 @@ def versions() -> dict[str, str]:
 
 
 def warn_if_barely_refuses(bundle: ModelBundle, metrics: dict[str, Any]) -> None:
-    rate = metrics["baseline/harmful/refusal_rate"]
+    rate = metrics[BASELINE_HARMFUL_REFUSAL]
     if rate < 0.1:
         note = (f"{bundle.name} refuses only {rate:.0%} of harmful test prompts without intervention: "
                 "it barely refuses, so suppression numbers say little")

@@ -35,7 +35,7 @@ from refusal.evaluation.trial import evaluate_lean
 from refusal.fits import fit_for, inlp_record
 from refusal.geometry.collect import run_geometry
 from refusal.interventions import get_intervention
-from refusal.interventions.export import export_orthogonalized
+from refusal.metrics.names import column_metric
 from refusal.tracking import make_tracker
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ def evaluate_context(ctx: RunContext, output_dir: Path, tracker: Any = None) -> 
     # columns: the main test split's two classes, then every named test set (label: what refusal means there)
     columns = [("harmful", "harmful_test", "harmful"), ("harmless", "harmless_test", "harmless"),
                *((s.name, s.name, s.label) for s in ctx.test_sets)]
-    steer = None if cls.name == "none" else intervention.fingerprint(bundle.n_layers)
+    steer = intervention.steering_key(bundle.n_layers)
     judged = generate_and_judge(ctx, intervention, steer, columns)
     t2 = time.perf_counter()
 
@@ -74,7 +74,7 @@ def evaluate_context(ctx: RunContext, output_dir: Path, tracker: Any = None) -> 
     tf, base_tf = scores(steer), scores(None)  # the baseline's: no forward pass (the unsteered logits are kept when small)
     per_prompt = {**{k: tf["per_prompt"][k] for k in ("nll", "tokens", "kl_div", "kl_div_completion")},  # fixed order:
                   "baseline_nll": base_tf["per_prompt"]["nll"]}  # a cached entry comes back with sorted keys
-    judged.metrics.update({f"harmless/{k}": v for k, v in tf.items() if k != "per_prompt"})
+    judged.metrics.update({column_metric("harmless", k): v for k, v in tf.items() if k != "per_prompt"})
     ctx.timings["score"] += time.perf_counter() - t2
     capability = None
     if benchmarks:
@@ -96,8 +96,8 @@ def evaluate_context(ctx: RunContext, output_dir: Path, tracker: Any = None) -> 
         t3 = time.perf_counter()
         results["geometry"] = run_geometry(ctx, fitted, intervention, output_dir)
         ctx.timings["geometry"] = time.perf_counter() - t3
-    if cls.name == "dim_ablation" and cfg.intervention.get("export", False):
-        results["exported_checkpoint"] = str(export_orthogonalized(bundle, fitted.dim.unit, output_dir / "orthogonalized"))
+    if cfg.intervention.get("export", False) and (exported := intervention.export_weights(bundle, output_dir / "orthogonalized")):
+        results["exported_checkpoint"] = str(exported)
     results["timings"] = dict(ctx.timings)
     rows = completion_rows(ctx, judged)
     for row, *values in zip((r for r in rows if r["split"] == "harmless"), *per_prompt.values(), strict=True):

@@ -33,6 +33,7 @@ from refusal.evaluation.records import (
 from refusal.fitting.results import Fitted
 from refusal.interventions import Intervention
 from refusal.metrics import KLDivergence
+from refusal.metrics.names import HARMLESS_KL
 from refusal.models.bundle import ModelBundle
 from refusal.runtime.activations import batches_by_length
 from refusal.runtime.prefix import forward, prompt_prefix_cache, shared_prefix
@@ -78,7 +79,7 @@ def next_token_kl(bundle: ModelBundle, prompts: Sequence[Sequence[int]], interve
 
 def measures(key: str) -> bool:
     """Whether a lean trial reports the metric ``key`` (for checking ``optimize`` before a search starts)."""
-    return key.startswith(("harmful/", "baseline/harmful/")) or key in ("harmless/kl_div", "n_harmful", "n_harmless")
+    return key.startswith(("harmful/", "baseline/harmful/")) or key in (HARMLESS_KL, "n_harmful", "n_harmless")
 
 
 def objectives(results: dict[str, Any], keys: Sequence[str] | None) -> float | list[float] | None:
@@ -101,10 +102,10 @@ def evaluate_lean(ctx: RunContext, intervention: Intervention, fitted: Fitted, o
     """One search trial on a prepared context with a built intervention; writes results.json and
     completions.jsonl (harmful prompts) like a full evaluation, with only the lean metrics."""
     cfg, bundle = ctx.cfg, ctx.bundle
-    steer = None if intervention.name == "none" else intervention.fingerprint(bundle.n_layers)
+    steer = intervention.steering_key(bundle.n_layers)
     judged = generate_and_judge(ctx, intervention, steer, [("harmful", "harmful_test", "harmful")])
     t0 = time.perf_counter()
-    judged.metrics["harmless/kl_div"] = next_token_kl(bundle, ctx.tokens("harmless_test"), None if steer is None else intervention,
+    judged.metrics[HARMLESS_KL] = next_token_kl(bundle, ctx.tokens("harmless_test"), None if steer is None else intervention,
                                                       max(1, int(cfg.eval.batch_size) // 2))
     ctx.timings["score"] += time.perf_counter() - t0
     warn_if_barely_refuses(bundle, judged.metrics)

@@ -22,6 +22,7 @@ import json
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -30,7 +31,7 @@ from jaxtyping import Float
 from refusal.errors import ConfigError, InterventionError
 from refusal.fitting.results import DiMDirection, Fitted  # noqa: F401  (DiMDirection: kept importable from here)
 from refusal.interventions.registry import register
-from refusal.interventions.scope import Scope
+from refusal.interventions.scope import Scope, check_layer
 from refusal.models.bundle import ModelBundle
 from refusal.models.placement import module_device, module_dtype
 from refusal.runtime.hooks import Check, HookSpec, TensorFn, hooked
@@ -64,6 +65,8 @@ class Intervention:
     k_counts_inlp_directions: ClassVar[bool] = False
     #: Parameters and their defaults: the Hydra config of ``intervention=<name>`` when no yaml exists.
     defaults: ClassVar[Mapping[str, Any]] = {}
+    #: False only for a baseline: its generations are the unsteered ones (cached and compared as such).
+    steers: ClassVar[bool] = True
 
     def __init__(self, cfg: Mapping[str, Any], fitted: Fitted):
         _require_an_edit(type(self))
@@ -73,10 +76,8 @@ class Intervention:
         if missing:
             raise ConfigError(f"intervention {self.name!r} needs fitted {missing}; run train.py or let evaluate.py fit them")
         self.scope = Scope.from_config(self.cfg, self.default_layers)
-        layer = self.cfg.get("layer")
-        if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int)):
-            raise ConfigError(f"intervention.layer={layer!r} must be an integer, or null for the DiM layer")
-        self._layer = int(layer) if layer is not None else (fitted.dim.layer if fitted.dim is not None else None)
+        layer = check_layer(self.cfg.get("layer"))
+        self._layer = layer if layer is not None else (fitted.dim.layer if fitted.dim is not None else None)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -118,6 +119,15 @@ class Intervention:
         for symmetric clusters; None where there is no such prediction."""
         return None
 
+    def steering_key(self, n_layers: int) -> str | None:
+        """What steered generations are cached under (:meth:`fingerprint`); None when this does not steer."""
+        return self.fingerprint(n_layers) if self.steers else None
+
+    def export_weights(self, bundle: ModelBundle, out_dir: Path) -> Path | None:
+        """Bake the edit into a copy of the model's weights (``intervention.export=true``); None where it
+        cannot be (only an edit that is the same linear map at every layer and position can)."""
+        return None
+
     def params(self) -> dict[str, Any]:
         """Parameters worth recording in results: the config minus its name, scope only where not the default."""
         out = {k: v for k, v in self.cfg.items() if k not in ("name", "layers", "positions")}
@@ -133,7 +143,7 @@ class Intervention:
         generations are cached under it, so a changed plugin, parameter or fit never reuses them."""
         digest = hashlib.sha256()
         modules = {c.__module__ for c in type(self).__mro__ if c.__module__ not in ("builtins", "abc")}
-        for name in sorted(modules | {hooked.__module__, Scope.__module__}):
+        for name in sorted(modules | {hooked.__module__, Scope.__module__, at_positions.__module__}):
             digest.update(inspect.getsource(sys.modules[name]).encode())
         digest.update(json.dumps({"cfg": self.cfg, "layers": self.layers(n_layers), "positions": self.scope.positions},
                                  sort_keys=True, default=str).encode())

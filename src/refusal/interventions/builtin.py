@@ -8,6 +8,7 @@ Each says what it does at one layer; where it acts is its scope (see :mod:`refus
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,6 +18,7 @@ from torch import Tensor
 from refusal.errors import ConfigError
 from refusal.fitting.capture import capture_curve
 from refusal.interventions.base import Cast, Fitted, Intervention
+from refusal.interventions.export import export_orthogonalized
 from refusal.interventions.scope import resolve_k
 from refusal.models.bundle import ModelBundle
 from refusal.runtime.hooks import HookSpec, TensorFn
@@ -25,6 +27,7 @@ from refusal.runtime.hooks import HookSpec, TensorFn
 class NoIntervention(Intervention):
     name = "none"
     description = "Baseline: the unsteered model."
+    steers = False
 
     @property
     def layer(self) -> None:
@@ -88,6 +91,10 @@ class DiMAblation(Intervention):
     def residual_edit(self, layer: int, cast: Cast) -> TensorFn:
         unit = cast(self.fitted.dim.unit)
         return lambda x: project_out(x, unit)
+
+    def export_weights(self, bundle: ModelBundle, out_dir: Path) -> Path:
+        """Orthogonalized weights: every matrix writing to the residual stream has r̂ projected out."""
+        return export_orthogonalized(bundle, self.fitted.dim.unit, out_dir)
 
     write_edit = residual_edit
 

@@ -87,16 +87,26 @@ class Scope:
         if self.layers == "selected":
             if selected is None:
                 raise ConfigError("intervention.layers=selected needs a selected layer (a DiM fit or intervention.layer)")
-            if not 0 <= selected < n_layers:
-                raise ConfigError(f"intervention.layer={selected} is out of range for a model with {n_layers} layers "
-                                  f"(use 0..{n_layers - 1})")
-            return [selected]
+            return [check_layer(selected, n_layers)]
         self.check_range(n_layers)
         return list(self.layers)
 
     def label(self) -> str:
         layers = self.layers if isinstance(self.layers, str) else ",".join(map(str, self.layers))
         return f"layers={layers}, positions={self.positions}"
+
+
+def check_layer(layer: Any, n_layers: int | None = None) -> int | None:
+    """``intervention.layer``: null (the DiM layer) or a layer index, in range once the model's size is known.
+    The one check of it: the config checks, the intervention's constructor and :meth:`Scope.resolve` call it."""
+    if layer is None:
+        return None
+    if isinstance(layer, bool) or not isinstance(layer, int):
+        raise ConfigError(f"intervention.layer={layer!r} must be an integer, or null for the DiM layer")
+    if n_layers is not None and not 0 <= layer < n_layers:
+        raise ConfigError(f"intervention.layer={layer} is out of range for a model with {n_layers} layers "
+                          f"(use 0..{n_layers - 1}, or null for the DiM layer)")
+    return layer
 
 
 def resolve_k(k: Any, rank: int, what: str = "intervention.k") -> int:

@@ -7,8 +7,10 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from refusal.metrics.names import HARMFUL_REFUSAL, HARMLESS_KL
+
 #: The two coordinates of the front, both minimised.
-FRONT = ("harmful/refusal_rate", "harmless/kl_div")
+FRONT = (HARMFUL_REFUSAL, HARMLESS_KL)
 
 
 def dominates(a: Sequence[float], b: Sequence[float]) -> bool:

@@ -11,6 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from refusal.fitting.plots import save_figure  # noqa: E402
+from refusal.metrics.names import HARMFUL_REFUSAL, HARMLESS_KL, HARMLESS_PERPLEXITY, HARMLESS_REFUSAL
 
 COLOURS = {
     "none": "#555555", "actadd": "#e08214", "dim_ablation": "#b2182b",
@@ -28,7 +29,7 @@ def plot_tradeoff(rows: list[dict[str, Any]], path: Path) -> Path:
     fig, axes = plt.subplots(1, len(models), figsize=(5.2 * len(models), 4.2), squeeze=False)
     for ax, model in zip(axes[0], models, strict=False):
         for row in [r for r in rows if r["model"] == model]:
-            x, y = row.get("harmless/perplexity"), row.get("harmful/refusal_rate")
+            x, y = row.get(HARMLESS_PERPLEXITY), row.get(HARMFUL_REFUSAL)
             if x is None or y is None:
                 continue
             ax.scatter(x, 100 * y, s=60, color=_colour(row["intervention"]), edgecolor="black", lw=0.5, zorder=3)
@@ -52,21 +53,21 @@ def plot_pareto(rows: list[dict[str, Any]], path: Path) -> Path:
     fig, axes = plt.subplots(1, len(models), figsize=(5.6 * len(models), 4.4), squeeze=False)
     for ax, model in zip(axes[0], models, strict=False):
         mine = [r for r in rows if r["model"] == model
-                and r.get("harmless/kl_div") is not None and r.get("harmful/refusal_rate") is not None]
+                and r.get(HARMLESS_KL) is not None and r.get(HARMFUL_REFUSAL) is not None]
         for name in dict.fromkeys(r["intervention"] for r in mine):
-            xs = [float(r["harmless/kl_div"]) for r in mine if r["intervention"] == name]
-            ys = [100 * float(r["harmful/refusal_rate"]) for r in mine if r["intervention"] == name]
+            xs = [float(r[HARMLESS_KL]) for r in mine if r["intervention"] == name]
+            ys = [100 * float(r[HARMFUL_REFUSAL]) for r in mine if r["intervention"] == name]
             ax.scatter(xs, ys, s=28, color=_colour(name), alpha=0.75, lw=0, zorder=3, label=name)
-        front = sorted((r for r in mine if r.get("pareto")), key=lambda r: (r["harmless/kl_div"], r["harmful/refusal_rate"]))
+        front = sorted((r for r in mine if r.get("pareto")), key=lambda r: (r[HARMLESS_KL], r[HARMFUL_REFUSAL]))
         if front:
-            fx = [float(r["harmless/kl_div"]) for r in front]
-            fy = [100 * float(r["harmful/refusal_rate"]) for r in front]
+            fx = [float(r[HARMLESS_KL]) for r in front]
+            fy = [100 * float(r[HARMFUL_REFUSAL]) for r in front]
             ax.step(fx, fy, where="post", color="black", lw=1.0, alpha=0.7, zorder=2, label="Pareto front")
             ax.scatter(fx, fy, s=90, facecolor="none", edgecolor="black", lw=1.3, zorder=4)
             for r, x, y in zip(front, fx, fy, strict=True):
                 label = r["intervention"] + ("" if r["params"] == "-" else f" ({r['params']})")
                 ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=6)
-        positive = [float(r["harmless/kl_div"]) for r in mine if float(r["harmless/kl_div"]) > 0]
+        positive = [float(r[HARMLESS_KL]) for r in mine if float(r[HARMLESS_KL]) > 0]
         if positive and max(positive) / min(positive) > 100:  # KL spans decades; symlog keeps the baseline's 0
             ax.set_xscale("symlog", linthresh=min(positive))
         ax.set_title(model)
@@ -84,8 +85,8 @@ def plot_bars(rows: list[dict[str, Any]], path: Path) -> Path:
     """Harmful and harmless refusal rate per run, grouped by model."""
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), sharey=True)
     labels = [f"{r['model']}\n{r['intervention']}" + ("" if r["params"] == "-" else f"\n{r['params']}") for r in rows]
-    for ax, key, title in ((axes[0], "harmful/refusal_rate", "harmful prompts: refusal rate"),
-                           (axes[1], "harmless/refusal_rate", "harmless prompts: refusal rate (induced)")):
+    for ax, key, title in ((axes[0], HARMFUL_REFUSAL, "harmful prompts: refusal rate"),
+                           (axes[1], HARMLESS_REFUSAL, "harmless prompts: refusal rate (induced)")):
         values = [100 * (r.get(key) or 0.0) for r in rows]
         ax.bar(range(len(rows)), values, color=[_colour(r["intervention"]) for r in rows], edgecolor="black", lw=0.5)
         ax.set_xticks(range(len(rows)), labels, rotation=60, ha="right", fontsize=7)
@@ -103,7 +104,7 @@ def plot_tunability(rows: list[dict[str, Any]], path: Path) -> Path:
     fig, axes = plt.subplots(1, len(models), figsize=(5.4 * len(models), 4.4), squeeze=False)
 
     def point(row: dict[str, Any]) -> tuple[float, float] | None:
-        x, y = row.get("harmless/perplexity"), row.get("harmful/refusal_rate")
+        x, y = row.get(HARMLESS_PERPLEXITY), row.get(HARMFUL_REFUSAL)
         return None if x is None or y is None else (float(x), 100 * float(y))
 
     for ax, model in zip(axes[0], models, strict=False):

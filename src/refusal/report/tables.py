@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from refusal.artifacts import atomic_write_text
+from refusal.metrics.names import HARMFUL_REFUSAL, HARMLESS_KL, HARMLESS_PERPLEXITY, HARMLESS_REFUSAL
 from refusal.report.pareto import FRONT, dominates, mark_front, pareto_front  # noqa: F401  (kept importable from here)
 from refusal.report.plots import plot_bars, plot_pareto, plot_tradeoff
 from refusal.stats.paired import holm
@@ -28,14 +29,14 @@ COLUMNS = [
     ("intervention", "intervention"),
     ("params", "params"),
     ("layer", "layer"),
-    ("harmful/refusal_rate", "harmful refusal"),
+    (HARMFUL_REFUSAL, "harmful refusal"),
     ("harmful/refusal_rate_vs_baseline", "Δ harmful vs none"),
     (HOLM_KEY, "McNemar p (Holm)"),
     ("harmful/refusal_score", "harmful score"),
-    ("harmless/refusal_rate", "harmless refusal"),
-    ("harmless/perplexity", "harmless ppl"),
+    (HARMLESS_REFUSAL, "harmless refusal"),
+    (HARMLESS_PERPLEXITY, "harmless ppl"),
     ("harmless/perplexity_ratio_vs_baseline", "ppl ÷ none"),
-    ("harmless/kl_div", "KL"),
+    (HARMLESS_KL, "KL"),
     ("geometry/label", "lands"),
     ("n_harmful", "n"),
 ]
@@ -122,11 +123,11 @@ def columns_for(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
     judged = [k for k in keys if k.startswith("harmful/judge/") and k.endswith("/refusal_rate")
               and k.split("/")[2] not in primary]  # the primary judge's rate is the plain column
     kappas = [k for k in keys if k.startswith("judges/kappa/")]
-    cut = [key for key, _ in COLUMNS].index("harmless/refusal_rate") + 1
+    cut = [key for key, _ in COLUMNS].index(HARMLESS_REFUSAL) + 1
     extra = [(k, f"{k.split('/')[0]} refusal") for k in sets]
     extra += [(k, f"harmful refusal ({k.split('/')[2]})") for k in judged]
     extra += [(k, f"κ {k.removeprefix('judges/kappa/')}") for k in kappas]
-    at = [key for key, _ in COLUMNS].index("harmless/kl_div") + 1
+    at = [key for key, _ in COLUMNS].index(HARMLESS_KL) + 1
     capability = [(k, f"{k.split('/')[1]} {'acc' if k.endswith('/accuracy') else 'CE'}") for k in keys
                   if k.startswith("capability/") and k.endswith(("/accuracy", "/cross_entropy"))]
     return COLUMNS[:cut] + extra + COLUMNS[cut:at] + capability + COLUMNS[at:]
@@ -198,7 +199,7 @@ def write_report(sweep_dir: str | Path) -> Report:
     mark_holm(ok)
     table = markdown_table(ok)
     plots = []
-    if any(r.get("harmless/perplexity") is not None for r in ok):  # lean search trials have no perplexity
+    if any(r.get(HARMLESS_PERPLEXITY) is not None for r in ok):  # lean search trials have no perplexity
         plots.append(plot_tradeoff(ok, sweep_dir / "tradeoff.png"))
     if any(r.get("pareto") for r in ok):
         plots.append(plot_pareto(ok, sweep_dir / "pareto.png"))
