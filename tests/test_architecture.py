@@ -135,6 +135,36 @@ def test_the_import_graph_has_no_circles():
     assert cycles(edges) == []
 
 
+def package_graph(edges: dict[str, set[str]]) -> dict[str, set[str]]:
+    """The graph between the top-level modules and packages of ``refusal`` (``refusal.evaluation.run`` counts as
+    ``evaluation``); ``__main__`` modules are entry points nothing imports, so they draw no edge."""
+    def top(module: str) -> str:
+        parts = module.split(".")
+        return parts[1] if len(parts) > 1 else "refusal"
+
+    out: dict[str, set[str]] = defaultdict(set)
+    for module, targets in edges.items():
+        if module.endswith("__main__"):
+            continue
+        out[top(module)].update(top(t) for t in targets if top(t) != top(module))
+    return out
+
+
+def test_the_packages_form_layers_with_no_circles_between_them():
+    edges, _ = import_graph()
+    assert cycles(package_graph(edges)) == []
+
+
+def test_the_lower_layers_import_nothing_above_them():
+    """The bottom of docs/ARCHITECTURE.md's picture, checked: models, data and runtime know no fitting,
+    intervention, evaluation or app code; interventions know no evaluation or app code."""
+    graph = package_graph(import_graph()[0])
+    above = {"fitting", "interventions", "judges", "config", "context", "fits", "evaluation", "report", "app", "api"}
+    for low in ("models", "data", "runtime", "metrics", "stats"):
+        assert graph[low] & above == set(), low
+    assert graph["interventions"] & {"config", "context", "fits", "evaluation", "report", "app", "api"} == set()
+
+
 def test_imports_sit_at_module_top_except_optional_heavy_packages():
     _, in_functions = import_graph()
     offending = [f"{m}:{line} imports {t}" for m, line, t in in_functions if t.split(".")[0] not in LAZY_ALLOWED]
@@ -147,6 +177,8 @@ def test_compatibility_aliases_are_the_moved_modules():
 
     for old, new in MOVED.items():
         assert importlib.import_module(old) is importlib.import_module(new), old
+    documented = (REPO / "docs" / "ARCHITECTURE.md").read_text()
+    assert [old for old in MOVED if f"`{old}`" not in documented] == []
 
 
 def test_every_package_docs_architecture_names_exists():

@@ -22,7 +22,6 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from omegaconf import DictConfig
 
-from refusal.app.startup import quiet_libraries
 from refusal.artifacts import atomic_write_text
 from refusal.config import check_config, intervention_config, plugin_dirs
 from refusal.context import prepare
@@ -179,7 +178,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    quiet_libraries()
     specs = [InterventionSpec.parse(t) for t in args.interventions.split(",") if t.strip()]
     if not specs:
         parser.error("--interventions is empty")
