@@ -24,6 +24,9 @@ from refusal.judges import judge_names
 from refusal.models.loader import check_placement
 from refusal.paths import CONF_DIR, PLUGINS_DIR
 
+#: The names these checks had here before they moved to refusal.checks, for code written against them.
+_int, _number, _count, _flag = check_int, check_number, check_count, check_flag
+
 
 @dataclass(frozen=True)
 class LayerSpec:

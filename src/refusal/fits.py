@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from refusal.artifacts import artifact_exists, load_artifact, save_artifact, sha256_json
+from refusal.artifacts import artifact_exists, sha256_json
 from refusal.config import resolve_layer_spec, split_inlp_settings
 from refusal.context import RunContext, plain, prepare  # noqa: F401  (refusal.pipeline, an alias of this module, had them)
 from refusal.errors import ArtifactError, ArtifactMismatchError
@@ -71,12 +71,8 @@ def fit_dim(ctx: RunContext) -> DiMDirection:
     # Keyed by what made it: another selection config is another artifact, never a clash.
     stem = ctx.artifact_dir / (f"dim_{spec.tag}-{settings_key(selection)}" if selection else f"dim_{spec.tag}")
     expect = ctx.expect(layer_spec=spec.tag, **selection)
-    def load() -> DiMDirection:
-        tensors, meta = load_artifact(stem, expect=expect)
+    if (reused := _reuse(stem, lambda: DiMDirection.load(stem, expect))) is not None:
         log.info("reusing DiM artifact %s", stem)
-        return DiMDirection(tensors["direction"], int(meta["layer"]), int(meta["position"]))
-
-    if (reused := _reuse(stem, load)) is not None:
         return reused
     t0 = time.perf_counter()
     candidates = dim_candidates_from_means(ctx.mean("harmful_train"), ctx.mean("harmless_train"))
@@ -102,13 +98,12 @@ def fit_dim(ctx: RunContext) -> DiMDirection:
         plot_selection(result, stem.with_name(f"{stem.name}_selection.png"), title=f"{ctx.bundle.name}: DiM selection")
     else:
         layer, position = spec.layer, spec.position
-    direction = candidates[layer, position]
-    tensors["direction"] = direction
+    dim = DiMDirection(candidates[layer, position], layer, position)
     meta.update(layer=layer, position=position, seconds=time.perf_counter() - t0)
-    save_artifact(stem, tensors, meta)
+    dim.save(stem, meta, tensors)
     ctx.timings["fit_dim"] = time.perf_counter() - t0
     log.info("DiM direction: layer %d position %d (%s)", layer, position, stem)
-    return DiMDirection(direction, layer, position)
+    return dim
 
 
 # -- INLP -----------------------------------------------------------------------------------------

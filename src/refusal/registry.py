@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import sys
+from collections.abc import Callable
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Generic, TypeVar
@@ -57,8 +58,9 @@ def load_plugin_dir(folder: str | Path) -> list[str]:
 class Registry(Generic[T]):
     """Name -> class for one kind of plugin (``kind`` names it in errors)."""
 
-    def __init__(self, kind: str, entry_point_group: str):
-        self.kind, self.group = kind, entry_point_group
+    def __init__(self, kind: str, entry_point_group: str, builtins: Callable[[], None] | None = None):
+        """``builtins``: registers built-ins on first lookup, for a registry whose package does not import them."""
+        self.kind, self.group, self._builtins = kind, entry_point_group, builtins
         self.classes: dict[str, type[T]] = {}
         self._entry_points_loaded = False
         _ALL.append(self)
@@ -88,6 +90,8 @@ class Registry(Generic[T]):
 
     def available(self, plugin_dirs: list[str | Path] | None = None) -> dict[str, str]:
         """Registered names with their one-line descriptions."""
+        if self._builtins is not None:
+            self._builtins()
         for folder in plugin_dirs or []:
             load_plugin_dir(folder)
         self.load_entry_points()

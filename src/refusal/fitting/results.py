@@ -4,10 +4,13 @@ made (INLP and LEACE results own their save/load in :mod:`refusal.fitting.inlp` 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 from jaxtyping import Float
 
+from refusal.artifacts import load_artifact, save_artifact
 from refusal.fitting.inlp import INLPResult
 from refusal.fitting.leace import LEACEResult
 
@@ -23,6 +26,18 @@ class DiMDirection:
     @property
     def unit(self) -> Float[torch.Tensor, " d_model"]:
         return self.direction / self.direction.norm()
+
+    def save(self, stem: Path, meta: dict[str, Any], extra: dict[str, torch.Tensor] | None = None) -> None:
+        """``<stem>.safetensors`` + ``.json``: the direction, where it was read, and what chose it (``extra``:
+        the candidates and selection scores; ``meta``: the model, data and settings that made it)."""
+        save_artifact(stem, {**(extra or {}), "direction": self.direction},
+                      {**meta, "layer": self.layer, "position": self.position})
+
+    @classmethod
+    def load(cls, stem: Path, expect: dict[str, Any]) -> DiMDirection:
+        """The direction saved at ``stem``; an artifact made for other than ``expect`` is refused."""
+        tensors, meta = load_artifact(stem, expect=expect)
+        return cls(tensors["direction"], int(meta["layer"]), int(meta["position"]))
 
 
 @dataclass
