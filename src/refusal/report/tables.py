@@ -229,7 +229,7 @@ def write_report(sweep_dir: str | Path) -> Report:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m refusal.report", description=__doc__.splitlines()[0])
     parser.add_argument("sweep_dir", type=Path, help="a Hydra multirun folder (or any folder of run folders)")
     args = parser.parse_args(argv)
     if not args.sweep_dir.is_dir():
