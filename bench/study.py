@@ -45,6 +45,7 @@ from _common import host_info  # noqa: E402
 
 from refusal.artifacts import atomic_write_text  # noqa: E402
 from refusal.compare import RunOutcomes  # noqa: E402
+from refusal.data.benchmarks import BENCHMARKS  # noqa: E402
 from refusal.report import flat_row, load_runs, markdown_table, pareto_front  # noqa: E402
 from refusal.verdict import RULES, ClaimInputs, Rate, c1, c2, claims_table, decide  # noqa: E402
 
@@ -223,7 +224,8 @@ def _pick(rows: list[dict[str, Any]], intervention: str, **params: Any) -> dict[
 class ModelRuns:
     """Everything the report reads for one model."""
 
-    def __init__(self, mdir: Path):
+    def __init__(self, mdir: Path, column: str = "harmful"):
+        self.column = column  # the harmful column the claims are paired on
         self.fitted = json.loads((mdir / "train" / "fitted.json").read_text()) if (mdir / "train" / "fitted.json").exists() else {}
         self.rank = int(self.fitted.get("inlp_rank") or 0)
         self.main = _order(_rows(mdir / "main") + _rows(mdir / "actadd"))
@@ -235,7 +237,8 @@ class ModelRuns:
         self.alpha = _rows(mdir / "alpha")
         self.controls = {run.split("/")[0]: _row(mdir / "controls", run, r) for run, r in load_runs(mdir / "controls")
                          if r.get("status", "ok") == "ok"} if (mdir / "controls").exists() else {}
-        self.tokens = _order(_rows(mdir / "tokens"))
+        self.tokens = {int(p.name): _order(_rows(p)) for p in (mdir / "tokens").iterdir()
+                       if p.is_dir() and p.name.isdigit()} if (mdir / "tokens").exists() else {}  # budget -> main rows
         self.heldout = _order(_rows(mdir / "heldout"))
         self.heldout_raw = {r["intervention"]: r for _, r in load_runs(mdir / "heldout")} if (mdir / "heldout").exists() else {}
         self.pareto = [flat_row(r, run) for run, r in load_runs(mdir / "pareto")
@@ -263,7 +266,8 @@ class ModelRuns:
         suffix = "" if k_cap is None else f" (k={k_cap})"
         geometry = {key: g for key, label in (("nullspace", "inlp_nullspace"), ("flip", "inlp_flip"))
                     if (g := self.geometry_row(label + suffix))}
-        return ClaimInputs(baseline, ablation, flip, null, rank, by_k["inlp_flip"], by_k["inlp_nullspace"], geometry)
+        return ClaimInputs(baseline, ablation, flip, null, rank, by_k["inlp_flip"], by_k["inlp_nullspace"], geometry,
+                           self.column)
 
 
 def _controls_table(runs: dict[str, ModelRuns]) -> list[str]:
@@ -297,29 +301,71 @@ def _controls_table(runs: dict[str, ModelRuns]) -> list[str]:
     return lines
 
 
-def _token_section(runs: dict[str, ModelRuns], short: int, long: int) -> list[str]:
+CURVE_ROWS = ["none", "dim_ablation", "inlp_nullspace", "inlp_flip"]  # the rows C1 and C2 compare
+
+
+def _rate(row: dict[str, Any] | None, column: str) -> str:
+    if not row or row.get(f"{column}/refusal_rate") is None:
+        return "-"
+    lo, hi = row[f"{column}/refusal_rate_ci95"]
+    return f"{row[f'{column}/refusal_rate']:.0%} [{100 * lo:.0f}–{100 * hi:.0f}]"
+
+
+def plot_length_curve(runs: dict[str, ModelRuns], main_budget: int, path: Path) -> Path | None:
+    """Refusal rate on the verdict's column against the token budget, one line per main row, 95% Wilson bands."""
+    from refusal.fitting.plots import save_figure
+    from refusal.report_plots import _colour, plt
+
+    models = [m for m, mr in runs.items() if mr.tokens]
+    if not models:
+        return None
+    fig, axes = plt.subplots(1, len(models), figsize=(5.4 * len(models), 4.2), squeeze=False)
+    for ax, model in zip(axes[0], models, strict=True):
+        mr = runs[model]
+        by_budget = {**mr.tokens, main_budget: mr.main}
+        budgets = sorted(by_budget)
+        for name in CURVE_ROWS:
+            rows = [(b, r) for b in budgets if (r := _pick(by_budget[b], name)) and r.get(f"{mr.column}/refusal_rate") is not None]
+            if not rows:
+                continue
+            xs = [b for b, _ in rows]
+            ys = [100 * r[f"{mr.column}/refusal_rate"] for _, r in rows]
+            lo = [100 * r[f"{mr.column}/refusal_rate_ci95"][0] for _, r in rows]
+            hi = [100 * r[f"{mr.column}/refusal_rate_ci95"][1] for _, r in rows]
+            ax.plot(xs, ys, "-o", color=_colour(name), label=name, ms=4)
+            ax.fill_between(xs, lo, hi, color=_colour(name), alpha=0.15, lw=0)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(budgets, [str(b) for b in budgets])
+        ax.set_xlabel("new tokens (greedy)")
+        ax.set_ylabel(f"refusal rate on {mr.column} (%)")
+        ax.set_title(model)
+        ax.set_ylim(-2, 102)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return save_figure(fig, path)
+
+
+def _token_section(runs: dict[str, ModelRuns], main_budget: int, figures: Path) -> list[str]:
+    """The length curve: the main rows at every budget, and C1/C2 decided at each."""
     out = []
     for model, mr in runs.items():
         if not mr.tokens:
             continue
-        changed_rates, lines = 0, ["| intervention | params | " + f"{short} tokens | {long} tokens |", "|---|---|---|---|"]
-        for row in mr.tokens:
-            params = {k.split("/", 1)[1]: v for k, v in row.items() if k.startswith("params/")}
-            other = _pick(mr.main, row["intervention"], **params)
-            if other is None:
-                continue
-            a, b = other["harmful/refusal_rate"], row["harmful/refusal_rate"]
-            changed_rates += a != b
-            lines.append(f"| {row['intervention']} | {row['params']} | {a:.1%} | {b:.1%} |")
-        short_inputs, long_inputs = mr.inputs(), mr.inputs(rows=mr.tokens)
-        verdict_note = ""
-        if short_inputs and long_inputs:
-            pairs = [(c1(short_inputs), c1(long_inputs)), (c2(short_inputs), c2(long_inputs))]
-            flips = [f"{a.claim}: {a.verdict} → {b.verdict}" for a, b in pairs if a.verdict != b.verdict]
-            verdict_note = (f"C1/C2 decided on the {long}-token rows: " + ("; ".join(flips) if flips else "no verdict changes")
-                            + f" ({'; '.join(f'{b.claim} {b.evidence}' for _, b in pairs)}).")
-        out += [f"**{model}**: {changed_rates} of {len(lines) - 2} harmful refusal rates change between {short} and "
-                f"{long} new tokens. {verdict_note}", "", *lines, ""]
+        by_budget = {**mr.tokens, main_budget: mr.main}
+        budgets = sorted(by_budget)
+        lines = ["| intervention | " + " | ".join(f"{b} tokens" + (" (main)" if b == main_budget else "") for b in budgets) + " |",
+                 "|---|" + "---|" * len(budgets)]
+        for name in CURVE_ROWS:
+            lines.append(f"| {name} | " + " | ".join(_rate(_pick(by_budget[b], name), mr.column) for b in budgets) + " |")
+        for claim, rule in (("C1", c1), ("C2", c2)):
+            cells = []
+            for b in budgets:
+                inputs = mr.inputs(rows=by_budget[b])
+                cells.append(rule(inputs).verdict if inputs else "-")
+            lines.append(f"| **{claim}** verdict | " + " | ".join(cells) + " |")
+        out += [f"**{model}** (refusal on `{mr.column}`, 95% Wilson intervals):", "", *lines, ""]
+    if out and (plot := plot_length_curve(runs, main_budget, figures / "length_curve.png")):
+        out += [f"![length curve](results/{plot.name})", ""]
     return out
 
 
@@ -511,14 +557,18 @@ def render(root: Path, docs: Path, meta: dict[str, Any]) -> Path:
     figures = docs / "results"
     figures.mkdir(parents=True, exist_ok=True)
     models = [m for m in sorted(meta["models"], key=_model_order) if (root / m / "train" / "fitted.json").exists()]
-    runs = {m: ModelRuns(root / m) for m in models}
+    runs = {m: ModelRuns(root / m, meta.get("verdict_column", "harmful")) for m in models}
     short = meta["max_new_tokens"]
+    column = meta.get("verdict_column", "harmful")
     md = [
         "# Results: does INLP steer refusal like DiM? A verdict on the study's four claims", "",
         f"Generated by `python bench/study.py` on {meta['date']} ({meta['hardware']}); do not edit by hand "
         "(`python bench/study.py --render-only` re-renders from `study/`).", "",
-        f"Settings for every number below unless a row says otherwise: {meta['data']}; greedy decoding, {short} new "
-        "tokens; DiM layer and position selected on val by Arditi et al.'s rule (their prompt filter, layer prune and "
+        f"Settings for every number below unless a row says otherwise: {meta['data']}; "
+        + (f"every run also on the held-out `{column}` prompts (less the fit data's copies and near-duplicates; "
+           f"{BENCHMARKS[column].licence}, from the pinned `{BENCHMARKS[column].wheel}` wheel), the column the claims are decided on; " if column != "harmful" else "")
+        + f"the blocks' matrix products in {meta.get('matmul', 'float32')} (`model.matmul`), all else float32; "
+        f"greedy decoding, {short} new tokens; DiM layer and position selected on val by Arditi et al.'s rule (their prompt filter, layer prune and "
         "score definitions; `fit.dim` shortlist), fits on the filtered train prompts; INLP fitted "
         "at the DiM layer on all post-instruction positions, logistic classifiers, run to convergence (held-out "
         "accuracy within 0.02 of chance; `k=all` = the converged rank); INLP nullspace and flip act at the DiM layer "
@@ -549,8 +599,11 @@ def render(root: Path, docs: Path, meta: dict[str, Any]) -> Path:
     md += ["### Limits of the refusal judge", "",
            f"Refusal is a substring match on the first {short} new tokens: a refusal that starts later, a dodge that never "
            "says a stock phrase, or a moralising answer count as compliance, and a completion that quotes a phrase counts "
-           "as refusal. The token-budget check below reruns the main rows with a longer budget.", "",
-           *_token_section(runs, short, meta.get("token_budget", 128))]
+           "as refusal.", "",
+           "### Length curve: what the token budget does", "",
+           "The main rows rerun at other budgets (same prompts, judge and fits; the over-refusal column off); C1 and C2 "
+           "re-decided at each budget by the same rules.", "",
+           *(_token_section(runs, short, figures) or ["Not run yet (`python bench/study.py --steps tokens`)."]), ""]
 
     md += _control_models_section(runs)
     md += _leace_section(runs)

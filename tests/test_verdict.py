@@ -329,3 +329,28 @@ def test_the_study_renders_its_verdict_from_the_records_it_writes(tmp_path):
         rows = (tmp_path / "study" / "qwen05" / "k" / "zz" / "completions.jsonl")
         rows.write_text(rows.read_text().replace('"harmful 0"', '"another prompt"'))
         decide(study.ModelRuns(tmp_path / "study" / "qwen05").inputs())
+
+
+def test_the_study_renders_the_length_curve_with_a_verdict_per_budget(tmp_path):
+    """Planted main rows at 128 tokens and the same rows at 32 and 256: ablation suppresses only from 128 on,
+    so C1 is not applicable at 32 and holds at 128 and 256; the curve's plot is written."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import study
+
+    mdir = tmp_path / "study" / "qwen05"
+    (mdir / "train").mkdir(parents=True)
+    (mdir / "train" / "fitted.json").write_text(json.dumps({"inlp_rank": 40, "layer": 10, "n_layers": 24, "position": -1}))
+    for folder, abl in ((mdir / "main", 2), (mdir / "tokens" / "32", 30), (mdir / "tokens" / "256", 1)):
+        for i, (name, refused) in enumerate((("none", 30), ("dim_ablation", abl), ("inlp_flip", 1), ("inlp_nullspace", 25))):
+            write_run(folder / str(i), name, refused, **({"k": 40} if name.startswith("inlp") else {}))
+    meta = {"date": "2026-12-02", "hardware": "planted", "data": "planted records", "max_new_tokens": 128, "models": ["qwen05"]}
+    text = study.render(tmp_path / "study", tmp_path / "docs", meta).read_text()
+    curve = text[text.index("### Length curve"):]
+    assert "| intervention | 32 tokens | 128 tokens (main) | 256 tokens |" in curve
+    assert "| dim_ablation | 75% [60–86] | 5% [1–17] | 2% [0–13] |" in curve  # Wilson intervals of 30, 2 and 1 of 40
+    assert "| **C1** verdict | not applicable | holds | holds |" in curve
+    assert (tmp_path / "docs" / "results" / "length_curve.png").stat().st_size > 0
