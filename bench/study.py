@@ -77,6 +77,14 @@ CONTROLS = {
     "random_rank_selected": ["intervention=random_ablation", "intervention.k={rank}", "intervention.layers=selected"],
     "random_rank_all": ["intervention=random_ablation", "intervention.k={rank}"],
     "random_1_all": ["intervention=random_ablation", "intervention.k=1", "intervention.center=zero"],  # uncentred like DiM ablation
+    # INLP applied only where it was fitted (the post-instruction tokens), not on system, instruction and generated
+    # tokens it never saw; then also fitted and centred at the DiM position alone: is the damage the subspace's or
+    # the reach's and the pooled centre's?
+    "nullspace_fit_positions": ["intervention=inlp_nullspace", "intervention.positions=post_instruction"],
+    "flip_fit_positions": ["intervention=inlp_flip", "intervention.positions=post_instruction"],
+    "nullspace_at_position": ["intervention=inlp_nullspace", "intervention.positions=post_instruction", "fit.inlp.positions=selected"],
+    "flip_at_position": ["intervention=inlp_flip", "intervention.positions=post_instruction", "fit.inlp.positions=selected"],
+    "leace_erase_at_position": ["intervention=leace_erase", "intervention.positions=post_instruction", "fit.inlp.positions=selected"],
 }
 GEOMETRY_SPECS = ["none", "actadd:coeff=-1.0", "dim_ablation", "inlp_nullspace", "inlp_flip",
                   f"inlp_nullspace:k={LEGACY_K}", f"inlp_flip:k={LEGACY_K}", "dim_ablation:layers=selected",
@@ -280,6 +288,10 @@ def _controls_table(runs: dict[str, ModelRuns]) -> list[str]:
         ("C1", "flip α=3", "flip", "alpha=3.0"),
         ("C2", "nullspace at every layer (selected layer's subspace)", "nullspace", "nullspace_all"),
         ("C2", "nullspace at every layer (per-layer INLP fits)", "nullspace", "nullspace_per_layer"),
+        ("C1", "flip only at the post-instruction tokens it was fitted on", "flip", "flip_fit_positions"),
+        ("C1", "flip fitted and centred at the DiM position, applied post-instruction", "flip", "flip_at_position"),
+        ("C2", "nullspace only at the post-instruction tokens it was fitted on", "nullspace", "nullspace_fit_positions"),
+        ("C2", "nullspace fitted and centred at the DiM position, applied post-instruction", "nullspace", "nullspace_at_position"),
     ]
     models = list(runs)
     lines = ["| claim | control | " + " | ".join(models) + " |", "|---|---|" + "---|" * len(models)]
