@@ -12,7 +12,8 @@ if TYPE_CHECKING:
 
 
 def _builtins() -> None:
-    import refusal.judges.model_judge  # noqa: F401  (registers on import)
+    import refusal.judges.ensemble  # noqa: F401  (registers on import)
+    import refusal.judges.model_judge  # noqa: F401
     import refusal.judges.substring  # noqa: F401
 
 
