@@ -12,7 +12,9 @@ a strength per layer from its kernel (max_weight at max_weight_position, falling
 min_weight at min_weight_distance, nothing beyond), separate for attention and MLP writes, along
 the DiM direction, heretic's per-layer directions (``direction=per_layer``: layer l's writes use
 the direction read at block l's output) or its fractional direction index (``direction=11.3``).
-heretic reads directions at the last prompt token; here they are read at the DiM position. With
+heretic reads directions at the last prompt token; here they are read at the DiM position, and the last
+hidden state is the last block's output before the final norm (heretic's, from ``output_hidden_states``,
+is after it). With ``direction=per_layer`` the embedding (when edited) takes layer 0's direction. With
 its defaults (every weight 1 at every layer, the embedding edited, r̂ unprojected) it is
 ``dim_ablation`` exactly (tested); heretic's own choices are projected=true, embedding=false.
 
@@ -156,16 +158,15 @@ class ProjectedAblation(PlanAblation):
             if self.projected:
                 unit = projected_direction(dim.direction, means.harmless[dim.layer], f" at layer {dim.layer}")
             per_layer = dict.fromkeys(range(self.n_layers), unit)
-        else:
+        else:  # heretic: each site's unit direction, projected against its own harmless mean, then mixed
             units = _unit_rows(means.directions)
-            if self.projected:  # heretic: each site's direction projected against its own harmless mean, then mixed
-                units = torch.stack([projected_direction(u, m) if bool(torch.isfinite(u).all()) else u
-                                     for u, m in zip(units, means.harmless, strict=True)])
             if self.direction == "per_layer":  # layer l's writes: the direction read at block l's output
-                per_layer = {layer: _checked(units[layer + 1], f"{self.name}: direction at hidden state {layer + 1}")
-                             for layer in range(self.n_layers)}
+                per_layer = {layer: self._direction_at(layer + 1, units) for layer in range(self.n_layers)}
             else:
-                unit = _checked(interpolated_direction(units, self.direction), f"{self.name}: direction={self.direction}")
+                weight, whole = math.modf(self.direction + 1)
+                for site in (int(whole), int(whole) + 1)[: 2 if weight else 1]:  # only the sites it mixes
+                    units[site] = self._direction_at(site, units)
+                unit = interpolated_direction(units, self.direction)
                 per_layer = dict.fromkeys(range(self.n_layers), unit)
         plan = AblationPlan(WriteEdit(per_layer[0], 1.0, self.norm_preserving) if self.embedding else None)
         for part, kernel in self.kernels().items():

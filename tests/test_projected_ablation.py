@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 
 import pytest
@@ -14,7 +16,14 @@ from refusal.config import check_config
 from refusal.errors import ConfigError
 from refusal.interventions import DiMDirection, DiMMeans, Fitted, get_intervention
 from refusal.interventions.export import apply_plan_, export_plan, orthogonalize_
-from refusal.interventions.weighted import Kernel, column_scales, interpolated_direction, projected_direction, writer_linear
+from refusal.interventions.weighted import (
+    Kernel,
+    column_scales,
+    interpolated_direction,
+    projected_direction,
+    writer_linear,
+)
+from refusal.models.architecture import residual_layout
 
 #: Exported (float32 weights edited in float64) vs hooked (float32 activations): the same maths in another order.
 LOGIT_TOLERANCE = 1e-4
@@ -140,6 +149,11 @@ def test_a_zero_direction_at_the_chosen_site_is_refused(tiny_bundle):
     fitted.dim_means.harmful[1] = fitted.dim_means.harmless[1]  # no class difference at hidden state 1
     with pytest.raises(ConfigError, match="hidden state 1.*zero DiM direction"):
         make("weighted_ablation", fitted, direction="per_layer")
+    fitted.dim_means.harmful[3] = fitted.dim_means.harmless[3]
+    with pytest.raises(ConfigError, match="hidden state 3.*zero DiM direction"):
+        make("weighted_ablation", fitted, direction=1.5, projected=True)
+    whole = make("weighted_ablation", fitted, direction=1.0, projected=True)  # reads hidden state 2 alone: fine
+    assert bool(torch.isfinite(whole.weight_plan(tiny_bundle.n_layers).writes[(0, "attn")].unit).all())
 
 
 def test_projected_ablation_refuses_a_direction_along_the_harmless_mean(tiny_bundle):
@@ -246,3 +260,23 @@ def test_evaluate_exports_the_weighted_ablation_and_the_means_match_the_dim_fit(
         logits = reloaded(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                           position_ids=batch.position_ids).logits
     assert float((logits - hooked).abs().max()) <= LOGIT_TOLERANCE
+
+
+def test_biased_writes_are_projected_alike_in_hooks_and_weights(tiny_bundle, prompts):
+    """Output-projection biases (Qwen's attention has none, GPT-style models do): ablated, not rescaled, in both forms."""
+    model = copy.deepcopy(tiny_bundle.model)
+    g = torch.Generator().manual_seed(4)
+    layout = residual_layout(model)
+    for writer in (*layout.attn_writers, *layout.mlp_writers):
+        linear = writer_linear(writer)
+        linear.bias = torch.nn.Parameter(0.5 * torch.randn(linear.out_features, generator=g))
+    biased = dataclasses.replace(tiny_bundle, model=model, layout=layout, memo={})
+    ablation = make("weighted_ablation", fitted_for(tiny_bundle, 2), norm_preserving=True, projected=True,
+                    attn_max_weight=1.3, mlp_min_weight=0.5, mlp_min_weight_distance=2.0)
+    ids = tiny_bundle.tokenize_instructions(prompts)
+    with torch.no_grad():
+        with ablation.apply(biased):
+            hooked = forward(biased, ids)
+        edited = dataclasses.replace(biased, model=apply_plan_(copy.deepcopy(model), ablation.weight_plan(4)))
+        edited = dataclasses.replace(edited, layout=residual_layout(edited.model))
+        assert float((forward(edited, ids) - hooked).abs().max()) <= LOGIT_TOLERANCE

@@ -119,7 +119,7 @@ def interpolated_direction(
                           "and the next block's output)")
     weight, whole = math.modf(index + 1)
     i = int(whole)
-    mixed = directions[i].lerp(directions[i + 1], weight)
+    mixed = directions[i].lerp(directions[i + 1], weight) if weight else directions[i]
     return mixed / mixed.norm()
 
 
