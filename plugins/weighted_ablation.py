@@ -16,7 +16,9 @@ heretic reads directions at the last prompt token; here they are read at the DiM
 hidden state is the last block's output before the final norm (heretic's, from ``output_hidden_states``,
 is after it). With ``direction=per_layer`` the embedding (when edited) takes layer 0's direction. With
 its defaults (every weight 1 at every layer, the embedding edited, r̂ unprojected) it is
-``dim_ablation`` exactly (tested); heretic's own choices are projected=true, embedding=false.
+``dim_ablation``'s ablation (logits equal to 1e-5, tested; dim_ablation also re-projects every block
+input). heretic's own choices are projected=true and embedding=false; its default norm preservation
+(``row_normalization="full"``, rows) is not ours (columns, see :mod:`refusal.interventions.weighted`).
 
 Both are weight-expressible: ``export=true`` saves the edited checkpoint (logits equal the hooks').
 """

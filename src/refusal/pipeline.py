@@ -197,8 +197,8 @@ def fit_dim(ctx: RunContext) -> DiMDirection:
 
 
 def dim_means(ctx: RunContext, dim: DiMDirection) -> DiMMeans:
-    """The train class means at every site at DiM's position, streamed from the activation cache (DiM's own
-    inputs: fitting DiM cached them, so this extracts nothing new)."""
+    """The train class means at every site at DiM's position, streamed from the activation cache (the
+    activations DiM's own fit cached: nothing is extracted again while that cache is kept)."""
     at = dim.position + len(ctx.bundle.post_instruction_ids)
     return DiMMeans(ctx.mean("harmful_train")[:, at].float(), ctx.mean("harmless_train")[:, at].float(), dim.position)
 

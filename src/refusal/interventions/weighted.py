@@ -8,8 +8,9 @@ input neuron writes into the residual stream; for the embedding, each token's ro
 back to the length it had: grimjim's "norm-preserving biprojected abliteration", as abliterix
 1.12.2 implements it for output-side directions (``abliterix/weight_transforms.py``,
 ``apply_biprojected_transform``, the ``d.shape[0] == out_f`` branch: column norms N = ‖W‖ over
-dim 0, Ŵ − strength·û⊗(ûŴ), columns renormalised, times N). Exactly, since a rescaled column
-stays orthogonal to u: W' = (I − w·uuᵀ) W diag(s), s_j = ‖c_j‖ / ‖(I − w·uuᵀ)c_j‖. heretic
+dim 0, Ŵ − strength·û⊗(ûŴ), columns renormalised, times N), exactly (no low-rank approximation):
+W' = (I − w·uuᵀ) W diag(s), s_j = ‖c_j‖ / ‖(I − w·uuᵀ)c_j‖; at w = 1 the rescaled columns stay orthogonal
+to u, so the write still has no component along it. heretic
 1.4.0's ``row_normalization="full"`` (``heretic/model.py``, ``Model.abliterate``) differs: it
 renormalises the rows of W (one per residual coordinate) and stores the result as a rank-3 LoRA
 approximation; that variant is not implemented here.
