@@ -102,6 +102,7 @@ def _check_intervention(cfg: DictConfig, n_layers: int | None = None) -> None:
         raise ConfigError(f"intervention.alpha={icfg.alpha:g} must be >= 0 (how far past the centre an activation is "
                           "moved, towards intervention.target); to move towards the other class set intervention.target")
     _unknown_parameters(cls, set(icfg), cfg)
+    cls.check_params(OmegaConf.to_container(icfg, resolve=True), n_layers)  # a plugin's own checks, before the model loads
     if cls.k_counts_inlp_directions:  # INLP finds at most n_iterations directions: a larger k can only fail
         n_iter = cfg.fit.inlp.get("n_iterations")
         check_k(icfg.get("k"), n_iter if isinstance(n_iter, int) else None)

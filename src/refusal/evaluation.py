@@ -383,6 +383,11 @@ def evaluate_context(ctx: RunContext, output_dir: Path, tracker: Any = None) -> 
         from refusal.interventions.export import export_orthogonalized
 
         results["exported_checkpoint"] = str(export_orthogonalized(bundle, fitted.dim.unit, output_dir / "orthogonalized"))
+    elif hasattr(intervention, "weight_plan") and cfg.intervention.get("export", False):  # the weighted ablations
+        from refusal.interventions.export import export_plan
+
+        plan = intervention.weight_plan(bundle.n_layers)
+        results["exported_checkpoint"] = str(export_plan(bundle, plan, output_dir / "orthogonalized"))
     results["timings"] = dict(ctx.timings)
     rows = completion_rows(ctx, judged)
     for row, *values in zip((r for r in rows if r["split"] == "harmless"), *per_prompt.values(), strict=True):

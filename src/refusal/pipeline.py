@@ -34,7 +34,7 @@ from refusal.fitting.dim import (
 )
 from refusal.fitting.prompt_filter import FILTERED, FilterRecord, filter_splits
 from refusal.fitting.threads import FIT_THREADS
-from refusal.interventions.base import DiMDirection, Fitted
+from refusal.interventions.base import DiMDirection, DiMMeans, Fitted
 from refusal.judges import judge_configs
 from refusal.models import ModelBundle
 from refusal.models.held import held_model
@@ -196,6 +196,13 @@ def fit_dim(ctx: RunContext) -> DiMDirection:
     return DiMDirection(direction, layer, position)
 
 
+def dim_means(ctx: RunContext, dim: DiMDirection) -> DiMMeans:
+    """The train class means at every site at DiM's position, streamed from the activation cache (the
+    activations DiM's own fit cached: nothing is extracted again while that cache is kept)."""
+    at = dim.position + len(ctx.bundle.post_instruction_ids)
+    return DiMMeans(ctx.mean("harmful_train")[:, at].float(), ctx.mean("harmless_train")[:, at].float(), dim.position)
+
+
 # -- INLP -----------------------------------------------------------------------------------------
 def _inlp_data(ctx: RunContext, split: str, layer: int, position: int, positions: str) -> tuple[torch.Tensor, torch.Tensor]:
     at = position if positions == "selected" else None  # else every position, one row each
@@ -266,11 +273,13 @@ def fit_leace(ctx: RunContext, dim: DiMDirection):
 
 
 def fit(ctx: RunContext, needs: set[str] | None = None, logger: Any = None) -> Fitted:
-    """Fit (or reuse) what ``needs`` names: "dim", "inlp", "leace" (INLP and LEACE also need DiM's layer)."""
+    """Fit (or reuse) what ``needs`` names: "dim", "dim_means", "inlp", "leace" (all but DiM need DiM's layer or position)."""
     needs = {"dim", "inlp"} if needs is None else set(needs)
     fitted = Fitted()
-    if needs & {"dim", "inlp", "leace"}:
+    if needs & {"dim", "dim_means", "inlp", "leace"}:
         fitted.dim = fit_dim(ctx)
+    if "dim_means" in needs:
+        fitted.dim_means = dim_means(ctx, fitted.dim)
     if "inlp" in needs:
         fitted.inlp = fit_inlp(ctx, fitted.dim, logger=logger)
         fitted.inlp_layer = fitted.dim.layer

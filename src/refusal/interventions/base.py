@@ -51,15 +51,33 @@ class DiMDirection:
         return self.direction / self.direction.norm()
 
 
+@dataclass(frozen=True)
+class DiMMeans:
+    """The harmful and harmless mean residuals at the DiM position, at every site: index l < n_layers is
+    block l's input, index n_layers the last block's output (so index j is hidden state j, as heretic
+    counts). Their differences are the per-layer DiM directions; the harmless means are what projected
+    ablation projects out."""
+
+    harmful: Float[torch.Tensor, "sites d_model"]
+    harmless: Float[torch.Tensor, "sites d_model"]
+    position: int
+
+    @property
+    def directions(self) -> Float[torch.Tensor, "sites d_model"]:
+        return self.harmful - self.harmless
+
+
 @dataclass
 class Fitted:
     """Everything fitted that interventions may need; ``None`` where not fitted.
 
     ``inlp`` is the INLP fit at the DiM layer; ``inlp_by_layer`` holds one fit per layer when
-    ``fit.inlp.per_layer=true`` (each layer's own centre, signs and directions).
+    ``fit.inlp.per_layer=true`` (each layer's own centre, signs and directions). ``dim_means``: the
+    class means behind the DiM direction, at every layer (needs "dim_means").
     """
 
     dim: DiMDirection | None = None
+    dim_means: DiMMeans | None = None
     inlp: Any = None  # refusal.fitting.inlp.INLPResult
     inlp_layer: int | None = None
     inlp_by_layer: dict[int, Any] = field(default_factory=dict)
@@ -111,6 +129,11 @@ class Intervention:
             from refusal.interventions.registry import register
 
             register(cls)
+
+    @classmethod
+    def check_params(cls, cfg: Mapping[str, Any], n_layers: int | None) -> None:
+        """Optional: raise a :class:`ConfigError` for bad parameters before the model loads and anything is
+        fitted (``n_layers`` is the model config's, None when unknown). The default checks nothing."""
 
     # -- what subclasses provide (at least one) ------------------------------------------------
     def residual_edit(self, layer: int, cast: Cast) -> TensorFn | None:
