@@ -47,7 +47,7 @@ from refusal.artifacts import atomic_write_text  # noqa: E402
 from refusal.compare import RunOutcomes  # noqa: E402
 from refusal.data.benchmarks import BENCHMARKS  # noqa: E402
 from refusal.report import flat_row, load_runs, markdown_table, pareto_front  # noqa: E402
-from refusal.verdict import RULES, ClaimInputs, Rate, c1, c2, claims_table, decide  # noqa: E402
+from refusal.verdict import RULES, ClaimInputs, Rate, c1, c2, claims_table, decide, paired  # noqa: E402
 
 STUDY_MODELS = ["qwen05", "qwen15"]  # the packaged models that refuse
 # Negative controls: a chat model that barely refuses and a base model with no chat tuning. They get the main rows
@@ -57,7 +57,7 @@ CONTROL_MODELS = ["smollm2", "gemma3_270m"]
 # layers < n − floor(0.2·n), no prompt filter, float32 log-odds, induce >): the "before" column of the selection table.
 PICKS_BEFORE = {"qwen05": "L15P-1", "qwen15": "L22P-2"}
 SPLITS_DIR = REPO.parent / "shared" / "data" / "refusal_direction_splits"
-STEPS = ["main", "actadd", "k", "alpha", "controls", "tokens", "geometry", "leace", "heldout", "pareto"]
+STEPS = ["main", "actadd", "k", "alpha", "controls", "tokens", "geometry", "leace", "heldout", "pareto", "numerics"]
 HELDOUT_ROWS = "none,actadd,dim_ablation,inlp_nullspace,inlp_flip"
 # C3 is decided on at least 6 values of k, full rank included (refusal.verdict.C3_MIN_GRID); the converged
 # ranks are ~15-33, so the values below the rank give 6-9 points: the leading directions densely, then doublings.
@@ -158,6 +158,11 @@ class Study:
                 run_dir = out / "controls" / name
                 self.run(["evaluate.py", *args, *overrides, f"hydra.run.dir={run_dir}"], out / "controls" / f"{name}.log",
                          run_dir / "results.json")
+        if "numerics" in steps and model in opts.token_models and opts.matmul != "float32":
+            # the products' precision checked at the study's own sizes: the main rows again in float32 (refitted
+            # under float32, as a float32 study would be), paired prompt by prompt with the main rows
+            self.sweep(out, "numerics", [a for a in args if not a.startswith("model.matmul=")],
+                       ["intervention=none,dim_ablation,inlp_nullspace,inlp_flip", "model.matmul=float32", NO_GEOMETRY])
         if "tokens" in steps and model in opts.token_models:  # the length curve: one folder per budget, each resumable
             for budget in opts.token_budgets:
                 self.sweep(out / "tokens", str(budget), [a for a in args if not a.startswith("eval.max_new_tokens=")],
@@ -248,6 +253,7 @@ class ModelRuns:
         self.tokens = {int(p.name): _order(_rows(p)) for p in (mdir / "tokens").iterdir()
                        if p.is_dir() and p.name.isdigit()} if (mdir / "tokens").exists() else {}  # budget -> main rows
         self.heldout = _order(_rows(mdir / "heldout"))
+        self.numerics = _order(_rows(mdir / "numerics"))
         self.heldout_raw = {r["intervention"]: r for _, r in load_runs(mdir / "heldout")} if (mdir / "heldout").exists() else {}
         self.pareto = [flat_row(r, run) for run, r in load_runs(mdir / "pareto")
                        if r.get("status", "ok") == "ok"] if (mdir / "pareto").exists() else []
@@ -378,6 +384,31 @@ def _token_section(runs: dict[str, ModelRuns], main_budget: int, figures: Path) 
         out += [f"**{model}** (refusal on `{mr.column}`, 95% Wilson intervals):", "", *lines, ""]
     if out and (plot := plot_length_curve(runs, main_budget, figures / "length_curve.png")):
         out += [f"![length curve](results/{plot.name})", ""]
+    return out
+
+
+def _numerics_section(runs: dict[str, ModelRuns], matmul: str) -> list[str]:
+    """The main rows under float32 products beside the study's: paired differences and C1/C2 under each."""
+    out = []
+    for model, mr in runs.items():
+        if not mr.numerics:
+            continue
+        lines = [f"| intervention | {matmul} products | float32 products | Δ(float32 − {matmul}), paired |", "|---|---|---|---|"]
+        for name in CURVE_ROWS:
+            a, b = _pick(mr.main, name), _pick(mr.numerics, name)
+            if not (a and b and "outcomes" in a and "outcomes" in b):
+                continue
+            d = paired(b, a, f"{name} float32 − {matmul}", mr.column)
+            lines.append(f"| {name} | {_rate(a, mr.column)} | {_rate(b, mr.column)} | {d.as_points()} pts |")
+        rows = {name: _pick(mr.numerics, name) for name in CURVE_ROWS}
+        verdicts = ""
+        if all(r and "outcomes" in r for r in rows.values()) and (ours := mr.inputs()):
+            exact = ClaimInputs(rows["none"], rows["dim_ablation"], rows["inlp_flip"], rows["inlp_nullspace"], ours.rank,
+                                column=mr.column)
+            verdicts = " Under float32: " + "; ".join(f"{v.claim} {v.verdict} (study: {w.verdict})"
+                                                     for v, w in ((c1(exact), c1(ours)), (c2(exact), c2(ours)))) + "."
+        out += [f"**{model}** (refusal on `{mr.column}`; the float32 runs refit DiM and INLP under float32).{verdicts}", "",
+                *lines, ""]
     return out
 
 
@@ -617,6 +648,9 @@ def render(root: Path, docs: Path, meta: dict[str, Any]) -> Path:
            "re-decided at each budget by the same rules.", "",
            *(_token_section(runs, short, figures) or ["Not run yet (`python bench/study.py --steps tokens`)."]), ""]
 
+    numerics = _numerics_section(runs, meta.get("matmul", "float32"))
+    if numerics:
+        md += ["### Numerics: the study's bfloat16 products against float32 at the study's sizes", "", *numerics]
     md += _control_models_section(runs)
     md += _leace_section(runs)
     md += _selection_section(runs)
@@ -684,7 +718,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ks", nargs="+", type=int, default=KS, help="k sweep (below the converged rank)")
     parser.add_argument("--alphas", nargs="*", type=float, default=ALPHAS, help="flip α sweep at the converged rank")
     parser.add_argument("--controls", nargs="*", default=list(CONTROLS), choices=list(CONTROLS))
-    parser.add_argument("--token-models", nargs="*", default=["qwen05"], help="models whose main rows rerun at --token-budget")
+    parser.add_argument("--token-models", nargs="*", default=["qwen05"],
+                        help="models whose main rows rerun at --token-budgets and (numerics step) in float32")
     parser.add_argument("--token-budgets", nargs="*", type=int, default=[32, 64, 256, 512],
                         help="the length curve: the main rows rerun at each budget (the main budget is its own point)")
     parser.add_argument("--root", type=Path, default=REPO / "study", help="where the runs go")

@@ -344,7 +344,7 @@ def test_the_study_renders_the_length_curve_with_a_verdict_per_budget(tmp_path):
     mdir = tmp_path / "study" / "qwen05"
     (mdir / "train").mkdir(parents=True)
     (mdir / "train" / "fitted.json").write_text(json.dumps({"inlp_rank": 40, "layer": 10, "n_layers": 24, "position": -1}))
-    for folder, abl in ((mdir / "main", 2), (mdir / "tokens" / "32", 30), (mdir / "tokens" / "256", 1)):
+    for folder, abl in ((mdir / "main", 2), (mdir / "tokens" / "32", 30), (mdir / "tokens" / "256", 1), (mdir / "numerics", 4)):
         for i, (name, refused) in enumerate((("none", 30), ("dim_ablation", abl), ("inlp_flip", 1), ("inlp_nullspace", 25))):
             write_run(folder / str(i), name, refused, **({"k": 40} if name.startswith("inlp") else {}))
     meta = {"date": "2026-12-02", "hardware": "planted", "data": "planted records", "max_new_tokens": 128, "models": ["qwen05"]}
@@ -354,3 +354,6 @@ def test_the_study_renders_the_length_curve_with_a_verdict_per_budget(tmp_path):
     assert "| dim_ablation | 75% [60–86] | 5% [1–17] | 2% [0–13] |" in curve  # Wilson intervals of 30, 2 and 1 of 40
     assert "| **C1** verdict | not applicable | holds | holds |" in curve
     assert (tmp_path / "docs" / "results" / "length_curve.png").stat().st_size > 0
+    numerics = text[text.index("### Numerics"):]  # float32 rows: ablation refuses 4 of 40 where the study's refused 2
+    assert "Under float32: C1 holds (study: holds); C2 holds (study: holds)." in numerics
+    assert "| dim_ablation | 5% [1–17] | 10% [4–23] | +5.0 [" in numerics
