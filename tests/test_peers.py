@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures" / "peers"
 sys.path.insert(0, str(REPO / "bench" / "peers"))
+tomllib = pytest.importorskip("tomllib")  # Python 3.11+; the config tests read the TOML back with it
 
 from peer_configs import QWEN_DEFAULT_SYSTEM, Comparison, abliterix_settings, heretic_settings, to_toml  # noqa: E402
 from peer_inputs import (  # noqa: E402
@@ -222,3 +222,11 @@ def test_run_folder_that_is_not_empty_is_refused_before_anything_runs(tmp_path, 
     assert main(["heretic", "--smoke", "--out", str(tmp_path)]) == 2
     assert "is not empty" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old.txt"]
+
+
+def test_a_peer_that_is_not_installed_names_the_install_command(tmp_path):
+    from run_peer import run_peer
+
+    with pytest.raises(PeerInputError, match=r"not installed .* bash bench/peers/install.sh nobody"):
+        run_peer("nobody", tmp_path, None)
+    assert not (tmp_path / "peer.log").exists()

@@ -112,22 +112,22 @@ def results_records(peer: str, model: str, outcomes: Sequence[dict[str, Any]], j
             records.append({**base, "status": "failed", "error": o["reason"]})
             continue
         n = len(o["completions"])
-        records.append({**base, "status": "ok", "judge": primary, "eval": "peer",
-                        "direction_index": o["direction_index"], "duration_s": o["duration_s"],
+        records.append({**base, "status": "ok", "judge": primary, "eval": "peer", "direction_index": o["direction_index"],
                         "metrics": {**metrics, "harmless/kl_div": o["kl_divergence"], "n_harmful": n,
                                     "n_harmless": n_harmless, "peer/refusals": o["refusals"],
-                                    "peer/refusal_rate": o["refusals"] / n, "peer/base_refusal_rate": base_refusals / n}})
+                                    "peer/refusal_rate": o["refusals"] / n, "peer/base_refusal_rate": base_refusals / n,
+                                    "peer/trial_s": o["duration_s"]}})
     return records
 
 
 def read_run(run_dir: Path, judge_names: Sequence[str] = ("substring", "heretic")) -> Path:
     """Judge a peer run folder and write its report; return the report folder."""
+    from peer_inputs import compose
+
     from refusal.artifacts import atomic_write_json, atomic_write_text
     from refusal.config import plugin_dirs
     from refusal.judges import build_judges, judge_configs
     from refusal.report import write_report
-
-    from peer_inputs import compose
 
     manifest = json.loads((run_dir / "manifest.json").read_text(encoding="utf-8"))
     doc = json.loads((run_dir / "trials.json").read_text(encoding="utf-8"))

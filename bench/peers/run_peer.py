@@ -25,6 +25,7 @@ from pathlib import Path
 from peer_configs import Comparison, write_config
 from peer_inputs import SPLITS_DIR, PeerInputError, compose, model_folder, write_prompts
 from peer_readback import PeerOutputError, read_run
+
 from refusal.errors import RefusalError
 
 HERE = Path(__file__).resolve().parent
