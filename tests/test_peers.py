@@ -163,6 +163,29 @@ def test_a_recording_out_of_step_with_the_study_is_refused(peer):
         trial_outcomes(trials["trials"], records, prompts[::-1], peer)
 
 
+def test_a_trial_the_peer_pruned_is_a_failed_run_with_its_kl_never_dropped(tmp_path):
+    """abliterix prunes a trial whose KL passes kl.prune_threshold before counting refusals: it has a KL
+    entry in the recording and no completions, and must read back as a failed run that says so."""
+    run = tmp_path / "abliterix"
+    shutil.copytree(FIXTURES / "abliterix", run)
+    doc = json.loads((run / "trials.json").read_text())
+    last = doc["trials"][-1]
+    index = last["user_attrs"]["index"]
+    last["state"] = "PRUNED"
+    for key in ("refusals", "kl_divergence"):
+        last["user_attrs"].pop(key)
+    (run / "trials.json").write_text(json.dumps(doc))
+    kept = [json.loads(line) for line in (run / "completions.jsonl").read_text().splitlines()]
+    kept = [e for e in kept if not (e["trial"] == index and "responses" in e)]
+    (run / "completions.jsonl").write_text("".join(json.dumps(e) + "\n" for e in kept))
+    report = read_run(run, ["substring"])
+    kl = next(e["kl_divergence"] for e in kept if e["trial"] == index and "kl_divergence" in e)
+    failed = json.loads((report / f"abliterix_trial_{last['number']:03d}" / "results.json").read_text())
+    assert failed["status"] == "failed" and failed["error"] == f"pruned by abliterix (KL {kl:.3g})"
+    assert f"pruned by abliterix (KL {kl:.3g})" in (report / "report.md").read_text()
+    assert len((report / "report.csv").read_text().splitlines()) == len(doc["trials"])  # header + the others
+
+
 def test_our_heretic_judge_counts_the_unsteered_refusals_heretic_counted():
     from refusal.judges.substring import heretic_refusal
 
