@@ -137,7 +137,7 @@ def test_trials_read_back_with_the_peers_own_numbers(peer):
     assert [o["number"] for o in outcomes] == [t["number"] for t in trials["trials"]]
     for o, t in zip(outcomes, trials["trials"], strict=True):
         if t["state"] != "COMPLETE":
-            assert "completions" not in o and o["reason"].startswith(t["state"].lower())
+            assert "completions" not in o and t["state"] in o["reason"]
             continue
         assert o["kl_divergence"] == t["user_attrs"]["kl_divergence"]
         assert o["refusals"] == t["user_attrs"]["refusals"]
@@ -181,8 +181,8 @@ def test_a_trial_the_peer_pruned_is_a_failed_run_with_its_kl_never_dropped(tmp_p
     report = read_run(run, ["substring"])
     kl = next(e["kl_divergence"] for e in kept if e["trial"] == index and "kl_divergence" in e)
     failed = json.loads((report / f"abliterix_trial_{last['number']:03d}" / "results.json").read_text())
-    assert failed["status"] == "failed" and failed["error"] == f"pruned by abliterix (KL {kl:.3g})"
-    assert f"pruned by abliterix (KL {kl:.3g})" in (report / "report.md").read_text()
+    assert failed["status"] == "failed" and failed["error"].startswith("not completed by abliterix (Optuna state PRUNED")
+    assert failed["error"].endswith(f"; KL {kl:.3g}") and failed["error"] in (report / "report.md").read_text()
     assert len((report / "report.csv").read_text().splitlines()) == len(doc["trials"])  # header + the others
 
 

@@ -92,6 +92,9 @@ def export() -> None:
 
 
 def main() -> int:
+    if sys.argv[1:] == ["--export"]:  # after a crash or a hard stop: the journal's trials only
+        export()
+        return 0
     RefusalDetector._evaluate_keyword_result = evaluate_keyword_result
     TrialScorer.measure_kl_and_coherence = measure_kl_and_coherence
     abliterix_cli._detect_response_prefix = no_response_prefix

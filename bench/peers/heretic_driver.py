@@ -83,6 +83,9 @@ def export() -> None:
 
 
 def main() -> int:
+    if sys.argv[1:] == ["--export"]:  # after a crash or a hard stop: the journal's trials only
+        export()
+        return 0
     Evaluator.count_refusals = count_refusals
     Evaluator.get_score = get_score
     heretic_main.prompt_select = answer

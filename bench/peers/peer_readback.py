@@ -26,6 +26,9 @@ from peer_inputs import prompt_line
 
 #: The Optuna user attribute that holds each peer's direction index (None: a direction per layer).
 DIRECTION_ATTR = {"heretic": "direction_index", "abliterix": "vector_index"}
+#: Why a peer leaves a trial incomplete (from their sources), said in the failed run's error.
+STOPS = {"heretic": "it prunes only a trial stopped by Ctrl+C or --timeout",
+         "abliterix": "it prunes a trial over kl.prune_threshold, or one stopped by Ctrl+C or --timeout"}
 
 
 class PeerOutputError(ValueError):
@@ -64,7 +67,8 @@ def trial_outcomes(trials: Sequence[Mapping[str, Any]], records: Mapping[int, Ma
                                  "direction_index": attrs.get(DIRECTION_ATTR[peer]), "duration_s": t.get("duration_s")}
         if t["state"] != "COMPLETE":
             kl = records.get(attrs.get("index", -1), {}).get("kl_divergence")
-            entry["reason"] = (f"{t['state'].lower()} by {peer}" + (f" (KL {kl:.3g})" if kl is not None else ""))
+            entry["reason"] = (f"not completed by {peer} (Optuna state {t['state']}; {STOPS[peer]})"
+                               + (f"; KL {kl:.3g}" if kl is not None else ""))
             out.append(entry)
             continue
         index = attrs["index"]

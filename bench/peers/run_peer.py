@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -37,6 +38,8 @@ OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFL
 #: sweeper's n_startup_trials 8 in conf/experiment/pareto.yaml) and a smoke run of the whole pipeline.
 FULL = {"trials": 12, "startup_trials": 8, "n_test": 100, "n_fit": None, "max_new_tokens": 128, "batch_size": 32}
 SMOKE = {"trials": 2, "startup_trials": 8, "n_test": 8, "n_fit": 8, "max_new_tokens": 16, "batch_size": 8}
+#: Seconds a peer gets to stop after --timeout's Ctrl+C, before it is killed (its journal is still read).
+STOP_GRACE_S = 120
 
 
 def venv_python(peer: str) -> Path:
@@ -50,15 +53,26 @@ def run_peer(peer: str, run_dir: Path, timeout_s: float | None) -> dict:
         raise PeerInputError(f"{peer} is not installed ({python} missing); run: bash bench/peers/install.sh {peer}")
     env = {**os.environ, **OFFLINE, "HF_HOME": str(run_dir / "hf-home")}
     env.pop("PYTHONPATH", None)  # the peer must not import our sources
+    driver = [str(python), str(HERE / f"{peer}_driver.py")]
     log = run_dir / "peer.log"
     start = time.perf_counter()
     with log.open("w", encoding="utf-8") as fh:
+        proc = subprocess.Popen(driver, cwd=run_dir, env=env, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         try:
-            rc = subprocess.run([str(python), str(HERE / f"{peer}_driver.py")], cwd=run_dir, env=env, stdout=fh,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, timeout=timeout_s).returncode
-        except subprocess.TimeoutExpired:
+            rc: int | str = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:  # Ctrl+C: both peers then stop their study after the running trial
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
             rc = "timeout"
-    return {"returncode": rc, "wall_s": round(time.perf_counter() - start, 1), "log": str(log)}
+        wall = round(time.perf_counter() - start, 1)
+        if rc != 0 and not (run_dir / "trials.json").exists() and any((run_dir / "checkpoints").glob("*.jsonl")):
+            subprocess.run([*driver, "--export"], cwd=run_dir, env=env, stdout=fh, stderr=subprocess.STDOUT,
+                           stdin=subprocess.DEVNULL, check=False)  # the trials it finished, from its journal
+    return {"returncode": rc, "wall_s": wall, "log": str(log)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
