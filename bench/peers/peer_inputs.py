@@ -58,7 +58,7 @@ def write_prompt_file(path: Path, prompts: Sequence[str]) -> list[int]:
 
 def read_prompt_file(path: Path) -> list[str]:
     """The prompts as a peer reads them: stripped non-blank lines (heretic's ``load_prompts``)."""
-    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [line.strip() for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]  # as `for line in file`
 
 
 def compose(model: str, n_test: int, splits: Path = SPLITS_DIR, overrides: Sequence[str] = ()) -> Any:
