@@ -1,0 +1,57 @@
+"""A small linear model with a planted refusal direction, steered exactly as the real model is
+(:class:`refusal.fitting.steering.Steerable`): residual blocks x ← x + W_l x, ablation at every block
+input and every write, addition at one block's input, logits U x. Token 0 is "refuse": its readout is
+the planted direction, so the right answer of RDO and COSMIC is known."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from refusal.fitting.steering import Steered, unit_rows
+
+
+class PlantedLinearModel:
+    def __init__(self, harmful: Tensor, harmless: Tensor, readout: Tensor, writes: Tensor):
+        self.inputs = {"harmful": harmful, "harmless": harmless}
+        self.readout, self.writes = readout, writes  # [vocab, d], [n_layers, d, d]
+        self.n_layers, self.d_model = writes.shape[0], harmful.shape[1]
+
+    @classmethod
+    def planted(cls, d: int = 16, n: int = 24, vocab: int = 6, n_layers: int = 3, seed: int = 0,
+                strength: float = 6.0, spread: float = 1.0) -> tuple[PlantedLinearModel, Tensor]:
+        """Harmful = harmless + strength·r*; the refusal token reads r*; the writes never touch r*."""
+        g = torch.Generator().manual_seed(seed)
+        r = unit_rows(torch.randn(1, d, generator=g))[0]
+        keep = torch.eye(d) - torch.outer(r, r)  # writes act within r*'s complement
+        writes = keep @ (0.1 * torch.randn(n_layers, d, d, generator=g)) @ keep
+        base = 3.0 * keep @ torch.randn(d, generator=g)
+        harmless = base + spread * torch.randn(n, d, generator=g) @ keep
+        harmful = base + strength * r + spread * torch.randn(n, d, generator=g) @ keep
+        readout = torch.randn(vocab, d, generator=g) @ keep
+        readout[0] = 2.0 * r
+        return cls(harmful, harmless, readout, writes), r
+
+    def run(self, split: str, *, ablate: Tensor | None = None, add: Tensor | None = None,
+            add_layer: int | None = None, read: Sequence[int] = ()) -> Steered:
+        x0 = self.inputs[split]
+        steer = ablate if ablate is not None else add
+        m = 1 if steer is None else steer.shape[0]
+        x = x0.expand(m, *x0.shape)
+        unit = None if ablate is None else unit_rows(ablate)[:, None, :]
+
+        def project(v: Tensor) -> Tensor:
+            return v if unit is None else v - (v * unit).sum(-1, keepdim=True) * unit
+
+        captured = []
+        for layer in range(self.n_layers):
+            x = project(x)
+            if add is not None and layer == add_layer:
+                x = x + add[:, None, :]
+            x = x + project(x @ self.writes[layer].T)
+            if layer in read:
+                captured.append(x)
+        residuals = torch.stack(captured, dim=2) if captured else x.new_zeros(m, len(x0), 0, self.d_model)
+        return Steered(x @ self.readout.T, residuals)
