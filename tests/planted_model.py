@@ -1,7 +1,8 @@
 """A small linear model with a planted refusal direction, steered exactly as the real model is
 (:class:`refusal.fitting.steering.Steerable`): residual blocks x ← x + W_l x, ablation at every block
-input and every write, addition at one block's input, logits U x. Token 0 is "refuse": its readout is
-the planted direction, so the right answer of RDO and COSMIC is known."""
+input and every write, addition at one block's input, logits U x + c. Token 0 is "refuse" and reads
+only the planted direction r*; token 1 ("comply") wins by its bias when r* is absent. The right
+answer of RDO and COSMIC is therefore known."""
 
 from __future__ import annotations
 
@@ -14,25 +15,29 @@ from refusal.fitting.steering import Steered, unit_rows
 
 
 class PlantedLinearModel:
-    def __init__(self, harmful: Tensor, harmless: Tensor, readout: Tensor, writes: Tensor):
+    def __init__(self, harmful: Tensor, harmless: Tensor, readout: Tensor, bias: Tensor, writes: Tensor):
         self.inputs = {"harmful": harmful, "harmless": harmless}
-        self.readout, self.writes = readout, writes  # [vocab, d], [n_layers, d, d]
+        self.readout, self.bias, self.writes = readout, bias, writes  # [vocab, d], [vocab], [n_layers, d, d]
         self.n_layers, self.d_model = writes.shape[0], harmful.shape[1]
 
     @classmethod
-    def planted(cls, d: int = 16, n: int = 24, vocab: int = 6, n_layers: int = 3, seed: int = 0,
-                strength: float = 6.0, spread: float = 1.0) -> tuple[PlantedLinearModel, Tensor]:
-        """Harmful = harmless + strength·r*; the refusal token reads r*; the writes never touch r*."""
+    def planted(cls, d: int = 16, n: int = 24, vocab: int = 32, n_layers: int = 3, seed: int = 1,
+                strength: float = 4.0) -> tuple[PlantedLinearModel, Tensor]:
+        """Harmful = harmless + strength·r*; the prompts' spread, the writes and every readout but the
+        refusal token's live in r*'s complement. Harmful prompts refuse (logit 2·strength against the
+        comply bias 4), ablating r* lets them comply, adding DiM makes harmless prompts refuse, and
+        ablating any other direction moves the harmless logits (the retain loss)."""
         g = torch.Generator().manual_seed(seed)
         r = unit_rows(torch.randn(1, d, generator=g))[0]
-        keep = torch.eye(d) - torch.outer(r, r)  # writes act within r*'s complement
+        keep = torch.eye(d) - torch.outer(r, r)
         writes = keep @ (0.1 * torch.randn(n_layers, d, d, generator=g)) @ keep
-        base = 3.0 * keep @ torch.randn(d, generator=g)
-        harmless = base + spread * torch.randn(n, d, generator=g) @ keep
-        harmful = base + strength * r + spread * torch.randn(n, d, generator=g) @ keep
-        readout = torch.randn(vocab, d, generator=g) @ keep
+        harmless = torch.randn(n, d, generator=g) @ keep
+        harmful = strength * r + torch.randn(n, d, generator=g) @ keep
+        readout = 0.5 * torch.randn(vocab, d, generator=g) @ keep
         readout[0] = 2.0 * r
-        return cls(harmful, harmless, readout, writes), r
+        bias = torch.zeros(vocab)
+        bias[1] = 4.0
+        return cls(harmful, harmless, readout, bias, writes), r
 
     def run(self, split: str, *, ablate: Tensor | None = None, add: Tensor | None = None,
             add_layer: int | None = None, read: Sequence[int] = ()) -> Steered:
@@ -54,4 +59,4 @@ class PlantedLinearModel:
             if layer in read:
                 captured.append(x)
         residuals = torch.stack(captured, dim=2) if captured else x.new_zeros(m, len(x0), 0, self.d_model)
-        return Steered(x @ self.readout.T, residuals)
+        return Steered(x @ self.readout.T + self.bias, residuals)
