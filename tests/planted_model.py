@@ -22,17 +22,22 @@ class PlantedLinearModel:
 
     @classmethod
     def planted(cls, d: int = 16, n: int = 24, vocab: int = 32, n_layers: int = 3, seed: int = 1,
-                strength: float = 4.0) -> tuple[PlantedLinearModel, Tensor]:
+                strength: float = 4.0, offset: float = 0.0) -> tuple[PlantedLinearModel, Tensor]:
         """Harmful = harmless + strength·r*; the prompts' spread, the writes and every readout but the
         refusal token's live in r*'s complement. Harmful prompts refuse (logit 2·strength against the
         comply bias 4), ablating r* lets them comply, adding DiM makes harmless prompts refuse, and
-        ablating any other direction moves the harmless logits (the retain loss)."""
+        ablating any other direction moves the harmless logits (the retain loss). ``offset``: both classes
+        also share a mean along a direction off r* (residual streams' common offset, which COSMIC's
+        cosines are measured against)."""
         g = torch.Generator().manual_seed(seed)
         r = unit_rows(torch.randn(1, d, generator=g))[0]
         keep = torch.eye(d) - torch.outer(r, r)
         writes = keep @ (0.1 * torch.randn(n_layers, d, d, generator=g)) @ keep
         harmless = torch.randn(n, d, generator=g) @ keep
         harmful = strength * r + torch.randn(n, d, generator=g) @ keep
+        if offset:
+            shared = unit_rows((torch.randn(1, d, generator=g) @ keep))[0]
+            harmless, harmful = harmless + offset * shared, harmful + offset * shared
         readout = 0.5 * torch.randn(vocab, d, generator=g) @ keep
         readout[0] = 2.0 * r
         bias = torch.zeros(vocab)
