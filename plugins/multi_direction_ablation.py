@@ -37,6 +37,11 @@ class MultiDirectionAblation(Intervention):
     defaults = {"k": 2}
 
     @classmethod
+    def check_params(cls, cfg: Any, n_layers: int | None) -> None:
+        """A bad k fails before the model loads (where the core calls plugins' checks)."""
+        checked_k(cfg)
+
+    @classmethod
     def fit_extra(cls, ctx: Any, fitted: Fitted, cfg: Any) -> dict[str, Any]:
         from refusal.fitting.subspace import difference_components
 

@@ -31,6 +31,11 @@ class RDOAblation(Intervention):
     defaults = asdict(RDOConfig())
 
     @classmethod
+    def check_params(cls, cfg: Any, n_layers: int | None) -> None:
+        """Bad settings fail before the model loads (where the core calls plugins' checks)."""
+        RDOConfig.from_cfg(cfg)
+
+    @classmethod
     def fit_extra(cls, ctx: Any, fitted: Fitted, cfg: Any) -> Any:
         from refusal.fitting.rdo import fit_rdo
 

@@ -36,7 +36,7 @@ class PlantedLinearModel:
         harmless = torch.randn(n, d, generator=g) @ keep
         harmful = strength * r + torch.randn(n, d, generator=g) @ keep
         if offset:
-            shared = unit_rows((torch.randn(1, d, generator=g) @ keep))[0]
+            shared = unit_rows(torch.randn(1, d, generator=g) @ keep)[0]
             harmless, harmful = harmless + offset * shared, harmful + offset * shared
         readout = 0.5 * torch.randn(vocab, d, generator=g) @ keep
         readout[0] = 2.0 * r

@@ -12,7 +12,15 @@ from planted_model import PlantedLinearModel
 
 from refusal.config import intervention_config, plugin_dirs
 from refusal.errors import ConfigError, FitError
-from refusal.fitting.rdo import RDOConfig, cone_samples, initial_basis, model_targets, optimise, report_convergence, retain_kl
+from refusal.fitting.rdo import (
+    RDOConfig,
+    cone_samples,
+    initial_basis,
+    model_targets,
+    optimise,
+    report_convergence,
+    retain_kl,
+)
 from refusal.interventions import get_intervention
 from refusal.pipeline import fit_for, prepare
 
@@ -103,6 +111,8 @@ def test_rdo_on_the_tiny_model_is_an_artifact_reused_from_cache(compose, caplog)
     assert len(stems) == 1
     intervention = cls(icfg, fitted)
     assert intervention.params()["best_step"] == fit.best_step
+    x = ctx.activations("harmful_val", layer=1, position=-1)
+    assert float((intervention.transform(x) @ fit.basis.T).abs().max()) < 1e-4 * float(x.abs().max())  # the cone is gone
     with caplog.at_level("INFO", logger="refusal.fitting.rdo"):
         again = fit_for(ctx, cls, icfg).extra["rdo_ablation"]
     assert "reusing RDO artifact" in caplog.text

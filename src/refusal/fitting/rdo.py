@@ -122,7 +122,7 @@ def model_targets(model: Steerable, dim_direction: Float[Tensor, " d_model"], la
     return RDOTargets(ablated.argmax(-1), added.argmax(-1), plain)
 
 
-def retain_kl(steered: Float[Tensor, "... vocab"], base: Float[Tensor, "... vocab"]) -> Float[Tensor, "..."]:
+def retain_kl(steered: Float[Tensor, "*batch vocab"], base: Float[Tensor, "*batch vocab"]) -> Float[Tensor, " *batch"]:
     """KL(steered ‖ base) per row: their ``kl_div(log_softmax(base), softmax(steered))``."""
     log_p, log_q = steered.double().log_softmax(-1), base.double().log_softmax(-1)
     return (log_p.exp() * (log_p - log_q)).sum(-1)
@@ -224,7 +224,7 @@ def frozen(module: torch.nn.Module) -> Iterator[None]:
     try:
         for p, _ in flags:
             p.requires_grad_(False)
-        with torch.enable_grad():
+        with torch.inference_mode(False), torch.enable_grad():  # trainable even when called under inference mode
             yield
     finally:
         for p, flag in flags:
