@@ -17,7 +17,7 @@ from refusal.errors import ConfigError
 
 @dataclass(frozen=True)
 class LayerSpec:
-    mode: str  # auto | fixed | relative
+    mode: str  # auto | cosmic | fixed | relative
     layer: int | None
     position: int | None
     tag: str  # names the artifact: auto, L14_P-1, ...
@@ -62,8 +62,13 @@ def resolve_layer_spec(layer_cfg: Any, n_layers: int | None, n_positions: int | 
     mode = layer_cfg.get("mode")
     if mode == "auto":
         return LayerSpec("auto", None, None, "auto")
+    if mode == "cosmic":
+        from refusal.fitting.cosmic import CosmicConfig
+
+        CosmicConfig.from_layer_cfg(layer_cfg)
+        return LayerSpec("cosmic", None, None, "cosmic")
     if mode not in ("fixed", "relative"):
-        raise ConfigError(f"layer.mode={mode!r}; use layer=auto, layer=fixed or layer=relative")
+        raise ConfigError(f"layer.mode={mode!r}; use layer=auto, layer=cosmic, layer=fixed or layer=relative")
     position = _int(layer_cfg.get("position", -1), "layer.position")
     if position >= 0:
         raise ConfigError(f"layer.position={position} must be negative (an offset from the end of the prompt, -1 = last)")

@@ -34,7 +34,7 @@ from refusal.fitting.dim import (
 )
 from refusal.fitting.prompt_filter import FILTERED, FilterRecord, filter_splits
 from refusal.fitting.threads import FIT_THREADS
-from refusal.interventions.base import DiMDirection, DiMMeans, Fitted
+from refusal.interventions.base import DiMDirection, DiMMeans, Fitted, Intervention
 from refusal.judges import judge_configs
 from refusal.models import ModelBundle
 from refusal.models.held import held_model
@@ -151,6 +151,8 @@ def fit_dim(ctx: RunContext) -> DiMDirection:
     spec = resolve_layer_spec(ctx.cfg.layer, ctx.bundle.n_layers, len(ctx.bundle.post_instruction_ids))
     settings = {k: v for k, v in _plain(ctx.cfg.fit.dim).items() if k not in EXECUTION_ONLY}
     selection = {"selection": settings} if spec.mode == "auto" else {}
+    if spec.mode == "cosmic":  # its own settings (layer=cosmic), execution-only batch_size left out of the key
+        selection = {"cosmic": {k: v for k, v in _plain(ctx.cfg.layer).items() if k != "batch_size"}}
     # Keyed by what made it: another selection config is another artifact, never a clash.
     stem = ctx.artifact_dir / (f"dim_{spec.tag}-{settings_key(selection)}" if selection else f"dim_{spec.tag}")
     expect = ctx.expect(layer_spec=spec.tag, **selection)
@@ -185,6 +187,8 @@ def fit_dim(ctx: RunContext) -> DiMDirection:
         from refusal.fitting.plots import plot_selection
 
         plot_selection(result, stem.with_name(f"{stem.name}_selection.png"), title=f"{ctx.bundle.name}: DiM selection")
+    elif spec.mode == "cosmic":
+        layer, position = _select_cosmic(ctx, candidates, tensors, meta)
     else:
         layer, position = spec.layer, spec.position
     direction = candidates[layer, position]
@@ -201,6 +205,26 @@ def dim_means(ctx: RunContext, dim: DiMDirection) -> DiMMeans:
     activations DiM's own fit cached: nothing is extracted again while that cache is kept)."""
     at = dim.position + len(ctx.bundle.post_instruction_ids)
     return DiMMeans(ctx.mean("harmful_train")[:, at].float(), ctx.mean("harmless_train")[:, at].float(), dim.position)
+
+
+def _select_cosmic(ctx: RunContext, candidates: torch.Tensor, tensors: dict[str, torch.Tensor],
+                   meta: dict[str, Any]) -> tuple[int, int]:
+    """``layer=cosmic``: COSMIC's pick among the DiM candidates (read layers from the fit split's means)."""
+    from refusal.fitting.cosmic import CosmicConfig, low_similarity_layers, select_cosmic
+    from refusal.fitting.steering import BundleSteerable
+
+    cfg = CosmicConfig.from_layer_cfg(_plain(ctx.cfg.layer))
+    n_layers = ctx.bundle.n_layers
+    # the cache's residual index i + 1 is block i's output (the last: the final norm's input)
+    harm, safe = ctx.mean("harmful_train")[1:, -1], ctx.mean("harmless_train")[1:, -1]
+    read = low_similarity_layers(harm[:n_layers], safe[:n_layers], cfg.fraction)
+    n = cfg.n_prompts
+    model = BundleSteerable(ctx.bundle, {"harmful": ctx.tokens("harmful_val")[:n], "harmless": ctx.tokens("harmless_val")[:n]})
+    result = select_cosmic(candidates, model, read, cfg, max(len(model.prompts["harmful"]), len(model.prompts["harmless"])))
+    tensors.update(refusal_similarity=result.refusal_similarity, steering_similarity=result.steering_similarity, kl=result.kl)
+    meta.update(winner=result.winner(), read_layers=result.read_layers, notes=result.notes,
+                decided_by=f"COSMIC: max refusal + steering similarity among KL <= {cfg.max_kl}")
+    return result.layer, result.position
 
 
 # -- INLP -----------------------------------------------------------------------------------------
@@ -298,6 +322,8 @@ def fit_for(ctx: RunContext, cls: type, icfg: Mapping[str, Any], geometry: bool 
         selected = icfg.get("layer") if icfg.get("layer") is not None else fitted.dim.layer
         layers = Scope.from_config(icfg, cls.default_layers).resolve(ctx.bundle.n_layers, selected)
         fitted.inlp_by_layer = {layer: fit_inlp(ctx, fitted.dim, layer) for layer in layers}
+    if cls.fit_extra.__func__ is not Intervention.fit_extra.__func__:  # a plugin's own fit (multi-direction, RDO)
+        fitted.extra[cls.name] = cls.fit_extra(ctx, fitted, icfg)
     return fitted
 
 

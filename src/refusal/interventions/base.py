@@ -82,6 +82,7 @@ class Fitted:
     inlp_layer: int | None = None
     inlp_by_layer: dict[int, Any] = field(default_factory=dict)
     leace: Any = None  # refusal.fitting.leace.LEACEResult
+    extra: dict[str, Any] = field(default_factory=dict)  # an intervention's own fit (``fit_extra``), by its name
 
 
 #: What a subclass implements, at least one of: an edit placed by its scope, or its own hooks.
@@ -108,6 +109,14 @@ class Intervention:
     k_counts_inlp_directions: ClassVar[bool] = False
     #: Parameters and their defaults: the Hydra config of ``intervention=<name>`` when no yaml exists.
     defaults: ClassVar[Mapping[str, Any]] = {}
+
+    @classmethod
+    def fit_extra(cls, ctx: Any, fitted: Fitted, cfg: Mapping[str, Any]) -> Any:
+        """An intervention's own fit, for what ``needs`` cannot name (several directions, optimised ones):
+        called after the fits in ``needs`` with the run's :class:`~refusal.pipeline.RunContext` (model,
+        splits, activation cache, artifact folder) and the intervention's config; what it returns is
+        ``fitted.extra[cls.name]``. The default fits nothing (and is not called)."""
+        return None
 
     def __init__(self, cfg: Mapping[str, Any], fitted: Fitted):
         _require_an_edit(type(self))
