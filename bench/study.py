@@ -47,7 +47,7 @@ from refusal.artifacts import atomic_write_text  # noqa: E402
 from refusal.compare import RunOutcomes  # noqa: E402
 from refusal.data.benchmarks import BENCHMARKS  # noqa: E402
 from refusal.report import flat_row, load_runs, markdown_table, pareto_front  # noqa: E402
-from refusal.verdict import RULES, ClaimInputs, Rate, c1, c2, claims_table, decide, paired  # noqa: E402
+from refusal.verdict import C1_MARGIN, RULES, ClaimInputs, Rate, c1, c2, claims_table, decide, paired  # noqa: E402
 
 STUDY_MODELS = ["qwen05", "qwen15"]  # the packaged models that refuse
 # Negative controls: a chat model that barely refuses and a base model with no chat tuning. They get the main rows
@@ -57,7 +57,8 @@ CONTROL_MODELS = ["smollm2", "gemma3_270m"]
 # layers < n − floor(0.2·n), no prompt filter, float32 log-odds, induce >): the "before" column of the selection table.
 PICKS_BEFORE = {"qwen05": "L15P-1", "qwen15": "L22P-2"}
 SPLITS_DIR = REPO.parent / "shared" / "data" / "refusal_direction_splits"
-STEPS = ["main", "actadd", "k", "alpha", "controls", "tokens", "geometry", "leace", "heldout", "pareto", "numerics"]
+STEPS = ["main", "actadd", "k", "alpha", "controls", "tokens", "geometry", "leace", "methods", "heldout", "pareto",
+         "numerics"]
 HELDOUT_ROWS = "none,actadd,dim_ablation,inlp_nullspace,inlp_flip"
 # C3 is decided on at least 6 values of k, full rank included (refusal.verdict.C3_MIN_GRID); the converged
 # ranks are ~15-33, so the values below the rank give 6-9 points: the leading directions densely, then doublings.
@@ -86,6 +87,24 @@ CONTROLS = {
     "flip_at_position": ["intervention=inlp_flip", "intervention.positions=post_instruction", "fit.inlp.positions=selected"],
     "leace_erase_at_position": ["intervention=leace_erase", "intervention.positions=post_instruction", "fit.inlp.positions=selected"],
 }
+#: Methods beyond one direction (issue 27), each beside the random subspace of its size and reach (uncentred, at every
+#: layer like DiM ablation): run -> overrides. Multi-direction ablation is nested on DiM (k=1 is DiM ablation), so
+#: Δ(multi k − DiM ablation) asks whether a second direction adds anything once the first is removed.
+METHODS = {
+    "projected_ablation": ["intervention=projected_ablation"],
+    "projected_ablation_norm": ["intervention=projected_ablation", "intervention.norm_preserving=true"],
+    "multi_ablation_2": ["intervention=multi_ablation", "intervention.k=2"],
+    "multi_ablation_4": ["intervention=multi_ablation", "intervention.k=4"],
+    "rdo_direction": ["intervention=rdo_ablation", "intervention.k=1"],
+    "rdo_cone_3": ["intervention=rdo_ablation", "intervention.k=3"],
+    "random_2_all": ["intervention=random_ablation", "intervention.k=2", "intervention.center=zero"],
+    "random_3_all": ["intervention=random_ablation", "intervention.k=3", "intervention.center=zero"],
+    "random_4_all": ["intervention=random_ablation", "intervention.k=4", "intervention.center=zero"],
+}
+#: Each method's matched random control (random_1_all is a control run of the controls step).
+METHOD_CONTROLS = {"projected_ablation": "random_1_all", "projected_ablation_norm": "random_1_all",
+                   "multi_ablation_2": "random_2_all", "multi_ablation_4": "random_4_all", "rdo_direction": "random_1_all",
+                   "rdo_cone_3": "random_3_all"}
 GEOMETRY_SPECS = ["none", "actadd:coeff=-1.0", "dim_ablation", "inlp_nullspace", "inlp_flip",
                   f"inlp_nullspace:k={LEGACY_K}", f"inlp_flip:k={LEGACY_K}", "dim_ablation:layers=selected",
                   "inlp_nullspace:layers=all", "inlp_flip:layers=all"]
@@ -176,6 +195,11 @@ class Study:
             self.run(["-m", "refusal.geometry", "--interventions", "none,leace_erase,leace_flip", "--out",
                       str(out / "geometry_leace_selected"), *args, "fit.inlp.positions=selected"],
                      out / "geometry_leace_selected.log", out / "geometry_leace_selected" / "geometry.json")
+        if "methods" in steps:  # one run each, resumable one by one (an RDO fit is minutes on a CPU)
+            for name, overrides in METHODS.items():
+                run_dir = out / "methods" / name
+                self.run(["evaluate.py", *args, *overrides, NO_GEOMETRY, f"hydra.run.dir={run_dir}"],
+                         out / "methods" / f"{name}.log", run_dir / "results.json")
         if "heldout" in steps:  # fitted on the splits as always; tested on HarmBench and the over-refusal set, two judges
             n = opts.heldout_n
             self.sweep(out, "heldout", [a for a in args if not a.startswith(("data.n_test=", "eval.test_sets.overrefusal.n="))], [
@@ -254,6 +278,8 @@ class ModelRuns:
                        if p.is_dir() and p.name.isdigit()} if (mdir / "tokens").exists() else {}  # budget -> main rows
         self.heldout = _order(_rows(mdir / "heldout"))
         self.numerics = _order(_rows(mdir / "numerics"))
+        self.methods = {run.split("/")[0]: _row(mdir / "methods", run, r) for run, r in load_runs(mdir / "methods")
+                        if r.get("status", "ok") == "ok"} if (mdir / "methods").exists() else {}
         self.heldout_raw = {r["intervention"]: r for _, r in load_runs(mdir / "heldout")} if (mdir / "heldout").exists() else {}
         self.pareto = [flat_row(r, run) for run, r in load_runs(mdir / "pareto")
                        if r.get("status", "ok") == "ok"] if (mdir / "pareto").exists() else []
@@ -384,6 +410,40 @@ def _token_section(runs: dict[str, ModelRuns], main_budget: int, figures: Path) 
         out += [f"**{model}** (refusal on `{mr.column}`, 95% Wilson intervals):", "", *lines, ""]
     if out and (plot := plot_length_curve(runs, main_budget, figures / "length_curve.png")):
         out += [f"![length curve](results/{plot.name})", ""]
+    return out
+
+
+def _methods_section(runs: dict[str, ModelRuns]) -> list[str]:
+    """Methods beyond one direction, each paired against the baseline, DiM ablation and its random control."""
+    out = []
+    for model, mr in runs.items():
+        base, ablation = _pick(mr.main, "none"), _pick(mr.main, "dim_ablation")
+        if not (mr.methods and base and ablation and "outcomes" in base and "outcomes" in ablation):
+            continue
+        lines = ["| method | refusal | Δ vs baseline | Δ vs DiM ablation | Δ vs its random control | ppl ÷ baseline |",
+                 "|---|---|---|---|---|---|"]
+        for name in METHOD_CONTROLS:
+            row = mr.methods.get(name)
+            if not row or "outcomes" not in row:
+                continue
+            control = mr.methods.get(METHOD_CONTROLS[name]) or mr.controls.get(METHOD_CONTROLS[name])
+            vs_control = (f"{paired(row, control, name, mr.column).as_points()} ({METHOD_CONTROLS[name]})"
+                          if control and "outcomes" in control else "not run")
+            ppl = row.get("harmless/perplexity") / base["harmless/perplexity"] if row.get("harmless/perplexity") else float("nan")
+            lines.append(f"| {name} | {_rate(row, mr.column)} | {paired(row, base, name, mr.column).as_points()} | "
+                         f"{paired(row, ablation, name, mr.column).as_points()} | {vs_control} | {ppl:.3f} |")
+        second = [(k, mr.methods.get(f"multi_ablation_{k}")) for k in (2, 4)]
+        answers = []
+        for k, row in second:
+            if row and "outcomes" in row:
+                d = paired(row, ablation, f"multi k={k} − DiM ablation", mr.column)
+                word = ("suppresses more than DiM ablation alone" if d.hi < 0 else
+                        f"adds less than {C1_MARGIN:.0%} of refusal" if d.lo > -C1_MARGIN else "undecided at this n")
+                answers.append(f"k={k}: Δ {d.as_points()} pts → {word}")
+        question = ("Does a second direction add anything once the first is removed? " + "; ".join(answers) + "."
+                    if answers else "")
+        out += [f"**{model}** (refusal on `{mr.column}`; paired Δ in points with Newcombe 95% intervals). {question}", "",
+                *lines, ""]
     return out
 
 
@@ -576,21 +636,22 @@ def _pareto_section(runs: dict[str, ModelRuns], figures: Path, root: Path) -> li
 
 def _step_ran(model_dir: Path, step: str) -> bool:
     """Whether a study step left its output for this model (a controls step: any control)."""
-    if step == "controls":
-        return any((model_dir / "controls").glob("*/results.json"))
+    if step in ("controls", "methods"):
+        return any((model_dir / step).glob("*/results.json"))
     return (model_dir / step).is_dir() and any((model_dir / step).iterdir())
 
 
 def _commands(model_dir: Path) -> list[str]:
     """The stamped command of every step that ran for one model, in the study's step order."""
     order = ["train", "main", "actadd", "k", "alpha", "controls", "tokens", "geometry", "leace", "geometry_leace",
-             "geometry_leace_selected", "heldout", "pareto", "pareto_search"]
+             "geometry_leace_selected", "methods", "heldout", "pareto", "pareto_search", "numerics"]
 
     def rank(path: Path) -> tuple[int, str]:
         step = path.relative_to(model_dir).parts[0].removesuffix(".command")
         return (order.index(step) if step in order else len(order), str(path))
 
-    stamps = sorted([*model_dir.glob("*.command"), *model_dir.glob("controls/*.command")], key=rank)
+    stamps = sorted([*model_dir.glob("*.command"), *model_dir.glob("controls/*.command"), *model_dir.glob("methods/*.command"),
+                     *model_dir.glob("tokens/*.command")], key=rank)
     return [p.read_text().strip() for p in stamps]
 
 
@@ -648,6 +709,15 @@ def render(root: Path, docs: Path, meta: dict[str, Any]) -> Path:
            "re-decided at each budget by the same rules.", "",
            *(_token_section(runs, short, figures) or ["Not run yet (`python bench/study.py --steps tokens`)."]), ""]
 
+    methods = _methods_section(runs)
+    if methods:
+        md += ["### Beyond one direction: projected, multi-direction and optimised (RDO) ablation", "",
+               "Each method at DiM ablation's reach (every block input and attention/MLP write), beside a random "
+               "subspace of its dimension at the same reach (uncentred): projected ablation removes r̂ less its "
+               "component along the harmless mean (norm-preserving: each edited weight column keeps its length); "
+               "multi-direction ablation removes r̂ and the next k−1 principal components of the per-prompt "
+               "differences; RDO trains a direction (k=1) or a cone (k=3) with Wollschläger et al.'s losses "
+               "(first-token targets on a CPU).", "", *methods]
     numerics = _numerics_section(runs, meta.get("matmul", "float32"))
     if numerics:
         md += ["### Numerics: the study's bfloat16 products against float32 at the study's sizes", "", *numerics]

@@ -347,13 +347,21 @@ def test_the_study_renders_the_length_curve_with_a_verdict_per_budget(tmp_path):
     for folder, abl in ((mdir / "main", 2), (mdir / "tokens" / "32", 30), (mdir / "tokens" / "256", 1), (mdir / "numerics", 4)):
         for i, (name, refused) in enumerate((("none", 30), ("dim_ablation", abl), ("inlp_flip", 1), ("inlp_nullspace", 25))):
             write_run(folder / str(i), name, refused, **({"k": 40} if name.startswith("inlp") else {}))
-    meta = {"date": "2026-12-02", "hardware": "planted", "data": "planted records", "max_new_tokens": 128, "models": ["qwen05"]}
+    for name, refused in (("multi_ablation_2", 2), ("multi_ablation_4", 1), ("random_2_all", 30), ("projected_ablation", 2)):
+        write_run(mdir / "methods" / name, name.rsplit("_", 1)[0], refused)
+    meta = {"date": "2026-12-02", "hardware": "planted", "data": "planted records", "max_new_tokens": 128, "models": ["qwen05"],
+            "matmul": "bfloat16"}
     text = study.render(tmp_path / "study", tmp_path / "docs", meta).read_text()
     curve = text[text.index("### Length curve"):]
     assert "| intervention | 32 tokens | 128 tokens (main) | 256 tokens |" in curve
     assert "| dim_ablation | 75% [60–86] | 5% [1–17] | 2% [0–13] |" in curve  # Wilson intervals of 30, 2 and 1 of 40
     assert "| **C1** verdict | not applicable | holds | holds |" in curve
     assert (tmp_path / "docs" / "results" / "length_curve.png").stat().st_size > 0
+    methods = text[text.index("### Beyond one direction"):]  # multi k=2 refuses the same 2 of 40 as DiM ablation
+    assert "k=2: Δ +0.0 [-9.2, +9.2] pts → adds less than 10% of refusal" in methods
+    assert "k=4: Δ -2.5 [-13.5, +7.3] pts → undecided at this n" in methods  # one discordant prompt of 40
+    assert "| projected_ablation | 5% [1–17] | -70.0 [" in methods and "| not run | 1.000 |" in methods  # no random_1_all
+    assert "(random_2_all) | 1.000 |" in methods
     numerics = text[text.index("### Numerics"):]  # float32 rows: ablation refuses 4 of 40 where the study's refused 2
     assert "Under float32: C1 holds (study: holds); C2 holds (study: holds)." in numerics
     assert "| dim_ablation | 5% [1–17] | 10% [4–23] | +5.0 [" in numerics
