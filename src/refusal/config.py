@@ -303,3 +303,10 @@ def _check_eval(ecfg: Any) -> None:
         from refusal.capability.tasks import check_capability
 
         check_capability(ecfg.capability)
+    from refusal.constraints import parse_constraints
+
+    tasks = list((ecfg.get("capability") or {}).get("tasks") or [])
+    for c in parse_constraints(ecfg.get("constraints")):
+        if c.key.startswith("capability/") and c.key.split("/")[1] not in tasks:
+            raise ConfigError(f"eval.constraints has '{c}', but {c.key.split('/')[1]!r} is not in eval.capability.tasks "
+                              f"({tasks}); add it, e.g. eval.capability.tasks=[{c.key.split('/')[1]}]")

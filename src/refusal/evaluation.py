@@ -27,6 +27,7 @@ from refusal.artifacts import atomic_write_json, atomic_write_text, sha256_json
 from refusal.capability import enabled, evaluate_capability, load_benchmarks
 from refusal.compare import RunOutcomes, vs_baseline
 from refusal.config import check_seed, intervention_config, plugin_dirs
+from refusal.constraints import feasible, parse_constraints
 from refusal.generation import GenerationCache, Generations
 from refusal.interventions import Intervention, get_intervention
 from refusal.interventions.base import Fitted
@@ -294,6 +295,14 @@ def run_record(ctx: RunContext, intervention: Intervention, fitted: Fitted, judg
     return record
 
 
+def add_constraints(results: dict[str, Any], cfg: Any) -> None:
+    """The ``eval.constraints`` a run ran under (results.json) and whether its metrics met them (``feasible``)."""
+    constraints = parse_constraints(cfg.eval.get("constraints"))
+    if constraints:
+        results["constraints"] = [str(c) for c in constraints]
+        results["metrics"]["feasible"] = feasible(results["metrics"], constraints)
+
+
 def add_paired(results: dict[str, Any], rows: list[dict[str, Any]], steer: str | None) -> None:
     """The prompts' digests (``results["prompts"]``: what pairs two runs) and, for a steered run, its paired
     differences from its own unsteered completions on the same prompts (``…_vs_baseline`` metrics)."""
@@ -327,7 +336,7 @@ def evaluate_context(ctx: RunContext, output_dir: Path, tracker: Any = None) -> 
     cls = get_intervention(str(cfg.intervention.name), plugin_dirs(cfg))
     icfg = intervention_config(cfg)
     lean = bool(cfg.eval.get("lean", False))  # a search trial (eval=trial): refusal and next-token KL only
-    benchmarks = load_benchmarks(cfg) if enabled(cfg) and not lean else None  # missing data fails before the fit
+    benchmarks = load_benchmarks(cfg) if enabled(cfg) else None  # missing data fails before the fit
     fitted = fit_for(ctx, cls, icfg, geometry=bool(cfg.get("geometry", {}).get("enabled", False)) and not lean)
     intervention = cls(icfg, fitted)
     intervention.hook_specs(bundle)  # builds every hook once: a bad k or layer fails here, before generation
@@ -335,7 +344,7 @@ def evaluate_context(ctx: RunContext, output_dir: Path, tracker: Any = None) -> 
     if lean:
         from refusal.trial import evaluate_lean
 
-        return evaluate_lean(ctx, intervention, fitted, output_dir, tracker)
+        return evaluate_lean(ctx, intervention, fitted, output_dir, tracker, benchmarks)
 
     # columns: the main test split's two classes, then every named test set (label: what refusal means there)
     columns = [("harmful", "harmful_test", "harmful"), ("harmless", "harmless_test", "harmless"),
@@ -388,6 +397,7 @@ def evaluate_context(ctx: RunContext, output_dir: Path, tracker: Any = None) -> 
     for row, *values in zip((r for r in rows if r["split"] == "harmless"), *per_prompt.values(), strict=True):
         row.update(zip(per_prompt, values, strict=True))  # nll, tokens, kl_div, kl_div_completion, baseline_nll
     add_paired(results, rows, steer)
+    add_constraints(results, cfg)
     write_outputs(output_dir, results, rows)
     if tracker is not None:
         tracker.log_results(results, rows, images=sorted(output_dir.glob("*.png")))

@@ -175,10 +175,12 @@ def pareto_front(points: Sequence[Sequence[float | None]]) -> list[int]:
 
 def mark_front(rows: list[dict[str, Any]]) -> None:
     """Set ``row["pareto"]``: on the (harmful refusal, next-token KL) front of its model's runs, every
-    intervention and trial together (KL is only comparable within one model)."""
+    intervention and trial together (KL is only comparable within one model). A run that did not meet its
+    ``eval.constraints`` (``feasible`` false) is never on it and dominates nothing."""
     for model in dict.fromkeys(r.get("model") for r in rows):
         mine = [r for r in rows if r.get("model") == model]
-        front = set(pareto_front([tuple(r.get(k) for k in FRONT) for r in mine]))
+        front = set(pareto_front([tuple(r.get(k) for k in FRONT) if r.get("feasible", True) else (None,) * len(FRONT)
+                                  for r in mine]))
         for i, row in enumerate(mine):
             row["pareto"] = i in front
 
@@ -241,7 +243,9 @@ def write_report(sweep_dir: str | Path) -> Report:
     if any(r.get("pareto") for r in ok):
         md += ["## Pareto front: harmful refusal vs next-token KL", "",
                "Runs no other run of the same model beats on both (lower harmful refusal, lower KL on harmless "
-               "prompts), across every intervention and trial in this folder.", "", front_table(ok), ""]
+               "prompts), across every intervention and trial in this folder"
+               + (" that met its constraints (" + "; ".join(sorted({c for _, r in runs for c in r.get("constraints") or []}))
+                  + ")" if any(r.get("constraints") for _, r in runs) else "") + ".", "", front_table(ok), ""]
     if failures:
         md += ["## Failed runs", ""] + [f"- `{run}`: {err}" for run, err in failures] + [""]
     md += [f"![{p.stem}]({p.name})" for p in plots]
