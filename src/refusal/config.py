@@ -303,6 +303,12 @@ def _check_eval(ecfg: Any) -> None:
         from refusal.capability.tasks import check_capability
 
         check_capability(ecfg.capability)
+    if ecfg.get("quality") is not None:
+        _flag(ecfg.quality, "eval.quality")
+        if ecfg.quality:
+            from refusal.judges.quality import QualityScorer
+
+            QualityScorer.check(ecfg.get("quality_judge") or {})
     from refusal.constraints import parse_constraints
 
     tasks = list((ecfg.get("capability") or {}).get("tasks") or [])

@@ -33,6 +33,7 @@ from refusal.interventions import Intervention, get_intervention
 from refusal.interventions.base import Fitted
 from refusal.interventions.scope import declare_roles
 from refusal.judges import Judge, Judgement, agreement, build_judges
+from refusal.judges.quality import QualityScorer, annotate_rows, quality_metrics, score_columns
 from refusal.metrics import JudgedRefusalRate, RefusalScore, wilson_interval
 from refusal.metrics.kl import kl_per_position
 from refusal.metrics.perplexity import token_nll
@@ -337,6 +338,10 @@ def evaluate_context(ctx: RunContext, output_dir: Path, tracker: Any = None) -> 
     icfg = intervention_config(cfg)
     lean = bool(cfg.eval.get("lean", False))  # a search trial (eval=trial): refusal and next-token KL only
     benchmarks = load_benchmarks(cfg) if enabled(cfg) else None  # missing data fails before the fit
+    scorer = None
+    if cfg.eval.get("quality") and not lean:  # loads the judge model and checks its answer tokens before the fit
+        scorer = QualityScorer(cfg.eval.quality_judge, cfg.cache_dir)
+        scorer.layout()
     fitted = fit_for(ctx, cls, icfg, geometry=bool(cfg.get("geometry", {}).get("enabled", False)) and not lean)
     intervention = cls(icfg, fitted)
     intervention.hook_specs(bundle)  # builds every hook once: a bad k or layer fails here, before generation
@@ -372,6 +377,12 @@ def evaluate_context(ctx: RunContext, output_dir: Path, tracker: Any = None) -> 
         capability_metrics, capability = evaluate_capability(cfg, bundle, benchmarks, intervention, steer, output_dir)
         judged.metrics.update(capability_metrics)
         ctx.timings["capability"] = time.perf_counter() - t_cap
+    quality = {}
+    if scorer is not None:
+        t_quality = time.perf_counter()
+        quality = score_columns(scorer, ctx, judged)
+        judged.metrics.update(quality_metrics(quality))
+        ctx.timings["quality"] = time.perf_counter() - t_quality
     warn_if_barely_refuses(bundle, judged.metrics)
 
     results = run_record(ctx, intervention, fitted, judged)
@@ -394,6 +405,7 @@ def evaluate_context(ctx: RunContext, output_dir: Path, tracker: Any = None) -> 
         results["exported_checkpoint"] = str(export_orthogonalized(bundle, fitted.dim.unit, output_dir / "orthogonalized"))
     results["timings"] = dict(ctx.timings)
     rows = completion_rows(ctx, judged)
+    annotate_rows(rows, quality)
     for row, *values in zip((r for r in rows if r["split"] == "harmless"), *per_prompt.values(), strict=True):
         row.update(zip(per_prompt, values, strict=True))  # nll, tokens, kl_div, kl_div_completion, baseline_nll
     add_paired(results, rows, steer)

@@ -116,7 +116,7 @@ def _fmt(value: Any, key: str, row: dict[str, Any]) -> str:
 
 def columns_for(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
     """COLUMNS plus what the runs have: a column per test set (after harmless refusal), one per extra
-    judge on harmful prompts, the judges' κ, and each capability benchmark's accuracy with its paired
+    judge on harmful prompts, the judges' κ, the StrongREJECT-style quality of harmful columns, and each capability benchmark's accuracy with its paired
     difference from the unsteered model on the same items (after KL)."""
     keys = list(dict.fromkeys(k for row in rows for k in row))
     sets = [k for k in keys if k.endswith("/refusal_rate") and k.count("/") == 1
@@ -129,6 +129,7 @@ def columns_for(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
     extra = [(k, f"{k.split('/')[0]} refusal") for k in sets]
     extra += [(k, f"harmful refusal ({k.split('/')[2]})") for k in judged]
     extra += [(k, f"κ {k.removeprefix('judges/kappa/')}") for k in kappas]
+    extra += [(k, f"{k.split('/')[0]} quality") for k in keys if k.endswith("/quality") and k.count("/") == 1]
     at = [key for key, _ in COLUMNS].index("harmless/kl_div") + 1
     titles = {"/accuracy": "acc", "/accuracy_vs_baseline": "Δ acc vs none", "/cross_entropy": "CE"}
     capability = [(k, f"{k.split('/')[1]} {titles[suffix]}") for k in keys if k.startswith("capability/")
