@@ -15,7 +15,15 @@ import pytest
 import torch
 from conftest import REPO, random_unit
 
-from refusal.capability import MMLU_SUBJECTS, Item, continuation_logprobs, encode, evaluate_capability, load_benchmarks, predictions
+from refusal.capability import (
+    MMLU_SUBJECTS,
+    Item,
+    continuation_logprobs,
+    encode,
+    evaluate_capability,
+    load_benchmarks,
+    predictions,
+)
 from refusal.capability.run import choice_summary, requests_for, scores_for
 from refusal.capability.source import LICENSE, ensure
 from refusal.capability.tasks import (

@@ -33,11 +33,11 @@ from refusal.verdict import (
     c4,
     claims_table,
     decide,
+    rule_broken,
     rule_c1,
     rule_c2,
     rule_c3,
     rule_c3_k,
-    rule_broken,
     rule_c4,
 )
 
