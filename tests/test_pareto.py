@@ -185,6 +185,10 @@ def _error_lines(proc: subprocess.CompletedProcess) -> list[str]:
     (["experiment=pareto_actadd", "intervention.layer=null", "hydra.sweeper.direction=[minimize]"],
      "error: eval.optimize lists 2 metrics but hydra.sweeper.direction has 1; give one direction per metric, e.g. "
      "eval.optimize=[harmful/refusal_rate,harmless/kl_div] 'hydra.sweeper.direction=[minimize,minimize]'"),
+    (["experiment=pareto_actadd", "intervention.layer=null", "eval.optimize=[harmful/refusal_rate,capability/mmlu/accuracy]"],
+     "error: eval.optimize names ['capability/mmlu/accuracy'], which a lean trial (eval=trial) does not measure: it reports "
+     "harmful/* (refusal), harmless/kl_div and capability/<task>/* of the tasks in eval.capability.tasks; add the task "
+     "there, or drop eval=trial for the full metrics"),
 ])
 def test_a_search_that_cannot_work_is_one_line_before_the_first_trial(tmp_path, overrides, message):
     # the same checks as a command-line value (intervention.layer=6, intervention.alpha=inf...), on every end
