@@ -296,6 +296,19 @@ def run_record(ctx: RunContext, intervention: Intervention, fitted: Fitted, judg
     return record
 
 
+def measure_capability(ctx: RunContext, benchmarks: dict[str, Any] | None, intervention: Intervention, steer: str | None,
+                       output_dir: Path, metrics: dict[str, Any]) -> dict[str, Any] | None:
+    """The capability group (``capability/<task>/...`` into ``metrics``; the results.json record returned) when
+    ``benchmarks`` holds items, else None; timed as ``capability``."""
+    if not benchmarks:
+        return None
+    t0 = time.perf_counter()
+    found, record = evaluate_capability(ctx.cfg, ctx.bundle, benchmarks, intervention, steer, output_dir)
+    metrics.update(found)
+    ctx.timings["capability"] = time.perf_counter() - t0
+    return record
+
+
 def add_constraints(results: dict[str, Any], cfg: Any) -> None:
     """The ``eval.constraints`` a run ran under (results.json) and whether its metrics met them (``feasible``)."""
     constraints = parse_constraints(cfg.eval.get("constraints"))
@@ -371,12 +384,7 @@ def evaluate_context(ctx: RunContext, output_dir: Path, tracker: Any = None) -> 
                   "baseline_nll": base_tf["per_prompt"]["nll"]}  # a cached entry comes back with sorted keys
     judged.metrics.update({f"harmless/{k}": v for k, v in tf.items() if k != "per_prompt"})
     ctx.timings["score"] += time.perf_counter() - t2
-    capability = None
-    if benchmarks:
-        t_cap = time.perf_counter()
-        capability_metrics, capability = evaluate_capability(cfg, bundle, benchmarks, intervention, steer, output_dir)
-        judged.metrics.update(capability_metrics)
-        ctx.timings["capability"] = time.perf_counter() - t_cap
+    capability = measure_capability(ctx, benchmarks, intervention, steer, output_dir, judged.metrics)
     quality = {}
     if scorer is not None:
         t_quality = time.perf_counter()

@@ -72,10 +72,11 @@ def check_objectives(config: DictConfig) -> None:
         raise ConfigError(f"eval.optimize lists {len(keys)} metrics but hydra.sweeper.direction has {n}; give one direction "
                           f"per metric, e.g. {example}")
     if config.eval.get("lean", False):
+        from refusal.capability.tasks import configured_tasks
         from refusal.constraints import parse_constraints
         from refusal.trial import measures
 
-        tasks = list((config.eval.get("capability") or {}).get("tasks") or [])
+        tasks = configured_tasks(config.eval)
         for what, names in (("eval.optimize", list(keys)), ("eval.constraints", [c.key for c in parse_constraints(config.eval.get("constraints"))])):
             unmeasured = [k for k in names if not measures(k, tasks)]
             if unmeasured:

