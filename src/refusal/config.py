@@ -309,3 +309,17 @@ def _check_eval(ecfg: Any) -> None:
         from refusal.capability.tasks import check_capability
 
         check_capability(ecfg.capability)
+    if ecfg.get("quality") is not None:
+        _flag(ecfg.quality, "eval.quality")
+        if ecfg.quality:
+            from refusal.judges.quality import QualityScorer
+
+            QualityScorer.check(ecfg.get("quality_judge") or {})
+    from refusal.capability.tasks import configured_tasks
+    from refusal.constraints import parse_constraints
+
+    tasks = configured_tasks(ecfg)
+    for c in parse_constraints(ecfg.get("constraints")):
+        if c.key.startswith("capability/") and c.key.split("/")[1] not in tasks:
+            raise ConfigError(f"eval.constraints has '{c}', but {c.key.split('/')[1]!r} is not in eval.capability.tasks "
+                              f"({tasks}); add it, e.g. eval.capability.tasks=[{c.key.split('/')[1]}]")

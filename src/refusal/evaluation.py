@@ -27,11 +27,13 @@ from refusal.artifacts import atomic_write_json, atomic_write_text, sha256_json
 from refusal.capability import enabled, evaluate_capability, load_benchmarks
 from refusal.compare import RunOutcomes, vs_baseline
 from refusal.config import check_seed, intervention_config, plugin_dirs
+from refusal.constraints import feasible, parse_constraints
 from refusal.generation import GenerationCache, Generations
 from refusal.interventions import Intervention, get_intervention
 from refusal.interventions.base import Fitted
 from refusal.interventions.scope import declare_roles
 from refusal.judges import Judge, Judgement, agreement, build_judges
+from refusal.judges.quality import QualityScorer, annotate_rows, quality_metrics, score_columns
 from refusal.metrics import JudgedRefusalRate, RefusalScore, wilson_interval
 from refusal.metrics.kl import kl_per_position
 from refusal.metrics.perplexity import token_nll
@@ -294,6 +296,27 @@ def run_record(ctx: RunContext, intervention: Intervention, fitted: Fitted, judg
     return record
 
 
+def measure_capability(ctx: RunContext, benchmarks: dict[str, Any] | None, intervention: Intervention, steer: str | None,
+                       output_dir: Path, metrics: dict[str, Any]) -> dict[str, Any] | None:
+    """The capability group (``capability/<task>/...`` into ``metrics``; the results.json record returned) when
+    ``benchmarks`` holds items, else None; timed as ``capability``."""
+    if not benchmarks:
+        return None
+    t0 = time.perf_counter()
+    found, record = evaluate_capability(ctx.cfg, ctx.bundle, benchmarks, intervention, steer, output_dir)
+    metrics.update(found)
+    ctx.timings["capability"] = time.perf_counter() - t0
+    return record
+
+
+def add_constraints(results: dict[str, Any], cfg: Any) -> None:
+    """The ``eval.constraints`` a run ran under (results.json) and whether its metrics met them (``feasible``)."""
+    constraints = parse_constraints(cfg.eval.get("constraints"))
+    if constraints:
+        results["constraints"] = [str(c) for c in constraints]
+        results["metrics"]["feasible"] = feasible(results["metrics"], constraints)
+
+
 def add_paired(results: dict[str, Any], rows: list[dict[str, Any]], steer: str | None) -> None:
     """The prompts' digests (``results["prompts"]``: what pairs two runs) and, for a steered run, its paired
     differences from its own unsteered completions on the same prompts (``…_vs_baseline`` metrics)."""
@@ -327,7 +350,11 @@ def evaluate_context(ctx: RunContext, output_dir: Path, tracker: Any = None) -> 
     cls = get_intervention(str(cfg.intervention.name), plugin_dirs(cfg))
     icfg = intervention_config(cfg)
     lean = bool(cfg.eval.get("lean", False))  # a search trial (eval=trial): refusal and next-token KL only
-    benchmarks = load_benchmarks(cfg) if enabled(cfg) and not lean else None  # missing data fails before the fit
+    benchmarks = load_benchmarks(cfg) if enabled(cfg) else None  # missing data fails before the fit
+    scorer = None
+    if cfg.eval.get("quality") and not lean:  # loads the judge model and checks its answer tokens before the fit
+        scorer = QualityScorer(cfg.eval.quality_judge, cfg.cache_dir)
+        scorer.layout()
     fitted = fit_for(ctx, cls, icfg, geometry=bool(cfg.get("geometry", {}).get("enabled", False)) and not lean)
     intervention = cls(icfg, fitted)
     intervention.hook_specs(bundle)  # builds every hook once: a bad k or layer fails here, before generation
@@ -335,7 +362,7 @@ def evaluate_context(ctx: RunContext, output_dir: Path, tracker: Any = None) -> 
     if lean:
         from refusal.trial import evaluate_lean
 
-        return evaluate_lean(ctx, intervention, fitted, output_dir, tracker)
+        return evaluate_lean(ctx, intervention, fitted, output_dir, tracker, benchmarks)
 
     # columns: the main test split's two classes, then every named test set (label: what refusal means there)
     columns = [("harmful", "harmful_test", "harmful"), ("harmless", "harmless_test", "harmless"),
@@ -357,12 +384,13 @@ def evaluate_context(ctx: RunContext, output_dir: Path, tracker: Any = None) -> 
                   "baseline_nll": base_tf["per_prompt"]["nll"]}  # a cached entry comes back with sorted keys
     judged.metrics.update({f"harmless/{k}": v for k, v in tf.items() if k != "per_prompt"})
     ctx.timings["score"] += time.perf_counter() - t2
-    capability = None
-    if benchmarks:
-        t_cap = time.perf_counter()
-        capability_metrics, capability = evaluate_capability(cfg, bundle, benchmarks, intervention, steer, output_dir)
-        judged.metrics.update(capability_metrics)
-        ctx.timings["capability"] = time.perf_counter() - t_cap
+    capability = measure_capability(ctx, benchmarks, intervention, steer, output_dir, judged.metrics)
+    quality = {}
+    if scorer is not None:
+        t_quality = time.perf_counter()
+        quality = score_columns(scorer, ctx, judged)
+        judged.metrics.update(quality_metrics(quality))
+        ctx.timings["quality"] = time.perf_counter() - t_quality
     warn_if_barely_refuses(bundle, judged.metrics)
 
     results = run_record(ctx, intervention, fitted, judged)
@@ -390,9 +418,11 @@ def evaluate_context(ctx: RunContext, output_dir: Path, tracker: Any = None) -> 
         results["exported_checkpoint"] = str(export_plan(bundle, plan, output_dir / "orthogonalized"))
     results["timings"] = dict(ctx.timings)
     rows = completion_rows(ctx, judged)
+    annotate_rows(rows, quality)
     for row, *values in zip((r for r in rows if r["split"] == "harmless"), *per_prompt.values(), strict=True):
         row.update(zip(per_prompt, values, strict=True))  # nll, tokens, kl_div, kl_div_completion, baseline_nll
     add_paired(results, rows, steer)
+    add_constraints(results, cfg)
     write_outputs(output_dir, results, rows)
     if tracker is not None:
         tracker.log_results(results, rows, images=sorted(output_dir.glob("*.png")))

@@ -81,6 +81,11 @@ class Item:
         return self.shots + self.query
 
 
+def configured_tasks(ecfg: Any) -> list[str]:
+    """``eval.capability.tasks`` as a list ([] when the group or the key is absent)."""
+    return list((ecfg.get("capability") or {}).get("tasks") or [])
+
+
 def check_capability(ccfg: Any) -> None:
     """``eval.capability``: known tasks and subjects (checked before the model loads), sane counts."""
     from refusal.config import _count
