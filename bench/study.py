@@ -66,6 +66,7 @@ KS = [1, 2, 4, 6, 8, 12, 16, 24]
 ALPHAS = [0.5, 1.5, 2.0, 3.0]
 LEGACY_K = 16  # INLP's old iteration default: the "today's setting" column of the verdict
 NO_GEOMETRY = "geometry.enabled=false"
+NO_OVERREFUSAL = "eval.test_sets.overrefusal=null"  # sweeps that C3 and the tunability plot read: over-refusal not needed
 
 #: Control runs: name -> overrides ({rank} is the converged INLP rank). What each one separates:
 CONTROLS = {
@@ -168,9 +169,11 @@ class Study:
             self.sweep(out, "actadd", args, ["intervention=actadd", "intervention.coeff=-1.0,1.0"])
         ks = [k for k in opts.ks if k < rank]
         if "k" in steps and ks:
-            self.sweep(out, "k", args, [swept("intervention", opts.k_interventions), swept("intervention.k", ks), NO_GEOMETRY])
+            self.sweep(out, "k", args, [swept("intervention", opts.k_interventions), swept("intervention.k", ks), NO_GEOMETRY,
+                                        NO_OVERREFUSAL])
         if "alpha" in steps and opts.alphas:
-            self.sweep(out, "alpha", args, ["intervention=inlp_flip", swept("intervention.alpha", opts.alphas), NO_GEOMETRY])
+            self.sweep(out, "alpha", args, ["intervention=inlp_flip", swept("intervention.alpha", opts.alphas), NO_GEOMETRY,
+                                            NO_OVERREFUSAL])
         if "controls" in steps:
             for name in opts.controls:
                 overrides = [o.format(rank=rank) for o in CONTROLS[name]]
@@ -186,7 +189,7 @@ class Study:
             for budget in opts.token_budgets:
                 self.sweep(out / "tokens", str(budget), [a for a in args if not a.startswith("eval.max_new_tokens=")],
                            ["intervention=none,dim_ablation,inlp_nullspace,inlp_flip",  # the rows C1 and C2 compare
-                            f"eval.max_new_tokens={budget}", "eval.test_sets.overrefusal=null", NO_GEOMETRY])
+                            f"eval.max_new_tokens={budget}", NO_OVERREFUSAL, NO_GEOMETRY])
         if "leace" in steps:  # the third family: LEACE erasure and its flip, with their own geometry
             self.sweep(out, "leace", args, ["intervention=leace_erase,leace_flip"])
             self.run(["-m", "refusal.geometry", "--interventions", "none,leace_erase,leace_flip", "--out",
