@@ -607,10 +607,59 @@ def _heldout_section(runs: dict[str, ModelRuns]) -> list[str]:
             "|---|---|---|---|---|---|---|---|---|", *lines, ""]
 
 
-def _pareto_section(runs: dict[str, ModelRuns], figures: Path, root: Path) -> list[str]:
-    """The Optuna search: which runs no other run beats on both harmful refusal and next-token KL."""
+PEERS = ("heretic", "abliterix")
+
+
+def peer_rows(peers_dir: Path, model: str) -> dict[str, list[dict[str, Any]]]:
+    """Each peer's trials on ``model`` as report rows (``bench/peers/run_peer.py``'s read-back), finished trials only."""
+    out = {}
+    for peer in PEERS:
+        report = peers_dir / f"{model}-{peer}" / "report"
+        rows = [flat_row(r, run) for run, r in load_runs(report) if r.get("status", "ok") == "ok"] if report.is_dir() else []
+        if rows:
+            out[peer] = rows
+    return out
+
+
+def plot_fronts(groups: dict[str, list[dict[str, Any]]], title: str, path: Path) -> Path:
+    """Every source's trials (harmful refusal against next-token KL) and its Pareto front as a step line."""
+    from refusal.fitting.plots import save_figure
+    from refusal.report_plots import plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    for (name, rows), colour in zip(groups.items(), ("tab:green", "tab:red", "tab:purple", "tab:gray"), strict=False):
+        points = [(float(r["harmless/kl_div"]), 100 * float(r["harmful/refusal_rate"])) for r in rows
+                  if r.get("harmless/kl_div") is not None and r.get("harmful/refusal_rate") is not None]
+        if not points:
+            continue
+        ax.scatter(*zip(*points, strict=True), s=22, color=colour, alpha=0.6, lw=0, label=f"{name} ({len(points)} trials)")
+        front = sorted(points[i] for i in pareto_front([(y, x) for x, y in points]))
+        ax.step(*zip(*front, strict=True), where="post", color=colour, lw=1.4)
+    ax.set_xscale("symlog", linthresh=1e-3)
+    ax.set_xlabel("next-token KL on harmless prompts (lower = less damage)")
+    ax.set_ylabel("harmful refusal rate (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return save_figure(fig, path)
+
+
+def _pareto_section(runs: dict[str, ModelRuns], figures: Path, root: Path, peers_dir: Path) -> list[str]:
+    """The Optuna search: which runs no other run beats on both harmful refusal and next-token KL; the peers'
+    searches on the same prompts, budget and judge beside it."""
     lines, counts = [], []
     for model, mr in runs.items():
+        peers = peer_rows(peers_dir, model)
+        if mr.pareto and peers:
+            plot = plot_fronts({"ours (INLP flip search + references)": mr.pareto, **peers}, model, figures / f"{model}_fronts.png")
+            lines.append(f"\n![{model} fronts](results/{plot.name})\n")
+            counts += [f"{model}, {peer}: {len(rows)} finished trials (bench/peers)" for peer, rows in peers.items()]
+            for peer, rows in peers.items():  # the peer's front points, in the table's terms
+                points = [(r.get("harmful/refusal_rate"), r.get("harmless/kl_div")) for r in rows]
+                for i in sorted(pareto_front(points), key=lambda i: points[i]):
+                    r = rows[i]
+                    lines.append(f"| {model} | {peer} trial | {r.get('params') or '-'} | {r['harmful/refusal_rate']:.1%} | "
+                                 f"{r['harmless/kl_div']:.3f} | **{peer} front** |")
         if not mr.pareto:
             continue
         points = [(r.get("harmful/refusal_rate"), r.get("harmless/kl_div")) for r in mr.pareto]
@@ -740,7 +789,7 @@ def render(root: Path, docs: Path, meta: dict[str, Any]) -> Path:
                   f"k=all: {capture[-1]:.2f}; cos(w_1, r̂) = {cos[0]:.2f}")
     md.append("")
     md += _heldout_section(runs)
-    md += _pareto_section(runs, figures, root)
+    md += _pareto_section(runs, figures, root, Path(meta.get("peers_dir", REPO / "bench" / "peers" / "runs")))
     control_rows = [r for mr in runs.values() for r in _order(list(mr.controls.values()))]
     if control_rows:
         md += ["## Controls", "", "Scope and random-subspace controls (`layers=all` for a projection also projects every "

@@ -394,3 +394,36 @@ def test_the_study_renders_the_length_curve_with_a_verdict_per_budget(tmp_path):
     numerics = text[text.index("### Numerics"):]  # float32 rows: ablation refuses 4 of 40 where the study's refused 2
     assert "Under float32: C1 holds (study: holds); C2 holds (study: holds)." in numerics
     assert "| dim_ablation | 5% [1–17] | 10% [4–23] | +5.0 [" in numerics
+
+
+def test_the_study_sets_the_peers_fronts_beside_its_search(tmp_path):
+    """Planted search trials and a planted heretic read-back: one plot with both fronts, the peer's front rows
+    in the table (its dominated trial left out)."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import study
+
+    def trial(folder: Path, intervention: str, rate: float, kl: float) -> None:
+        folder.mkdir(parents=True)
+        folder.joinpath("results.json").write_text(json.dumps({
+            "status": "ok", "model": "qwen05", "intervention": intervention, "params": {},
+            "metrics": {"harmful/refusal_rate": rate, "harmful/refusal_rate_ci95": [max(0, rate - 0.1), rate + 0.1],
+                        "harmless/kl_div": kl}}))
+
+    mdir = tmp_path / "study" / "qwen05"
+    (mdir / "train").mkdir(parents=True)
+    (mdir / "train" / "fitted.json").write_text(json.dumps({"inlp_rank": 16, "layer": 16, "n_layers": 24, "position": -1}))
+    trial(mdir / "pareto" / "0", "inlp_flip", 0.10, 0.05)
+    trial(mdir / "pareto" / "1", "none", 0.60, 0.0)
+    peers = tmp_path / "peers"
+    trial(peers / "qwen05-heretic" / "report" / "heretic_trial_000", "heretic", 0.05, 0.08)
+    trial(peers / "qwen05-heretic" / "report" / "heretic_trial_001", "heretic", 0.20, 0.10)  # dominated by trial 0
+    meta = {"date": "2026-12-02", "hardware": "planted", "data": "planted", "max_new_tokens": 128, "models": ["qwen05"],
+            "peers_dir": str(peers)}
+    text = study.render(tmp_path / "study", tmp_path / "docs", meta).read_text()
+    assert "qwen05, heretic: 2 finished trials" in text and "![qwen05 fronts](results/qwen05_fronts.png)" in text
+    assert "| qwen05 | heretic trial | - | 5.0% | 0.080 | **heretic front** |" in text and "| 20.0% | 0.100 |" not in text
+    assert (tmp_path / "docs" / "results" / "qwen05_fronts.png").stat().st_size > 0
