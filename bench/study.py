@@ -45,8 +45,9 @@ from _common import host_info  # noqa: E402
 
 from refusal.artifacts import atomic_write_text  # noqa: E402
 from refusal.compare import RunOutcomes  # noqa: E402
+from refusal.data.benchmarks import BENCHMARKS  # noqa: E402
 from refusal.report import flat_row, load_runs, markdown_table, pareto_front  # noqa: E402
-from refusal.verdict import RULES, ClaimInputs, Rate, c1, c2, claims_table, decide  # noqa: E402
+from refusal.verdict import C1_MARGIN, RULES, ClaimInputs, Rate, c1, c2, claims_table, decide, paired  # noqa: E402
 
 STUDY_MODELS = ["qwen05", "qwen15"]  # the packaged models that refuse
 # Negative controls: a chat model that barely refuses and a base model with no chat tuning. They get the main rows
@@ -56,7 +57,8 @@ CONTROL_MODELS = ["smollm2", "gemma3_270m"]
 # layers < n − floor(0.2·n), no prompt filter, float32 log-odds, induce >): the "before" column of the selection table.
 PICKS_BEFORE = {"qwen05": "L15P-1", "qwen15": "L22P-2"}
 SPLITS_DIR = REPO.parent / "shared" / "data" / "refusal_direction_splits"
-STEPS = ["main", "actadd", "k", "alpha", "controls", "tokens", "geometry", "leace", "heldout", "pareto"]
+STEPS = ["main", "actadd", "k", "alpha", "controls", "tokens", "geometry", "leace", "methods", "heldout", "pareto",
+         "numerics"]
 HELDOUT_ROWS = "none,actadd,dim_ablation,inlp_nullspace,inlp_flip"
 # C3 is decided on at least 6 values of k, full rank included (refusal.verdict.C3_MIN_GRID); the converged
 # ranks are ~15-33, so the values below the rank give 6-9 points: the leading directions densely, then doublings.
@@ -64,6 +66,7 @@ KS = [1, 2, 4, 6, 8, 12, 16, 24]
 ALPHAS = [0.5, 1.5, 2.0, 3.0]
 LEGACY_K = 16  # INLP's old iteration default: the "today's setting" column of the verdict
 NO_GEOMETRY = "geometry.enabled=false"
+NO_OVERREFUSAL = "eval.test_sets.overrefusal=null"  # sweeps that C3 and the tunability plot read: over-refusal not needed
 
 #: Control runs: name -> overrides ({rank} is the converged INLP rank). What each one separates:
 CONTROLS = {
@@ -76,7 +79,33 @@ CONTROLS = {
     "random_rank_selected": ["intervention=random_ablation", "intervention.k={rank}", "intervention.layers=selected"],
     "random_rank_all": ["intervention=random_ablation", "intervention.k={rank}"],
     "random_1_all": ["intervention=random_ablation", "intervention.k=1", "intervention.center=zero"],  # uncentred like DiM ablation
+    # INLP applied only where it was fitted (the post-instruction tokens), not on system, instruction and generated
+    # tokens it never saw; then also fitted and centred at the DiM position alone: is the damage the subspace's or
+    # the reach's and the pooled centre's?
+    "nullspace_fit_positions": ["intervention=inlp_nullspace", "intervention.positions=post_instruction"],
+    "flip_fit_positions": ["intervention=inlp_flip", "intervention.positions=post_instruction"],
+    "nullspace_at_position": ["intervention=inlp_nullspace", "intervention.positions=post_instruction", "fit.inlp.positions=selected"],
+    "flip_at_position": ["intervention=inlp_flip", "intervention.positions=post_instruction", "fit.inlp.positions=selected"],
+    "leace_erase_at_position": ["intervention=leace_erase", "intervention.positions=post_instruction", "fit.inlp.positions=selected"],
 }
+#: Methods beyond one direction (issue 27), each beside the random subspace of its size and reach (uncentred, at every
+#: layer like DiM ablation): run -> overrides. Multi-direction ablation is nested on DiM (k=1 is DiM ablation), so
+#: Δ(multi k − DiM ablation) asks whether a second direction adds anything once the first is removed.
+METHODS = {
+    "projected_ablation": ["intervention=projected_ablation"],
+    "projected_ablation_norm": ["intervention=projected_ablation", "intervention.norm_preserving=true"],
+    "multi_ablation_2": ["intervention=multi_ablation", "intervention.k=2"],
+    "multi_ablation_4": ["intervention=multi_ablation", "intervention.k=4"],
+    "rdo_direction": ["intervention=rdo_ablation", "intervention.k=1"],
+    "rdo_cone_3": ["intervention=rdo_ablation", "intervention.k=3"],
+    "random_2_all": ["intervention=random_ablation", "intervention.k=2", "intervention.center=zero"],
+    "random_3_all": ["intervention=random_ablation", "intervention.k=3", "intervention.center=zero"],
+    "random_4_all": ["intervention=random_ablation", "intervention.k=4", "intervention.center=zero"],
+}
+#: Each method's matched random control (random_1_all is a control run of the controls step).
+METHOD_CONTROLS = {"projected_ablation": "random_1_all", "projected_ablation_norm": "random_1_all",
+                   "multi_ablation_2": "random_2_all", "multi_ablation_4": "random_4_all", "rdo_direction": "random_1_all",
+                   "rdo_cone_3": "random_3_all"}
 GEOMETRY_SPECS = ["none", "actadd:coeff=-1.0", "dim_ablation", "inlp_nullspace", "inlp_flip",
                   f"inlp_nullspace:k={LEGACY_K}", f"inlp_flip:k={LEGACY_K}", "dim_ablation:layers=selected",
                   "inlp_nullspace:layers=all", "inlp_flip:layers=all"]
@@ -140,20 +169,27 @@ class Study:
             self.sweep(out, "actadd", args, ["intervention=actadd", "intervention.coeff=-1.0,1.0"])
         ks = [k for k in opts.ks if k < rank]
         if "k" in steps and ks:
-            self.sweep(out, "k", args, [swept("intervention", opts.k_interventions), swept("intervention.k", ks), NO_GEOMETRY])
+            self.sweep(out, "k", args, [swept("intervention", opts.k_interventions), swept("intervention.k", ks), NO_GEOMETRY,
+                                        NO_OVERREFUSAL])
         if "alpha" in steps and opts.alphas:
-            self.sweep(out, "alpha", args, ["intervention=inlp_flip", swept("intervention.alpha", opts.alphas), NO_GEOMETRY])
+            self.sweep(out, "alpha", args, ["intervention=inlp_flip", swept("intervention.alpha", opts.alphas), NO_GEOMETRY,
+                                            NO_OVERREFUSAL])
         if "controls" in steps:
             for name in opts.controls:
                 overrides = [o.format(rank=rank) for o in CONTROLS[name]]
                 run_dir = out / "controls" / name
                 self.run(["evaluate.py", *args, *overrides, f"hydra.run.dir={run_dir}"], out / "controls" / f"{name}.log",
                          run_dir / "results.json")
+        if "numerics" in steps and model in opts.token_models and opts.matmul != "float32":
+            # the products' precision checked at the study's own sizes: the main rows again in float32 (refitted
+            # under float32, as a float32 study would be), paired prompt by prompt with the main rows
+            self.sweep(out, "numerics", [a for a in args if not a.startswith("model.matmul=")],
+                       ["intervention=none,dim_ablation,inlp_nullspace,inlp_flip", "model.matmul=float32", NO_GEOMETRY])
         if "tokens" in steps and model in opts.token_models:  # the length curve: one folder per budget, each resumable
             for budget in opts.token_budgets:
                 self.sweep(out / "tokens", str(budget), [a for a in args if not a.startswith("eval.max_new_tokens=")],
                            ["intervention=none,dim_ablation,inlp_nullspace,inlp_flip",  # the rows C1 and C2 compare
-                            f"eval.max_new_tokens={budget}", "eval.test_sets.overrefusal=null", NO_GEOMETRY])
+                            f"eval.max_new_tokens={budget}", NO_OVERREFUSAL, NO_GEOMETRY])
         if "leace" in steps:  # the third family: LEACE erasure and its flip, with their own geometry
             self.sweep(out, "leace", args, ["intervention=leace_erase,leace_flip"])
             self.run(["-m", "refusal.geometry", "--interventions", "none,leace_erase,leace_flip", "--out",
@@ -162,6 +198,11 @@ class Study:
             self.run(["-m", "refusal.geometry", "--interventions", "none,leace_erase,leace_flip", "--out",
                       str(out / "geometry_leace_selected"), *args, "fit.inlp.positions=selected"],
                      out / "geometry_leace_selected.log", out / "geometry_leace_selected" / "geometry.json")
+        if "methods" in steps:  # one run each, resumable one by one (an RDO fit is minutes on a CPU)
+            for name, overrides in METHODS.items():
+                run_dir = out / "methods" / name
+                self.run(["evaluate.py", *args, *overrides, NO_GEOMETRY, f"hydra.run.dir={run_dir}"],
+                         out / "methods" / f"{name}.log", run_dir / "results.json")
         if "heldout" in steps:  # fitted on the splits as always; tested on HarmBench and the over-refusal set, two judges
             n = opts.heldout_n
             self.sweep(out, "heldout", [a for a in args if not a.startswith(("data.n_test=", "eval.test_sets.overrefusal.n="))], [
@@ -223,7 +264,8 @@ def _pick(rows: list[dict[str, Any]], intervention: str, **params: Any) -> dict[
 class ModelRuns:
     """Everything the report reads for one model."""
 
-    def __init__(self, mdir: Path):
+    def __init__(self, mdir: Path, column: str = "harmful"):
+        self.column = column  # the harmful column the claims are paired on
         self.fitted = json.loads((mdir / "train" / "fitted.json").read_text()) if (mdir / "train" / "fitted.json").exists() else {}
         self.rank = int(self.fitted.get("inlp_rank") or 0)
         self.main = _order(_rows(mdir / "main") + _rows(mdir / "actadd"))
@@ -235,8 +277,12 @@ class ModelRuns:
         self.alpha = _rows(mdir / "alpha")
         self.controls = {run.split("/")[0]: _row(mdir / "controls", run, r) for run, r in load_runs(mdir / "controls")
                          if r.get("status", "ok") == "ok"} if (mdir / "controls").exists() else {}
-        self.tokens = _order(_rows(mdir / "tokens"))
+        self.tokens = {int(p.name): _order(_rows(p)) for p in (mdir / "tokens").iterdir()
+                       if p.is_dir() and p.name.isdigit()} if (mdir / "tokens").exists() else {}  # budget -> main rows
         self.heldout = _order(_rows(mdir / "heldout"))
+        self.numerics = _order(_rows(mdir / "numerics"))
+        self.methods = {run.split("/")[0]: _row(mdir / "methods", run, r) for run, r in load_runs(mdir / "methods")
+                        if r.get("status", "ok") == "ok"} if (mdir / "methods").exists() else {}
         self.heldout_raw = {r["intervention"]: r for _, r in load_runs(mdir / "heldout")} if (mdir / "heldout").exists() else {}
         self.pareto = [flat_row(r, run) for run, r in load_runs(mdir / "pareto")
                        if r.get("status", "ok") == "ok"] if (mdir / "pareto").exists() else []
@@ -263,7 +309,8 @@ class ModelRuns:
         suffix = "" if k_cap is None else f" (k={k_cap})"
         geometry = {key: g for key, label in (("nullspace", "inlp_nullspace"), ("flip", "inlp_flip"))
                     if (g := self.geometry_row(label + suffix))}
-        return ClaimInputs(baseline, ablation, flip, null, rank, by_k["inlp_flip"], by_k["inlp_nullspace"], geometry)
+        return ClaimInputs(baseline, ablation, flip, null, rank, by_k["inlp_flip"], by_k["inlp_nullspace"], geometry,
+                           self.column)
 
 
 def _controls_table(runs: dict[str, ModelRuns]) -> list[str]:
@@ -276,6 +323,10 @@ def _controls_table(runs: dict[str, ModelRuns]) -> list[str]:
         ("C1", "flip α=3", "flip", "alpha=3.0"),
         ("C2", "nullspace at every layer (selected layer's subspace)", "nullspace", "nullspace_all"),
         ("C2", "nullspace at every layer (per-layer INLP fits)", "nullspace", "nullspace_per_layer"),
+        ("C1", "flip only at the post-instruction tokens it was fitted on", "flip", "flip_fit_positions"),
+        ("C1", "flip fitted and centred at the DiM position, applied post-instruction", "flip", "flip_at_position"),
+        ("C2", "nullspace only at the post-instruction tokens it was fitted on", "nullspace", "nullspace_fit_positions"),
+        ("C2", "nullspace fitted and centred at the DiM position, applied post-instruction", "nullspace", "nullspace_at_position"),
     ]
     models = list(runs)
     lines = ["| claim | control | " + " | ".join(models) + " |", "|---|---|" + "---|" * len(models)]
@@ -297,29 +348,130 @@ def _controls_table(runs: dict[str, ModelRuns]) -> list[str]:
     return lines
 
 
-def _token_section(runs: dict[str, ModelRuns], short: int, long: int) -> list[str]:
+CURVE_ROWS = ["none", "dim_ablation", "inlp_nullspace", "inlp_flip"]  # the rows C1 and C2 compare
+
+
+def _rate(row: dict[str, Any] | None, column: str) -> str:
+    if not row or row.get(f"{column}/refusal_rate") is None:
+        return "-"
+    lo, hi = row[f"{column}/refusal_rate_ci95"]
+    return f"{row[f'{column}/refusal_rate']:.0%} [{100 * lo:.0f}–{100 * hi:.0f}]"
+
+
+def plot_length_curve(runs: dict[str, ModelRuns], main_budget: int, path: Path) -> Path | None:
+    """Refusal rate on the verdict's column against the token budget, one line per main row, 95% Wilson bands."""
+    from refusal.fitting.plots import save_figure
+    from refusal.report_plots import _colour, plt
+
+    models = [m for m, mr in runs.items() if mr.tokens]
+    if not models:
+        return None
+    fig, axes = plt.subplots(1, len(models), figsize=(5.4 * len(models), 4.2), squeeze=False)
+    for ax, model in zip(axes[0], models, strict=True):
+        mr = runs[model]
+        by_budget = {**mr.tokens, main_budget: mr.main}
+        budgets = sorted(by_budget)
+        for name in CURVE_ROWS:
+            rows = [(b, r) for b in budgets if (r := _pick(by_budget[b], name)) and r.get(f"{mr.column}/refusal_rate") is not None]
+            if not rows:
+                continue
+            xs = [b for b, _ in rows]
+            ys = [100 * r[f"{mr.column}/refusal_rate"] for _, r in rows]
+            lo = [100 * r[f"{mr.column}/refusal_rate_ci95"][0] for _, r in rows]
+            hi = [100 * r[f"{mr.column}/refusal_rate_ci95"][1] for _, r in rows]
+            ax.plot(xs, ys, "-o", color=_colour(name), label=name, ms=4)
+            ax.fill_between(xs, lo, hi, color=_colour(name), alpha=0.15, lw=0)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(budgets, [str(b) for b in budgets])
+        ax.set_xlabel("new tokens (greedy)")
+        ax.set_ylabel(f"refusal rate on {mr.column} (%)")
+        ax.set_title(model)
+        ax.set_ylim(-2, 102)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return save_figure(fig, path)
+
+
+def _token_section(runs: dict[str, ModelRuns], main_budget: int, figures: Path) -> list[str]:
+    """The length curve: the main rows at every budget, and C1/C2 decided at each."""
     out = []
     for model, mr in runs.items():
         if not mr.tokens:
             continue
-        changed_rates, lines = 0, ["| intervention | params | " + f"{short} tokens | {long} tokens |", "|---|---|---|---|"]
-        for row in mr.tokens:
-            params = {k.split("/", 1)[1]: v for k, v in row.items() if k.startswith("params/")}
-            other = _pick(mr.main, row["intervention"], **params)
-            if other is None:
+        by_budget = {**mr.tokens, main_budget: mr.main}
+        budgets = sorted(by_budget)
+        lines = ["| intervention | " + " | ".join(f"{b} tokens" + (" (main)" if b == main_budget else "") for b in budgets) + " |",
+                 "|---|" + "---|" * len(budgets)]
+        for name in CURVE_ROWS:
+            lines.append(f"| {name} | " + " | ".join(_rate(_pick(by_budget[b], name), mr.column) for b in budgets) + " |")
+        for claim, rule in (("C1", c1), ("C2", c2)):
+            cells = []
+            for b in budgets:
+                inputs = mr.inputs(rows=by_budget[b])
+                cells.append(rule(inputs).verdict if inputs else "-")
+            lines.append(f"| **{claim}** verdict | " + " | ".join(cells) + " |")
+        out += [f"**{model}** (refusal on `{mr.column}`, 95% Wilson intervals):", "", *lines, ""]
+    if out and (plot := plot_length_curve(runs, main_budget, figures / "length_curve.png")):
+        out += [f"![length curve](results/{plot.name})", ""]
+    return out
+
+
+def _methods_section(runs: dict[str, ModelRuns]) -> list[str]:
+    """Methods beyond one direction, each paired against the baseline, DiM ablation and its random control."""
+    out = []
+    for model, mr in runs.items():
+        base, ablation = _pick(mr.main, "none"), _pick(mr.main, "dim_ablation")
+        if not (mr.methods and base and ablation and "outcomes" in base and "outcomes" in ablation):
+            continue
+        lines = ["| method | refusal | Δ vs baseline | Δ vs DiM ablation | Δ vs its random control | ppl ÷ baseline |",
+                 "|---|---|---|---|---|---|"]
+        for name in METHOD_CONTROLS:
+            row = mr.methods.get(name)
+            if not row or "outcomes" not in row:
                 continue
-            a, b = other["harmful/refusal_rate"], row["harmful/refusal_rate"]
-            changed_rates += a != b
-            lines.append(f"| {row['intervention']} | {row['params']} | {a:.1%} | {b:.1%} |")
-        short_inputs, long_inputs = mr.inputs(), mr.inputs(rows=mr.tokens)
-        verdict_note = ""
-        if short_inputs and long_inputs:
-            pairs = [(c1(short_inputs), c1(long_inputs)), (c2(short_inputs), c2(long_inputs))]
-            flips = [f"{a.claim}: {a.verdict} → {b.verdict}" for a, b in pairs if a.verdict != b.verdict]
-            verdict_note = (f"C1/C2 decided on the {long}-token rows: " + ("; ".join(flips) if flips else "no verdict changes")
-                            + f" ({'; '.join(f'{b.claim} {b.evidence}' for _, b in pairs)}).")
-        out += [f"**{model}**: {changed_rates} of {len(lines) - 2} harmful refusal rates change between {short} and "
-                f"{long} new tokens. {verdict_note}", "", *lines, ""]
+            control = mr.methods.get(METHOD_CONTROLS[name]) or mr.controls.get(METHOD_CONTROLS[name])
+            vs_control = (f"{paired(row, control, name, mr.column).as_points()} ({METHOD_CONTROLS[name]})"
+                          if control and "outcomes" in control else "not run")
+            ppl = row.get("harmless/perplexity") / base["harmless/perplexity"] if row.get("harmless/perplexity") else float("nan")
+            lines.append(f"| {name} | {_rate(row, mr.column)} | {paired(row, base, name, mr.column).as_points()} | "
+                         f"{paired(row, ablation, name, mr.column).as_points()} | {vs_control} | {ppl:.3f} |")
+        second = [(k, mr.methods.get(f"multi_ablation_{k}")) for k in (2, 4)]
+        answers = []
+        for k, row in second:
+            if row and "outcomes" in row:
+                d = paired(row, ablation, f"multi k={k} − DiM ablation", mr.column)
+                word = ("suppresses more than DiM ablation alone" if d.hi < 0 else
+                        f"adds less than {C1_MARGIN:.0%} of refusal" if d.lo > -C1_MARGIN else "undecided at this n")
+                answers.append(f"k={k}: Δ {d.as_points()} pts → {word}")
+        question = ("Does a second direction add anything once the first is removed? " + "; ".join(answers) + "."
+                    if answers else "")
+        out += [f"**{model}** (refusal on `{mr.column}`; paired Δ in points with Newcombe 95% intervals). {question}", "",
+                *lines, ""]
+    return out
+
+
+def _numerics_section(runs: dict[str, ModelRuns], matmul: str) -> list[str]:
+    """The main rows under float32 products beside the study's: paired differences and C1/C2 under each."""
+    out = []
+    for model, mr in runs.items():
+        if not mr.numerics:
+            continue
+        lines = [f"| intervention | {matmul} products | float32 products | Δ(float32 − {matmul}), paired |", "|---|---|---|---|"]
+        for name in CURVE_ROWS:
+            a, b = _pick(mr.main, name), _pick(mr.numerics, name)
+            if not (a and b and "outcomes" in a and "outcomes" in b):
+                continue
+            d = paired(b, a, f"{name} float32 − {matmul}", mr.column)
+            lines.append(f"| {name} | {_rate(a, mr.column)} | {_rate(b, mr.column)} | {d.as_points()} pts |")
+        rows = {name: _pick(mr.numerics, name) for name in CURVE_ROWS}
+        verdicts = ""
+        if all(r and "outcomes" in r for r in rows.values()) and (ours := mr.inputs()):
+            exact = ClaimInputs(rows["none"], rows["dim_ablation"], rows["inlp_flip"], rows["inlp_nullspace"], ours.rank,
+                                column=mr.column)
+            verdicts = " Under float32: " + "; ".join(f"{v.claim} {v.verdict} (study: {w.verdict})"
+                                                     for v, w in ((c1(exact), c1(ours)), (c2(exact), c2(ours)))) + "."
+        out += [f"**{model}** (refusal on `{mr.column}`; the float32 runs refit DiM and INLP under float32).{verdicts}", "",
+                *lines, ""]
     return out
 
 
@@ -455,10 +607,59 @@ def _heldout_section(runs: dict[str, ModelRuns]) -> list[str]:
             "|---|---|---|---|---|---|---|---|---|", *lines, ""]
 
 
-def _pareto_section(runs: dict[str, ModelRuns], figures: Path, root: Path) -> list[str]:
-    """The Optuna search: which runs no other run beats on both harmful refusal and next-token KL."""
+PEERS = ("heretic", "abliterix")
+
+
+def peer_rows(peers_dir: Path, model: str) -> dict[str, list[dict[str, Any]]]:
+    """Each peer's trials on ``model`` as report rows (``bench/peers/run_peer.py``'s read-back), finished trials only."""
+    out = {}
+    for peer in PEERS:
+        report = peers_dir / f"{model}-{peer}" / "report"
+        rows = [flat_row(r, run) for run, r in load_runs(report) if r.get("status", "ok") == "ok"] if report.is_dir() else []
+        if rows:
+            out[peer] = rows
+    return out
+
+
+def plot_fronts(groups: dict[str, list[dict[str, Any]]], title: str, path: Path) -> Path:
+    """Every source's trials (harmful refusal against next-token KL) and its Pareto front as a step line."""
+    from refusal.fitting.plots import save_figure
+    from refusal.report_plots import plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    for (name, rows), colour in zip(groups.items(), ("tab:green", "tab:red", "tab:purple", "tab:gray"), strict=False):
+        points = [(float(r["harmless/kl_div"]), 100 * float(r["harmful/refusal_rate"])) for r in rows
+                  if r.get("harmless/kl_div") is not None and r.get("harmful/refusal_rate") is not None]
+        if not points:
+            continue
+        ax.scatter(*zip(*points, strict=True), s=22, color=colour, alpha=0.6, lw=0, label=f"{name} ({len(points)} trials)")
+        front = sorted(points[i] for i in pareto_front([(y, x) for x, y in points]))
+        ax.step(*zip(*front, strict=True), where="post", color=colour, lw=1.4)
+    ax.set_xscale("symlog", linthresh=1e-3)
+    ax.set_xlabel("next-token KL on harmless prompts (lower = less damage)")
+    ax.set_ylabel("harmful refusal rate (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return save_figure(fig, path)
+
+
+def _pareto_section(runs: dict[str, ModelRuns], figures: Path, root: Path, peers_dir: Path) -> list[str]:
+    """The Optuna search: which runs no other run beats on both harmful refusal and next-token KL; the peers'
+    searches on the same prompts, budget and judge beside it."""
     lines, counts = [], []
     for model, mr in runs.items():
+        peers = peer_rows(peers_dir, model)
+        if mr.pareto and peers:
+            plot = plot_fronts({"ours (INLP flip search + references)": mr.pareto, **peers}, model, figures / f"{model}_fronts.png")
+            lines.append(f"\n![{model} fronts](results/{plot.name})\n")
+            counts += [f"{model}, {peer}: {len(rows)} finished trials (bench/peers)" for peer, rows in peers.items()]
+            for peer, rows in peers.items():  # the peer's front points, in the table's terms
+                points = [(r.get("harmful/refusal_rate"), r.get("harmless/kl_div")) for r in rows]
+                for i in sorted(pareto_front(points), key=lambda i: points[i]):
+                    r = rows[i]
+                    lines.append(f"| {model} | {peer} trial | {r.get('params') or '-'} | {r['harmful/refusal_rate']:.1%} | "
+                                 f"{r['harmless/kl_div']:.3f} | **{peer} front** |")
         if not mr.pareto:
             continue
         points = [(r.get("harmful/refusal_rate"), r.get("harmless/kl_div")) for r in mr.pareto]
@@ -487,21 +688,22 @@ def _pareto_section(runs: dict[str, ModelRuns], figures: Path, root: Path) -> li
 
 def _step_ran(model_dir: Path, step: str) -> bool:
     """Whether a study step left its output for this model (a controls step: any control)."""
-    if step == "controls":
-        return any((model_dir / "controls").glob("*/results.json"))
+    if step in ("controls", "methods"):
+        return any((model_dir / step).glob("*/results.json"))
     return (model_dir / step).is_dir() and any((model_dir / step).iterdir())
 
 
 def _commands(model_dir: Path) -> list[str]:
     """The stamped command of every step that ran for one model, in the study's step order."""
     order = ["train", "main", "actadd", "k", "alpha", "controls", "tokens", "geometry", "leace", "geometry_leace",
-             "geometry_leace_selected", "heldout", "pareto", "pareto_search"]
+             "geometry_leace_selected", "methods", "heldout", "pareto", "pareto_search", "numerics"]
 
     def rank(path: Path) -> tuple[int, str]:
         step = path.relative_to(model_dir).parts[0].removesuffix(".command")
         return (order.index(step) if step in order else len(order), str(path))
 
-    stamps = sorted([*model_dir.glob("*.command"), *model_dir.glob("controls/*.command")], key=rank)
+    stamps = sorted([*model_dir.glob("*.command"), *model_dir.glob("controls/*.command"), *model_dir.glob("methods/*.command"),
+                     *model_dir.glob("tokens/*.command")], key=rank)
     return [p.read_text().strip() for p in stamps]
 
 
@@ -511,14 +713,18 @@ def render(root: Path, docs: Path, meta: dict[str, Any]) -> Path:
     figures = docs / "results"
     figures.mkdir(parents=True, exist_ok=True)
     models = [m for m in sorted(meta["models"], key=_model_order) if (root / m / "train" / "fitted.json").exists()]
-    runs = {m: ModelRuns(root / m) for m in models}
+    runs = {m: ModelRuns(root / m, meta.get("verdict_column", "harmful")) for m in models}
     short = meta["max_new_tokens"]
+    column = meta.get("verdict_column", "harmful")
     md = [
         "# Results: does INLP steer refusal like DiM? A verdict on the study's four claims", "",
         f"Generated by `python bench/study.py` on {meta['date']} ({meta['hardware']}); do not edit by hand "
         "(`python bench/study.py --render-only` re-renders from `study/`).", "",
-        f"Settings for every number below unless a row says otherwise: {meta['data']}; greedy decoding, {short} new "
-        "tokens; DiM layer and position selected on val by Arditi et al.'s rule (their prompt filter, layer prune and "
+        f"Settings for every number below unless a row says otherwise: {meta['data']}; "
+        + (f"every run also on the held-out `{column}` prompts (less the fit data's copies and near-duplicates; "
+           f"{BENCHMARKS[column].licence}, from the pinned `{BENCHMARKS[column].wheel}` wheel), the column the claims are decided on; " if column != "harmful" else "")
+        + f"the blocks' matrix products in {meta.get('matmul', 'float32')} (`model.matmul`), all else float32; "
+        f"greedy decoding, {short} new tokens; DiM layer and position selected on val by Arditi et al.'s rule (their prompt filter, layer prune and "
         "score definitions; `fit.dim` shortlist), fits on the filtered train prompts; INLP fitted "
         "at the DiM layer on all post-instruction positions, logistic classifiers, run to convergence (held-out "
         "accuracy within 0.02 of chance; `k=all` = the converged rank); INLP nullspace and flip act at the DiM layer "
@@ -549,9 +755,24 @@ def render(root: Path, docs: Path, meta: dict[str, Any]) -> Path:
     md += ["### Limits of the refusal judge", "",
            f"Refusal is a substring match on the first {short} new tokens: a refusal that starts later, a dodge that never "
            "says a stock phrase, or a moralising answer count as compliance, and a completion that quotes a phrase counts "
-           "as refusal. The token-budget check below reruns the main rows with a longer budget.", "",
-           *_token_section(runs, short, meta.get("token_budget", 128))]
+           "as refusal.", "",
+           "### Length curve: what the token budget does", "",
+           "The main rows rerun at other budgets (same prompts, judge and fits; the over-refusal column off); C1 and C2 "
+           "re-decided at each budget by the same rules.", "",
+           *(_token_section(runs, short, figures) or ["Not run yet (`python bench/study.py --steps tokens`)."]), ""]
 
+    methods = _methods_section(runs)
+    if methods:
+        md += ["### Beyond one direction: projected, multi-direction and optimised (RDO) ablation", "",
+               "Each method at DiM ablation's reach (every block input and attention/MLP write), beside a random "
+               "subspace of its dimension at the same reach (uncentred): projected ablation removes r̂ less its "
+               "component along the harmless mean (norm-preserving: each edited weight column keeps its length); "
+               "multi-direction ablation removes r̂ and the next k−1 principal components of the per-prompt "
+               "differences; RDO trains a direction (k=1) or a cone (k=3) with Wollschläger et al.'s losses "
+               "(first-token targets on a CPU).", "", *methods]
+    numerics = _numerics_section(runs, meta.get("matmul", "float32"))
+    if numerics:
+        md += ["### Numerics: the study's bfloat16 products against float32 at the study's sizes", "", *numerics]
     md += _control_models_section(runs)
     md += _leace_section(runs)
     md += _selection_section(runs)
@@ -568,7 +789,7 @@ def render(root: Path, docs: Path, meta: dict[str, Any]) -> Path:
                   f"k=all: {capture[-1]:.2f}; cos(w_1, r̂) = {cos[0]:.2f}")
     md.append("")
     md += _heldout_section(runs)
-    md += _pareto_section(runs, figures, root)
+    md += _pareto_section(runs, figures, root, Path(meta.get("peers_dir", REPO / "bench" / "peers" / "runs")))
     control_rows = [r for mr in runs.values() for r in _order(list(mr.controls.values()))]
     if control_rows:
         md += ["## Controls", "", "Scope and random-subspace controls (`layers=all` for a projection also projects every "
@@ -619,7 +840,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ks", nargs="+", type=int, default=KS, help="k sweep (below the converged rank)")
     parser.add_argument("--alphas", nargs="*", type=float, default=ALPHAS, help="flip α sweep at the converged rank")
     parser.add_argument("--controls", nargs="*", default=list(CONTROLS), choices=list(CONTROLS))
-    parser.add_argument("--token-models", nargs="*", default=["qwen05"], help="models whose main rows rerun at --token-budget")
+    parser.add_argument("--token-models", nargs="*", default=["qwen05"],
+                        help="models whose main rows rerun at --token-budgets and (numerics step) in float32")
     parser.add_argument("--token-budgets", nargs="*", type=int, default=[32, 64, 256, 512],
                         help="the length curve: the main rows rerun at each budget (the main budget is its own point)")
     parser.add_argument("--root", type=Path, default=REPO / "study", help="where the runs go")

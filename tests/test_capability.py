@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -14,7 +15,15 @@ import pytest
 import torch
 from conftest import REPO, random_unit
 
-from refusal.capability import MMLU_SUBJECTS, Item, continuation_logprobs, encode, predictions
+from refusal.capability import (
+    MMLU_SUBJECTS,
+    Item,
+    continuation_logprobs,
+    encode,
+    evaluate_capability,
+    load_benchmarks,
+    predictions,
+)
 from refusal.capability.run import choice_summary, requests_for, scores_for
 from refusal.capability.source import LICENSE, ensure
 from refusal.capability.tasks import (
@@ -30,7 +39,7 @@ from refusal.capability.tasks import (
 from refusal.config import check_config
 from refusal.errors import ConfigError, DataError
 from refusal.evaluation import run_evaluation
-from refusal.interventions import DiMDirection, Fitted, get_intervention
+from refusal.interventions import DiMDirection, Fitted, Intervention, get_intervention
 from refusal.runtime.prefix import MIN_SHARED, shared_prefix
 from refusal.runtime.roles import role_grid, token_roles
 
@@ -129,6 +138,61 @@ def test_a_post_instruction_scope_edits_nothing_in_a_raw_prompt(tiny_bundle):
     torch.testing.assert_close(continuation_logprobs(tiny_bundle, ctx, cont, post, batch_size=2), plain, rtol=0, atol=0)
     every = actadd({"name": "actadd", "coeff": 4.0, "positions": "all"}, fitted)
     assert not torch.allclose(continuation_logprobs(tiny_bundle, ctx, cont, every, batch_size=2), plain, atol=1e-3)
+
+
+class ZeroResidual(Intervention):
+    """A planted intervention (unregistered: no name) that destroys the residual stream: zero at every block's
+    input, so every block reads norm(0) = 0 and writes 0, and the logits are lm_head(norm(0)) = 0: every token
+    has probability 1/V, whatever the text."""
+
+    default_layers = "all"
+
+    def residual_edit(self, layer, cast):
+        return lambda x: torch.zeros_like(x)
+
+
+def test_a_destroyed_residual_stream_moves_every_score_and_none_moves_none(compose, tiny_bundle, tmp_path):
+    """The capability pass runs with the intervention's hooks on: under ZeroResidual every continuation's
+    log-likelihood is -len(continuation)·log V (hand-computed), the tie picks choice 0, and the paired
+    difference is steered − unsteered accuracy on the same items; under ``none`` (hooks applied, an
+    intervention that edits nothing) the scores are bit-identical to the unsteered ones."""
+    write_fixture(tmp_path)
+    cfg = compose(*ON, f"cache_dir={tmp_path}")
+    benchmarks = load_benchmarks(cfg)
+    destroy = ZeroResidual({"name": "zero_residual"}, Fitted())
+    metrics, record = evaluate_capability(cfg, tiny_bundle, benchmarks, destroy, "zero-residual", tmp_path / "out")
+    rows = [json.loads(line) for line in (tmp_path / "out" / "capability.jsonl").read_text().splitlines()]
+    log_v = math.log(tiny_bundle.model.config.vocab_size)
+    for task, items in benchmarks.items():
+        mine = [r for r in rows if r["task"] == task]
+        requests = requests_for(tiny_bundle, task, items)
+        n_tokens = [len(c) for c in requests[1]]
+        steered = [s for r in mine for s in (r["scores"] if "scores" in r else [r["logprob"]])]
+        base = [s for r in mine for s in (r["baseline_scores"] if "scores" in r else [r["baseline_logprob"]])]
+        assert steered == pytest.approx([-n * log_v for n in n_tokens], rel=1e-5)
+        assert all(abs(b - s) > 1e-3 for b, s in zip(base, steered, strict=True))  # the hooks were on
+        if task == "lambada":
+            assert metrics["capability/lambada/cross_entropy"] == pytest.approx(log_v, rel=1e-5)
+            gap = metrics["capability/lambada/cross_entropy_vs_baseline"]
+            ce, base_ce = metrics["capability/lambada/cross_entropy"], metrics["capability/lambada/baseline_cross_entropy"]
+            assert gap == pytest.approx(ce - base_ce, rel=1e-9)  # token-weighted per-passage means: the pooled difference
+            lo, hi = metrics["capability/lambada/cross_entropy_vs_baseline_ci95"]
+            assert lo <= gap <= hi
+            continue
+        if task.endswith("_rc"):  # per character, the shorter answer has the higher (less negative) score
+            continue
+        accuracy = sum(it.gold == 0 for it in items) / len(items)  # every choice ties: the first wins
+        assert metrics[f"capability/{task}/accuracy"] == accuracy
+        gap = metrics[f"capability/{task}/accuracy_vs_baseline"]
+        assert gap == pytest.approx(accuracy - metrics[f"capability/{task}/baseline_accuracy"])
+        lo, hi = metrics[f"capability/{task}/accuracy_vs_baseline_ci95"]
+        assert -1 <= lo <= gap <= hi <= 1 and 0 <= metrics[f"capability/{task}/mcnemar_p_vs_baseline"] <= 1
+        assert gap == (metrics[f"capability/{task}/gained"] - metrics[f"capability/{task}/lost"]) / len(items)
+    none = get_intervention("none", [])({"name": "none"}, Fitted())
+    for task, items in benchmarks.items():
+        requests = requests_for(tiny_bundle, task, items)
+        plain = scores_for(tiny_bundle, requests, None, None, 3, tmp_path / "scores")
+        assert scores_for(tiny_bundle, requests, none, "none-hooked", 3, tmp_path / "scores") == plain  # bit for bit
 
 
 def test_text_cross_entropy_is_the_perplexity_metrics_log(tiny_bundle, tmp_path):
@@ -257,8 +321,11 @@ def test_capability_group_in_results_report_and_wandb(compose, tmp_path, name):
         lo, hi = m[f"capability/{task}/accuracy_ci95"]
         assert lo <= m[f"capability/{task}/accuracy"] <= hi
         assert m[f"capability/{task}/lost"] == sum(r["baseline_correct"] and not r["correct"] for r in mine)
+        assert m[f"capability/{task}/accuracy_vs_baseline"] == pytest.approx(
+            m[f"capability/{task}/accuracy"] - m[f"capability/{task}/baseline_accuracy"])
         if name == "none":
             assert m[f"capability/{task}/lost"] == m[f"capability/{task}/gained"] == 0
+            assert m[f"capability/{task}/accuracy_vs_baseline"] == 0 and m[f"capability/{task}/mcnemar_p_vs_baseline"] == 1
     text = [r for r in rows if r["task"] == "lambada"]
     assert m["capability/lambada/n"] == len(text) == 3 and m["capability/lambada/tokens"] == sum(r["tokens"] for r in text)
     assert m["capability/lambada/cross_entropy"] == pytest.approx(-sum(r["logprob"] for r in text) / m["capability/lambada/tokens"])
@@ -271,7 +338,9 @@ def test_capability_group_in_results_report_and_wandb(compose, tmp_path, name):
     wandb.teardown()  # in-process, W&B's service may still be writing the run file after finish(): wait for it
     summary = wandb_records.summary(next((tmp_path / "sweep" / "run" / "wandb").glob("offline-run-*")))
     assert summary["capability/mmlu/accuracy"] == pytest.approx(m["capability/mmlu/accuracy"])
+    assert summary["capability/mmlu/accuracy_vs_baseline_ci95/lo"] == pytest.approx(m["capability/mmlu/accuracy_vs_baseline_ci95"][0])
     report = write_report(tmp_path / "sweep")
+    assert "mmlu Δ acc vs none" in report.markdown_table and "lambada Δ" not in report.markdown_table
     assert "mmlu acc" in report.markdown_table and "arc_challenge acc" in report.markdown_table and "lambada CE" in report.markdown_table
 
 

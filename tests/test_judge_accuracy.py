@@ -167,3 +167,52 @@ def test_benchmarks_cli_lists_and_names_unknown_ones(tmp_path, capsys):
     assert all("not cached" in line for line in listing) and "MIT" in listing[0] and "Apache-2.0" in listing[2]
     assert main(["benchmarks", "--fetch", "advbench", "--cache-dir", str(tmp_path)]) == 2
     assert "--fetch='advbench': choose one of harmbench" in capsys.readouterr().err
+
+
+def test_best_threshold_by_hand():
+    from refusal.judges.validate import best_threshold
+
+    # scores 0.5 and 2 are refusals, -1 and 1 are not: no threshold separates them; >= 1.5 gets 3 of 4, as does
+    # >= 0 (0.5 and 2 refused, 1 wrongly); among the best the one nearest 0 wins (-0.25 also gets 3 of 4: -1 right)
+    threshold, accuracy = best_threshold([-1.0, 0.5, 1.0, 2.0], [False, True, False, True])
+    assert accuracy == 0.75 and threshold == pytest.approx(-0.25)
+    assert best_threshold([-3.0, -2.0, 4.0], [False, True, True]) == (pytest.approx(-2.5), 1.0)  # separable: 100%
+    assert best_threshold([1.0, 1.0], [True, True]) == (0.0, 1.0)  # one value: the candidate below it, nearest 0
+    with pytest.raises(DataError, match="no labelled rows to calibrate"):
+        best_threshold([], [])
+
+
+def test_model_judge_threshold_labels_by_log_odds_and_calibrates_on_dev(tmp_path, capsys):
+    """The tiny judge's log-odds decide the label once a threshold is set (no unclear); --calibrate picks it on
+    the fixture's dev rows and scores the test rows with it."""
+    from refusal.judges import build_judges
+    from refusal.judges.labelled import read_labelled
+
+    tiny = {"name": "tiny", "source": "tiny", "tiny": {"n_layers": 2, "seed": 9}}
+    rows = read_labelled(FIXTURE)
+    prompts, completions = [r.prompt for r in rows], [r.completion for r in rows]
+    plain = build_judges({"model": {"type": "model", "model": tiny}}, [], tmp_path)["model"].judge(prompts, completions)
+    cut = sorted(j.score for j in plain)[9]
+    thresholded = build_judges({"model": {"type": "model", "model": tiny, "threshold": cut}}, [], tmp_path)["model"]
+    labels = [j.label for j in thresholded.judge(prompts, completions)]
+    assert labels == ["refusal" if j.score >= cut else "compliance" for j in plain] and labels.count("refusal") == 9
+    out_json = tmp_path / "v.json"
+    assert main(["judges", "--validate", str(FIXTURE), "--calibrate", "--judges", "substring,model", "--json",
+                 str(out_json), "judge.model.model={name: tiny, source: tiny, tiny: {n_layers: 2, seed: 9}}",
+                 f"cache_dir={tmp_path}"]) == 0
+    out = json.loads(out_json.read_text())
+    assert out["n"] == 10 and out["split"] == "test, thresholds from dev"
+    assert out["calibration"]["substring"]["threshold"] == 0.5  # 0/1 scores: the midpoint
+    assert out["judges"]["model"]["unclear"] == 0
+    assert "threshold" in capsys.readouterr().out
+    assert main(["judges", "--validate", str(FIXTURE), "--calibrate", "--split", "dev"]) == 2
+    assert "leave --split out" in capsys.readouterr().err
+    dev_only = tmp_path / "dev.jsonl"
+    dev_only.write_text('{"prompt": "p", "completion": "c", "label": "refusal", "split": "dev"}\n')
+    assert main(["judges", "--validate", str(dev_only), "--calibrate"]) == 2
+    assert "needs rows of both splits (dev 1, test 0)" in capsys.readouterr().err
+    from refusal.errors import ConfigError
+    from refusal.judges.model_judge import ModelJudge
+
+    with pytest.raises(ConfigError, match="threshold='high' must be a finite number"):
+        ModelJudge.check({"model": tiny, "threshold": "high"})

@@ -185,6 +185,10 @@ def _error_lines(proc: subprocess.CompletedProcess) -> list[str]:
     (["experiment=pareto_actadd", "intervention.layer=null", "hydra.sweeper.direction=[minimize]"],
      "error: eval.optimize lists 2 metrics but hydra.sweeper.direction has 1; give one direction per metric, e.g. "
      "eval.optimize=[harmful/refusal_rate,harmless/kl_div] 'hydra.sweeper.direction=[minimize,minimize]'"),
+    (["experiment=pareto_actadd", "intervention.layer=null", "eval.optimize=[harmful/refusal_rate,capability/mmlu/accuracy]"],
+     "error: eval.optimize names ['capability/mmlu/accuracy'], which a lean trial (eval=trial) does not measure: it reports "
+     "harmful/* (refusal), harmless/kl_div and capability/<task>/* of the tasks in eval.capability.tasks; add the task "
+     "there, or drop eval=trial for the full metrics"),
 ])
 def test_a_search_that_cannot_work_is_one_line_before_the_first_trial(tmp_path, overrides, message):
     # the same checks as a command-line value (intervention.layer=6, intervention.alpha=inf...), on every end
@@ -207,3 +211,77 @@ def test_optuna_sql_storage_works_with_the_pinned_sqlalchemy(tmp_path):
     study.optimize(lambda t: (t.suggest_float("x", 0, 1), 1 - t.params["x"] ** 2), n_trials=3)
     again = optuna.load_study(study_name="s", storage=storage)
     assert len(again.trials) == 3 and 1 <= len(again.best_trials) <= 3
+
+
+# -- capability in the search: a third objective and a constraint on the front ---------------------------
+def test_constraints_parse_meet_their_bound_and_refuse_bad_entries():
+    from refusal.constraints import Constraint, feasible, parse_constraints
+
+    (c,) = parse_constraints(["capability/mmlu/accuracy_vs_baseline >= -0.01"])
+    assert c == Constraint("capability/mmlu/accuracy_vs_baseline", ">=", -0.01)
+    assert c.met(-0.01) and c.met(0.0) and not c.met(-0.0101) and not c.met(NAN)  # the bound itself is met
+    (upper,) = parse_constraints(["harmless/kl_div<=1e-1"])
+    assert upper.met(0.1) and not upper.met(0.1000001)
+    assert feasible({"capability/mmlu/accuracy_vs_baseline": -0.005}, [c]) and not feasible({}, [c])  # unmeasured fails
+    assert parse_constraints(None) == [] and parse_constraints([]) == []
+    for bad in (["capability/mmlu/accuracy_vs_baseline > -0.01"], ["mmlu drop <= 1 point"], [3]):
+        with pytest.raises(ConfigError, match=r"is not '<metric> >= <number>' or '<metric> <= <number>', e.g. eval.constraints="):
+            parse_constraints(bad)
+    with pytest.raises(ConfigError, match="must be a list of strings"):
+        parse_constraints("harmless/kl_div <= 1")
+
+
+def test_a_run_that_misses_its_constraint_is_off_the_front_and_dominates_nothing():
+    from refusal.report import mark_front
+
+    rows = [{"model": "a", "harmful/refusal_rate": 0.9, "harmless/kl_div": 0.0, "feasible": True},
+            {"model": "a", "harmful/refusal_rate": 0.1, "harmless/kl_div": 0.1, "feasible": False},  # best, but lost MMLU
+            {"model": "a", "harmful/refusal_rate": 0.2, "harmless/kl_div": 0.2, "feasible": True},  # dominated only by it
+            {"model": "a", "harmful/refusal_rate": 0.5, "harmless/kl_div": 0.3}]  # no constraints: feasible
+    mark_front(rows)
+    assert [r["pareto"] for r in rows] == [True, False, True, False]
+
+
+def test_a_capability_constraint_needs_its_task(compose):
+    from refusal.config import check_config
+
+    with pytest.raises(ConfigError, match=r"eval.constraints has 'capability/mmlu/accuracy_vs_baseline >= -0.01', but 'mmlu' "
+                                          r"is not in eval.capability.tasks \(\[\]\); add it, e.g. eval.capability.tasks=\[mmlu\]"):
+        check_config(compose("eval.constraints=['capability/mmlu/accuracy_vs_baseline >= -0.01']"))
+
+
+def test_optuna_search_with_capability_as_third_objective_and_constraint(tmp_path):
+    """A real 3-objective search on tiny: each lean trial measures MMLU (fixture files in the wheel's format)
+    under its intervention, returns [refusal, KL, Δ MMLU accuracy] to Optuna, records whether it met
+    'Δ MMLU ≥ −1 point', and the report's front holds only the runs that did."""
+    from test_capability import write_fixture
+
+    from refusal.report import pareto_front
+
+    write_fixture(tmp_path / "cache")
+    sweep = tmp_path / "sweep"
+    key = "capability/mmlu/accuracy_vs_baseline"
+    common = ["model=tiny", *SMALL, f"cache_dir={tmp_path / 'cache'}", f"artifacts_dir={tmp_path / 'art'}", "progress=false",
+              f"hydra.sweep.dir={sweep}", "eval.capability.tasks=[mmlu]", "eval.capability.mmlu_subjects=[anatomy]",
+              "eval.capability.mmlu_per_subject=6", f"eval.constraints=['{key} >= -0.01']"]
+    proc = run_cli("experiment=pareto_actadd", "intervention.layer=int(interval(1,3))", "intervention.coeff=interval(-400.0,400.0)", "intervention.layers=all",
+                   "hydra.sweeper.n_trials=4", "hydra.sweeper.sampler.n_startup_trials=4", "eval.max_new_tokens=4",
+                   f"eval.optimize=[harmful/refusal_rate,harmless/kl_div,{key}]", "hydra.sweeper.direction=[minimize,minimize,maximize]",
+                   *common)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trials = [json.loads(p.read_text()) for p in sorted(sweep.glob("*_tiny_actadd/results.json"))]
+    assert len(trials) == 4 and all(t["eval"] == "lean" and t["constraints"] == [f"{key} >= -0.01"] for t in trials)
+    for t in trials:
+        m = t["metrics"]
+        assert m[f"{key}"] == pytest.approx(m["capability/mmlu/accuracy"] - m["capability/mmlu/baseline_accuracy"])
+        assert m["feasible"] == (m[key] >= -0.01) and t["capability"]["tasks"]["mmlu"]["n"] == 6
+    solutions = yaml.safe_load((sweep / "optimization_results.yaml").read_text())["solutions"]
+    assert all(len(s["values"]) == 3 for s in solutions)  # the third objective reached Optuna
+    returned = {tuple(t["metrics"][k] for k in ("harmful/refusal_rate", "harmless/kl_div", key)) for t in trials}
+    assert {tuple(s["values"]) for s in solutions} <= returned
+    import csv
+
+    rows = list(csv.DictReader((sweep / "report.csv").open()))
+    ok = [(float(r["harmful/refusal_rate"]), float(r["harmless/kl_div"])) if r["feasible"] == "True" else (None, None) for r in rows]
+    assert {r["run"] for r in rows if r["pareto"] == "True"} == {rows[i]["run"] for i in pareto_front(ok)}
+    assert "that met its constraints (capability/mmlu/accuracy_vs_baseline >= -0.01)" in (sweep / "report.md").read_text()

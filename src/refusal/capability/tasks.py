@@ -82,6 +82,11 @@ class Item:
         return self.shots + self.query
 
 
+def configured_tasks(ecfg: Any) -> list[str]:
+    """``eval.capability.tasks`` as a list ([] when the group or the key is absent)."""
+    return list((ecfg.get("capability") or {}).get("tasks") or [])
+
+
 def check_capability(ccfg: Any) -> None:
     """``eval.capability``: known tasks and subjects (checked before the model loads), sane counts."""
     for key in ("tasks", "mmlu_subjects"):

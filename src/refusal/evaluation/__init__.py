@@ -11,8 +11,10 @@ from __future__ import annotations
 
 from refusal.evaluation.judging import Columns, Judged, generate_and_judge
 from refusal.evaluation.records import (
+    add_constraints,
     add_paired,
     completion_rows,
+    measure_capability,
     run_record,
     versions,
     warn_if_barely_refuses,
@@ -27,7 +29,7 @@ from refusal.evaluation.scoring import (
 )
 
 __all__ = [
-    "HELD_LOGITS_BYTES", "SCORING_LOGITS_BYTES", "Columns", "Judged", "add_paired", "cached_scores", "completion_rows",
-    "evaluate_context", "generate_and_judge", "run_evaluation", "run_record", "teacher_forced_scores", "versions",
+    "HELD_LOGITS_BYTES", "SCORING_LOGITS_BYTES", "Columns", "Judged", "add_constraints", "add_paired", "cached_scores", "completion_rows",
+    "evaluate_context", "generate_and_judge", "measure_capability", "run_evaluation", "run_record", "teacher_forced_scores", "versions",
     "warn_if_barely_refuses", "write_outputs",
 ]

@@ -6,12 +6,15 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import platform
+import time
 import warnings
 from pathlib import Path
 from typing import Any
 
 from refusal.artifacts import atomic_write_json, atomic_write_text
+from refusal.capability import evaluate_capability
 from refusal.compare import RunOutcomes, vs_baseline
+from refusal.constraints import feasible, parse_constraints
 from refusal.context import RunContext
 from refusal.evaluation.judging import Judged
 from refusal.fitting.results import Fitted
@@ -66,6 +69,27 @@ def run_record(ctx: RunContext, intervention: Intervention, fitted: Fitted, judg
     if judged.agreement:
         record["judge_agreement"] = judged.agreement
     return record
+
+
+def measure_capability(ctx: RunContext, benchmarks: dict[str, Any] | None, intervention: Intervention, steer: str | None,
+                       output_dir: Path, metrics: dict[str, Any]) -> dict[str, Any] | None:
+    """The capability group (``capability/<task>/...`` into ``metrics``; the results.json record returned) when
+    ``benchmarks`` holds items, else None; timed as ``capability``."""
+    if not benchmarks:
+        return None
+    t0 = time.perf_counter()
+    found, record = evaluate_capability(ctx.cfg, ctx.bundle, benchmarks, intervention, steer, output_dir)
+    metrics.update(found)
+    ctx.timings["capability"] = time.perf_counter() - t0
+    return record
+
+
+def add_constraints(results: dict[str, Any], cfg: Any) -> None:
+    """The ``eval.constraints`` a run ran under (results.json) and whether its metrics met them (``feasible``)."""
+    constraints = parse_constraints(cfg.eval.get("constraints"))
+    if constraints:
+        results["constraints"] = [str(c) for c in constraints]
+        results["metrics"]["feasible"] = feasible(results["metrics"], constraints)
 
 
 def add_paired(results: dict[str, Any], rows: list[dict[str, Any]], steer: str | None) -> None:

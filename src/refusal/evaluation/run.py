@@ -18,13 +18,15 @@ import lightning
 from omegaconf import DictConfig
 
 from refusal.artifacts import atomic_write_json
-from refusal.capability import enabled, evaluate_capability, load_benchmarks
+from refusal.capability import enabled, load_benchmarks
 from refusal.config import check_seed, intervention_config, plugin_dirs
 from refusal.context import RunContext, prepare
 from refusal.evaluation.judging import generate_and_judge
 from refusal.evaluation.records import (
+    add_constraints,
     add_paired,
     completion_rows,
+    measure_capability,
     run_record,
     versions,
     warn_if_barely_refuses,
@@ -35,6 +37,7 @@ from refusal.evaluation.trial import evaluate_lean
 from refusal.fits import fit_for, inlp_record
 from refusal.geometry.collect import run_geometry
 from refusal.interventions import get_intervention
+from refusal.judges.quality import QualityScorer, annotate_rows, quality_metrics, score_columns
 from refusal.metrics.names import column_metric
 from refusal.tracking import make_tracker
 
@@ -48,13 +51,17 @@ def evaluate_context(ctx: RunContext, output_dir: Path, tracker: Any = None) -> 
     cls = get_intervention(str(cfg.intervention.name), plugin_dirs(cfg))
     icfg = intervention_config(cfg)
     lean = bool(cfg.eval.get("lean", False))  # a search trial (eval=trial): refusal and next-token KL only
-    benchmarks = load_benchmarks(cfg) if enabled(cfg) and not lean else None  # missing data fails before the fit
+    benchmarks = load_benchmarks(cfg) if enabled(cfg) else None  # missing data fails before the fit
+    scorer = None
+    if cfg.eval.get("quality") and not lean:  # loads the judge model and checks its answer tokens before the fit
+        scorer = QualityScorer(cfg.eval.quality_judge, cfg.cache_dir)
+        scorer.layout()
     fitted = fit_for(ctx, cls, icfg, geometry=bool(cfg.get("geometry", {}).get("enabled", False)) and not lean)
     intervention = cls(icfg, fitted)
     intervention.hook_specs(bundle)  # builds every hook once: a bad k or layer fails here, before generation
     ctx.timings["fit"] = time.perf_counter() - t0
     if lean:
-        return evaluate_lean(ctx, intervention, fitted, output_dir, tracker)
+        return evaluate_lean(ctx, intervention, fitted, output_dir, tracker, benchmarks)
 
     # columns: the main test split's two classes, then every named test set (label: what refusal means there)
     columns = [("harmful", "harmful_test", "harmful"), ("harmless", "harmless_test", "harmless"),
@@ -76,12 +83,13 @@ def evaluate_context(ctx: RunContext, output_dir: Path, tracker: Any = None) -> 
                   "baseline_nll": base_tf["per_prompt"]["nll"]}  # a cached entry comes back with sorted keys
     judged.metrics.update({column_metric("harmless", k): v for k, v in tf.items() if k != "per_prompt"})
     ctx.timings["score"] += time.perf_counter() - t2
-    capability = None
-    if benchmarks:
-        t_cap = time.perf_counter()
-        capability_metrics, capability = evaluate_capability(cfg, bundle, benchmarks, intervention, steer, output_dir)
-        judged.metrics.update(capability_metrics)
-        ctx.timings["capability"] = time.perf_counter() - t_cap
+    capability = measure_capability(ctx, benchmarks, intervention, steer, output_dir, judged.metrics)
+    quality = {}
+    if scorer is not None:
+        t_quality = time.perf_counter()
+        quality = score_columns(scorer, ctx, judged)
+        judged.metrics.update(quality_metrics(quality))
+        ctx.timings["quality"] = time.perf_counter() - t_quality
     warn_if_barely_refuses(bundle, judged.metrics)
 
     results = run_record(ctx, intervention, fitted, judged)
@@ -100,9 +108,11 @@ def evaluate_context(ctx: RunContext, output_dir: Path, tracker: Any = None) -> 
         results["exported_checkpoint"] = str(exported)
     results["timings"] = dict(ctx.timings)
     rows = completion_rows(ctx, judged)
+    annotate_rows(rows, quality)
     for row, *values in zip((r for r in rows if r["split"] == "harmless"), *per_prompt.values(), strict=True):
         row.update(zip(per_prompt, values, strict=True))  # nll, tokens, kl_div, kl_div_completion, baseline_nll
     add_paired(results, rows, steer)
+    add_constraints(results, cfg)
     write_outputs(output_dir, results, rows)
     if tracker is not None:
         tracker.log_results(results, rows, images=sorted(output_dir.glob("*.png")))

@@ -19,7 +19,9 @@ from hydra.core.override_parser.types import IntervalSweep, Override, RangeSweep
 from hydra.errors import HydraException
 from omegaconf import DictConfig, ListConfig
 
+from refusal.capability.tasks import configured_tasks
 from refusal.config import check_config
+from refusal.constraints import parse_constraints
 from refusal.errors import ConfigError, RefusalError
 from refusal.evaluation.trial import measures
 
@@ -76,10 +78,13 @@ def check_objectives(config: DictConfig) -> None:
         raise ConfigError(f"eval.optimize lists {len(keys)} metrics but hydra.sweeper.direction has {n}; give one direction "
                           f"per metric, e.g. {example}")
     if config.eval.get("lean", False):
-        unmeasured = [k for k in keys if not measures(k)]
-        if unmeasured:
-            raise ConfigError(f"eval.optimize names {unmeasured}, which a lean trial (eval=trial) does not measure: it "
-                              "reports harmful/* (refusal) and harmless/kl_div; drop eval=trial for the full metrics")
+        tasks = configured_tasks(config.eval)
+        for what, names in (("eval.optimize", list(keys)), ("eval.constraints", [c.key for c in parse_constraints(config.eval.get("constraints"))])):
+            unmeasured = [k for k in names if not measures(k, tasks)]
+            if unmeasured:
+                raise ConfigError(f"{what} names {unmeasured}, which a lean trial (eval=trial) does not measure: it "
+                                  "reports harmful/* (refusal), harmless/kl_div and capability/<task>/* of the tasks in "
+                                  "eval.capability.tasks; add the task there, or drop eval=trial for the full metrics")
 
 
 def check_parameters(config: DictConfig, searched: dict[str, Override]) -> None:

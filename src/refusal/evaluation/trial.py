@@ -24,8 +24,10 @@ from refusal.context import RunContext
 from refusal.errors import ConfigError
 from refusal.evaluation.judging import generate_and_judge
 from refusal.evaluation.records import (
+    add_constraints,
     add_paired,
     completion_rows,
+    measure_capability,
     run_record,
     warn_if_barely_refuses,
     write_outputs,
@@ -77,8 +79,11 @@ def next_token_kl(bundle: ModelBundle, prompts: Sequence[Sequence[int]], interve
     return float(metric.compute())
 
 
-def measures(key: str) -> bool:
-    """Whether a lean trial reports the metric ``key`` (for checking ``optimize`` before a search starts)."""
+def measures(key: str, capability_tasks: Sequence[str] = ()) -> bool:
+    """Whether a lean trial reports the metric ``key`` (for checking ``optimize`` before a search starts):
+    refusal, next-token KL, and the ``capability/<task>/...`` group of every task in ``eval.capability.tasks``."""
+    if key.startswith("capability/"):
+        return key.split("/")[1] in capability_tasks
     return key.startswith(("harmful/", "baseline/harmful/")) or key in (HARMLESS_KL, "n_harmful", "n_harmless")
 
 
@@ -98,9 +103,11 @@ def objectives(results: dict[str, Any], keys: Sequence[str] | None) -> float | l
 
 
 def evaluate_lean(ctx: RunContext, intervention: Intervention, fitted: Fitted, output_dir: Path,
-                  tracker: Any = None) -> dict[str, Any]:
+                  tracker: Any = None, benchmarks: dict[str, Any] | None = None) -> dict[str, Any]:
     """One search trial on a prepared context with a built intervention; writes results.json and
-    completions.jsonl (harmful prompts) like a full evaluation, with only the lean metrics."""
+    completions.jsonl (harmful prompts) like a full evaluation, with only the lean metrics, plus the
+    capability group when ``eval.capability.tasks`` names benchmarks (``benchmarks``: their items), so a
+    search can optimise or constrain capability."""
     cfg, bundle = ctx.cfg, ctx.bundle
     steer = intervention.steering_key(bundle.n_layers)
     judged = generate_and_judge(ctx, intervention, steer, [("harmful", "harmful_test", "harmful")])
@@ -108,12 +115,16 @@ def evaluate_lean(ctx: RunContext, intervention: Intervention, fitted: Fitted, o
     judged.metrics[HARMLESS_KL] = next_token_kl(bundle, ctx.tokens("harmless_test"), None if steer is None else intervention,
                                                       max(1, int(cfg.eval.batch_size) // 2))
     ctx.timings["score"] += time.perf_counter() - t0
+    capability = measure_capability(ctx, benchmarks, intervention, steer, output_dir, judged.metrics)
     warn_if_barely_refuses(bundle, judged.metrics)
     results = {**run_record(ctx, intervention, fitted, judged), "eval": "lean",
                "optimize": OmegaConf.to_container(cfg.eval.optimize) if cfg.eval.get("optimize") else None,
                "timings": dict(ctx.timings)}
+    if capability is not None:
+        results["capability"] = capability
     rows = completion_rows(ctx, judged)
     add_paired(results, rows, steer)
+    add_constraints(results, cfg)
     write_outputs(output_dir, results, rows)
     if tracker is not None:
         tracker.log_results(results, rows, images=[])

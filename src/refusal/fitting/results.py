@@ -1,5 +1,5 @@
 """What fitting produces, as the interventions read it: the DiM direction and the bundle of every fit a run
-made (INLP and LEACE results own their save/load in :mod:`refusal.fitting.inlp` and :mod:`refusal.fitting.leace`)."""
+made (the DiM class means, INLP and LEACE results own their save/load in :mod:`refusal.fitting.inlp` and :mod:`refusal.fitting.leace`)."""
 
 from __future__ import annotations
 
@@ -40,16 +40,36 @@ class DiMDirection:
         return cls(tensors["direction"], int(meta["layer"]), int(meta["position"]))
 
 
+@dataclass(frozen=True)
+class DiMMeans:
+    """The harmful and harmless mean residuals at the DiM position, at every site: index l < n_layers is
+    block l's input, index n_layers the last block's output (so index j is hidden state j, as heretic
+    counts). Their differences are the per-layer DiM directions; the harmless means are what projected
+    ablation projects out."""
+
+    harmful: Float[torch.Tensor, "sites d_model"]
+    harmless: Float[torch.Tensor, "sites d_model"]
+    position: int
+
+    @property
+    def directions(self) -> Float[torch.Tensor, "sites d_model"]:
+        return self.harmful - self.harmless
+
+
 @dataclass
 class Fitted:
     """Everything fitted that interventions may need; ``None`` where not fitted.
 
     ``inlp`` is the INLP fit at the DiM layer; ``inlp_by_layer`` holds one fit per layer when
-    ``fit.inlp.per_layer=true`` (each layer's own centre, signs and directions).
+    ``fit.inlp.per_layer=true`` (each layer's own centre, signs and directions). ``dim_means``: the
+    class means behind the DiM direction, at every layer (needs "dim_means"). ``extra``: an intervention's
+    own fit (``Intervention.fit_extra``), by its name.
     """
 
     dim: DiMDirection | None = None
+    dim_means: DiMMeans | None = None
     inlp: INLPResult | None = None
     inlp_layer: int | None = None
     inlp_by_layer: dict[int, INLPResult] = field(default_factory=dict)
     leace: LEACEResult | None = None
+    extra: dict[str, Any] = field(default_factory=dict)

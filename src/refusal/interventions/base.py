@@ -29,7 +29,7 @@ import torch
 from jaxtyping import Float
 
 from refusal.errors import ConfigError, InterventionError
-from refusal.fitting.results import DiMDirection, Fitted  # noqa: F401  (DiMDirection: kept importable from here)
+from refusal.fitting.results import DiMDirection, DiMMeans, Fitted  # noqa: F401  (DiMDirection, DiMMeans: kept importable from here)
 from refusal.interventions.registry import register
 from refusal.interventions.scope import Scope, check_layer
 from refusal.models.bundle import ModelBundle
@@ -68,6 +68,14 @@ class Intervention:
     #: False only for a baseline: its generations are the unsteered ones (cached and compared as such).
     steers: ClassVar[bool] = True
 
+    @classmethod
+    def fit_extra(cls, ctx: Any, fitted: Fitted, cfg: Mapping[str, Any]) -> Any:
+        """An intervention's own fit, for what ``needs`` cannot name (several directions, optimised ones):
+        called after the fits in ``needs`` with the run's :class:`~refusal.context.RunContext` (model,
+        splits, activation cache, artifact folder) and the intervention's config; what it returns is
+        ``fitted.extra[cls.name]``. The default fits nothing (and is not called)."""
+        return None
+
     def __init__(self, cfg: Mapping[str, Any], fitted: Fitted):
         _require_an_edit(type(self))
         self.cfg = dict(cfg)
@@ -84,6 +92,11 @@ class Intervention:
         if cls.__dict__.get("name"):
             _require_an_edit(cls)
             register(cls)
+
+    @classmethod
+    def check_params(cls, cfg: Mapping[str, Any], n_layers: int | None) -> None:
+        """Optional: raise a :class:`ConfigError` for bad parameters before the model loads and anything is
+        fitted (``n_layers`` is the model config's, None when unknown). The default checks nothing."""
 
     # -- what subclasses provide (at least one) ------------------------------------------------
     def residual_edit(self, layer: int, cast: Cast) -> TensorFn | None:

@@ -1,8 +1,10 @@
 """Directional ablation baked into the weights: a normal checkpoint that needs no hooks.
 
 Every matrix that writes into the residual stream (token embeddings, attention output and MLP
-down projections, and their biases) is replaced by (I − r̂r̂ᵀ)W, so no layer can write along r̂.
-The unembedding is untied first when it shares the embedding matrix: it reads the (normalised)
+down projections, and their biases) is replaced by (I − w·uuᵀ)W as an
+:class:`~refusal.interventions.weighted.AblationPlan` says (Arditi et al.'s orthogonalisation:
+u = r̂ and w = 1 everywhere), with the columns rescaled where the plan preserves norms. The
+unembedding is untied first when it shares the embedding matrix: it reads the (normalised)
 residual and must stay as it was.
 """
 
@@ -15,59 +17,71 @@ import torch
 from torch import nn
 
 from refusal.errors import ConfigError
+from refusal.interventions.weighted import AblationPlan, WriteEdit, column_scales, norm_ratio, writer_linear
 from refusal.models.architecture import residual_layout
 from refusal.models.bundle import ModelBundle
 
 
-def _writer_linear(module: nn.Module) -> nn.Linear:
-    for name in ("o_proj", "down_proj", "dense", "out_proj"):
-        if isinstance(getattr(module, name, None), nn.Linear):
-            return getattr(module, name)
-    raise ConfigError(f"cannot find the output projection of {type(module).__name__}")
+def uniform_plan(unit: torch.Tensor, n_layers: int) -> AblationPlan:
+    """Arditi et al.'s orthogonalisation: ``unit`` removed from the embedding and every write."""
+    edit = WriteEdit(unit)
+    return AblationPlan(edit, {(layer, part): edit for layer in range(n_layers) for part in ("attn", "mlp")})
 
 
 @torch.no_grad()
-def orthogonalize_(model: nn.Module, unit: torch.Tensor) -> nn.Module:
-    """In place: remove ``unit`` from everything that writes the residual stream of ``model``."""
+def apply_plan_(model: nn.Module, plan: AblationPlan) -> nn.Module:
+    """In place: edit every residual write of ``model`` that ``plan`` names (in float64, stored in the weights' dtype)."""
     layout = residual_layout(model)
     if layout.post_sublayer_norms:
         raise ConfigError(
             f"{layout.model_type} normalises each sub-layer output before adding it to the residual, so weight "
-            "orthogonalisation cannot be exact; use the hook-based intervention=dim_ablation instead"
+            "orthogonalisation cannot be exact; use the hook-based intervention instead"
         )
-    unit = unit.to(device=layout.embedding.weight.device, dtype=torch.float64)  # exact to the weights' precision
-    if model.get_output_embeddings() is not None and model.get_output_embeddings().weight is layout.embedding.weight:
+    if plan.embedding is not None and model.get_output_embeddings() is not None \
+            and model.get_output_embeddings().weight is layout.embedding.weight:
         head = model.get_output_embeddings()
         head.weight = nn.Parameter(head.weight.detach().clone())
         model.config.tie_word_embeddings = False
         if hasattr(model.config, "get_text_config"):
             model.config.get_text_config().tie_word_embeddings = False
 
-    def here(weight: torch.Tensor) -> torch.Tensor:  # a model.device_map model keeps its weights on several GPUs
-        return unit if unit.device == weight.device else unit.to(weight.device)
+    def unit_for(edit: WriteEdit, weight: torch.Tensor) -> torch.Tensor:  # a device_map model keeps weights on several GPUs
+        return edit.unit.to(device=weight.device, dtype=torch.float64)  # exact to the weights' precision
 
-    def project_rows(weight: torch.Tensor) -> None:  # rows live in the residual space: [*, d]
-        w, u = weight.double(), here(weight)
-        weight.copy_(w - torch.outer(w @ u, u))
-
-    def project_cols(weight: torch.Tensor) -> None:  # output dim is the residual: [d, *]
-        w, u = weight.double(), here(weight)
-        weight.copy_(w - torch.outer(u, u @ w))
-
-    project_rows(layout.embedding.weight)
-    for writer in (*layout.attn_writers, *layout.mlp_writers):
-        linear = _writer_linear(writer)
-        project_cols(linear.weight)
+    if plan.embedding is not None:  # rows live in the residual space: [vocab, d]
+        edit, weight = plan.embedding, layout.embedding.weight
+        w, u = weight.double(), unit_for(plan.embedding, weight)
+        edited = w - edit.weight * torch.outer(w @ u, u)
+        if edit.norm_preserving:
+            edited = edited * norm_ratio(w, edited, dim=1).unsqueeze(1)
+        weight.copy_(edited)
+    for (layer, part), edit in plan.writes.items():  # output dim is the residual: [d, *]
+        linear = writer_linear((layout.attn_writers if part == "attn" else layout.mlp_writers)[layer])
+        w, u = linear.weight.double(), unit_for(edit, linear.weight)
+        edited = w - edit.weight * torch.outer(u, u @ w)
+        if edit.norm_preserving:
+            edited = edited * column_scales(linear.weight, edit.unit, edit.weight)
+        linear.weight.copy_(edited)
         if linear.bias is not None:
-            b, u = linear.bias.double(), here(linear.bias)
-            linear.bias.copy_(b - (b @ u) * u)
+            b = linear.bias.double()
+            linear.bias.copy_(b - edit.weight * (b @ u) * u)
     return model
+
+
+def orthogonalize_(model: nn.Module, unit: torch.Tensor) -> nn.Module:
+    """In place: remove ``unit`` from everything that writes the residual stream of ``model``."""
+    return apply_plan_(model, uniform_plan(unit, len(residual_layout(model).blocks)))
+
+
+def export_plan(bundle: ModelBundle, plan: AblationPlan, out_dir: str | Path) -> Path:
+    """Save a copy of ``bundle``'s model with ``plan`` baked in (plus tokenizer) with ``save_pretrained``."""
+    out_dir = Path(out_dir)
+    model = apply_plan_(copy.deepcopy(bundle.model), plan)
+    model.save_pretrained(out_dir)
+    bundle.tokenizer.save_pretrained(out_dir)
+    return out_dir
 
 
 def export_orthogonalized(bundle: ModelBundle, unit: torch.Tensor, out_dir: str | Path) -> Path:
     """Save an orthogonalised copy of ``bundle``'s model (plus tokenizer) with ``save_pretrained``."""
-    out_dir = Path(out_dir)
-    model = orthogonalize_(copy.deepcopy(bundle.model), unit)
-    model.save_pretrained(out_dir)
-    bundle.tokenizer.save_pretrained(out_dir)
-    return out_dir
+    return export_plan(bundle, uniform_plan(unit, bundle.n_layers), out_dir)

@@ -10,7 +10,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from refusal.errors import ConfigError
-from refusal.judges import model_judge, substring  # noqa: E402, F401, I001  (the built-ins register on import)
+from refusal.judges import ensemble, model_judge, substring  # noqa: E402, F401, I001  (the built-ins register on import)
 from refusal.judges.agreement import agreement
 from refusal.judges.base import LABELS, Judge, Judgement
 from refusal.judges.registry import JUDGES, available_judges, get_judge

@@ -21,6 +21,8 @@ from refusal.data.readers import _parse_csv, _parse_jsonl, resolve_path
 from refusal.errors import DataError
 
 GOLD_LABELS = ("refusal", "partial_refusal", "compliance")
+#: The project's own gold set (docs/GOLD_LABELLING.md; made by bench/gold/), packaged with the code.
+GOLD_FILE = Path(__file__).parent / "gold" / "gold.jsonl"
 SPLITS = ("dev", "test")
 REQUIRED = ("prompt", "completion", "label")
 _BOOLS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}

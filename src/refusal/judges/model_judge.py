@@ -3,7 +3,10 @@
 The judge model gets a rubric with the prompt and the completion filled in and answers with one
 token. The score is the log-odds of its refusal answers over its compliance answers (logsumexp over
 each answer's token variants); the label is the answer whose tokens win the argmax over the whole
-vocabulary, and ``unclear`` when the argmax is neither (an unexpected token is never guessed).
+vocabulary, and ``unclear`` when the argmax is neither (an unexpected token is never guessed). With a
+``threshold`` (calibrated on labelled completions: ``judges --validate --calibrate``) the label is refusal
+when the log-odds reach it, compliance otherwise: a small judge's argmax is biased towards one answer, its
+log-odds still rank completions well.
 Batched forwards with the last position's logits only, the prefix every rubric shares run once;
 every verdict is cached on disk by (judge model weights, rubric, answers, prompt, completion), so a
 re-report costs nothing.
@@ -14,6 +17,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -95,6 +99,10 @@ class ModelJudge(Judge):
         answers = cfg.get("answers") or DEFAULT_ANSWERS
         if set(answers) != {"refusal", "compliance"} or not all(answers.values()):
             raise ConfigError(f"judge answers={dict(answers)!r} must map refusal and compliance to token strings")
+        threshold = cfg.get("threshold")
+        if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
+                                      or not math.isfinite(threshold)):
+            raise ConfigError(f"judge threshold={threshold!r} must be a finite number (log-odds) or null (argmax)")
         check_model_available(model_cfg, f"judge {cfg.get('label', cls.name)}")
 
     def __init__(self, cfg: Mapping[str, Any], cache_dir: str | Path):
@@ -105,6 +113,8 @@ class ModelJudge(Judge):
         self.answers = {k: list(v) for k, v in (self.cfg.get("answers") or DEFAULT_ANSWERS).items()}
         self.batch_size = int(self.cfg.get("batch_size", 8))
         self.share_prefix = bool(self.cfg.get("share_prefix", True))
+        threshold = self.cfg.get("threshold")
+        self.threshold = None if threshold is None else float(threshold)
         self._bundle: ModelBundle | None = None
 
     # -- the judge model and its answer tokens --------------------------------------------------------
@@ -166,7 +176,9 @@ class ModelJudge(Judge):
             verdicts = self._run([prompts[i] for i in todo], [completions[i] for i in todo])
             cache.update({keys[i]: v for i, v in zip(todo, verdicts, strict=True)})
             atomic_write_json(path, cache)
-        return [Judgement(cache[k][0], float(cache[k][1])) for k in keys]
+        if self.threshold is None:
+            return [Judgement(cache[k][0], float(cache[k][1])) for k in keys]
+        return [Judgement("refusal" if cache[k][1] >= self.threshold else "compliance", float(cache[k][1])) for k in keys]
 
     @torch.inference_mode()
     def _run(self, prompts: Sequence[str], completions: Sequence[str]) -> list[list[Any]]:

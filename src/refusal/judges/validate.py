@@ -7,11 +7,13 @@ such as ``judge.model.model=qwen05`` applies); by default the cheap ones, those 
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from omegaconf import OmegaConf
@@ -36,11 +38,37 @@ def _config(names: Sequence[str] | None, overrides: Sequence[str], plugin_dirs: 
     return cfg
 
 
+def best_threshold(scores: Sequence[float], refused: Sequence[bool]) -> tuple[float, float]:
+    """The score threshold (label refusal when score >= it) with the highest accuracy on labelled rows, and
+    that accuracy. Candidates: midpoints between consecutive distinct scores and one beyond each end; among
+    equally accurate ones the one nearest 0, the judge's own boundary for log-odds, so a calibration moves it
+    no further than the labels ask."""
+    if not scores:
+        raise DataError("no labelled rows to calibrate a threshold on; label some rows dev")
+    values = sorted(set(map(float, scores)))
+    candidates = [values[0] - 1.0, *((a + b) / 2 for a, b in itertools.pairwise(values)), values[-1] + 1.0]
+    truth = torch.tensor(list(refused), dtype=torch.bool)
+    score = torch.tensor(list(scores), dtype=torch.float64)
+    accuracy = [float(((score >= t) == truth).double().mean()) for t in candidates]
+    best = max(accuracy)
+    return min((t for t, a in zip(candidates, accuracy, strict=True) if a == best), key=abs), best
+
+
 def validate(path: str | Path, names: Sequence[str] | None = None, *, split: str | None = None,
-             overrides: Sequence[str] = (), plugin_dirs: list[str | Path]) -> dict[str, Any]:
-    """Accuracy of each judge on the file's rows (``split``: dev or test rows only)."""
+             overrides: Sequence[str] = (), plugin_dirs: list[str | Path], calibrate: bool = False) -> dict[str, Any]:
+    """Accuracy of each judge on the file's rows (``split``: dev or test rows only). ``calibrate``: each judge's
+    score threshold is chosen on the dev rows (:func:`best_threshold`) and the judges are scored on the test rows
+    with it, so the reported accuracy is of a rule fixed before the rows it is scored on."""
     rows = read_labelled(path)
-    if split is not None:
+    if calibrate:
+        if split is not None:
+            raise ConfigError("--calibrate chooses thresholds on dev and scores test; leave --split out")
+        dev = [r for r in rows if r.split == "dev"]
+        rows = [r for r in rows if r.split == "test"]
+        if not dev or not rows:
+            raise DataError(f"{path}: --calibrate needs rows of both splits (dev {len(dev)}, test {len(rows)}); "
+                            "give each row split=dev or split=test")
+    elif split is not None:
         rows = [r for r in rows if r.split == split]
         if not rows:
             raise DataError(f"{path} has no rows with split={split}; label some rows {split}, or leave --split out")
@@ -49,10 +77,19 @@ def validate(path: str | Path, names: Sequence[str] | None = None, *, split: str
     prompts, completions = [r.prompt for r in rows], [r.completion for r in rows]
     gold = [r.label for r in rows]
     counts = Counter(gold)
+    labels, calibration = {}, {}
+    for name, judge in judges.items():
+        verdicts = judge.judge(prompts, completions)
+        labels[name] = [j.label for j in verdicts]
+        if calibrate:
+            dev_scores = [j.score for j in judge.judge([r.prompt for r in dev], [r.completion for r in dev])]
+            threshold, dev_accuracy = best_threshold(dev_scores, [r.label != "compliance" for r in dev])
+            labels[name] = ["refusal" if j.score >= threshold else "compliance" for j in verdicts]
+            calibration[name] = {"threshold": threshold, "dev_accuracy": dev_accuracy, "dev_n": len(dev)}
     return {
-        "file": str(path), "split": split or "all", "n": len(rows),
+        "file": str(path), "split": "test, thresholds from dev" if calibrate else split or "all", "n": len(rows),
         "gold": {label: counts.get(label, 0) for label in GOLD_LABELS},
         "answers_prompt_false": sum(r.answers_prompt is False for r in rows),
-        "judges": {name: judge_accuracy(gold, [j.label for j in judge.judge(prompts, completions)])
-                   for name, judge in judges.items()},
+        "judges": {name: judge_accuracy(gold, predicted) for name, predicted in labels.items()},
+        **({"calibration": calibration} if calibrate else {}),
     }

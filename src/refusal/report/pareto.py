@@ -29,9 +29,11 @@ def pareto_front(points: Sequence[Sequence[float | None]]) -> list[int]:
 
 def mark_front(rows: list[dict[str, Any]]) -> None:
     """Set ``row["pareto"]``: on the (harmful refusal, next-token KL) front of its model's runs, every
-    intervention and trial together (KL is only comparable within one model)."""
+    intervention and trial together (KL is only comparable within one model). A run that did not meet its
+    ``eval.constraints`` (``feasible`` false) is never on it and dominates nothing."""
     for model in dict.fromkeys(r.get("model") for r in rows):
         mine = [r for r in rows if r.get("model") == model]
-        front = set(pareto_front([tuple(r.get(k) for k in FRONT) for r in mine]))
+        front = set(pareto_front([tuple(r.get(k) for k in FRONT) if r.get("feasible", True) else (None,) * len(FRONT)
+                                  for r in mine]))
         for i, row in enumerate(mine):
             row["pareto"] = i in front

@@ -54,7 +54,9 @@ PAIRED_NOTE = (
     "prompts (its own baseline completions, which are the `none` run's), paired prompt by prompt: the difference "
     "in points with Newcombe's paired score interval; *McNemar p (Holm)*: McNemar's exact test of that "
     "difference, Holm-adjusted over the runs of the same model here. *ppl ÷ none*: harmless perplexity over the "
-    "unsteered model's on the same completions; it and KL with paired bootstrap intervals over prompts "
+    "unsteered model's on the same completions; it and KL with paired bootstrap intervals over prompts; "
+    "*<task> Δ acc vs none*: a capability benchmark's accuracy minus the unsteered model's on the same items, in "
+    "points with Newcombe's paired score interval "
     "(`python -m refusal.compare RUN_A RUN_B` pairs any two runs on the same prompts).")
 
 
@@ -104,7 +106,7 @@ def _fmt(value: Any, key: str, row: dict[str, Any]) -> str:
     if key.endswith(("refusal_rate", "/accuracy")):
         text = f"{100 * value:.1f}%"
         return f"{text} [{100 * ci[0]:.0f}–{100 * ci[1]:.0f}]" if ci else text
-    if "/refusal_rate_vs_" in key:  # a paired difference, in points
+    if "/refusal_rate_vs_" in key or "/accuracy_vs_" in key:  # a paired difference, in points
         text = f"{100 * value:+.1f}"
         return f"{text} [{100 * ci[0]:+.0f}, {100 * ci[1]:+.0f}]" if ci else text
     if isinstance(value, float):
@@ -115,7 +117,8 @@ def _fmt(value: Any, key: str, row: dict[str, Any]) -> str:
 
 def columns_for(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
     """COLUMNS plus what the runs have: a column per test set (after harmless refusal), one per extra
-    judge on harmful prompts, the judges' κ, and each capability benchmark's accuracy (after KL)."""
+    judge on harmful prompts, the judges' κ, the StrongREJECT-style quality of harmful columns, and each capability benchmark's accuracy with its paired
+    difference from the unsteered model on the same items (after KL)."""
     keys = list(dict.fromkeys(k for row in rows for k in row))
     sets = [k for k in keys if k.endswith("/refusal_rate") and k.count("/") == 1
             and k.split("/")[0] not in ("harmful", "harmless", "baseline")]
@@ -127,9 +130,11 @@ def columns_for(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
     extra = [(k, f"{k.split('/')[0]} refusal") for k in sets]
     extra += [(k, f"harmful refusal ({k.split('/')[2]})") for k in judged]
     extra += [(k, f"κ {k.removeprefix('judges/kappa/')}") for k in kappas]
+    extra += [(k, f"{k.split('/')[0]} quality") for k in keys if k.endswith("/quality") and k.count("/") == 1]
     at = [key for key, _ in COLUMNS].index(HARMLESS_KL) + 1
-    capability = [(k, f"{k.split('/')[1]} {'acc' if k.endswith('/accuracy') else 'CE'}") for k in keys
-                  if k.startswith("capability/") and k.endswith(("/accuracy", "/cross_entropy"))]
+    titles = {"/accuracy": "acc", "/accuracy_vs_baseline": "Δ acc vs none", "/cross_entropy": "CE"}
+    capability = [(k, f"{k.split('/')[1]} {titles[suffix]}") for k in keys if k.startswith("capability/")
+                  for suffix in titles if k.endswith(suffix)]
     return COLUMNS[:cut] + extra + COLUMNS[cut:at] + capability + COLUMNS[at:]
 
 
@@ -210,7 +215,9 @@ def write_report(sweep_dir: str | Path) -> Report:
     if any(r.get("pareto") for r in ok):
         md += ["## Pareto front: harmful refusal vs next-token KL", "",
                "Runs no other run of the same model beats on both (lower harmful refusal, lower KL on harmless "
-               "prompts), across every intervention and trial in this folder.", "", front_table(ok), ""]
+               "prompts), across every intervention and trial in this folder"
+               + (" that met its constraints (" + "; ".join(sorted({c for _, r in runs for c in r.get("constraints") or []}))
+                  + ")" if any(r.get("constraints") for _, r in runs) else "") + ".", "", front_table(ok), ""]
     if failures:
         md += ["## Failed runs", ""] + [f"- `{run}`: {err}" for run, err in failures] + [""]
     md += [f"![{p.stem}]({p.name})" for p in plots]

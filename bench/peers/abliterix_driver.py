@@ -1,0 +1,110 @@
+"""Run abliterix 1.12.2 in batch mode in the current folder and record what it generated.
+
+Runs with abliterix's own interpreter (bench/peers/.venv-abliterix), never imported by the project.
+abliterix's batch mode (``non_interactive = true`` in ./abliterix.toml) needs no menu answers. This
+driver changes nothing in its method; it only (1) records every harmful-prompt completion its
+keyword detector judges, with the trial it belongs to, to ``completions.jsonl``; (2) skips its
+automatic response-prefix search, so that, as for heretic (``response_prefix = ""``), completions start
+right after the chat prompt (abliterix has no setting for this); (3) exports the Optuna study to
+``trials.json`` and its effective settings to ``settings.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import abliterix.cli as abliterix_cli
+from abliterix.eval.detector import RefusalDetector
+from abliterix.eval.scorer import TrialScorer
+
+RECORD = Path("completions.jsonl")
+STATE = {"trial": 0}  # 0 while the unsteered baseline is judged, then the trial's position in this run
+
+
+def _append(entry: dict) -> None:
+    with RECORD.open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps(entry, ensure_ascii=False) + "\n")
+
+
+_evaluate_keyword_result = RefusalDetector._evaluate_keyword_result
+_measure = TrialScorer.measure_kl_and_coherence
+
+
+def evaluate_keyword_result(self: RefusalDetector, engine, target_msgs):
+    """Its two-pass keyword detection, with the completions each prompt was finally judged on."""
+    calls: list = []
+    generate = RefusalDetector._gen
+
+    def capture(engine, messages, **kwargs):
+        responses = generate(engine, messages, **kwargs)
+        calls.append((messages, list(responses)))
+        return responses
+
+    self._gen = capture  # an instance attribute: shadows the static method for this call
+    try:
+        result = _evaluate_keyword_result(self, engine, target_msgs)
+    finally:
+        del self._gen
+    responses = list(calls[0][1])
+    position = {id(m): i for i, m in enumerate(target_msgs)}
+    for messages, again in calls[1:]:  # the second pass regenerates the short, undecided ones
+        for message, response in zip(messages, again, strict=True):
+            responses[position[id(message)]] = response
+    _append({"trial": STATE["trial"], "refusals": sum(label is True for label in result.labels),
+             "prompts": [m.user for m in target_msgs], "responses": responses})
+    return result
+
+
+def measure_kl_and_coherence(self: TrialScorer, engine):
+    """Called once per trial, before its refusals are counted (and before a trial is pruned for KL)."""
+    STATE["trial"] += 1
+    start = time.perf_counter()
+    kl, deviation = _measure(self, engine)
+    _append({"trial": STATE["trial"], "kl_divergence": kl, "length_deviation": deviation,
+             "measure_s": time.perf_counter() - start})
+    return kl, deviation
+
+
+def no_response_prefix(engine, benign_msgs, target_msgs) -> None:
+    engine.response_prefix = ""
+    print("[bench/peers] response prefix search skipped: completions start after the chat prompt", flush=True)
+
+
+def export() -> None:
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    journals = sorted(Path("checkpoints").glob("*.jsonl"))
+    if len(journals) != 1:
+        print(f"[bench/peers] expected one Optuna journal in checkpoints/, found {journals}", file=sys.stderr)
+        return
+    study = optuna.load_study(study_name="abliterix", storage=JournalStorage(JournalFileBackend(str(journals[0]))))
+    trials = [{"number": t.number, "state": t.state.name, "params": t.params, "values": t.values,
+               "user_attrs": t.user_attrs,
+               "duration_s": t.duration.total_seconds() if t.duration is not None else None}
+              for t in study.trials]
+    Path("trials.json").write_text(json.dumps({"peer": "abliterix", "trials": trials}, indent=1, default=str) + "\n")
+    Path("settings.json").write_text(json.dumps(json.loads(study.user_attrs["settings"]), indent=1) + "\n")
+
+
+def main() -> int:
+    if sys.argv[1:] == ["--export"]:  # after a crash or a hard stop: the journal's trials only
+        export()
+        return 0
+    RefusalDetector._evaluate_keyword_result = evaluate_keyword_result
+    TrialScorer.measure_kl_and_coherence = measure_kl_and_coherence
+    abliterix_cli._detect_response_prefix = no_response_prefix
+    sys.argv = ["abliterix"]  # settings come from ./abliterix.toml only
+    try:
+        abliterix_cli.main()
+    finally:
+        export()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

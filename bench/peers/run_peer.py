@@ -1,0 +1,126 @@
+"""Run a peer (heretic or abliterix) offline on our model and prompts, then read its trials back.
+
+    bash bench/peers/install.sh                                    # once: the peers' own venvs
+    python bench/peers/run_peer.py heretic --smoke                 # 2 trials, 8 + 8 prompts, 16 tokens
+    python bench/peers/run_peer.py heretic                         # the pareto step's work (see README)
+
+Steps, each in the run folder (``--out``, default bench/peers/runs/<model>-<peer>[-smoke]): the
+prompt files and manifest (peer_inputs), the peer's config file (peer_configs), the peer itself via
+its driver in its own venv with the Hub switched off (HF_HUB_OFFLINE, TRANSFORMERS_OFFLINE,
+HF_DATASETS_OFFLINE, an empty HF_HOME in the run folder), then peer_readback (our judges, report.csv).
+A peer that is not installed or fails is reported with the end of its log, and the exit code says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from peer_configs import Comparison, write_config
+from peer_inputs import SPLITS_DIR, PeerInputError, compose, model_folder, write_prompts
+from peer_readback import PeerOutputError, read_run
+
+from refusal.errors import RefusalError
+
+HERE = Path(__file__).resolve().parent
+PEERS = ("heretic", "abliterix")
+OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
+           "MPLBACKEND": "Agg"}
+#: Our pareto step (bench/study.py: --pareto-trials 12, --n-test 100, --max-new-tokens 128; the
+#: sweeper's n_startup_trials 8 in conf/experiment/pareto.yaml) and a smoke run of the whole pipeline.
+FULL = {"trials": 12, "startup_trials": 8, "n_test": 100, "n_fit": None, "max_new_tokens": 128, "batch_size": 32}
+SMOKE = {"trials": 2, "startup_trials": 8, "n_test": 8, "n_fit": 8, "max_new_tokens": 16, "batch_size": 8}
+#: Seconds a peer gets to stop after --timeout's Ctrl+C, before it is killed (its journal is still read).
+STOP_GRACE_S = 120
+
+
+def venv_python(peer: str) -> Path:
+    return HERE / f".venv-{peer}" / "bin" / "python"
+
+
+def run_peer(peer: str, run_dir: Path, timeout_s: float | None) -> dict:
+    """The peer's driver in its own venv, offline, in ``run_dir``; its log in ``run_dir/peer.log``."""
+    python = venv_python(peer)
+    if not python.exists():
+        raise PeerInputError(f"{peer} is not installed ({python} missing); run: bash bench/peers/install.sh {peer}")
+    env = {**os.environ, **OFFLINE, "HF_HOME": str(run_dir / "hf-home")}
+    env.pop("PYTHONPATH", None)  # the peer must not import our sources
+    driver = [str(python), str(HERE / f"{peer}_driver.py")]
+    log = run_dir / "peer.log"
+    start = time.perf_counter()
+    with log.open("w", encoding="utf-8") as fh:
+        proc = subprocess.Popen(driver, cwd=run_dir, env=env, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        try:
+            rc: int | str = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:  # Ctrl+C: both peers then stop their study after the running trial
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            rc = "timeout"
+        wall = round(time.perf_counter() - start, 1)
+        if rc != 0 and not (run_dir / "trials.json").exists() and any((run_dir / "checkpoints").glob("*.jsonl")):
+            subprocess.run([*driver, "--export"], cwd=run_dir, env=env, stdout=fh, stderr=subprocess.STDOUT,
+                           stdin=subprocess.DEVNULL, check=False)  # the trials it finished, from its journal
+    return {"returncode": rc, "wall_s": wall, "log": str(log)}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("peer", choices=PEERS)
+    parser.add_argument("--model", default="qwen05")
+    parser.add_argument("--smoke", action="store_true", help=f"the whole pipeline at tiny sizes: {SMOKE}")
+    for key, value in FULL.items():
+        parser.add_argument(f"--{key.replace('_', '-')}", type=int, default=None, help=f"default {value} ({SMOKE[key]} with --smoke)")
+    parser.add_argument("--out", type=Path, help="the run folder (must be new or empty)")
+    parser.add_argument("--splits", type=Path, default=SPLITS_DIR)
+    parser.add_argument("--cache-dir", help="the project's cache root holding models/ (default: $REFUSAL_CACHE or ~/.cache/refusal)")
+    parser.add_argument("--judges", nargs="+", default=["substring", "heretic"], help="conf/judge names, first primary")
+    parser.add_argument("--timeout", type=float, default=None, help="seconds before the peer is stopped")
+    parser.add_argument("--readback-only", action="store_true", help="judge and report an existing run folder again")
+    args = parser.parse_args(argv)
+    sizes = {k: v if (v := getattr(args, k)) is not None else (SMOKE if args.smoke else FULL)[k] for k in FULL}
+    run_dir = (args.out or HERE / "runs" / f"{args.model}-{args.peer}{'-smoke' if args.smoke else ''}").resolve()
+    try:
+        if not args.readback_only:
+            if run_dir.exists() and any(run_dir.iterdir()):
+                raise PeerInputError(f"{run_dir} is not empty (a peer resumes or asks about an old study there); "
+                                     "remove it or pass another --out")
+            cfg = compose(args.model, sizes["n_test"], args.splits, [f"cache_dir={args.cache_dir}"] if args.cache_dir else [])
+            write_prompts(run_dir, cfg, sizes["n_fit"])
+            comparison = Comparison(str(model_folder(cfg)), sizes["trials"], sizes["startup_trials"],
+                                    sizes["max_new_tokens"], sizes["batch_size"], seed=int(cfg.seed))
+            write_config(args.peer, run_dir, comparison)
+            print(f"[{args.peer}] running in {run_dir} (log: peer.log)", flush=True)
+            outcome = {"peer": args.peer, "sizes": sizes, "offline_env": OFFLINE,
+                       **run_peer(args.peer, run_dir, args.timeout)}
+            (run_dir / "run.json").write_text(json.dumps(outcome, indent=1) + "\n")
+            if outcome["returncode"] != 0:
+                tail = (run_dir / "peer.log").read_text(encoding="utf-8", errors="replace").splitlines()[-25:]
+                print(f"[{args.peer}] FAILED ({outcome['returncode']}) after {outcome['wall_s']} s; end of peer.log:\n"
+                      + "\n".join(tail), file=sys.stderr)
+                if not (run_dir / "trials.json").exists():
+                    return 1
+                print(f"[{args.peer}] reading back the trials it finished", file=sys.stderr)
+            else:
+                print(f"[{args.peer}] finished in {outcome['wall_s']} s", flush=True)
+        report = read_run(run_dir, args.judges)
+    except (PeerInputError, PeerOutputError, RefusalError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {report / 'report.csv'} and {report / 'report.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""Multi-direction ablation: the nested basis (DiM first, then the leading components of the per-prompt
+differences) is orthonormal, and the ablation removes every basis component everywhere."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from refusal.config import intervention_config, plugin_dirs
+from refusal.errors import FitError
+from refusal.fitting.subspace import difference_components, orthonormal_basis
+from refusal.hooks import HookSpec, hooked
+from refusal.interventions import get_intervention
+from refusal.pipeline import fit_for, prepare
+from refusal.prefix import forward
+
+SMALL = ["data.n_train=16", "data.n_val=8", "data.n_test=8", "fit.dim.n_prompts=4", "layer=fixed", "layer.index=1"]
+
+
+def test_basis_is_dim_then_the_planted_second_direction():
+    g = torch.Generator().manual_seed(0)
+    d, n = 12, 200
+    q, _ = torch.linalg.qr(torch.randn(d, 3, generator=g))
+    r, second, third = q.T  # harmful = harmless mean + 4 r + spread 3 along `second` + 0.5 along `third`
+    coeff = torch.randn(n, 2, generator=g)
+    coeff = coeff - coeff.mean(0)
+    harmful = 4 * r + 3 * coeff[:, :1] * second + 0.5 * coeff[:, 1:] * third
+    basis, explained = difference_components(harmful, torch.zeros(d), k=3)
+    torch.testing.assert_close(basis @ basis.T, torch.eye(3), atol=1e-5, rtol=0)
+    assert float(basis[0] @ r) > 0.9999  # DiM's direction, sign kept
+    assert abs(float(basis[1] @ second)) > 0.999 and abs(float(basis[2] @ third)) > 0.999
+    # shares of the differences' squared length: 16 : 9·var : 0.25·var, summing to 1 with nothing left over
+    assert float(explained.sum()) == pytest.approx(1.0, abs=1e-5)
+    assert float(explained[0]) > float(explained[1]) > float(explained[2]) > 0
+
+
+def test_rank_below_k_is_an_error_with_the_numbers():
+    harmful = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]])  # every difference is DiM's: nothing beyond it
+    with pytest.raises(FitError, match=r"k=2 needs 1 directions beyond DiM's, but the per-prompt differences have only 0"):
+        difference_components(harmful, torch.zeros(3), k=2)
+    with pytest.raises(FitError, match=r"span only rank 1 .*\[1.0, 0.0\]"):
+        orthonormal_basis(torch.tensor([[1.0, 1.0], [2.0, 2.0]]), "planted", "lower k")
+
+
+def test_ablation_on_the_tiny_model_removes_every_basis_component(compose):
+    cfg = compose("intervention=multi_ablation", "intervention.k=3", *SMALL)
+    ctx = prepare(cfg)
+    cls = get_intervention("multi_ablation", plugin_dirs(cfg))
+    fitted = fit_for(ctx, cls, intervention_config(cfg))
+    intervention = cls(intervention_config(cfg), fitted)
+    Q = intervention.basis
+    torch.testing.assert_close(Q @ Q.T, torch.eye(3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(Q[0], fitted.dim.unit, atol=1e-5, rtol=0)  # nested on DiM: k=1 is DiM ablation
+    assert intervention.params()["explained"][0] > 0
+
+    bundle, seen = ctx.bundle, []
+    layout = bundle.layout
+    watch = [HookSpec(b, lambda x: seen.append(x) or x, "pre") for b in layout.blocks]
+    watch += [HookSpec(layout.final_norm, lambda x: seen.append(x) or x, "pre")]
+    rows = ctx.tokens("harmful_test")[:3]
+    with torch.no_grad(), intervention.apply(bundle), hooked(watch):  # watchers run after the edits
+        forward(bundle, rows)
+    components = torch.stack([(x @ Q.T).abs().max() for x in seen])
+    scale = torch.stack([x.abs().max() for x in seen])
+    assert len(seen) == bundle.n_layers + 1 and bool((components <= 1e-4 * scale).all()), components
+    seen.clear()
+    with torch.no_grad(), hooked(watch):  # unsteered: the components are there to remove
+        forward(bundle, rows)
+    assert float(torch.stack([(x @ Q.T).abs().max() for x in seen[1:]]).min()) > 1e-3
