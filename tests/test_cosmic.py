@@ -8,10 +8,11 @@ import torch
 from planted_model import PlantedLinearModel
 
 from refusal.artifacts import load_artifact
+from refusal.context import prepare
 from refusal.errors import ConfigError
+from refusal.fits import fit_dim
 from refusal.fitting.cosmic import CosmicConfig, low_similarity_layers, select_cosmic
 from refusal.fitting.dim import eligible_layers
-from refusal.pipeline import fit_dim, prepare
 
 
 def test_read_layers_are_the_least_alike_and_at_least_one():

@@ -7,12 +7,13 @@ import pytest
 import torch
 
 from refusal.config import intervention_config, plugin_dirs
+from refusal.context import prepare
 from refusal.errors import FitError
+from refusal.fits import fit_for
 from refusal.fitting.subspace import difference_components, orthonormal_basis
-from refusal.hooks import HookSpec, hooked
 from refusal.interventions import get_intervention
-from refusal.pipeline import fit_for, prepare
-from refusal.prefix import forward
+from refusal.runtime.hooks import HookSpec, hooked
+from refusal.runtime.prefix import forward
 
 SMALL = ["data.n_train=16", "data.n_val=8", "data.n_test=8", "fit.dim.n_prompts=4", "layer=fixed", "layer.index=1"]
 

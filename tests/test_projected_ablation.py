@@ -239,8 +239,9 @@ def test_dim_ablation_export_is_bit_identical_to_the_orthogonalisation_it_always
 
 # -- through the pipeline -------------------------------------------------------------------------------
 def test_evaluate_exports_the_weighted_ablation_and_the_means_match_the_dim_fit(compose, tmp_path, prompts):
+    from refusal.context import prepare
     from refusal.evaluation import run_evaluation
-    from refusal.pipeline import fit, prepare
+    from refusal.fits import fit
 
     small = ["data.n_train=16", "data.n_val=8", "data.n_test=4", "eval.max_new_tokens=2", "fit.dim.n_prompts=4",
              "geometry.enabled=false"]

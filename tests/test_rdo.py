@@ -11,7 +11,9 @@ import torch
 from planted_model import PlantedLinearModel
 
 from refusal.config import intervention_config, plugin_dirs
+from refusal.context import prepare
 from refusal.errors import ConfigError, FitError
+from refusal.fits import fit_for
 from refusal.fitting.rdo import (
     RDOConfig,
     cone_samples,
@@ -22,7 +24,6 @@ from refusal.fitting.rdo import (
     retain_kl,
 )
 from refusal.interventions import get_intervention
-from refusal.pipeline import fit_for, prepare
 
 SMALL = ["data.n_train=16", "data.n_val=8", "data.n_test=8", "fit.dim.n_prompts=4", "layer=fixed", "layer.index=1"]
 
@@ -113,7 +114,7 @@ def test_rdo_on_the_tiny_model_is_an_artifact_reused_from_cache(compose, caplog)
     assert intervention.params()["best_step"] == fit.best_step
     x = ctx.activations("harmful_val", layer=1, position=-1)
     assert float((intervention.transform(x) @ fit.basis.T).abs().max()) < 1e-4 * float(x.abs().max())  # the cone is gone
-    with caplog.at_level("INFO", logger="refusal.fitting.rdo"):
+    with caplog.at_level("INFO", logger="refusal.fits"):  # fits.fit_rdo caches the fit
         again = fit_for(ctx, cls, icfg).extra["rdo_ablation"]
     assert "reusing RDO artifact" in caplog.text
     torch.testing.assert_close(again.basis, fit.basis, rtol=0, atol=0)
