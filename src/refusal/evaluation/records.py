@@ -1,5 +1,6 @@
 """What a run writes: the results.json record every run has, completions.jsonl rows, paired differences
-from the run's own baseline, and the package versions."""
+from the run's own baseline, the capability group and the constraints' verdict (shared by full runs and
+lean trials), and the package versions."""
 
 from __future__ import annotations
 
