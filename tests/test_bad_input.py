@@ -93,8 +93,8 @@ def test_unknown_data_name_lists_sources(compose, no_model_load):
 
 # -- judges and test sets: checked before any model loads ------------------------------------------
 def test_unknown_judge_lists_registered_and_configured(compose, no_model_load):
-    with pytest.raises(ConfigError, match="unknown judge 'nope'; registered: model, substring.*configured judges "
-                                          r"\(conf/judge\): harmbench, heretic, llama_guard, model, substring"):
+    with pytest.raises(ConfigError, match="unknown judge 'nope'; registered: ensemble, model, substring.*configured judges "
+                                          r"\(conf/judge\): ensemble, harmbench, heretic, llama_guard, model, model_fewshot, substring"):
         prepare(compose("eval.judges=[substring,nope]"))
 
 
