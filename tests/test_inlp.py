@@ -53,9 +53,31 @@ def test_directions_orthonormal(fitted):
     assert torch.allclose(W @ W.T, torch.eye(W.shape[0], dtype=W.dtype), atol=1e-5)
 
 
+def dense_projector(W: torch.Tensor) -> torch.Tensor:
+    """I − WᵀW in float64: the d×d matrix INLP artifacts used to store, the oracle for ``project``."""
+    W = W.to(torch.float64)
+    return torch.eye(W.shape[1], dtype=torch.float64) - W.T @ W
+
+
+@pytest.mark.parametrize("k", [None, 0, 1, K])
+def test_project_equals_the_dense_projector_on_random_data(fitted, k):
+    W = fitted.directions[: (fitted.rank if k is None else k)]
+    x = torch.randn(200, fitted.d_model, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 5 + 3
+    torch.testing.assert_close(fitted.project(x, k), x @ dense_projector(W), rtol=0, atol=1e-6)
+    x32 = x.float()  # in x's dtype: float32 rounding only, a few eps of |x|
+    torch.testing.assert_close(fitted.project(x32, k).double(), x @ dense_projector(W), rtol=0, atol=1e-4)
+    assert fitted.project(x32, k).dtype == torch.float32
+
+
+@pytest.mark.parametrize("k", [-1, K + 99, 1.0, True])
+def test_project_rejects_a_k_outside_the_rank(fitted, k):
+    with pytest.raises(ConfigError, match=r"must be an int in 0\.\."):
+        fitted.project(torch.zeros(fitted.d_model), k)
+
+
 @pytest.mark.parametrize("k", [None, 1, K])
 def test_projection_is_orthogonal_projector_onto_nullspace(fitted, k):
-    P = fitted.projection(k).double()
+    P = fitted.project(torch.eye(fitted.d_model, dtype=torch.float64), k)  # rows of I: the matrix itself
     W = fitted.directions[: (fitted.rank if k is None else k)].double()
     assert torch.allclose(P @ P, P, atol=1e-5)
     assert torch.allclose(P, P.T, atol=1e-6)
@@ -116,7 +138,7 @@ def test_reference_projection_matches_ours(reference):
     d = reference.d_model
     W = reference.directions.double().numpy()
     P_ref = get_projection_to_intersection_of_nullspaces([get_rowspace_projection(w[None]) for w in W], d)
-    np.testing.assert_allclose(P_ref, reference.projection().double().numpy(), atol=1e-5)
+    np.testing.assert_allclose(P_ref, reference.project(torch.eye(d, dtype=torch.float64)).numpy(), atol=1e-5)
 
 
 def test_invariant_to_activation_scale(small):
@@ -159,7 +181,41 @@ def test_save_load_roundtrip(tmp_path, fitted):
         assert torch.equal(getattr(loaded, name), getattr(fitted, name))
     assert loaded.train_accuracy == fitted.train_accuracy and loaded.val_accuracy == fitted.val_accuracy
     assert (loaded.n_useful, loaded.chance, loaded.config) == (fitted.n_useful, fitted.chance, fitted.config)
-    assert torch.equal(loaded.projection(), fitted.projection())
+    x = torch.randn(5, 64)
+    assert torch.equal(loaded.project(x), fitted.project(x))
+
+
+def test_artifact_stores_the_rows_not_the_dense_projector(tmp_path, fitted):
+    from safetensors import safe_open
+    stem = tmp_path / "inlp"
+    fitted.save(stem)
+    with safe_open(str(stem) + ".safetensors", framework="pt") as fh:
+        shapes = {key: tuple(fh.get_slice(key).get_shape()) for key in fh.keys()}
+    d, k = fitted.d_model, fitted.rank
+    assert shapes == {"directions": (k, d), "mean_harmful": (d,), "mean_harmless": (d,), "center": (d,)}
+    size = (tmp_path / "inlp.safetensors").stat().st_size
+    assert (k + 3) * d * 4 <= size < (k + 3) * d * 4 + 1024  # float32 payload plus the safetensors header
+
+
+def test_artifact_in_the_old_format_with_the_dense_projector_still_loads(tmp_path, fitted):
+    """Artifacts written before the rows-only format also hold ``projection`` [d, d]: read, checksum and all."""
+    from refusal.artifacts import load_artifact, save_artifact
+    from refusal.fitting.inlp import TENSOR_KEYS
+    stem = tmp_path / "old"
+    old = {**fitted.to_tensors(), "projection": dense_projector(fitted.directions).float()}
+    save_artifact(stem, old, {**fitted.meta(), "model": "tiny"})
+    loaded = INLPResult.load(stem, expect={"model": "tiny"})
+    assert torch.equal(loaded.directions, fitted.directions) and torch.equal(loaded.center, fitted.center)
+    assert set(load_artifact(stem, keys=TENSOR_KEYS)[0]) == set(TENSOR_KEYS)  # the d×d tensor is not read
+    x = torch.randn(7, fitted.d_model, dtype=torch.float64)
+    torch.testing.assert_close(loaded.project(x), x @ old["projection"].double(), rtol=0, atol=1e-6)
+    # the checksum still covers the old file: a flipped byte in it is refused, not silently used
+    path = tmp_path / "old.safetensors"
+    blob = bytearray(path.read_bytes())
+    blob[-1] ^= 0xFF
+    path.write_bytes(bytes(blob))
+    with pytest.raises(ArtifactError, match="checksum"):
+        INLPResult.load(stem)
 
 
 def test_load_with_mismatched_expect_raises(tmp_path, fitted):

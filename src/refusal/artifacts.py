@@ -20,12 +20,13 @@ import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from refusal.errors import ArtifactMismatchError, CorruptArtifactError
@@ -230,11 +231,19 @@ def artifact_exists(stem: str | Path) -> bool:
 
 
 def load_artifact(
-    stem: str | Path, expect: Mapping[str, Any] | None = None
+    stem: str | Path, expect: Mapping[str, Any] | None = None, keys: Iterable[str] | None = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Load and verify an artifact (see :func:`verify_artifact` for what is checked)."""
+    """Load and verify an artifact (see :func:`verify_artifact` for what is checked).
+
+    ``keys``: read only these tensors (those absent are left out; the caller says what is missing),
+    so a tensor an older format also stored is never materialised.
+    """
     tensor_path, meta = verify_artifact(stem, expect)
-    return load_file(tensor_path), meta
+    if keys is None:
+        return load_file(tensor_path), meta
+    with safe_open(str(tensor_path), framework="pt") as fh:
+        present = set(fh.keys())
+        return {key: fh.get_tensor(key) for key in keys if key in present}, meta
 
 
 def verify_artifact(stem: str | Path, expect: Mapping[str, Any] | None = None) -> tuple[Path, dict[str, Any]]:

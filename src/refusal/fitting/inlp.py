@@ -8,7 +8,7 @@ ordered orthonormal basis of the linearly decodable "harmfulness" subspace, the 
 most informative. Row i is oriented towards "harmful" (its classifier's positive side), and
 ``val_accuracy[i]`` is the held-out accuracy of the classifier it came from; the last row of a run
 that stopped early is the one whose classifier was already at chance, so ``n_useful`` counts the
-rows above the threshold and ``projection(result.n_useful)`` removes only those. A weight vector
+rows above the threshold and ``project(x, result.n_useful)`` removes only those. A weight vector
 numerically inside the span of the earlier rows is not stored and ends the run
 (``config["stop_reason"] == "degenerate"``): the next classifier would see the same data.
 
@@ -22,6 +22,11 @@ problem, ``mean loss + (l2/2)·‖w'‖²`` with ``w' = s·w``, so it means the 
 and width (normalising by the row norm instead would make the penalty grow with d);
 scikit-learn's equivalent is ``C = 1 / (l2 · n · s²)`` on the raw activations
 (``sklearn_C`` in the test oracle ``tests/reference/inlp_reference.py``).
+
+The artifact stores the k×d rows, never the d×d projector I − WᵀW (256 MiB a layer at d = 8192):
+every consumer applies it as x − (x Wᵀ) W (:func:`project_out_subspace`), k·d work per vector
+instead of d². Artifacts written before this also hold a ``projection`` tensor; the checksum still
+covers it, but it is never read (the rows it was computed from are in the same file).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
 from refusal.artifacts import load_artifact, save_artifact
@@ -50,9 +56,12 @@ __all__ = [
     "input_scale",
     "n_useful_of",
     "orthonormal_append",
+    "project_out_subspace",
 ]
 
 CENTERS = ("midpoint", "mean", "zero")
+#: The artifact's tensors; an older artifact's ``projection`` (the d×d I − WᵀW) is not read.
+TENSOR_KEYS = ("directions", "mean_harmful", "mean_harmless", "center")
 log = logging.getLogger(__name__)
 
 
@@ -128,22 +137,21 @@ class INLPResult:
         """chance (converged), cap (fit.inlp.n_iterations reached first) or degenerate."""
         return str(self.config.get("stop_reason", "unknown"))
 
-    def projection(self, k: int | None = None) -> Tensor:
-        """P = I − W_kᵀW_k: projection onto the nullspace of the first k directions (all if None)."""
+    def project(self, x: Float[Tensor, "*batch d_model"], k: int | None = None) -> Float[Tensor, "*batch d_model"]:
+        """x (I − W_kᵀW_k): x projected onto the nullspace of the first k directions (all if None),
+        in x's dtype, without forming the d×d matrix."""
         k = self.rank if k is None else k
         if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= self.rank:
             raise ConfigError(f"k={k!r} must be an int in 0..{self.rank}")
-        W = self.directions[:k].to(torch.float64)
-        P = torch.eye(self.d_model, dtype=torch.float64) - W.T @ W
-        return P.to(self.directions.dtype)
+        return project_out_subspace(x, self.directions[:k].to(device=x.device, dtype=x.dtype))
 
     def to_tensors(self) -> dict[str, Tensor]:
+        """The k×d rows and three d-vectors: everything the interventions need (flip signs come from the means)."""
         return {
             "directions": self.directions.contiguous(),
             "mean_harmful": self.mean_harmful.contiguous(),
             "mean_harmless": self.mean_harmless.contiguous(),
             "center": self.center.contiguous(),
-            "projection": self.projection(),  # convenience for consumers; recomputed on load
         }
 
     def meta(self) -> dict[str, Any]:
@@ -161,7 +169,7 @@ class INLPResult:
     @classmethod
     def from_tensors(cls, tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> INLPResult:
         """Rebuild from :meth:`to_tensors` / :meth:`meta`; :class:`ArtifactError` if inconsistent."""
-        missing = [key for key in ("directions", "mean_harmful", "mean_harmless", "center") if key not in tensors]
+        missing = [key for key in TENSOR_KEYS if key not in tensors]
         if missing or meta.get("method") != "inlp":
             raise CorruptArtifactError(f"not an INLP artifact (method={meta.get('method')!r}, missing tensors {missing})", "refit it")
         directions = tensors["directions"]
@@ -194,11 +202,20 @@ class INLPResult:
     @classmethod
     def load(cls, stem: str | Path, expect: Mapping[str, Any] | None = None) -> INLPResult:
         """Load and verify; :class:`ArtifactError` if corrupt or made for something else than ``expect``."""
-        tensors, meta = load_artifact(stem, expect)
+        tensors, meta = load_artifact(stem, expect, keys=TENSOR_KEYS)
         return cls.from_tensors(tensors, meta)
 
 
 # -- small helpers shared with the reference ---------------------------------------------------
+def project_out_subspace(
+    x: Float[Tensor, "*batch d_model"], W: Float[Tensor, "k d_model"], mu: Float[Tensor, " d_model"] | None = None
+) -> Float[Tensor, "*batch d_model"]:
+    """x − Wᵀ W (x − μ) for orthonormal rows W: the span of W set to μ's coordinates (0 without μ).
+
+    Two k×d products per vector, never the d×d projector (see the module doc)."""
+    return x - ((x if mu is None else x - mu) @ W.T) @ W
+
+
 def chance_rate(y: Tensor) -> float:
     """Majority-class rate: the accuracy of always answering the commoner class."""
     p = float(y.to(torch.float64).mean())

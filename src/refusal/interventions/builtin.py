@@ -17,6 +17,7 @@ from torch import Tensor
 
 from refusal.errors import ConfigError
 from refusal.fitting.capture import capture_curve
+from refusal.fitting.inlp import project_out_subspace
 from refusal.interventions.base import Cast, Fitted, Intervention
 from refusal.interventions.export import export_orthogonalized
 from refusal.interventions.scope import resolve_k
@@ -70,13 +71,6 @@ class ActAdd(Intervention):
 def project_out(x: Float[Tensor, "*batch d_model"], unit: Float[Tensor, " d_model"]) -> Float[Tensor, "*batch d_model"]:
     """x − (x·r̂) r̂ over the last dimension."""
     return x - (x @ unit).unsqueeze(-1) * unit
-
-
-def project_out_subspace(
-    x: Float[Tensor, "*batch d_model"], W: Float[Tensor, "k d_model"], mu: Float[Tensor, " d_model"] | None = None
-) -> Float[Tensor, "*batch d_model"]:
-    """x − Wᵀ W (x − μ) for orthonormal rows W: the span of W set to μ's coordinates (0 without μ)."""
-    return x - ((x if mu is None else x - mu) @ W.T) @ W
 
 
 class DiMAblation(Intervention):
