@@ -268,3 +268,36 @@ def test_fingerprint_changes_with_config_scope_and_every_fitted_tensor(tiny_bund
                "inlp": Fitted(dim=fitted.dim, inlp=nudged_inlp, inlp_layer=2)}
     assert make(name, changed["dim"]).fingerprint(n) != print_
     assert make(name, changed["inlp"]).fingerprint(n) != print_  # even a tensor this intervention never reads
+
+
+def test_inlp_edits_read_the_same_from_an_old_artifact_and_match_its_dense_projector(tiny_bundle, prompts, tmp_path):
+    """INLP artifacts hold the k×d rows; an old one also holds the d×d P = I − WᵀW. On the tiny model the
+    nullspace edit's block input is μ + (x − μ)P with the old file's P, and both edits give the same
+    logits whichever format the fit was read from."""
+    from refusal.artifacts import save_artifact
+    from refusal.fitting.inlp import INLPResult
+    d = tiny_bundle.d_model
+    fake = FakeINLP(d, 4)
+    inlp = INLPResult(fake.directions, [1.0] * 4, [1.0] * 4, fake.mean_harmful, fake.mean_harmless, fake.center, 4, 0.5)
+    W64 = inlp.directions.double()
+    P = (torch.eye(d, dtype=torch.float64) - W64.T @ W64).float()  # what the old format stored
+    inlp.save(tmp_path / "new")
+    save_artifact(tmp_path / "old", {**inlp.to_tensors(), "projection": P}, inlp.meta())
+    new, old = INLPResult.load(tmp_path / "new"), INLPResult.load(tmp_path / "old")
+    dim = DiMDirection(3.0 * random_unit(d, 1), layer=2, position=-1)
+    ids = tiny_bundle.tokenize_instructions(prompts)
+    for name in ("inlp_nullspace", "inlp_flip"):
+        logits = []
+        for fit in (new, old):
+            with make(name, Fitted(dim=dim, inlp=fit, inlp_layer=2)).apply(tiny_bundle):
+                logits.append(forward(tiny_bundle, ids))
+        assert torch.equal(*logits), name
+    raw, edited = [], []
+    nullspace = make("inlp_nullspace", Fitted(dim=dim, inlp=old, inlp_layer=2))
+    block = tiny_bundle.layout.blocks[nullspace.layer]
+    with hooked([HookSpec(block, _recorder(raw), "pre")]):
+        forward(tiny_bundle, ids)
+    with nullspace.apply(tiny_bundle), hooked([HookSpec(block, _recorder(edited), "pre")]):
+        forward(tiny_bundle, ids)
+    mu = old.center.to(raw[0])
+    torch.testing.assert_close(edited[0], mu + (raw[0] - mu) @ P.to(raw[0]), rtol=0, atol=1e-5)
