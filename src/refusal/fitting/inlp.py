@@ -206,7 +206,6 @@ class INLPResult:
         return cls.from_tensors(tensors, meta)
 
 
-# -- small helpers shared with the reference ---------------------------------------------------
 def project_out_subspace(
     x: Float[Tensor, "*batch d_model"], W: Float[Tensor, "k d_model"], mu: Float[Tensor, " d_model"] | None = None
 ) -> Float[Tensor, "*batch d_model"]:
@@ -216,6 +215,7 @@ def project_out_subspace(
     return x - ((x if mu is None else x - mu) @ W.T) @ W
 
 
+# -- small helpers shared with the reference ---------------------------------------------------
 def chance_rate(y: Tensor) -> float:
     """Majority-class rate: the accuracy of always answering the commoner class."""
     p = float(y.to(torch.float64).mean())

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from refusal.errors import ConfigError
 from refusal.fitting.capture import capture_curve
-from refusal.fitting.inlp import project_out_subspace
+from refusal.fitting.inlp import project_out_subspace  # also imported from here by plugins
 from refusal.interventions.base import Cast, Fitted, Intervention
 from refusal.interventions.export import export_orthogonalized
 from refusal.interventions.scope import resolve_k
