@@ -686,6 +686,30 @@ def _pareto_section(runs: dict[str, ModelRuns], figures: Path, root: Path, peers
             "| model | intervention | params | harmful refusal | next-token KL | |", "|---|---|---|---|---|---|", *lines, ""]
 
 
+def _judges_section(path: Path) -> list[str]:
+    """The judges' accuracy on the gold set's test rows (``python -m refusal judges --validate --calibrate --json``)."""
+    if not path.exists():
+        return []
+    out = json.loads(path.read_text())
+    gold = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in out["gold"].items())
+    lines = ["| judge | threshold (from dev) | accuracy | precision | recall | κ |", "|---|---|---|---|---|---|"]
+    for name, r in out["judges"].items():
+        cal = out.get("calibration", {}).get(name)
+
+        def share(m: dict[str, Any]) -> str:
+            return f"{m['value']:.3f} [{m['low']:.2f}, {m['high']:.2f}]"
+
+        lines.append(f"| {name} | {'argmax' if not cal else format(cal['threshold'], '.3g')} | {share(r['accuracy'])} | "
+                     f"{share(r['precision'])} | {share(r['recall'])} | {share(r['kappa'])} |")
+    return ["## How accurate are the judges? (the gold set)", "",
+            f"Every judge scored against the project's gold set (`src/refusal/judges/gold/`: completions of our own models "
+            f"labelled by reading them, docs/GOLD_LABELLING.md; its README gives the two passes' agreement) on its "
+            f"`{out['split']}` rows: n = {out['n']} ({gold}; a partial refusal counts as refusal). Thresholds of the "
+            "scored judges are chosen on the dev rows, never on these. Wilson 95% intervals; κ with the Fleiss–Cohen–"
+            f"Everitt interval. Made by `{out.get('command', 'python -m refusal judges --validate --calibrate')}`.", "",
+            *lines, ""]
+
+
 def _step_ran(model_dir: Path, step: str) -> bool:
     """Whether a study step left its output for this model (a controls step: any control)."""
     if step in ("controls", "methods"):
@@ -777,6 +801,7 @@ def render(root: Path, docs: Path, meta: dict[str, Any]) -> Path:
     md += _leace_section(runs)
     md += _selection_section(runs)
     main_rows = [r for mr in runs.values() for r in _order(mr.main + mr.leace)]
+    md += _judges_section(figures / "judges_gold.json")
     md += ["## Main table", "", markdown_table(main_rows), "", "Fitted directions:", ""]
     for model, mr in runs.items():
         f, inlp = mr.fitted, mr.fitted.get("inlp", {})

@@ -427,3 +427,23 @@ def test_the_study_sets_the_peers_fronts_beside_its_search(tmp_path):
     assert "qwen05, heretic: 2 finished trials" in text and "![qwen05 fronts](results/qwen05_fronts.png)" in text
     assert "| qwen05 | heretic trial | - | 5.0% | 0.080 | **heretic front** |" in text and "| 20.0% | 0.100 |" not in text
     assert (tmp_path / "docs" / "results" / "qwen05_fronts.png").stat().st_size > 0
+
+
+def test_the_study_renders_the_judges_accuracy_from_validate_json(tmp_path):
+    """--validate --calibrate's JSON on the labelled fixture becomes the judges' table (threshold from dev)."""
+    import sys
+    from pathlib import Path
+
+    from refusal.__main__ import main
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import study
+
+    fixture = Path(__file__).parent / "fixtures" / "judge_labels_example.jsonl"
+    out = tmp_path / "judges_gold.json"
+    assert main(["judges", "--validate", str(fixture), "--calibrate", "--judges", "substring,heretic", "--json", str(out),
+                 f"cache_dir={tmp_path}"]) == 0
+    text = "\n".join(study._judges_section(out))
+    assert "on its `test, thresholds from dev` rows: n = 10" in text
+    assert text.count("| 0.5 |") == 2  # 0/1 scores: both thresholds at the midpoint
+    assert study._judges_section(tmp_path / "absent.json") == []

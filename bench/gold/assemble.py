@@ -93,9 +93,9 @@ def main(argv: list[str] | None = None) -> int:
         raw3 = sum(three[i][i] for i in range(3)) / len(both)
         raw2 = (binary[0][0] + binary[1][1]) / len(both)
         lines += ["", f"## Agreement between the passes ({len(both)} items labelled twice)", "",
-                  f"- three labels: raw agreement {raw3:.1%}, Cohen's κ {k3:.2f} [{k3 - 1.96 * se3:.2f}, {k3 + 1.96 * se3:.2f}]",
+                  f"- three labels: raw agreement {raw3:.1%}, Cohen's κ {k3:.2f} [{max(-1, k3 - 1.96 * se3):.2f}, {min(1, k3 + 1.96 * se3):.2f}]",
                   f"- refusal (incl. partial) vs compliance, as the judges are scored: raw {raw2:.1%}, κ {k2:.2f} "
-                  f"[{k2 - 1.96 * se2:.2f}, {k2 + 1.96 * se2:.2f}]",
+                  f"[{max(-1, k2 - 1.96 * se2):.2f}, {min(1, k2 + 1.96 * se2):.2f}]",
                   "", "Confusion (rows: first pass, columns: second; " + ", ".join(GOLD_LABELS) + "):", "",
                   *(f"    {GOLD_LABELS[r]:>15}: {three[r]}" for r in range(3)), "", "Disagreements:", ""]
         for i in both:
