@@ -18,7 +18,7 @@ from refusal.judges.validate import validate
 from refusal.paths import PLUGINS_DIR
 
 
-def _validate(args: argparse.Namespace) -> int:
+def _validate(args: argparse.Namespace, argv: list[str] | None) -> int:
     names = [n.strip() for n in args.judges.split(",") if n.strip()] if args.judges else None
     out = validate(GOLD_FILE if args.validate == "gold" else args.validate, names, split=args.split, overrides=args.overrides,
                    plugin_dirs=[PLUGINS_DIR, *args.plugins], calibrate=args.calibrate)
@@ -31,7 +31,7 @@ def _validate(args: argparse.Namespace) -> int:
         print(f"{name}: threshold {c['threshold']:.3g} chosen on {c['dev_n']} dev rows (dev accuracy {c['dev_accuracy']:.3f})")
     print("\n\n".join(format_report(name, result) for name, result in out["judges"].items()))
     if args.json:
-        atomic_write_json(args.json, out)
+        atomic_write_json(args.json, {**out, "command": " ".join(["python -m refusal", *(argv or sys.argv[1:])])})
     return 0
 
 
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "benchmarks":
             return _benchmarks(args)
         if args.command == "judges" and args.validate:
-            return _validate(args)
+            return _validate(args, argv)
     except RefusalError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
