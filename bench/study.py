@@ -313,6 +313,29 @@ class ModelRuns:
                            self.column)
 
 
+PLAIN = {"holds": "holds", "does not hold": "does not hold", "inconclusive": "is not settled by this sample",
+         "not applicable": "has no premise here"}
+
+
+def _reading(verdicts: dict[str, list[Any]], missing: dict[str, list[str]]) -> list[str]:
+    """The verdicts in plain words, and what is still open (written from the verdicts, never by hand)."""
+    out = ["**Reading.**"]
+    for model, found in verdicts.items():
+        said = "; ".join(f"{v.claim} ({CLAIMS_SHORT[v.claim]}) {PLAIN[v.verdict]}" for v in found)
+        out.append(f"- {model}: {said}.")
+    open_models = [m for m, steps in missing.items() if steps == ["every step"]]
+    unsettled = [f"{m} {v.claim}" for m, found in verdicts.items() for v in found if v.verdict == "inconclusive"]
+    if unsettled or open_models:
+        out.append("- Open: " + "; ".join(([f"{', '.join(unsettled)} (the steps they need are listed as not run above, "
+                                             "or their intervals straddle a margin)"] if unsettled else [])
+                                           + ([f"{', '.join(open_models)} not run yet"] if open_models else [])) + ".")
+    return out
+
+
+CLAIMS_SHORT = {"C1": "flip as strong as ablation", "C2": "nullspace weaker", "C3": "a few INLP directions suffice",
+                "C4": "nullspace between, flip opposite"}
+
+
 def _controls_table(runs: dict[str, ModelRuns]) -> list[str]:
     """C1/C2 with one row swapped for a control: which verdicts the controls change."""
     swaps = [
@@ -525,7 +548,7 @@ def _leace_section(runs: dict[str, ModelRuns]) -> list[str]:
             "reflection in the opposite one. Whether that moves refusal is the question:", "", *lines, ""]
 
 
-def _selection_section(runs: dict[str, ModelRuns]) -> list[str]:
+def _selection_section(runs: dict[str, ModelRuns], root: Path) -> list[str]:
     """The DiM pick under each induce rule (from the study's own selection scores, no rescoring), what Arditi et
     al.'s prompt filter kept, and the pick published before selection followed their code exactly."""
     from dataclasses import replace
@@ -535,7 +558,10 @@ def _selection_section(runs: dict[str, ModelRuns]) -> list[str]:
 
     lines = []
     for model, mr in runs.items():
-        found = sorted(Path(mr.fitted.get("artifact_dir", "")).glob("dim_auto-*.json"))
+        folder = Path(mr.fitted.get("artifact_dir", ""))
+        if not folder.is_absolute():  # relative to the checkout the study ran in (the folder holding study/)
+            folder = root.resolve().parent / folder
+        found = sorted(folder.glob("dim_auto-*.json"))
         if not found:
             continue
         t, meta = load_artifact(found[0].with_suffix(""))
@@ -707,14 +733,32 @@ def _judges_section(path: Path) -> list[str]:
             f"`{out['split']}` rows: n = {out['n']} ({gold}; a partial refusal counts as refusal). Thresholds of the "
             "scored judges are chosen on the dev rows, never on these. Wilson 95% intervals; κ with the Fleiss–Cohen–"
             f"Everitt interval. Made by `{out.get('command', 'python -m refusal judges --validate --calibrate')}`.", "",
-            *lines, ""]
+            *lines, "", _primary_note(out["judges"]), ""]
+
+
+def _primary_note(judges: dict[str, Any], primary: str = "substring") -> str:
+    """Whether the runs' primary judge is justified by the held-out labels: the judges whose κ interval overlaps the
+    best one's are equally good at this n; a better one replaces the primary only when its interval clears it."""
+    best = max(judges, key=lambda n: (judges[n]["kappa"]["value"], n == primary))  # a tie goes to the primary
+    k = {n: j["kappa"] for n, j in judges.items()}
+    if primary not in k:
+        return ""
+    clears = [n for n in k if k[n]["low"] > k[primary]["high"]]
+    return (f"The runs' primary judge is `{primary}` (κ {k[primary]['value']:.2f}); "
+            + (f"{', '.join(clears)} beat{'s' if len(clears) == 1 else ''} it beyond its interval, so the primary judge should change."
+               if clears else f"no judge beats it beyond its interval (highest κ: `{best}` {k[best]['value']:.2f}), so it stays "
+               "the primary judge; a model judge would cost ~1–4 s per completion on this CPU for no measured gain."))
 
 
 def _step_ran(model_dir: Path, step: str) -> bool:
     """Whether a study step left its output for this model (a controls step: any control)."""
     if step in ("controls", "methods"):
         return any((model_dir / step).glob("*/results.json"))
-    return (model_dir / step).is_dir() and any((model_dir / step).iterdir())
+    if step == "tokens":
+        return any((model_dir / step).glob("*/report.csv"))
+    if step in ("geometry",):
+        return (model_dir / step / "geometry.json").exists()
+    return (model_dir / step / "report.csv").exists()  # a sweep: its report is written when every job has ended
 
 
 def _commands(model_dir: Path) -> list[str]:
@@ -755,17 +799,18 @@ def render(root: Path, docs: Path, meta: dict[str, Any]) -> Path:
         "on every position, DiM ablation at every block input and attention/MLP write, actadd at the DiM layer. "
         "Refusal rate = substring match (Arditi et al. / JailbreakBench phrases), 95% Wilson interval in brackets.", "",
     ]
-    missing = {m: [step for step in STEPS if not _step_ran(root / m, step)] for m in models if m not in CONTROL_MODELS}
+    missing = {m: [f"`{step}`" for step in STEPS if not _step_ran(root / m, step)] for m in models if m not in CONTROL_MODELS}
+    missing.update({m: ["every step"] for m in meta["models"] if m not in models})  # planned, not even fitted yet
     if any(missing.values()):
         md += ["**Not run in this study** (their sections are absent below; the numbers last published for them, made "
                "with earlier settings, are in this file's git history): "
-               + "; ".join(f"{m}: {', '.join(f'`{s}`' for s in steps)}" for m, steps in missing.items() if steps) + ".", ""]
+               + "; ".join(f"{m}: {', '.join(steps)}" for m, steps in missing.items() if steps) + ".", ""]
     md += ["## Verdict", "", "Rules (applied by `refusal.verdict`, not by hand):", "", RULES]
     refusing = {m: mr for m, mr in runs.items() if m not in CONTROL_MODELS}
     verdicts = {m: decide(i) for m, mr in refusing.items() if (i := mr.inputs())}
     legacy = {m: decide(i) for m, mr in refusing.items() if (i := mr.inputs(LEGACY_K)) and mr.rank > LEGACY_K}
     if verdicts:
-        md += ["### Converged INLP (the study's setting)", "", claims_table(verdicts), ""]
+        md += ["### Converged INLP (the study's setting)", "", claims_table(verdicts), "", *_reading(verdicts, missing), ""]
     if legacy:
         md += [f"### INLP cut to its first {LEGACY_K} directions (this framework's earlier default)", "",
                claims_table(legacy), ""]
@@ -799,7 +844,7 @@ def render(root: Path, docs: Path, meta: dict[str, Any]) -> Path:
         md += ["### Numerics: the study's bfloat16 products against float32 at the study's sizes", "", *numerics]
     md += _control_models_section(runs)
     md += _leace_section(runs)
-    md += _selection_section(runs)
+    md += _selection_section(runs, root)
     main_rows = [r for mr in runs.values() for r in _order(mr.main + mr.leace)]
     md += _judges_section(figures / "judges_gold.json")
     md += ["## Main table", "", markdown_table(main_rows), "", "Fitted directions:", ""]

@@ -447,3 +447,20 @@ def test_the_study_renders_the_judges_accuracy_from_validate_json(tmp_path):
     assert "on its `test, thresholds from dev` rows: n = 10" in text
     assert text.count("| 0.5 |") == 2  # 0/1 scores: both thresholds at the midpoint
     assert study._judges_section(tmp_path / "absent.json") == []
+
+
+def test_the_primary_judge_changes_only_when_another_clears_its_kappa_interval():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import study
+
+    def kappa(value: float, low: float, high: float) -> dict:
+        return {"kappa": {"value": value, "low": low, "high": high}}
+
+    tied = study._primary_note({"model": kappa(0.80, 0.65, 0.94), "substring": kappa(0.80, 0.65, 0.94)})
+    assert "no judge beats it" in tied and "highest κ: `substring`" in tied
+    assert "no judge beats it" in study._primary_note({"model": kappa(0.9, 0.8, 1.0), "substring": kappa(0.7, 0.5, 0.8)})  # touching
+    assert "model beats it beyond its interval" in study._primary_note({"model": kappa(0.9, 0.81, 1.0),
+                                                                         "substring": kappa(0.7, 0.5, 0.8)})
