@@ -211,10 +211,10 @@ class Study:
                                                  f"eval.capability.tasks={CAPABILITY_TASKS}"])
         if "heldout" in steps:  # fitted on the splits as always; tested on HarmBench and the over-refusal set, two judges
             n = opts.heldout_n
-            self.sweep(out, "heldout", [a for a in args if not a.startswith(("data.n_test=", "eval.test_sets.overrefusal.n="))], [
-                f"intervention={HELDOUT_ROWS}", f"data.n_test={n}", "eval.judges=[substring,model]",
-                f"+eval.test_sets.harmbench={{source: pypi, benchmark: harmbench, n: {n}}}",
-                f"eval.test_sets.overrefusal.n={n}", NO_GEOMETRY])
+            harmbench = f"eval.test_sets.harmbench={{source: pypi, benchmark: harmbench, n: {n}}}"
+            kept = [a for a in args if not a.startswith(("data.n_test=", "eval.test_sets.overrefusal.n=", "+eval.test_sets.harmbench="))]
+            self.sweep(out, "heldout", kept, [f"intervention={HELDOUT_ROWS}", f"data.n_test={n}", "eval.judges=[substring,model]",
+                                              f"+{harmbench}", f"eval.test_sets.overrefusal.n={n}", NO_GEOMETRY])
         if "pareto" in steps and opts.pareto_trials:  # Optuna: INLP flip's k and α at the DiM layer, lean trials
             self.sweep(out, "pareto", args, ["intervention=none,dim_ablation,actadd", "eval=trial"])  # the reference points
             self.run(["evaluate.py", "experiment=pareto_inlp_flip", "intervention.layer=null",
