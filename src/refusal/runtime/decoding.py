@@ -27,6 +27,7 @@ from torch import Tensor
 from refusal.models.architecture import decoder_of
 from refusal.models.bundle import ModelBundle
 from refusal.models.numerics import bf16_is_fast
+from refusal.runtime.kv_cache import reserve
 
 # bfloat16's unit roundoff (8 significant bits, round to nearest).
 _U = 2.0**-8
@@ -142,7 +143,7 @@ def greedy_decode(
     width = offset + input_ids.shape[1]
     state = decoder(input_ids=input_ids, attention_mask=mask[:, :width], position_ids=position_ids + offset,
                     cache=past, use_cache=True)
-    past = state.cache
+    past = reserve(state.cache, max_new_tokens)
     first_logits = head.logits(state.last_hidden_state[:, -1])
     token = first_logits.argmax(-1).to(device)
     position = position_ids[:, -1] + offset
