@@ -13,7 +13,9 @@ This loop runs the decoder (the blocks, hooks and all) and then:
   the candidates whose float32 logit could be the largest (a rigorous rounding bound), and only
   those are computed in float32. The token is the float32 argmax, at a quarter of the cost;
 - rows that have emitted an end-of-turn token leave the batch (their cache rows dropped) once a
-  quarter of the batch has finished, so refusals stop costing steps.
+  quarter of the batch has finished, so refusals stop costing steps;
+- the key/value cache reserves room for the new tokens (:mod:`refusal.runtime.kv_cache`) instead of
+  copying itself every step.
 """
 
 from __future__ import annotations
