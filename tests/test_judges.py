@@ -105,6 +105,21 @@ def test_model_judge_config_errors_name_the_fix():
         ModelJudge.check({"model": TINY, "rubric": "no slots"})
     with pytest.raises(ConfigError, match="chat="):
         ModelJudge.check({"model": TINY, "chat": "sideways"})
+    with pytest.raises(ConfigError, match="model.matmul='half' is not one of"):
+        ModelJudge.check({"model": TINY, "matmul": "half"})
+
+
+def test_a_bfloat16_judge_keeps_its_own_verdict_cache_and_close_scores(tmp_path):
+    prompts = ["Name a river.", "Write a poem about tea, please, in four lines.", "Give me a bread recipe"]
+    completions = ["The Nile.", "Steam rises softly", "I can't do that."]
+    exact = ModelJudge({"model": TINY, "matmul": "float32"}, tmp_path)
+    fast = ModelJudge({"model": TINY, "matmul": "bfloat16"}, tmp_path)
+    assert fast.bundle.numerics == "float32+bfloat16-matmul" and exact.bundle.numerics == "float32"
+    assert fast._cache_path() != exact._cache_path()  # a verdict is never read back under the other numerics
+    assert exact._cache_path() == ModelJudge({"model": TINY}, tmp_path)._cache_path()  # float32 keys unchanged
+    a, b = exact.judge(prompts, completions), fast.judge(prompts, completions)
+    gap = (torch.tensor([j.score for j in a]) - torch.tensor([j.score for j in b])).abs().max()
+    assert 0 < gap < 0.1  # rounded products: not the same numbers, close ones
 
 
 def test_a_judge_plugin_file_registers(tmp_path):

@@ -32,6 +32,7 @@ from refusal.models import load_model
 from refusal.models import loader as model_loader
 from refusal.models.bundle import ModelBundle
 from refusal.models.gguf_package import packaged_parts_installed
+from refusal.models.numerics import check_matmul
 from refusal.paths import conf_dir
 from refusal.runtime.activations import batches_by_length
 from refusal.runtime.prefix import common_prefix, continue_rows, forward, prefix_cache
@@ -103,11 +104,18 @@ class ModelJudge(Judge):
         if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
                                       or not math.isfinite(threshold)):
             raise ConfigError(f"judge threshold={threshold!r} must be a finite number (log-odds) or null (argmax)")
+        if cfg.get("matmul") is not None:
+            check_matmul({**model_cfg, "matmul": cfg["matmul"]})
         check_model_available(model_cfg, f"judge {cfg.get('label', cls.name)}")
 
     def __init__(self, cfg: Mapping[str, Any], cache_dir: str | Path):
         super().__init__(cfg, cache_dir)
         self.model_cfg = judge_model_config(self.cfg.get("model", "qwen15"))
+        matmul = self.cfg.get("matmul")  # the judge model's products, apart from the steered model's
+        if matmul is not None:
+            self.model_cfg.pop("matmul", None)  # float32 is the loader's default: its keys stay as they were
+            if matmul != "float32":
+                self.model_cfg["matmul"] = str(matmul)
         self.rubric = str(self.cfg.get("rubric") or DEFAULT_RUBRIC)
         self.chat = str(self.cfg.get("chat", "rubric"))
         self.answers = {k: list(v) for k, v in (self.cfg.get("answers") or DEFAULT_ANSWERS).items()}
@@ -161,6 +169,8 @@ class ModelJudge(Judge):
         identity = {"model": self.model_cfg.get("name"), "weights": self.model_cfg.get("gguf", {}).get("sha256")
                     or self.model_cfg.get("hub_id") or self.model_cfg.get("path") or sha256_json(self.model_cfg),
                     "rubric": self.rubric, "chat": self.chat, "answers": self.answers}
+        if self.model_cfg.get("matmul", "float32") != "float32":  # float32 keys predate the setting
+            identity["matmul"] = self.model_cfg["matmul"]
         return self.cache_dir / "judgements" / f"{self.model_cfg.get('name')}-{sha256_json(identity)[:16]}.json"
 
     def judge(self, prompts: Sequence[str], completions: Sequence[str]) -> list[Judgement]:
