@@ -70,6 +70,25 @@ def step_bounds(n_params: int, rows: int, limits: dict[str, float], dtype: str) 
             "compute_bound_tok_s": limits[f"{dtype}_gflop_s"] * 1e9 / (2 * n_params)}
 
 
+def other_passes(bundle, ids: list[list[int]], runs: dict) -> dict[str, float]:
+    """Wall seconds of activation extraction over ``ids`` and of teacher-forced scoring of the float32
+    path's completions of them (the unsteered model), so each path's figures sit beside float32's."""
+    from refusal.evaluation.scoring import teacher_forced_scores
+    from refusal.runtime.activations import extract_activations
+
+    exact = next(g for (p, rows, _), g in sorted(runs.items(), key=lambda kv: kv[0][2]) if p == EXACT and rows >= len(ids))
+    completions = exact.completion_ids[: len(ids)]
+    out = {}
+    t0 = time.perf_counter()
+    extract_activations(bundle, ids, len(bundle.post_instruction_ids), batch_size=32, progress=False)
+    out["extraction"] = time.perf_counter() - t0
+    bundle.memo.pop("unsteered_logits", None)
+    t0 = time.perf_counter()
+    teacher_forced_scores(bundle, ids, completions, None, batch_size=32)
+    out["scoring"] = time.perf_counter() - t0
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     from refusal.models import load_model
     from refusal.runtime.generation import generate
@@ -117,6 +136,10 @@ def main(argv: list[str] | None = None) -> int:
                 table.append(row)
                 print(f"{path} rows={rows} tokens={tokens}: {wall:.1f} s, {n_tokens / wall:.1f} tok/s", flush=True)
         figures["n_params"] = n_params
+        if engine == "refusal":  # the other passes a run makes, on the same bundle: extraction and scoring
+            for name, seconds in other_passes(bundle, ids_all[:reference_rows[0]], runs).items():
+                figures[f"{path}_{name}_s"] = seconds
+                print(f"{path}: {name} {seconds:.1f} s", flush=True)
         head = bundle.memo.get("greedy_head")  # how often the bfloat16 screen could not settle a row
         if engine == "refusal" and head is not None and head.rows:
             figures[f"{path}_rows_computed_whole"] = head.rows_whole / head.rows

@@ -210,8 +210,14 @@ def _generation(row: dict[str, str]) -> list[Figure]:
             path, size = cell.rsplit("_", 1)
             same = row.get(f"{cell}_same_40_chars", "")
             note = f"{100 * float(same):.0f}% of completions equal float32's in their first 40 characters" if same != "" else ""
+            if same != "" and row[key] != "" and float(row[key]) >= C.TARGETS["generation"] and float(same) >= 0.95:
+                note += f"; meets the target (≥ {C.TARGETS['generation']:g}× at ≥ 95%)"
             out.append(Figure(key, f"{path}, {size.replace('x', ' rows × ')} tokens: ratio (tok/s)",
                               alt=f"{cell}_tok_s", note=note))
+    for key in row:  # the other passes of a run on each path's bundle (bench_generation.other_passes)
+        if key.endswith(("_extraction_s", "_scoring_s")) and row[key] != "":
+            path, what = key.removesuffix("_s").rsplit("_", 1)
+            out.append(Figure(key, f"{path}: {'activation extraction' if what == 'extraction' else 'teacher-forced scoring'}, s"))
     return out
 
 
@@ -290,7 +296,10 @@ SECTIONS = {
         "`refusal-float32` (our loop, exact: its completions equal the reference's), `refusal-bf16-matmul` "
         "(`model.matmul=bfloat16`), `refusal-bfloat16` (`model.dtype=bfloat16`). The machine rows are measured in "
         "the same run: a float32 step that only read its weights once would reach rows × bandwidth ÷ 4·params "
-        "tokens/s; one bounded by float32 arithmetic, float32 GFLOP/s ÷ 2·params.",
+        "tokens/s; one bounded by float32 arithmetic, float32 GFLOP/s ÷ 2·params. The key/value cache reserves "
+        "room for the new tokens (`refusal.runtime.kv_cache`), so a step never copies it. On each of our paths the "
+        "same run also times the run's other passes on the reference rows' prompts: activation extraction, and "
+        "teacher-forced scoring of the float32 path's completions (the vocabulary head stays float32 on every path).",
         _generation,
     ),
     "trial": Section(
