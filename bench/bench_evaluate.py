@@ -112,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--override", nargs="*", default=[], help="extra Hydra overrides for evaluate.py")
     parser.add_argument("--single", action="store_true", help="time plain `evaluate.py` (baseline only), not the compare")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per evaluate.py run")
+    parser.add_argument("--label", default="", help="a workload other than the first command (its own row in "
+                        "BENCHMARKS, never judged against the first command's targets), e.g. '7-job multirun'")
     parser.add_argument("--tmp", type=Path, default=None, help="parent of the temp dirs (needs room for a checkpoint)")
     parser.add_argument("--keep", action="store_true", help="keep the temp dirs (logs, outputs) for inspection")
     args = C.parse(parser, argv)
@@ -165,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         [{"run": label[p], "wall_s": r["s"], "peak_rss_mb": r["rss_mb"], "rc": r["rc"], "evaluate timings (s)": r["timings"]}
          for p, r in results.items()],
     )
-    figures: dict[str, Any] = {"overrides": " ".join(overrides)}
+    figures: dict[str, Any] = {"overrides": " ".join(overrides), "label": args.label}
     for phase in PHASES:
         r = results.get(phase)
         figures[f"{phase}_s"] = r["s"] if r else ""

@@ -149,10 +149,10 @@ def _selection(row: dict[str, str]) -> list[Figure]:
 def _evaluate(row: dict[str, str]) -> list[Figure]:
     labels = {"cold_dequant": "cold incl. dequantize", "cold_cached": "cold, model cached", "warm": "warm (all cached)"}
     compare = "experiment=compare" in row.get("overrides", "")  # the README's first command; older rows: baseline only
-    what = "compare (5 jobs)" if compare else "baseline only"
+    what = row.get("label") or ("compare (5 jobs)" if compare else "baseline only")
     figures = []
     for phase, label in labels.items():
-        target = C.TARGETS["first_command"].get(phase) if compare else None
+        target = C.TARGETS["first_command"].get(phase) if compare and not row.get("label") else None
         figures += [Figure(f"{phase}_s", f"{what}, {label}: wall, s", target, note=row.get(f"{phase}_timings", "")),
                     Figure(f"{phase}_rss_mb", f"{label}: child peak RSS, MiB")]
     return figures
@@ -284,8 +284,9 @@ SECTIONS = {
         "load, one fit; rows before it timed the baseline-only `evaluate.py`) as a child process with fresh "
         "REFUSAL_CACHE / REFUSAL_ARTIFACTS: cold including "
         "GGUF dequantization, cold with the float checkpoint symlinked in, and warm (second run, everything "
-        "cached). Peak RSS is the child's (wait4 ru_maxrss). Notes: evaluate.py's own timing breakdown.",
-        _evaluate,
+        "cached). Peak RSS is the child's (wait4 ru_maxrss). Notes: evaluate.py's own timing breakdown. A labelled "
+        "row is another workload run the same way (`--label`, its overrides in the command line), not judged.",
+        _evaluate, key=lambda row: row.get("model", "?") + (f" ({row['label']})" if row.get("label") else ""),
     ),
     "generation": Section(
         "Greedy decoding throughput",
