@@ -139,8 +139,10 @@ def test_intervention_layer_out_of_range_fails_before_fitting(compose, no_model_
 
 
 def test_position_out_of_range(compose, no_extraction):
-    with pytest.raises(ConfigError, match="must be negative"):
+    with pytest.raises(ConfigError, match=r"^layer.position=0 must be an integer <= -1 \(an offset from the end"):
         check_config(compose("layer=fixed", "layer.index=1", "layer.position=0"))
+    with pytest.raises(ConfigError, match=r"^layer=fixed needs layer.index .*, e.g. layer.index=14$"):
+        check_config(compose("layer=fixed"))
     # How many post-instruction tokens a template has is known once the tokenizer is loaded (cheap).
     cfg = compose(*SMALL, "layer=fixed", "layer.index=1", "layer.position=-99")
     with pytest.raises(ConfigError, match=r"layer.position=-99 is out of range: .* use -1..-\d"):
@@ -203,7 +205,7 @@ def test_k_larger_than_fitted_rank(tiny_bundle):
                                       "did you mean fit.inlp.n_iterations\\?$"),
         (["fit.inlp.positions=some"], "fit.inlp.positions='some' must be 'all' or 'selected'"),
         (["layer=relative", "layer.fraction=1.5"], r"layer.fraction=1.5 must be within \[0, 1\]"),
-        (["layer=fixed", "layer.index=one"], "layer.index must be an integer, got 'one'"),
+        (["layer=fixed", "layer.index=one"], "^layer.index='one' must be an integer$"),
         (["eval.max_new_tokens=0"], r"^eval.max_new_tokens=0 must be an integer >= 1 \(new tokens per completion\)"),
         (["intervention=inlp_flip", "intervention.alpha=-1"], r"intervention.alpha=-1 must be >= 0 .*set intervention.target"),
         (["intervention=leace_flip", "intervention.alpha=-0.5"], r"intervention.alpha=-0.5 must be >= 0"),

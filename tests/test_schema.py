@@ -21,6 +21,9 @@ PATHS = {schema.ModelSchema: "model", schema.DataSchema: "data", schema.FitSchem
          schema.InlpSchema: "fit.inlp", schema.EvalSchema: "eval", schema.CapabilitySchema: "eval.capability",
          schema.QualityJudgeSchema: "eval.quality_judge", schema.GeometrySchema: "geometry",
          schema.ModelJudgeSchema: "judge.model", schema.ConfigSchema: ""}
+#: the layer schemas, one per mode: (schema, the override choosing its mode)
+LAYERS = {schema.FixedLayerSchema: "layer=fixed", schema.RelativeLayerSchema: "layer=relative",
+          schema.CosmicLayerSchema: "layer=cosmic"}
 
 
 def bounded() -> list[tuple[str, schema.Bound]]:
@@ -31,13 +34,17 @@ def bounded() -> list[tuple[str, schema.Bound]]:
             bound = f.metadata.get("bound")
             if bound is not None and bound.low is not None:
                 out.append((f"{path}.{f.name}".lstrip("."), bound))
+    for cls, mode in LAYERS.items():
+        out += [(f"{mode}:layer.{f.name}", f.metadata["bound"]) for f in dataclasses.fields(cls) if "bound" in f.metadata]
     return out
 
 
 def test_every_schema_with_a_group_is_walked_here():
     stored = {node for nodes in schema.SCHEMAS.values() for node in nodes.values() if isinstance(node, type)}
     nested = {schema.DimSchema, schema.InlpSchema, schema.CapabilitySchema, schema.QualityJudgeSchema}
-    assert stored - {schema.FilesDataSchema, schema.SplitsDataSchema, schema.HubDataSchema} | nested <= set(PATHS)
+    layers = set(schema.SCHEMAS["layer"].values())
+    assert layers == set(LAYERS) | {schema.LayerSchema}  # auto has no setting with a range
+    assert stored - {schema.FilesDataSchema, schema.SplitsDataSchema, schema.HubDataSchema} - layers | nested <= set(PATHS)
     assert len(bounded()) >= 12  # batch sizes, counts, split sizes, max_kl, epsilon, prune_last_fraction, ...
 
 
@@ -45,13 +52,20 @@ def test_every_schema_with_a_group_is_walked_here():
 def test_each_range_accepts_its_end_and_refuses_just_past_it(compose, key, bound):
     """An integer's least value (1 for a count, 0 for shortlist) passes and the one below fails; a float's closed
     end passes, its open end fails; each error names the key, the range and an example."""
-    extra = ["eval.judges=[substring,model]"] if key.startswith("judge.") else []
+    extra = ["eval.judges=[substring,model]"] if key.startswith("judge.") else ["layer.index=1"] if "fixed" in key else []
+    if ":" in key:  # a layer mode's setting: choose the mode first
+        mode, key = key.split(":")
+        extra.append(mode)
     is_int = isinstance(bound.example, int)
-    inside = int(bound.low) if is_int else bound.low
-    check_config(compose(f"{key}={inside}", *extra))
-    outside = inside - 1 if is_int else (bound.high if bound.high_open else bound.low - 0.5)
-    with pytest.raises(ConfigError, match=rf"^{key}={outside:g} must be (an integer >= {bound.low:g}|within|>=) .*, e.g. {key}="):
-        check_config(compose(f"{key}={outside}", *extra))
+    if bound.low is None:  # an upper bound only (layer.position <= -1)
+        inside, outside = int(bound.high), int(bound.high) + 1
+    else:
+        inside = (int(bound.low) if is_int else bound.low) if not bound.low_open else bound.high
+        outside = (inside - 1 if is_int else (bound.high if bound.high_open else bound.low - 0.5)) if not bound.low_open \
+            else bound.low
+    check_config(compose(*extra, f"{key}={inside}"))
+    with pytest.raises(ConfigError, match=rf"^{key}={outside:g} must be (an integer [<>]=|within|>=) .*, e.g. {key}="):
+        check_config(compose(*extra, f"{key}={outside}"))
 
 
 @pytest.mark.parametrize(("override", "message"), [
@@ -119,7 +133,7 @@ def test_a_non_finite_number_is_refused_anywhere_a_schema_types_it(compose):
     assert math.isfinite(compose().fit.dim.min_induce)
 
 
-@pytest.mark.parametrize("group", ["model", "data", "fit", "eval", "geometry", "judge"])
+@pytest.mark.parametrize("group", ["model", "data", "layer", "fit", "eval", "geometry", "judge"])
 def test_every_yaml_of_a_fixed_group_starts_from_its_schema(group):
     """A new yaml in a fixed group without its schema would compose untyped: each starts its defaults list with
     one of the schemas stored for its group (conf/eval/trial.yaml through eval/default)."""
@@ -133,6 +147,10 @@ def test_bound_messages_at_the_edges():
     count = schema.Bound(low=1, why="rows", example=8)
     assert count.allows(1) and not count.allows(0)
     assert count.message("x.batch_size", 0) == "x.batch_size=0 must be an integer >= 1 (rows), e.g. x.batch_size=8"
+    assert schema.Bound(high=-1, example=-1).message("p", 0) == "p=0 must be an integer <= -1, e.g. p=-1"
+    share = schema.Bound(low=0, high=1, low_open=True, example=0.1)
+    assert share.allows(1.0) and share.allows(1e-9) and not share.allows(0.0)
+    assert share.message("f", 0.0) == "f=0 must be within (0, 1], e.g. f=0.1"
     half = schema.Bound(low=0, high=0.5, high_open=True, example=0.02)
     assert half.allows(0.0) and half.allows(0.4999) and not half.allows(0.5) and not half.allows(-1e-9)
     assert half.message("e", 0.5) == "e=0.5 must be within [0, 0.5), e.g. e=0.02"

@@ -12,10 +12,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from refusal.capability.tasks import check_capability, configured_tasks
-from refusal.checks import check_int, check_number
+from refusal.checks import check_number
 from refusal.constraints import parse_constraints
 from refusal.errors import ConfigError
-from refusal.fitting.cosmic import CosmicConfig
 from refusal.fitting.inlp import INLPConfig
 from refusal.fitting.leace import INSTALL_HINT
 from refusal.interventions import get_intervention
@@ -37,29 +36,28 @@ class LayerSpec:
 
 
 def resolve_layer_spec(layer_cfg: Any, n_layers: int | None, n_positions: int | None = None) -> LayerSpec:
-    """Turn ``layer=auto|fixed|relative`` into a concrete spec, checking ranges when sizes are known."""
+    """Turn ``layer=auto|fixed|relative`` into a concrete spec, checking the layer and position against the
+    model when its sizes are known (types and ranges: the layer schemas, :mod:`refusal.schema`)."""
     mode = layer_cfg.get("mode")
     if mode == "auto":
         return LayerSpec("auto", None, None, "auto")
     if mode == "cosmic":
-        CosmicConfig.from_layer_cfg(layer_cfg)
         return LayerSpec("cosmic", None, None, "cosmic")
     if mode not in ("fixed", "relative"):
         raise ConfigError(f"layer.mode={mode!r}; use layer=auto, layer=cosmic, layer=fixed or layer=relative")
-    position = check_int(layer_cfg.get("position", -1), "layer.position")
-    if position >= 0:
-        raise ConfigError(f"layer.position={position} must be negative (an offset from the end of the prompt, -1 = last)")
+    position = layer_cfg.get("position", -1)
     if n_positions is not None and position < -n_positions:
         raise ConfigError(
             f"layer.position={position} is out of range: this model's chat template has {n_positions} "
             f"post-instruction tokens, so use -1..-{n_positions}"
         )
     if mode == "fixed":
-        index = check_int(layer_cfg.get("index"), "layer.index")
+        index = layer_cfg.get("index")
+        if index is None:
+            raise ConfigError("layer=fixed needs layer.index (the block whose input the direction is read at), "
+                              "e.g. layer.index=14")
     else:
-        fraction = check_number(layer_cfg.get("fraction"), "layer.fraction")
-        if not 0.0 <= fraction <= 1.0:
-            raise ConfigError(f"layer.fraction={fraction} must be within [0, 1]")
+        fraction = layer_cfg.get("fraction")
         if n_layers is None:
             return LayerSpec("relative", None, position, f"rel{fraction:g}_P{position}")
         index = min(n_layers - 1, int(round(fraction * (n_layers - 1))))

@@ -11,7 +11,9 @@ Each fixed-shape group's yaml starts its defaults list with its schema (``conf/e
 - ranges and choices are the fields' metadata (:func:`at_least`, :func:`within`, :func:`one_of`), checked by
   :func:`check_schema` before anything loads.
 
-Rules that span several fields stay hand-written in :mod:`refusal.config`. The ``intervention`` group has no
+The groups: the primary config, ``model``, ``data`` and ``layer`` (a schema per source or mode), ``fit``,
+``eval``, ``geometry`` and ``judge`` (a schema per judge kind). Rules that span several fields (or the config
+and the model) stay hand-written in :mod:`refusal.config`. The ``intervention`` group has no
 schema: plugins add their own parameters (``Intervention.check_params``); ``eval.test_sets`` and the
 judges' ``model`` stay open mappings (user-named sets, model names or configs).
 """
@@ -41,11 +43,12 @@ from refusal.errors import ConfigError
 # -- field metadata: ranges and choices ------------------------------------------------------------
 @dataclass(frozen=True)
 class Bound:
-    """What a field's value may be beyond its type: at least ``low``, up to ``high`` (excluded when
-    ``high_open``), one of ``choices``, or strictly a boolean; ``why`` and ``example`` go into the error."""
+    """What a field's value may be beyond its type: from ``low`` to ``high`` (either may be absent, each end
+    excluded when said), one of ``choices``, or strictly a boolean; ``why`` and ``example`` go into the error."""
 
     low: float | None = None
     high: float | None = None
+    low_open: bool = False
     high_open: bool = False
     choices: tuple[str, ...] = ()
     strict_bool: bool = False
@@ -57,7 +60,7 @@ class Bound:
             return isinstance(value, bool)
         if self.choices:
             return value in self.choices
-        return ((self.low is None or value >= self.low)
+        return ((self.low is None or (value > self.low if self.low_open else value >= self.low))
                 and (self.high is None or (value < self.high if self.high_open else value <= self.high)))
 
     def message(self, key: str, value: Any) -> str:
@@ -68,10 +71,11 @@ class Bound:
             options = [repr(c) for c in self.choices]
             said = " or ".join(options) if len(options) == 2 else f"one of {', '.join(options)}"
             return f"{key}={value!r} must be {said}{why}"
-        if self.high is not None:
-            bound = f"within [{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+        if self.low is not None and self.high is not None:
+            bound = f"within {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
         else:
-            bound = f"an integer >= {self.low:g}" if isinstance(value, int) else f">= {self.low:g}"
+            side = f"{'>' if self.low_open else '>='} {self.low:g}" if self.high is None else f"<= {self.high:g}"
+            bound = f"an integer {side}" if isinstance(value, int) else side
         shown = repr(value) if isinstance(value, int) else f"{value:g}"
         return f"{key}={shown} must be {bound}{why}, e.g. {key}={self.example}"
 
@@ -81,8 +85,14 @@ def at_least(low: float, why: str, example: Any, *, default: Any) -> Any:
     return field(default=default, metadata={"bound": Bound(low=low, why=why, example=example)})
 
 
-def within(low: float, high: float, why: str, example: Any, *, default: Any, high_open: bool = False) -> Any:
-    return field(default=default, metadata={"bound": Bound(low=low, high=high, high_open=high_open, why=why, example=example)})
+def at_most(high: float, why: str, example: Any, *, default: Any) -> Any:
+    return field(default=default, metadata={"bound": Bound(high=high, why=why, example=example)})
+
+
+def within(low: float, high: float, why: str, example: Any, *, default: Any, low_open: bool = False,
+           high_open: bool = False) -> Any:
+    return field(default=default, metadata={"bound": Bound(low=low, high=high, low_open=low_open, high_open=high_open,
+                                                           why=why, example=example)})
 
 
 def one_of(choices: Sequence[str], why: str = "", *, default: str) -> Any:
@@ -175,6 +185,41 @@ class HubDataSchema(DataSchema):
     harmless_column: str = "instruction"
     harmless_split: str = "train"
     cache_dir: str | None = None
+
+
+POSITION = "an offset from the end of the prompt's post-instruction tokens, -1 = the last"
+
+
+@dataclass
+class LayerSchema:
+    """``conf/layer/<mode>.yaml``: ``layer=auto`` has only its mode; each other mode adds its own settings.
+    Whether a layer or position exists is a rule against the model (:func:`refusal.config.resolve_layer_spec`)."""
+
+    mode: str = "auto"
+
+
+@dataclass
+class FixedLayerSchema(LayerSchema):
+    index: int = MISSING
+    position: int = at_most(-1, POSITION, -1, default=-1)
+
+
+@dataclass
+class RelativeLayerSchema(LayerSchema):
+    fraction: float = within(0, 1, "the depth: 0 = the first layer, 1 = the last", 0.6, default=0.6)
+    position: int = at_most(-1, POSITION, -1, default=-1)
+
+
+@dataclass
+class CosmicLayerSchema(LayerSchema):
+    """COSMIC's settings (:class:`refusal.fitting.cosmic.CosmicConfig`)."""
+
+    fraction: float = within(0, 1, "the share of layers read, at least one", 0.1, default=0.1, low_open=True)
+    max_kl: float = at_least(0, "the harmless next-token KL an ablation may cause", 0.1, default=0.1)
+    prune_last_fraction: float = within(0, 1, "the share of last layers whose candidates are dropped", 0.2,
+                                        default=0.2, high_open=True)
+    n_prompts: int | None = at_least(1, "val prompts per class scored; null = all", 16, default=None)
+    batch_size: int = at_least(1, "rows (candidates x prompts) per forward pass", 32, default=32)
 
 
 @dataclass
@@ -302,6 +347,8 @@ SCHEMAS: dict[str | None, dict[str, Any]] = {
     "model": {"base_model": ModelSchema},
     "data": {"base_data": DataSchema, "base_data_files": FilesDataSchema, "base_data_splits": SplitsDataSchema,
              "base_data_hub": HubDataSchema},
+    "layer": {"base_layer": LayerSchema, "base_layer_fixed": FixedLayerSchema, "base_layer_relative": RelativeLayerSchema,
+              "base_layer_cosmic": CosmicLayerSchema},
     "fit": {"base_fit": FitSchema},
     "eval": {"base_eval": EvalSchema},
     "geometry": {"base_geometry": GeometrySchema},
@@ -400,8 +447,8 @@ def _check_node(node: DictConfig, path: str) -> None:
     fields = {f.name: f for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else {}
     for key in node:
         full = f"{path}{key}"
-        if full == "hydra":
-            continue
+        if full == "hydra" or OmegaConf.is_missing(node, key):
+            continue  # Hydra's own; a value left ??? is named by what needs it (layer.index, data.harmful_path)
         if fields and key not in fields:
             _unknown(full, path, sorted(fields), node[key])
         bound = fields[key].metadata.get("bound") if key in fields else None
