@@ -447,8 +447,9 @@ def _check_node(node: DictConfig, path: str) -> None:
     fields = {f.name: f for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else {}
     for key in node:
         full = f"{path}{key}"
-        if full == "hydra" or OmegaConf.is_missing(node, key):
-            continue  # Hydra's own; a value left ??? is named by what needs it (layer.index, data.harmful_path)
+        if full == "hydra" or OmegaConf.is_missing(node, key) or (not fields and OmegaConf.is_interpolation(node, key)):
+            continue  # Hydra's own; a value left ??? is named by what needs it (layer.index, data.harmful_path); an
+            # untyped interpolation may need a running Hydra (logger.dir: ${hydra:runtime.output_dir})
         if fields and key not in fields:
             _unknown(full, path, sorted(fields), node[key])
         bound = fields[key].metadata.get("bound") if key in fields else None
