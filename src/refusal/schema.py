@@ -418,8 +418,9 @@ def _plain_type(hint: Any) -> Any:
     return args[0] if get_origin(hint) in (Union, types.UnionType) and len(args) == 1 else hint
 
 
-#: Keys that belong elsewhere: the key a user wrote -> where it lives.
-MOVED_KEYS = {"fit.dim.filter_train": "fit.filter_train", "fit.dim.filter_val": "fit.filter_val"}
+#: Keys that belong elsewhere: the key a user wrote -> (where it lives, why).
+_EVERY_FIT = "it filters the prompts of every fit, not only DiM's"
+MOVED_KEYS = {"fit.dim.filter_train": ("fit.filter_train", _EVERY_FIT), "fit.dim.filter_val": ("fit.filter_val", _EVERY_FIT)}
 
 
 #: A judge's ``type`` -> the schema of its settings.
@@ -456,7 +457,7 @@ def _check_node(node: DictConfig, path: str) -> None:
         value = node[key]
         if bound is not None and value is not None and not bound.allows(value):
             raise ConfigError(bound.message(full, value))
-        if isinstance(value, float) and not math.isfinite(value):
+        if fields and isinstance(value, float) and not math.isfinite(value):  # an open group checks its own
             raise ConfigError(f"{full}={value} must be a finite number")
         if isinstance(value, DictConfig):
             _check_node(value, f"{full}.")
@@ -465,9 +466,8 @@ def _check_node(node: DictConfig, path: str) -> None:
 def _unknown(full: str, path: str, valid: list[str], value: Any) -> None:
     group = path.rstrip(".")
     if full in MOVED_KEYS:
-        target = MOVED_KEYS[full]
-        raise ConfigError(f"{full} is not a {group} key: the switch is {target} (it filters the prompts of every fit, "
-                          f"not only DiM's); write {target}={str(value).lower()}")
+        target, why = MOVED_KEYS[full]
+        raise ConfigError(f"{full} is not a {group} key: the switch is {target} ({why}); write {target}={str(value).lower()}")
     close = difflib.get_close_matches(full.rsplit(".", 1)[-1], valid, n=1)
     hint = f"; did you mean {group}.{close[0]}?" if close else ""
     raise ConfigError(f"{group} has an unknown key {full.rsplit('.', 1)[-1]!r}; valid keys: {', '.join(valid)}{hint}")
