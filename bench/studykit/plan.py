@@ -21,7 +21,7 @@ STEPS = ["main", "actadd", "k", "alpha", "controls", "tokens", "geometry", "leac
 #: lettered; its cloze form, where small models are above chance) under each main row.
 CAPABILITY_TASKS = "[mmlu,arc_challenge,arc_challenge_rc]"
 HELDOUT_ROWS = "none,actadd,dim_ablation,inlp_nullspace,inlp_flip"
-# C3 is decided on at least 6 values of k, full rank included (refusal.verdict.C3_MIN_GRID); the converged
+# C3 is decided on at least 6 values of k, full rank included (studykit.verdict.C3_MIN_GRID); the converged
 # ranks are ~15-33, so the values below the rank give 6-9 points: the leading directions densely, then doublings.
 KS = [1, 2, 4, 6, 8, 12, 16, 24]
 ALPHAS = [0.5, 1.5, 2.0, 3.0]
