@@ -83,6 +83,7 @@ def model_config(name: str, device: str | None = None) -> dict[str, Any]:
         known = ", ".join(sorted(p.stem for p in (REPO / "conf" / "model").glob("*.yaml")))
         raise SystemExit(f"unknown model {name!r}: no {path}; known: {known}")
     cfg = yaml.safe_load(path.read_text())
+    cfg.pop("defaults", None)  # the schema's entry (refusal.schema), for Hydra only
     if device:
         cfg["device"] = device
     return cfg

@@ -57,15 +57,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def study_problem(model: str, overrides: list[str]) -> tuple[torch.Tensor, ...]:
     """The INLP training and held-out data the study fits on ``model`` (DiM layer from its artifact)."""
-    from hydra import compose, initialize_config_dir
-
     from refusal.context import prepare
     from refusal.fits import _inlp_data, fit_dim, inlp_settings
+    from refusal.schema import compose
 
     splits = Path(__file__).resolve().parents[2] / "shared" / "data" / "refusal_direction_splits"
     data = ["data=refusal_direction", f"data.dir={splits}", "data.n_test=32"] if splits.is_dir() else []
-    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=[f"model={model}", *data, "logger=none", "progress=false", *overrides])
+    cfg = compose(Path(__file__).resolve().parents[1] / "conf",
+                  [f"model={model}", *data, "logger=none", "progress=false", *overrides])
     ctx = prepare(cfg)
     dim = fit_dim(ctx)
     positions = inlp_settings(ctx)[0]

@@ -50,11 +50,9 @@ def link_models(src: Path, dst: Path) -> None:
 
 
 def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from refusal.schema import compose as compose_config
 
-    with initialize_config_dir(config_dir=str(C.REPO / "conf"), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=overrides)
+    return compose_config(C.REPO / "conf", overrides)
 
 
 def main(argv: list[str] | None = None) -> int:

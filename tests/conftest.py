@@ -42,16 +42,14 @@ def tiny_with_system(tmp_path_factory):
 @pytest.fixture
 def compose(tmp_path):
     """Compose the real Hydra config with overrides, caches and artifacts under tmp_path."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from refusal.schema import compose as compose_config
 
     def _compose(*overrides: str):
         base = [
             "model=tiny", f"cache_dir={tmp_path / 'cache'}", f"artifacts_dir={tmp_path / 'artifacts'}",
             "logger=none", "progress=false",
         ]
-        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-            return hydra_compose(config_name="config", overrides=[*base, *overrides], return_hydra_config=False)
+        return compose_config(REPO / "conf", [*base, *overrides])
 
     return _compose
 

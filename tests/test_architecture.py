@@ -211,14 +211,9 @@ def test_root_scripts_import_only_existing_modules(script):
 
 def test_the_regrouping_kept_the_old_call_signatures():
     """Code written before the regrouping still runs: a registry with a built-ins hook (now optional) calls
-    it on lookup, and the single-value checks answer under their old private names in refusal.config."""
-    from refusal import config
-    from refusal.errors import ConfigError
+    it on lookup. (The single-value config checks it used to re-export are gone: the schemas replaced them.)"""
     from refusal.registry import Registry
 
     calls = []
     registry = Registry("widget", "refusal.test_widgets", lambda: calls.append(1))
     assert registry.available() == {} and calls == [1]
-    assert config._count(3, "eval.batch_size", "rows", 16) == 3
-    with pytest.raises(ConfigError, match=r"eval.batch_size=0 must be an integer >= 1"):
-        config._count(0, "eval.batch_size", "rows", 16)

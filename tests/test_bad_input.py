@@ -66,12 +66,12 @@ def _cli(*overrides: str, tmp: Path) -> subprocess.Popen:
 # -- names ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("group", ["model", "data", "intervention"])
 def test_unknown_group_option_lists_valid_ones(group):
-    from hydra import compose, initialize_config_dir
     from hydra.errors import MissingConfigException
 
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        with pytest.raises(MissingConfigException) as info:
-            compose(config_name="config", overrides=[f"{group}=nope"])
+    from refusal.schema import compose
+
+    with pytest.raises(MissingConfigException) as info:
+        compose(REPO / "conf", [f"{group}=nope"])
     message = str(info.value)
     assert f"Could not find '{group}/nope'" in message and f"Available options in '{group}'" in message
     expected = {"model": ["tiny", "qwen05"], "data": ["embedded", "files"], "intervention": ["none", "inlp_flip"]}
@@ -139,8 +139,10 @@ def test_intervention_layer_out_of_range_fails_before_fitting(compose, no_model_
 
 
 def test_position_out_of_range(compose, no_extraction):
-    with pytest.raises(ConfigError, match="must be negative"):
+    with pytest.raises(ConfigError, match=r"^layer.position=0 must be an integer <= -1 \(an offset from the end"):
         check_config(compose("layer=fixed", "layer.index=1", "layer.position=0"))
+    with pytest.raises(ConfigError, match=r"^layer=fixed needs layer.index .*, e.g. layer.index=14$"):
+        check_config(compose("layer=fixed"))
     # How many post-instruction tokens a template has is known once the tokenizer is loaded (cheap).
     cfg = compose(*SMALL, "layer=fixed", "layer.index=1", "layer.position=-99")
     with pytest.raises(ConfigError, match=r"layer.position=-99 is out of range: .* use -1..-\d"):
@@ -194,15 +196,17 @@ def test_k_larger_than_fitted_rank(tiny_bundle):
         (["intervention=actadd", "intervention.coeff=minus"], "intervention.coeff must be a finite number, got 'minus'"),
         (["intervention=inlp_flip", "intervention.k=abc"], "intervention.k='abc' must be an int >= 1, 'all', or a fraction in \\(0, 1\\]"),
         (["intervention=inlp_flip", "intervention.k=0"], "intervention.k=0 must be >= 1"),
-        (["fit.dim.max_kl=abc"], "fit.dim.max_kl must be a finite number, got 'abc'"),
-        (["fit.dim.min_induce=[1]"], "fit.dim.min_induce must be a finite number"),
-        (["fit.inlp.epsilon=abc"], "fit.inlp.epsilon must be a finite number, got 'abc'"),
-        (["+fit.inlp.l2=abc"], "inlp.l2='abc' must be a finite number > 0"),
-        (["+fit.inlp.n_iteration=3"], "fit.inlp has an unknown key .*n_iteration.*valid keys: positions, .*n_iterations"),
+        (["fit.dim.max_kl=abc"], "^fit.dim.max_kl='abc' must be a number, e.g. fit.dim.max_kl=0.1$"),
+        (["fit.dim.min_induce=[1]"], r"^fit.dim.min_induce=\[1\] must be a number, e.g. fit.dim.min_induce=0.0$"),
+        (["fit.inlp.epsilon=abc"], "^fit.inlp.epsilon='abc' must be a number, e.g. fit.inlp.epsilon=0.02$"),
+        (["fit.inlp.l2=abc"], "^fit.inlp.l2='abc' must be a number, e.g. fit.inlp.l2=0.001$"),
+        (["fit.inlp.l2=-1"], r"inlp.l2=-1.0 must be a finite number > 0 \(separable data have no optimum without it\)"),
+        (["+fit.inlp.n_iteration=3"], "^fit.inlp has an unknown key 'n_iteration'; valid keys: accelerator, .*n_iterations, .*; "
+                                      "did you mean fit.inlp.n_iterations\\?$"),
         (["fit.inlp.positions=some"], "fit.inlp.positions='some' must be 'all' or 'selected'"),
         (["layer=relative", "layer.fraction=1.5"], r"layer.fraction=1.5 must be within \[0, 1\]"),
-        (["layer=fixed", "layer.index=one"], "layer.index must be an integer, got 'one'"),
-        (["eval.max_new_tokens=0"], "eval.max_new_tokens must be >= 1"),
+        (["layer=fixed", "layer.index=one"], "^layer.index='one' must be an integer$"),
+        (["eval.max_new_tokens=0"], r"^eval.max_new_tokens=0 must be an integer >= 1 \(new tokens per completion\)"),
         (["intervention=inlp_flip", "intervention.alpha=-1"], r"intervention.alpha=-1 must be >= 0 .*set intervention.target"),
         (["intervention=leace_flip", "intervention.alpha=-0.5"], r"intervention.alpha=-0.5 must be >= 0"),
         (["intervention=actadd", "+intervention.coef=2"],
@@ -222,21 +226,21 @@ def test_wrong_type_or_range_fails_before_model_loads(compose, no_model_load, ov
     [
         (["eval.batch_size=0"], r"^eval.batch_size=0 must be an integer >= 1 \(rows per generation batch\), e.g. eval.batch_size=16$"),
         (["eval.batch_size=-1"], r"^eval.batch_size=-1 must be an integer >= 1 "),
-        (["eval.batch_size=2.5"], r"^eval.batch_size=2.5 must be an integer >= 1 "),
+        (["eval.batch_size=2.5"], r"^eval.batch_size=2.5 must be an integer, e.g. eval.batch_size=64$"),
         (["model.batch_size=0"], r"^model.batch_size=0 must be an integer >= 1 \(rows per forward pass\), e.g. model.batch_size=16$"),
         (["model.batch_size=-1"], r"^model.batch_size=-1 must be an integer >= 1 "),
         (["fit.dim.batch_size=0"], r"^fit.dim.batch_size=0 must be an integer >= 1 \(rows per scoring forward pass\)"),
         (["fit.dim.batch_size=-1"], r"^fit.dim.batch_size=-1 must be an integer >= 1 "),
         (["eval.judges=[substring,model]", "judge.model.batch_size=0"], r"^judge.model.batch_size=0 must be an integer >= 1 "),
-        (["fit.inlp.epsilon=-1"], r"^fit.inlp.epsilon=-1 must be within \[0, 0.5\): INLP stops once held-out accuracy is "
-                                  r"within epsilon of chance, which a negative epsilon may never allow .*; e.g. fit.inlp.epsilon=0.02$"),
+        (["fit.inlp.epsilon=-1"], r"^fit.inlp.epsilon=-1 must be within \[0, 0.5\) \(INLP stops once held-out accuracy is "
+                                  r"within epsilon of chance: a negative epsilon may never allow it, .*\), e.g. fit.inlp.epsilon=0.02$"),
         (["fit.inlp.epsilon=0.5"], r"^fit.inlp.epsilon=0.5 must be within \[0, 0.5\)"),
         (["fit.inlp.n_iterations=0"], r"^fit.inlp.n_iterations=0 must be an integer >= 1 "),
-        (["fit.inlp.seed=x"], r"^fit.inlp.seed must be an integer, got 'x'$"),
+        (["fit.inlp.seed=x"], r"^fit.inlp.seed='x' must be an integer, e.g. fit.inlp.seed=0$"),
         (["fit.dim.max_kl=-0.1"], r"^fit.dim.max_kl=-0.1 must be >= 0 "),
         (["fit.dim.shortlist=-1"], r"^fit.dim.shortlist=-1 must be an integer >= 0 \(0 = no shortlist, N = the best N layers\), e.g. fit.dim.shortlist=2$"),
-        (["fit.dim.share_prefix=maybe"], r"^fit.dim.share_prefix='maybe' must be true or false$"),
-        (["fit.filter_train=no"], r"^fit.filter_train='no' must be true or false$"),
+        (["fit.dim.share_prefix=maybe"], r"^fit.dim.share_prefix='maybe' must be true or false, e.g. fit.dim.share_prefix=true$"),
+        (["fit.filter_train=maybe"], r"^fit.filter_train='maybe' must be true or false, e.g. fit.filter_train=true$"),
         (["+fit.dim.max_k=1"], r"^fit.dim has an unknown key 'max_k'; valid keys: batch_size, induce_rule, max_kl, "),
         (["+fit.dim.filter_train=false"], r"^fit.dim.filter_train is not a fit.dim key: the switch is fit.filter_train "
                                           r".*; write fit.filter_train=false$"),
@@ -251,24 +255,22 @@ def test_bad_sizes_ranges_and_switches_fail_before_model_loads(compose, no_model
 
 
 def test_the_fit_switches_and_the_range_ends_are_accepted(compose):
-    """The ranges' own ends and the boolean fit switches pass: the checks reject only what cannot work."""
+    """The ranges' own ends and the boolean fit switches pass: the checks reject only what cannot work. OmegaConf
+    reads yes/no as booleans, so a switch given as 'no' is false, never a truthy string."""
     check_config(compose("fit.inlp.epsilon=0", "fit.dim.max_kl=0", "fit.dim.shortlist=0", "fit.dim.n_prompts=null",
                          "fit.filter_train=false", "fit.filter_val=true", "fit.dim.share_prefix=false"))
+    assert compose("fit.filter_train=no").fit.filter_train is False
 
 
-def test_seed_is_checked_first_and_named_as_typed(compose, no_model_load, tmp_path):
-    """data.seed and fit.inlp.seed copy the top-level seed: the error names `seed`, before any int() of it."""
-    from refusal.app.train import run_training
-    from refusal.evaluation import run_evaluation
+def test_seed_is_checked_first_and_named_as_typed(compose):
+    """data.seed and fit.inlp.seed copy the top-level seed: the error names `seed`, when Hydra composes (the
+    primary config's schema types it), before anything reads it."""
+    from omegaconf import ValidationError
 
     for value, shown in (("a", "'a'"), ("1.5", "1.5")):
-        cfg = compose(f"seed={value}")
-        with pytest.raises(ConfigError, match=rf"^seed={shown} must be an integer, e.g. seed=0$"):
-            run_evaluation(cfg, tmp_path / "run")
-        failed = json.loads((tmp_path / "run" / "results.json").read_text())  # so a multirun's report lists the job
-        assert failed["status"] == "failed" and failed["error"].startswith("ConfigError: seed=")
-        with pytest.raises(ConfigError, match=rf"^seed={shown} must be an integer, e.g. seed=0$"):
-            run_training(cfg)
+        with pytest.raises(ConfigError, match=rf"^seed={shown} must be an integer, e.g. seed=0$") as info:
+            compose(f"seed={value}")
+        assert isinstance(info.value.__cause__.__cause__, ValidationError)  # OmegaConf's, under Hydra's
 
 
 def test_a_single_judge_name_is_read_as_a_one_judge_list_said_once(compose, caplog, monkeypatch):

@@ -49,14 +49,20 @@ def test_cosmic_picks_the_planted_candidate():
     assert (tight.layer, tight.position) == (planted_layer, -1) and tight.notes
 
 @pytest.mark.parametrize(("override", "message"), [
-    ("layer.fraction=0", r"layer.fraction=0 must be a number in \(0, 1\]"),
-    ("layer.prune_last_fraction=1.0", r"layer.prune_last_fraction=1.0 must be a number in \[0, 1\)"),
-    ("layer.n_prompts=0", r"layer.n_prompts=0 must be an integer >= 1"),
-    ("+layer.fractoin=0.2", r"layer.fractoin is not a setting of layer=cosmic"),
+    ("layer.fraction=0", r"^layer.fraction=0 must be within \(0, 1\] \(the share of layers read"),
+    ("layer.fraction=1", None),
+    ("layer.prune_last_fraction=1.0", r"^layer.prune_last_fraction=1 must be within \[0, 1\)"),
+    ("layer.prune_last_fraction=0", None),
+    ("layer.n_prompts=0", r"^layer.n_prompts=0 must be an integer >= 1"),
+    ("layer.n_prompts=1", None),
+    ("+layer.fractoin=0.2", r"^layer has an unknown key 'fractoin'; .*did you mean layer.fraction\?$"),
 ])
 def test_bad_cosmic_settings_fail_before_the_model_loads(compose, override, message):
     from refusal.config import check_config
 
+    if message is None:  # the range's own end
+        check_config(compose("layer=cosmic", override))
+        return
     with pytest.raises(ConfigError, match=message):
         check_config(compose("layer=cosmic", override))
 

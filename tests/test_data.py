@@ -12,7 +12,7 @@ import pytest
 
 from refusal.data import DATA_SOURCES, DataWarning, InstructionSplits, load_splits
 from refusal.data.sources import read_embedded_rows
-from refusal.errors import DataError
+from refusal.errors import ConfigError, DataError
 
 SHARED_SPLITS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "refusal_direction_splits"
 EMBEDDED = {"name": "embedded", "seed": 0, "n_train": 64, "n_val": 24, "n_test": 48}
@@ -319,12 +319,19 @@ def test_unknown_source_lists_valid_names():
 
 
 @pytest.mark.parametrize(
-    ("key", "value"),
-    [("n_train", 0), ("n_val", -3), ("n_test", "48"), ("n_train", 2.5), ("n_val", True)],
+    ("override", "message"),
+    [("data.n_train=0", r"^data.n_train=0 must be an integer >= 1 \(train prompts per class; null = all that is left"),
+     ("data.n_val=-3", r"^data.n_val=-3 must be an integer >= 1 "),
+     ("data.n_train=2.5", "^data.n_train=2.5 must be an integer$"),
+     ("data.n_val=true", "^data.n_val=True must be an integer$")],
 )
-def test_bad_size_types(key, value):
-    with pytest.raises(DataError, match=f"data.{key} must be a positive integer"):
-        load_splits({**EMBEDDED, key: value})
+def test_bad_size_types(compose, override, message):
+    """The sizes' types and ranges are the data schema's (refusal.schema.DataSchema), checked with the config."""
+    from refusal.config import check_config
+
+    with pytest.raises(ConfigError, match=message):
+        check_config(compose(override))
+    assert compose("data.n_test='48'").data.n_test == 48  # a number written as a string is read as the number
 
 
 def test_two_null_sizes_refused():
@@ -332,9 +339,9 @@ def test_two_null_sizes_refused():
         load_splits({**EMBEDDED, "n_val": None, "n_test": None})
 
 
-def test_bad_seed():
-    with pytest.raises(DataError, match="data.seed"):
-        load_splits({**EMBEDDED, "seed": "zero"})
+def test_bad_seed(compose):
+    with pytest.raises(ConfigError, match="^data.seed='zero' must be an integer, e.g. data.seed=0$"):
+        compose("data.seed=zero")
 
 
 def test_sizes_larger_than_available():

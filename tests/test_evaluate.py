@@ -253,24 +253,13 @@ def test_report_cli_on_a_folder(tmp_path):
     assert "90.0% [80–95]" in md and "k=2" in md and "ConfigError: k" in md
 
 
-def test_report_rows_hide_default_params_and_plot_tunability(tmp_path):
+def test_report_rows_hide_default_params():
     from refusal.report import flat_row
-    from refusal.report.plots import plot_tunability
 
     flip = flat_row({"model": "m", "intervention": "inlp_flip",
                      "params": {"k": 4, "alpha": 0.5, "target": "harmless", "center": "midpoint", "layer": None}})
     assert flip["params"] == "k=4, alpha=0.5" and flip["params/k"] == 4 and flip["params/alpha"] == 0.5
     assert flat_row({"intervention": "inlp_flip", "params": {"target": "harmful"}})["params"] == "target=harmful"
-    rows = [{key: v for key, v in {"model": "m", "intervention": name, "params": "-", "params/k": k, "params/alpha": a,
-                                   "params/coeff": c, "harmless/perplexity": ppl, "harmful/refusal_rate": rate}.items()
-             if v is not None}
-            for name, k, a, c, ppl, rate in [
-                ("none", None, None, None, 5.0, 0.9), ("dim_ablation", None, None, None, 5.5, 0.1),
-                ("actadd", None, None, -1.0, 6.0, 0.2), ("inlp_nullspace", 1, None, None, 5.1, 0.8),
-                ("inlp_nullspace", 4, None, None, 5.3, 0.5), ("inlp_flip", 1, 1.0, None, 5.2, 0.7),
-                ("inlp_flip", 4, 1.0, None, 5.8, 0.3), ("inlp_flip", 4, 0.5, None, 5.4, 0.6)]]
-    path = plot_tunability(rows, tmp_path / "tune.png")
-    assert path.stat().st_size > 20_000
 
 
 def test_compare_experiment_runs_the_five_rows_with_one_model_load(tmp_path):

@@ -139,7 +139,7 @@ def test_quality_beside_the_refusal_rate_in_results_rows_and_report(compose, tmp
 
 
 @pytest.mark.parametrize("override, message", [
-    ("eval.quality=yes", r"eval.quality='yes' must be true or false"),
+    ("eval.quality=maybe", r"eval.quality='maybe' must be true or false"),
     ("eval.quality_judge.batch_size=0", r"eval.quality_judge.batch_size=0 must be an integer >= 1"),
     ("eval.quality_judge.model=nonesuch", r"judge model='nonesuch' is not a model config; use one of"),
 ])

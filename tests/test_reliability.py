@@ -330,8 +330,10 @@ def test_string_trust_remote_code_is_a_config_error(compose):
     from refusal.config import check_config
     from refusal.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="model.trust_remote_code='yes' must be true or false"):
-        check_config(compose("model.trust_remote_code=yes"))
+    for value in ("yes", "on", "true", "1"):  # OmegaConf would read yes/on as true: this key is checked strictly
+        with pytest.raises(ConfigError, match=f"model.trust_remote_code='{value}' must be true or false"):
+            check_config(compose(f"model.trust_remote_code='{value}'"))
+    check_config(compose("model.trust_remote_code=false"))
     for model in sorted((REPO / "conf" / "model").glob("*.yaml")):  # every shipped model config: false
         assert yaml.safe_load(model.read_text()).get("trust_remote_code") is False, model.name
 

@@ -64,12 +64,10 @@ def read_prompt_file(path: Path) -> list[str]:
 def compose(model: str, n_test: int, splits: Path = SPLITS_DIR, overrides: Sequence[str] = ()) -> Any:
     """The project's Hydra config as the study composes it (``data=refusal_direction``, its seed and sizes;
     a missing splits folder is the project loader's DataError, when the prompts are read)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from refusal.schema import compose as compose_config
 
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return hydra_compose("config", overrides=[f"model={model}", "data=refusal_direction", f"data.dir={splits}",
-                                                  f"data.n_test={n_test}", "logger=none", *overrides])
+    return compose_config(REPO / "conf", [f"model={model}", "data=refusal_direction", f"data.dir={splits}",
+                                          f"data.n_test={n_test}", "logger=none", *overrides])
 
 
 def model_folder(cfg: Any) -> Path:

@@ -19,9 +19,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+from refusal import schema
 from refusal.config import intervention_config, plugin_dirs
 from refusal.context import RunContext, prepare
 from refusal.fits import fit_for
@@ -37,9 +37,9 @@ __all__ = ["RunContext", "build_intervention", "compose_config", "fit", "generat
 
 def compose_config(*overrides: str, config_dir: str | Path = CONF_DIR) -> DictConfig:
     """The run's Hydra config from command-line style overrides (``"model=tiny"``, ``"intervention.k=4"``),
-    composed from ``conf/`` exactly as ``evaluate.py`` composes it."""
-    with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
+    composed from ``conf/`` exactly as ``evaluate.py`` composes it (schemas included: a value of the wrong
+    type is a :class:`~refusal.errors.ConfigError` here)."""
+    return schema.compose(config_dir, overrides)
 
 
 def load(*overrides: str, cfg: DictConfig | None = None) -> RunContext:

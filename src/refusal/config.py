@@ -6,17 +6,15 @@ import difflib
 import importlib.util
 import re
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from refusal.capability.tasks import check_capability, configured_tasks
-from refusal.checks import check_count, check_flag, check_int, check_number
+from refusal.checks import check_number
 from refusal.constraints import parse_constraints
 from refusal.errors import ConfigError
-from refusal.fitting.cosmic import CosmicConfig
-from refusal.fitting.dim import SelectionConfig
 from refusal.fitting.inlp import INLPConfig
 from refusal.fitting.leace import INSTALL_HINT
 from refusal.interventions import get_intervention
@@ -26,9 +24,7 @@ from refusal.judges import judge_names
 from refusal.judges.quality import QualityScorer
 from refusal.models.loader import check_placement
 from refusal.paths import CONF_DIR, PLUGINS_DIR
-
-#: The names these checks had here before they moved to refusal.checks, for code written against them.
-_int, _number, _count, _flag = check_int, check_number, check_count, check_flag
+from refusal.schema import check_schema
 
 
 @dataclass(frozen=True)
@@ -39,38 +35,29 @@ class LayerSpec:
     tag: str  # names the artifact: auto, L14_P-1, ...
 
 
-def check_seed(cfg: Any) -> int:
-    """The top-level ``seed``, checked before anything reads it (data.seed and fit.inlp.seed copy it)."""
-    seed = cfg.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ConfigError(f"seed={seed!r} must be an integer, e.g. seed=0")
-    return seed
-
-
 def resolve_layer_spec(layer_cfg: Any, n_layers: int | None, n_positions: int | None = None) -> LayerSpec:
-    """Turn ``layer=auto|fixed|relative`` into a concrete spec, checking ranges when sizes are known."""
+    """Turn ``layer=auto|fixed|relative`` into a concrete spec, checking the layer and position against the
+    model when its sizes are known (types and ranges: the layer schemas, :mod:`refusal.schema`)."""
     mode = layer_cfg.get("mode")
     if mode == "auto":
         return LayerSpec("auto", None, None, "auto")
     if mode == "cosmic":
-        CosmicConfig.from_layer_cfg(layer_cfg)
         return LayerSpec("cosmic", None, None, "cosmic")
     if mode not in ("fixed", "relative"):
         raise ConfigError(f"layer.mode={mode!r}; use layer=auto, layer=cosmic, layer=fixed or layer=relative")
-    position = check_int(layer_cfg.get("position", -1), "layer.position")
-    if position >= 0:
-        raise ConfigError(f"layer.position={position} must be negative (an offset from the end of the prompt, -1 = last)")
+    position = layer_cfg.get("position", -1)
     if n_positions is not None and position < -n_positions:
         raise ConfigError(
             f"layer.position={position} is out of range: this model's chat template has {n_positions} "
             f"post-instruction tokens, so use -1..-{n_positions}"
         )
     if mode == "fixed":
-        index = check_int(layer_cfg.get("index"), "layer.index")
+        index = layer_cfg.get("index")
+        if index is None:
+            raise ConfigError("layer=fixed needs layer.index (the block whose input the direction is read at), "
+                              "e.g. layer.index=14")
     else:
-        fraction = check_number(layer_cfg.get("fraction"), "layer.fraction")
-        if not 0.0 <= fraction <= 1.0:
-            raise ConfigError(f"layer.fraction={fraction} must be within [0, 1]")
+        fraction = layer_cfg.get("fraction")
         if n_layers is None:
             return LayerSpec("relative", None, position, f"rel{fraction:g}_P{position}")
         index = min(n_layers - 1, int(round(fraction * (n_layers - 1))))
@@ -123,42 +110,13 @@ def _check_model(model: Any) -> None:
     gguf = model.get("gguf")
     if gguf is not None and gguf.get("filename") is not None:
         _check_safe_name(gguf.get("filename"), "model.gguf.filename")
-    if "batch_size" in model:
-        check_count(model["batch_size"], "model.batch_size", "rows per forward pass", 16)
-    trust = model.get("trust_remote_code", False)
-    if not isinstance(trust, bool):
-        raise ConfigError(f"model.trust_remote_code={trust!r} must be true or false (a boolean, not a string)")
-
     check_placement(OmegaConf.to_container(model, resolve=True) if isinstance(model, DictConfig) else dict(model))
 
 
 def split_inlp_settings(icfg: Any) -> tuple[str, bool, dict[str, Any]]:
     """``fit.inlp`` as (positions, per_layer, the INLPConfig fields): what selects data and what fits."""
     options = OmegaConf.to_container(icfg, resolve=True) if isinstance(icfg, DictConfig) else dict(icfg)
-    positions = options.pop("positions", "all")
-    if positions not in ("all", "selected"):
-        raise ConfigError(f"fit.inlp.positions={positions!r} must be 'all' or 'selected'")
-    per_layer = options.pop("per_layer", False)
-    if not isinstance(per_layer, bool):
-        raise ConfigError(f"fit.inlp.per_layer={per_layer!r} must be true or false")
-    return positions, per_layer, options
-
-
-def _check_inlp(icfg: Any) -> None:
-    check_count(icfg.n_iterations, "fit.inlp.n_iterations", "a cap on the directions INLP fits", 300)
-    epsilon = check_number(icfg.epsilon, "fit.inlp.epsilon")
-    if not 0 <= epsilon < 0.5:
-        raise ConfigError(f"fit.inlp.epsilon={epsilon:g} must be within [0, 0.5): INLP stops once held-out accuracy "
-                          "is within epsilon of chance, which a negative epsilon may never allow (it runs to the "
-                          "n_iterations cap) and 0.5 or more always does (one direction); e.g. fit.inlp.epsilon=0.02")
-    if "seed" in icfg:
-        check_int(icfg.seed, "fit.inlp.seed")
-    _, _, options = split_inlp_settings(icfg)
-    try:
-        INLPConfig(**options).validate()
-    except TypeError as err:  # an unknown key
-        fields = sorted(INLPConfig.__dataclass_fields__)
-        raise ConfigError(f"fit.inlp has an unknown key ({err}); valid keys: positions, per_layer, {', '.join(fields)}") from None
+    return options.pop("positions", "all"), options.pop("per_layer", False), options
 
 
 #: Keys every intervention takes (what it is, and where it acts), declared or not.
@@ -204,8 +162,10 @@ def plugin_dirs(cfg: DictConfig) -> list[str]:
 
 
 def check_config(cfg: DictConfig, bundle: Any = None) -> None:
-    """Validate everything checkable; with ``bundle``, also check declared sizes against the real model."""
-    check_seed(cfg)
+    """Validate everything checkable; with ``bundle``, also check declared sizes against the real model. Types
+    were checked when Hydra composed ``cfg``; ranges, choices and keys added with ``+`` by the schemas
+    (:mod:`refusal.schema`) first; what follows are rules over several fields or against the model."""
+    check_schema(cfg)
     n_layers = cfg.model.get("n_layers")
     n_positions = None
     if bundle is not None:
@@ -217,59 +177,18 @@ def check_config(cfg: DictConfig, bundle: Any = None) -> None:
     _check_model(cfg.model)
     resolve_layer_spec(cfg.layer, n_layers, n_positions)
     _check_intervention(cfg, n_layers)
-    _check_fit(cfg.fit)
+    _, _, options = split_inlp_settings(cfg.fit.inlp)
+    INLPConfig(**options).validate()  # the fitter's own ranges (l2, lr, ...), before any model loads
     if "eval" in cfg:
         _check_eval(cfg.eval)
 
 
-def _check_dim(dim: Any) -> None:
-    valid = sorted(f.name for f in fields(SelectionConfig))
-    unknown = sorted(set(dim) - set(valid))
-    for key in unknown:  # fit_dim builds SelectionConfig(**fit.dim): an unknown key would fail after the model loads
-        if key in ("filter_train", "filter_val"):
-            raise ConfigError(f"fit.dim.{key} is not a fit.dim key: the switch is fit.{key} (it filters the prompts of "
-                              f"every fit, not only DiM's); write fit.{key}={str(dim[key]).lower()}")
-        raise ConfigError(f"fit.dim has an unknown key {key!r}; valid keys: {', '.join(valid)}")
-    for key in ("max_kl", "min_induce", "prune_last_fraction"):
-        check_number(dim[key], f"fit.dim.{key}")
-    if dim.max_kl < 0:
-        raise ConfigError(f"fit.dim.max_kl={dim.max_kl:g} must be >= 0 (the KL a candidate's ablation may move "
-                          "harmless next-token distributions), e.g. fit.dim.max_kl=0.1")
-    if not 0 <= dim.prune_last_fraction < 1:
-        raise ConfigError("fit.dim.prune_last_fraction must be within [0, 1)")
-    if dim.positions not in ("all", "last"):
-        raise ConfigError(f"fit.dim.positions={dim.positions!r} must be 'all' or 'last'")
-    if dim.get("induce_rule", "relative") not in ("relative", "absolute"):
-        raise ConfigError(f"fit.dim.induce_rule={dim.induce_rule!r} must be 'relative' (induce over the unsteered "
-                          "harmless score) or 'absolute' (Arditi et al.: induce > min_induce)")
-    check_count(dim.shortlist, "fit.dim.shortlist", "0 = no shortlist, N = the best N layers", 2, least=0)
-    if dim.get("n_prompts") is not None and check_int(dim.n_prompts, "fit.dim.n_prompts") < 1:
-        raise ConfigError("fit.dim.n_prompts must be >= 1 (or null for the whole val split)")
-    check_count(dim.get("batch_size", 32), "fit.dim.batch_size", "rows per scoring forward pass", 32)
-    if "share_prefix" in dim:
-        check_flag(dim.share_prefix, "fit.dim.share_prefix")
-
-
-def _check_fit(fit: Any) -> None:
-    _check_dim(fit.dim)
-    _check_inlp(fit.inlp)
-    for key in ("filter_train", "filter_val"):
-        if key in fit:
-            check_flag(fit[key], f"fit.{key}")
-
-
 def _check_eval(ecfg: Any) -> None:
-    if check_int(ecfg.max_new_tokens, "eval.max_new_tokens") < 1:
-        raise ConfigError("eval.max_new_tokens must be >= 1")
-    check_count(ecfg.batch_size, "eval.batch_size", "rows per generation batch", 16)
-
     judge_names(ecfg)
     if ecfg.get("capability") is not None:
         check_capability(ecfg.capability)
-    if ecfg.get("quality") is not None:
-        check_flag(ecfg.quality, "eval.quality")
-        if ecfg.quality:
-            QualityScorer.check(ecfg.get("quality_judge") or {})
+    if ecfg.get("quality"):
+        QualityScorer.check(ecfg.get("quality_judge") or {})
     tasks = configured_tasks(ecfg)
     for c in parse_constraints(ecfg.get("constraints")):
         if c.key.startswith("capability/") and c.key.split("/")[1] not in tasks:

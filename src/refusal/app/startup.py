@@ -12,7 +12,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from hydra import initialize_config_dir
 from hydra._internal.utils import get_args_parser
 from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
@@ -25,6 +24,7 @@ from omegaconf import OmegaConf
 from refusal.errors import ConfigError, RefusalError
 from refusal.interventions.registry import INTERVENTIONS, available
 from refusal.paths import PLUGINS_DIR
+from refusal.schema import config_dir, register, type_error
 
 log = logging.getLogger("refusal")
 
@@ -107,7 +107,7 @@ CLUSTER_EXTRA = ("pip install -e '.[cluster]' adds " + ", ".join(
 
 def installed_options(group: str, conf_dir: Path) -> list[str]:
     """The options Hydra offers for ``group`` (``hydra/sweeper``...) here: its own and installed plugins'."""
-    with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+    with config_dir(conf_dir):
         return sorted(GlobalHydra.instance().config_loader().get_group_options(group))
 
 
@@ -174,22 +174,23 @@ def _hydra_args(argv: list[str]) -> Any:
         return None
 
 
-def _compose(conf_dir: Path, config_name: str, overrides: list[str], multirun: bool) -> tuple[Any, str | None]:
+def _compose(conf_dir: Path, config_name: str, overrides: list[str], multirun: bool,
+             ) -> tuple[Any, HydraException | None]:
     """The config Hydra composes for ``overrides`` (a multirun's first, with sweeps left for the jobs), or
-    the message of Hydra's composition error."""
-    with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+    Hydra's composition error."""
+    with config_dir(conf_dir):
         loader = GlobalHydra.instance().config_loader()
         try:
             mode = RunMode.MULTIRUN if multirun else RunMode.RUN
             return loader.load_configuration(config_name, overrides, run_mode=mode, validate_sweep_overrides=False), None
         except HydraException as err:
-            return None, str(err)
+            return None, err
 
 
-def _not_a_key(message: str | None, lines: list[str], choices: dict[str, str], swept: dict[str, list[str]], where: str,
+def _not_a_key(error: HydraException | None, lines: list[str], choices: dict[str, str], swept: dict[str, list[str]], where: str,
                ) -> RefusalError | None:
     """Hydra's 'Could not override intervention.k ... use +' for a key of a swept group as one line naming ``++``."""
-    match = _NOT_A_KEY.match(message or "")
+    match = _NOT_A_KEY.match(str(error or ""))
     if match is None or match["group"] not in swept:
         return None
     key, group = match["key"], match["group"]
@@ -225,7 +226,7 @@ def check_multirun_overrides(argv: list[str], conf_dir: Path) -> None:
     except Exception:  # noqa: BLE001  (Hydra says what is wrong with it)
         return
     cfg, error = _compose(conf_dir, name, lines, multirun=True)
-    failing = _NOT_A_KEY.match(error or "")
+    failing = _NOT_A_KEY.match(str(error or ""))
     if failing is not None:  # the same without the override Hydra rejects: which option, which sweeps
         cfg, _ = _compose(conf_dir, name, [x for x in lines if x.lstrip("+~").split("=", 1)[0] != failing["key"]], True)
     if cfg is None or not (args.multirun or cfg.hydra.mode == RunMode.MULTIRUN):
@@ -264,12 +265,29 @@ def _check_each_option(conf_dir: Path, name: str, parsed: list[Any], swept: dict
                 raise hint
 
 
+def check_types(argv: list[str], conf_dir: Path) -> None:
+    """A value of the wrong type for its schema (:mod:`refusal.schema`), e.g. ``eval.batch_size=abc``, as one
+    line naming the key, the type and an example, before Hydra starts (Hydra's own message is three lines
+    and a hint about HYDRA_FULL_ERROR). Every other composition error is left to Hydra's message."""
+    args = _hydra_args(argv)
+    if args is None or args.config_dir or args.config_path or args.cfg or args.info or args.shell_completion \
+            or args.help or args.hydra_help or args.experimental_rerun or "--version" in argv:
+        return
+    _, error = _compose(conf_dir, args.config_name or "config", list(args.overrides), multirun=args.multirun)
+    typed = type_error(error) if error is not None else None
+    if typed is not None:
+        raise typed
+
+
 def entry_point(main: Callable[[], Any], conf_dir: Path) -> None:
-    """Run a Hydra ``main`` after registering plugin configs; a broken plugin, a launcher or sweeper that is
-    not installed, or a multirun override of a key only some swept options have is one ``error:`` line."""
+    """Run a Hydra ``main`` after registering plugin configs and the schemas; a broken plugin, a launcher or
+    sweeper that is not installed, a value of the wrong type, or a multirun override of a key only some swept
+    options have is one ``error:`` line."""
+    register()
     try:
         check_hydra_plugins(sys.argv[1:], conf_dir)
         register_plugin_configs(sys.argv[1:], conf_dir)
+        check_types(sys.argv[1:], conf_dir)
         check_multirun_overrides(sys.argv[1:], conf_dir)
     except RefusalError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -10,7 +10,6 @@ from typing import Any
 import lightning
 from omegaconf import DictConfig
 
-from refusal.config import check_seed
 from refusal.context import prepare
 from refusal.fits import fit, summary
 from refusal.geometry.plots import plot_capture
@@ -21,7 +20,7 @@ log = logging.getLogger(__name__)
 def run_training(cfg: DictConfig, needs: set[str] | None = None, output_dir: Path | None = None) -> dict[str, Any]:
     """Fit, summarise (fitted.json's content) and, with ``output_dir``, plot INLP's capture of the DiM difference."""
     t0 = time.perf_counter()
-    lightning.seed_everything(check_seed(cfg), verbose=False)
+    lightning.seed_everything(cfg.seed, verbose=False)
     ctx = prepare(cfg)
     fitted = fit(ctx, needs)
     out = dict(summary(ctx, fitted))

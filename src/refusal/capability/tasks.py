@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from refusal.checks import check_count
 from refusal.errors import ConfigError, DataError
 
 MMLU_SUBJECTS = (
@@ -88,10 +87,8 @@ def configured_tasks(ecfg: Any) -> list[str]:
 
 
 def check_capability(ccfg: Any) -> None:
-    """``eval.capability``: known tasks and subjects (checked before the model loads), sane counts."""
-    for key in ("tasks", "mmlu_subjects"):
-        if isinstance(ccfg.get(key), str):
-            raise ConfigError(f"eval.capability.{key}={ccfg.get(key)!r} must be a list, e.g. eval.capability.{key}=[{ccfg.get(key)}]")
+    """``eval.capability``: known tasks and subjects, checked before the model loads (types and counts: the
+    schema, :class:`refusal.schema.CapabilitySchema`)."""
     tasks = list(ccfg.get("tasks") or [])
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
@@ -109,12 +106,6 @@ def check_capability(ccfg: Any) -> None:
         except ImportError as err:
             raise ConfigError("eval.capability.tasks has mmlu, whose files are Arrow streams: install pyarrow "
                               "(pip install -e '.[capability]', or pip install pyarrow)") from err
-    check_count(ccfg.mmlu_per_subject, "eval.capability.mmlu_per_subject", "MMLU test questions per subject", 4)
-    if ccfg.get("n") is not None:
-        check_count(ccfg.n, "eval.capability.n", "items of every other task, null = all", 100)
-    check_count(ccfg.batch_size, "eval.capability.batch_size", "rows per scoring forward pass", 16)
-    if isinstance(ccfg.seed, bool) or not isinstance(ccfg.seed, int):
-        raise ConfigError(f"eval.capability.seed={ccfg.seed!r} must be an integer, e.g. eval.capability.seed=0")
 
 
 def members_for(tasks: Iterable[str], subjects: Sequence[str] | None) -> list[str]:

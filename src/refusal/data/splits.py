@@ -74,7 +74,7 @@ def load_splits(cfg: Mapping[str, Any]) -> InstructionSplits:
     if name not in DATA_SOURCES:
         what = "is missing" if name is None else f"is {name!r}"
         raise DataError(f"data.name {what}; set data.name (or data=...) to one of {list(DATA_SOURCES)}")
-    seed = _seed(cfg)
+    seed = cfg.get("seed", 0)
     requested = _requested_sizes(cfg)
     raw = LOADERS[name](cfg)
     pools = _clean(raw.harmful, raw.harmless)
@@ -88,23 +88,10 @@ def load_splits(cfg: Mapping[str, Any]) -> InstructionSplits:
     return InstructionSplits(source=raw.source, **out)
 
 
-def _seed(cfg: Mapping[str, Any]) -> int:
-    seed = cfg.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise DataError(f"data.seed must be an integer, got {seed!r}; set data.seed=0 (or any int)")
-    return seed
-
-
 def _requested_sizes(cfg: Mapping[str, Any]) -> tuple[int | None, int | None, int | None]:
-    values = []
-    for key in SIZE_KEYS:
-        value = cfg.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-            raise DataError(
-                f"data.{key} must be a positive integer or null, got {value!r}; set data.{key} to e.g. 32 "
-                "(null takes every instruction left after the other splits)"
-            )
-        values.append(value)
+    """The three split sizes (each a positive integer or null: the schema, :class:`refusal.schema.DataSchema`);
+    at most one may be null."""
+    values = [cfg.get(key) for key in SIZE_KEYS]
     nulls = [f"data.{k}" for k, v in zip(SIZE_KEYS, values, strict=True) if v is None]
     if len(nulls) > 1:
         raise DataError(

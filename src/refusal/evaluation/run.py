@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 
 from refusal.artifacts import atomic_write_json
 from refusal.capability import enabled, load_benchmarks
-from refusal.config import check_seed, intervention_config, plugin_dirs
+from refusal.config import intervention_config, plugin_dirs
 from refusal.context import RunContext, prepare
 from refusal.evaluation.judging import generate_and_judge
 from refusal.evaluation.records import (
@@ -124,8 +124,8 @@ def run_evaluation(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     output_dir = Path(output_dir)
     t0 = time.perf_counter()
     tracker = None
-    try:  # a bad seed or logger is this job's failure too: recorded, so a multirun's report lists it
-        lightning.seed_everything(check_seed(cfg), verbose=False)
+    try:  # a bad logger or config is this job's failure too: recorded, so a multirun's report lists it
+        lightning.seed_everything(cfg.seed, verbose=False)
         tracker = make_tracker(cfg, output_dir)
         ctx = prepare(cfg)
         results = evaluate_context(ctx, output_dir, tracker)

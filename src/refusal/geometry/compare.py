@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from hydra import compose, initialize_config_dir
+from hydra import compose
 from hydra.errors import HydraException
 from omegaconf import DictConfig
 
@@ -32,6 +32,8 @@ from refusal.geometry.plots import plot_capture, plot_landing
 from refusal.geometry.stats import LANDING_THRESHOLDS, format_table
 from refusal.interventions import get_intervention
 from refusal.paths import CONF_DIR
+from refusal.schema import config_dir as config_dir_of
+from refusal.schema import type_error
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +70,13 @@ def compose_configs(specs: list[InterventionSpec], overrides: list[str], config_
         raise ConfigError(f"no conf/config.yaml in {config_dir}: run from a checkout of refusal or pass --config-dir")
 
     configs = {}
-    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+    with config_dir_of(config_dir):
         for spec in specs:
             try:
                 configs[spec] = compose("config", overrides=[*overrides, *spec.overrides()])
             except HydraException as err:
+                if (typed := type_error(err)) is not None:
+                    raise ConfigError(f"{spec.label}: {typed}") from err
                 known = sorted(p.stem for p in (config_dir / "intervention").glob("*.yaml"))
                 raise ConfigError(f"{spec.label}: {str(err).splitlines()[0]} (interventions with a config: "
                                   f"{', '.join(known)}; check the Hydra overrides too)") from err

@@ -48,14 +48,6 @@ def judge_names(ecfg: Any) -> list[str]:
     return names
 
 
-def _check_batch_size(name: str, jcfg: dict[str, Any]) -> None:
-    """A judge model's batch of 0 would fail only after every completion was generated."""
-    size = jcfg.get("batch_size", 1)
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise ConfigError(f"judge.{name}.batch_size={size!r} must be an integer >= 1 (rows per judge forward pass), "
-                          f"e.g. judge.{name}.batch_size=8")
-
-
 def judge_configs(cfg: DictConfig, plugin_dirs: list[str | Path]) -> dict[str, dict[str, Any]]:
     """``eval.judges`` resolved: label -> judge config (with ``type``), each checked; no model loads."""
     names = judge_names(cfg.eval)
@@ -70,7 +62,6 @@ def judge_configs(cfg: DictConfig, plugin_dirs: list[str | Path]) -> dict[str, d
             cls = get_judge(kind, plugin_dirs)
         except ConfigError as err:
             raise ConfigError(f"eval.judges: {err}; configured judges (conf/judge): {', '.join(sorted(defined))}") from None
-        _check_batch_size(name, jcfg)
         cls.check({**jcfg, "label": name})
         out[name] = {**jcfg, "type": kind}
     return out

@@ -61,7 +61,9 @@ def judge_model_config(value: Any) -> dict[str, Any]:
     if not isinstance(value, str) or not path.is_file():
         options = sorted(p.stem for p in (conf_dir() / "model").glob("*.yaml"))
         raise ConfigError(f"judge model={value!r} is not a model config; use one of {', '.join(options)} or a mapping")
-    return yaml.safe_load(path.read_text())
+    cfg = yaml.safe_load(path.read_text())
+    cfg.pop("defaults", None)  # the schema's entry (refusal.schema), for Hydra only
+    return cfg
 
 
 def check_model_available(model_cfg: Mapping[str, Any], what: str) -> None:

@@ -117,10 +117,7 @@ class QualityScorer:
 
     @classmethod
     def check(cls, cfg: Mapping[str, Any]) -> None:
-        """Before any model loads: the judge model exists and is available, the batch size is a count."""
-        size = cfg.get("batch_size", 8)
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise ConfigError(f"eval.quality_judge.batch_size={size!r} must be an integer >= 1, e.g. eval.quality_judge.batch_size=8")
+        """Before any model loads: the judge model exists and is available (its batch size: the schema)."""
         check_model_available(judge_model_config(cfg.get("model", "qwen15")), "eval.quality")
 
     @property

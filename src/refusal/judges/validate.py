@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
@@ -23,14 +22,14 @@ from refusal.judges import build_judges, get_judge, judge_configs
 from refusal.judges.accuracy import judge_accuracy
 from refusal.judges.labelled import GOLD_LABELS, read_labelled
 from refusal.paths import conf_dir
+from refusal.schema import compose
 
 
 def _config(names: Sequence[str] | None, overrides: Sequence[str], plugin_dirs: list[str | Path]):
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        try:
-            cfg = compose("config", overrides=list(overrides))
-        except HydraException as err:
-            raise ConfigError(f"{str(err).splitlines()[0]}; check the overrides") from err
+    try:
+        cfg = compose(conf_dir(), overrides)
+    except HydraException as err:
+        raise ConfigError(f"{str(err).splitlines()[0]}; check the overrides") from err
     if names is None:  # the configured judges that load no model
         defined = OmegaConf.to_container(cfg.get("judge") or {}, resolve=True)
         names = [n for n, j in defined.items() if not get_judge(j.get("type", n), plugin_dirs).loads_model]

@@ -1,0 +1,129 @@
+"""The study runner: each step an ordinary ``train.py`` / ``evaluate.py`` / ``python -m refusal.geometry``
+command, skipped when its output exists (so an interrupted study resumes), stamped and timed."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from refusal.artifacts import atomic_write_text
+
+from .plan import (
+    CAPABILITY_TASKS,
+    CONTROLS,
+    GEOMETRY_SPECS,
+    HELDOUT_ROWS,
+    LEGACY_K,
+    METHODS,
+    NO_GEOMETRY,
+    NO_OVERREFUSAL,
+    REPO,
+    swept,
+)
+
+
+class Study:
+    def __init__(self, root: Path, common: list[str]) -> None:
+        self.root, self.common = root, common
+
+    def run(self, argv: list[str], log: Path, done: Path) -> bool:
+        """Run one step unless ``done`` exists; output goes to ``log``; returns success."""
+        shown = " ".join(shlex.quote(a) for a in ["python", *argv])
+        stamp = log.with_suffix(".command")
+        if done.exists():
+            if stamp.exists() and stamp.read_text().strip() == shown:
+                print(f"skip (done): {shown}")
+                return True
+            raise SystemExit(f"{done} was made by another command (see {stamp}); delete {done.parent} "
+                             "to redo it with these settings, or pass another --root")
+        print(f"run: {shown}", flush=True)
+        log.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(stamp, shown + "\n")
+        t0 = time.perf_counter()
+        env = {**os.environ, "WANDB_MODE": "offline", "TOKENIZERS_PARALLELISM": "false"}
+        with log.open("w") as fh:
+            rc = subprocess.call([sys.executable, *argv], cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, env=env)
+        took = time.perf_counter() - t0
+        model, *step = log.relative_to(self.root).parts
+        timings = self.root / model / "timings.json"  # one file per model: studies of two models may run at once
+        saved = json.loads(timings.read_text()) if timings.exists() else {}
+        saved["/".join(step)] = round(took, 1)
+        atomic_write_text(timings, json.dumps(saved, indent=2) + "\n")
+        print(f"  {'ok' if rc == 0 else f'FAILED (exit {rc}), see {log}'} in {took / 60:.1f} min", flush=True)
+        return rc == 0
+
+    def sweep(self, out: Path, name: str, args: list[str], overrides: list[str]) -> None:
+        self.run(["evaluate.py", "-m", *args, *overrides, f"hydra.sweep.dir={out / name}"],
+                 out / f"{name}.log", out / name / "report.csv")
+
+    def model(self, model: str, steps: list[str], opts: argparse.Namespace) -> None:
+        out = self.root / model
+        args = [f"model={model}", *self.common]
+        if not self.run(["train.py", *args, f"hydra.run.dir={out / 'train'}"], out / "train.log", out / "train" / "fitted.json"):
+            return
+        rank = int(json.loads((out / "train" / "fitted.json").read_text())["inlp_rank"])
+        if "main" in steps:
+            self.sweep(out, "main", args, ["intervention=none,dim_ablation,inlp_nullspace,inlp_flip"])
+        if "actadd" in steps:
+            self.sweep(out, "actadd", args, ["intervention=actadd", "intervention.coeff=-1.0,1.0"])
+        ks = [k for k in opts.ks if k < rank]
+        if "k" in steps and ks:
+            self.sweep(out, "k", args, [swept("intervention", opts.k_interventions), swept("intervention.k", ks), NO_GEOMETRY,
+                                        NO_OVERREFUSAL])
+        if "alpha" in steps and opts.alphas:
+            self.sweep(out, "alpha", args, ["intervention=inlp_flip", swept("intervention.alpha", opts.alphas), NO_GEOMETRY,
+                                            NO_OVERREFUSAL])
+        if "controls" in steps:
+            for name in opts.controls:
+                overrides = [o.format(rank=rank) for o in CONTROLS[name]]
+                run_dir = out / "controls" / name
+                self.run(["evaluate.py", *args, *overrides, f"hydra.run.dir={run_dir}"], out / "controls" / f"{name}.log",
+                         run_dir / "results.json")
+        if "numerics" in steps and model in opts.token_models and opts.matmul != "float32":
+            # the products' precision checked at the study's own sizes: the main rows again in float32 (refitted
+            # under float32, as a float32 study would be), paired prompt by prompt with the main rows
+            self.sweep(out, "numerics", [a for a in args if not a.startswith("model.matmul=")],
+                       ["intervention=none,dim_ablation,inlp_nullspace,inlp_flip", "model.matmul=float32", NO_GEOMETRY])
+        if "tokens" in steps and model in opts.token_models:  # the length curve: one folder per budget, each resumable
+            for budget in opts.token_budgets:
+                self.sweep(out / "tokens", str(budget), [a for a in args if not a.startswith("eval.max_new_tokens=")],
+                           ["intervention=none,dim_ablation,inlp_nullspace,inlp_flip",  # the rows C1 and C2 compare
+                            f"eval.max_new_tokens={budget}", NO_OVERREFUSAL, NO_GEOMETRY])
+        if "leace" in steps:  # the third family: LEACE erasure and its flip, with their own geometry
+            self.sweep(out, "leace", args, ["intervention=leace_erase,leace_flip"])
+            self.run(["-m", "refusal.geometry", "--interventions", "none,leace_erase,leace_flip", "--out",
+                      str(out / "geometry_leace"), *args], out / "geometry_leace.log", out / "geometry_leace" / "geometry.json")
+            # control: the eraser fitted at the DiM position only (the default pools every post-instruction position)
+            self.run(["-m", "refusal.geometry", "--interventions", "none,leace_erase,leace_flip", "--out",
+                      str(out / "geometry_leace_selected"), *args, "fit.inlp.positions=selected"],
+                     out / "geometry_leace_selected.log", out / "geometry_leace_selected" / "geometry.json")
+        if "methods" in steps:  # one run each, resumable one by one (an RDO fit is minutes on a CPU)
+            for name, overrides in METHODS.items():
+                run_dir = out / "methods" / name
+                self.run(["evaluate.py", *args, *overrides, NO_GEOMETRY, f"hydra.run.dir={run_dir}"],
+                         out / "methods" / f"{name}.log", run_dir / "results.json")
+        if "capability" in steps:  # the main rows again with the benchmarks: generations and scores come from the cache
+            self.sweep(out, "capability", args, ["intervention=none,dim_ablation,inlp_nullspace,inlp_flip", NO_GEOMETRY,
+                                                 f"eval.capability.tasks={CAPABILITY_TASKS}"])
+        if "heldout" in steps:  # fitted on the splits as always; tested on HarmBench and the over-refusal set, two judges
+            n = opts.heldout_n
+            harmbench = f"eval.test_sets.harmbench={{source: pypi, benchmark: harmbench, n: {n}}}"
+            kept = [a for a in args if not a.startswith(("data.n_test=", "eval.test_sets.overrefusal.n=", "+eval.test_sets.harmbench="))]
+            self.sweep(out, "heldout", kept, [f"intervention={HELDOUT_ROWS}", f"data.n_test={n}", "eval.judges=[substring,model]",
+                                              f"+{harmbench}", f"eval.test_sets.overrefusal.n={n}", NO_GEOMETRY])
+        if "pareto" in steps and opts.pareto_trials:  # Optuna: INLP flip's k and α at the DiM layer, lean trials
+            self.sweep(out, "pareto", args, ["intervention=none,dim_ablation,actadd", "eval=trial"])  # the reference points
+            self.run(["evaluate.py", "experiment=pareto_inlp_flip", "intervention.layer=null",
+                      f"hydra.sweeper.n_trials={opts.pareto_trials}", *args, f"hydra.sweep.dir={out / 'pareto'}"],
+                     out / "pareto_search.log", out / "pareto" / "optimization_results.yaml")
+        if "geometry" in steps:
+            specs = ",".join(s for s in GEOMETRY_SPECS if not s.endswith(f"k={LEGACY_K}") or LEGACY_K < rank)
+            self.run(["-m", "refusal.geometry", "--interventions", specs, "--out", str(out / "geometry"), *args],
+                     out / "geometry.log", out / "geometry" / "geometry.json")
+

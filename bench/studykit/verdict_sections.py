@@ -1,0 +1,164 @@
+"""RESULTS sections that decide claims: the verdicts in plain words, the controls that swap one row, the
+length curve, the methods beyond one direction and the float32 check, each re-applying the written rules."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .plan import CURVE_ROWS, METHOD_CONTROLS
+from .plots import plot_length_curve
+from .runs import ModelRuns, pick
+from .verdict import C1_MARGIN, ClaimInputs, c1, c2, decide, paired
+
+PLAIN = {"holds": "holds", "does not hold": "does not hold", "inconclusive": "is not settled by this sample",
+         "not applicable": "has no premise here"}
+
+
+def reading(verdicts: dict[str, list[Any]], missing: dict[str, list[str]]) -> list[str]:
+    """The verdicts in plain words, and what is still open (written from the verdicts, never by hand)."""
+    out = ["**Reading.**"]
+    for model, found in verdicts.items():
+        said = "; ".join(f"{v.claim} ({CLAIMS_SHORT[v.claim]}) {PLAIN[v.verdict]}" for v in found)
+        out.append(f"- {model}: {said}.")
+    open_models = [m for m, steps in missing.items() if steps == ["every step"]]
+    unsettled = [f"{m} {v.claim}" for m, found in verdicts.items() for v in found if v.verdict == "inconclusive"]
+    if unsettled or open_models:
+        out.append("- Open: " + "; ".join(([f"{', '.join(unsettled)} (the steps they need are listed as not run above, "
+                                             "or their intervals straddle a margin)"] if unsettled else [])
+                                           + ([f"{', '.join(open_models)} not run yet"] if open_models else [])) + ".")
+    return out
+
+
+CLAIMS_SHORT = {"C1": "flip as strong as ablation", "C2": "nullspace weaker", "C3": "a few INLP directions suffice",
+                "C4": "nullspace between, flip opposite"}
+
+
+def controls_table(runs: dict[str, ModelRuns]) -> list[str]:
+    """C1/C2 with one row swapped for a control: which verdicts the controls change."""
+    swaps = [
+        ("C1", "ablation at the selected layer only (scope-matched)", "ablation", "dim_ablation_selected"),
+        ("C1", "flip at every layer (selected layer's subspace)", "flip", "flip_all"),
+        ("C1", "flip at every layer (per-layer INLP fits)", "flip", "flip_per_layer"),
+        ("C1", "flip α=2", "flip", "alpha=2.0"),
+        ("C1", "flip α=3", "flip", "alpha=3.0"),
+        ("C2", "nullspace at every layer (selected layer's subspace)", "nullspace", "nullspace_all"),
+        ("C2", "nullspace at every layer (per-layer INLP fits)", "nullspace", "nullspace_per_layer"),
+        ("C1", "flip only at the post-instruction tokens it was fitted on", "flip", "flip_fit_positions"),
+        ("C1", "flip fitted and centred at the DiM position, applied post-instruction", "flip", "flip_at_position"),
+        ("C2", "nullspace only at the post-instruction tokens it was fitted on", "nullspace", "nullspace_fit_positions"),
+        ("C2", "nullspace fitted and centred at the DiM position, applied post-instruction", "nullspace", "nullspace_at_position"),
+    ]
+    models = list(runs)
+    lines = ["| claim | control | " + " | ".join(models) + " |", "|---|---|" + "---|" * len(models)]
+    for claim, text, field, source in swaps:
+        cells = []
+        for model in models:
+            mr = runs[model]
+            inputs = mr.inputs()
+            row = (pick(mr.alpha, "inlp_flip", alpha=source.split("=")[1]) if source.startswith("alpha=")
+                   else mr.controls.get(source))
+            if inputs is None or row is None or "outcomes" not in row:
+                cells.append("not run")
+                continue
+            base = decide(inputs)[0 if claim == "C1" else 1].verdict
+            setattr(inputs, field, row)
+            v = (c1 if claim == "C1" else c2)(inputs)
+            cells.append(f"{'**' + v.verdict + '** (changed)' if v.verdict != base else v.verdict}: {v.evidence}")
+        lines.append(f"| {claim} | {text} | " + " | ".join(cells) + " |")
+    return lines
+
+
+
+
+def _rate(row: dict[str, Any] | None, column: str) -> str:
+    if not row or row.get(f"{column}/refusal_rate") is None:
+        return "-"
+    lo, hi = row[f"{column}/refusal_rate_ci95"]
+    return f"{row[f'{column}/refusal_rate']:.0%} [{100 * lo:.0f}–{100 * hi:.0f}]"
+
+
+def token_section(runs: dict[str, ModelRuns], main_budget: int, figures: Path) -> list[str]:
+    """The length curve: the main rows at every budget, and C1/C2 decided at each."""
+    out = []
+    for model, mr in runs.items():
+        if not mr.tokens:
+            continue
+        by_budget = {**mr.tokens, main_budget: mr.main}
+        budgets = sorted(by_budget)
+        lines = ["| intervention | " + " | ".join(f"{b} tokens" + (" (main)" if b == main_budget else "") for b in budgets) + " |",
+                 "|---|" + "---|" * len(budgets)]
+        for name in CURVE_ROWS:
+            lines.append(f"| {name} | " + " | ".join(_rate(pick(by_budget[b], name), mr.column) for b in budgets) + " |")
+        for claim, rule in (("C1", c1), ("C2", c2)):
+            cells = []
+            for b in budgets:
+                inputs = mr.inputs(rows=by_budget[b])
+                cells.append(rule(inputs).verdict if inputs else "-")
+            lines.append(f"| **{claim}** verdict | " + " | ".join(cells) + " |")
+        out += [f"**{model}** (refusal on `{mr.column}`, 95% Wilson intervals):", "", *lines, ""]
+    if out and (plot := plot_length_curve(runs, main_budget, figures / "length_curve.png")):
+        out += [f"![length curve](results/{plot.name})", ""]
+    return out
+
+
+def methods_section(runs: dict[str, ModelRuns]) -> list[str]:
+    """Methods beyond one direction, each paired against the baseline, DiM ablation and its random control."""
+    out = []
+    for model, mr in runs.items():
+        base, ablation = pick(mr.main, "none"), pick(mr.main, "dim_ablation")
+        if not (mr.methods and base and ablation and "outcomes" in base and "outcomes" in ablation):
+            continue
+        lines = ["| method | refusal | Δ vs baseline | Δ vs DiM ablation | Δ vs its random control | ppl ÷ baseline |",
+                 "|---|---|---|---|---|---|"]
+        for name in METHOD_CONTROLS:
+            row = mr.methods.get(name)
+            if not row or "outcomes" not in row:
+                continue
+            control = mr.methods.get(METHOD_CONTROLS[name]) or mr.controls.get(METHOD_CONTROLS[name])
+            vs_control = (f"{paired(row, control, name, mr.column).as_points()} ({METHOD_CONTROLS[name]})"
+                          if control and "outcomes" in control else "not run")
+            ppl = row.get("harmless/perplexity") / base["harmless/perplexity"] if row.get("harmless/perplexity") else float("nan")
+            lines.append(f"| {name} | {_rate(row, mr.column)} | {paired(row, base, name, mr.column).as_points()} | "
+                         f"{paired(row, ablation, name, mr.column).as_points()} | {vs_control} | {ppl:.3f} |")
+        second = [(k, mr.methods.get(f"multi_ablation_{k}")) for k in (2, 4)]
+        answers = []
+        for k, row in second:
+            if row and "outcomes" in row:
+                d = paired(row, ablation, f"multi k={k} − DiM ablation", mr.column)
+                word = ("suppresses more than DiM ablation alone" if d.hi < 0 else
+                        f"adds less than {C1_MARGIN:.0%} of refusal" if d.lo > -C1_MARGIN else "undecided at this n")
+                answers.append(f"k={k}: Δ {d.as_points()} pts → {word}")
+        question = ("Does a second direction add anything once the first is removed? " + "; ".join(answers) + "."
+                    if answers else "")
+        out += [f"**{model}** (refusal on `{mr.column}`; paired Δ in points with Newcombe 95% intervals). {question}", "",
+                *lines, ""]
+    return out
+
+
+
+def numerics_section(runs: dict[str, ModelRuns], matmul: str) -> list[str]:
+    """The main rows under float32 products beside the study's: paired differences and C1/C2 under each."""
+    out = []
+    for model, mr in runs.items():
+        if not mr.numerics:
+            continue
+        lines = [f"| intervention | {matmul} products | float32 products | Δ(float32 − {matmul}), paired |", "|---|---|---|---|"]
+        for name in CURVE_ROWS:
+            a, b = pick(mr.main, name), pick(mr.numerics, name)
+            if not (a and b and "outcomes" in a and "outcomes" in b):
+                continue
+            d = paired(b, a, f"{name} float32 − {matmul}", mr.column)
+            lines.append(f"| {name} | {_rate(a, mr.column)} | {_rate(b, mr.column)} | {d.as_points()} pts |")
+        rows = {name: pick(mr.numerics, name) for name in CURVE_ROWS}
+        verdicts = ""
+        if all(r and "outcomes" in r for r in rows.values()) and (ours := mr.inputs()):
+            exact = ClaimInputs(rows["none"], rows["dim_ablation"], rows["inlp_flip"], rows["inlp_nullspace"], ours.rank,
+                                column=mr.column)
+            verdicts = " Under float32: " + "; ".join(f"{v.claim} {v.verdict} (study: {w.verdict})"
+                                                     for v, w in ((c1(exact), c1(ours)), (c2(exact), c2(ours)))) + "."
+        out += [f"**{model}** (refusal on `{mr.column}`; the float32 runs refit DiM and INLP under float32).{verdicts}", "",
+                *lines, ""]
+    return out
+
+

@@ -1,0 +1,181 @@
+"""The study's report (bench/studykit): docs/RESULTS.md rendered from planted study folders, its sections
+and figures. Nothing is run."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+from refusal.errors import DataError
+from refusal.metrics import wilson_interval
+
+sys.path.insert(0, str(REPO / "bench"))  # the study's code lives in bench/studykit
+from studykit.plan import KS  # noqa: E402
+from studykit.plots import plot_tunability  # noqa: E402
+from studykit.render import render  # noqa: E402
+from studykit.runs import ModelRuns  # noqa: E402
+from studykit.sections import judges_section, primary_note  # noqa: E402
+from studykit.verdict import RULES, decide  # noqa: E402
+
+N = 40  # harmful (and harmless) test prompts of every planted run
+
+
+def write_run(folder, intervention: str, refused: int, ppl: float = 2.0, base: int = 30, **params) -> None:
+    """A run folder as evaluate.py writes it (results.json, completions.jsonl), with planted outcomes."""
+    folder.mkdir(parents=True)
+    harmful = [{"split": "harmful", "prompt": f"harmful {i}", "refused": i < refused, "baseline_refused": i < base}
+               for i in range(N)]
+    harmless = [{"split": "harmless", "prompt": f"harmless {i}", "refused": False, "baseline_refused": False,
+                 "nll": 5 * math.log(ppl), "tokens": 5, "kl_div": 0.0 if intervention == "none" else 0.01,
+                 "kl_div_completion": 0.0, "baseline_nll": 5 * math.log(2.0)} for i in range(N)]
+    (folder / "completions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in harmful + harmless))
+    (folder / "results.json").write_text(json.dumps({
+        "status": "ok", "model": folder.parts[-3], "intervention": intervention, "params": params, "intervention_layer": 10,
+        "metrics": {"harmful/refusal_rate": refused / N, "harmful/refusal_rate_ci95": list(wilson_interval(refused, N)),
+                    "harmless/refusal_rate": 0.0, "harmless/refusal_rate_ci95": [0.0, 0.1], "harmless/perplexity": ppl,
+                    "harmless/kl_div": 0.01, "n_harmful": N}}))
+
+
+def test_the_study_renders_its_verdict_from_the_records_it_writes(tmp_path):
+    """The study's render on planted study records: qwen05 where C1-C3 hold, qwen15 where ablation and
+    full-rank flip do not suppress (C1, C3 not applicable). Nothing is run."""
+    rank = 40
+    plans = {"qwen05": {"abl": 2, "flip": 1, "null": 25, "ks": {1: 28, 2: 25, 4: 20, 6: 10, 8: 6, 12: 1, 16: 1, 24: 1}},
+             "qwen15": {"abl": 29, "flip": 29, "null": 30, "ks": dict.fromkeys(KS, 30)}}
+    for model, plan in plans.items():
+        mdir = tmp_path / "study" / model
+        (mdir / "train").mkdir(parents=True)
+        (mdir / "train" / "fitted.json").write_text(json.dumps({"inlp_rank": rank, "layer": 10, "n_layers": 24, "position": -1}))
+        write_run(mdir / "main" / "0", "none", 30)
+        write_run(mdir / "main" / "1", "dim_ablation", plan["abl"])
+        write_run(mdir / "main" / "2", "inlp_flip", plan["flip"], k=rank)
+        write_run(mdir / "main" / "3", "inlp_nullspace", plan["null"], k=rank)
+        for i, (k, refused) in enumerate(plan["ks"].items()):
+            write_run(mdir / "k" / f"f{i}", "inlp_flip", refused, k=k)
+            write_run(mdir / "k" / f"n{i}", "inlp_nullspace", 30, k=k)
+    assert len([k for k in KS if k < 15]) + 1 >= 6  # the grid reaches C3's 6 values even at the smallest rank
+    meta = {"date": "2026-12-02", "hardware": "planted", "data": "planted records", "max_new_tokens": 24,
+            "token_budget": 128, "models": list(plans)}
+    text = render(tmp_path / "study", tmp_path / "docs", meta).read_text()
+    table = text[text.index("### Converged INLP"):].split("\n\n")[1].splitlines()
+    c1_row, c2_row, c3_row, c4_row = table[2:6]
+    assert c1_row.count("**holds**") == 1 and "**not applicable**" in c1_row and "ablation does not suppress" in c1_row
+    assert "**holds**" in c2_row
+    assert c3_row.count("**holds**") == 1 and "**not applicable**" in c3_row and "k=12: share 100% [100%, 100%]" in c3_row
+    assert c4_row.count("**inconclusive**") == 2  # no geometry step in these records
+    assert RULES in text  # the rules are written before the numbers
+    assert text.index("Rules (applied by") < text.index("### Converged INLP")
+    with pytest.raises(DataError, match="differ .* paired statistics need the same prompts"):  # a k run made on other prompts is refused
+        write_run(tmp_path / "study" / "qwen05" / "k" / "zz", "inlp_flip", 5, k=3)
+        rows = (tmp_path / "study" / "qwen05" / "k" / "zz" / "completions.jsonl")
+        rows.write_text(rows.read_text().replace('"harmful 0"', '"another prompt"'))
+        decide(ModelRuns(tmp_path / "study" / "qwen05").inputs())
+
+
+def test_the_study_renders_the_length_curve_with_a_verdict_per_budget(tmp_path):
+    """Planted main rows at 128 tokens and the same rows at 32 and 256: ablation suppresses only from 128 on,
+    so C1 is not applicable at 32 and holds at 128 and 256; the curve's plot is written."""
+    mdir = tmp_path / "study" / "qwen05"
+    (mdir / "train").mkdir(parents=True)
+    (mdir / "train" / "fitted.json").write_text(json.dumps({"inlp_rank": 40, "layer": 10, "n_layers": 24, "position": -1}))
+    for folder, abl in ((mdir / "main", 2), (mdir / "tokens" / "32", 30), (mdir / "tokens" / "256", 1), (mdir / "numerics", 4)):
+        for i, (name, refused) in enumerate((("none", 30), ("dim_ablation", abl), ("inlp_flip", 1), ("inlp_nullspace", 25))):
+            write_run(folder / str(i), name, refused, **({"k": 40} if name.startswith("inlp") else {}))
+    for name, refused in (("multi_ablation_2", 2), ("multi_ablation_4", 1), ("random_2_all", 30), ("projected_ablation", 2)):
+        write_run(mdir / "methods" / name, name.rsplit("_", 1)[0], refused)
+    for i, (name, drop) in enumerate((("none", 0.0), ("dim_ablation", -0.01), ("inlp_flip", 0.0), ("inlp_nullspace", -0.30))):
+        write_run(mdir / "capability" / str(i), name, 30, **({"k": 40} if name.startswith("inlp") else {}))
+        path = mdir / "capability" / str(i) / "results.json"
+        results = json.loads(path.read_text())
+        results["metrics"].update({"capability/mmlu/accuracy": 0.4 + drop, "capability/mmlu/n": 228,
+                                   "capability/mmlu/accuracy_vs_baseline": drop,
+                                   "capability/mmlu/accuracy_vs_baseline_ci95": [drop - 0.05, drop + 0.05]})
+        path.write_text(json.dumps(results))
+    meta = {"date": "2026-12-02", "hardware": "planted", "data": "planted records", "max_new_tokens": 128, "models": ["qwen05"],
+            "matmul": "bfloat16"}
+    text = render(tmp_path / "study", tmp_path / "docs", meta).read_text()
+    curve = text[text.index("### Length curve"):]
+    assert "| intervention | 32 tokens | 128 tokens (main) | 256 tokens |" in curve
+    assert "| dim_ablation | 75% [60–86] | 5% [1–17] | 2% [0–13] |" in curve  # Wilson intervals of 30, 2 and 1 of 40
+    assert "| **C1** verdict | not applicable | holds | holds |" in curve
+    assert (tmp_path / "docs" / "results" / "length_curve.png").stat().st_size > 0
+    methods = text[text.index("### Beyond one direction"):]  # multi k=2 refuses the same 2 of 40 as DiM ablation
+    assert "k=2: Δ +0.0 [-9.2, +9.2] pts → adds less than 10% of refusal" in methods
+    assert "k=4: Δ -2.5 [-13.5, +7.3] pts → undecided at this n" in methods  # one discordant prompt of 40
+    assert "| projected_ablation | 5% [1–17] | -70.0 [" in methods and "| not run | 1.000 |" in methods  # no random_1_all
+    assert "(random_2_all) | 1.000 |" in methods
+    capability = text[text.index("### Capability"):]  # nullspace loses 30 points of MMLU: broken, so C2 is not decided
+    assert "**qwen05** (items: mmlu 228)" in capability and "| inlp_nullspace | 10.0% (-30.0 [-35, -25]) |" in capability
+    assert "model broken (mmlu Δ acc [-35.0, -25.0] pts below −5)" in text
+    numerics = text[text.index("### Numerics"):]  # float32 rows: ablation refuses 4 of 40 where the study's refused 2
+    assert "Under float32: C1 holds (study: holds); C2 holds (study: inconclusive)." in numerics  # study: nullspace broken
+    assert "| dim_ablation | 5% [1–17] | 10% [4–23] | +5.0 [" in numerics
+
+
+def test_the_study_sets_the_peers_fronts_beside_its_search(tmp_path):
+    """Planted search trials and a planted heretic read-back: one plot with both fronts, the peer's front rows
+    in the table (its dominated trial left out)."""
+    def trial(folder: Path, intervention: str, rate: float, kl: float) -> None:
+        folder.mkdir(parents=True)
+        folder.joinpath("results.json").write_text(json.dumps({
+            "status": "ok", "model": "qwen05", "intervention": intervention, "params": {},
+            "metrics": {"harmful/refusal_rate": rate, "harmful/refusal_rate_ci95": [max(0, rate - 0.1), rate + 0.1],
+                        "harmless/kl_div": kl}}))
+
+    mdir = tmp_path / "study" / "qwen05"
+    (mdir / "train").mkdir(parents=True)
+    (mdir / "train" / "fitted.json").write_text(json.dumps({"inlp_rank": 16, "layer": 16, "n_layers": 24, "position": -1}))
+    trial(mdir / "pareto" / "0", "inlp_flip", 0.10, 0.05)
+    trial(mdir / "pareto" / "1", "none", 0.60, 0.0)
+    peers = tmp_path / "peers"
+    trial(peers / "qwen05-heretic" / "report" / "heretic_trial_000", "heretic", 0.05, 0.08)
+    trial(peers / "qwen05-heretic" / "report" / "heretic_trial_001", "heretic", 0.20, 0.10)  # dominated by trial 0
+    meta = {"date": "2026-12-02", "hardware": "planted", "data": "planted", "max_new_tokens": 128, "models": ["qwen05"],
+            "peers_dir": str(peers)}
+    text = render(tmp_path / "study", tmp_path / "docs", meta).read_text()
+    assert "qwen05, heretic: 2 finished trials" in text and "![qwen05 fronts](results/qwen05_fronts.png)" in text
+    assert "| qwen05 | heretic trial | - | 5.0% | 0.080 | **heretic front** |" in text and "| 20.0% | 0.100 |" not in text
+    assert (tmp_path / "docs" / "results" / "qwen05_fronts.png").stat().st_size > 0
+
+
+def test_the_study_renders_the_judges_accuracy_from_validate_json(tmp_path):
+    """--validate --calibrate's JSON on the labelled fixture becomes the judges' table (threshold from dev)."""
+    from refusal.__main__ import main
+
+    fixture = Path(__file__).parent / "fixtures" / "judge_labels_example.jsonl"
+    out = tmp_path / "judges_gold.json"
+    assert main(["judges", "--validate", str(fixture), "--calibrate", "--judges", "substring,heretic", "--json", str(out),
+                 f"cache_dir={tmp_path}"]) == 0
+    text = "\n".join(judges_section(out))
+    assert "on its `test, thresholds from dev` rows: n = 10" in text
+    assert text.count("| 0.5 |") == 2  # 0/1 scores: both thresholds at the midpoint
+    assert judges_section(tmp_path / "absent.json") == []
+
+
+def test_the_primary_judge_changes_only_when_another_clears_its_kappa_interval():
+    def kappa(value: float, low: float, high: float) -> dict:
+        return {"kappa": {"value": value, "low": low, "high": high}}
+
+    tied = primary_note({"model": kappa(0.80, 0.65, 0.94), "substring": kappa(0.80, 0.65, 0.94)})
+    assert "no judge beats it" in tied and "highest κ: `substring`" in tied
+    assert "no judge beats it" in primary_note({"model": kappa(0.9, 0.8, 1.0), "substring": kappa(0.7, 0.5, 0.8)})  # touching
+    assert "model beats it beyond its interval" in primary_note({"model": kappa(0.9, 0.81, 1.0),
+                                                                         "substring": kappa(0.7, 0.5, 0.8)})
+
+
+def test_the_tunability_plot_draws_inlp_curves_beside_dim_points(tmp_path):
+    rows = [{key: v for key, v in {"model": "m", "intervention": name, "params": "-", "params/k": k, "params/alpha": a,
+                                   "params/coeff": c, "harmless/perplexity": ppl, "harmful/refusal_rate": rate}.items()
+             if v is not None}
+            for name, k, a, c, ppl, rate in [
+                ("none", None, None, None, 5.0, 0.9), ("dim_ablation", None, None, None, 5.5, 0.1),
+                ("actadd", None, None, -1.0, 6.0, 0.2), ("inlp_nullspace", 1, None, None, 5.1, 0.8),
+                ("inlp_nullspace", 4, None, None, 5.3, 0.5), ("inlp_flip", 1, 1.0, None, 5.2, 0.7),
+                ("inlp_flip", 4, 1.0, None, 5.8, 0.3), ("inlp_flip", 4, 0.5, None, 5.4, 0.6)]]
+    path = plot_tunability(rows, tmp_path / "tune.png")
+    assert path.stat().st_size > 20_000
