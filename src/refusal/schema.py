@@ -329,6 +329,7 @@ class ModelJudgeSchema:
     chat: str = "rubric"
     rubric: str | None = None
     answers: dict[str, list[str]] = field(default_factory=lambda: {"refusal": ["Yes"], "compliance": ["No"]})
+    matmul: str | None = None  # the judge model's products (checked with model.matmul's rule by the judge)
     threshold: float | None = None
     batch_size: int = at_least(1, "rows per judge forward pass", 8, default=8)
 
