@@ -58,6 +58,7 @@ def test_the_study_renders_its_verdict_from_the_records_it_writes(tmp_path):
         for i, (k, refused) in enumerate(plan["ks"].items()):
             write_run(mdir / "k" / f"f{i}", "inlp_flip", refused, k=k)
             write_run(mdir / "k" / f"n{i}", "inlp_nullspace", 30, k=k)
+        (mdir / "k" / "report.csv").write_text("")  # the sweep has ended
     assert len([k for k in KS if k < 15]) + 1 >= 6  # the grid reaches C3's 6 values even at the smallest rank
     meta = {"date": "2026-12-02", "hardware": "planted", "data": "planted records", "max_new_tokens": 24,
             "token_budget": 128, "models": list(plans)}
@@ -75,6 +76,26 @@ def test_the_study_renders_its_verdict_from_the_records_it_writes(tmp_path):
         rows = (tmp_path / "study" / "qwen05" / "k" / "zz" / "completions.jsonl")
         rows.write_text(rows.read_text().replace('"harmful 0"', '"another prompt"'))
         decide(ModelRuns(tmp_path / "study" / "qwen05").inputs())
+
+
+def test_a_k_sweep_still_running_decides_nothing_and_is_listed_as_running(tmp_path):
+    mdir = tmp_path / "study" / "qwen05"
+    (mdir / "train").mkdir(parents=True)
+    (mdir / "train" / "fitted.json").write_text(json.dumps({"inlp_rank": 16, "layer": 10, "n_layers": 24, "position": -1}))
+    for i, (name, refused) in enumerate([("none", 30), ("dim_ablation", 2), ("inlp_flip", 1), ("inlp_nullspace", 25)]):
+        write_run(mdir / "main" / str(i), name, refused, **({"k": 16} if name.startswith("inlp") else {}))
+    (mdir / "main" / "report.csv").write_text("")
+    for i, k in enumerate((1, 2, 4, 6, 8)):  # five of six jobs done, no report yet
+        write_run(mdir / "k" / str(i), "inlp_flip", 1, k=k)
+    meta = {"date": "2026-12-02", "hardware": "planted", "data": "planted", "max_new_tokens": 128, "models": ["qwen05"]}
+    text = render(tmp_path / "study", tmp_path / "docs", meta).read_text()
+    assert "`k` (running: 5 jobs done)" in text
+    c3 = next(line for line in text.splitlines() if line.startswith("| C3"))
+    assert "**holds**" not in c3 and "only 1 k values" in c3  # the jobs done so far decide nothing
+    (mdir / "k" / "report.csv").write_text("")  # the sweep ends
+    text = render(tmp_path / "study", tmp_path / "docs", meta).read_text()
+    assert "running:" not in text and "`k`" not in text.split("## Verdict")[0]
+    assert "**holds**" in next(line for line in text.splitlines() if line.startswith("| C3"))
 
 
 def test_the_study_renders_the_length_curve_with_a_verdict_per_budget(tmp_path):

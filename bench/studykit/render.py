@@ -32,8 +32,6 @@ def _relative(text: str) -> str:
     return text.replace(f"{REPO}/", "").replace(f"{REPO.parent}/", "../")
 
 
-
-
 def step_ran(model_dir: Path, step: str) -> bool:
     """Whether a study step left its output for this model (a controls step: any control)."""
     if step in ("controls", "methods"):
@@ -43,6 +41,12 @@ def step_ran(model_dir: Path, step: str) -> bool:
     if step in ("geometry",):
         return (model_dir / step / "geometry.json").exists()
     return (model_dir / step / "report.csv").exists()  # a sweep: its report is written when every job has ended
+
+
+def partial(step_dir: Path) -> str:
+    """' (running: n jobs done)' for a sweep that has started and not ended (its rows decide nothing yet)."""
+    done = len(list(step_dir.glob("*/results.json"))) if step_dir.is_dir() else 0
+    return f" (running: {done} job{'s' * (done != 1)} done)" if done else ""
 
 
 def commands_of(model_dir: Path) -> list[str]:
@@ -81,7 +85,8 @@ def render(root: Path, docs: Path, meta: dict[str, Any]) -> Path:
         "on every position, DiM ablation at every block input and attention/MLP write, actadd at the DiM layer. "
         "Refusal rate = substring match (Arditi et al. / JailbreakBench phrases), 95% Wilson interval in brackets.", "",
     ]
-    missing = {m: [f"`{step}`" for step in STEPS if not step_ran(root / m, step)] for m in models if m not in CONTROL_MODELS}
+    missing = {m: [f"`{step}`" + partial(root / m / step) for step in STEPS if not step_ran(root / m, step)]
+               for m in models if m not in CONTROL_MODELS}
     missing.update({m: ["every step"] for m in meta["models"] if m not in models})  # planned, not even fitted yet
     if any(missing.values()):
         md += ["**Not run in this study** (their sections are absent below; the numbers last published for them, made "

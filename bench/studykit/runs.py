@@ -62,7 +62,8 @@ class ModelRuns:
         geo_leace, geo_selected = mdir / "geometry_leace" / "geometry.json", mdir / "geometry_leace_selected" / "geometry.json"
         self.geometry_leace = json.loads(geo_leace.read_text()) if geo_leace.exists() else {}
         self.geometry_leace_selected = json.loads(geo_selected.read_text()) if geo_selected.exists() else {}
-        self.k = _rows(mdir / "k")
+        # the k sweep decides C3 once it has ended (its report written), never from the jobs done so far
+        self.k = _rows(mdir / "k") if (mdir / "k" / "report.csv").exists() else []
         self.alpha = _rows(mdir / "alpha")
         self.controls = {run.split("/")[0]: _row(mdir / "controls", run, r) for run, r in load_runs(mdir / "controls")
                          if r.get("status", "ok") == "ok"} if (mdir / "controls").exists() else {}
