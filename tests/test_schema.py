@@ -20,7 +20,7 @@ from refusal.errors import ConfigError
 PATHS = {schema.ModelSchema: "model", schema.DataSchema: "data", schema.FitSchema: "fit", schema.DimSchema: "fit.dim",
          schema.InlpSchema: "fit.inlp", schema.EvalSchema: "eval", schema.CapabilitySchema: "eval.capability",
          schema.QualityJudgeSchema: "eval.quality_judge", schema.GeometrySchema: "geometry",
-         schema.ModelJudgeSchema: "judge.model", schema.ConfigSchema: ""}
+         schema.ModelJudgeSchema: "judge.model", schema.ConfigSchema: "", schema.LoggerSchema: "logger"}
 #: the layer schemas, one per mode: (schema, the override choosing its mode)
 LAYERS = {schema.FixedLayerSchema: "layer=fixed", schema.RelativeLayerSchema: "layer=relative",
           schema.CosmicLayerSchema: "layer=cosmic"}
@@ -166,3 +166,15 @@ def test_the_check_reads_no_untyped_interpolation_so_the_default_logger_checks_o
     cfg = schema.compose(REPO / "conf", ["model=tiny", f"cache_dir={tmp_path}"])
     assert cfg.logger.name == "wandb"
     check_config(cfg)
+
+
+def test_a_bad_logger_choice_fails_where_the_tracker_is_made_before_anything_else(compose, tmp_path):
+    from refusal.tracking import make_tracker
+
+    with pytest.raises(ConfigError, match=r"^logger.mode='loud' must be one of 'offline', 'online', 'disabled'"):
+        make_tracker(compose("logger=wandb", "logger.mode=loud"), tmp_path)
+    with pytest.raises(ConfigError, match="logger has an unknown key 'projct'; .*did you mean logger.project"):
+        make_tracker(compose("logger=csv", "+logger.projct=x"), tmp_path)
+    with pytest.raises(ConfigError, match="logger.tags"):  # a wrong type fails when Hydra composes
+        compose("logger=wandb", "logger.tags=7")
+    assert make_tracker(compose("logger=none"), tmp_path) is None

@@ -35,7 +35,7 @@ from hydra import initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.errors import HydraException
 from omegaconf import MISSING, DictConfig, OmegaConf, ValidationError
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import InterpolationResolutionError, OmegaConfBaseException
 
 from refusal.errors import ConfigError
 
@@ -317,6 +317,21 @@ class GeometrySchema:
 
 
 @dataclass
+class LoggerSchema:
+    """``conf/logger``: where metrics go. Checked where the tracker is made (:func:`check_logger`), which comes
+    before the rest of the config's check, so a job that fails on its config still records it."""
+
+    name: str = one_of(("wandb", "csv", "none"), default="none")
+    mode: str = one_of(("offline", "online", "disabled"), "W&B: offline runs are synced later with wandb sync",
+                       default="offline")
+    project: str = "refusal"
+    entity: str | None = None
+    dir: str | None = None  # W&B's folder (default: the run's output folder)
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
 class SubstringJudgeSchema:
     type: str = "substring"
     markers: Any = "arditi"  # arditi, heretic or a list of phrases (checked by the judge)
@@ -353,6 +368,7 @@ SCHEMAS: dict[str | None, dict[str, Any]] = {
     "fit": {"base_fit": FitSchema},
     "eval": {"base_eval": EvalSchema},
     "geometry": {"base_geometry": GeometrySchema},
+    "logger": {"base_logger": LoggerSchema},
     "judge": {f"base_{name}": {name: schema} for name, schema in (
         ("substring", SubstringJudgeSchema), ("heretic", SubstringJudgeSchema), ("model", ModelJudgeSchema),
         ("model_fewshot", ModelJudgeSchema), ("llama_guard", ModelJudgeSchema), ("harmbench", ModelJudgeSchema),
@@ -444,18 +460,25 @@ def check_schema(cfg: DictConfig) -> None:
         _check_node(typed, f"judge.{name}.")
 
 
+def check_logger(cfg: DictConfig) -> None:
+    """The ``logger`` node alone, as :func:`check_schema` checks every node (the tracker is made first)."""
+    _check_node(cfg.logger, "logger.")
+
+
 def _check_node(node: DictConfig, path: str) -> None:
     schema = OmegaConf.get_type(node)
     fields = {f.name: f for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else {}
     for key in node:
         full = f"{path}{key}"
-        if full == "hydra" or OmegaConf.is_missing(node, key) or (not fields and OmegaConf.is_interpolation(node, key)):
-            continue  # Hydra's own; a value left ??? is named by what needs it (layer.index, data.harmful_path); an
-            # untyped interpolation may need a running Hydra (logger.dir: ${hydra:runtime.output_dir})
+        if full == "hydra" or OmegaConf.is_missing(node, key):
+            continue  # Hydra's own; a value left ??? is named by what needs it (layer.index, data.harmful_path)
         if fields and key not in fields:
             _unknown(full, path, sorted(fields), node[key])
         bound = fields[key].metadata.get("bound") if key in fields else None
-        value = node[key]
+        try:
+            value = node[key]
+        except InterpolationResolutionError:  # resolves only in a running Hydra (logger.dir: ${hydra:runtime.output_dir})
+            continue
         if bound is not None and value is not None and not bound.allows(value):
             raise ConfigError(bound.message(full, value))
         if fields and isinstance(value, float) and not math.isfinite(value):  # an open group checks its own
