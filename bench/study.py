@@ -14,14 +14,11 @@ where it stopped. INLP runs to convergence (the study's setting); the k sweep in
 setting of earlier versions, and the verdict is given under both. The verdict (``studykit.verdict``) pairs
 the runs prompt by prompt, from each run's completions.jsonl; C3 needs at least 6 values of k, full rank
 included (``KS``). Nothing here runs in CI.
-Wall time per step is written into the report. On 2 CPU cores every step is a few minutes on qwen05
-and about three times that on qwen15 (a run of 32 + 32 test prompts: 1–3 min on qwen05, 3–6 on
-qwen15), so docs/RESULTS.md was made with a reduced plan (the commands are listed in it):
-
-    python bench/study.py --models qwen05 --ks 4 16 --alphas 2.0 3.0 \
-        --controls dim_ablation_selected flip_all nullspace_all flip_per_layer random_rank_selected
-    python bench/study.py --models qwen15 --steps main geometry k controls --ks 16 \
-        --controls dim_ablation_selected flip_all
+Wall time per step is written into the report (``<model>/timings.json``). At the study's settings (128 new
+tokens; 100 + 311 harmful, 100 harmless and 100 over-refusal test prompts; bfloat16 products) a run is ~15 min
+on qwen05 and about three times that on qwen15 on 2 CPU cores, so the study spans sessions: ``study/`` is
+committed (fitted tensors and per-job plots left out, see .gitignore) and every stamp names the study and
+splits folders as ``$STUDY`` and ``$SPLITS``, so a fresh checkout resumes where the last one stopped.
 """
 
 from __future__ import annotations

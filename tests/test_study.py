@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -18,6 +19,7 @@ sys.path.insert(0, str(REPO / "bench"))  # the study's code lives in bench/study
 from studykit.plan import KS  # noqa: E402
 from studykit.plots import plot_tunability  # noqa: E402
 from studykit.render import render  # noqa: E402
+from studykit.run import Study  # noqa: E402
 from studykit.runs import ModelRuns  # noqa: E402
 from studykit.sections import judges_section, primary_note  # noqa: E402
 from studykit.verdict import RULES, decide  # noqa: E402
@@ -76,6 +78,29 @@ def test_the_study_renders_its_verdict_from_the_records_it_writes(tmp_path):
         rows = (tmp_path / "study" / "qwen05" / "k" / "zz" / "completions.jsonl")
         rows.write_text(rows.read_text().replace('"harmful 0"', '"another prompt"'))
         decide(ModelRuns(tmp_path / "study" / "qwen05").inputs())
+
+
+def test_a_study_committed_under_one_folder_resumes_under_another_and_stamps_no_machine_path(tmp_path):
+    """study/ is committed: a step done on one machine is skipped on another checkout, not redone or refused."""
+    splits = tmp_path / "splits"
+    splits.mkdir()
+    ran = tmp_path / "ran.txt"
+    write_done = "import pathlib, sys; pathlib.Path(sys.argv[1]).write_text('x'); open(sys.argv[2], 'a').write('.')"
+
+    def step(root):
+        study = Study(root, [], splits)
+        done = root / "qwen05" / "main" / "report.csv"
+        done.parent.mkdir(parents=True, exist_ok=True)
+        return study.run(["-c", write_done, str(done), str(ran), f"data.dir={splits}"], root / "qwen05" / "main.log", done)
+
+    assert step(tmp_path / "a" / "study") and ran.read_text() == "."
+    stamp = (tmp_path / "a" / "study" / "qwen05" / "main.command").read_text()
+    assert str(tmp_path / "a") not in stamp and str(splits) not in stamp and "$STUDY/qwen05/main/report.csv" in stamp and "data.dir=$SPLITS" in stamp
+    shutil.copytree(tmp_path / "a" / "study", tmp_path / "b" / "study")
+    assert step(tmp_path / "b" / "study") and ran.read_text() == "."  # skipped: the command did not run again
+    other = Study(tmp_path / "b" / "study", [], splits)  # the same output made by another command is refused
+    with pytest.raises(SystemExit, match="made by another command"):
+        other.run(["-c", "pass"], tmp_path / "b" / "study" / "qwen05" / "main.log", tmp_path / "b" / "study" / "qwen05" / "main" / "report.csv")
 
 
 def test_a_k_sweep_still_running_decides_nothing_and_is_listed_as_running(tmp_path):

@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--render-only", action="store_true")
     args = parser.parse_args(argv)
 
-    data = ["data=refusal_direction", f"data.dir={args.splits}"] if args.splits.is_dir() else ["data=embedded"]
+    data = ["data=refusal_direction", f"data.dir={args.splits.resolve()}"] if args.splits.is_dir() else ["data=embedded"]
     common = [*data, "logger=none", "progress=false", f"eval.max_new_tokens={args.max_new_tokens}",
               f"model.matmul={args.matmul}", f"+eval.test_sets.{args.heldout}={{source: pypi, benchmark: {args.heldout}, n: null}}",
               f"eval.test_sets.overrefusal.n={args.overrefusal_n}"]
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--render-only: no {meta_path}; run the study first")
         meta = json.loads(meta_path.read_text())
     else:
-        study = Study(args.root, common)
+        study = Study(args.root, common, args.splits)
         for model in args.models:
             study.model(model, [s for s in args.steps if model not in CONTROL_MODELS or s == "main"], args)
         info = host_info("cpu")

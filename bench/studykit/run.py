@@ -29,12 +29,21 @@ from .plan import (
 
 
 class Study:
-    def __init__(self, root: Path, common: list[str]) -> None:
-        self.root, self.common = root, common
+    def __init__(self, root: Path, common: list[str], splits: Path) -> None:
+        self.root, self.common = root.resolve(), common
+        # the machine's folders as placeholders in stamps: study/ is committed, and resumes from another checkout
+        self.places = {str(self.root): "$STUDY", str(splits.resolve()): "$SPLITS"}
+
+    def portable(self, argv: list[str]) -> str:
+        """The command as stamped and listed in the report, with the study and splits folders as placeholders."""
+        shown = " ".join(shlex.quote(a) for a in ["python", *argv])
+        for path, name in self.places.items():
+            shown = shown.replace(path, name)
+        return shown
 
     def run(self, argv: list[str], log: Path, done: Path) -> bool:
         """Run one step unless ``done`` exists; output goes to ``log``; returns success."""
-        shown = " ".join(shlex.quote(a) for a in ["python", *argv])
+        shown = self.portable(argv)
         stamp = log.with_suffix(".command")
         if done.exists():
             if stamp.exists() and stamp.read_text().strip() == shown:
