@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from conftest import REPO
 from refusal.context import prepare
 from refusal.errors import ArtifactError, ConfigError
 from refusal.evaluation import run_evaluation
+from refusal.evaluation.resume import config_fingerprint, finished_run
 from refusal.fits import fit
 
 SMALL = ["data.n_train=16", "data.n_val=8", "data.n_test=8", "eval.max_new_tokens=6", "fit.dim.n_prompts=4"]
@@ -335,6 +337,52 @@ def test_multirun_with_two_test_sets_and_two_judges(tmp_path):
     report = (sweep / "report.md").read_text()
     assert "heldout refusal" in report and "overrefusal refusal" in report and "κ substring~heretic" in report
     assert "harmful refusal (heretic)" in report and "harmful refusal (substring)" not in report
+
+
+def test_resume_skips_the_finished_jobs_of_an_interrupted_sweep_and_reruns_a_changed_one(tmp_path):
+    # the study's sweeps outlast a session: job 0 finished, job 1 was cut off (no results.json). Rerun with
+    # resume=true: job 0 is kept byte for byte, job 1 runs, the report has both; a changed setting reruns job 0
+    sweep = tmp_path / "sweep"
+    common = ["model=tiny", *SMALL, f"cache_dir={tmp_path / 'cache'}", f"artifacts_dir={tmp_path / 'art'}",
+              "progress=false", "logger=none", "geometry.enabled=false", "resume=true", f"hydra.sweep.dir={sweep}"]
+    proc = run_cli("evaluate.py", "-m", "intervention=none,actadd", *common)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first = (sweep / "0_tiny_none" / "results.json").read_bytes()
+    (sweep / "1_tiny_actadd" / "results.json").unlink()
+    (sweep / "report.csv").unlink()
+    proc = run_cli("evaluate.py", "-m", "intervention=none,actadd", *common)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (sweep / "0_tiny_none" / "results.json").read_bytes() == first
+    assert "already holds this configuration's finished run" in proc.stderr + proc.stdout
+    assert json.loads((sweep / "1_tiny_actadd" / "results.json").read_text())["status"] == "ok"
+    report = list(csv.DictReader((sweep / "report.csv").open()))
+    assert [(r["intervention"], r["status"]) for r in report] == [("none", "ok"), ("actadd", "ok")]
+    proc = run_cli("evaluate.py", "-m", "intervention=none", *common, "eval.max_new_tokens=5")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    again = json.loads((sweep / "0_tiny_none" / "results.json").read_text())
+    assert again["max_new_tokens"] == 5 and again["config_sha256"] != json.loads(first)["config_sha256"]
+
+
+def test_a_run_counts_as_finished_only_when_ok_complete_and_of_the_same_measured_configuration(compose, tmp_path):
+    cfg = compose("intervention=none", *SMALL)
+    fingerprint = config_fingerprint(cfg)
+    moved = compose("intervention=none", *SMALL, f"cache_dir={tmp_path / 'elsewhere'}", "progress=true", "resume=true")
+    assert config_fingerprint(moved) == fingerprint  # where caches live and what is shown measure nothing
+    assert config_fingerprint(compose("intervention=none", *SMALL, "seed=1")) != fingerprint
+    run = tmp_path / "run"
+    run.mkdir()
+    assert finished_run(run, fingerprint) is None
+    (run / "completions.jsonl").write_text("{}\n")
+    for results, kept in [({"status": "ok", "config_sha256": fingerprint}, True),
+                          ({"status": "failed", "config_sha256": fingerprint}, False),
+                          ({"status": "ok", "config_sha256": "0" * 64}, False), ({"status": "ok"}, False)]:
+        (run / "results.json").write_text(json.dumps(results))
+        assert (finished_run(run, fingerprint) == results) is kept
+    (run / "results.json").write_text("{truncated")
+    assert finished_run(run, fingerprint) is None
+    (run / "results.json").write_text(json.dumps({"status": "ok", "config_sha256": fingerprint}))
+    (run / "completions.jsonl").unlink()
+    assert finished_run(run, fingerprint) is None
 
 
 @pytest.mark.parametrize("launcher", [["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],

@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     data = ["data=refusal_direction", f"data.dir={args.splits.resolve()}"] if args.splits.is_dir() else ["data=embedded"]
-    common = [*data, "logger=none", "progress=false", f"eval.max_new_tokens={args.max_new_tokens}",
+    common = [*data, "logger=none", "progress=false", "resume=true", f"eval.max_new_tokens={args.max_new_tokens}",
               f"model.matmul={args.matmul}", f"+eval.test_sets.{args.heldout}={{source: pypi, benchmark: {args.heldout}, n: null}}",
               f"eval.test_sets.overrefusal.n={args.overrefusal_n}"]
     if args.n_test:

@@ -109,6 +109,7 @@ class ConfigSchema:
     cache_dir: str = MISSING
     plugin_dirs: list[str] = field(default_factory=list)
     progress: bool = True
+    resume: bool = False
     model: Any = None
     data: Any = None
     layer: Any = None

@@ -32,6 +32,7 @@ from refusal.evaluation.records import (
     warn_if_barely_refuses,
     write_outputs,
 )
+from refusal.evaluation.resume import config_fingerprint, finished_run
 from refusal.evaluation.scoring import cached_scores, teacher_forced_scores
 from refusal.evaluation.trial import evaluate_lean
 from refusal.fits import fit_for, inlp_record
@@ -122,6 +123,11 @@ def evaluate_context(ctx: RunContext, output_dir: Path, tracker: Any = None) -> 
 def run_evaluation(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     """Seed, prepare, evaluate, log; a failure is recorded in results.json before it propagates."""
     output_dir = Path(output_dir)
+    fingerprint = config_fingerprint(cfg)
+    if cfg.get("resume", False) and (done := finished_run(output_dir, fingerprint)) is not None:
+        log.info("resume: %s already holds this configuration's finished run (config %s); not run again "
+                 "(delete the folder to redo it)", output_dir, fingerprint[:12])
+        return done
     t0 = time.perf_counter()
     tracker = None
     try:  # a bad logger or config is this job's failure too: recorded, so a multirun's report lists it
@@ -138,6 +144,7 @@ def run_evaluation(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
             tracker.finish(exit_code=1)
         raise
     results["timings"]["total"] = time.perf_counter() - t0
+    results["config_sha256"] = fingerprint  # written last: a run that has it is complete (resume=true)
     atomic_write_json(output_dir / "results.json", results)
     if tracker is not None:
         tracker.finish()

@@ -1,0 +1,37 @@
+"""Job-level resume for long sweeps (``resume=true``): a job whose folder already holds a finished run of the
+same configuration is not run again, so a multirun interrupted after some of its jobs picks up at the first
+unfinished one (the study's sweeps outlast a session on 2 CPU cores)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+# Where things go and how they are shown, not what is measured: left out of the fingerprint.
+NOT_MEASURED = ("artifacts_dir", "cache_dir", "plugin_dirs", "progress", "logger", "resume")
+
+
+def config_fingerprint(cfg: DictConfig) -> str:
+    """SHA-256 of the resolved configuration minus :data:`NOT_MEASURED`. The code's version is not in it: a
+    resumed sweep keeps jobs that earlier code ran (as the study's step stamps do); delete a job's folder to redo it."""
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    measured = {key: value for key, value in resolved.items() if key not in NOT_MEASURED}
+    return hashlib.sha256(json.dumps(measured, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def finished_run(output_dir: Path, fingerprint: str) -> dict[str, Any] | None:
+    """The results of a finished run of this configuration in ``output_dir``, else None (absent, failed,
+    unreadable, made by another configuration, or its completions missing)."""
+    path = output_dir / "results.json"
+    if not path.exists() or not (output_dir / "completions.jsonl").exists():
+        return None
+    try:
+        results = json.loads(path.read_text())
+    except ValueError:
+        return None
+    ok = results.get("status") == "ok" and results.get("config_sha256") == fingerprint
+    return results if ok else None
