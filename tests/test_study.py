@@ -10,8 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import REPO
 
+from refusal.artifacts import save_artifact
 from refusal.errors import DataError
 from refusal.metrics import wilson_interval
 
@@ -21,7 +23,7 @@ from studykit.plots import plot_tunability  # noqa: E402
 from studykit.render import render  # noqa: E402
 from studykit.run import Study  # noqa: E402
 from studykit.runs import ModelRuns  # noqa: E402
-from studykit.sections import judges_section, primary_note  # noqa: E402
+from studykit.sections import judges_section, primary_note, selection_section  # noqa: E402
 from studykit.verdict import RULES, decide  # noqa: E402
 
 N = 40  # harmful (and harmless) test prompts of every planted run
@@ -101,6 +103,28 @@ def test_a_study_committed_under_one_folder_resumes_under_another_and_stamps_no_
     other = Study(tmp_path / "b" / "study", [], splits)  # the same output made by another command is refused
     with pytest.raises(SystemExit, match="made by another command"):
         other.run(["-c", "pass"], tmp_path / "b" / "study" / "qwen05" / "main.log", tmp_path / "b" / "study" / "qwen05" / "main" / "report.csv")
+
+
+def test_the_selection_table_reads_the_fit_committed_with_the_study_and_counts_each_rules_passing_candidates(tmp_path):
+    # scores planted by hand ([layer, position]): KL passes everywhere it was scored; the relative rule (induce >=
+    # unsteered harmless -4) keeps 4 of the 5 scored candidates and picks the lowest bypass among them, L0P-1;
+    # Arditi's absolute rule (induce >= 0) keeps 2 and picks L1P-2
+    root = tmp_path / "study"
+    nan = float("nan")
+    tensors = {"direction": torch.zeros(3, 2, 4), "bypass": torch.tensor([[-1.0, -3.0], [-2.0, -0.5], [-9.0, nan]]),
+               "induce": torch.tensor([[-3.0, -3.5], [0.5, 1.0], [-5.0, nan]]),
+               "kl": torch.tensor([[0.05, 0.05], [0.05, 0.05], [0.05, nan]])}
+    meta = {"layer": 0, "position": -1, "baseline_harmful_score": 2.0, "baseline_harmless_score": -4.0,
+            "passed_filters": True, "selection": {"max_kl": 0.1, "min_induce": 0.0},
+            "refusal_filter": {"harmful_train": {"kept": 41, "of": 128}}}
+    save_artifact(root / "artifacts" / "qwen05" / "fitA" / "dim_auto-1", tensors, meta)
+    (root / "qwen05" / "train").mkdir(parents=True)
+    # as the train step records it on the machine it ran on: the copy under study/artifacts is what is read
+    (root / "qwen05" / "train" / "fitted.json").write_text(json.dumps({"artifact_dir": "/elsewhere/artifacts/qwen05/fitA"}))
+    lines = selection_section({"qwen05": ModelRuns(root / "qwen05")}, root)
+    assert "| qwen05 | L15P-1 | L0P-1 (4 of 5 pass) | L1P-2 (2 of 5 pass) | -4.00 | harmful train 41/128 |" in lines
+    (root / "qwen05" / "train" / "fitted.json").write_text(json.dumps({"artifact_dir": "artifacts/qwen05/missing"}))
+    assert selection_section({"qwen05": ModelRuns(root / "qwen05")}, root) == []  # no fit found: no table, no guess
 
 
 def test_a_k_sweep_still_running_decides_nothing_and_is_listed_as_running(tmp_path):

@@ -55,7 +55,9 @@ class Study:
         log.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(stamp, shown + "\n")
         t0 = time.perf_counter()
-        env = {**os.environ, "WANDB_MODE": "offline", "TOKENIZERS_PARALLELISM": "false"}
+        # the fits go with the study (study/artifacts, committed): its selection table reads them on any checkout
+        env = {**os.environ, "WANDB_MODE": "offline", "TOKENIZERS_PARALLELISM": "false",
+               "REFUSAL_ARTIFACTS": str(self.root / "artifacts")}
         with log.open("w") as fh:
             rc = subprocess.call([sys.executable, *argv], cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, env=env)
         took = time.perf_counter() - t0

@@ -93,10 +93,11 @@ def selection_section(runs: dict[str, ModelRuns], root: Path) -> list[str]:
     al.'s prompt filter kept, and the pick published before selection followed their code exactly."""
     lines = []
     for model, mr in runs.items():
-        folder = Path(mr.fitted.get("artifact_dir", ""))
-        if not folder.is_absolute():  # relative to the checkout the study ran in (the folder holding study/)
-            folder = root.resolve().parent / folder
-        found = sorted(folder.glob("dim_auto-*.json"))
+        recorded = Path(mr.fitted.get("artifact_dir", ""))
+        # the study's own copy (study/artifacts/<model>/<fit>, committed), else where the train step wrote it
+        folders = [root / "artifacts" / Path(*recorded.parts[-2:]) if len(recorded.parts) >= 2 else root / "artifacts",
+                   recorded if recorded.is_absolute() else root.resolve().parent / recorded]
+        found = next((hits for folder in folders if (hits := sorted(folder.glob("dim_auto-*.json")))), [])
         if not found:
             continue
         t, meta = load_artifact(found[0].with_suffix(""))
