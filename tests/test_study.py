@@ -139,12 +139,14 @@ def test_a_k_sweep_still_running_decides_nothing_and_is_listed_as_running(tmp_pa
     meta = {"date": "2026-12-02", "hardware": "planted", "data": "planted", "max_new_tokens": 128, "models": ["qwen05"]}
     text = render(tmp_path / "study", tmp_path / "docs", meta).read_text()
     assert "`k` (running: 5 jobs done)" in text
+    assert "## Tunability" not in text  # no swept rows yet: the main table is not repeated
     c3 = next(line for line in text.splitlines() if line.startswith("| C3"))
     assert "**holds**" not in c3 and "only 1 k values" in c3  # the jobs done so far decide nothing
     (mdir / "k" / "report.csv").write_text("")  # the sweep ends
     text = render(tmp_path / "study", tmp_path / "docs", meta).read_text()
     assert "running:" not in text and "`k`" not in text.split("## Verdict")[0]
     assert "**holds**" in next(line for line in text.splitlines() if line.startswith("| C3"))
+    assert "## Tunability" in text and "k=6" in text.split("## Tunability")[1]
 
 
 def test_the_study_renders_the_length_curve_with_a_verdict_per_budget(tmp_path):

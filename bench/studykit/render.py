@@ -160,7 +160,7 @@ def render(root: Path, docs: Path, meta: dict[str, Any]) -> Path:
                "attention/MLP write; per-layer = `fit.inlp.per_layer=true`, each layer its own INLP fit; random_ablation "
                "k = the INLP rank).", "", markdown_table(control_rows), ""]
     tune = [r for mr in runs.values() for r in order_rows(mr.main + mr.k + mr.alpha) if r["intervention"].startswith("inlp")]
-    if tune:
+    if tune and any(mr.k or mr.alpha for mr in runs.values()):  # the main rows alone are the main table again
         plot = plot_tunability([r for mr in runs.values() for r in mr.main + mr.k + mr.alpha], figures / "tunability.png")
         md += ["## Tunability: INLP k and α against DiM", "",
                "Harmful refusal rate against harmless perplexity: INLP nullspace and flip over k (lines), flip over α "
