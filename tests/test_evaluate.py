@@ -368,6 +368,8 @@ def test_a_run_counts_as_finished_only_when_ok_complete_and_of_the_same_measured
     fingerprint = config_fingerprint(cfg)
     moved = compose("intervention=none", *SMALL, f"cache_dir={tmp_path / 'elsewhere'}", "progress=true", "resume=true")
     assert config_fingerprint(moved) == fingerprint  # where caches live and what is shown measure nothing
+    # the W&B logger's dir needs a running Hydra (${hydra:runtime.output_dir}): a notebook's config still has a key
+    assert config_fingerprint(compose("intervention=none", *SMALL, "logger=wandb")) == fingerprint
     assert config_fingerprint(compose("intervention=none", *SMALL, "seed=1")) != fingerprint
     run = tmp_path / "run"
     run.mkdir()

@@ -95,7 +95,7 @@ def selection_section(runs: dict[str, ModelRuns], root: Path) -> list[str]:
     for model, mr in runs.items():
         recorded = Path(mr.fitted.get("artifact_dir", ""))
         # the study's own copy (study/artifacts/<model>/<fit>, committed), else where the train step wrote it
-        folders = [root / "artifacts" / Path(*recorded.parts[-2:]) if len(recorded.parts) >= 2 else root / "artifacts",
+        folders = [root / "artifacts" / Path(*recorded.parts[-2:]),
                    recorded if recorded.is_absolute() else root.resolve().parent / recorded]
         found = next((hits for folder in folders if (hits := sorted(folder.glob("dim_auto-*.json")))), [])
         if not found:

@@ -18,8 +18,10 @@ NOT_MEASURED = ("artifacts_dir", "cache_dir", "plugin_dirs", "progress", "logger
 def config_fingerprint(cfg: DictConfig) -> str:
     """SHA-256 of the resolved configuration minus :data:`NOT_MEASURED`. The code's version is not in it: a
     resumed sweep keeps jobs that earlier code ran (as the study's step stamps do); delete a job's folder to redo it."""
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    measured = {key: value for key, value in resolved.items() if key not in NOT_MEASURED}
+    # only the measured keys are resolved: the others may need a running Hydra (the W&B logger's dir is
+    # ${hydra:runtime.output_dir}), and a config composed in a notebook has none
+    measured = {key: OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node := cfg[key]) else node
+                for key in cfg if key not in NOT_MEASURED}
     return hashlib.sha256(json.dumps(measured, sort_keys=True, default=str).encode()).hexdigest()
 
 
