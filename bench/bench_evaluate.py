@@ -42,18 +42,32 @@ SMOKE_OVERRIDES = [
 ]
 
 
+def stopped(pid: int) -> bool:
+    """Whether process ``pid`` is stopped (SIGSTOP, Ctrl-Z): Linux's /proc state ``T``; False where unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] in "Tt"  # the state follows the command name, which may hold spaces
+
+
 def run_child(cmd: list[str], env: dict[str, str], log_path: Path, timeout: float) -> dict[str, Any]:
-    """Run ``cmd`` to completion; wall seconds, exit code and that child's peak RSS (MiB)."""
+    """Run ``cmd`` to completion; its running seconds (time it spent stopped, e.g. paused to free the CPU, is
+    neither timed nor counted against ``timeout``), exit code and that child's peak RSS (MiB)."""
     with log_path.open("wb") as log:
-        t0 = time.perf_counter()
+        running, last = 0.0, time.perf_counter()
         # own process group: a timeout or Ctrl-C also stops what evaluate.py started (e.g. wandb's service)
         proc = subprocess.Popen(cmd, cwd=C.REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             while True:  # wait4 (not Popen.wait) so the rusage is this child's alone
                 pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+                now = time.perf_counter()
+                if not stopped(proc.pid):
+                    running += now - last
+                last = now
                 if pid:
                     break
-                if time.perf_counter() - t0 > timeout:
+                if running > timeout:
                     os.killpg(proc.pid, signal.SIGKILL)
                     _, status, usage = os.wait4(proc.pid, 0)
                     break
@@ -61,10 +75,9 @@ def run_child(cmd: list[str], env: dict[str, str], log_path: Path, timeout: floa
         except KeyboardInterrupt:
             os.killpg(proc.pid, signal.SIGKILL)
             raise
-        wall = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
     rss = usage.ru_maxrss / (1 << 20) if sys.platform == "darwin" else usage.ru_maxrss / 1024
-    return {"s": wall, "rss_mb": rss, "rc": proc.returncode, "timed_out": wall > timeout}
+    return {"s": running, "rss_mb": rss, "rc": proc.returncode, "timed_out": running > timeout}
 
 
 def link_models(src: Path, dst: Path) -> list[str]:

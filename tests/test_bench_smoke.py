@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import csv
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,3 +64,38 @@ def test_run_all_smoke_writes_only_where_told_and_renders(tmp_path):
                   "Lean search trial"):
         assert title in text, title
     assert "not judged (smoke)" in text and "shared-prefix ÷ plain" in text
+
+
+def test_bench_timeout_counts_running_time_only(tmp_path, monkeypatch):
+    """A bench run paused with SIGSTOP (to free the CPU for something else) is neither timed nor killed for the pause."""
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    import bench_evaluate
+
+    started: list[int] = []
+    popen = subprocess.Popen
+
+    def recording_popen(*args, **kwargs):
+        proc = popen(*args, **kwargs)
+        started.append(proc.pid)
+        return proc
+
+    def pause_then_resume() -> None:
+        while not started:
+            time.sleep(0.01)
+        os.killpg(started[0], signal.SIGSTOP)
+        time.sleep(3.0)
+        os.killpg(started[0], signal.SIGCONT)
+
+    monkeypatch.setattr(bench_evaluate.subprocess, "Popen", recording_popen)
+    pauser = threading.Thread(target=pause_then_resume)
+    pauser.start()
+    # busy for 0.5 s of CPU time (a sleep's deadline would pass while stopped)
+    busy = [sys.executable, "-c", "import time\nwhile time.process_time() < 0.5: pass"]
+    out = bench_evaluate.run_child(busy, dict(os.environ), tmp_path / "log", timeout=2.5)
+    pauser.join()
+    assert out["rc"] == 0 and not out["timed_out"]  # > 3.5 s of wall time, ~0.5 s of it running
+    assert 0.45 < out["s"] < 2.5
+
+    sleeper = [sys.executable, "-c", "import time; time.sleep(5)"]
+    killed = bench_evaluate.run_child(sleeper, dict(os.environ), tmp_path / "log2", timeout=0.5)
+    assert killed["timed_out"] and killed["rc"] != 0
