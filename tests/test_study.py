@@ -25,6 +25,7 @@ from studykit.run import Study  # noqa: E402
 from studykit.runs import ModelRuns  # noqa: E402
 from studykit.sections import judges_section, primary_note, selection_section  # noqa: E402
 from studykit.verdict import RULES, decide  # noqa: E402
+from studykit.verdict_sections import numerics_section  # noqa: E402
 
 N = 40  # harmful (and harmless) test prompts of every planted run
 
@@ -187,6 +188,26 @@ def test_the_study_renders_the_length_curve_with_a_verdict_per_budget(tmp_path):
     numerics = text[text.index("### Numerics"):]  # float32 rows: ablation refuses 4 of 40 where the study's refused 2
     assert "Under float32: C1 holds (study: holds); C2 holds (study: inconclusive)." in numerics  # study: nullspace broken
     assert "| dim_ablation | 5% [1–17] | 10% [4–23] | +5.0 [" in numerics
+
+
+@pytest.mark.parametrize(("ablation_f32", "passes"), [(2, True), (6, True), (7, False)])
+def test_numerics_default_rule_at_the_edge_of_the_interval(tmp_path, ablation_f32, passes):
+    """The study's precision stays the default only with the same verdicts and every float32 rate inside its 95%
+    interval: DiM ablation refuses 2 of 40 under bfloat16 (Wilson [1.4%, 16.5%]); 6 of 40 (15%) is inside, 7 (17.5%)
+    is not, although C1 and C2 are decided the same."""
+    mdir = tmp_path / "qwen05"
+    (mdir / "train").mkdir(parents=True)
+    (mdir / "train" / "fitted.json").write_text(json.dumps({"inlp_rank": 40, "layer": 10, "n_layers": 24, "position": -1}))
+    for folder, ablation in ((mdir / "main", 2), (mdir / "numerics", ablation_f32)):
+        for i, (name, refused) in enumerate((("none", 30), ("dim_ablation", ablation), ("inlp_flip", 1), ("inlp_nullspace", 25))):
+            write_run(folder / str(i), name, refused, **({"k": 40} if name.startswith("inlp") else {}))
+    text = "\n".join(numerics_section({"qwen05": ModelRuns(mdir)}, "bfloat16"))
+    assert "Under float32: C1 holds (study: holds); C2 holds (study: holds)." in text
+    assert f"**bfloat16 products {'pass' if passes else 'fail'} the default rule**" in text
+    assert f"{4 if passes else 3} of 4 float32 refusal rates lie inside" in text
+    # the paired interval is reported apart from the rule: 4 prompts flipped one way of 40 include 0, 5 do not
+    assert ("excludes 0 for dim_ablation" in text) == (ablation_f32 == 7)
+    assert "| inlp_flip | 2% [0–13] | 2% [0–13] | +0.0 [" in text and "| 40 → 40 |" in text
 
 
 def test_the_study_sets_the_peers_fronts_beside_its_search(tmp_path):

@@ -138,27 +138,43 @@ def methods_section(runs: dict[str, ModelRuns]) -> list[str]:
 
 
 def numerics_section(runs: dict[str, ModelRuns], matmul: str) -> list[str]:
-    """The main rows under float32 products beside the study's: paired differences and C1/C2 under each."""
+    """The main rows under float32 products beside the study's: paired differences, KL, perplexity and INLP rank,
+    C1/C2 under each, and whether the study's precision passes the default rule (issue 24: same verdicts, and every
+    float32 refusal rate inside the study's 95% interval)."""
     out = []
     for model, mr in runs.items():
         if not mr.numerics:
             continue
-        lines = [f"| intervention | {matmul} products | float32 products | Δ(float32 − {matmul}), paired |", "|---|---|---|---|"]
+        lines = [f"| intervention | {matmul} products | float32 products | Δ(float32 − {matmul}), paired | "
+                 f"KL ({matmul} → float32) | perplexity | INLP rank |", "|---|---|---|---|---|---|---|"]
+        inside, moved = [], []
         for name in CURVE_ROWS:
             a, b = pick(mr.main, name), pick(mr.numerics, name)
             if not (a and b and "outcomes" in a and "outcomes" in b):
                 continue
             d = paired(b, a, f"{name} float32 − {matmul}", mr.column)
-            lines.append(f"| {name} | {_rate(a, mr.column)} | {_rate(b, mr.column)} | {d.as_points()} pts |")
+            lo, hi = a[f"{mr.column}/refusal_rate_ci95"]
+            inside.append(lo <= b[f"{mr.column}/refusal_rate"] <= hi)
+            if d.lo > 0 or d.hi < 0:
+                moved.append(f"{name} ({d.as_points()} pts)")
+            kl = f"{a['harmless/kl_div']:.3f} → {b['harmless/kl_div']:.3f}" if a.get("harmless/kl_div") is not None else "–"
+            rank = f"{a['params/k']} → {b['params/k']}" if name.startswith("inlp") else "–"
+            lines.append(f"| {name} | {_rate(a, mr.column)} | {_rate(b, mr.column)} | {d.as_points()} pts | {kl} | "
+                         f"{a['harmless/perplexity']:.3f} → {b['harmless/perplexity']:.3f} | {rank} |")
         rows = {name: pick(mr.numerics, name) for name in CURVE_ROWS}
         verdicts = ""
         if all(r and "outcomes" in r for r in rows.values()) and (ours := mr.inputs()):
             exact = ClaimInputs(rows["none"], rows["dim_ablation"], rows["inlp_flip"], rows["inlp_nullspace"], ours.rank,
                                 column=mr.column)
-            verdicts = " Under float32: " + "; ".join(f"{v.claim} {v.verdict} (study: {w.verdict})"
-                                                     for v, w in ((c1(exact), c1(ours)), (c2(exact), c2(ours)))) + "."
+            pairs = ((c1(exact), c1(ours)), (c2(exact), c2(ours)))
+            verdicts = " Under float32: " + "; ".join(f"{v.claim} {v.verdict} (study: {w.verdict})" for v, w in pairs) + "."
+            same = all(v.verdict == w.verdict for v, w in pairs)
+            keeps = same and all(inside)
+            verdicts += (f" **{matmul} products {'pass' if keeps else 'fail'} the default rule**: the verdicts are "
+                         f"{'the same' if same else 'not the same'}, and {sum(inside)} of {len(inside)} float32 refusal "
+                         f"rates lie inside the {matmul} row's 95% interval.")
+            if moved:
+                verdicts += " The paired difference excludes 0 for " + ", ".join(moved) + "."
         out += [f"**{model}** (refusal on `{mr.column}`; the float32 runs refit DiM and INLP under float32).{verdicts}", "",
                 *lines, ""]
     return out
-
-
