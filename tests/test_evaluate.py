@@ -13,6 +13,7 @@ import pytest
 import torch
 import wandb_records
 from conftest import REPO
+from omegaconf import OmegaConf
 
 from refusal.context import prepare
 from refusal.errors import ArtifactError, ConfigError
@@ -371,6 +372,16 @@ def test_a_run_counts_as_finished_only_when_ok_complete_and_of_the_same_measured
     # the W&B logger's dir needs a running Hydra (${hydra:runtime.output_dir}): a notebook's config still has a key
     assert config_fingerprint(compose("intervention=none", *SMALL, "logger=wandb")) == fingerprint
     assert config_fingerprint(compose("intervention=none", *SMALL, "seed=1")) != fingerprint
+    # a key added later with a null default keeps finished jobs resumable; set to a value, it is a new configuration
+    grown = OmegaConf.create(OmegaConf.to_container(cfg))  # the same values without the schemas, so keys can be added
+    assert config_fingerprint(grown) == fingerprint
+    grown.eval.quality_judge.added = None
+    grown.eval.test_sets.overrefusal.added = {"nested": None}
+    assert config_fingerprint(grown) != fingerprint  # an empty mapping is not null
+    grown.eval.test_sets.overrefusal.added = None
+    assert config_fingerprint(grown) == fingerprint
+    grown.eval.quality_judge.added = "bfloat16"
+    assert config_fingerprint(grown) != fingerprint
     run = tmp_path / "run"
     run.mkdir()
     assert finished_run(run, fingerprint) is None

@@ -16,13 +16,24 @@ NOT_MEASURED = ("artifacts_dir", "cache_dir", "plugin_dirs", "progress", "logger
 
 
 def config_fingerprint(cfg: DictConfig) -> str:
-    """SHA-256 of the resolved configuration minus :data:`NOT_MEASURED`. The code's version is not in it: a
-    resumed sweep keeps jobs that earlier code ran (as the study's step stamps do); delete a job's folder to redo it."""
+    """SHA-256 of the resolved configuration minus :data:`NOT_MEASURED` and minus null values, so a key added
+    later with a null default ("not set": the behaviour before the key existed) leaves the jobs already finished
+    resumable. The code's version is not in it: a resumed sweep keeps jobs that earlier code ran (as the study's
+    step stamps do); delete a job's folder to redo it."""
     # only the measured keys are resolved: the others may need a running Hydra (the W&B logger's dir is
     # ${hydra:runtime.output_dir}), and a config composed in a notebook has none
     measured = {key: OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node := cfg[key]) else node
                 for key in cfg if key not in NOT_MEASURED}
-    return hashlib.sha256(json.dumps(measured, sort_keys=True, default=str).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(_set_only(measured), sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _set_only(value: Any) -> Any:
+    """``value`` with every null-valued mapping key left out, at any depth (list items stay where they are)."""
+    if isinstance(value, dict):
+        return {k: _set_only(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_set_only(v) for v in value]
+    return value
 
 
 def finished_run(output_dir: Path, fingerprint: str) -> dict[str, Any] | None:
