@@ -290,6 +290,7 @@ class CapabilitySchema:
 class QualityJudgeSchema:
     model: Any = "qwen15"  # a conf/model name or a model config mapping
     batch_size: int = at_least(1, "rows per judge forward pass", 8, default=8)
+    matmul: str | None = None  # the judge model's products (checked with model.matmul's rule by the scorer)
 
 
 @dataclass

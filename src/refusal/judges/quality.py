@@ -37,6 +37,7 @@ from refusal.artifacts import atomic_write_json, sha256_json
 from refusal.errors import ConfigError
 from refusal.judges.model_judge import ModelJudge, check_model_available, judge_model_config
 from refusal.models.bundle import ModelBundle
+from refusal.models.numerics import check_matmul
 from refusal.runtime.activations import batches_by_length
 from refusal.runtime.prefix import last_logits, shared_prefix
 from refusal.stats.paired import bootstrap_interval, paired_mean_difference
@@ -111,14 +112,19 @@ class QualityScorer:
     def __init__(self, cfg: Mapping[str, Any], cache_dir: str | Path):
         self.cfg = dict(cfg)
         self.batch_size = int(self.cfg.get("batch_size", 8))
-        self._loader = ModelJudge({"model": self.cfg.get("model", "qwen15"), "batch_size": self.batch_size}, cache_dir)
+        self._loader = ModelJudge({"model": self.cfg.get("model", "qwen15"), "batch_size": self.batch_size,
+                                   "matmul": self.cfg.get("matmul")}, cache_dir)
         self.model_cfg = self._loader.model_cfg
         self.cache_dir = Path(cache_dir)
 
     @classmethod
     def check(cls, cfg: Mapping[str, Any]) -> None:
-        """Before any model loads: the judge model exists and is available (its batch size: the schema)."""
-        check_model_available(judge_model_config(cfg.get("model", "qwen15")), "eval.quality")
+        """Before any model loads: the judge model exists and is available, its products' precision is one this
+        machine runs (its batch size: the schema)."""
+        model_cfg = judge_model_config(cfg.get("model", "qwen15"))
+        if cfg.get("matmul") is not None:
+            check_matmul({**model_cfg, "matmul": cfg["matmul"]})
+        check_model_available(model_cfg, "eval.quality")
 
     @property
     def bundle(self) -> ModelBundle:
@@ -131,6 +137,8 @@ class QualityScorer:
     def _cache_path(self) -> Path:
         identity = {"model": self.model_cfg.get("name"), "weights": self.bundle.weights_hash,
                     "system": RUBRIC_SYSTEM, "user": RUBRIC_USER, "reading": "prefilled-scores/v1"}
+        if self.model_cfg.get("matmul", "float32") != "float32":  # float32 keys predate the setting
+            identity["matmul"] = self.model_cfg["matmul"]
         return self.cache_dir / "judgements" / f"quality-{self.model_cfg.get('name')}-{sha256_json(identity)[:16]}.json"
 
     def score(self, prompts: Sequence[str], completions: Sequence[str]) -> list[Quality]:
