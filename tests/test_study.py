@@ -169,9 +169,23 @@ def test_the_study_renders_the_length_curve_with_a_verdict_per_budget(tmp_path):
                                    "capability/mmlu/accuracy_vs_baseline": drop,
                                    "capability/mmlu/accuracy_vs_baseline_ci95": [drop - 0.05, drop + 0.05]})
         path.write_text(json.dumps(results))
+    for i, (name, quality) in enumerate((("none", 0.05), ("dim_ablation", 0.40), ("inlp_flip", 0.30), ("inlp_nullspace", 0.10))):
+        write_run(mdir / "quality" / str(i), name, 30, **({"k": 40} if name.startswith("inlp") else {}))
+        path = mdir / "quality" / str(i) / "results.json"
+        results = json.loads(path.read_text())
+        results["metrics"].update({"harmful/quality": quality, "harmful/quality_ci95": [quality - 0.02, quality + 0.02],
+                                   "baseline/harmful/quality": 0.05, "harmful/quality_vs_baseline": quality - 0.05,
+                                   "harmful/quality_vs_baseline_ci95": [quality - 0.08, quality - 0.02]})
+        path.write_text(json.dumps(results))
+    (mdir / "quality" / "report.csv").write_text("")  # the sweep ended
     meta = {"date": "2026-12-02", "hardware": "planted", "data": "planted records", "max_new_tokens": 128, "models": ["qwen05"],
             "matmul": "bfloat16"}
     text = render(tmp_path / "study", tmp_path / "docs", meta).read_text()
+    quality = text[text.index("### Answer quality"):]
+    assert "| intervention | harmful: refusal | harmful: quality | Δ quality vs unsteered |" in quality
+    assert "| none | 75.0% [60–86] | 0.050 [0.030, 0.070] | - |" in quality  # no difference of the baseline from itself
+    assert "| dim_ablation | 75.0% [60–86] | 0.400 [0.380, 0.420] | +0.350 [+0.320, +0.380] |" in quality
+    assert "`quality`" not in text.split("## Verdict")[0]  # the step ran: not listed as missing
     curve = text[text.index("### Length curve"):]
     assert "| intervention | 32 tokens | 128 tokens (main) | 256 tokens |" in curve
     assert "| dim_ablation | 75% [60–86] | 5% [1–17] | 2% [0–13] |" in curve  # Wilson intervals of 30, 2 and 1 of 40

@@ -16,10 +16,13 @@ CONTROL_MODELS = ["smollm2", "gemma3_270m"]
 PICKS_BEFORE = {"qwen05": "L15P-1", "qwen15": "L22P-2"}
 SPLITS_DIR = REPO.parent / "shared" / "data" / "refusal_direction_splits"
 STEPS = ["main", "actadd", "k", "alpha", "controls", "tokens", "geometry", "leace", "methods", "heldout", "pareto",
-         "numerics", "capability"]
+         "numerics", "capability", "quality"]
 #: The capability step's benchmarks (5-shot MMLU over all 57 subjects, 4 seeded questions each; ARC-Challenge 100,
 #: lettered; its cloze form, where small models are above chance) under each main row.
 CAPABILITY_TASKS = "[mmlu,arc_challenge,arc_challenge_rc]"
+#: The quality step: the StrongREJECT rubric asked of qwen15 about every harmful completion of the main rows, its
+#: products in bfloat16 (~5x faster here; the refusal judge gave float32's labels on 246 of 246 gold completions).
+QUALITY = ["eval.quality=true", "eval.quality_judge.matmul=bfloat16"]
 HELDOUT_ROWS = "none,actadd,dim_ablation,inlp_nullspace,inlp_flip"
 # C3 is decided on at least 6 values of k, full rank included (studykit.verdict.C3_MIN_GRID); the converged
 # ranks are ~15-33, so the values below the rank give 6-9 points: the leading directions densely, then doublings.

@@ -23,6 +23,7 @@ from .plan import (
     METHODS,
     NO_GEOMETRY,
     NO_OVERREFUSAL,
+    QUALITY,
     REPO,
     swept,
 )
@@ -122,6 +123,8 @@ class Study:
         if "capability" in steps:  # the main rows again with the benchmarks: generations and scores come from the cache
             self.sweep(out, "capability", args, ["intervention=none,dim_ablation,inlp_nullspace,inlp_flip", NO_GEOMETRY,
                                                  f"eval.capability.tasks={CAPABILITY_TASKS}"])
+        if "quality" in steps:  # the main rows again with the StrongREJECT quality of their harmful completions (cached)
+            self.sweep(out, "quality", args, ["intervention=none,dim_ablation,inlp_nullspace,inlp_flip", NO_GEOMETRY, *QUALITY])
         if "heldout" in steps:  # fitted on the splits as always; tested on HarmBench and the over-refusal set, two judges
             n = opts.heldout_n
             harmbench = f"eval.test_sets.harmbench={{source: pypi, benchmark: harmbench, n: {n}}}"

@@ -75,6 +75,7 @@ class ModelRuns:
         for row in self.capability:  # the main row of the same intervention gains its capability (the broken-model rule)
             if (main := pick(self.main, row["intervention"])) is not None:
                 main.update({k: v for k, v in row.items() if k.startswith("capability/")})
+        self.quality = order_rows(_rows(mdir / "quality"))
         self.methods = {run.split("/")[0]: _row(mdir / "methods", run, r) for run, r in load_runs(mdir / "methods")
                         if r.get("status", "ok") == "ok"} if (mdir / "methods").exists() else {}
         self.heldout_raw = {r["intervention"]: r for _, r in load_runs(mdir / "heldout")} if (mdir / "heldout").exists() else {}

@@ -38,6 +38,30 @@ def capability_section(runs: dict[str, ModelRuns]) -> list[str]:
 
 
 
+def quality_section(runs: dict[str, ModelRuns]) -> list[str]:
+    """Each main row's StrongREJECT quality beside its refusal rate, per harmful column, paired against the unsteered."""
+    out = []
+    for model, mr in runs.items():
+        columns = sorted({k.split("/")[0] for r in mr.quality for k in r if k.endswith("/quality") and "/" in k
+                          and not k.startswith("baseline/")}, key=lambda c: (c != mr.column, c))
+        if not columns:
+            continue
+        lines = ["| intervention | " + " | ".join(f"{c}: refusal | {c}: quality | Δ quality vs unsteered" for c in columns) + " |",
+                 "|---|" + "---|---|---|" * len(columns)]
+        for row in mr.quality:
+            cells = []
+            for c in columns:
+                q, (lo, hi) = row.get(f"{c}/quality"), row.get(f"{c}/quality_ci95") or (None, None)
+                d, (dlo, dhi) = row.get(f"{c}/quality_vs_baseline"), row.get(f"{c}/quality_vs_baseline_ci95") or (None, None)
+                rate, (rlo, rhi) = row.get(f"{c}/refusal_rate"), row.get(f"{c}/refusal_rate_ci95") or (None, None)
+                cells += ["-" if rate is None else f"{rate:.1%} [{100 * rlo:.0f}–{100 * rhi:.0f}]",
+                          "-" if q is None else f"{q:.3f} [{lo:.3f}, {hi:.3f}]",
+                          "-" if d is None or row["intervention"] == "none" else f"{d:+.3f} [{dlo:+.3f}, {dhi:+.3f}]"]
+            lines.append(f"| {row['intervention']} | " + " | ".join(cells) + " |")
+        out += [f"**{model}** (claims column `{mr.column}` first)", "", *lines, ""]
+    return out
+
+
 def control_models_section(runs: dict[str, ModelRuns]) -> list[str]:
     """The negative controls: what each method does to a model with (almost) no refusal to suppress."""
     lines = []
