@@ -1,5 +1,5 @@
 """``python -m refusal interventions|judges|benchmarks``: list what is registered (built-ins, plugins, entry
-points) and the public benchmarks; ``judges --validate FILE`` scores judges against human labels;
+points) and the public benchmarks; ``judges --validate FILE`` scores judges against human labels (``--quality``: the quality judge);
 ``benchmarks --fetch`` fills the benchmark cache while the network is there."""
 
 from __future__ import annotations
@@ -9,16 +9,26 @@ import sys
 
 from refusal.artifacts import atomic_write_json
 from refusal.data.benchmarks import BENCHMARKS, benchmark, default_cache_dir, fetch, is_cached
-from refusal.errors import RefusalError
+from refusal.errors import ConfigError, RefusalError
 from refusal.interventions import available
 from refusal.judges import available_judges
 from refusal.judges.accuracy import format_report
 from refusal.judges.labelled import GOLD_FILE
+from refusal.judges.quality_check import format_quality, validate_quality
 from refusal.judges.validate import validate
 from refusal.paths import PLUGINS_DIR
 
 
 def _validate(args: argparse.Namespace, argv: list[str] | None) -> int:
+    if args.quality:
+        if args.judges or args.split or args.calibrate:
+            raise ConfigError("--quality checks the quality judge (eval.quality_judge); leave --judges, --split and "
+                              "--calibrate out")
+        out = validate_quality(GOLD_FILE if args.validate == "gold" else args.validate, args.overrides)
+        print(format_quality(out))
+        if args.json:
+            atomic_write_json(args.json, {**out, "command": " ".join(["python -m refusal", *(argv or sys.argv[1:])])})
+        return 0
     names = [n.strip() for n in args.judges.split(",") if n.strip()] if args.judges else None
     out = validate(GOLD_FILE if args.validate == "gold" else args.validate, names, split=args.split, overrides=args.overrides,
                    plugin_dirs=[PLUGINS_DIR, *args.plugins], calibrate=args.calibrate)
@@ -61,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     judges.add_argument("--split", choices=("dev", "test"), help="score the rows of this split only")
     judges.add_argument("--calibrate", action="store_true", help="choose each judge's score threshold on the dev rows "
                         "and score the test rows with it (set it with judge.<name>.threshold=...)")
+    judges.add_argument("--quality", action="store_true", help="check the StrongREJECT quality judge "
+                        "(eval.quality_judge) instead: AUC of P(refused) for the refusals, of the score for real answers")
     judges.add_argument("--json", metavar="PATH", help="also write the numbers as JSON")
     judges.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. judge.model.model=qwen05")
     bench = sub.add_parser("benchmarks", help="list the public benchmarks of the pypi test-set source")

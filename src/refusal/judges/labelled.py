@@ -7,7 +7,9 @@ One row per completion, JSONL (one object per line) or CSV (a header row), UTF-8
   ``compliance``, as a person read it;
 - ``answers_prompt`` (optional): true/false, whether the completion answers *this* prompt (a compliance
   that answers another, harmless question is false); CSV accepts true/false, yes/no, 1/0 or blank;
-- ``split`` (optional): ``dev`` or ``test``, so a judge tuned on dev is scored on test.
+- ``split`` (optional): ``dev`` or ``test``, so a judge tuned on dev is scored on test;
+- ``column`` (optional): the test set the prompt came from (``harmful``, ``strongreject``, ``harmless``, ...), so
+  checks meant for harmful prompts (the quality score) can leave the harmless ones out.
 
 Every problem is reported with its line (JSONL) or CSV line number and the fix, before any judge runs.
 """
@@ -36,6 +38,7 @@ class LabelledRow:
     label: str
     answers_prompt: bool | None = None
     split: str | None = None
+    column: str | None = None
 
 
 def _optional_bool(value: object, where: str) -> bool | None:
@@ -76,7 +79,8 @@ def parse_labelled(text: str, fmt: str, origin: str) -> list[LabelledRow]:
         if not isinstance(row["prompt"], str) or not isinstance(row["completion"], str):
             raise DataError(f"{where}: prompt and completion must be text; quote them as strings")
         rows.append(LabelledRow(line, row["prompt"], row["completion"], label,
-                                _optional_bool(row.get("answers_prompt"), where), split))
+                                _optional_bool(row.get("answers_prompt"), where), split,
+                                str(row["column"]) if row.get("column") is not None else None))
     if not rows:
         raise DataError(f"{origin} has no labelled rows; add rows with {', '.join(REQUIRED)} "
                         f"(label: {', '.join(GOLD_LABELS)})")

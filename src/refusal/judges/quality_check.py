@@ -1,0 +1,92 @@
+"""``python -m refusal judges --validate --quality``: the StrongREJECT quality score checked against human labels.
+
+The quality score (:mod:`refusal.judges.quality`) claims two things about a completion of a harmful prompt: how
+likely it is a refusal (``P(refused)``), and how real an answer it is. A labelled file says both as a person read
+them: ``label`` (refusal, partial refusal or compliance) and ``answers_prompt`` (whether it answers *this*
+prompt). Each claim is scored as a ranking, by the area under the ROC curve (the chance that a random positive
+row outranks a random negative one, ties half) with Hanley and McNeil's interval: ``P(refused)`` against the
+refusals (partial ones included), and the score against the real answers (compliance that answers the prompt).
+Rows of harmless prompts are left out when the file names their column (the rubric is for forbidden prompts).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from hydra.errors import HydraException
+from omegaconf import OmegaConf
+
+from refusal.errors import ConfigError, DataError
+from refusal.judges.labelled import read_labelled
+from refusal.judges.quality import QualityScorer
+from refusal.paths import conf_dir
+from refusal.schema import compose
+
+
+def auc(scores: Sequence[float], positive: Sequence[bool]) -> dict[str, float]:
+    """Area under the ROC curve of ``scores`` for ``positive`` rows (Mann–Whitney; ties count half) with
+    Hanley & McNeil's (1982) 95% interval, clipped to [0, 1]."""
+    pos = [s for s, p in zip(scores, positive, strict=True) if p]
+    neg = [s for s, p in zip(scores, positive, strict=True) if not p]
+    if not pos or not neg:
+        raise DataError(f"an AUC needs rows of both kinds ({len(pos)} positive, {len(neg)} negative); label more rows")
+    wins = sum((a > b) + 0.5 * (a == b) for a in pos for b in neg)
+    value = wins / (len(pos) * len(neg))
+    q1, q2 = value / (2 - value), 2 * value * value / (1 + value)
+    var = (value * (1 - value) + (len(pos) - 1) * (q1 - value * value) + (len(neg) - 1) * (q2 - value * value)) / (
+        len(pos) * len(neg))
+    half = 1.96 * math.sqrt(max(var, 0.0))
+    return {"value": value, "low": max(0.0, value - half), "high": min(1.0, value + half), "positive": len(pos),
+            "negative": len(neg)}
+
+
+def harmless_columns(cfg: Any) -> set[str]:
+    """The columns whose prompts are harmless in this configuration: the split's own and every harmless test set."""
+    sets = OmegaConf.to_container(cfg.eval.get("test_sets") or {}, resolve=True)
+    return {"harmless"} | {name for name, spec in sets.items() if spec and spec.get("label") == "harmless"}
+
+
+def validate_quality(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """The quality judge (``eval.quality_judge``) on a labelled file's harmful-prompt rows: AUC of P(refused) for
+    the refusals, AUC of the score for the real answers, and the mean score of each kind of row."""
+    try:
+        cfg = compose(conf_dir(), list(overrides))
+    except HydraException as err:
+        raise ConfigError(f"{str(err).splitlines()[0]}; check the overrides") from err
+    QualityScorer.check(cfg.eval.quality_judge)
+    harmless = harmless_columns(cfg)
+    rows = [r for r in read_labelled(path) if r.column not in harmless]
+    if not rows:
+        raise DataError(f"{path} has no rows of harmful prompts (columns {sorted(harmless)} are harmless)")
+    scorer = QualityScorer(OmegaConf.to_container(cfg.eval.quality_judge, resolve=True), cfg.cache_dir)
+    read = scorer.score([r.prompt for r in rows], [r.completion for r in rows])
+    refused = [r.label != "compliance" for r in rows]
+    real = [r.label == "compliance" and r.answers_prompt is True for r in rows]
+    kinds = {"refusal (incl. partial)": refused,
+             "compliance, not answering the prompt": [not a and not b for a, b in zip(refused, real, strict=True)],
+             "compliance answering the prompt": real}
+    means = {kind: {"n": sum(mask), "quality": sum(q.score for q, m in zip(read, mask, strict=True) if m) / max(1, sum(mask)),
+                    "p_refused": sum(q.refused for q, m in zip(read, mask, strict=True) if m) / max(1, sum(mask))}
+             for kind, mask in kinds.items()}
+    return {"file": str(path), "n": len(rows), "left_out_columns": sorted(harmless),
+            "judge": {k: v for k, v in OmegaConf.to_container(cfg.eval.quality_judge, resolve=True).items()},
+            "refused_auc": auc([q.refused for q in read], refused),
+            "quality_auc": auc([q.score for q in read], real),
+            "means": means}
+
+
+def format_quality(out: dict[str, Any]) -> str:
+    """The check as a few readable lines."""
+    a, b = out["refused_auc"], out["quality_auc"]
+    lines = [f"{out['file']}: {out['n']} rows of harmful prompts (left out: {', '.join(out['left_out_columns'])}); "
+             f"quality judge {out['judge']}",
+             f"  P(refused) ranks refusals above the rest:        AUC {a['value']:.3f} [{a['low']:.3f}, {a['high']:.3f}] "
+             f"({a['positive']} vs {a['negative']} rows)",
+             f"  the score ranks real answers above the rest:     AUC {b['value']:.3f} [{b['low']:.3f}, {b['high']:.3f}] "
+             f"({b['positive']} vs {b['negative']} rows)"]
+    for kind, m in out["means"].items():
+        lines.append(f"  {kind:<38} n {m['n']:>4}  mean quality {m['quality']:.3f}  mean P(refused) {m['p_refused']:.3f}")
+    return "\n".join(lines)
