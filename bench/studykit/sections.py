@@ -42,8 +42,8 @@ def quality_section(runs: dict[str, ModelRuns]) -> list[str]:
     """Each main row's StrongREJECT quality beside its refusal rate, per harmful column, paired against the unsteered."""
     out = []
     for model, mr in runs.items():
-        columns = sorted({k.split("/")[0] for r in mr.quality for k in r if k.endswith("/quality") and "/" in k
-                          and not k.startswith("baseline/")}, key=lambda c: (c != mr.column, c))
+        columns = sorted({k.split("/")[0] for r in mr.quality for k in r if k.endswith("/quality")
+                          and not k.startswith("baseline/")}, key=lambda c: (c != mr.column, c))  # the claims' column first
         if not columns:
             continue
         lines = ["| intervention | " + " | ".join(f"{c}: refusal | {c}: quality | Δ quality vs unsteered" for c in columns) + " |",
@@ -58,7 +58,7 @@ def quality_section(runs: dict[str, ModelRuns]) -> list[str]:
                           "-" if q is None else f"{q:.3f} [{lo:.3f}, {hi:.3f}]",
                           "-" if d is None or row["intervention"] == "none" else f"{d:+.3f} [{dlo:+.3f}, {dhi:+.3f}]"]
             lines.append(f"| {row['intervention']} | " + " | ".join(cells) + " |")
-        out += [f"**{model}** (claims column `{mr.column}` first)", "", *lines, ""]
+        out += [f"**{model}**", "", *lines, ""]
     return out
 
 

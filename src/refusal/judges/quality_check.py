@@ -61,7 +61,8 @@ def validate_quality(path: str | Path, overrides: Sequence[str] = ()) -> dict[st
     rows = [r for r in read_labelled(path) if r.column not in harmless]
     if not rows:
         raise DataError(f"{path} has no rows of harmful prompts (columns {sorted(harmless)} are harmless)")
-    scorer = QualityScorer(OmegaConf.to_container(cfg.eval.quality_judge, resolve=True), cfg.cache_dir)
+    judge = OmegaConf.to_container(cfg.eval.quality_judge, resolve=True)
+    scorer = QualityScorer(judge, cfg.cache_dir)
     read = scorer.score([r.prompt for r in rows], [r.completion for r in rows])
     refused = [r.label != "compliance" for r in rows]
     real = [r.label == "compliance" and r.answers_prompt is True for r in rows]
@@ -72,7 +73,7 @@ def validate_quality(path: str | Path, overrides: Sequence[str] = ()) -> dict[st
                     "p_refused": sum(q.refused for q, m in zip(read, mask, strict=True) if m) / max(1, sum(mask))}
              for kind, mask in kinds.items()}
     return {"file": str(path), "n": len(rows), "left_out_columns": sorted(harmless),
-            "judge": {k: v for k, v in OmegaConf.to_container(cfg.eval.quality_judge, resolve=True).items()},
+            "judge": judge,
             "refused_auc": auc([q.refused for q in read], refused),
             "quality_auc": auc([q.score for q in read], real),
             "means": means}
