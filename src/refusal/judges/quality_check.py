@@ -16,14 +16,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
-from refusal.errors import ConfigError, DataError
+from refusal.errors import DataError
 from refusal.judges.labelled import read_labelled
 from refusal.judges.quality import QualityScorer
-from refusal.paths import conf_dir
-from refusal.schema import compose
+from refusal.judges.validate import compose_overrides
 
 
 def auc(scores: Sequence[float], positive: Sequence[bool]) -> dict[str, float]:
@@ -52,10 +50,7 @@ def harmless_columns(cfg: Any) -> set[str]:
 def validate_quality(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """The quality judge (``eval.quality_judge``) on a labelled file's harmful-prompt rows: AUC of P(refused) for
     the refusals, AUC of the score for the real answers, and the mean score of each kind of row."""
-    try:
-        cfg = compose(conf_dir(), list(overrides))
-    except HydraException as err:
-        raise ConfigError(f"{str(err).splitlines()[0]}; check the overrides") from err
+    cfg = compose_overrides(overrides)
     QualityScorer.check(cfg.eval.quality_judge)
     harmless = harmless_columns(cfg)
     rows = [r for r in read_labelled(path) if r.column not in harmless]

@@ -25,11 +25,16 @@ from refusal.paths import conf_dir
 from refusal.schema import compose
 
 
-def _config(names: Sequence[str] | None, overrides: Sequence[str], plugin_dirs: list[str | Path]):
+def compose_overrides(overrides: Sequence[str]):
+    """The project's config with ``overrides``; a bad override is one ConfigError naming it."""
     try:
-        cfg = compose(conf_dir(), overrides)
+        return compose(conf_dir(), list(overrides))
     except HydraException as err:
         raise ConfigError(f"{str(err).splitlines()[0]}; check the overrides") from err
+
+
+def _config(names: Sequence[str] | None, overrides: Sequence[str], plugin_dirs: list[str | Path]):
+    cfg = compose_overrides(overrides)
     if names is None:  # the configured judges that load no model
         defined = OmegaConf.to_container(cfg.get("judge") or {}, resolve=True)
         names = [n for n, j in defined.items() if not get_judge(j.get("type", n), plugin_dirs).loads_model]
