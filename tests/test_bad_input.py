@@ -247,6 +247,9 @@ def test_wrong_type_or_range_fails_before_model_loads(compose, no_model_load, ov
         (["eval.judges=[]"], r"^eval.judges=\[\] names no judge; give at least one, e.g. eval.judges=\[substring\]"),
         (["eval.judges=null"], r"^eval.judges=null names no judge; give at least one, e.g. eval.judges=\[substring\]"),
         (["eval.judges=[substring,substring]"], r"lists a judge twice; name each judge once$"),
+        (["eval.max_new_tokens=128", "eval.generate_new_tokens=64"], r"^eval.generate_new_tokens=64 is below "
+                                                                     r"eval.max_new_tokens=128: .*set it to at least 128, or null$"),
+        (["eval.generate_new_tokens=0"], r"^eval.generate_new_tokens=0 must be an integer >= 1 "),
     ],
 )
 def test_bad_sizes_ranges_and_switches_fail_before_model_loads(compose, no_model_load, overrides, message):

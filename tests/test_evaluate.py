@@ -99,6 +99,28 @@ def test_a_rerun_regenerates_nothing_and_a_new_parameter_does(compose, tmp_path,
     assert scored == [1]
 
 
+def test_shorter_budgets_are_judged_on_cuts_of_one_cached_generation(compose, tmp_path, monkeypatch):
+    """eval.generate_new_tokens=N: every budget up to N reads the same cached generation, cut to its budget; the
+    cut run equals a run that generated at that budget itself."""
+    flags = ["intervention=inlp_flip", *SMALL, "geometry.enabled=false", "eval.test_sets.overrefusal=null"]
+    direct = run_evaluation(compose(*flags, "eval.max_new_tokens=3"), tmp_path / "direct")
+    budgets = []
+    real = __import__("refusal.runtime.generation", fromlist=["generate"]).generate
+    monkeypatch.setattr("refusal.runtime.generation.generate",
+                        lambda *a, **k: budgets.append(k["max_new_tokens"]) or real(*a, **k))
+    cut = run_evaluation(compose(*flags, "eval.max_new_tokens=3", "eval.generate_new_tokens=6"), tmp_path / "cut")
+    assert budgets == [6, 6]  # the baseline and the steered columns, each generated once at the longer budget
+    for key in ("harmful/refusal_rate", "harmless/refusal_rate", "harmful/hit_token_limit", "harmless/perplexity"):
+        assert cut["metrics"][key] == pytest.approx(direct["metrics"][key], rel=1e-5), key
+    def rows(name: str) -> list[tuple[str, bool]]:
+        return [(r["completion"], r["hit_token_limit"]) for r in map(json.loads, (tmp_path / name / "completions.jsonl").open())]
+
+    assert rows("cut") == rows("direct")
+    run_evaluation(compose(*flags, "eval.max_new_tokens=5", "eval.generate_new_tokens=6"), tmp_path / "five")
+    assert budgets == [6, 6]  # another budget: the same generation, from the cache
+    assert cut["metrics"]["harmful/hit_token_limit"] > 0  # some completions were really cut at 3 tokens
+
+
 def test_a_rerun_extracts_no_steered_activations_for_geometry(compose, tmp_path, monkeypatch):
     cfg = compose("intervention=actadd", *SMALL)
     first = run_evaluation(cfg, tmp_path / "first")

@@ -7,7 +7,7 @@ from test_decoding import _planted_eos
 from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
 import refusal.runtime.decoding as decoding
-from refusal.runtime.generation import generate
+from refusal.runtime.generation import generate, truncated
 from refusal.runtime.kv_cache import ReservedLayer, reserve
 
 
@@ -69,3 +69,21 @@ def test_decoding_with_the_reserved_cache_is_bit_identical(tiny_with_system, pro
     assert len({len(c) for c in plain.completion_ids}) > 1  # rows finished at different steps
     assert with_reserve.completion_ids == plain.completion_ids
     assert torch.equal(with_reserve.first_logits, plain.first_logits)
+
+
+def test_a_longer_generation_cut_to_a_budget_is_the_generation_at_that_budget(tiny_with_system, prompts, monkeypatch):
+    """eval.generate_new_tokens: greedy decoding at a budget is the prefix of a longer one, so a length curve can be
+    judged on cuts of one generation; rows that ended before the cut are kept whole."""
+    bundle = tiny_with_system
+    ids = bundle.tokenize_instructions(prompts * 3)
+    monkeypatch.setitem(bundle.extra, "eos_token_ids", [_planted_eos(bundle, ids)])
+    longer = generate(bundle, ids, max_new_tokens=12, batch_size=len(ids), progress=False)
+    for budget in (1, 4, 7):
+        direct = generate(bundle, ids, max_new_tokens=budget, batch_size=len(ids), progress=False)
+        cut = truncated(longer, budget, bundle.tokenizer)
+        assert cut.completion_ids == direct.completion_ids
+        assert cut.completions == direct.completions
+        assert torch.equal(cut.first_logits, direct.first_logits)
+    cut = truncated(longer, 4, bundle.tokenizer)
+    assert any(len(row) < 4 for row in cut.completion_ids) and any(len(row) == 4 for row in cut.completion_ids)
+    assert any(len(row) > 4 for row in longer.completion_ids)  # some rows were really cut

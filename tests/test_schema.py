@@ -53,6 +53,8 @@ def test_each_range_accepts_its_end_and_refuses_just_past_it(compose, key, bound
     """An integer's least value (1 for a count, 0 for shortlist) passes and the one below fails; a float's closed
     end passes, its open end fails; each error names the key, the range and an example."""
     extra = ["eval.judges=[substring,model]"] if key.startswith("judge.") else ["layer.index=1"] if "fixed" in key else []
+    if key == "eval.generate_new_tokens":  # at least max_new_tokens too (a rule over both, tests/test_bad_input.py)
+        extra.append("eval.max_new_tokens=1")
     if ":" in key:  # a layer mode's setting: choose the mode first
         mode, key = key.split(":")
         extra.append(mode)

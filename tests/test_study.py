@@ -3,6 +3,7 @@ and figures. Nothing is run."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import shutil
@@ -151,12 +152,14 @@ def test_a_k_sweep_still_running_decides_nothing_and_is_listed_as_running(tmp_pa
 
 
 def test_the_study_renders_the_length_curve_with_a_verdict_per_budget(tmp_path):
-    """Planted main rows at 128 tokens and the same rows at 32 and 256: ablation suppresses only from 128 on,
-    so C1 is not applicable at 32 and holds at 128 and 256; the curve's plot is written."""
+    """Planted main rows at 128 tokens and the curve's rows at 32, 128 and 256 (cuts of one generation): ablation
+    suppresses only from 128 on, so C1 is not applicable at 32 and holds at 128 and 256; the curve shows its own 128
+    point (ablation refuses 3 of 40 where the main rows refused 2), checked against the main rows; the plot is written."""
     mdir = tmp_path / "study" / "qwen05"
     (mdir / "train").mkdir(parents=True)
     (mdir / "train" / "fitted.json").write_text(json.dumps({"inlp_rank": 40, "layer": 10, "n_layers": 24, "position": -1}))
-    for folder, abl in ((mdir / "main", 2), (mdir / "tokens" / "32", 30), (mdir / "tokens" / "256", 1), (mdir / "numerics", 4)):
+    for folder, abl in ((mdir / "main", 2), (mdir / "tokens" / "32", 30), (mdir / "tokens" / "128", 3), (mdir / "tokens" / "256", 1),
+                        (mdir / "numerics", 4)):
         for i, (name, refused) in enumerate((("none", 30), ("dim_ablation", abl), ("inlp_flip", 1), ("inlp_nullspace", 25))):
             write_run(folder / str(i), name, refused, **({"k": 40} if name.startswith("inlp") else {}))
     for name, refused in (("multi_ablation_2", 2), ("multi_ablation_4", 1), ("random_2_all", 30), ("projected_ablation", 2)):
@@ -188,7 +191,10 @@ def test_the_study_renders_the_length_curve_with_a_verdict_per_budget(tmp_path):
     assert "`quality`" not in text.split("## Verdict")[0]  # the step ran: not listed as missing
     curve = text[text.index("### Length curve"):]
     assert "| intervention | 32 tokens | 128 tokens (main) | 256 tokens |" in curve
-    assert "| dim_ablation | 75% [60–86] | 5% [1–17] | 2% [0–13] |" in curve  # Wilson intervals of 30, 2 and 1 of 40
+    assert "| dim_ablation | 75% [60–86] | 8% [3–20] | 2% [0–13] |" in curve  # Wilson intervals of 30, 3 and 1 of 40
+    assert ("Each budget is judged on its cut of one greedy generation of 256 tokens. At 128 tokens the cut against the main "
+            "rows' own 128-token generation, paired (Δ cut − own): none +0.0 [") in curve
+    assert "dim_ablation +2.5 [" in curve and "(1 + 0 of 40 prompts judged apart)" in curve
     assert "| **C1** verdict | not applicable | holds | holds |" in curve
     assert (tmp_path / "docs" / "results" / "length_curve.png").stat().st_size > 0
     methods = text[text.index("### Beyond one direction"):]  # multi k=2 refuses the same 2 of 40 as DiM ablation
@@ -286,3 +292,27 @@ def test_the_tunability_plot_draws_inlp_curves_beside_dim_points(tmp_path):
                 ("inlp_flip", 4, 1.0, None, 5.8, 0.3), ("inlp_flip", 4, 0.5, None, 5.4, 0.6)]]
     path = plot_tunability(rows, tmp_path / "tune.png")
     assert path.stat().st_size > 20_000
+
+
+def test_the_length_curve_judges_every_budget_on_cuts_of_one_generation_at_the_longest(tmp_path):
+    """The tokens step: one sweep per budget (the main budget included, to check the cut against the main rows), all
+    with eval.generate_new_tokens at the longest budget, so the whole curve costs one generation per row."""
+    calls = []
+
+    class Recorded(Study):
+        def run(self, argv, log, done):
+            calls.append(argv)
+            return True
+
+    root = tmp_path / "study"
+    (root / "qwen05" / "train").mkdir(parents=True)
+    (root / "qwen05" / "train" / "fitted.json").write_text(json.dumps({"inlp_rank": 16}))
+    opts = argparse.Namespace(ks=[], alphas=[], controls=[], token_models=["qwen05"], token_budgets=[32, 64, 128, 256, 512],
+                              matmul="bfloat16", heldout_n=24, pareto_trials=0, k_interventions=["inlp_flip"])
+    Recorded(root, ["eval.max_new_tokens=128"], tmp_path).model("qwen05", ["tokens"], opts)
+    sweeps = [argv for argv in calls if argv[:2] == ["evaluate.py", "-m"]]
+    budgets = [next(a for a in argv if a.startswith("eval.max_new_tokens=")) for argv in sweeps]
+    assert budgets == [f"eval.max_new_tokens={b}" for b in (32, 64, 128, 256, 512)]
+    assert all("eval.generate_new_tokens=512" in argv and sum(a.startswith("eval.max_new_tokens=") for a in argv) == 1
+               for argv in sweeps)  # the study's own budget (128) gives way to each sweep's
+    assert [argv[-1] for argv in sweeps] == [f"hydra.sweep.dir={root / 'qwen05' / 'tokens' / str(b)}" for b in (32, 64, 128, 256, 512)]

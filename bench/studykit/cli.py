@@ -27,8 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--controls", nargs="*", default=list(CONTROLS), choices=list(CONTROLS))
     parser.add_argument("--token-models", nargs="*", default=["qwen05"],
                         help="models whose main rows rerun at --token-budgets and (numerics step) in float32")
-    parser.add_argument("--token-budgets", nargs="*", type=int, default=[32, 64, 256, 512],
-                        help="the length curve: the main rows rerun at each budget (the main budget is its own point)")
+    parser.add_argument("--token-budgets", nargs="*", type=int, default=[32, 64, 128, 256, 512],
+                        help="the length curve: the main rows judged at each budget, on cuts of one generation at the "
+                             "largest (so the main budget's point, cut, is checked against the main rows' own generation)")
     parser.add_argument("--root", type=Path, default=REPO / "study", help="where the runs go")
     parser.add_argument("--docs", type=Path, default=REPO / "docs")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="the field's budget is >= 100 new tokens")

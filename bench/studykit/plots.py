@@ -74,7 +74,7 @@ def plot_length_curve(runs: dict[str, ModelRuns], main_budget: int, path: Path) 
     fig, axes = plt.subplots(1, len(models), figsize=(5.4 * len(models), 4.2), squeeze=False)
     for ax, model in zip(axes[0], models, strict=True):
         mr = runs[model]
-        by_budget = {**mr.tokens, main_budget: mr.main}
+        by_budget = mr.curve(main_budget)
         budgets = sorted(by_budget)
         for name in CURVE_ROWS:
             rows = [(b, r) for b in budgets if (r := pick(by_budget[b], name)) and r.get(f"{mr.column}/refusal_rate") is not None]

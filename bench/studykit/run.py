@@ -102,11 +102,15 @@ class Study:
             # under float32, as a float32 study would be), paired prompt by prompt with the main rows
             self.sweep(out, "numerics", [a for a in args if not a.startswith("model.matmul=")],
                        ["intervention=none,dim_ablation,inlp_nullspace,inlp_flip", "model.matmul=float32", NO_GEOMETRY])
-        if "tokens" in steps and model in opts.token_models:  # the length curve: one folder per budget, each resumable
+        if "tokens" in steps and model in opts.token_models and opts.token_budgets:
+            # the length curve: one folder per budget, each resumable; every budget is judged on its cut of the same
+            # greedy generation at the longest (whichever runs first generates it, the others read it from the cache)
+            longest = max(opts.token_budgets)
             for budget in opts.token_budgets:
                 self.sweep(out / "tokens", str(budget), [a for a in args if not a.startswith("eval.max_new_tokens=")],
                            ["intervention=none,dim_ablation,inlp_nullspace,inlp_flip",  # the rows C1 and C2 compare
-                            f"eval.max_new_tokens={budget}", NO_OVERREFUSAL, NO_GEOMETRY])
+                            f"eval.max_new_tokens={budget}", f"eval.generate_new_tokens={longest}", NO_OVERREFUSAL,
+                            NO_GEOMETRY])
         if "leace" in steps:  # the third family: LEACE erasure and its flip, with their own geometry
             self.sweep(out, "leace", args, ["intervention=leace_erase,leace_flip"])
             self.run(["-m", "refusal.geometry", "--interventions", "none,leace_erase,leace_flip", "--out",

@@ -84,6 +84,11 @@ class ModelRuns:
         geo = mdir / "geometry" / "geometry.json"
         self.geometry = json.loads(geo.read_text()) if geo.exists() else {}
 
+    def curve(self, main_budget: int) -> dict[int, list[dict[str, Any]]]:
+        """Budget -> the main rows judged at that budget: the length curve's own runs (cuts of one generation), with
+        the main rows as the main budget's point only where the curve has none of its own."""
+        return self.tokens if main_budget in self.tokens else {**self.tokens, main_budget: self.main}
+
     def geometry_row(self, label: str) -> dict[str, Any] | None:
         return next((r for r in self.geometry.get("rows", []) if r["intervention"] == label), None)
 

@@ -84,7 +84,7 @@ def token_section(runs: dict[str, ModelRuns], main_budget: int, figures: Path) -
     for model, mr in runs.items():
         if not mr.tokens:
             continue
-        by_budget = {**mr.tokens, main_budget: mr.main}
+        by_budget = mr.curve(main_budget)
         budgets = sorted(by_budget)
         lines = ["| intervention | " + " | ".join(f"{b} tokens" + (" (main)" if b == main_budget else "") for b in budgets) + " |",
                  "|---|" + "---|" * len(budgets)]
@@ -96,10 +96,28 @@ def token_section(runs: dict[str, ModelRuns], main_budget: int, figures: Path) -
                 inputs = mr.inputs(rows=by_budget[b])
                 cells.append(rule(inputs).verdict if inputs else "-")
             lines.append(f"| **{claim}** verdict | " + " | ".join(cells) + " |")
-        out += [f"**{model}** (refusal on `{mr.column}`, 95% Wilson intervals):", "", *lines, ""]
+        out += [f"**{model}** (refusal on `{mr.column}`, 95% Wilson intervals):", "", *lines, "", *_cut_check(mr, main_budget)]
     if out and (plot := plot_length_curve(runs, main_budget, figures / "length_curve.png")):
         out += [f"![length curve](results/{plot.name})", ""]
     return out
+
+
+def _cut_check(mr: ModelRuns, main_budget: int) -> list[str]:
+    """The curve's main-budget point (cut from its longest generation) against the main rows (generated at that
+    budget): the same greedy tokens in exact arithmetic, so what differs is the products' rounding."""
+    if main_budget not in mr.tokens:
+        return []
+    found = []
+    for name in CURVE_ROWS:
+        cut, own = pick(mr.tokens[main_budget], name), pick(mr.main, name)
+        if cut and own and "outcomes" in cut and "outcomes" in own:
+            d = paired(cut, own, name, mr.column)
+            found.append(f"{name} {d.as_points()} pts ({d.a_only} + {d.b_only} of {d.n} prompts judged apart)")
+    if not found:
+        return []
+    longest = max(mr.tokens)
+    return [f"Each budget is judged on its cut of one greedy generation of {longest} tokens. At {main_budget} tokens the cut "
+            f"against the main rows' own {main_budget}-token generation, paired (Δ cut − own): " + "; ".join(found) + ".", ""]
 
 
 def methods_section(runs: dict[str, ModelRuns]) -> list[str]:

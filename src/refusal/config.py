@@ -185,6 +185,10 @@ def check_config(cfg: DictConfig, bundle: Any = None) -> None:
 
 def _check_eval(ecfg: Any) -> None:
     judge_names(ecfg)
+    decoded, judged = ecfg.get("generate_new_tokens"), ecfg.get("max_new_tokens")
+    if decoded is not None and judged is not None and decoded < judged:
+        raise ConfigError(f"eval.generate_new_tokens={decoded} is below eval.max_new_tokens={judged}: a completion "
+                          f"cannot be judged on more tokens than were generated; set it to at least {judged}, or null")
     if ecfg.get("capability") is not None:
         check_capability(ecfg.capability)
     if ecfg.get("quality"):

@@ -299,6 +299,8 @@ class EvalSchema:
     open: the user names the sets."""
 
     max_new_tokens: int = at_least(1, "new tokens per completion", 64, default=64)
+    generate_new_tokens: int | None = at_least(1, "tokens generated per completion, of which the first max_new_tokens "
+                                                  "are judged (null: max_new_tokens)", 512, default=None)
     lean: bool = False
     optimize: list[str] | None = None
     constraints: list[str] = field(default_factory=list)

@@ -16,7 +16,7 @@ from refusal.context import RunContext
 from refusal.interventions import Intervention
 from refusal.judges import Judge, Judgement, agreement, build_judges
 from refusal.metrics import JudgedRefusalRate, RefusalScore, wilson_interval
-from refusal.runtime.generation import GenerationCache, Generations
+from refusal.runtime.generation import GenerationCache, Generations, truncated
 
 
 def _column_metrics(column: str, judged: dict[str, list[Judgement]], primary: str,
@@ -114,9 +114,13 @@ def generate_and_judge(ctx: RunContext, intervention: Intervention, steer: str |
     search trial share. Records the ``generate`` and ``score`` timings."""
     cfg = ctx.cfg
     max_new = int(cfg.eval.max_new_tokens)
+    decoded = int(cfg.eval.get("generate_new_tokens") or max_new)  # longer: judge the first max_new of each
     t0 = time.perf_counter()
-    gen_kwargs = dict(max_new_tokens=max_new, batch_size=int(cfg.eval.batch_size), progress=ctx.progress)
+    gen_kwargs = dict(max_new_tokens=decoded, batch_size=int(cfg.eval.batch_size), progress=ctx.progress)
     base, steered = _generate_columns(ctx, intervention, steer, columns, gen_kwargs)
+    if decoded > max_new:
+        cut = {id(g): truncated(g, max_new, ctx.bundle.tokenizer) for g in [*base.values(), *steered.values()]}
+        base, steered = ({col: cut[id(g)] for col, g in gens.items()} for gens in (base, steered))
     ctx.timings["generate"] = time.perf_counter() - t0
     t1 = time.perf_counter()
     judges = build_judges(ctx.judges, plugin_dirs(cfg), cfg.cache_dir)

@@ -94,6 +94,15 @@ def generate(
     return Generations(list(completions), list(completion_ids), first_logits)
 
 
+def truncated(gens: Generations, max_new_tokens: int, tokenizer: Any) -> Generations:
+    """Each completion cut to its first ``max_new_tokens`` tokens: greedy decoding at that budget, read off a longer
+    generation (the same tokens in exact arithmetic), so one generation serves every shorter budget of a length curve."""
+    ids = [row[:max_new_tokens] for row in gens.completion_ids]
+    texts = [text if len(row) <= max_new_tokens else tokenizer.decode(cut, skip_special_tokens=True)
+             for text, row, cut in zip(gens.completions, gens.completion_ids, ids, strict=True)]
+    return Generations(texts, ids, gens.first_logits)
+
+
 class _FirstLogits(LogitsProcessor):
     """Keeps the first step's logits (greedy decoding has no other processor before this one), so
     the other steps' ``[batch, vocab]`` logits are never stored, as ``output_logits`` would."""
