@@ -8,10 +8,11 @@ same arithmetic on fewer tokens: logits equal the plain pass's to float toleranc
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from jaxtyping import Float
 
 from refusal.models.bundle import ModelBundle
 from refusal.runtime.roles import INSTRUCTION, token_roles
@@ -44,6 +45,28 @@ def forward(bundle: ModelBundle, rows: Sequence[Sequence[int]], *, offset: int =
         input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids + offset,
         cache=past, use_cache=keep_cache or past is not None, logits_to_keep=logits_to_keep,
     )
+
+
+def last_logits_then_extended(
+    bundle: ModelBundle, prefix: Sequence[int], rows: Sequence[Sequence[int]], keep: int,
+    extend: Callable[[torch.Tensor], Sequence[Sequence[int]]],
+) -> tuple[Float[torch.Tensor, "n keep vocab"], Float[torch.Tensor, "n vocab"]]:
+    """:func:`last_logits` of ``prefix + row``, then the last position's logits of ``prefix + row + extend(first)[i]``
+    (equally long extensions chosen from the first logits): the second pass continues the first's cache, so a
+    question asked after an answer costs its own few tokens, not the whole text again."""
+    n, offset = len(rows), len(prefix)
+    past = prompt_prefix_cache(bundle, prefix, n) if prefix else None
+    batch = bundle.pad(rows).to(bundle.device)
+    mask = torch.cat([batch.attention_mask.new_ones(n, offset), batch.attention_mask], dim=1)
+    out = bundle.model(input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids + offset,
+                       cache=past, use_cache=True, logits_to_keep=keep)
+    first = out.logits.float()
+    extra = torch.tensor([list(e) for e in extend(first)], dtype=torch.long, device=bundle.device).view(n, -1)
+    steps = torch.arange(1, extra.shape[1] + 1, device=bundle.device)
+    then = bundle.model(input_ids=extra, attention_mask=torch.cat([mask, mask.new_ones(extra.shape)], dim=1),
+                        position_ids=batch.position_ids[:, -1:] + offset + steps, cache=out.cache, use_cache=True,
+                        logits_to_keep=1)
+    return first, then.logits[:, -1].float()
 
 
 def shared_prefix(rows: Sequence[Sequence[int]], keep_last: int) -> list[int]:
