@@ -19,7 +19,7 @@ from refusal.errors import DataError
 from refusal.metrics import wilson_interval
 
 sys.path.insert(0, str(REPO / "bench"))  # the study's code lives in bench/studykit
-from studykit.plan import KS  # noqa: E402
+from studykit.plan import KS, METHODS  # noqa: E402
 from studykit.plots import plot_tunability  # noqa: E402
 from studykit.render import render  # noqa: E402
 from studykit.run import Study  # noqa: E402
@@ -164,6 +164,10 @@ def test_the_study_renders_the_length_curve_with_a_verdict_per_budget(tmp_path):
             write_run(folder / str(i), name, refused, **({"k": 40} if name.startswith("inlp") else {}))
     for name, refused in (("multi_ablation_2", 2), ("multi_ablation_4", 1), ("random_2_all", 30), ("projected_ablation", 2)):
         write_run(mdir / "methods" / name, name.rsplit("_", 1)[0], refused)
+    landing = {"multi_ablation (k=2)": (0.9, "opposite"), "random_ablation (k=2, center=zero)": (0.05, "stays")}
+    (mdir / "geometry_methods").mkdir()
+    (mdir / "geometry_methods" / "geometry.json").write_text(json.dumps({"rows": [
+        {"intervention": label, "t": t, "t_lo": t - 0.1, "t_hi": t + 0.1, "label_ci": word} for label, (t, word) in landing.items()]}))
     for i, (name, drop) in enumerate((("none", 0.0), ("dim_ablation", -0.01), ("inlp_flip", 0.0), ("inlp_nullspace", -0.30))):
         write_run(mdir / "capability" / str(i), name, 30, **({"k": 40} if name.startswith("inlp") else {}))
         path = mdir / "capability" / str(i) / "results.json"
@@ -200,8 +204,9 @@ def test_the_study_renders_the_length_curve_with_a_verdict_per_budget(tmp_path):
     methods = text[text.index("### Beyond one direction"):]  # multi k=2 refuses the same 2 of 40 as DiM ablation
     assert "k=2: Δ +0.0 [-9.2, +9.2] pts → adds less than 10% of refusal" in methods
     assert "k=4: Δ -2.5 [-13.5, +7.3] pts → undecided at this n" in methods  # one discordant prompt of 40
-    assert "| projected_ablation | 5% [1–17] | -70.0 [" in methods and "| not run | 1.000 |" in methods  # no random_1_all
-    assert "(random_2_all) | 1.000 |" in methods
+    assert "| projected_ablation | 5% [1–17] | -70.0 [" in methods  # no random_1_all: its control "not run"
+    assert "(random_2_all) | 1.000 | 0.90 [0.80, 1.00] opposite | 0.05 [-0.05, 0.15] stays |" in methods  # geometry_methods
+    assert "| not run | 1.000 | - | - |" in methods  # projected ablation: no landing measured
     capability = text[text.index("### Capability"):]  # nullspace loses 30 points of MMLU: broken, so C2 is not decided
     assert "**qwen05** (items: mmlu 228)" in capability and "| inlp_nullspace | 10.0% (-30.0 [-35, -25]) |" in capability
     assert "model broken (mmlu Δ acc [-35.0, -25.0] pts below −5)" in text
@@ -294,9 +299,8 @@ def test_the_tunability_plot_draws_inlp_curves_beside_dim_points(tmp_path):
     assert path.stat().st_size > 20_000
 
 
-def test_the_length_curve_judges_every_budget_on_cuts_of_one_generation_at_the_longest(tmp_path):
-    """The tokens step: one sweep per budget (the main budget included, to check the cut against the main rows), all
-    with eval.generate_new_tokens at the longest budget, so the whole curve costs one generation per row."""
+def planned_commands(root, steps: list[str]) -> list[list[str]]:
+    """The commands the study would run for qwen05's ``steps`` (recorded, not run)."""
     calls = []
 
     class Recorded(Study):
@@ -304,13 +308,29 @@ def test_the_length_curve_judges_every_budget_on_cuts_of_one_generation_at_the_l
             calls.append(argv)
             return True
 
-    root = tmp_path / "study"
     (root / "qwen05" / "train").mkdir(parents=True)
     (root / "qwen05" / "train" / "fitted.json").write_text(json.dumps({"inlp_rank": 16}))
     opts = argparse.Namespace(ks=[], alphas=[], controls=[], token_models=["qwen05"], token_budgets=[32, 64, 128, 256, 512],
                               matmul="bfloat16", heldout_n=24, pareto_trials=0, k_interventions=["inlp_flip"])
-    Recorded(root, ["eval.max_new_tokens=128"], tmp_path).model("qwen05", ["tokens"], opts)
-    sweeps = [argv for argv in calls if argv[:2] == ["evaluate.py", "-m"]]
+    Recorded(root, ["eval.max_new_tokens=128"], root.parent).model("qwen05", steps, opts)
+    return calls[1:]  # after the train step
+
+
+def test_the_methods_step_measures_where_every_method_and_random_control_lands(tmp_path):
+    calls = planned_commands(tmp_path / "study", ["methods"])
+    geometry = calls[-1]
+    assert geometry[:3] == ["-m", "refusal.geometry", "--interventions"]
+    specs = geometry[3].split(",")
+    assert specs[:2] == ["none", "dim_ablation"] and "multi_ablation:k=4" in specs and "rdo_ablation:k=3" in specs
+    assert "projected_ablation:norm_preserving=true" in specs and "random_ablation:k=1:center=zero" in specs
+    assert len(specs) == 2 + len(METHODS) + 1 and len(calls) == len(METHODS) + 1  # every method run, then one geometry
+
+
+def test_the_length_curve_judges_every_budget_on_cuts_of_one_generation_at_the_longest(tmp_path):
+    """The tokens step: one sweep per budget (the main budget included, to check the cut against the main rows), all
+    with eval.generate_new_tokens at the longest budget, so the whole curve costs one generation per row."""
+    root = tmp_path / "study"
+    sweeps = [argv for argv in planned_commands(root, ["tokens"]) if argv[:2] == ["evaluate.py", "-m"]]
     budgets = [next(a for a in argv if a.startswith("eval.max_new_tokens=")) for argv in sweeps]
     assert budgets == [f"eval.max_new_tokens={b}" for b in (32, 64, 128, 256, 512)]
     assert all("eval.generate_new_tokens=512" in argv and sum(a.startswith("eval.max_new_tokens=") for a in argv) == 1

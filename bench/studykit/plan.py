@@ -70,6 +70,16 @@ METHODS = {
 METHOD_CONTROLS = {"projected_ablation": "random_1_all", "projected_ablation_norm": "random_1_all",
                    "multi_ablation_2": "random_2_all", "multi_ablation_4": "random_4_all", "rdo_direction": "random_1_all",
                    "rdo_cone_3": "random_3_all"}
+
+
+def geometry_spec(overrides: list[str]) -> str:
+    """``refusal.geometry``'s spec of a run's intervention overrides: [intervention=x, intervention.k=2] -> x:k=2."""
+    name = next(o.split("=", 1)[1] for o in overrides if o.startswith("intervention="))
+    return ":".join([name, *(o.split(".", 1)[1] for o in overrides if o.startswith("intervention."))])
+
+
+#: Where each method and random control moves harmful activations, beside the unsteered model and DiM ablation.
+METHOD_GEOMETRY_SPECS = ["none", "dim_ablation", *(geometry_spec(o) for o in [*METHODS.values(), CONTROLS["random_1_all"]])]
 CURVE_ROWS = ["none", "dim_ablation", "inlp_nullspace", "inlp_flip"]  # the rows C1 and C2 compare
 GEOMETRY_SPECS = ["none", "actadd:coeff=-1.0", "dim_ablation", "inlp_nullspace", "inlp_flip",
                   f"inlp_nullspace:k={LEGACY_K}", f"inlp_flip:k={LEGACY_K}", "dim_ablation:layers=selected",

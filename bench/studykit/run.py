@@ -20,6 +20,7 @@ from .plan import (
     GEOMETRY_SPECS,
     HELDOUT_ROWS,
     LEGACY_K,
+    METHOD_GEOMETRY_SPECS,
     METHODS,
     NO_GEOMETRY,
     NO_OVERREFUSAL,
@@ -124,6 +125,9 @@ class Study:
                 run_dir = out / "methods" / name
                 self.run(["evaluate.py", *args, *overrides, NO_GEOMETRY, f"hydra.run.dir={run_dir}"],
                          out / "methods" / f"{name}.log", run_dir / "results.json")
+            # where each lands (the fits come from the runs' artifacts): two forward passes per method, no generation
+            self.run(["-m", "refusal.geometry", "--interventions", ",".join(METHOD_GEOMETRY_SPECS), "--out",
+                      str(out / "geometry_methods"), *args], out / "geometry_methods.log", out / "geometry_methods" / "geometry.json")
         if "capability" in steps:  # the main rows again with the benchmarks: generations and scores come from the cache
             self.sweep(out, "capability", args, ["intervention=none,dim_ablation,inlp_nullspace,inlp_flip", NO_GEOMETRY,
                                                  f"eval.capability.tasks={CAPABILITY_TASKS}"])

@@ -62,6 +62,8 @@ class ModelRuns:
         geo_leace, geo_selected = mdir / "geometry_leace" / "geometry.json", mdir / "geometry_leace_selected" / "geometry.json"
         self.geometry_leace = json.loads(geo_leace.read_text()) if geo_leace.exists() else {}
         self.geometry_leace_selected = json.loads(geo_selected.read_text()) if geo_selected.exists() else {}
+        geo_methods = mdir / "geometry_methods" / "geometry.json"
+        self.geometry_methods = {r["intervention"]: r for r in json.loads(geo_methods.read_text())["rows"]} if geo_methods.exists() else {}
         # the k sweep decides C3 once it has ended (its report written), never from the jobs done so far
         self.k = _rows(mdir / "k") if (mdir / "k" / "report.csv").exists() else []
         self.alpha = _rows(mdir / "alpha")

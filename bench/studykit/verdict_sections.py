@@ -6,7 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .plan import CURVE_ROWS, METHOD_CONTROLS
+from refusal.geometry.compare import InterventionSpec
+
+from .plan import CONTROLS, CURVE_ROWS, METHOD_CONTROLS, METHODS, geometry_spec
 from .plots import plot_length_curve
 from .runs import ModelRuns, pick
 from .verdict import C1_MARGIN, ClaimInputs, c1, c2, decide, paired
@@ -120,6 +122,14 @@ def _cut_check(mr: ModelRuns, main_budget: int) -> list[str]:
             f"against the main rows' own {main_budget}-token generation, paired (Δ cut − own): " + "; ".join(found) + ".", ""]
 
 
+def _lands(mr: ModelRuns, run: str) -> str:
+    """Where a methods-step run moves harmful activations at the DiM layer (the geometry_methods step), or "-"."""
+    overrides = METHODS.get(run) or CONTROLS.get(run) or []
+    label = InterventionSpec.parse(geometry_spec(overrides)).label if overrides else None
+    g = mr.geometry_methods.get(label) if label else None
+    return f"{g['t']:.2f} [{g['t_lo']:.2f}, {g['t_hi']:.2f}] {g['label_ci']}" if g else "-"
+
+
 def methods_section(runs: dict[str, ModelRuns]) -> list[str]:
     """Methods beyond one direction, each paired against the baseline, DiM ablation and its random control."""
     out = []
@@ -127,8 +137,8 @@ def methods_section(runs: dict[str, ModelRuns]) -> list[str]:
         base, ablation = pick(mr.main, "none"), pick(mr.main, "dim_ablation")
         if not (mr.methods and base and ablation and "outcomes" in base and "outcomes" in ablation):
             continue
-        lines = ["| method | refusal | Δ vs baseline | Δ vs DiM ablation | Δ vs its random control | ppl ÷ baseline |",
-                 "|---|---|---|---|---|---|"]
+        lines = ["| method | refusal | Δ vs baseline | Δ vs DiM ablation | Δ vs its random control | ppl ÷ baseline | "
+                 "lands (t [95%], label) | its control lands |", "|---|---|---|---|---|---|---|---|"]
         for name in METHOD_CONTROLS:
             row = mr.methods.get(name)
             if not row or "outcomes" not in row:
@@ -138,7 +148,8 @@ def methods_section(runs: dict[str, ModelRuns]) -> list[str]:
                           if control and "outcomes" in control else "not run")
             ppl = row.get("harmless/perplexity") / base["harmless/perplexity"] if row.get("harmless/perplexity") else float("nan")
             lines.append(f"| {name} | {_rate(row, mr.column)} | {paired(row, base, name, mr.column).as_points()} | "
-                         f"{paired(row, ablation, name, mr.column).as_points()} | {vs_control} | {ppl:.3f} |")
+                         f"{paired(row, ablation, name, mr.column).as_points()} | {vs_control} | {ppl:.3f} | "
+                         f"{_lands(mr, name)} | {_lands(mr, METHOD_CONTROLS[name])} |")
         second = [(k, mr.methods.get(f"multi_ablation_{k}")) for k in (2, 4)]
         answers = []
         for k, row in second:
