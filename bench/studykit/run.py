@@ -92,12 +92,12 @@ class Study:
         if "alpha" in steps and opts.alphas:
             self.sweep(out, "alpha", args, ["intervention=inlp_flip", swept("intervention.alpha", opts.alphas), NO_GEOMETRY,
                                             NO_OVERREFUSAL])
-        if "controls" in steps:
+        if "controls" in steps:  # each swaps one row of C1/C2 (decided on the held-out column): no over-refusal column
             for name in opts.controls:
                 overrides = [o.format(rank=rank) for o in CONTROLS[name]]
                 run_dir = out / "controls" / name
-                self.run(["evaluate.py", *args, *overrides, f"hydra.run.dir={run_dir}"], out / "controls" / f"{name}.log",
-                         run_dir / "results.json")
+                self.run(["evaluate.py", *args, *overrides, NO_OVERREFUSAL, f"hydra.run.dir={run_dir}"],
+                         out / "controls" / f"{name}.log", run_dir / "results.json")
         if "numerics" in steps and model in opts.token_models and opts.matmul != "float32":
             # the products' precision checked at the study's own sizes: the main rows again in float32 (refitted
             # under float32, as a float32 study would be), paired prompt by prompt with the main rows
