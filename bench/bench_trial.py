@@ -12,7 +12,9 @@ Target: 32 s per trial, what heretic (the peer tool) took on the same checkpoint
 prompts and max_response_length=32; a lean trial on that work (--prompts 32 --tokens 32) should be no
 slower. heretic-llm 1.4.0's defaults do more per trial: 100 + 100 evaluation prompts and
 max_response_length=100 new tokens for the refusal count; its KL, like ours, reads the first generated
-token only.
+token only. ``--peer heretic`` (or abliterix; installed by bench/peers/install.sh) times the peer's own trials
+on the same work in the same run (bench/peers/run_peer.py: our model folder, test prompts, budget) and records
+the ratio ours ÷ peer, the target then being ≤ 1 on the machine as it is during this run.
 
 Generations and next-token logits go to a temporary cache (the dequantized model is linked in from
 REFUSAL_CACHE, so nothing is dequantized again); fits are read from (or written to) the usual
@@ -20,13 +22,17 @@ artifacts_dir, except in --smoke, where everything is temporary.
 
     python bench/bench_trial.py --model qwen05                    # 32 + 32 prompts, 32 tokens, inlp_flip
     python bench/bench_trial.py --model qwen05 --intervention actadd --repeats 5
+    python bench/bench_trial.py --model qwen05 --peer heretic    # + heretic's trials on the same work: the ratio
     python bench/bench_trial.py --smoke
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -49,6 +55,22 @@ def link_models(src: Path, dst: Path) -> None:
                 (dst / "models" / entry.name).symlink_to(entry.resolve(), target_is_directory=entry.is_dir())
 
 
+def peer_trial_seconds(peer: str, model: str, prompts: int, tokens: int, trials: int, out: Path) -> list[float]:
+    """Wall seconds of each of the peer's own trials on our model, test prompts and budget (bench/peers/run_peer.py),
+    as its Optuna study recorded them; the peer's fit and unsteered baseline are not in them, as ours are not."""
+    argv = [sys.executable, str(C.REPO / "bench" / "peers" / "run_peer.py"), peer, "--model", model, "--n-test", str(prompts),
+            "--max-new-tokens", str(tokens), "--trials", str(trials), "--startup-trials", str(trials), "--out", str(out),
+            "--judges", "substring"]
+    proc = subprocess.run(argv, cwd=C.REPO, capture_output=True, text=True)
+    trials_file = out / "trials.json"
+    if proc.returncode != 0 or not trials_file.exists():
+        raise SystemExit(f"--peer {peer}: run_peer.py failed ({proc.returncode}):\n{(proc.stderr or proc.stdout)[-2000:]}")
+    done = [t for t in json.loads(trials_file.read_text())["trials"] if t.get("state") == "COMPLETE" and t.get("duration_s")]
+    if not done:
+        raise SystemExit(f"--peer {peer}: no completed trial in {trials_file}")
+    return [float(t["duration_s"]) for t in done]
+
+
 def compose(overrides: list[str]):
     from refusal.schema import compose as compose_config
 
@@ -61,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts", type=int, default=32, help="harmful and harmless test prompts per trial (default 32)")
     parser.add_argument("--tokens", type=int, default=32, help="new tokens per completion (default 32)")
     parser.add_argument("--override", nargs="*", default=[], help="extra Hydra overrides for the trial config")
+    parser.add_argument("--peer", choices=["heretic", "abliterix"],
+                        help="also time the peer's trials on the same work in this run (as many as --repeats)")
     args = C.parse(parser, argv)
     if args.smoke:
         args.prompts, args.tokens = 4, 4
@@ -117,6 +141,12 @@ def main(argv: list[str] | None = None) -> int:
         "setup_s": setup_s, "repeats": len(runs), "overrides": " ".join(args.override),
     }
     figures.update(C.peak_memory(device))
+    if args.peer:
+        with tempfile.TemporaryDirectory(prefix="bench_trial_peer_") as peer_dir:
+            peer_s = peer_trial_seconds(args.peer, args.model, args.prompts, args.tokens, args.repeats, Path(peer_dir) / "run")
+        figures.update({"peer": args.peer, "peer_trial_s": C.median(peer_s), "ratio_vs_peer": figures["trial_s"] / C.median(peer_s)})
+        print(f"{args.peer}: {C.median(peer_s):.1f}s per trial (median of {len(peer_s)}); ours ÷ peer "
+              f"{figures['ratio_vs_peer']:.2f}", flush=True)
     C.append_row(NAME, args, device, figures)
     return 0
 

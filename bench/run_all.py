@@ -161,9 +161,13 @@ def _evaluate(row: dict[str, str]) -> list[Figure]:
 def _trial(row: dict[str, str]) -> list[Figure]:
     what = f"{row.get('prompts', '?')} + {row.get('prompts', '?')} prompts, {row.get('tokens', '?')} tokens"
     same_work = (row.get("prompts"), row.get("tokens")) == ("32", "32")  # heretic's work: only then judged
+    peer = [Figure("peer_trial_s", f"{row['peer']}'s own trial on the same work, this run, s"),
+            Figure("ratio_vs_peer", f"ours ÷ {row['peer']} (same run)", 1.0)] if row.get("peer") else []
     return [
-        Figure("trial_s", f"lean trial ({row.get('intervention', '?')}, {what}), s", C.TARGETS["trial"] if same_work else None,
+        Figure("trial_s", f"lean trial ({row.get('intervention', '?')}, {what}), s",
+               C.TARGETS["trial"] if same_work and not peer else None,
                "trial_min_s", note=f"varies {row.get('varied', '?')}; setup (load, fits, baseline) {_fmt(row.get('setup_s', ''))} s untimed"),
+        *peer,
         Figure("generate_s", "steered generation on harmful prompts, s"),
         Figure("score_s", "judging + next-token KL on harmless prompts, s"),
         Figure("load_s", "config, data, tokenization, held model, s"),
@@ -309,8 +313,10 @@ SECTIONS = {
         "the model held): steered greedy generation on the test split's first harmful prompts, judged, and next-token "
         "KL on its first harmless prompts. The model load, fits and unsteered baseline (generations and logits) are "
         "paid by an untimed first trial, as in a search; each timed trial steers with a new value, so nothing is a "
-        "cache hit. Median of the repeats (fastest in brackets). Target: 32 s per trial, heretic's time on the same "
-        "checkpoint in one run set to 32 + 32 prompts and max_response_length=32 (heretic-llm 1.4.0's defaults: "
+        "cache hit. Median of the repeats (fastest in brackets). Target: with `--peer heretic` (or abliterix), the peer's "
+        "own trials are timed on the same work in the same run (bench/peers/run_peer.py: our model folder, test prompts "
+        "and budget) and ours ÷ theirs must be ≤ 1; without it, 32 s per trial, heretic's time on the same checkpoint "
+        "in one earlier run set to 32 + 32 prompts and max_response_length=32 (heretic-llm 1.4.0's defaults: "
         "100 + 100 prompts, max_response_length=100, KL from the first generated token).",
         _trial,
     ),

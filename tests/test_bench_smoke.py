@@ -99,3 +99,17 @@ def test_bench_timeout_counts_running_time_only(tmp_path, monkeypatch):
     sleeper = [sys.executable, "-c", "import time; time.sleep(5)"]
     killed = bench_evaluate.run_child(sleeper, dict(os.environ), tmp_path / "log2", timeout=0.5)
     assert killed["timed_out"] and killed["rc"] != 0
+
+
+def test_a_trial_timed_beside_a_peer_is_judged_by_the_ratio_from_the_same_run(monkeypatch):
+    """bench_trial --peer: the row's target becomes ours ÷ peer ≤ 1 (both timed in one run); without it, the fixed
+    32 s (heretic's time once measured at 32 + 32 prompts and 32 tokens) and only on that work."""
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    import run_all
+
+    same_run = {f.key: f for f in run_all._trial({"prompts": "32", "tokens": "32", "peer": "heretic"})}
+    assert same_run["ratio_vs_peer"].target == 1.0 and same_run["trial_s"].target is None
+    assert "heretic" in same_run["peer_trial_s"].label
+    alone = {f.key: f for f in run_all._trial({"prompts": "32", "tokens": "32"})}
+    assert "ratio_vs_peer" not in alone and alone["trial_s"].target == 32.0
+    assert {f.key: f for f in run_all._trial({"prompts": "8", "tokens": "32"})}["trial_s"].target is None
