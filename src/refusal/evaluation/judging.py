@@ -57,15 +57,22 @@ Columns = list[tuple[str, str, str]]  # (metric prefix, split or test-set name, 
 
 
 def _generate_columns(ctx: RunContext, intervention: Intervention, steer: str | None, columns: Columns,
-                      gen_kwargs: dict[str, Any]) -> tuple[dict[str, Generations], dict[str, Generations]]:
-    """Baseline and steered generations of every column, from the cache when they were made before."""
+                      judged_tokens: int, gen_kwargs: dict[str, Any]) -> tuple[dict[str, Generations], dict[str, Generations]]:
+    """Baseline and steered generations of every column, from the cache when they were made before, each cut to
+    its first ``judged_tokens`` (generated longer when ``gen_kwargs`` asks for more)."""
     cache = GenerationCache(Path(ctx.cfg.cache_dir) / "generations")
     sets = {col: ctx.tokens(split) for col, split, _ in columns}
-    base = cache.get_many(ctx.bundle, sets, desc="baseline", **gen_kwargs)
+
+    def cut(gens: dict[str, Generations]) -> dict[str, Generations]:
+        if gen_kwargs["max_new_tokens"] == judged_tokens:
+            return gens
+        return {col: truncated(g, judged_tokens, ctx.bundle.tokenizer) for col, g in gens.items()}
+
+    base = cut(cache.get_many(ctx.bundle, sets, desc="baseline", **gen_kwargs))
     if steer is None:
         return base, base
     with intervention.apply(ctx.bundle):
-        steered = cache.get_many(ctx.bundle, sets, steer=steer, desc=intervention.name, **gen_kwargs)
+        steered = cut(cache.get_many(ctx.bundle, sets, steer=steer, desc=intervention.name, **gen_kwargs))
     return base, steered
 
 
@@ -117,10 +124,7 @@ def generate_and_judge(ctx: RunContext, intervention: Intervention, steer: str |
     decoded = int(cfg.eval.get("generate_new_tokens") or max_new)  # longer: judge the first max_new of each
     t0 = time.perf_counter()
     gen_kwargs = dict(max_new_tokens=decoded, batch_size=int(cfg.eval.batch_size), progress=ctx.progress)
-    base, steered = _generate_columns(ctx, intervention, steer, columns, gen_kwargs)
-    if decoded > max_new:
-        cut = {id(g): truncated(g, max_new, ctx.bundle.tokenizer) for g in [*base.values(), *steered.values()]}
-        base, steered = ({col: cut[id(g)] for col, g in gens.items()} for gens in (base, steered))
+    base, steered = _generate_columns(ctx, intervention, steer, columns, max_new, gen_kwargs)
     ctx.timings["generate"] = time.perf_counter() - t0
     t1 = time.perf_counter()
     judges = build_judges(ctx.judges, plugin_dirs(cfg), cfg.cache_dir)

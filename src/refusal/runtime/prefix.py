@@ -37,14 +37,19 @@ def forward(bundle: ModelBundle, rows: Sequence[Sequence[int]], *, offset: int =
             keep_cache: bool = False, logits_to_keep: int = 1) -> Any:
     """One forward pass of left-padded ``rows`` (the last ``logits_to_keep`` positions' logits),
     continuing ``past`` (a cache of ``offset`` prefix tokens, one per row) when given."""
+    input_ids, mask, positions = _inputs(bundle, rows, offset)
+    return bundle.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=past,
+                        use_cache=keep_cache or past is not None, logits_to_keep=logits_to_keep)
+
+
+def _inputs(bundle: ModelBundle, rows: Sequence[Sequence[int]], offset: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Left-padded ``rows`` after ``offset`` cached prefix tokens: input ids, the attention mask (prefix included)
+    and the positions."""
     batch = bundle.pad(rows).to(bundle.device)
     mask = batch.attention_mask
     if offset:
         mask = torch.cat([mask.new_ones(len(rows), offset), mask], dim=1)
-    return bundle.model(
-        input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids + offset,
-        cache=past, use_cache=keep_cache or past is not None, logits_to_keep=logits_to_keep,
-    )
+    return batch.input_ids, mask, batch.position_ids + offset
 
 
 def last_logits_then_extended(
@@ -54,18 +59,15 @@ def last_logits_then_extended(
     """:func:`last_logits` of ``prefix + row``, then the last position's logits of ``prefix + row + extend(first)[i]``
     (equally long extensions chosen from the first logits): the second pass continues the first's cache, so a
     question asked after an answer costs its own few tokens, not the whole text again."""
-    n, offset = len(rows), len(prefix)
-    past = prompt_prefix_cache(bundle, prefix, n) if prefix else None
-    batch = bundle.pad(rows).to(bundle.device)
-    mask = torch.cat([batch.attention_mask.new_ones(n, offset), batch.attention_mask], dim=1)
-    out = bundle.model(input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids + offset,
-                       cache=past, use_cache=True, logits_to_keep=keep)
+    past = prompt_prefix_cache(bundle, prefix, len(rows)) if prefix else None
+    input_ids, mask, positions = _inputs(bundle, rows, len(prefix))
+    out = bundle.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=past, use_cache=True,
+                       logits_to_keep=keep)
     first = out.logits.float()
-    extra = torch.tensor([list(e) for e in extend(first)], dtype=torch.long, device=bundle.device).view(n, -1)
+    extra = torch.tensor([list(e) for e in extend(first)], dtype=torch.long, device=bundle.device).view(len(rows), -1)
     steps = torch.arange(1, extra.shape[1] + 1, device=bundle.device)
     then = bundle.model(input_ids=extra, attention_mask=torch.cat([mask, mask.new_ones(extra.shape)], dim=1),
-                        position_ids=batch.position_ids[:, -1:] + offset + steps, cache=out.cache, use_cache=True,
-                        logits_to_keep=1)
+                        position_ids=positions[:, -1:] + steps, cache=out.cache, use_cache=True, logits_to_keep=1)
     return first, then.logits[:, -1].float()
 
 
