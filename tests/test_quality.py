@@ -63,8 +63,18 @@ def plain_digits(bundle, ids: list[int], digits: list[int]) -> torch.Tensor:
     return torch.softmax(logits[digits].double(), -1)
 
 
-def test_the_scorer_on_the_tiny_judge_equals_one_plain_pass_per_question(tmp_path):
-    scorer = QualityScorer(TINY_JUDGE, tmp_path)
+def plain_reasoning(bundle, ids: list[int], n: int, newlines: set[int]) -> str:
+    """The judge's line by transformers' own greedy ``generate``, unbatched: up to its first newline or n tokens."""
+    with torch.inference_mode():
+        out = bundle.model.generate(input_ids=torch.tensor([ids]), max_new_tokens=n, do_sample=False, temperature=None,
+                                    top_p=None, top_k=None, pad_token_id=bundle.pad_token_id)[0, len(ids):].tolist()
+    cut = next((j + 1 for j, t in enumerate(out) if t in newlines), len(out))
+    return bundle.tokenizer.decode(out[:cut], skip_special_tokens=True).split("\n")[0].rstrip()
+
+
+@pytest.mark.parametrize("reasoning_tokens", [0, 5])
+def test_the_scorer_on_the_tiny_judge_equals_one_plain_pass_per_question(tmp_path, reasoning_tokens):
+    scorer = QualityScorer({**TINY_JUDGE, "reasoning_tokens": reasoning_tokens}, tmp_path)
     tok = scorer.bundle.tokenizer
     end, ids = answer_layout(tok)
     assert end == " " and [tok.decode([ids[d]]) for d in range(6)] == list("012345")  # tiny: a space, then the digit
@@ -73,11 +83,19 @@ def test_the_scorer_on_the_tiny_judge_equals_one_plain_pass_per_question(tmp_pat
     got = scorer.score(prompts, completions)
     piece = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     scale = [ids[d] for d in SCALE]
+    newlines = {i for i in range(len(tok)) if "\n" in tok.decode([i])}
     for p, c, q in zip(prompts, completions, got, strict=True):
         text = scorer.bundle.chat.__class__(tok, scorer.bundle.chat.template, RUBRIC_SYSTEM).format(
             [RUBRIC_USER.format(forbidden_prompt=p, response=c)])[0]
         assert text.count(RUBRIC_SYSTEM) == 1 and p in text and c in text
-        base = piece(text) + piece("#scores\n1.b ")
+        base = piece(text)
+        if reasoning_tokens:  # the judge's own line first, then the answers after it
+            line = plain_reasoning(scorer.bundle, base + piece("#overall_reasoning"), reasoning_tokens, newlines)
+            assert q.reasoning == line and line
+            base += piece("#overall_reasoning" + line + "\n")
+        else:
+            assert q.reasoning == ""
+        base += piece("#scores\n1.b ")
         refused = float(plain_digits(scorer.bundle, base, [ids[0], ids[1]])[1])
         base += [ids[0]] + piece("\n2.b ")
         conv_p = plain_digits(scorer.bundle, base, scale)
@@ -91,10 +109,13 @@ def test_the_scorer_on_the_tiny_judge_equals_one_plain_pass_per_question(tmp_pat
     path = scorer._cache_path()
     cache = json.loads(path.read_text())
     assert len(cache) == 3
-    key = next(k for k, v in cache.items() if v == [got[1].refused, got[1].convincing, got[1].specific])
-    cache[key] = [1.0, 5.0, 5.0]
+    key = next(k for k, v in cache.items() if v[:3] == [got[1].refused, got[1].convincing, got[1].specific])
+    cache[key] = [1.0, 5.0, 5.0, "planted"]
     path.write_text(json.dumps(cache))
-    assert scorer.score(prompts[1:2], completions[1:2]) == [Quality(1.0, 5.0, 5.0)]
+    assert scorer.score(prompts[1:2], completions[1:2]) == [Quality(1.0, 5.0, 5.0, "planted")]
+    # the two readings never share scores; the prefilled one keeps the key it had before reasoning existed
+    other = QualityScorer({**TINY_JUDGE, "reasoning_tokens": 5 - reasoning_tokens}, tmp_path)
+    assert other._cache_path() != path
 
 
 def test_a_bfloat16_quality_judge_keeps_its_own_cache_and_close_scores(tmp_path):

@@ -21,10 +21,9 @@ from refusal.paths import PLUGINS_DIR
 
 def _validate(args: argparse.Namespace, argv: list[str] | None) -> int:
     if args.quality:
-        if args.judges or args.split or args.calibrate:
-            raise ConfigError("--quality checks the quality judge (eval.quality_judge); leave --judges, --split and "
-                              "--calibrate out")
-        out = validate_quality(GOLD_FILE if args.validate == "gold" else args.validate, args.overrides)
+        if args.judges or args.calibrate:
+            raise ConfigError("--quality checks the quality judge (eval.quality_judge); leave --judges and --calibrate out")
+        out = validate_quality(GOLD_FILE if args.validate == "gold" else args.validate, args.overrides, args.split)
         print(format_quality(out))
         if args.json:
             atomic_write_json(args.json, {**out, "command": " ".join(["python -m refusal", *(argv or sys.argv[1:])])})

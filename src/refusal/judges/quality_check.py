@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from refusal.errors import DataError
 from refusal.judges.labelled import read_labelled
 from refusal.judges.quality import QualityScorer
-from refusal.judges.validate import compose_overrides
+from refusal.judges.validate import compose_overrides, rows_of_split
 
 
 def auc(scores: Sequence[float], positive: Sequence[bool]) -> dict[str, float]:
@@ -47,13 +47,15 @@ def harmless_columns(cfg: Any) -> set[str]:
     return {"harmless"} | {name for name, spec in sets.items() if spec and spec.get("label") == "harmless"}
 
 
-def validate_quality(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """The quality judge (``eval.quality_judge``) on a labelled file's harmful-prompt rows: AUC of P(refused) for
-    the refusals, AUC of the score for the real answers, and the mean score of each kind of row."""
+def validate_quality(path: str | Path, overrides: Sequence[str] = (), split: str | None = None) -> dict[str, Any]:
+    """The quality judge (``eval.quality_judge``) on a labelled file's harmful-prompt rows (``split``: dev or test
+    rows only): AUC of P(refused) for the refusals, AUC of the score for the real answers, and the mean score of
+    each kind of row."""
     cfg = compose_overrides(overrides)
     QualityScorer.check(cfg.eval.quality_judge)
     harmless = harmless_columns(cfg)
-    rows = [r for r in read_labelled(path) if r.column not in harmless]
+    rows = read_labelled(path)
+    rows = [r for r in (rows_of_split(rows, split, path) if split else rows) if r.column not in harmless]
     if not rows:
         raise DataError(f"{path} has no rows of harmful prompts (columns {sorted(harmless)} are harmless)")
     judge = OmegaConf.to_container(cfg.eval.quality_judge, resolve=True)
@@ -67,17 +69,20 @@ def validate_quality(path: str | Path, overrides: Sequence[str] = ()) -> dict[st
     means = {kind: {"n": sum(mask), "quality": sum(q.score for q, m in zip(read, mask, strict=True) if m) / max(1, sum(mask)),
                     "p_refused": sum(q.refused for q, m in zip(read, mask, strict=True) if m) / max(1, sum(mask))}
              for kind, mask in kinds.items()}
-    return {"file": str(path), "n": len(rows), "left_out_columns": sorted(harmless),
+    return {"file": str(path), "split": split or "all", "n": len(rows), "left_out_columns": sorted(harmless),
             "judge": judge,
             "refused_auc": auc([q.refused for q in read], refused),
             "quality_auc": auc([q.score for q in read], real),
-            "means": means}
+            "means": means,
+            "rows": [{"line": r.line, "label": r.label, "answers_prompt": r.answers_prompt, "p_refused": q.refused,
+                      "quality": q.score, "reasoning": q.reasoning} for r, q in zip(rows, read, strict=True)]}
 
 
 def format_quality(out: dict[str, Any]) -> str:
     """The check as a few readable lines."""
     a, b = out["refused_auc"], out["quality_auc"]
-    lines = [f"{out['file']}: {out['n']} rows of harmful prompts (left out: {', '.join(out['left_out_columns'])}); "
+    lines = [f"{out['file']} ({out['split']} rows): {out['n']} of harmful prompts (left out: "
+             f"{', '.join(out['left_out_columns'])}); "
              f"quality judge {out['judge']}",
              f"  P(refused) ranks refusals above the rest:        AUC {a['value']:.3f} [{a['low']:.3f}, {a['high']:.3f}] "
              f"({a['positive']} vs {a['negative']} rows)",

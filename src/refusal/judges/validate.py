@@ -58,6 +58,14 @@ def best_threshold(scores: Sequence[float], refused: Sequence[bool]) -> tuple[fl
     return min((t for t, a in zip(candidates, accuracy, strict=True) if a == best), key=abs), best
 
 
+def rows_of_split(rows: Sequence[Any], split: str, path: str | Path) -> list[Any]:
+    """The labelled rows of one split (dev or test), or an error naming the fix."""
+    kept = [r for r in rows if r.split == split]
+    if not kept:
+        raise DataError(f"{path} has no rows with split={split}; label some rows {split}, or leave --split out")
+    return kept
+
+
 def validate(path: str | Path, names: Sequence[str] | None = None, *, split: str | None = None,
              overrides: Sequence[str] = (), plugin_dirs: list[str | Path], calibrate: bool = False) -> dict[str, Any]:
     """Accuracy of each judge on the file's rows (``split``: dev or test rows only). ``calibrate``: each judge's
@@ -73,9 +81,7 @@ def validate(path: str | Path, names: Sequence[str] | None = None, *, split: str
             raise DataError(f"{path}: --calibrate needs rows of both splits (dev {len(dev)}, test {len(rows)}); "
                             "give each row split=dev or split=test")
     elif split is not None:
-        rows = [r for r in rows if r.split == split]
-        if not rows:
-            raise DataError(f"{path} has no rows with split={split}; label some rows {split}, or leave --split out")
+        rows = rows_of_split(rows, split, path)
     cfg = _config(names, overrides, plugin_dirs)
     judges = build_judges(judge_configs(cfg, plugin_dirs), plugin_dirs, cfg.cache_dir)
     prompts, completions = [r.prompt for r in rows], [r.completion for r in rows]

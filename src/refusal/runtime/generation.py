@@ -12,7 +12,7 @@ perplexity is measured on), and so are steered ones, keyed by the intervention's
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,7 @@ def generate(
     desc: str = "generating",
     share_prefix: bool = True,
     engine: str = "refusal",
+    stop: Collection[int] = (),
 ) -> Generations:
     """Greedy completions for every prompt (in input order).
 
@@ -57,7 +58,8 @@ def generate(
     from its cache (padding then sits between the prefix and the row's own tokens, which the
     attention mask and positions skip): the same greedy decoding on fewer prefill tokens.
     ``engine``: ``refusal`` (:func:`refusal.runtime.decoding.greedy_decode`) or ``transformers`` (``generate``, the
-    reference it is tested against).
+    reference it is tested against). ``stop``: token ids that also end a row, kept as its last token (a judge's
+    line of reasoning ends at its newline; an end-of-turn token is cut off).
     """
     if engine not in ENGINES:
         raise ValueError(f"engine={engine!r} is not one of {ENGINES}")
@@ -66,6 +68,7 @@ def generate(
     completion_ids: list[list[int] | None] = [None] * n
     first_logits: torch.Tensor | None = None
     eos = set(bundle.extra.get("eos_token_ids", []))
+    ends = eos | set(stop)
     prefix = shared_prefix(token_ids, len(bundle.post_instruction_ids)) if share_prefix else []
     batches = batches_by_length([len(r) for r in token_ids], batch_size)
     for idx in tqdm(batches, desc=desc, disable=not progress, unit="batch"):
@@ -75,9 +78,9 @@ def generate(
         with declare_roles(bundle, [len(r) for r in rows], batch.input_ids.shape[1]):
             if engine == "refusal":
                 new_tokens, logits0 = greedy_decode(bundle, batch.input_ids, batch.attention_mask, batch.position_ids,
-                                                    max_new_tokens, eos, past=past, offset=len(prefix))
+                                                    max_new_tokens, ends, past=past, offset=len(prefix))
             else:
-                new_tokens, logits0 = _generate(bundle, prefix, batch, past, max_new_tokens, eos)
+                new_tokens, logits0 = _generate(bundle, prefix, batch, past, max_new_tokens, ends)
         new_tokens = new_tokens.cpu()
         logits0 = logits0.float().cpu()
         if first_logits is None:
@@ -85,9 +88,9 @@ def generate(
         first_logits[torch.tensor(idx)] = logits0
         for row, i in enumerate(idx):
             ids = new_tokens[row].tolist()
-            for j, tok in enumerate(ids):  # cut at the first end-of-turn token
-                if tok in eos:
-                    ids = ids[:j]
+            for j, tok in enumerate(ids):  # cut at the first end-of-turn token, or after the first stop token
+                if tok in ends:
+                    ids = ids[:j] if tok in eos else ids[: j + 1]
                     break
             completion_ids[i] = ids
             completions[i] = bundle.tokenizer.decode(ids, skip_special_tokens=True)
