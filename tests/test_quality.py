@@ -22,6 +22,8 @@ from refusal.judges.quality import (
     answer_layout,
     digit_probabilities,
     expectation,
+    quality_columns,
+    sampled_rows,
     strongreject_score,
 )
 
@@ -170,11 +172,43 @@ def test_quality_beside_the_refusal_rate_in_results_rows_and_report(compose, tmp
     assert "harmful quality" in write_report(tmp_path / "sweep").markdown_table
 
 
+def test_a_quality_sample_is_the_same_seeded_prompts_in_every_run(compose, tmp_path):
+    from refusal.evaluation import run_evaluation
+
+    sample = sampled_rows("harmful", 6, 3, 0)
+    assert len(set(sample)) == 3 and sample == sorted(sample) == sampled_rows("harmful", 6, 3, 0)
+    assert sampled_rows("harmful", 6, None, 0) == sampled_rows("harmful", 6, 9, 0) == list(range(6))
+    assert len({tuple(sampled_rows(c, 40, 5, s)) for c in ("harmful", "strongreject") for s in (0, 1)}) == 4
+    scored = {}
+    for name in ("none", "actadd"):
+        cfg = compose(f"intervention={name}", *SMALL, "eval.quality=true", "eval.quality_judge.model=tiny",
+                      "eval.quality_judge.n=3", "eval.quality_judge.reasoning_tokens=3")
+        m = run_evaluation(cfg, tmp_path / name)["metrics"]
+        rows = [json.loads(line) for line in (tmp_path / name / "completions.jsonl").read_text().splitlines()]
+        harmful = [r for r in rows if r["split"] == "harmful"]
+        scored[name] = [i for i, r in enumerate(harmful) if "quality" in r]
+        assert m["harmful/quality_n"] == 3 and m["harmful/quality"] == pytest.approx(
+            sum(r["quality"] for r in harmful if "quality" in r) / 3)
+    assert scored["none"] == scored["actadd"] == sampled_rows("harmful", 6, 3, int(cfg.seed))
+
+
+def test_quality_columns_are_the_harmful_ones_asked_for():
+    columns = [("harmful", "harmful_test", "harmful"), ("harmless", "harmless_test", "harmless"),
+               ("strongreject", "strongreject", "harmful")]
+    assert quality_columns({}, columns) == [("harmful", "harmful_test"), ("strongreject", "strongreject")]
+    assert quality_columns({"columns": ["strongreject"]}, columns) == [("strongreject", "strongreject")]
+    with pytest.raises(ConfigError, match=r"names \['harmless'\], not a harmful column of this run; use some of "
+                                          r"\['harmful', 'strongreject'\]"):
+        quality_columns({"columns": ["harmless"]}, columns)
+
+
 @pytest.mark.parametrize("override, message", [
     ("eval.quality=maybe", r"eval.quality='maybe' must be true or false"),
     ("eval.quality_judge.batch_size=0", r"eval.quality_judge.batch_size=0 must be an integer >= 1"),
     ("eval.quality_judge.model=nonesuch", r"judge model='nonesuch' is not a model config; use one of"),
     ("eval.quality_judge.matmul=half", r"model.matmul='half' is not one of"),
+    ("eval.quality_judge.n=0", r"eval.quality_judge.n=0 must be an integer >= 1"),
+    ("eval.quality_judge.reasoning_tokens=-1", r"eval.quality_judge.reasoning_tokens=-1 must be an integer >= 0"),
 ])
 def test_bad_quality_settings_fail_before_the_model_loads(compose, override, message):
     from refusal.config import check_config

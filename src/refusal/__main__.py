@@ -5,6 +5,7 @@ points) and the public benchmarks; ``judges --validate FILE`` scores judges agai
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from refusal.artifacts import atomic_write_json
@@ -82,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "benchmarks":
             return _benchmarks(args)
         if args.command == "judges" and args.validate:
+            logging.basicConfig(level=logging.INFO, format="%(message)s")  # judge models' loading and scoring progress
             return _validate(args, argv)
     except RefusalError as err:
         print(f"error: {err}", file=sys.stderr)

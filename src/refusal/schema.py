@@ -291,6 +291,8 @@ class QualityJudgeSchema:
     model: Any = "qwen15"  # a conf/model name or a model config mapping
     batch_size: int = at_least(1, "rows per judge forward pass", 8, default=8)
     matmul: str | None = None  # the judge model's products (checked with model.matmul's rule by the scorer)
+    n: int | None = at_least(1, "harmful prompts scored per column (a seeded sample; null: all)", 100, default=None)
+    columns: list[str] | None = None  # the harmful columns to score (null: every one)
     reasoning_tokens: int = at_least(0, "the judge's overall-reasoning line, in tokens (0: prefilled answers only)", 96,
                                      default=96)
 

@@ -38,7 +38,7 @@ from refusal.evaluation.trial import evaluate_lean
 from refusal.fits import fit_for, inlp_record
 from refusal.geometry.collect import run_geometry
 from refusal.interventions import get_intervention
-from refusal.judges.quality import QualityScorer, annotate_rows, quality_metrics, score_columns
+from refusal.judges.quality import QualityScorer, annotate_rows, quality_columns, quality_metrics, score_columns
 from refusal.metrics.names import column_metric
 from refusal.tracking import make_tracker
 
@@ -53,9 +53,13 @@ def evaluate_context(ctx: RunContext, output_dir: Path, tracker: Any = None) -> 
     icfg = intervention_config(cfg)
     lean = bool(cfg.eval.get("lean", False))  # a search trial (eval=trial): refusal and next-token KL only
     benchmarks = load_benchmarks(cfg) if enabled(cfg) else None  # missing data fails before the fit
+    # columns: the main test split's two classes, then every named test set (label: what refusal means there)
+    columns = [("harmful", "harmful_test", "harmful"), ("harmless", "harmless_test", "harmless"),
+               *((s.name, s.name, s.label) for s in ctx.test_sets)]
     scorer = None
     if cfg.eval.get("quality") and not lean:  # loads the judge model and checks its answer tokens before the fit
         scorer = QualityScorer(cfg.eval.quality_judge, cfg.cache_dir)
+        quality_columns(scorer.cfg, columns)
         scorer.layout()
     fitted = fit_for(ctx, cls, icfg, geometry=bool(cfg.get("geometry", {}).get("enabled", False)) and not lean)
     intervention = cls(icfg, fitted)
@@ -64,9 +68,6 @@ def evaluate_context(ctx: RunContext, output_dir: Path, tracker: Any = None) -> 
     if lean:
         return evaluate_lean(ctx, intervention, fitted, output_dir, tracker, benchmarks)
 
-    # columns: the main test split's two classes, then every named test set (label: what refusal means there)
-    columns = [("harmful", "harmful_test", "harmful"), ("harmless", "harmless_test", "harmless"),
-               *((s.name, s.name, s.label) for s in ctx.test_sets)]
     steer = intervention.steering_key(bundle.n_layers)
     judged = generate_and_judge(ctx, intervention, steer, columns)
     t2 = time.perf_counter()

@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -229,39 +230,72 @@ class QualityScorer:
         return list(out)
 
 
-def score_columns(scorer: QualityScorer, ctx: Any, judged: Any) -> dict[str, tuple[list[Quality], list[Quality]]]:
-    """column -> (steered, unsteered) qualities of every column whose prompts are harmful (a
-    :class:`refusal.evaluation.Judged` on its :class:`refusal.context.RunContext`); the unsteered ones are the
-    same for every intervention, so after the first run they come from the cache."""
+@dataclass(frozen=True)
+class ScoredColumn:
+    """One harmful column's qualities: the rows scored (indices into the column's prompts, in order), steered and
+    unsteered, pair by pair."""
+
+    rows: list[int]
+    steered: list[Quality]
+    base: list[Quality]
+
+
+def quality_columns(cfg: Mapping[str, Any], columns: Sequence[tuple[str, str, str]]) -> list[tuple[str, str]]:
+    """(column, split) of the harmful columns to score: ``eval.quality_judge.columns`` (null: every harmful one)."""
+    harmful = [(column, split) for column, split, label in columns if label == "harmful"]
+    wanted = cfg.get("columns")
+    if wanted is None:
+        return harmful
+    unknown = sorted(set(wanted) - {c for c, _ in harmful})
+    if unknown:
+        raise ConfigError(f"eval.quality_judge.columns={list(wanted)} names {unknown}, not a harmful column of this run; "
+                          f"use some of {[c for c, _ in harmful]}, or null for all")
+    return [(c, s) for c, s in harmful if c in wanted]
+
+
+def sampled_rows(column: str, total: int, n: int | None, seed: int) -> list[int]:
+    """The rows of a column the quality judge reads: all, or a sample of ``n`` seeded by (column, seed), so every
+    intervention of a study is scored on the same prompts and the pairs with the unsteered model hold."""
+    if n is None or n >= total:
+        return list(range(total))
+    return sorted(random.Random(f"quality/{column}/{seed}").sample(range(total), n))
+
+
+def score_columns(scorer: QualityScorer, ctx: Any, judged: Any) -> dict[str, ScoredColumn]:
+    """column -> its :class:`ScoredColumn`, for the harmful columns of a :class:`refusal.evaluation.Judged` on its
+    :class:`refusal.context.RunContext` (``eval.quality_judge``: ``columns``, ``n``); the unsteered qualities are
+    the same for every intervention, so after the first run they come from the cache."""
     out = {}
-    for column, split, label in judged.columns:
-        if label == "harmful":
-            prompts = ctx.texts(split)
-            out[column] = (scorer.score(prompts, judged.steered[column].completions),
-                           scorer.score(prompts, judged.base[column].completions))
+    for column, split in quality_columns(scorer.cfg, judged.columns):
+        prompts = ctx.texts(split)
+        rows = sampled_rows(column, len(prompts), scorer.cfg.get("n"), int(ctx.cfg.seed))
+        pick = lambda texts: [texts[i] for i in rows]  # noqa: E731
+        out[column] = ScoredColumn(rows, scorer.score(pick(prompts), pick(judged.steered[column].completions)),
+                                   scorer.score(pick(prompts), pick(judged.base[column].completions)))
     return out
 
 
-def quality_metrics(scored: Mapping[str, tuple[list[Quality], list[Quality]]]) -> dict[str, Any]:
-    """``<column>/quality``: the mean score with its bootstrap 95% interval over prompts, the unsteered model's
-    (``baseline/<column>/quality``) and the paired difference ``<column>/quality_vs_baseline`` (bootstrap)."""
+def quality_metrics(scored: Mapping[str, ScoredColumn]) -> dict[str, Any]:
+    """``<column>/quality``: the mean score with its bootstrap 95% interval over the scored prompts (``quality_n``),
+    the unsteered model's (``baseline/<column>/quality``) and the paired difference ``<column>/quality_vs_baseline``
+    (bootstrap)."""
     out: dict[str, Any] = {}
-    for column, (steered, base) in scored.items():
-        values, base_values = [q.score for q in steered], [q.score for q in base]
+    for column, col in scored.items():
+        values, base_values = [q.score for q in col.steered], [q.score for q in col.base]
         mean, lo, hi = bootstrap_interval(lambda x: x.mean(-1), values)
         diff = paired_mean_difference(values, base_values)
-        out.update({f"{column}/quality": mean, f"{column}/quality_ci95": [lo, hi],
+        out.update({f"{column}/quality": mean, f"{column}/quality_ci95": [lo, hi], f"{column}/quality_n": len(values),
                     f"baseline/{column}/quality": sum(base_values) / len(base_values),
                     f"{column}/quality_vs_baseline": diff.estimate, f"{column}/quality_vs_baseline_ci95": [diff.lo, diff.hi]})
     return out
 
 
-def annotate_rows(rows: list[dict[str, Any]], scored: Mapping[str, tuple[list[Quality], list[Quality]]]) -> None:
+def annotate_rows(rows: list[dict[str, Any]], scored: Mapping[str, ScoredColumn]) -> None:
     """completions.jsonl: each scored prompt's quality, its parts (P(refused), E[convincing], E[specific]) and the
-    judge's reasoning line, steered and unsteered (rows of a column are in prompt order, as :func:`score_columns` scored them)."""
-    for column, (steered, base) in scored.items():
+    judge's reasoning line, steered and unsteered (rows of a column are in prompt order)."""
+    for column, col in scored.items():
         mine = [r for r in rows if r["split"] == column]
-        for row, q, b in zip(mine, steered, base, strict=True):
-            row.update({"quality": q.score, "quality_parts": q.parts, "quality_reasoning": q.reasoning,
-                        "baseline_quality": b.score, "baseline_quality_parts": b.parts,
-                        "baseline_quality_reasoning": b.reasoning})
+        for i, q, b in zip(col.rows, col.steered, col.base, strict=True):
+            mine[i].update({"quality": q.score, "quality_parts": q.parts, "quality_reasoning": q.reasoning,
+                            "baseline_quality": b.score, "baseline_quality_parts": b.parts,
+                            "baseline_quality_reasoning": b.reasoning})
