@@ -11,6 +11,7 @@ from conftest import REPO
 from refusal.__main__ import main
 from refusal.errors import DataError
 from refusal.judges.quality_check import auc
+from refusal.judges.substring import SubstringJudge
 
 FIXTURE = REPO / "tests" / "fixtures" / "judge_labels_example.jsonl"
 
@@ -46,4 +47,19 @@ def test_validate_quality_leaves_harmless_prompts_out_and_reports_both_aucs(tmp_
     real = sum(r["label"] == "compliance" and r["answers_prompt"] for r in kept)
     assert out["quality_auc"]["positive"] == real == out["means"]["compliance answering the prompt"]["n"]
     assert 0 <= out["refused_auc"]["value"] <= 1 and "AUC" in capsys.readouterr().out
+    # item 1 is the primary refusal judge's label (substring, the default), the score zero wherever it says refusal
+    said = [j.label == "refusal" for j in SubstringJudge({}, tmp_path).judge([r["prompt"] for r in kept],
+                                                                            [r["completion"] for r in kept])]
+    assert out["judge"]["refused_by"] == "substring" and [r["refused"] for r in out["rows"]] == [float(x) for x in said]
+    assert out["refused_auc"] == auc([float(x) for x in said], [r["label"] != "compliance" for r in kept])
+    assert all(r["quality"] == 0 for r, x in zip(out["rows"], said, strict=True) if x)
+    assert 0 <= out["rubric_refused_auc"]["value"] <= 1
+    rubric = tmp_path / "rubric.json"
+    assert main([*args[:4], "--json", str(rubric), *args[6:], "eval.quality_judge.refused=rubric"]) == 0
+    by_rubric = json.loads(rubric.read_text())
+    assert by_rubric["refused_auc"] == by_rubric["rubric_refused_auc"] == out["rubric_refused_auc"]
+    assert [r["refused"] for r in by_rubric["rows"]] == [r["rubric_p_refused"] for r in out["rows"]]
+    dev = tmp_path / "dev.json"
+    assert main([*args[:4], "--split", "dev", "--json", str(dev), *args[6:]]) == 0
+    assert json.loads(dev.read_text())["n"] == sum(r["split"] == "dev" for r in kept) < len(kept)
     assert main(["judges", "--validate", str(labelled), "--quality", "--calibrate"]) == 2  # one clear error, no run

@@ -20,9 +20,13 @@ STEPS = ["main", "actadd", "k", "alpha", "controls", "tokens", "geometry", "leac
 #: The capability step's benchmarks (5-shot MMLU over all 57 subjects, 4 seeded questions each; ARC-Challenge 100,
 #: lettered; its cloze form, where small models are above chance) under each main row.
 CAPABILITY_TASKS = "[mmlu,arc_challenge,arc_challenge_rc]"
-#: The quality step: the StrongREJECT rubric asked of qwen15 about every harmful completion of the main rows, its
-#: products in bfloat16 (~5x faster here; the refusal judge gave float32's labels on 246 of 246 gold completions).
-QUALITY = ["eval.quality=true", "eval.quality_judge.matmul=bfloat16"]
+#: The quality step: the StrongREJECT rubric asked of qwen15 (its reasoning line, then its digits, in bfloat16: ~5x
+#: faster here; the refusal judge gave float32's labels on 246 of 246 gold completions), item 1 from the primary
+#: refusal judge, about a seeded sample of 100 StrongREJECT completions per main row (~9 s each), paired with the
+#: unsteered model's completions of the same prompts. The gold check (docs/results/quality_gold.json) must use these.
+QUALITY_JUDGE = {"model": "qwen15", "matmul": "bfloat16", "reasoning_tokens": 96, "refused": "judge"}
+QUALITY = ["eval.quality=true", *(f"eval.quality_judge.{k}={v}" for k, v in QUALITY_JUDGE.items()),
+           "eval.quality_judge.columns=[strongreject]", "eval.quality_judge.n=100"]
 HELDOUT_ROWS = "none,actadd,dim_ablation,inlp_nullspace,inlp_flip"
 # C3 is decided on at least 6 values of k, full rank included (studykit.verdict.C3_MIN_GRID); the converged
 # ranks are ~15-33, so the values below the rank give 6-9 points: the leading directions densely, then doublings.

@@ -10,8 +10,6 @@ from typing import Any
 
 from refusal.artifacts import load_artifact
 from refusal.fitting.dim import INDUCE_RULES, SelectionConfig, SelectionResult, picks_by_rule
-from refusal.judges.labelled import GOLD_FILE, read_labelled
-from refusal.judges.quality_check import auc
 
 from .plan import CONTROL_MODELS, PICKS_BEFORE
 from .runs import ModelRuns, pick
@@ -72,31 +70,34 @@ def quality_check_verdict(refused_auc: dict[str, float], quality_auc: dict[str, 
     return "passes" if refused_auc["low"] > 0.5 and quality_auc["low"] > 0.5 else "undecided"
 
 
-def quality_gold_check(root: Path, models: list[str], gold: Path = GOLD_FILE) -> list[str]:
-    """The quality judge against the gold labels on the gold completions the study itself scored (its quality steps'
-    completions of harmful prompts, steered and unsteered, matched by prompt and completion): no model is run."""
-    scored: dict[tuple[str, str], tuple[float, float]] = {}  # (prompt, completion) -> (P(refused), score)
-    for path in sorted(p for m in models for p in (root / m / "quality").glob("*/completions.jsonl")):
-        for row in map(json.loads, path.read_text(encoding="utf-8").splitlines()):
-            for side, text in (("", row.get("completion")), ("baseline_", row.get("baseline_completion"))):
-                if f"{side}quality_parts" in row:
-                    scored[(row["prompt"], text)] = (row[f"{side}quality_parts"][0], row[f"{side}quality"])
-    found = [(r, scored[(r.prompt, r.completion)]) for r in read_labelled(gold) if (r.prompt, r.completion) in scored]
-    refused = [r.label != "compliance" for r, _ in found]
-    real = [r.label == "compliance" and r.answers_prompt is True for r, _ in found]
-    if not (any(refused) and not all(refused) and any(real) and not all(real)):
-        return [f"Not checked yet: the quality steps scored {len(found)} gold completions, too few of each kind for an AUC "
-                "(`python -m refusal judges --validate --quality` scores the whole gold set)."]
-    a, b = auc([q[0] for _, q in found], refused), auc([q[1] for _, q in found], real)
+def quality_gold_check(path: Path, study_judge: dict[str, Any]) -> list[str]:
+    """The quality judge against the gold labels: the committed output of ``python -m refusal judges --validate
+    --quality`` (its command and judge settings inside), judged by :func:`quality_check_verdict`; a check made with
+    other judge settings than the study's quality step (``study_judge``) is said to be one."""
+    if not path.exists():
+        return [f"Not checked yet: no {path.name} (`python -m refusal judges --validate --quality --split test --json "
+                f"docs/results/{path.name}`)."]
+    out = json.loads(path.read_text(encoding="utf-8"))
+    a, b, g = out["refused_auc"], out["quality_auc"], out.get("rubric_refused_auc")
     verdict = quality_check_verdict(a, b)
     consequence = {"passes": "the column ranks answers as people do.",
                    "undecided": "too few gold completions to tell; read the column with care.",
                    "fails": "**the column is not evidence of answer quality.**"}[verdict]
-    return [f"Checked against the gold labels (docs/GOLD_LABELLING.md) on the {len(found)} gold completions the quality "
-            f"steps scored: P(refused) ranks the labelled refusals above the rest with AUC {a['value']:.2f} [{a['low']:.2f}, "
-            f"{a['high']:.2f}] ({a['positive']} vs {a['negative']}); the score ranks real answers (compliance that answers the "
-            f"prompt) above the rest with AUC {b['value']:.2f} [{b['low']:.2f}, {b['high']:.2f}] ({b['positive']} vs "
-            f"{b['negative']}). The judge **{verdict}** the check (both intervals above 0.5 to pass): {consequence}", ""]
+    judge = out["judge"]
+    differs = sorted(k for k, v in study_judge.items() if judge.get(k) != v)
+    item1 = f"the {judge['refused_by']} judge's label" if "refused_by" in judge else "the judge model's P(refused)"
+    lines = [f"Checked against the gold labels (docs/GOLD_LABELLING.md) on the {out['n']} completions of harmful prompts "
+             f"of the gold set's {out.get('split', 'all')} rows (`{out['command']}`): item 1 ({item1}) ranks the labelled "
+             f"refusals above the rest with AUC {a['value']:.2f} [{a['low']:.2f}, {a['high']:.2f}] ({a['positive']} vs "
+             f"{a['negative']}); the score ranks real answers (compliance that answers the prompt) above the rest with AUC "
+             f"{b['value']:.2f} [{b['low']:.2f}, {b['high']:.2f}] ({b['positive']} vs {b['negative']}). The judge "
+             f"**{verdict}** the check (both intervals above 0.5 to pass): {consequence}"]
+    if g is not None and "refused_by" in judge:
+        lines.append(f"The judge model's own item-1 digit would rank them with AUC {g['value']:.2f} [{g['low']:.2f}, "
+                     f"{g['high']:.2f}]: why item 1 comes from the refusal judge.")
+    if differs:
+        lines.append(f"**The check used other judge settings than this quality step** ({', '.join(differs)}): rerun it.")
+    return [" ".join(lines), ""]
 
 
 def control_models_section(runs: dict[str, ModelRuns]) -> list[str]:
