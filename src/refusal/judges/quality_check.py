@@ -52,8 +52,8 @@ def harmless_columns(cfg: Any) -> set[str]:
 
 def validate_quality(path: str | Path, overrides: Sequence[str] = (), split: str | None = None) -> dict[str, Any]:
     """The quality judge (``eval.quality_judge``) on a labelled file's harmful-prompt rows (``split``: dev or test
-    rows only): AUC of P(refused) for the refusals, AUC of the score for the real answers, and the mean score of
-    each kind of row."""
+    rows only): AUC of item 1 for the refusals (and of the judge model's own P(refused)), AUC of the score for the
+    real answers, the mean score of each kind of row, and every row's reading with the judge's reasoning line."""
     cfg = compose_overrides(overrides)
     QualityScorer.check(cfg.eval.quality_judge)
     harmless = harmless_columns(cfg)
