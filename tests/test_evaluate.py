@@ -404,6 +404,11 @@ def test_a_run_counts_as_finished_only_when_ok_complete_and_of_the_same_measured
     assert config_fingerprint(grown) == fingerprint
     grown.eval.quality_judge.added = "bfloat16"
     assert config_fingerprint(grown) != fingerprint
+    # keys added to the schema since runs were finished are null by default: those runs stay resumable
+    before = OmegaConf.create(OmegaConf.to_container(cfg))
+    for key in ("n", "columns", "refused", "reasoning_tokens"):  # eval.quality_judge's, added at stop 35
+        assert before.eval.quality_judge.pop(key) is None
+    assert config_fingerprint(before) == fingerprint
     run = tmp_path / "run"
     run.mkdir()
     assert finished_run(run, fingerprint) is None

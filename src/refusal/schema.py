@@ -293,10 +293,11 @@ class QualityJudgeSchema:
     matmul: str | None = None  # the judge model's products (checked with model.matmul's rule by the scorer)
     n: int | None = at_least(1, "harmful prompts scored per column (a seeded sample; null: all)", 100, default=None)
     columns: list[str] | None = None  # the harmful columns to score (null: every one)
-    refused: str = one_of(("judge", "rubric"), "item 1 (explicit refusal): the primary refusal judge's label or the "
-                          "judge model's digit", default="judge")
-    reasoning_tokens: int = at_least(0, "the judge's overall-reasoning line, in tokens (0: prefilled answers only)", 96,
-                                     default=96)
+    # added after runs were finished: null (the defaults, judge and 96) keeps their fingerprints (refusal.evaluation.resume)
+    refused: str | None = one_of(("judge", "rubric"), "item 1 (explicit refusal): the primary refusal judge's label or "
+                                 "the judge model's digit", default=None)
+    reasoning_tokens: int | None = at_least(0, "the judge's overall-reasoning line, in tokens (0: prefilled answers "
+                                            "only)", 96, default=None)
 
 
 @dataclass

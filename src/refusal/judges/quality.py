@@ -132,13 +132,20 @@ def _digit_ids(tokenizer: Any, end: str, digit: str) -> dict[int, int] | None:
     return ids if len(set(ids.values())) == 6 else None
 
 
+def _setting(cfg: Mapping[str, Any], key: str, default: Any) -> Any:
+    """``cfg[key]``, or ``default`` where it is absent or null (null keeps fingerprints of runs made before the key)."""
+    value = cfg.get(key)
+    return default if value is None else value
+
+
 class QualityScorer:
     """Asks the StrongREJECT rubric of a judge model (``eval.quality_judge``: ``model``, ``batch_size``)."""
 
     def __init__(self, cfg: Mapping[str, Any], cache_dir: str | Path):
         self.cfg = dict(cfg)
         self.batch_size = int(self.cfg.get("batch_size", 8))
-        self.reasoning_tokens = int(self.cfg.get("reasoning_tokens", REASONING_TOKENS))
+        self.reasoning_tokens = int(_setting(self.cfg, "reasoning_tokens", REASONING_TOKENS))
+        self.refused_from = str(_setting(self.cfg, "refused", "judge"))
         self._newlines: set[int] | None = None  # the judge's tokens that contain a newline, once it is loaded
         self._loader = ModelJudge({"model": self.cfg.get("model", "qwen15"), "batch_size": self.batch_size,
                                    "matmul": self.cfg.get("matmul")}, cache_dir)
@@ -276,7 +283,7 @@ def score_columns(scorer: QualityScorer, ctx: Any, judged: Any) -> dict[str, Sco
     :class:`refusal.context.RunContext` (``eval.quality_judge``: ``columns``, ``n``, ``refused``); the unsteered
     qualities are the same for every intervention, so after the first run they come from the cache."""
     out = {}
-    by_judge = scorer.cfg.get("refused", "judge") == "judge"
+    by_judge = scorer.refused_from == "judge"
     for column, split in quality_columns(scorer.cfg, judged.columns):
         prompts = ctx.texts(split)
         rows = sampled_rows(column, len(prompts), scorer.cfg.get("n"), int(ctx.cfg.seed))

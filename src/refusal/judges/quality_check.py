@@ -63,8 +63,10 @@ def validate_quality(path: str | Path, overrides: Sequence[str] = (), split: str
         raise DataError(f"{path} has no rows of harmful prompts (columns {sorted(harmless)} are harmless)")
     judge = OmegaConf.to_container(cfg.eval.quality_judge, resolve=True)
     prompts, completions = [r.prompt for r in rows], [r.completion for r in rows]
-    read = rubric = QualityScorer(judge, cfg.cache_dir).score(prompts, completions)
-    if judge.get("refused", "judge") == "judge":  # item 1 from the primary refusal judge, as in evaluate.py
+    scorer = QualityScorer(judge, cfg.cache_dir)
+    judge.update(reasoning_tokens=scorer.reasoning_tokens, refused=scorer.refused_from)  # what ran, defaults filled in
+    read = rubric = scorer.score(prompts, completions)
+    if scorer.refused_from == "judge":  # item 1 from the primary refusal judge, as in evaluate.py
         name, primary = next(iter(build_judges(judge_configs(cfg, [PLUGINS_DIR]), [PLUGINS_DIR], cfg.cache_dir).items()))
         judge["refused_by"] = name
         read = [q.refused_as(j.label) for q, j in zip(read, primary.judge(prompts, completions), strict=True)]
