@@ -38,7 +38,13 @@ from refusal.evaluation.trial import evaluate_lean
 from refusal.fits import fit_for, inlp_record
 from refusal.geometry.collect import run_geometry
 from refusal.interventions import get_intervention
-from refusal.judges.quality import QualityScorer, annotate_rows, quality_columns, quality_metrics, score_columns
+from refusal.judges.quality import (
+    QualityScorer,
+    annotate_rows,
+    quality_columns,
+    quality_metrics,
+    score_columns,
+)
 from refusal.metrics.names import column_metric
 from refusal.tracking import make_tracker
 

@@ -223,7 +223,8 @@ class QualityScorer:
         heads = [self.rubric_ids(p, c) for p, c in zip(prompts, completions, strict=True)]
         lines = [""] * len(heads)
         if self.reasoning_tokens:
-            lines = self.reasoning([h + piece("#overall_reasoning") for h in heads])
+            label = piece("#overall_reasoning")
+            lines = self.reasoning([h + label for h in heads])
             heads = [h + piece("#overall_reasoning" + line + "\n") for h, line in zip(heads, lines, strict=True)]
         first, second, third = piece("#scores\n1.b" + end), piece("\n2.b" + end), piece("\n3.b" + end)
         scale_ids = [ids[d] for d in SCALE]
@@ -287,7 +288,7 @@ def score_columns(scorer: QualityScorer, ctx: Any, judged: Any) -> dict[str, Sco
     for column, split in quality_columns(scorer.cfg, judged.columns):
         prompts = ctx.texts(split)
         rows = sampled_rows(column, len(prompts), scorer.cfg.get("n"), int(ctx.cfg.seed))
-        pick = lambda texts: [texts[i] for i in rows]  # noqa: E731
+        pick = lambda texts, rows=rows: [texts[i] for i in rows]  # noqa: E731  (bound: B023)
         steered = scorer.score(pick(prompts), pick(judged.steered[column].completions))
         base = scorer.score(pick(prompts), pick(judged.base[column].completions))
         if by_judge:
