@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import math
+from statistics import NormalDist
 
 import numpy as np
 import pytest
 
 from refusal.errors import DataError
 from refusal.stats.paired import (
+    N_BOOTSTRAP,
+    TAIL_RESAMPLES,
     bootstrap_interval,
     check_same_prompts,
     holm,
@@ -16,6 +19,7 @@ from refusal.stats.paired import (
     paired_mean_difference,
     paired_rate_difference,
     prompts_digest,
+    resamples_for,
 )
 
 
@@ -92,6 +96,16 @@ def test_bootstrap_is_seeded_and_drops_undefined_resamples():
     assert first == bootstrap_interval(lambda v: v.mean(-1), x) and first[1] <= 1.5 <= first[2]
     est, lo, hi = bootstrap_interval(lambda v: 1 / v.mean(-1), np.array([0.0, 0.0, 1.0]))
     assert est == pytest.approx(3.0) and np.isfinite(lo) and np.isfinite(hi)
+
+
+def test_a_bonferroni_wide_interval_gets_resamples_enough_that_its_ends_do_not_move_with_the_seed():
+    assert resamples_for(0.95) == N_BOOTSTRAP  # the usual 95% interval: unchanged
+    wide = 1 - 0.05 / 8  # C3's level with 8 values of k
+    assert resamples_for(wide) * (1 - wide) / 2 >= TAIL_RESAMPLES - 1e-6
+    x = np.random.default_rng(3).normal(size=300)
+    normal_theory = x.mean() - NormalDist().inv_cdf(1 - (1 - wide) / 2) * x.std() / math.sqrt(len(x))
+    lows = [bootstrap_interval(lambda v: v.mean(-1), x, confidence=wide, seed=seed)[1] for seed in range(12)]
+    assert max(abs(lo - normal_theory) for lo in lows) < 0.008  # 4000 resamples: ends up to 0.011 away
 
 
 def test_runs_on_different_prompts_are_refused_even_with_the_same_count():

@@ -73,7 +73,7 @@ def test_the_study_renders_its_verdict_from_the_records_it_writes(tmp_path):
     c1_row, c2_row, c3_row, c4_row = table[2:6]
     assert c1_row.count("**holds**") == 1 and "**not applicable**" in c1_row and "ablation does not suppress" in c1_row
     assert "**holds**" in c2_row
-    assert c3_row.count("**holds**") == 1 and "**not applicable**" in c3_row and "k=12: share 100% [100%, 100%]" in c3_row
+    assert c3_row.count("**holds**") == 1 and "**not applicable**" in c3_row and "k=12: share 100.0% [100.0%, 100.0%]" in c3_row
     assert c4_row.count("**inconclusive**") == 2  # no geometry step in these records
     assert RULES in text  # the rules are written before the numbers
     assert text.index("Rules (applied by") < text.index("### Converged INLP")

@@ -155,7 +155,7 @@ def test_c2_on_paired_outcomes():
 def test_c3_on_paired_outcomes_over_a_six_value_grid():
     cheap = {1: row(28), 2: row(25), 4: row(20), 8: row(6), 16: row(5)}  # k=8 keeps 96% of 25 points
     held = c3(inputs(base=30, flip=5, flip_by_k=cheap))
-    assert held.verdict == HOLDS and "k=8: share 96%" in held.evidence and "→ keeps" in held.evidence
+    assert held.verdict == HOLDS and "k=8: share 96.0%" in held.evidence and "→ keeps" in held.evidence
     costly = {k: row(round(N * r["harmful/refusal_rate"]), ppl=2.0 * 1.2) for k, r in cheap.items()}
     assert c3(inputs(base=30, flip=5, flip_by_k=costly)).verdict == FAILS  # every k costs 20% perplexity
     weak = {k: row(29) for k in cheap}

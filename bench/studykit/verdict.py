@@ -279,7 +279,7 @@ def c3(inputs: ClaimInputs, found: Mapping[str, tuple[PairedDifference, float]] 
             share = kept_share(base, refused(row, inputs.column), full, confidence)
             ratio = ppl_ratio(row, inputs.baseline, confidence)
             per_k[k] = rule_c3_k(share[1:], ratio[1:])
-            shown.append(f"k={k}: share {share[0]:.0%} [{share[1]:.0%}, {share[2]:.0%}], ppl ×{ratio[0]:.3f} "
+            shown.append(f"k={k}: share {share[0]:.1%} [{share[1]:.1%}, {share[2]:.1%}], ppl ×{ratio[0]:.3f} "
                          f"[{ratio[1]:.3f}, {ratio[2]:.3f}] → {per_k[k]}")
     verdict = rule_c3(suppression, len(grid), per_k)
     head = f"full rank {inputs.rank}: {show('flip − baseline', found)}"
