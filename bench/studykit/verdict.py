@@ -72,7 +72,7 @@ were fixed before any number was seen.
   unless flip at full rank suppresses (Δ(flip − baseline) entirely below 0: else there is nothing to keep).
   With S(k) = baseline rate − flip's rate at k, the kept share S(k)/S(full) and the harmless perplexity
   ratio flip(k)/baseline get paired bootstrap intervals over prompts, Bonferroni-widened over the m swept
-  k < full (level 1 − {ALPHA:g}/m each). A k *keeps* if the share's interval lies at or above {C3_SHARE:.0%} and the
+  k < full (level 1 − {ALPHA:g}/m each; resamples enough for 100 beyond each end). A k *keeps* if the share's interval lies at or above {C3_SHARE:.0%} and the
   ratio's at or below {C3_PPL_RATIO}; it *loses* if the share's lies entirely below {C3_SHARE:.0%} or the ratio's entirely
   above {C3_PPL_RATIO}. *Holds* if some k < full keeps; *does not hold* if every one loses; *inconclusive* otherwise.
 - **C4** (nullspace lands between the clusters, flip in the opposite one), from the landing coordinate
