@@ -373,3 +373,24 @@ def test_the_quality_check_reads_the_committed_check_and_says_when_its_settings_
     assert "The judge **fails** the check" in quality_gold_check(path, QUALITY_JUDGE)[0]
     text = quality_gold_check(path, {**QUALITY_JUDGE, "reasoning_tokens": 0})[0]
     assert "other judge settings than this quality step** (reasoning_tokens)" in text
+
+
+@pytest.mark.parametrize(("ablation_ppl", "broken"), [(6.0, False), (6.02, True)])  # 3x the unsteered 2.0 is the line
+def test_a_negative_control_model_gets_its_rows_and_costs_with_broken_runs_named_and_no_verdict(tmp_path, ablation_ppl, broken):
+    mdir = tmp_path / "study" / "gemma3_270m"
+    (mdir / "train").mkdir(parents=True)
+    (mdir / "train" / "fitted.json").write_text(json.dumps({
+        "inlp_rank": 31, "layer": 3, "n_layers": 18, "position": -1,
+        "refusal_filter": {"harmful_train": {"kept": 0, "of": 128, "used_whole": True}}}))
+    write_run(mdir / "main" / "0", "none", 0, base=0)
+    write_run(mdir / "main" / "1", "dim_ablation", 0, ppl=ablation_ppl, base=0)
+    write_run(mdir / "main" / "2", "inlp_flip", 0, ppl=2.2, base=0, k=31)
+    meta = {"date": "2026-12-03", "hardware": "planted", "data": "planted records", "max_new_tokens": 24,
+            "models": ["gemma3_270m"]}
+    text = render(tmp_path / "study", tmp_path / "docs", meta).read_text()
+    section = text[text.index("### Negative controls"):].split("\n### ")[0]
+    ablation = next(line for line in section.splitlines() if line.startswith("| gemma3_270m | dim_ablation |"))
+    assert f"×{ablation_ppl / 2.0:.3g}" in ablation and ablation.endswith("| broken |") == broken
+    assert "| gemma3_270m | inlp_flip | 0.0% [0–9] |" in section and "×1.1" in section
+    assert "kept 0 of 128 harmful train prompts (none: all were used); DiM layer 3, INLP rank 31" in section
+    assert "### Converged INLP" not in text  # no premise, no verdict

@@ -13,7 +13,7 @@ from refusal.fitting.dim import INDUCE_RULES, SelectionConfig, SelectionResult, 
 
 from .plan import CONTROL_MODELS, PICKS_BEFORE
 from .runs import ModelRuns, pick
-from .verdict import Rate
+from .verdict import ALPHA, BROKEN_PPL_RATIO, Rate, ppl_ratio, rule_broken
 
 
 def capability_section(runs: dict[str, ModelRuns]) -> list[str]:
@@ -101,26 +101,43 @@ def quality_gold_check(path: Path, study_judge: dict[str, Any]) -> list[str]:
 
 
 def control_models_section(runs: dict[str, ModelRuns]) -> list[str]:
-    """The negative controls: what each method does to a model with (almost) no refusal to suppress."""
-    lines = []
+    """The negative controls: what each method does to a model with (almost) no refusal to suppress, and what it
+    costs there (harmless perplexity against the unsteered model, broken runs named by the verdict's rule)."""
+    def rate(row: dict[str, Any], column: str) -> str:
+        if row.get(f"{column}/refusal_rate") is None:
+            return "-"
+        lo, hi = row[f"{column}/refusal_rate_ci95"]
+        return f"{row[f'{column}/refusal_rate']:.1%} [{100 * lo:.0f}–{100 * hi:.0f}]"
+
+    lines, notes = [], []
     for model in (m for m in runs if m in CONTROL_MODELS):
         mr = runs[model]
-        base, ablation, flip, null = (pick(mr.main, name) for name in ("none", "dim_ablation", "inlp_flip", "inlp_nullspace"))
+        base = pick(mr.main, "none")
         if not base:
             continue
+        column = mr.column
+        for name in ("none", "dim_ablation", "inlp_nullspace", "inlp_flip"):
+            if (row := pick(mr.main, name)) is None:
+                continue
+            cost = "-" if name == "none" else "×{:.3g} [{:.3g}, {:.3g}]".format(*ppl_ratio(row, base, 1 - ALPHA))
+            broken = rule_broken(row["harmless/perplexity"], base["harmless/perplexity"]) if name != "none" else []
+            lines.append(f"| {model} | {name} | {rate(row, 'harmful')} | {rate(row, column)} | {cost} | "
+                         f"{row.get('harmless/kl_div', 0):.3g} | {'broken' if broken else ''} |")
         kept = mr.fitted.get("refusal_filter", {}).get("harmful_train", {})
-        rows = "; ".join(f"{label} {Rate.of(r)}" for label, r in (("DiM ablation", ablation), ("INLP nullspace", null),
-                                                                   ("INLP flip", flip)) if r)
-        lines.append(f"- **{model}**: baseline harmful refusal {Rate.of(base)}, harmless {base['harmless/refusal_rate']:.1%}"
-                     f"{'; ' + rows if rows else ''}. The refusal filter kept {kept.get('kept', '?')} of {kept.get('of', '?')} harmful train "
+        notes.append(f"- **{model}**: the refusal filter kept {kept.get('kept', '?')} of {kept.get('of', '?')} harmful train "
                      f"prompts{' (none: all were used)' if kept.get('used_whole') else ''}; DiM layer {mr.fitted.get('layer')}, "
                      f"INLP rank {mr.rank}.")
     if not lines:
         return []
+    column = next(iter(runs.values())).column
     return ["### Negative controls: models with no refusal to remove", "",
             "SmolLM2-135M-Instruct barely refuses and Gemma-3-270m is a base model without chat tuning. The claims "
-            "have no premise there (nothing to suppress), so they get no verdict; their rows (same settings, main "
-            "table below) show whether a method's effect needs a refusing model or would appear anyway:", "", *lines, ""]
+            "have no premise there (nothing to suppress), so they get no verdict; their rows (same settings) show "
+            "whether a method's effect needs a refusing model or would appear anyway, and what it costs a model that "
+            f"has no refusal to lose (*broken*: harmless perplexity over {BROKEN_PPL_RATIO:g}× the unsteered model's, the "
+            "verdict's rule).", "",
+            f"| model | intervention | harmful refusal | {column} refusal | harmless ppl ÷ unsteered | KL | |",
+            "|---|---|---|---|---|---|---|", *lines, "", *notes, ""]
 
 
 def leace_section(runs: dict[str, ModelRuns]) -> list[str]:

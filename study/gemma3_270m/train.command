@@ -1,0 +1,1 @@
+python train.py model=gemma3_270m data=refusal_direction data.dir=$SPLITS logger=none progress=false resume=true eval.max_new_tokens=128 model.matmul=bfloat16 '+eval.test_sets.strongreject={source: pypi, benchmark: strongreject, n: null}' eval.test_sets.overrefusal.n=100 data.n_test=100 hydra.run.dir=$STUDY/gemma3_270m/train

