@@ -104,23 +104,22 @@ def control_models_section(runs: dict[str, ModelRuns]) -> list[str]:
     """The negative controls: what each method does to a model with (almost) no refusal to suppress, and what it
     costs there (harmless perplexity against the unsteered model, broken runs named by the verdict's rule)."""
     def rate(row: dict[str, Any], column: str) -> str:
-        if row.get(f"{column}/refusal_rate") is None:
-            return "-"
-        lo, hi = row[f"{column}/refusal_rate_ci95"]
-        return f"{row[f'{column}/refusal_rate']:.1%} [{100 * lo:.0f}–{100 * hi:.0f}]"
+        return str(Rate.of(row, column)) if row.get(f"{column}/refusal_rate") is not None else "-"
 
+    column = next(iter(runs.values())).column if runs else "harmful"  # every model's claims use the same column
     lines, notes = [], []
     for model in (m for m in runs if m in CONTROL_MODELS):
         mr = runs[model]
         base = pick(mr.main, "none")
         if not base:
             continue
-        column = mr.column
         for name in ("none", "dim_ablation", "inlp_nullspace", "inlp_flip"):
             if (row := pick(mr.main, name)) is None:
                 continue
-            cost = "-" if name == "none" else "×{:.3g} [{:.3g}, {:.3g}]".format(*ppl_ratio(row, base, 1 - ALPHA))
-            broken = rule_broken(row["harmless/perplexity"], base["harmless/perplexity"]) if name != "none" else []
+            cost, broken = "-", False
+            if name != "none":
+                cost = "×{:.3g} [{:.3g}, {:.3g}]".format(*ppl_ratio(row, base, 1 - ALPHA))
+                broken = bool(rule_broken(row["harmless/perplexity"], base["harmless/perplexity"]))
             lines.append(f"| {model} | {name} | {rate(row, 'harmful')} | {rate(row, column)} | {cost} | "
                          f"{row.get('harmless/kl_div', 0):.3g} | {'broken' if broken else ''} |")
         kept = mr.fitted.get("refusal_filter", {}).get("harmful_train", {})
@@ -129,7 +128,6 @@ def control_models_section(runs: dict[str, ModelRuns]) -> list[str]:
                      f"INLP rank {mr.rank}.")
     if not lines:
         return []
-    column = next(iter(runs.values())).column
     return ["### Negative controls: models with no refusal to remove", "",
             "SmolLM2-135M-Instruct barely refuses and Gemma-3-270m is a base model without chat tuning. The claims "
             "have no premise there (nothing to suppress), so they get no verdict; their rows (same settings) show "

@@ -86,7 +86,7 @@ were fixed before any number was seen.
 
 @dataclass(frozen=True)
 class Rate:
-    """A harmful refusal rate with its Wilson interval, from a report row."""
+    """A refusal rate with its Wilson interval, from a report row (the ``harmful`` column unless told)."""
 
     value: float
     lo: float
@@ -94,9 +94,9 @@ class Rate:
     n: int
 
     @classmethod
-    def of(cls, row: Mapping[str, Any]) -> Rate:
-        lo, hi = row["harmful/refusal_rate_ci95"]
-        return cls(float(row["harmful/refusal_rate"]), float(lo), float(hi), int(row.get("n_harmful") or 0))
+    def of(cls, row: Mapping[str, Any], column: str = "harmful") -> Rate:
+        lo, hi = row[f"{column}/refusal_rate_ci95"]
+        return cls(float(row[f"{column}/refusal_rate"]), float(lo), float(hi), int(row.get(f"n_{column}") or row.get(f"{column}/n") or 0))
 
     def __str__(self) -> str:
         return f"{100 * self.value:.1f}% [{100 * self.lo:.0f}–{100 * self.hi:.0f}]"
