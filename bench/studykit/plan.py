@@ -22,7 +22,7 @@ STEPS = ["main", "actadd", "k", "alpha", "controls", "tokens", "geometry", "leac
 CAPABILITY_TASKS = "[mmlu,arc_challenge,arc_challenge_rc]"
 #: The quality step: the StrongREJECT rubric asked of qwen15 (its reasoning line, then its digits, in bfloat16: ~5x
 #: faster here; the refusal judge gave float32's labels on 246 of 246 gold completions), item 1 from the primary
-#: refusal judge, about a seeded sample of 100 StrongREJECT completions per main row (~14 s each), paired with the
+#: refusal judge, about a seeded sample of 100 StrongREJECT completions per main row (~9 s each on 2 idle cores), paired with the
 #: unsteered model's completions of the same prompts. The gold check (docs/results/quality_gold.json) must use these.
 QUALITY_JUDGE = {"model": "qwen15", "matmul": "bfloat16", "reasoning_tokens": 96, "refused": "judge"}
 QUALITY = ["eval.quality=true", *(f"eval.quality_judge.{k}={v}" for k, v in QUALITY_JUDGE.items()),

