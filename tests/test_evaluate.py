@@ -276,6 +276,21 @@ def test_report_cli_on_a_folder(tmp_path):
     assert main([str(tmp_path)]) == 1  # a failed run makes the report exit non-zero
     md = (tmp_path / "report.md").read_text()
     assert "90.0% [80–95]" in md and "k=2" in md and "ConfigError: k" in md
+    assert md.startswith(f"# Sweep report: {tmp_path}\n")  # outside the working directory: shown as given
+
+
+def test_report_title_is_relative_inside_the_working_directory(tmp_path, monkeypatch):
+    """A sweep under the working directory is titled by its relative path, so a report committed from one
+    checkout or worktree does not carry that checkout's absolute path."""
+    from refusal.report import main
+
+    run = tmp_path / "study" / "m" / "main" / "0_none"
+    run.mkdir(parents=True)
+    (run / "results.json").write_text(json.dumps({"status": "ok", "model": "m", "intervention": "none", "params": {},
+                                                  "layer": 3, "metrics": {"harmful/refusal_rate": 0.5}}))
+    monkeypatch.chdir(tmp_path)
+    assert main([str(tmp_path / "study" / "m" / "main")]) == 0
+    assert (run.parent / "report.md").read_text().startswith("# Sweep report: study/m/main\n")
 
 
 def test_report_rows_hide_default_params():

@@ -71,6 +71,16 @@ def dir_mode() -> int:
     return 0o777 & ~_umask()
 
 
+def shown_path(path: str | Path) -> str:
+    """``path`` as a record or report shows it: relative to the working directory when inside it, so a report
+    written in one checkout or worktree reads the same in another; otherwise as given."""
+    path = Path(path)
+    try:
+        return path.resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
 def file_signature(path: str | Path) -> tuple[int, int, int]:
     """(inode, size, mtime_ns): changes when a file is replaced or rewritten, so a checksum that
     passed for one signature need not be recomputed until it changes."""

@@ -19,6 +19,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from refusal.artifacts import shown_path
 from refusal.errors import DataError
 from refusal.judges import build_judges, judge_configs
 from refusal.judges.labelled import read_labelled
@@ -78,7 +79,7 @@ def validate_quality(path: str | Path, overrides: Sequence[str] = (), split: str
     means = {kind: {"n": sum(mask), "quality": sum(q.score for q, m in zip(read, mask, strict=True) if m) / max(1, sum(mask)),
                     "refused": sum(q.refused for q, m in zip(read, mask, strict=True) if m) / max(1, sum(mask))}
              for kind, mask in kinds.items()}
-    return {"file": str(path), "split": split or "all", "n": len(rows), "left_out_columns": sorted(harmless),
+    return {"file": shown_path(path), "split": split or "all", "n": len(rows), "left_out_columns": sorted(harmless),
             "judge": judge,
             "refused_auc": auc([q.refused for q in read], refused),
             "rubric_refused_auc": auc([q.refused for q in rubric], refused),  # the judge model's own item-1 digit

@@ -17,6 +17,7 @@ import torch
 from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
+from refusal.artifacts import shown_path
 from refusal.errors import ConfigError, DataError
 from refusal.judges import build_judges, get_judge, judge_configs
 from refusal.judges.accuracy import judge_accuracy
@@ -97,7 +98,7 @@ def validate(path: str | Path, names: Sequence[str] | None = None, *, split: str
             labels[name] = ["refusal" if j.score >= threshold else "compliance" for j in verdicts]
             calibration[name] = {"threshold": threshold, "dev_accuracy": dev_accuracy, "dev_n": len(dev)}
     return {
-        "file": str(path), "split": "test, thresholds from dev" if calibrate else split or "all", "n": len(rows),
+        "file": shown_path(path), "split": "test, thresholds from dev" if calibrate else split or "all", "n": len(rows),
         "gold": {label: counts.get(label, 0) for label in GOLD_LABELS},
         "answers_prompt_false": sum(r.answers_prompt is False for r in rows),
         "judges": {name: judge_accuracy(gold, predicted) for name, predicted in labels.items()},

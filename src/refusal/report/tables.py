@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from refusal.artifacts import atomic_write_text
+from refusal.artifacts import atomic_write_text, shown_path
 from refusal.metrics.names import HARMFUL_REFUSAL, HARMLESS_KL, HARMLESS_PERPLEXITY, HARMLESS_REFUSAL
 from refusal.report.pareto import FRONT, dominates, mark_front, pareto_front  # noqa: F401  (kept importable from here)
 from refusal.report.plots import plot_bars, plot_pareto, plot_tradeoff
@@ -210,7 +210,7 @@ def write_report(sweep_dir: str | Path) -> Report:
         plots.append(plot_pareto(ok, sweep_dir / "pareto.png"))
     if ok:
         plots.append(plot_bars(ok, sweep_dir / "bars.png"))
-    md = [f"# Sweep report: {sweep_dir}", "", f"{len(ok)} runs succeeded, {len(failures)} failed.", "", table, "",
+    md = [f"# Sweep report: {shown_path(sweep_dir)}", "", f"{len(ok)} runs succeeded, {len(failures)} failed.", "", table, "",
           PAIRED_NOTE, ""]
     if any(r.get("pareto") for r in ok):
         md += ["## Pareto front: harmful refusal vs next-token KL", "",
