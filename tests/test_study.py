@@ -174,7 +174,11 @@ def test_the_study_renders_the_length_curve_with_a_verdict_per_budget(tmp_path):
         results = json.loads(path.read_text())
         results["metrics"].update({"capability/mmlu/accuracy": 0.4 + drop, "capability/mmlu/n": 228,
                                    "capability/mmlu/accuracy_vs_baseline": drop,
-                                   "capability/mmlu/accuracy_vs_baseline_ci95": [drop - 0.05, drop + 0.05]})
+                                   "capability/mmlu/accuracy_vs_baseline_ci95": [drop - 0.05, drop + 0.05],
+                                   # general text: cross-entropy in nats per token, rising as much as MMLU falls
+                                   "capability/lambada/cross_entropy": 3.0 - drop, "capability/lambada/n": 100,
+                                   "capability/lambada/cross_entropy_vs_baseline": -drop,
+                                   "capability/lambada/cross_entropy_vs_baseline_ci95": [-drop - 0.01, -drop + 0.02]})
         path.write_text(json.dumps(results))
     for i, (name, quality) in enumerate((("none", 0.05), ("dim_ablation", 0.40), ("inlp_flip", 0.30), ("inlp_nullspace", 0.10))):
         write_run(mdir / "quality" / str(i), name, 30, **({"k": 40} if name.startswith("inlp") else {}))
@@ -208,7 +212,9 @@ def test_the_study_renders_the_length_curve_with_a_verdict_per_budget(tmp_path):
     assert "(random_2_all) | 1.000 | 0.90 [0.80, 1.00] opposite | 0.05 [-0.05, 0.15] stays |" in methods  # geometry_methods
     assert "| not run | 1.000 | - | - |" in methods  # projected ablation: no landing measured
     capability = text[text.index("### Capability"):]  # nullspace loses 30 points of MMLU: broken, so C2 is not decided
-    assert "**qwen05** (items: mmlu 228)" in capability and "| inlp_nullspace | 10.0% (-30.0 [-35, -25]) |" in capability
+    assert "**qwen05** (items: mmlu 228, lambada 100)" in capability
+    assert "| mmlu (Δ vs unsteered, paired) | lambada nats/token (Δ vs unsteered, paired) |" in capability
+    assert "| inlp_nullspace | 10.0% (-30.0 [-35, -25]) | 3.300 (+0.300 [+0.290, +0.320]) |" in capability
     assert "model broken (mmlu Δ acc [-35.0, -25.0] pts below −5)" in text
     numerics = text[text.index("### Numerics"):]  # float32 rows: ablation refuses 4 of 40 where the study's refused 2
     assert "Under float32: C1 holds (study: holds); C2 holds (study: inconclusive)." in numerics  # study: nullspace broken

@@ -17,25 +17,34 @@ from .verdict import ALPHA, BROKEN_PPL_RATIO, Rate, ppl_ratio, rule_broken
 
 
 def capability_section(runs: dict[str, ModelRuns]) -> list[str]:
-    """Each main row's benchmark accuracy beside the unsteered model's on the same items, paired."""
+    """Each main row's benchmark accuracy (text tasks: cross-entropy) beside the unsteered model's on the same items,
+    paired."""
     out = []
     for model, mr in runs.items():
         if not mr.capability:
             continue
-        tasks = sorted({k.split("/")[1] for r in mr.capability for k in r if k.startswith("capability/") and k.endswith("/accuracy")})
-        lines = ["| intervention | " + " | ".join(f"{t} (Δ vs unsteered, paired)" for t in tasks) + " |", "|---|" + "---|" * len(tasks)]
+        keys = {k for r in mr.capability for k in r if k.startswith("capability/")}
+        choice = sorted(k.split("/")[1] for k in keys if k.endswith("/accuracy"))
+        text = sorted(k.split("/")[1] for k in keys if k.endswith("/cross_entropy"))
+        lines = ["| intervention | " + " | ".join([*(f"{t} (Δ vs unsteered, paired)" for t in choice),
+                                                  *(f"{t} nats/token (Δ vs unsteered, paired)" for t in text)]) + " |",
+                 "|---|" + "---|" * (len(choice) + len(text))]
         for row in mr.capability:
-            cells = []
-            for t in tasks:
-                acc, d, ci = (row.get(f"capability/{t}/{k}") for k in ("accuracy", "accuracy_vs_baseline", "accuracy_vs_baseline_ci95"))
-                cells.append("-" if acc is None else f"{acc:.1%}" + (f" ({100 * d:+.1f} [{100 * ci[0]:+.0f}, {100 * ci[1]:+.0f}])"
-                                                                    if d is not None and ci else ""))
+            cells = [_paired_cell(row, t, "accuracy", ".1%", 100, "+.1f", "+.0f") for t in choice]
+            cells += [_paired_cell(row, t, "cross_entropy", ".3f", 1, "+.3f", "+.3f") for t in text]
             lines.append(f"| {row['intervention']} | " + " | ".join(cells) + " |")
-        n = {t: next((r.get(f"capability/{t}/n") for r in mr.capability if r.get(f"capability/{t}/n")), "?") for t in tasks}
+        n = {t: next((r.get(f"capability/{t}/n") for r in mr.capability if r.get(f"capability/{t}/n")), "?") for t in [*choice, *text]}
         out += [f"**{model}** (items: " + ", ".join(f"{t} {v}" for t, v in n.items()) + ")", "", *lines, ""]
     return out
 
 
+def _paired_cell(row: dict[str, Any], task: str, metric: str, value_fmt: str, scale: float, diff_fmt: str, ci_fmt: str) -> str:
+    """``value (Δ [lo, hi])``: one task's metric and its paired difference from the unsteered model (Δ × ``scale``)."""
+    value, d, ci = (row.get(f"capability/{task}/{metric}{k}") for k in ("", "_vs_baseline", "_vs_baseline_ci95"))
+    if value is None:
+        return "-"
+    paired = f" ({scale * d:{diff_fmt}} [{scale * ci[0]:{ci_fmt}}, {scale * ci[1]:{ci_fmt}}])" if d is not None and ci else ""
+    return format(value, value_fmt) + paired
 
 
 def quality_section(runs: dict[str, ModelRuns]) -> list[str]:
