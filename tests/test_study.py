@@ -19,7 +19,7 @@ from refusal.errors import DataError
 from refusal.metrics import wilson_interval
 
 sys.path.insert(0, str(REPO / "bench"))  # the study's code lives in bench/studykit
-from studykit.plan import KS, METHODS  # noqa: E402
+from studykit.plan import CONTROLS, KS, METHODS  # noqa: E402
 from studykit.plots import plot_tunability  # noqa: E402
 from studykit.render import render  # noqa: E402
 from studykit.run import Study  # noqa: E402
@@ -149,6 +149,14 @@ def test_a_k_sweep_still_running_decides_nothing_and_is_listed_as_running(tmp_pa
     assert "running:" not in text and "`k`" not in text.split("## Verdict")[0]
     assert "**holds**" in next(line for line in text.splitlines() if line.startswith("| C3"))
     assert "## Tunability" in text and "k=6" in text.split("## Tunability")[1]
+    # a step of named runs: its finished runs are shown and it is listed as partial until every planned run exists
+    write_run(mdir / "controls" / "dim_ablation_selected", "dim_ablation", 3)
+    text = render(tmp_path / "study", tmp_path / "docs", meta).read_text()
+    assert f"`controls` (1 of {len(CONTROLS)} runs done)" in text.split("## Verdict")[0]
+    assert "| qwen05 | dim_ablation |" in text.split("## Controls")[1]
+    for name in list(CONTROLS)[1:]:
+        write_run(mdir / "controls" / name, "dim_ablation", 3)
+    assert "`controls`" not in render(tmp_path / "study", tmp_path / "docs", meta).read_text().split("## Verdict")[0]
 
 
 def test_the_study_renders_the_length_curve_with_a_verdict_per_budget(tmp_path):

@@ -12,7 +12,7 @@ from refusal.data.benchmarks import BENCHMARKS
 from refusal.report import markdown_table
 
 from .peers import pareto_section
-from .plan import CONTROL_MODELS, LEGACY_K, QUALITY_JUDGE, REPO, STEPS, model_order
+from .plan import CONTROL_MODELS, CONTROLS, LEGACY_K, METHODS, QUALITY_JUDGE, REPO, STEPS, model_order
 from .plots import plot_tunability
 from .runs import ModelRuns, order_rows
 from .sections import (
@@ -34,10 +34,14 @@ def _relative(text: str) -> str:
     return text.replace(f"{REPO}/", "").replace(f"{REPO.parent}/", "../")
 
 
+#: Steps made of named runs, one folder each: the runs the study plans for them.
+RUN_STEPS = {"controls": CONTROLS, "methods": METHODS}
+
+
 def step_ran(model_dir: Path, step: str) -> bool:
-    """Whether a study step left its output for this model (a controls step: any control)."""
-    if step in ("controls", "methods"):
-        return any((model_dir / step).glob("*/results.json"))
+    """Whether a study step left its output for this model (a step of named runs: every planned run)."""
+    if step in RUN_STEPS:
+        return all((model_dir / step / name / "results.json").exists() for name in RUN_STEPS[step])
     if step == "tokens":
         return any((model_dir / step).glob("*/report.csv"))
     if step in ("geometry",):
@@ -46,8 +50,11 @@ def step_ran(model_dir: Path, step: str) -> bool:
 
 
 def partial(step_dir: Path) -> str:
-    """' (running: n jobs done)' for a sweep that has started and not ended (its rows decide nothing yet)."""
+    """' (running: n jobs done)' for a sweep that has started and not ended (its rows decide nothing yet);
+    ' (n of N runs done)' for a step of named runs (its finished runs are shown)."""
     done = len(list(step_dir.glob("*/results.json"))) if step_dir.is_dir() else 0
+    if done and step_dir.name in RUN_STEPS:
+        return f" ({done} of {len(RUN_STEPS[step_dir.name])} runs done)"
     return f" (running: {done} job{'s' * (done != 1)} done)" if done else ""
 
 
