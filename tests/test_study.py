@@ -153,7 +153,7 @@ def test_a_k_sweep_still_running_decides_nothing_and_is_listed_as_running(tmp_pa
     write_run(mdir / "controls" / "dim_ablation_selected", "dim_ablation", 3)
     text = render(tmp_path / "study", tmp_path / "docs", meta).read_text()
     assert f"`controls` (1 of {len(CONTROLS)} runs done)" in text.split("## Verdict")[0]
-    assert "| qwen05 | dim_ablation |" in text.split("## Controls")[1]
+    assert "| qwen05 | dim_ablation | dim_ablation_selected: " in text.split("\n## Controls\n")[1]  # named by its control
     for name in list(CONTROLS)[1:]:
         write_run(mdir / "controls" / name, "dim_ablation", 3)
     assert "`controls`" not in render(tmp_path / "study", tmp_path / "docs", meta).read_text().split("## Verdict")[0]

@@ -177,7 +177,9 @@ def render(root: Path, docs: Path, meta: dict[str, Any]) -> Path:
     md.append("")
     md += heldout_section(runs)
     md += pareto_section(runs, figures, root, Path(meta.get("peers_dir", REPO / "bench" / "peers" / "runs")))
-    control_rows = [r for mr in runs.values() for r in order_rows(list(mr.controls.values()))]
+    # each row named by its control: two controls can share an intervention's params (per-layer fits are a fit setting)
+    control_rows = [r for mr in runs.values()
+                    for r in order_rows([{**row, "params": f"{name}: {row['params']}"} for name, row in mr.controls.items()])]
     if control_rows:
         md += ["## Controls", "", "Scope and random-subspace controls (`layers=all` for a projection also projects every "
                "attention/MLP write; per-layer = `fit.inlp.per_layer=true`, each layer its own INLP fit; random_ablation "
