@@ -21,7 +21,7 @@ from refusal.metrics import wilson_interval
 sys.path.insert(0, str(REPO / "bench"))  # the study's code lives in bench/studykit
 from studykit.plan import CONTROLS, KS, METHODS  # noqa: E402
 from studykit.plots import plot_tunability  # noqa: E402
-from studykit.render import render  # noqa: E402
+from studykit.render import render, timing_line  # noqa: E402
 from studykit.run import Study  # noqa: E402
 from studykit.runs import ModelRuns  # noqa: E402
 from studykit.sections import judges_section, primary_note, selection_section  # noqa: E402
@@ -105,6 +105,19 @@ def test_a_study_committed_under_one_folder_resumes_under_another_and_stamps_no_
     other = Study(tmp_path / "b" / "study", [], splits)  # the same output made by another command is refused
     with pytest.raises(SystemExit, match="made by another command"):
         other.run(["-c", "pass"], tmp_path / "b" / "study" / "qwen05" / "main.log", tmp_path / "b" / "study" / "qwen05" / "main" / "report.csv")
+
+
+def test_a_step_records_its_cpu_time_apart_from_its_wall_time_and_the_report_shows_both(tmp_path):
+    """A step that waits (as a paused one does) reads long on the wall, not in CPU time; older bare entries are wall."""
+    root = tmp_path / "study"
+    done = root / "qwen05" / "main" / "report.csv"
+    spin_then_wait = ("import pathlib, sys, time; t = time.process_time()\nwhile time.process_time() - t < 0.3: pass\n"
+                      "time.sleep(0.6); pathlib.Path(sys.argv[1]).parent.mkdir(parents=True); pathlib.Path(sys.argv[1]).write_text('x')")
+    assert Study(root, [], tmp_path).run(["-c", spin_then_wait, str(done)], root / "qwen05" / "main.log", done)
+    entry = json.loads((root / "qwen05" / "timings.json").read_text())["main.log"]
+    assert 0.3 <= entry["cpu_s"] + 0.05 and entry["cpu_s"] < 0.8 < entry["wall_s"]
+    line = timing_line("qwen05", {"train.log": 60.0, "main.log": {"wall_s": 600.0, "cpu_s": 1080.0}})
+    assert line.startswith("Wall time, qwen05: 11 min in all") and "`train` 1.0" in line and "`main` 10.0 (CPU 18.0)" in line
 
 
 def test_the_selection_table_reads_the_fit_committed_with_the_study_and_counts_each_rules_passing_candidates(tmp_path):

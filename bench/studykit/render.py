@@ -72,6 +72,18 @@ def commands_of(model_dir: Path) -> list[str]:
     return [p.read_text().strip() for p in stamps]
 
 
+def timing_line(model: str, steps: dict[str, Any]) -> str:
+    """The report's line of time per step: wall minutes, and CPU minutes (all threads) where the runner recorded
+    them (a step paused for another reads long on the wall only); an entry that is a bare number is wall seconds."""
+    def minutes(value: Any) -> str:
+        if not isinstance(value, dict):
+            return f"{value / 60:.1f}"
+        return f"{value['wall_s'] / 60:.1f} (CPU {value['cpu_s'] / 60:.1f})"
+    wall = sum(v["wall_s"] if isinstance(v, dict) else v for v in steps.values())
+    return (f"Wall time, {model}: {wall / 60:.0f} min in all (minutes per step, with CPU minutes over all threads where "
+            "recorded: " + ", ".join(f"`{k.removesuffix('.log')}` {minutes(v)}" for k, v in steps.items()) + ").")
+
+
 def render(root: Path, docs: Path, meta: dict[str, Any]) -> Path:
     figures = docs / "results"
     figures.mkdir(parents=True, exist_ok=True)
@@ -213,9 +225,7 @@ def render(root: Path, docs: Path, meta: dict[str, Any]) -> Path:
     for model in models:
         timings = root / model / "timings.json"
         if timings.exists():
-            steps = json.loads(timings.read_text())
-            md += [f"Wall time, {model}: {sum(steps.values()) / 60:.0f} min in all (minutes per step: "
-                   + ", ".join(f"`{k.removesuffix('.log')}` {v / 60:.1f}" for k, v in steps.items()) + ").", ""]
+            md += [timing_line(model, json.loads(timings.read_text())), ""]
     path = docs / "RESULTS.md"
     atomic_write_text(path, "\n".join(md))
     return path

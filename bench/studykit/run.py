@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shlex
 import subprocess
 import sys
@@ -56,17 +57,19 @@ class Study:
         print(f"run: {shown}", flush=True)
         log.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(stamp, shown + "\n")
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), _children_cpu()
         # the fits go with the study (study/artifacts, committed): its selection table reads them on any checkout
         env = {**os.environ, "WANDB_MODE": "offline", "TOKENIZERS_PARALLELISM": "false",
                "REFUSAL_ARTIFACTS": str(self.root / "artifacts")}
         with log.open("w") as fh:
             rc = subprocess.call([sys.executable, *argv], cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, env=env)
-        took = time.perf_counter() - t0
+        took, cpu = time.perf_counter() - t0, _children_cpu() - cpu0
         model, *step = log.relative_to(self.root).parts
         timings = self.root / model / "timings.json"  # one file per model: studies of two models may run at once
         saved = json.loads(timings.read_text()) if timings.exists() else {}
-        saved["/".join(step)] = round(took, 1)
+        # wall time, and the step's CPU time (all threads): a step paused to give the CPU to another reads long
+        # on the wall, not in CPU time
+        saved["/".join(step)] = {"wall_s": round(took, 1), "cpu_s": round(cpu, 1)}
         atomic_write_text(timings, json.dumps(saved, indent=2) + "\n")
         print(f"  {'ok' if rc == 0 else f'FAILED (exit {rc}), see {log}'} in {took / 60:.1f} min", flush=True)
         return rc == 0
@@ -149,3 +152,8 @@ class Study:
             self.run(["-m", "refusal.geometry", "--interventions", specs, "--out", str(out / "geometry"), *args],
                      out / "geometry.log", out / "geometry" / "geometry.json")
 
+
+def _children_cpu() -> float:
+    """User + system CPU seconds of the finished child processes so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
