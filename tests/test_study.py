@@ -117,7 +117,8 @@ def test_a_step_records_its_cpu_time_apart_from_its_wall_time_and_the_report_sho
     entry = json.loads((root / "qwen05" / "timings.json").read_text())["main.log"]
     assert 0.3 <= entry["cpu_s"] + 0.05 and entry["cpu_s"] < 0.8 < entry["wall_s"]
     line = timing_line("qwen05", {"train.log": 60.0, "main.log": {"wall_s": 600.0, "cpu_s": 1080.0}})
-    assert line.startswith("Wall time, qwen05: 11 min in all") and "`train` 1.0" in line and "`main` 10.0 (CPU 18.0)" in line
+    assert line.startswith("Wall time, qwen05: 11 min in all") and "`train` 1.0" in line and "`main` 10.0 [18.0]" in line and "CPU minutes" in line
+    assert "CPU" not in timing_line("qwen05", {"train.log": 60.0})
 
 
 def test_the_selection_table_reads_the_fit_committed_with_the_study_and_counts_each_rules_passing_candidates(tmp_path):

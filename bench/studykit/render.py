@@ -78,10 +78,11 @@ def timing_line(model: str, steps: dict[str, Any]) -> str:
     def minutes(value: Any) -> str:
         if not isinstance(value, dict):
             return f"{value / 60:.1f}"
-        return f"{value['wall_s'] / 60:.1f} (CPU {value['cpu_s'] / 60:.1f})"
+        return f"{value['wall_s'] / 60:.1f} [{value['cpu_s'] / 60:.1f}]"
     wall = sum(v["wall_s"] if isinstance(v, dict) else v for v in steps.values())
-    return (f"Wall time, {model}: {wall / 60:.0f} min in all (minutes per step, with CPU minutes over all threads where "
-            "recorded: " + ", ".join(f"`{k.removesuffix('.log')}` {minutes(v)}" for k, v in steps.items()) + ").")
+    cpu = ", CPU minutes over all threads in brackets where recorded" if any(isinstance(v, dict) for v in steps.values()) else ""
+    return (f"Wall time, {model}: {wall / 60:.0f} min in all (minutes per step{cpu}: "
+            + ", ".join(f"`{k.removesuffix('.log')}` {minutes(v)}" for k, v in steps.items()) + ").")
 
 
 def render(root: Path, docs: Path, meta: dict[str, Any]) -> Path:

@@ -144,7 +144,10 @@ def control_models_section(runs: dict[str, ModelRuns]) -> list[str]:
             f"has no refusal to lose (*broken*: harmless perplexity over {BROKEN_PPL_RATIO:g}× the unsteered model's, the "
             "verdict's rule).", "",
             f"| model | intervention | harmful refusal | {column} refusal | harmless ppl ÷ unsteered | KL | |",
-            "|---|---|---|---|---|---|---|", *lines, "", *notes, ""]
+            "|---|---|---|---|---|---|---|", *lines, "", *notes,
+            "- How much of each layer's residual lies along each model's DiM direction, which is what ablation at every "
+            "write removes: [direction_share.md](results/direction_share.md) (`python bench/direction_share.py --model "
+            "<name>`).", ""]
 
 
 def leace_section(runs: dict[str, ModelRuns]) -> list[str]:
