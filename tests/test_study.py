@@ -21,7 +21,7 @@ from refusal.metrics import wilson_interval
 sys.path.insert(0, str(REPO / "bench"))  # the study's code lives in bench/studykit
 from studykit.plan import CONTROLS, KS, METHODS  # noqa: E402
 from studykit.plots import plot_tunability  # noqa: E402
-from studykit.render import render, timing_line  # noqa: E402
+from studykit.render import holm_table, render, timing_line  # noqa: E402
 from studykit.run import Study  # noqa: E402
 from studykit.runs import ModelRuns  # noqa: E402
 from studykit.sections import judges_section, primary_note, selection_section  # noqa: E402
@@ -82,6 +82,18 @@ def test_the_study_renders_its_verdict_from_the_records_it_writes(tmp_path):
         rows = (tmp_path / "study" / "qwen05" / "k" / "zz" / "completions.jsonl")
         rows.write_text(rows.read_text().replace('"harmful 0"', '"another prompt"'))
         decide(ModelRuns(tmp_path / "study" / "qwen05").inputs())
+
+
+def test_the_studys_tables_show_mcnemar_p_holm_adjusted_over_each_models_runs_in_that_table():
+    """Holm by hand: model a's raw p 0.01, 0.04, 0.03 -> 0.03, 0.06, 0.06 (0.03·2 carried up to 0.04's row); model
+    b's single run keeps its p. The rows themselves are not changed (a row shown in two tables gets each family's p)."""
+    def row(model, p):
+        return {"model": model, "intervention": "inlp_flip", "params": "-", "harmful/mcnemar_p_vs_baseline": p}
+    rows = [row("a", 0.01), row("a", 0.04), row("a", 0.03), row("b", 0.2), {"model": "a", "intervention": "none", "params": "-"}]
+    lines = holm_table(rows).splitlines()
+    column = lines[0].split(" | ").index("McNemar p (Holm)")
+    assert [line.split(" | ")[column] for line in lines[2:]] == ["0.03", "0.06", "0.06", "0.2", "-"]
+    assert all("harmful/mcnemar_p_vs_baseline_holm" not in r for r in rows)
 
 
 def test_a_study_committed_under_one_folder_resumes_under_another_and_stamps_no_machine_path(tmp_path):

@@ -9,7 +9,8 @@ from typing import Any
 
 from refusal.artifacts import atomic_write_text
 from refusal.data.benchmarks import BENCHMARKS
-from refusal.report import markdown_table
+from refusal.report import mark_holm, markdown_table
+from refusal.report.tables import PAIRED_NOTE
 
 from .peers import pareto_section
 from .plan import CONTROL_MODELS, CONTROLS, LEGACY_K, METHODS, QUALITY_JUDGE, REPO, STEPS, model_order
@@ -70,6 +71,14 @@ def commands_of(model_dir: Path) -> list[str]:
     stamps = sorted([*model_dir.glob("*.command"), *model_dir.glob("controls/*.command"), *model_dir.glob("methods/*.command"),
                      *model_dir.glob("tokens/*.command")], key=rank)
     return [p.read_text().strip() for p in stamps]
+
+
+def holm_table(rows: list[dict[str, Any]]) -> str:
+    """A table of runs with McNemar's p of each against its baseline Holm-adjusted over the runs of the same model
+    in this table (the runs it compares together), on copies: a row shown in several tables gets each family's p."""
+    rows = [dict(r) for r in rows]
+    mark_holm(rows)
+    return markdown_table(rows)
 
 
 def timing_line(model: str, steps: dict[str, Any]) -> str:
@@ -177,7 +186,7 @@ def render(root: Path, docs: Path, meta: dict[str, Any]) -> Path:
     md += selection_section(runs, root)
     main_rows = [r for mr in runs.values() for r in order_rows(mr.main + mr.leace)]
     md += judges_section(figures / "judges_gold.json")
-    md += ["## Main table", "", markdown_table(main_rows), "", "Fitted directions:", ""]
+    md += ["## Main table", "", holm_table(main_rows), "", PAIRED_NOTE, "", "Fitted directions:", ""]
     for model, mr in runs.items():
         f, inlp = mr.fitted, mr.fitted.get("inlp", {})
         capture = inlp.get("capture") or [0]
@@ -196,14 +205,14 @@ def render(root: Path, docs: Path, meta: dict[str, Any]) -> Path:
     if control_rows:
         md += ["## Controls", "", "Scope and random-subspace controls (`layers=all` for a projection also projects every "
                "attention/MLP write; per-layer = `fit.inlp.per_layer=true`, each layer its own INLP fit; random_ablation "
-               "k = the INLP rank).", "", markdown_table(control_rows), ""]
+               "k = the INLP rank).", "", holm_table(control_rows), ""]
     tune = [r for mr in runs.values() for r in order_rows(mr.main + mr.k + mr.alpha) if r["intervention"].startswith("inlp")]
     if tune and any(mr.k or mr.alpha for mr in runs.values()):  # the main rows alone are the main table again
         plot = plot_tunability([r for mr in runs.values() for r in mr.main + mr.k + mr.alpha], figures / "tunability.png")
         md += ["## Tunability: INLP k and α against DiM", "",
                "Harmful refusal rate against harmless perplexity: INLP nullspace and flip over k (lines), flip over α "
                "at the converged rank, DiM ablation and actadd as points.", "",
-               f"![tunability](results/{plot.name})", "", markdown_table(tune), ""]
+               f"![tunability](results/{plot.name})", "", holm_table(tune), ""]
     geo_sections = []
     for model in models:
         geo = root / model / "geometry"
