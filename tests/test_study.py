@@ -26,7 +26,7 @@ from studykit.run import Study  # noqa: E402
 from studykit.runs import ModelRuns  # noqa: E402
 from studykit.sections import judges_section, primary_note, selection_section  # noqa: E402
 from studykit.verdict import RULES, decide  # noqa: E402
-from studykit.verdict_sections import numerics_section  # noqa: E402
+from studykit.verdict_sections import control_pairs, numerics_section  # noqa: E402
 
 N = 40  # harmful (and harmless) test prompts of every planted run
 
@@ -94,6 +94,24 @@ def test_the_studys_tables_show_mcnemar_p_holm_adjusted_over_each_models_runs_in
     column = lines[0].split(" | ").index("McNemar p (Holm)")
     assert [line.split(" | ")[column] for line in lines[2:]] == ["0.03", "0.06", "0.06", "0.2", "-"]
     assert all("harmful/mcnemar_p_vs_baseline_holm" not in r for r in rows)
+
+
+def test_each_control_is_paired_with_the_run_it_differs_from_in_one_respect(tmp_path):
+    """Planted: DiM ablation refuses 2 of 40, the random direction at the same reach 30 (Δ −70.0 points, exactly
+    [−28 of 40] on every prompt pair); perplexities 2.2 and 2.0 on the same completions give ×1.100 with a zero-width
+    interval. A pair whose other run is missing is left out."""
+    mdir = tmp_path / "study" / "qwen05"
+    (mdir / "train").mkdir(parents=True)
+    (mdir / "train" / "fitted.json").write_text(json.dumps({"inlp_rank": 8, "layer": 10}))
+    write_run(mdir / "main" / "0", "none", 30)
+    write_run(mdir / "main" / "1", "dim_ablation", 2, ppl=2.2)
+    write_run(mdir / "controls" / "random_1_all", "random_ablation", 30, ppl=2.0, k=1)
+    lines = control_pairs({"qwen05": ModelRuns(mdir)})
+    rows = [line for line in lines if line.startswith("| DiM's direction")]
+    assert len(rows) == 1 and len([line for line in lines if line.startswith("| ") and "---" not in line]) == 2
+    cells = rows[0].split(" | ")
+    assert cells[1:3] == ["dim_ablation", "random_1_all"] and cells[5].startswith("-70.0 [")
+    assert cells[6] == "×1.100 [1.100, 1.100] |"
 
 
 def test_a_study_committed_under_one_folder_resumes_under_another_and_stamps_no_machine_path(tmp_path):

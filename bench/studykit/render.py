@@ -27,7 +27,14 @@ from .sections import (
     selection_section,
 )
 from .verdict import RULES, claims_table, decide
-from .verdict_sections import controls_table, methods_section, numerics_section, reading, token_section
+from .verdict_sections import (
+    control_pairs,
+    controls_table,
+    methods_section,
+    numerics_section,
+    reading,
+    token_section,
+)
 
 
 def _relative(text: str) -> str:
@@ -139,6 +146,8 @@ def render(root: Path, docs: Path, meta: dict[str, Any]) -> Path:
         md += ["### Controls: which verdicts change when one row is swapped", "",
                "Each control replaces one row of the converged verdict and re-applies C1 or C2.", "",
                *controls_table(refusing), ""]
+        if pairs := control_pairs(refusing):
+            md += ["What each control isolates, each against the run it differs from in one respect:", "", *pairs]
     md += ["### Limits of the refusal judge", "",
            f"Refusal is a substring match on the first {short} new tokens: a refusal that starts later, a dodge that never "
            "says a stock phrase, or a moralising answer count as compliance, and a completion that quotes a phrase counts "

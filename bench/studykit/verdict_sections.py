@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from refusal.compare import teacher_forced_vs
 from refusal.geometry.compare import InterventionSpec
 
 from .plan import CONTROLS, CURVE_ROWS, METHOD_CONTROLS, METHODS, geometry_spec
@@ -71,6 +72,52 @@ def controls_table(runs: dict[str, ModelRuns]) -> list[str]:
     return lines
 
 
+
+
+#: What each control isolates, as pairs of runs on the same prompts: (question, run, against). A run is a main row
+#: (``main:<intervention>``) or a control run of the controls step (``plan.CONTROLS``).
+CONTROL_PAIRS = [
+    ("DiM's direction, or any direction ablated at every write?", "main:dim_ablation", "random_1_all"),
+    ("INLP's subspace, or any subspace of its rank at the DiM layer?", "main:inlp_nullspace", "random_rank_selected"),
+    ("ablation's reach: every layer against the DiM layer only", "main:dim_ablation", "dim_ablation_selected"),
+    ("flip's reach: every position against the post-instruction tokens it was fitted on", "main:inlp_flip", "flip_fit_positions"),
+    ("nullspace's reach: every position against the post-instruction tokens", "main:inlp_nullspace", "nullspace_fit_positions"),
+    ("flip's fit: at the DiM position against pooled (both post-instruction)", "flip_at_position", "flip_fit_positions"),
+    ("nullspace's fit: at the DiM position against pooled (both post-instruction)", "nullspace_at_position", "nullspace_fit_positions"),
+    ("LEACE against INLP nullspace, both fitted at the DiM position", "leace_erase_at_position", "nullspace_at_position"),
+]
+
+
+def _ratio(value: float) -> str:
+    return f"{value:.3f}" if value < 1000 else f"{value:.3g}"
+
+
+def control_pairs(runs: dict[str, ModelRuns]) -> list[str]:
+    """What each control isolates, paired over the same prompts: Δ refusal (run − against) with Newcombe's interval
+    and the harmless perplexity ratio run ÷ against with its paired bootstrap interval (both runs score the same
+    unsteered completions)."""
+    out = []
+    for model, mr in runs.items():
+        def find(name: str, mr: ModelRuns = mr) -> dict[str, Any] | None:
+            row = pick(mr.main, name.split(":", 1)[1]) if name.startswith("main:") else mr.controls.get(name)
+            return row if row and "outcomes" in row else None
+        lines = []
+        for question, name, against in CONTROL_PAIRS:
+            a, b = find(name), find(against)
+            if a is None or b is None:
+                continue
+            d = paired(a, b, f"{name} − {against}", mr.column)
+            found = teacher_forced_vs(a["outcomes"].teacher_forced, b["outcomes"].teacher_forced, against)
+            lo, hi = found[f"harmless/perplexity_ratio_vs_{against}_ci95"]
+            ratio = found[f"harmless/perplexity_ratio_vs_{against}"]
+            lines.append(f"| {question} | {name.removeprefix('main:')} | {against} | {_rate(a, mr.column)} | "
+                         f"{_rate(b, mr.column)} | {d.as_points()} | ×{_ratio(ratio)} [{_ratio(lo)}, {_ratio(hi)}] |")
+        if lines:
+            out += [f"**{model}** (refusal on `{mr.column}`; Δ in points, paired, Newcombe 95%; perplexity ratio with its "
+                    "paired bootstrap 95% interval):", "",
+                    "| what it isolates | run | against | run's refusal | against's refusal | Δ(run − against) | "
+                    "harmless ppl, run ÷ against |", "|---|---|---|---|---|---|---|", *lines, ""]
+    return out
 
 
 def _rate(row: dict[str, Any] | None, column: str) -> str:
