@@ -39,25 +39,20 @@ PATHS = {  # name: (engine, model config overrides)
 REFERENCE, EXACT = "transformers-float32", "refusal-float32"
 
 
-def machine_limits() -> dict[str, float]:
-    """Read bandwidth (GB/s) and float32 / bfloat16 matrix-product throughput (GFLOP/s), best of 3."""
+def machine_limits(device: torch.device | str = "cpu") -> dict[str, float]:
+    """Read bandwidth (GB/s) and float32 / bfloat16 matrix-product throughput (GFLOP/s) of ``device``, best of 3."""
 
     def best(fn, n: int = 3) -> float:
-        times = []
-        for _ in range(n):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return min(times)
+        fn()  # warm-up (a GPU's first product also picks its kernel)
+        return min(C.timed(fn, device) for _ in range(n))
 
-    x = torch.ones(1 << 28)  # 1 GiB of float32
+    x = torch.ones(1 << 28, device=device)  # 1 GiB of float32
     bandwidth = x.numel() * 4 / best(x.sum) / 1e9
     del x
-    a, b = torch.randn(256, 2048), torch.randn(8192, 2048)
+    a, b = torch.randn(256, 2048, device=device), torch.randn(8192, 2048, device=device)
     flops = 2 * 256 * 2048 * 8192
     f32 = flops / best(lambda: torch.nn.functional.linear(a, b)) / 1e9
     ab, bb = a.bfloat16(), b.bfloat16()
-    torch.nn.functional.linear(ab, bb)
     bf16 = flops / best(lambda: torch.nn.functional.linear(ab, bb)) / 1e9
     return {"read_gb_s": bandwidth, "float32_gflop_s": f32, "bfloat16_gflop_s": bf16}
 
@@ -107,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     n_max = max(rows_grid + reference_rows)
     splits = C.embedded_splits(n_train=max(8, n_max // 2 + 1), n_val=8, n_test=8)
     instructions = [x for pair in zip(splits.harmful_train, splits.harmless_train, strict=True) for x in pair][:n_max]
-    limits = machine_limits()
+    want = str(C.model_config(args.model, args.device).get("device") or "cpu")  # where the paths will run
+    limits = machine_limits(want if want.startswith("cuda") else "cuda" if want == "auto" and torch.cuda.is_available() else "cpu")
     print(f"limits: {limits}", flush=True)
 
     table: list[dict[str, Any]] = []

@@ -4,7 +4,7 @@ Batched greedy generation of the same prompts with every registered intervention
 to no intervention, plus the orthogonalized-weights model (directional ablation baked into the
 weights: no hooks, so it is the 1.00 reference for dim_ablation). The hooks' cost does not depend
 on the fitted values, so a random DiM direction and a random orthonormal INLP basis (k=8) of the
-model's d_model stand in for real fits. min_new_tokens = max_new_tokens, so every run generates
+model's d_model stand in for real fits. End-of-turn tokens do not end a row here, so every run generates
 exactly the same number of tokens whatever the steering does to the text. Runs are interleaved
 (rotated order per round) and each variant is compared with the unhooked run of the same round: the
 reported ratio is the median over rounds of those paired ratios, so load that slows a whole round
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         warnings.warn(f"skipped {note}", stacklevel=1)
     ortho = orthogonalized_bundle(bundle, fitted.dim.unit, args.roundtrip)
     for b in (bundle, ortho):
-        b.model.generation_config.min_new_tokens = new_tokens  # same token count every run
+        b.extra["eos_token_ids"] = []  # same token count every run: the decoding loop ends rows only at these
 
     def run(target: ModelBundle, intervention: Any = None) -> None:
         if intervention is None:

@@ -149,8 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         seen: list[torch.Tensor] = []
         with make("dim_ablation").apply(bundle), hooked(block_inputs(bundle, seen)):
             ablated = forward(bundle, rows)
-        rel = max(float(((x.double().to(unit.device) @ unit).abs() / x.double().norm(dim=-1).clamp_min(1e-6)).max())
-                  for x in seen)
+        rel = max(float(((x @ unit).abs() / x.norm(dim=-1).clamp_min(1e-6)).max())
+                  for x in (s.double().to(unit.device) for s in seen))
         check("dim_ablation: |x·r̂|/|x| at every block input", rel < tol and len(seen) == bundle.n_layers,
               f"max {rel:.2e} (tolerance {tol:.1e})")
         after = forward(bundle, rows)

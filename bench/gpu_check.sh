@@ -5,7 +5,8 @@
 # else bench/results/gpu_check.txt. With $OUT, the checkout's CSVs are copied to $OUT/results first and
 # the GPU rows appended there (copy them back over bench/results/ and run
 # `python bench/run_all.py --docs-only`); without it they go to bench/results. A rendered page
-# BENCHMARKS.gpu.md lands next to the report. Offline: uses what the machine has; pip only if missing.
+# BENCHMARKS.gpu.md lands next to the report. Offline: uses what the machine has; pip only if missing (a machine
+# that reaches no index: carry the wheels of bench/gpu_wheels.sh, docs/results/gpu_check.md says how).
 #
 #   bash bench/gpu_check.sh
 #   MODEL=smollm2 BUDGET=200 bash bench/gpu_check.sh      # other model, tighter time budget
@@ -130,8 +131,13 @@ step inlp 120 "$PY" bench/bench_inlp.py --model "$MODEL" --out "$RES/inlp.csv" \
   --accelerator "$([[ $DEVICE == cuda* ]] && echo gpu || echo "$DEVICE")"
 # greedy decoding: transformers' generate vs our loop, float32 / bfloat16 products / bfloat16, 64-256 rows, 64 and 256 tokens
 step generation 90 "$PY" bench/bench_generation.py "${common[@]}"
+# where decoding spends its time per dtype (the H200's first run decoded bfloat16 ~15x slower than float32)
+[[ $DEVICE == cuda* ]] && step "decoding profile" 45 "$PY" bench/profile_generation.py --model "$MODEL" --device "$DEVICE" \
+  --dtype float32 bfloat16 --rows 64 --tokens 32 --top 12
 eval_args=("${common[@]}" --timeout 100)
 [ "${EVAL_DEQUANT:-0}" = 1 ] || eval_args+=(--skip-dequantize)
+# the first command logs to W&B offline; a GPU image without wandb (and no index to install it from) times it without
+"$PY" -c "import wandb" 2>/dev/null || { say "wandb is not importable: evaluate runs with logger=none"; eval_args+=(--override logger=none); }
 # the README's first command (experiment=compare: five jobs, one load, one fit), cold and warm
 step evaluate 200 "$PY" bench/bench_evaluate.py "${eval_args[@]}"
 

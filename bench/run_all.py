@@ -253,7 +253,7 @@ SECTIONS = {
     ),
     "hooks": Section(
         "Hook overhead during generation",
-        "Batched greedy generation (min_new_tokens = max_new_tokens) with each registered intervention active "
+        "Batched greedy generation (end of turn ignored: the same token count every run) with each registered intervention active "
         "÷ no intervention; random DiM direction / random orthonormal INLP basis (k=8). The orthogonalized-weights "
         "model has no hooks: the 1.00 reference, so its distance from 1.00 is the noise floor of that run. "
         "Interleaved rounds; the end-to-end value is the median over rounds of each round's variant ÷ none (paired, "
@@ -440,7 +440,7 @@ def render_docs(results_dir: Path, docs_path: Path) -> Path:
         "python bench/bench_evaluate.py --model qwen05 [--skip-dequantize]",
         "python bench/bench_trial.py --model qwen05      # lean Optuna trials (inlp_flip α), 32 + 32 prompts, 32 tokens",
         "python bench/run_all.py --docs-only             # re-render from the CSVs",
-        "bash bench/gpu_check.sh                         # on a CUDA machine: tests, bf16/device_map checks, benches on qwen05; figures to $OUT/gpu_check.txt",
+        "bash bench/gpu_check.sh                         # on a CUDA machine: tests, bf16/device_map checks, benches on qwen05; figures to $OUT/gpu_check.txt (offline machine: docs/results/gpu_check.md)",
         "```",
         "",
         "Common flags: `--model NAME` (conf/model/NAME.yaml, default qwen05), `--smoke`, `--device cpu|cuda`, "

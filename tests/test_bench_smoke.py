@@ -113,3 +113,14 @@ def test_a_trial_timed_beside_a_peer_is_judged_by_the_ratio_from_the_same_run(mo
     alone = {f.key: f for f in run_all._trial({"prompts": "32", "tokens": "32"})}
     assert "ratio_vs_peer" not in alone and alone["trial_s"].target == 32.0
     assert {f.key: f for f in run_all._trial({"prompts": "8", "tokens": "32"})}["trial_s"].target is None
+
+
+def test_decoding_profile_names_the_operators_of_each_dtype(tmp_path):
+    """bench/profile_generation.py (what found cuDNN attention's per-step cost on a GPU) runs and prints one
+    operator table per dtype, the model's products among them."""
+    env = {**os.environ, "REFUSAL_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, "bench/profile_generation.py", "--model", "tiny", "--rows", "4", "--tokens", "4",
+                           "--top", "5"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "## tiny float32 on cpu: 4 rows x 4 tokens" in proc.stdout and "## tiny bfloat16 on cpu" in proc.stdout
+    assert proc.stdout.count("Self CPU time total") == 2 and "aten::mm" in proc.stdout

@@ -120,3 +120,19 @@ def test_greedy_decode_equals_transformers_generate(tiny_with_system, prompts, s
     if steer:
         unsteered = generate(bundle, ids, max_new_tokens=1, batch_size=len(ids), progress=False)
         assert (ours.first_logits - unsteered.first_logits).abs().max() > 1e-2  # the steering acted
+
+
+def test_decoding_steps_never_use_cudnn_attention(tiny_with_system, prompts):
+    """cuDNN attention rebuilds its graph for every key length: each step would pay milliseconds of host time
+    (15x slower decoding on an H200). Every forward pass of the loop runs with it off; it is restored after."""
+    bundle = tiny_with_system
+    seen: list[bool] = []
+    block = bundle.layout.blocks[0]
+    handle = block.register_forward_pre_hook(lambda *_: seen.append(torch.backends.cuda.cudnn_sdp_enabled()))
+    try:
+        before = torch.backends.cuda.cudnn_sdp_enabled()
+        generate(bundle, bundle.tokenize_instructions(prompts), max_new_tokens=4, batch_size=8, progress=False)
+    finally:
+        handle.remove()
+    assert len(seen) >= 4 and not any(seen)
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before

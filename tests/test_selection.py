@@ -36,10 +36,11 @@ def planted(tmp_path_factory):
     bundle = load_model({"name": "planted", "source": "tiny", "tiny": {"n_layers": 6, "seed": 3}},
                         tmp_path_factory.mktemp("cache"))
     unit = random_unit(bundle.d_model, 11)
+    planted_unit = unit.to(bundle.device)  # the model's device (a GPU where there is one); the tests compare on the CPU
     trigger_id = bundle.tokenizer.convert_tokens_to_ids(TRIGGER)
     flags = {}
     with torch.no_grad():
-        bundle.model.lm_head.weight[bundle.refusal_token_ids] = 6.0 * unit
+        bundle.model.lm_head.weight[bundle.refusal_token_ids] = 6.0 * planted_unit
 
     def remember(module, args, kwargs):
         ids = args[0] if args else kwargs["input_ids"]
@@ -48,7 +49,7 @@ def planted(tmp_path_factory):
     bundle.model.get_input_embeddings().register_forward_pre_hook(remember, with_kwargs=True)
 
     def plant(x):
-        return x + 8.0 * flags["harmful"].to(x.dtype)[:, None, None] * unit
+        return x + 8.0 * flags["harmful"].to(x.dtype)[:, None, None] * planted_unit
 
     handle = hooked([HookSpec(bundle.layout.blocks[PLANT_LAYER], plant, "pre")])
     handle.__enter__()

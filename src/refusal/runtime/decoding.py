@@ -15,7 +15,10 @@ This loop runs the decoder (the blocks, hooks and all) and then:
 - rows that have emitted an end-of-turn token leave the batch (their cache rows dropped) once a
   quarter of the batch has finished, so refusals stop costing steps;
 - the key/value cache reserves room for the new tokens (:mod:`refusal.runtime.kv_cache`) instead of
-  copying itself every step.
+  copying itself every step;
+- attention never takes PyTorch's cuDNN backend: it builds a graph for every new key length, so each
+  decoding step paid ~10 ms of host time for a ~10 µs kernel (an H200 decoded a bfloat16 model 15x
+  slower than float32, bench/profile_generation.py); flash, memory-efficient and plain attention remain.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from refusal.models.architecture import decoder_of
 from refusal.models.bundle import ModelBundle
@@ -37,6 +41,8 @@ _U = 2.0**-8
 SCREEN_TOP = 16
 # Drop finished rows once this share of the running batch has finished (a cache copy costs about a step).
 DROP_SHARE = 0.25
+# Attention backends a decoding step may use: all but cuDNN, whose per-shape graph costs more than the step.
+DECODING_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass
@@ -121,6 +127,7 @@ class GreedyHead:
 
 
 @torch.inference_mode()
+@sdpa_kernel(DECODING_ATTENTION)
 def greedy_decode(
     bundle: ModelBundle,
     input_ids: Int[Tensor, "batch width"],

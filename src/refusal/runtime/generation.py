@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn.attention import sdpa_kernel
 from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList
 
@@ -25,7 +26,7 @@ from refusal.artifacts import artifact_exists, atomic_write_json, load_artifact,
 from refusal.errors import ArtifactError
 from refusal.models.bundle import Batch, ModelBundle
 from refusal.runtime.activations import batches_by_length
-from refusal.runtime.decoding import greedy_decode
+from refusal.runtime.decoding import DECODING_ATTENTION, greedy_decode
 from refusal.runtime.prefix import prompt_prefix_cache, shared_prefix
 from refusal.runtime.roles import declare_roles
 
@@ -40,6 +41,7 @@ class Generations:
 
 
 @torch.inference_mode()
+@sdpa_kernel(DECODING_ATTENTION)  # the shared prefix's prefill and either engine: see refusal.runtime.decoding
 def generate(
     bundle: ModelBundle,
     token_ids: Sequence[Sequence[int]],
