@@ -23,6 +23,8 @@ from typing import Any
 
 import _common as C
 
+from refusal.run_files import read_completions
+
 NAME = "numerics"
 SETTINGS = ("float32", "bfloat16")
 
@@ -64,7 +66,7 @@ def direction(artifacts: Path, model: str, numerics_suffix: str):
 
 
 def first40(folder: Path) -> dict[tuple[str, str], str]:
-    rows = [json.loads(x) for x in (folder / "completions.jsonl").read_text().splitlines() if x]
+    rows = read_completions(folder)
     return {(r["split"], r["prompt"]): r["completion"][:40] for r in rows}
 
 

@@ -23,7 +23,7 @@ from studykit.plan import CONTROLS, KS, METHODS  # noqa: E402
 from studykit.plots import plot_tunability  # noqa: E402
 from studykit.render import holm_table, render, timing_line  # noqa: E402
 from studykit.run import Study  # noqa: E402
-from studykit.runs import ModelRuns  # noqa: E402
+from studykit.runs import ModelRuns, _rows  # noqa: E402
 from studykit.sections import judges_section, primary_note, selection_section  # noqa: E402
 from studykit.verdict import RULES, decide  # noqa: E402
 from studykit.verdict_sections import control_pairs, numerics_section  # noqa: E402
@@ -135,6 +135,23 @@ def test_a_study_committed_under_one_folder_resumes_under_another_and_stamps_no_
     other = Study(tmp_path / "b" / "study", [], splits)  # the same output made by another command is refused
     with pytest.raises(SystemExit, match="made by another command"):
         other.run(["-c", "pass"], tmp_path / "b" / "study" / "qwen05" / "main.log", tmp_path / "b" / "study" / "qwen05" / "main" / "report.csv")
+
+
+def test_a_finished_step_leaves_its_per_prompt_records_archived_and_the_study_reads_them(tmp_path):
+    """study/ is committed: a step's completions.jsonl are gzipped when it succeeds (a failed one keeps them plain,
+    for its resume), and the report reads the archived rows as it read the plain ones."""
+    root = tmp_path / "study"
+    write_run(root / "qwen05" / "main" / "0", "none", 30)
+    write_run(root / "qwen05" / "main" / "1", "dim_ablation", 2)
+    before = [r["outcomes"].refused["harmful"].sum() for r in _rows(root / "qwen05" / "main")]
+    fail = root / "qwen05" / "k" / "report.csv"
+    write_run(fail.parent / "0", "none", 30)
+    assert not Study(root, [], tmp_path).run(["-c", "raise SystemExit(3)"], root / "qwen05" / "k.log", fail)
+    assert (fail.parent / "0" / "completions.jsonl").exists()
+    done = root / "qwen05" / "main" / "report.csv"
+    assert Study(root, [], tmp_path).run(["-c", f"open({str(done)!r}, 'w').write('x')"], root / "qwen05" / "main.log", done)
+    assert sorted(p.name for p in done.parent.rglob("completions.jsonl*")) == ["completions.jsonl.gz"] * 2
+    assert [r["outcomes"].refused["harmful"].sum() for r in _rows(done.parent)] == before == [30, 2]
 
 
 def test_a_step_records_its_cpu_time_apart_from_its_wall_time_and_the_report_shows_both(tmp_path):

@@ -19,12 +19,14 @@ import json
 import random
 from pathlib import Path
 
+from refusal.run_files import completions_path, read_completions
+
 #: Items drawn per (model, intervention, column); harmful columns get more, refusals and compliances both occur there.
 PER_CELL = {"harmful": 20, "strongreject": 20, "harmless": 8, "overrefusal": 12}
 
 
 def _rows(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "completions.jsonl").read_text(encoding="utf-8").splitlines() if line]
+    return read_completions(run_dir)
 
 
 def _truncate(tokenizer, text: str, n: int) -> str:
@@ -71,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         done = {(k["model"], k["run"]) for k in old_key}
     for model in args.models:
         for run_dir in sorted((args.study / model / "main").glob("*/")):
-            if not (run_dir / "completions.jsonl").exists() or (model, run_dir.name) in done:
+            if completions_path(run_dir) is None or (model, run_dir.name) in done:
                 continue
             intervention = json.loads((run_dir / "results.json").read_text())["intervention"]
             by_column: dict[str, list[dict]] = {}

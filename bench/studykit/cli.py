@@ -10,6 +10,7 @@ from pathlib import Path
 from _common import host_info
 
 from refusal.artifacts import atomic_write_text
+from refusal.run_files import archive_completions
 
 from .plan import ALPHAS, CONTROL_MODELS, CONTROLS, KS, REPO, SPLITS_DIR, STEPS, STUDY_MODELS
 from .render import render
@@ -62,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         if not meta_path.exists():
             parser.error(f"--render-only: no {meta_path}; run the study first")
         meta = json.loads(meta_path.read_text())
+        if archived := archive_completions(args.root):  # runs copied in from a worktree, as the runner leaves them
+            print(f"archived {archived} completions.jsonl as .gz under {args.root}")
     else:
         study = Study(args.root, common, args.splits)
         for model in args.models:

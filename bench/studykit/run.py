@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from refusal.artifacts import atomic_write_text
+from refusal.run_files import archive_completions
 
 from .plan import (
     CAPABILITY_TASKS,
@@ -63,6 +64,8 @@ class Study:
                "REFUSAL_ARTIFACTS": str(self.root / "artifacts")}
         with log.open("w") as fh:
             rc = subprocess.call([sys.executable, *argv], cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, env=env)
+        if rc == 0:  # the study folder is committed: its per-prompt records gzipped (refusal.run_files)
+            archive_completions(done.parent)
         took, cpu = time.perf_counter() - t0, _children_cpu() - cpu0
         model, *step = log.relative_to(self.root).parts
         timings = self.root / model / "timings.json"  # one file per model: studies of two models may run at once

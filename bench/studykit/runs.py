@@ -9,6 +9,7 @@ from typing import Any
 
 from refusal.compare import RunOutcomes
 from refusal.report import flat_row, load_runs
+from refusal.run_files import completions_path
 
 from .verdict import ClaimInputs
 
@@ -16,7 +17,7 @@ from .verdict import ClaimInputs
 def _row(folder: Path, run: str, results: dict[str, Any]) -> dict[str, Any]:
     """A report row with its run's per-prompt outcomes (``outcomes``), which the verdict pairs prompt by prompt."""
     row = flat_row(results, run)
-    if (folder / run / "completions.jsonl").exists():
+    if completions_path(folder / run) is not None:
         row["outcomes"] = RunOutcomes.from_dir(folder / run)
     return row
 

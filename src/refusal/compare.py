@@ -11,7 +11,6 @@ completion and the KL; :func:`compare` turns two such records into paired differ
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from refusal.errors import DataError
+from refusal.run_files import COMPLETIONS, completions_path, read_completions
 from refusal.stats.paired import (
     check_same_prompts,
     paired_mean_difference,
@@ -59,11 +59,10 @@ class RunOutcomes:
 
     @classmethod
     def from_dir(cls, run_dir: str | Path) -> RunOutcomes:
-        path = Path(run_dir) / "completions.jsonl"
-        if not path.exists():
-            raise DataError(f"{path} not found: paired comparisons read each run's completions.jsonl; "
-                            "point at a run folder written by evaluate.py")
-        return cls.from_rows(json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line)
+        if completions_path(run_dir) is None:
+            raise DataError(f"{Path(run_dir) / COMPLETIONS} not found: paired comparisons read each run's completions.jsonl "
+                            "(or its archived .gz); point at a run folder written by evaluate.py")
+        return cls.from_rows(read_completions(run_dir))
 
     def baseline(self) -> RunOutcomes:
         """The unsteered model on the same prompts, as this run recorded it (what a ``none`` run would record)."""

@@ -22,6 +22,7 @@ from refusal.fitting.results import Fitted
 from refusal.interventions import Intervention
 from refusal.metrics.names import BASELINE_HARMFUL_REFUSAL
 from refusal.models.bundle import ModelBundle
+from refusal.run_files import COMPLETIONS
 
 
 def versions() -> dict[str, str]:
@@ -121,5 +122,5 @@ def completion_rows(ctx: RunContext, judged: Judged) -> list[dict[str, Any]]:
 
 def write_outputs(output_dir: Path, results: dict[str, Any], rows: list[dict]) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(output_dir / "completions.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    atomic_write_text(output_dir / COMPLETIONS, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     atomic_write_json(output_dir / "results.json", results)

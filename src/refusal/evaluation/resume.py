@@ -11,6 +11,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from refusal.run_files import completions_path
+
 # Where things go and how they are shown, not what is measured: left out of the fingerprint.
 NOT_MEASURED = ("artifacts_dir", "cache_dir", "plugin_dirs", "progress", "logger", "resume")
 
@@ -40,7 +42,7 @@ def finished_run(output_dir: Path, fingerprint: str) -> dict[str, Any] | None:
     """The results of a finished run of this configuration in ``output_dir``, else None (absent, failed,
     unreadable, made by another configuration, or its completions missing)."""
     path = output_dir / "results.json"
-    if not path.exists() or not (output_dir / "completions.jsonl").exists():
+    if not path.exists() or completions_path(output_dir) is None:
         return None
     try:
         results = json.loads(path.read_text())
