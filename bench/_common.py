@@ -103,6 +103,12 @@ def embedded_splits(n_train: int = 64, n_val: int = 24, n_test: int = 48):
     return load_splits({"name": "embedded", "seed": 0, "n_train": n_train, "n_val": n_val, "n_test": n_test})
 
 
+def mixed_instructions(n: int) -> list[str]:
+    """``n`` embedded training instructions, harmful and harmless in turn (a batch like the study's)."""
+    splits = embedded_splits(n_train=max(8, n // 2 + 1), n_val=8, n_test=8)
+    return [x for pair in zip(splits.harmful_train, splits.harmless_train, strict=True) for x in pair][:n]
+
+
 def sync(device: Any) -> None:
     """Wait for queued GPU work so wall times cover it."""
     import torch

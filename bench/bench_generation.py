@@ -86,6 +86,7 @@ def other_passes(bundle, ids: list[list[int]], runs: dict) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     from refusal.models import load_model
+    from refusal.models.loader import resolve_device
     from refusal.runtime.generation import generate
 
     parser = C.base_parser(__doc__.splitlines()[0])
@@ -100,10 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     reference_rows = args.reference_rows or ([4] if args.smoke else [64])
     paths = [REFERENCE, EXACT, *(p for p in args.paths if p not in (REFERENCE, EXACT))]
     n_max = max(rows_grid + reference_rows)
-    splits = C.embedded_splits(n_train=max(8, n_max // 2 + 1), n_val=8, n_test=8)
-    instructions = [x for pair in zip(splits.harmful_train, splits.harmless_train, strict=True) for x in pair][:n_max]
-    want = str(C.model_config(args.model, args.device).get("device") or "cpu")  # where the paths will run
-    limits = machine_limits(want if want.startswith("cuda") else "cuda" if want == "auto" and torch.cuda.is_available() else "cpu")
+    instructions = C.mixed_instructions(n_max)
+    limits = machine_limits(resolve_device(str(C.model_config(args.model, args.device).get("device") or "cpu")))
     print(f"limits: {limits}", flush=True)
 
     table: list[dict[str, Any]] = []

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The wheels bench/gpu_check.sh needs on a lent GPU machine that cannot reach an index: what its image
 # (PyTorch, Lightning, torchmetrics, accelerate, pytest...) lacks or holds too old, pinned to this checkout's
-# .venv. Into .whl/ (ignored: add "/.whl/" to .git/info/exclude), about 21 MB; the working tree that travels
-# must stay under 64 MiB, so study/ (~56 MB) is moved aside for the call. On the machine:
+# .venv. Into .whl/ (ignored: add "/.whl/" to .git/info/exclude), about 21 MB; with the tracked tree (~28 MB) it
+# stays under the 64 MiB a call may carry. On the machine:
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && \
 #     PYTHONPATH=/tmp/site:$PWD/src MODEL=tiny bash bench/gpu_check.sh
 # wandb (~45 MB with its dependencies) is left out: gpu_check then times evaluate with logger=none.

@@ -29,8 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--top", type=int, default=20, help="operators shown per table")
     args = parser.parse_args(argv)
-    splits = C.embedded_splits(n_train=args.rows, n_val=8, n_test=8)
-    instructions = [x for pair in zip(splits.harmful_train, splits.harmless_train, strict=True) for x in pair][: args.rows]
+    instructions = C.mixed_instructions(args.rows)
     for dtype in args.dtype:
         bundle = load_model({**C.model_config(args.model, args.device), "dtype": dtype}, C.cache_dir())
         bundle.extra["eos_token_ids"] = []  # the same number of steps in every profile

@@ -16,7 +16,8 @@ This loop runs the decoder (the blocks, hooks and all) and then:
   quarter of the batch has finished, so refusals stop costing steps;
 - the key/value cache reserves room for the new tokens (:mod:`refusal.runtime.kv_cache`) instead of
   copying itself every step;
-- attention never takes PyTorch's cuDNN backend: it builds a graph for every new key length, so each
+- attention never takes PyTorch's cuDNN backend (:func:`refusal.runtime.generation.generate` runs with
+  :data:`DECODING_ATTENTION`): it builds a graph for every new key length, so each
   decoding step paid ~10 ms of host time for a ~10 µs kernel (an H200 decoded a bfloat16 model 15x
   slower than float32, bench/profile_generation.py); flash, memory-efficient and plain attention remain.
 """
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import SDPBackend
 
 from refusal.models.architecture import decoder_of
 from refusal.models.bundle import ModelBundle
@@ -127,7 +128,6 @@ class GreedyHead:
 
 
 @torch.inference_mode()
-@sdpa_kernel(DECODING_ATTENTION)
 def greedy_decode(
     bundle: ModelBundle,
     input_ids: Int[Tensor, "batch width"],
