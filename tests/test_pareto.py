@@ -20,6 +20,20 @@ NAN = float("nan")
 
 
 # -- the front ------------------------------------------------------------------------------------------
+def test_set_coverage_and_our_best_at_their_cost_at_the_boundaries():
+    """C(a, b) counts b's points that some point of a is no worse than (equal points count); best_within takes the
+    lowest refusal at KL at most the budget (equal KL counts), the lower KL on a refusal tie."""
+    from refusal.report.pareto import best_within, set_coverage, weakly_dominates
+
+    assert weakly_dominates((0.1, 1.0), (0.1, 1.0)) and not weakly_dominates((0.1, 1.0 + 1e-9), (0.1, 1.0))
+    ours, theirs = [(0.1, 1.0), (0.3, 0.2)], [(0.1, 1.0), (0.3, 0.1), (0.5, 0.5)]
+    assert set_coverage(ours, theirs) == pytest.approx(2 / 3)  # (0.3, 0.1) is cheaper than any point of ours
+    assert set_coverage(theirs, ours) == 1.0  # (0.1, 1.0) equal; (0.3, 0.1) beats (0.3, 0.2)
+    assert math.isnan(set_coverage(ours, [])) and set_coverage([], theirs) == 0.0
+    assert best_within(ours, 1.0) == 0 and best_within(ours, 1.0 - 1e-9) == 1 and best_within(ours, 0.19) is None
+    assert best_within([(0.2, 0.5), (0.2, 0.3), (NAN, 0.0), (None, 0.1)], 1.0) == 1  # tie: the lower KL; invalid skipped
+
+
 def test_pareto_front_dominance_ties_and_duplicates():
     from refusal.report import dominates, pareto_front
 

@@ -311,14 +311,22 @@ def test_numerics_default_rule_at_the_edge_of_the_interval(tmp_path, ablation_f3
 
 
 def test_the_study_sets_the_peers_fronts_beside_its_search(tmp_path):
-    """Planted search trials and a planted heretic read-back: one plot with both fronts, the peer's front rows
-    in the table (its dominated trial left out)."""
-    def trial(folder: Path, intervention: str, rate: float, kl: float) -> None:
+    """Planted search trials and planted heretic and abliterix read-backs: one plot with all fronts, each peer's front
+    rows in the table (a dominated trial left out), and the dominance statement per peer: heretic's 5% at KL 0.08
+    beats our best at that KL (10%), paired over the same 20 prompts; abliterix's front is covered by our trial, and
+    its completions of other prompts are not paired."""
+    prompts = [f"harmful prompt {i}" for i in range(20)]
+
+    def trial(folder: Path, intervention: str, rate: float, kl: float, asked: list[str] = prompts) -> None:
         folder.mkdir(parents=True)
         folder.joinpath("results.json").write_text(json.dumps({
             "status": "ok", "model": "qwen05", "intervention": intervention, "params": {},
             "metrics": {"harmful/refusal_rate": rate, "harmful/refusal_rate_ci95": [max(0, rate - 0.1), rate + 0.1],
                         "harmless/kl_div": kl}}))
+        refused = round(rate * len(asked))  # the first prompts refused: every planted refusal set nests in the larger
+        folder.joinpath("completions.jsonl").write_text("".join(
+            json.dumps({"split": "harmful", "prompt": q, "completion": "", "refused": i < refused}) + "\n"
+            for i, q in enumerate(asked)))
 
     mdir = tmp_path / "study" / "qwen05"
     (mdir / "train").mkdir(parents=True)
@@ -328,12 +336,21 @@ def test_the_study_sets_the_peers_fronts_beside_its_search(tmp_path):
     peers = tmp_path / "peers"
     trial(peers / "qwen05-heretic" / "report" / "heretic_trial_000", "heretic", 0.05, 0.08)
     trial(peers / "qwen05-heretic" / "report" / "heretic_trial_001", "heretic", 0.20, 0.10)  # dominated by trial 0
+    trial(peers / "qwen05-abliterix" / "report" / "abliterix_trial_000", "abliterix", 0.20, 0.10, [q + "." for q in prompts])
     meta = {"date": "2026-12-02", "hardware": "planted", "data": "planted", "max_new_tokens": 128, "models": ["qwen05"],
             "peers_dir": str(peers)}
     text = render(tmp_path / "study", tmp_path / "docs", meta).read_text()
-    assert "qwen05, heretic: 2 finished trials" in text and "![qwen05 fronts](results/qwen05_fronts.png)" in text
-    assert "| qwen05 | heretic trial | - | 5.0% | 0.080 | **heretic front** |" in text and "| 20.0% | 0.100 |" not in text
+    assert "qwen05, heretic: 2 finished trials" in text and "abliterix: 1 finished trial (" in text and "![qwen05 fronts](results/qwen05_fronts.png)" in text
+    assert "| qwen05 | heretic trial | - | 5.0% | 0.080 | **heretic front** |" in text and "| 20.0% | 0.100 | **heretic" not in text
     assert (tmp_path / "docs" / "results" / "qwen05_fronts.png").stat().st_size > 0
+    # heretic: its one front point is not covered by ours (10% > 5% at KL <= 0.08); ours is not covered by it either
+    assert "C(ours, heretic) = 0.00, C(heretic, ours) = 0.00; **ours does not dominate heretic's front**: heretic " \
+           "refuses less at KL 0.08." in text
+    # ours refuses prompts 0-1, heretic prompt 0: +5 points, one discordant pair (McNemar's exact p = 1)
+    assert "| heretic_trial_000 | 5.0% | 0.080 | 0 | 10.0% | 0.050 | +5.0 [" in text and "McNemar p 1 (n 20) |" in text
+    assert "C(ours, abliterix) = 1.00, C(abliterix, ours) = 0.00; **ours dominates abliterix's front**" in text
+    assert "| abliterix_trial_000 | 20.0% | 0.100 | 0 | 10.0% | 0.050 | not paired: our trial's and the peer's " \
+           "harmful prompts differ" in text
 
 
 def test_the_study_renders_the_judges_accuracy_from_validate_json(tmp_path):

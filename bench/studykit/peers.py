@@ -6,7 +6,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from refusal.compare import RunOutcomes
+from refusal.errors import DataError
 from refusal.report import flat_row, load_runs, pareto_front
+from refusal.report.pareto import best_within, set_coverage
+from refusal.stats.paired import check_same_prompts, paired_rate_difference
 
 from .plots import plot_fronts
 from .runs import ModelRuns
@@ -25,25 +29,71 @@ def peer_rows(peers_dir: Path, model: str) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
+def _points(rows: list[dict[str, Any]]) -> list[tuple[float, float]]:
+    return [(r.get("harmful/refusal_rate"), r.get("harmless/kl_div")) for r in rows]
+
+
+def _paired(ours: Path, theirs: Path) -> str:
+    """Δ refusal (ours − theirs) on the harmful prompts both runs answered, paired, or why it cannot be."""
+    try:
+        a, b = RunOutcomes.from_dir(ours), RunOutcomes.from_dir(theirs)
+        check_same_prompts(a.digests["harmful"], b.digests["harmful"], "our trial's and the peer's harmful prompts")
+    except (DataError, KeyError) as err:
+        return f"not paired: {err}"
+    d = paired_rate_difference(a.refused["harmful"], b.refused["harmful"])
+    return f"{100 * d.estimate:+.1f} [{100 * d.lo:+.1f}, {100 * d.hi:+.1f}] pts, McNemar p {d.p_value:.2g} (n {d.n})"
+
+
+def dominance(model: str, ours: list[dict[str, Any]], ours_dir: Path, peer: str, theirs: list[dict[str, Any]],
+              theirs_dir: Path) -> list[str]:
+    """Does our search's front dominate the peer's? Set coverage both ways on (refusal, KL), then for each of the
+    peer's front points our lowest refusal at no more KL, paired over the same harmful prompts (a point estimate
+    one prompt lower is not a win)."""
+    mine, their = _points(ours), _points(theirs)
+    our_front, their_front = pareto_front(mine), sorted(pareto_front(their), key=lambda i: their[i][1])
+    if not our_front or not their_front:
+        return []
+    rows, misses = [], []
+    for i in their_front:
+        j = best_within(mine, their[i][1])
+        if j is None or mine[j][0] > their[i][0]:
+            misses.append(f"{their[i][1]:.3g}")
+        cells = ["-", "-", "-", "no trial of ours at this KL or less"] if j is None else [
+            ours[j]["run"], f"{mine[j][0]:.1%}", f"{mine[j][1]:.3f}", _paired(ours_dir / ours[j]["run"], theirs_dir / theirs[i]["run"])]
+        rows.append(f"| {theirs[i]['run']} | {their[i][0]:.1%} | {their[i][1]:.3f} | " + " | ".join(cells) + " |")
+    c_ours = set_coverage([mine[i] for i in our_front], [their[i] for i in their_front])
+    c_theirs = set_coverage([their[i] for i in their_front], [mine[i] for i in our_front])
+    verdict = (f"**ours does not dominate {peer}'s front**: {peer} refuses less at KL " + ", ".join(misses) if misses else
+               f"**ours dominates {peer}'s front**: wherever {peer} has a front point, a trial of ours refuses as little or "
+               "less at no more KL")
+    return [f"**{model}, ours against {peer}.** Set coverage (Zitzler & Thiele 1999: the share of one front that a point "
+            f"of the other weakly dominates): C(ours, {peer}) = {c_ours:.2f}, C({peer}, ours) = {c_theirs:.2f}; {verdict}. "
+            f"Each {peer} front point against our lowest refusal at no more KL, paired over the same harmful prompts:", "",
+            f"| {peer} trial | {peer} refusal | KL | our trial | our refusal | our KL | Δ refusal (ours − {peer}), paired |",
+            "|---|---|---|---|---|---|---|", *rows, ""]
+
+
 def pareto_section(runs: dict[str, ModelRuns], figures: Path, root: Path, peers_dir: Path) -> list[str]:
     """The Optuna search: which runs no other run beats on both harmful refusal and next-token KL; the peers'
-    searches on the same prompts, budget and judge beside it."""
-    lines, counts = [], []
+    searches on the same prompts, budget and judge beside it, and whether our front dominates theirs."""
+    lines, counts, plots, dominance_lines = [], [], [], []
     for model, mr in runs.items():
         peers = peer_rows(peers_dir, model)
         if mr.pareto and peers:
             plot = plot_fronts({"ours (INLP flip search + references)": mr.pareto, **peers}, model, figures / f"{model}_fronts.png")
-            lines.append(f"\n![{model} fronts](results/{plot.name})\n")
-            counts += [f"{model}, {peer}: {len(rows)} finished trials (bench/peers)" for peer, rows in peers.items()]
+            plots.append(f"![{model} fronts](results/{plot.name})")
+            counts += [f"{model}, {peer}: {len(rows)} finished trial{'s' * (len(rows) != 1)} (bench/peers)"
+                       for peer, rows in peers.items()]
             for peer, rows in peers.items():  # the peer's front points, in the table's terms
-                points = [(r.get("harmful/refusal_rate"), r.get("harmless/kl_div")) for r in rows]
+                points = _points(rows)
                 for i in sorted(pareto_front(points), key=lambda i: points[i]):
                     r = rows[i]
                     lines.append(f"| {model} | {peer} trial | {r.get('params') or '-'} | {r['harmful/refusal_rate']:.1%} | "
                                  f"{r['harmless/kl_div']:.3f} | **{peer} front** |")
+                dominance_lines += dominance(model, mr.pareto, mr.mdir / "pareto", peer, rows, peers_dir / f"{model}-{peer}" / "report")
         if not mr.pareto:
             continue
-        points = [(r.get("harmful/refusal_rate"), r.get("harmless/kl_div")) for r in mr.pareto]
+        points = _points(mr.pareto)
         front = pareto_front(points)
         counts.append(f"{model}: {sum(r['intervention'] == 'inlp_flip' for r in mr.pareto)} INLP-flip trials "
                       f"and {sum(r['intervention'] != 'inlp_flip' for r in mr.pareto)} reference runs, DiM layer {mr.fitted.get('layer')}")
@@ -54,7 +104,7 @@ def pareto_section(runs: dict[str, ModelRuns], figures: Path, root: Path, peers_
                          f"{r['harmless/kl_div']:.3f} | {'**front**' if i in front else ''} |")
         if (plot := root / model / "pareto" / "pareto.png").exists():
             shutil.copyfile(plot, figures / f"{model}_pareto.png")
-            lines.append(f"\n![{model} pareto](results/{model}_pareto.png)\n")
+            plots.append(f"![{model} pareto](results/{model}_pareto.png)")
     if not lines:
         return []
     return ["## Pareto search: the lowest refusal at the lowest damage", "",
@@ -64,6 +114,5 @@ def pareto_section(runs: dict[str, ModelRuns], figures: Path, root: Path, peers_
             "run is lean (`eval=trial`): the study's harmful test prompts with its token budget, substring judge, and KL "
             "at the last prompt position of its harmless test prompts. **front** = no other run of the model is lower "
             "on both. " + "; ".join(counts) + ".", "",
-            "| model | intervention | params | harmful refusal | next-token KL | |", "|---|---|---|---|---|---|", *lines, ""]
-
-
+            "| model | intervention | params | harmful refusal | next-token KL | |", "|---|---|---|---|---|---|", *lines, "",
+            *(line for plot in plots for line in (plot, "")), *dominance_lines]

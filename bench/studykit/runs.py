@@ -56,6 +56,7 @@ class ModelRuns:
 
     def __init__(self, mdir: Path, column: str = "harmful"):
         self.column = column  # the harmful column the claims are paired on
+        self.mdir = mdir
         self.fitted = json.loads((mdir / "train" / "fitted.json").read_text()) if (mdir / "train" / "fitted.json").exists() else {}
         self.rank = int(self.fitted.get("inlp_rank") or 0)
         self.main = order_rows(_rows(mdir / "main") + _rows(mdir / "actadd"))

@@ -18,12 +18,37 @@ def dominates(a: Sequence[float], b: Sequence[float]) -> bool:
     return all(x <= y for x, y in zip(a, b, strict=True)) and any(x < y for x, y in zip(a, b, strict=True))
 
 
+def _finite(point: Sequence[float | None]) -> bool:
+    return all(v is not None and isinstance(v, (int, float)) and math.isfinite(v) for v in point)
+
+
+def weakly_dominates(a: Sequence[float], b: Sequence[float]) -> bool:
+    """``a`` is no worse than ``b`` in every coordinate (all minimised): equal points cover each other."""
+    return all(x <= y for x, y in zip(a, b, strict=True))
+
+
+def set_coverage(ours: Sequence[Sequence[float]], theirs: Sequence[Sequence[float]]) -> float:
+    """Zitzler & Thiele's (1999) set coverage C(ours, theirs): the share of ``theirs`` that some point of ``ours``
+    weakly dominates. 1 means ours is at least as good everywhere theirs has a point; C(a, b) and C(b, a) are
+    both needed (neither is 1 − the other). Empty ``theirs`` has nothing to cover: NaN, not a vacuous 1."""
+    if not theirs:
+        return math.nan
+    return sum(any(weakly_dominates(a, b) for a in ours) for b in theirs) / len(theirs)
+
+
+def best_within(points: Sequence[Sequence[float]], budget: float) -> int | None:
+    """Index of the lowest first coordinate (refusal) among ``points`` whose second (KL) is at most ``budget``,
+    the lower KL on a tie; None where no point is that cheap (a point with a missing coordinate never counts). "Our
+    best at their cost" in a front comparison."""
+    cheap = [i for i, p in enumerate(points) if _finite(p) and p[1] <= budget]
+    return min(cheap, key=lambda i: (points[i][0], points[i][1])) if cheap else None
+
+
 def pareto_front(points: Sequence[Sequence[float | None]]) -> list[int]:
     """Indices (ascending) of the non-dominated points, every coordinate minimised. Equal points do not
     dominate each other, so duplicates on the front all stay; a point with a missing or non-finite
     coordinate is never on it (and dominates nothing)."""
-    valid = [i for i, p in enumerate(points)
-             if all(v is not None and isinstance(v, (int, float)) and math.isfinite(v) for v in p)]
+    valid = [i for i, p in enumerate(points) if _finite(p)]
     return [i for i in valid if not any(dominates(points[j], points[i]) for j in valid if j != i)]
 
 
