@@ -144,29 +144,52 @@ def test_killed_extraction_resumes_from_complete_shards(tiny_bundle, tmp_path):
     assert len(list(folder.glob("shard*.json"))) == n_shards
 
 
-def test_killed_generation_leaves_no_entry_and_rerun_matches(tiny_bundle, tmp_path):
+def test_killed_generation_keeps_its_finished_batches_and_the_rerun_redoes_only_the_rest(tiny_bundle, tmp_path):
     from refusal.runtime.generation import GenerationCache, generate
 
     root = tmp_path / "cache"
     driver = Driver(tmp_path, "generate", root, delay=0.3)
-    driver.wait_for("forward", count=6)  # second batch of prompts is generating
+    driver.wait_for("forward", count=6)  # the first batch is done (4 passes: 4 new tokens), the second generating
     driver.kill()
     folder = root / "tiny"
-    texts = list(folder.glob("*[0-9a-f].json")) if folder.exists() else []
-    for text in texts:  # either no entry, or a complete one
-        record = json.loads(text.read_text())
-        assert len(record["completions"]) == len(PROMPTS)
-    assert not texts  # this run writes its entry only at the very end
+    assert not list(folder.glob("*[0-9a-f].json"))  # no cache entry: it is written once every batch is done
+    kept = sorted(p.name for p in folder.glob("partial/*/batch*.json"))
+    assert kept and kept == [f"batch{i:05d}.json" for i in range(len(kept))] and len(kept) < len(PROMPTS) // SHARD
 
     ids = tiny_bundle.tokenize_instructions(PROMPTS)
-    reference = generate(tiny_bundle, ids, max_new_tokens=4, batch_size=SHARD, progress=False)
+    with ForwardCounter(tiny_bundle) as full:
+        reference = generate(tiny_bundle, ids, max_new_tokens=4, batch_size=SHARD, progress=False)
+    assert all(len(row) == 4 for row in reference.completion_ids)  # no early end: every batch takes 4 passes
     cache = GenerationCache(root)
-    rerun = cache.get(tiny_bundle, ids, 4, batch_size=SHARD, progress=False)
+    with ForwardCounter(tiny_bundle) as resumed:
+        rerun = cache.get(tiny_bundle, ids, 4, batch_size=SHARD, progress=False)
+    assert resumed.n == full.n - 4 * len(kept)  # the journaled batches were not generated again
     assert rerun.completions == reference.completions and rerun.completion_ids == reference.completion_ids
     assert torch.equal(rerun.first_logits, reference.first_logits)
+    assert not list(folder.glob("partial/*/*"))  # the journal goes once the whole result is saved
     with ForwardCounter(tiny_bundle) as counter:
         hit = cache.get(tiny_bundle, ids, 4, batch_size=SHARD, progress=False)
     assert counter.n == 0 and hit.completions == reference.completions
+
+
+def test_a_damaged_journal_batch_is_generated_again_never_trusted(tiny_bundle, tmp_path):
+    """Batches whose logits were truncated or whose token ids were edited fail their checksums: only those are
+    generated again, and the result equals an uninterrupted run's."""
+    from refusal.runtime.generation import BatchJournal, generate
+
+    ids = tiny_bundle.tokenize_instructions(PROMPTS[:12])
+    journal = BatchJournal(tmp_path / "journal")
+    reference = generate(tiny_bundle, ids, max_new_tokens=4, batch_size=SHARD, progress=False, journal=journal)
+    assert all(len(row) == 4 for row in reference.completion_ids)  # every batch takes 4 passes
+    logits, record = tmp_path / "journal" / "batch00001.safetensors", tmp_path / "journal" / "batch00002.json"
+    logits.write_bytes(logits.read_bytes()[:-8])
+    edited = json.loads(record.read_text())
+    edited["meta"]["completion_ids"][0][0] += 1
+    record.write_text(json.dumps(edited))
+    with ForwardCounter(tiny_bundle) as counter:
+        again = generate(tiny_bundle, ids, max_new_tokens=4, batch_size=SHARD, progress=False, journal=journal)
+    assert counter.n == 2 * 4
+    assert again.completion_ids == reference.completion_ids and torch.equal(again.first_logits, reference.first_logits)
 
 
 KILLED_WRITER = textwrap.dedent('''

@@ -6,12 +6,15 @@ whatever the batch, so on a CPU it is bandwidth-bound: the cache generates the m
 of several prompt sets (harmful, harmless, a test set) in one call, in full batches. The
 unsteered model's generations are cached (they are the baseline of every run and the text that
 perplexity is measured on), and so are steered ones, keyed by the intervention's fingerprint
-(its code, config, scope and fitted tensors), so rerunning a comparison regenerates nothing.
+(its code, config, scope and fitted tensors), so rerunning a comparison regenerates nothing. Until a
+call's whole result is saved, each finished batch is kept on its own (:class:`BatchJournal`): a run
+killed an hour into a generation resumes at the batch it was in.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +56,7 @@ def generate(
     share_prefix: bool = True,
     engine: str = "refusal",
     stop: Collection[int] = (),
+    journal: BatchJournal | None = None,
 ) -> Generations:
     """Greedy completions for every prompt (in input order).
 
@@ -61,7 +65,8 @@ def generate(
     attention mask and positions skip): the same greedy decoding on fewer prefill tokens.
     ``engine``: ``refusal`` (:func:`refusal.runtime.decoding.greedy_decode`) or ``transformers`` (``generate``, the
     reference it is tested against). ``stop``: token ids that also end a row, kept as its last token (a judge's
-    line of reasoning ends at its newline; an end-of-turn token is cut off).
+    line of reasoning ends at its newline; an end-of-turn token is cut off). ``journal``: where each finished batch is
+    kept, so a killed call redoes only the batch it was in (the batches are a function of the rows and batch size).
     """
     if engine not in ENGINES:
         raise ValueError(f"engine={engine!r} is not one of {ENGINES}")
@@ -73,7 +78,15 @@ def generate(
     ends = eos | set(stop)
     prefix = shared_prefix(token_ids, len(bundle.post_instruction_ids)) if share_prefix else []
     batches = batches_by_length([len(r) for r in token_ids], batch_size)
-    for idx in tqdm(batches, desc=desc, disable=not progress, unit="batch"):
+    for b, idx in enumerate(tqdm(batches, desc=desc, disable=not progress, unit="batch")):
+        if journal is not None and (kept := journal.load(b, len(idx))) is not None:
+            ids_kept, logits0 = kept
+            if first_logits is None:
+                first_logits = torch.empty((n, logits0.shape[-1]), dtype=torch.float32)
+            first_logits[torch.tensor(idx)] = logits0
+            for i, ids in zip(idx, ids_kept, strict=True):
+                completion_ids[i], completions[i] = ids, bundle.tokenizer.decode(ids, skip_special_tokens=True)
+            continue
         rows = [token_ids[i][len(prefix):] for i in idx]
         batch = bundle.pad(rows).to(bundle.device)
         past = prompt_prefix_cache(bundle, prefix, len(idx)) if prefix else None
@@ -96,7 +109,38 @@ def generate(
                     break
             completion_ids[i] = ids
             completions[i] = bundle.tokenizer.decode(ids, skip_special_tokens=True)
+        if journal is not None:
+            journal.save(b, [completion_ids[i] for i in idx], logits0)
     return Generations(list(completions), list(completion_ids), first_logits)
+
+
+class BatchJournal:
+    """One :func:`generate` call's finished batches on disk (their token ids and first-step logits, checksummed), so a
+    killed run redoes only the batch it was in. Its owner keys the folder by everything that decides the batches'
+    output (weights, numerics, prompts, budget, steering, batch size) and removes it once the whole result is saved."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+
+    def _stem(self, index: int) -> Path:
+        return self.folder / f"batch{index:05d}"
+
+    def load(self, index: int, rows: int) -> tuple[list[list[int]], torch.Tensor] | None:
+        """Batch ``index`` as it was saved, or None (never written, half written, corrupt or of another size)."""
+        if not artifact_exists(self._stem(index)):
+            return None
+        try:
+            tensors, meta = load_artifact(self._stem(index), expect={"batch": index})
+        except ArtifactError:
+            return None
+        ids, logits = meta.get("completion_ids"), tensors.get("first_logits")
+        return (ids, logits) if isinstance(ids, list) and len(ids) == rows and logits is not None and len(logits) == rows else None
+
+    def save(self, index: int, completion_ids: list[list[int]], first_logits: torch.Tensor) -> None:
+        save_artifact(self._stem(index), {"first_logits": first_logits}, {"batch": index, "completion_ids": completion_ids})
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def truncated(gens: Generations, max_new_tokens: int, tokenizer: Any) -> Generations:
@@ -172,13 +216,18 @@ class GenerationCache:
         missing = [name for name in sets if name not in out]
         if missing:
             rows = [row for name in missing for row in sets[name]]
-            gens = generate(bundle, rows, max_new_tokens=max_new_tokens, **kwargs)
+            batching = {k: sorted(v) if isinstance(v, (set, frozenset)) else v for k, v in kwargs.items()
+                        if k not in ("progress", "desc")}  # what decides the batches and their output
+            journal = BatchJournal(self.root / bundle.name / "partial" /
+                                   sha256_json({"sets": [keys[name] for name in missing], **batching})[:24])
+            gens = generate(bundle, rows, max_new_tokens=max_new_tokens, journal=journal, **kwargs)
             start = 0
             for name in missing:
                 part = slice(start, start + len(sets[name]))
                 start = part.stop
                 out[name] = Generations(gens.completions[part], gens.completion_ids[part], gens.first_logits[part].clone())
                 self._save(bundle, keys[name], out[name])
+            journal.remove()
         return {name: out[name] for name in sets}
 
     @staticmethod
