@@ -134,3 +134,27 @@ def test_run_comparisons_refuse_other_completions_and_missing_records(tmp_path):
         RunOutcomes.from_dir(tmp_path)
     with pytest.raises(DataError, match="share no column"):
         compare(outcomes(4), RunOutcomes({"other": "same"}, {"other": np.array([True])}))
+
+
+def test_perplexity_is_paired_only_on_the_prompts_whose_unsteered_text_both_runs_scored():
+    """Two runs whose unsteered completions differ on one prompt (a batch mix in bfloat16 decoded it otherwise): that
+    prompt leaves both runs, the rest stay aligned; token counts that differ are refused by the plain pairing."""
+    from refusal.compare import on_common_text, teacher_forced_vs
+
+    def run(texts: list[str], nll: list[float], tokens: list[float]) -> dict[str, np.ndarray]:
+        return {"baseline_completion": np.array(texts, dtype=object), "nll": np.array(nll), "tokens": np.array(tokens),
+                "kl_div": np.zeros(len(texts))}
+
+    a = run(["x", "y", "z"], [2.0, 4.0, 9.0], [2, 4, 3])
+    b = run(["x", "y other", "z"], [1.0, 8.0, 3.0], [2, 5, 3])
+    with pytest.raises(DataError, match="token counts differ"):
+        teacher_forced_vs(a, b, "b")
+    a_cut, b_cut, n = on_common_text(a, b)
+    assert n == 2 and a_cut["nll"].tolist() == [2.0, 9.0] and b_cut["tokens"].tolist() == [2, 3]
+    # mean NLL per token a − b, weighted by tokens: x (2/2 − 1/2) with weight 2, z (9/3 − 3/3) with weight 3
+    ratio = teacher_forced_vs(a_cut, b_cut, "b")["harmless/perplexity_ratio_vs_b"]
+    assert ratio == pytest.approx(math.exp((2 * 0.5 + 3 * 2.0) / 5))
+    untexted = {k: v for k, v in a.items() if k != "baseline_completion"}  # recorded before the text was: all prompts
+    assert on_common_text(untexted, b)[2] == 3
+    with pytest.raises(DataError, match="token counts differ"):
+        teacher_forced_vs(*on_common_text(untexted, b)[:2], "b")

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from refusal.compare import teacher_forced_vs
+from refusal.compare import on_common_text, teacher_forced_vs
 from refusal.geometry.compare import InterventionSpec
 
 from .plan import CONTROLS, CURVE_ROWS, METHOD_CONTROLS, METHODS, geometry_spec
@@ -107,11 +107,15 @@ def control_pairs(runs: dict[str, ModelRuns]) -> list[str]:
             if a is None or b is None:
                 continue
             d = paired(a, b, f"{name} − {against}", mr.column)
-            found = teacher_forced_vs(a["outcomes"].teacher_forced, b["outcomes"].teacher_forced, against)
+            tf_a, tf_b = a["outcomes"].teacher_forced, b["outcomes"].teacher_forced
+            n = len(tf_a["tokens"])
+            tf_a, tf_b, common = on_common_text(tf_a, tf_b)
+            found = teacher_forced_vs(tf_a, tf_b, against)
             lo, hi = found[f"harmless/perplexity_ratio_vs_{against}_ci95"]
             ratio = found[f"harmless/perplexity_ratio_vs_{against}"]
             lines.append(f"| {question} | {name.removeprefix('main:')} | {against} | {_rate(a, mr.column)} | "
-                         f"{_rate(b, mr.column)} | {d.as_points()} | ×{_ratio(ratio)} [{_ratio(lo)}, {_ratio(hi)}] |")
+                         f"{_rate(b, mr.column)} | {d.as_points()} | ×{_ratio(ratio)} [{_ratio(lo)}, {_ratio(hi)}]"
+                         + (f" on the {common} of {n} prompts whose unsteered text both scored" if common < n else "") + " |")
         if lines:
             out += [f"**{model}** (refusal on `{mr.column}`; Δ in points, paired, Newcombe 95%; perplexity ratio with its "
                     "paired bootstrap 95% interval):", "",

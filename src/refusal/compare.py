@@ -55,6 +55,8 @@ class RunOutcomes:
         for key in ("nll", "tokens", "kl_div", "baseline_nll"):
             if harmless and all(key in r for r in harmless):
                 out.teacher_forced[key] = np.array([float(r[key]) for r in harmless])
+        if harmless and all("baseline_completion" in r for r in harmless):  # the text perplexity was measured on
+            out.teacher_forced["baseline_completion"] = np.array([r["baseline_completion"] for r in harmless], dtype=object)
         return out
 
     @classmethod
@@ -99,6 +101,18 @@ def teacher_forced_vs(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], 
     return {f"harmless/perplexity_ratio_vs_{name}": math.exp(log_ratio.estimate),
             f"harmless/perplexity_ratio_vs_{name}_ci95": [math.exp(log_ratio.lo), math.exp(log_ratio.hi)],
             f"harmless/kl_div_vs_{name}": kl.estimate, f"harmless/kl_div_vs_{name}_ci95": [kl.lo, kl.hi]}
+
+
+def on_common_text(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], int]:
+    """Both runs' per-prompt teacher-forced values cut to the prompts whose unsteered completion is the same text in
+    both, and how many those are. Greedy decoding in bfloat16 products is not exactly batch-invariant, so two runs
+    that generated their unsteered baselines in different batch mixes (other test sets beside) can disagree on a few
+    prompts; perplexity is paired only where both scored the same text. Runs that did not record the text keep every
+    prompt (:func:`teacher_forced_vs` then refuses token counts that differ)."""
+    if "baseline_completion" not in a or "baseline_completion" not in b:  # no texts to compare: all prompts, and
+        return dict(a), dict(b), len(a.get("tokens", ()))                   # teacher_forced_vs checks token counts
+    same = a["baseline_completion"] == b["baseline_completion"]
+    return {k: v[same] for k, v in a.items()}, {k: v[same] for k, v in b.items()}, int(same.sum())
 
 
 def compare(a: RunOutcomes, b: RunOutcomes, name: str = "b") -> dict[str, Any]:
