@@ -79,39 +79,40 @@ def generate(
     prefix = shared_prefix(token_ids, len(bundle.post_instruction_ids)) if share_prefix else []
     batches = batches_by_length([len(r) for r in token_ids], batch_size)
     for b, idx in enumerate(tqdm(batches, desc=desc, disable=not progress, unit="batch")):
-        if journal is not None and (kept := journal.load(b, len(idx))) is not None:
-            ids_kept, logits0 = kept
-            if first_logits is None:
-                first_logits = torch.empty((n, logits0.shape[-1]), dtype=torch.float32)
-            first_logits[torch.tensor(idx)] = logits0
-            for i, ids in zip(idx, ids_kept, strict=True):
-                completion_ids[i], completions[i] = ids, bundle.tokenizer.decode(ids, skip_special_tokens=True)
-            continue
-        rows = [token_ids[i][len(prefix):] for i in idx]
-        batch = bundle.pad(rows).to(bundle.device)
-        past = prompt_prefix_cache(bundle, prefix, len(idx)) if prefix else None
-        with declare_roles(bundle, [len(r) for r in rows], batch.input_ids.shape[1]):
-            if engine == "refusal":
-                new_tokens, logits0 = greedy_decode(bundle, batch.input_ids, batch.attention_mask, batch.position_ids,
-                                                    max_new_tokens, ends, past=past, offset=len(prefix))
-            else:
-                new_tokens, logits0 = _generate(bundle, prefix, batch, past, max_new_tokens, ends)
-        new_tokens = new_tokens.cpu()
-        logits0 = logits0.float().cpu()
+        done = journal.load(b, len(idx)) if journal is not None else None
+        if done is None:
+            done = _decode_batch(bundle, [token_ids[i][len(prefix):] for i in idx], prefix, max_new_tokens, eos, ends, engine)
+            if journal is not None:
+                journal.save(b, *done)
+        rows_ids, logits0 = done
         if first_logits is None:
             first_logits = torch.empty((n, logits0.shape[-1]), dtype=torch.float32)
         first_logits[torch.tensor(idx)] = logits0
-        for row, i in enumerate(idx):
-            ids = new_tokens[row].tolist()
-            for j, tok in enumerate(ids):  # cut at the first end-of-turn token, or after the first stop token
-                if tok in ends:
-                    ids = ids[:j] if tok in eos else ids[: j + 1]
-                    break
-            completion_ids[i] = ids
-            completions[i] = bundle.tokenizer.decode(ids, skip_special_tokens=True)
-        if journal is not None:
-            journal.save(b, [completion_ids[i] for i in idx], logits0)
+        for i, ids in zip(idx, rows_ids, strict=True):
+            completion_ids[i], completions[i] = ids, bundle.tokenizer.decode(ids, skip_special_tokens=True)
     return Generations(list(completions), list(completion_ids), first_logits)
+
+
+def _decode_batch(bundle: ModelBundle, rows: list[Sequence[int]], prefix: Sequence[int], max_new_tokens: int,
+                  eos: set[int], ends: set[int], engine: str) -> tuple[list[list[int]], torch.Tensor]:
+    """One batch's new token ids per row (cut at the first end-of-turn token, or after the first stop token) and
+    its first-step logits (float32, on the CPU)."""
+    batch = bundle.pad(rows).to(bundle.device)
+    past = prompt_prefix_cache(bundle, prefix, len(rows)) if prefix else None
+    with declare_roles(bundle, [len(r) for r in rows], batch.input_ids.shape[1]):
+        if engine == "refusal":
+            new_tokens, logits0 = greedy_decode(bundle, batch.input_ids, batch.attention_mask, batch.position_ids,
+                                                max_new_tokens, ends, past=past, offset=len(prefix))
+        else:
+            new_tokens, logits0 = _generate(bundle, prefix, batch, past, max_new_tokens, ends)
+    out = []
+    for ids in new_tokens.cpu().tolist():
+        for j, tok in enumerate(ids):
+            if tok in ends:
+                ids = ids[:j] if tok in eos else ids[: j + 1]
+                break
+        out.append(ids)
+    return out, logits0.float().cpu()
 
 
 class BatchJournal:
