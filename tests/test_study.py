@@ -114,6 +114,28 @@ def test_each_control_is_paired_with_the_run_it_differs_from_in_one_respect(tmp_
     assert cells[6] == "×1.100 [1.100, 1.100] |"
 
 
+def test_a_control_pair_pairs_perplexity_only_where_both_runs_scored_the_same_unsteered_text(tmp_path):
+    """Planted: the control regenerated its unsteered baselines and got other text on 3 of 40 harmless prompts, where
+    its perplexity is also ×50. Those 3 are left out (the ratio stays ×1.100, not pulled up by them) and the cell says
+    on how many prompts it was paired."""
+    mdir = tmp_path / "study" / "qwen05"
+    (mdir / "train").mkdir(parents=True)
+    (mdir / "train" / "fitted.json").write_text(json.dumps({"inlp_rank": 8, "layer": 10}))
+    write_run(mdir / "main" / "0", "none", 30)
+    write_run(mdir / "main" / "1", "dim_ablation", 2, ppl=2.2)
+    write_run(mdir / "controls" / "random_1_all", "random_ablation", 30, ppl=2.0, k=1)
+    for folder, other_text in ((mdir / "main" / "1", set()), (mdir / "controls" / "random_1_all", {0, 1, 2})):
+        rows = [json.loads(line) for line in (folder / "completions.jsonl").read_text().splitlines()]
+        for row in rows:
+            i = int(row["prompt"].split()[-1])
+            if row["split"] == "harmless":
+                row["baseline_completion"] = f"text {i}" + (" (other batch mix)" if i in other_text else "")
+                row["nll"] += 5 * math.log(50) if i in other_text else 0.0
+        (folder / "completions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    [row] = [line for line in control_pairs({"qwen05": ModelRuns(mdir)}) if line.startswith("| DiM's direction")]
+    assert row.split(" | ")[6] == "×1.100 [1.100, 1.100] on the 37 of 40 prompts whose unsteered text both scored |"
+
+
 def test_a_study_committed_under_one_folder_resumes_under_another_and_stamps_no_machine_path(tmp_path):
     """study/ is committed: a step done on one machine is skipped on another checkout, not redone or refused."""
     splits = tmp_path / "splits"
