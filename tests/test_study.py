@@ -96,16 +96,23 @@ def test_the_studys_tables_show_mcnemar_p_holm_adjusted_over_each_models_runs_in
     assert all("harmful/mcnemar_p_vs_baseline_holm" not in r for r in rows)
 
 
-def test_each_control_is_paired_with_the_run_it_differs_from_in_one_respect(tmp_path):
-    """Planted: DiM ablation refuses 2 of 40, the random direction at the same reach 30 (Δ −70.0 points, exactly
-    [−28 of 40] on every prompt pair); perplexities 2.2 and 2.0 on the same completions give ×1.100 with a zero-width
-    interval. A pair whose other run is missing is left out."""
+def planted_control_pair(tmp_path) -> Path:
+    """A study folder where DiM ablation refuses 2 of 40 at perplexity 2.2, the random direction at the same reach
+    (its control) 30 of 40 at 2.0."""
     mdir = tmp_path / "study" / "qwen05"
     (mdir / "train").mkdir(parents=True)
     (mdir / "train" / "fitted.json").write_text(json.dumps({"inlp_rank": 8, "layer": 10}))
     write_run(mdir / "main" / "0", "none", 30)
     write_run(mdir / "main" / "1", "dim_ablation", 2, ppl=2.2)
     write_run(mdir / "controls" / "random_1_all", "random_ablation", 30, ppl=2.0, k=1)
+    return mdir
+
+
+def test_each_control_is_paired_with_the_run_it_differs_from_in_one_respect(tmp_path):
+    """Planted: DiM ablation refuses 2 of 40, the random direction at the same reach 30 (Δ −70.0 points, exactly
+    [−28 of 40] on every prompt pair); perplexities 2.2 and 2.0 on the same completions give ×1.100 with a zero-width
+    interval. A pair whose other run is missing is left out."""
+    mdir = planted_control_pair(tmp_path)
     lines = control_pairs({"qwen05": ModelRuns(mdir)})
     rows = [line for line in lines if line.startswith("| DiM's direction")]
     assert len(rows) == 1 and len([line for line in lines if line.startswith("| ") and "---" not in line]) == 2
@@ -118,12 +125,7 @@ def test_a_control_pair_pairs_perplexity_only_where_both_runs_scored_the_same_un
     """Planted: the control regenerated its unsteered baselines and got other text on 3 of 40 harmless prompts, where
     its perplexity is also ×50. Those 3 are left out (the ratio stays ×1.100, not pulled up by them) and the cell says
     on how many prompts it was paired."""
-    mdir = tmp_path / "study" / "qwen05"
-    (mdir / "train").mkdir(parents=True)
-    (mdir / "train" / "fitted.json").write_text(json.dumps({"inlp_rank": 8, "layer": 10}))
-    write_run(mdir / "main" / "0", "none", 30)
-    write_run(mdir / "main" / "1", "dim_ablation", 2, ppl=2.2)
-    write_run(mdir / "controls" / "random_1_all", "random_ablation", 30, ppl=2.0, k=1)
+    mdir = planted_control_pair(tmp_path)
     for folder, other_text in ((mdir / "main" / "1", set()), (mdir / "controls" / "random_1_all", {0, 1, 2})):
         rows = [json.loads(line) for line in (folder / "completions.jsonl").read_text().splitlines()]
         for row in rows:
