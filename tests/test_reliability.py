@@ -172,6 +172,24 @@ def test_killed_generation_keeps_its_finished_batches_and_the_rerun_redoes_only_
     assert counter.n == 0 and hit.completions == reference.completions
 
 
+def test_a_journal_nobody_resumed_for_weeks_is_removed_when_the_model_generates_again(tiny_bundle, tmp_path):
+    """A journal whose newest batch is older than STALE_JOURNAL_DAYS goes; one a day younger than that stays (its run
+    may still be resumed), and so does the new generation's result."""
+    from refusal.runtime.generation import STALE_JOURNAL_DAYS, GenerationCache
+
+    partial = tmp_path / "tiny" / "partial"
+    old, recent = partial / "abandoned", partial / "recent"
+    for folder, age_days in ((old, STALE_JOURNAL_DAYS + 1), (recent, STALE_JOURNAL_DAYS - 1)):
+        folder.mkdir(parents=True)
+        (folder / "batch00000.json").write_text("{}")
+        stamp = time.time() - age_days * 86400
+        os.utime(folder / "batch00000.json", (stamp, stamp))
+    ids = tiny_bundle.tokenize_instructions(PROMPTS[:4])
+    GenerationCache(tmp_path).get(tiny_bundle, ids, 2, batch_size=SHARD, progress=False)
+    assert not old.exists() and (recent / "batch00000.json").exists()
+    assert sorted(p.name for p in partial.iterdir()) == ["recent"]  # the finished call removed its own journal
+
+
 def test_a_damaged_journal_batch_is_generated_again_never_trusted(tiny_bundle, tmp_path):
     """Batches whose logits were truncated or whose token ids were edited fail their checksums: only those are
     generated again, and the result equals an uninterrupted run's."""

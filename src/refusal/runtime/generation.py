@@ -14,7 +14,9 @@ killed an hour into a generation resumes at the batch it was in.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
+import time
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +36,11 @@ from refusal.runtime.prefix import prompt_prefix_cache, shared_prefix
 from refusal.runtime.roles import declare_roles
 
 ENGINES = ("refusal", "transformers")
+#: A journal untouched this long belongs to a run nobody resumed (a changed config keys a new one): it is removed
+#: when a generation of the same model starts, so killed runs do not leave hundreds of MB behind for ever.
+STALE_JOURNAL_DAYS = 14
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -143,6 +150,17 @@ class BatchJournal:
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
 
+    def remove_stale_siblings(self, days: float = STALE_JOURNAL_DAYS) -> None:
+        """Remove the other journals beside this one whose newest file is older than ``days`` (logged)."""
+        cutoff = time.time() - days * 86400
+        for other in self.folder.parent.glob("*") if self.folder.parent.is_dir() else []:
+            files = [p for p in other.rglob("*") if p.is_file()] if other.is_dir() and other != self.folder else []
+            if files and max(p.stat().st_mtime for p in files) < cutoff:
+                size = sum(p.stat().st_size for p in files)
+                shutil.rmtree(other, ignore_errors=True)
+                log.info("removed a generation journal untouched for %g+ days (%s, %.0f MB): its run was never resumed",
+                         days, other, size / 1e6)
+
 
 def truncated(gens: Generations, max_new_tokens: int, tokenizer: Any) -> Generations:
     """Each completion cut to its first ``max_new_tokens`` tokens: greedy decoding at that budget, read off a longer
@@ -221,6 +239,7 @@ class GenerationCache:
                         if k not in ("progress", "desc")}  # what decides the batches and their output
             journal = BatchJournal(self.root / bundle.name / "partial" /
                                    sha256_json({"sets": [keys[name] for name in missing], **batching})[:24])
+            journal.remove_stale_siblings()
             gens = generate(bundle, rows, max_new_tokens=max_new_tokens, journal=journal, **kwargs)
             start = 0
             for name in missing:
