@@ -152,9 +152,13 @@ class BatchJournal:
 
     def remove_stale_siblings(self, days: float = STALE_JOURNAL_DAYS) -> None:
         """Remove the other journals beside this one whose newest file is older than ``days`` (logged)."""
+        if not self.folder.parent.is_dir():
+            return
         cutoff = time.time() - days * 86400
-        for other in self.folder.parent.glob("*") if self.folder.parent.is_dir() else []:
-            files = [p for p in other.rglob("*") if p.is_file()] if other.is_dir() and other != self.folder else []
+        for other in self.folder.parent.iterdir():
+            if other == self.folder or not other.is_dir():
+                continue
+            files = [p for p in other.rglob("*") if p.is_file()]
             if files and max(p.stat().st_mtime for p in files) < cutoff:
                 size = sum(p.stat().st_size for p in files)
                 shutil.rmtree(other, ignore_errors=True)
