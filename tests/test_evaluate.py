@@ -300,6 +300,9 @@ def test_report_rows_hide_default_params():
                      "params": {"k": 4, "alpha": 0.5, "target": "harmless", "center": "midpoint", "layer": None}})
     assert flip["params"] == "k=4, alpha=0.5" and flip["params/k"] == 4 and flip["params/alpha"] == 0.5
     assert flat_row({"intervention": "inlp_flip", "params": {"target": "harmful"}})["params"] == "target=harmful"
+    # list-valued parameters (a layer list, multi_ablation's explained shares) are shown, not hashed
+    multi = flat_row({"intervention": "multi_ablation", "params": {"k": 2, "explained": [0.62, 0.14], "layers": [3, 5]}})
+    assert multi["params"] == "k=2, explained=[0.62,0.14], layers=[3,5]"
 
 
 def test_compare_experiment_runs_the_five_rows_with_one_model_load(tmp_path):

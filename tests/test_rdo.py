@@ -16,7 +16,9 @@ from refusal.errors import ConfigError, FitError
 from refusal.fits import fit_for
 from refusal.fitting.rdo import (
     RDOConfig,
+    accumulate_losses,
     cone_samples,
+    direction_losses,
     initial_basis,
     model_targets,
     optimise,
@@ -71,6 +73,24 @@ def test_a_cone_has_rank_k_and_every_sampled_direction_lies_in_it(planted):
     assert result.best_loss < result.initial_loss
     samples = cone_samples(2, 64, torch.Generator().manual_seed(0))
     assert bool((samples >= 0).all()) and torch.allclose(samples.norm(dim=1), torch.ones(64))
+
+
+def test_losses_accumulated_one_direction_at_a_time_equal_the_batched_ones_and_their_gradient(planted):
+    model, _, dim, targets = planted
+    basis = initial_basis(model.d_model, RDOConfig(k=3), dim, torch.Generator().manual_seed(1)).requires_grad_(True)
+    mix = torch.cat([torch.eye(3), cone_samples(3, 4, torch.Generator().manual_seed(2))])
+    weights = torch.tensor([1 / 3] * 3 + [1 / 4] * 4)
+    lambdas = {"ablation": 1.0, "addition": 0.2, "retain": 1.0}
+    batched = direction_losses(model, mix @ basis, targets, alpha=2.0, layer=1)
+    sums = {name: (weights.to(loss) * loss).sum() for name, loss in batched.items()}
+    sum(lambdas[name] * part for name, part in sums.items()).backward()
+    expected = basis.grad.clone()
+    basis.grad = None
+    parts = accumulate_losses(model, basis, mix, weights, lambdas, targets, alpha=2.0, layer=1)
+    for name, part in sums.items():
+        assert parts[name] == pytest.approx(part.item(), rel=1e-5)
+    assert float(expected.abs().max()) > 1e-3  # a gradient worth comparing
+    torch.testing.assert_close(basis.grad, expected, rtol=1e-4, atol=1e-6)
 
 
 def test_convergence_rule_at_its_boundary(planted):

@@ -71,9 +71,8 @@ class Report:
 
 def _params(results: dict[str, Any]) -> dict[str, Any]:
     params = results.get("params") or {}  # every parameter (a plugin's too, so a search over it shows)
-    shown = {k: v for k, v in params.items() if k not in HIDDEN_PARAMS and v is not None}
-    if isinstance(shown.get("layers"), list):
-        shown["layers"] = "[" + ",".join(map(str, shown["layers"])) + "]"
+    shown = {k: "[" + ",".join(map(str, v)) + "]" if isinstance(v, list | tuple) else v  # layers, explained shares
+             for k, v in params.items() if k not in HIDDEN_PARAMS and v is not None}
     return {k: v for k, v in shown.items() if (k, v) not in DEFAULT_PARAMS}
 
 
