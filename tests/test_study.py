@@ -299,7 +299,8 @@ def test_the_study_renders_the_length_curve_with_a_verdict_per_budget(tmp_path):
     assert "| **C1** verdict | not applicable | holds | holds |" in curve
     assert (tmp_path / "docs" / "results" / "length_curve.png").stat().st_size > 0
     methods = text[text.index("### Beyond one direction"):]  # multi k=2 refuses the same 2 of 40 as DiM ablation
-    assert "k=2: Δ +0.0 [-9.2, +9.2] pts → adds less than 10% of refusal" in methods
+    assert "(DiM ablation leaves 5% [1–17] refusing, the most a second direction could remove.)" in methods
+    assert "k=2: Δ +0.0 [-9.2, +9.2] pts → removes less than 10 points more" in methods
     assert "k=4: Δ -2.5 [-13.5, +7.3] pts → undecided at this n" in methods  # one discordant prompt of 40
     assert "| projected_ablation | 5% [1–17] | -70.0 [" in methods  # no random_1_all: its control "not run"
     assert "(random_2_all) | 1.000 | 0.90 [0.80, 1.00] opposite | 0.05 [-0.05, 0.15] stays |" in methods  # geometry_methods

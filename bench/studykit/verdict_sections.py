@@ -207,10 +207,11 @@ def methods_section(runs: dict[str, ModelRuns]) -> list[str]:
             if row and "outcomes" in row:
                 d = paired(row, ablation, f"multi k={k} − DiM ablation", mr.column)
                 word = ("suppresses more than DiM ablation alone" if d.hi < 0 else
-                        f"adds less than {C1_MARGIN:.0%} of refusal" if d.lo > -C1_MARGIN else "undecided at this n")
+                        f"removes less than {C1_MARGIN * 100:.0f} points more" if d.lo > -C1_MARGIN else "undecided at this n")
                 answers.append(f"k={k}: Δ {d.as_points()} pts → {word}")
-        question = ("Does a second direction add anything once the first is removed? " + "; ".join(answers) + "."
-                    if answers else "")
+        question = ("Does a second direction add anything once the first is removed? "
+                    f"(DiM ablation leaves {_rate(ablation, mr.column)} refusing, the most a second direction could "
+                    "remove.) " + "; ".join(answers) + "." if answers else "")
         out += [f"**{model}** (refusal on `{mr.column}`; paired Δ in points with Newcombe 95% intervals). {question}", "",
                 *lines, ""]
     return out
