@@ -125,9 +125,11 @@ def test_rdo_on_the_tiny_model_is_an_artifact_reused_from_cache(compose, caplog)
     ctx = prepare(cfg)
     cls = get_intervention("rdo_ablation", plugin_dirs(cfg))
     icfg = intervention_config(cfg)
-    fitted = fit_for(ctx, cls, icfg)
+    with caplog.at_level("INFO", logger="refusal.fitting.rdo"):  # a long fit shows each step
+        fitted = fit_for(ctx, cls, icfg)
     fit = fitted.extra["rdo_ablation"]
     assert fit.basis.shape == (2, ctx.bundle.d_model) and len(fit.history) == 3
+    assert f"RDO (k=2) step 3/3: total {fit.history[2]['total']:.4f}" in caplog.text
     stems = sorted(ctx.artifact_dir.glob("rdo_L1_P-1_k2-*.json"))
     assert len(stems) == 1
     intervention = cls(icfg, fitted)

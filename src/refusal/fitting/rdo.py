@@ -188,6 +188,8 @@ def optimise(model: Steerable, dim_direction: Float[Tensor, " d_model"], layer: 
         parts = accumulate_losses(model, basis, mix, weights, lambdas, targets, alpha, layer)
         total = sum(lambdas[name] * part for name, part in parts.items())
         history.append({"total": total, **parts, "lr": optimizer.param_groups[0]["lr"]})
+        log.info("RDO (k=%d) step %d/%d: total %.4f (ablation %.4f, addition %.4f, retain %.4f), lr %.0e", cfg.k,
+                 len(history), cfg.steps, total, parts["ablation"], parts["addition"], parts["retain"], history[-1]["lr"])
         if history[-1]["total"] < best:
             best, best_basis, waited = history[-1]["total"], basis.detach().clone(), 0
         else:
