@@ -201,6 +201,18 @@ def test_unreadable_recording_line_names_the_line(tmp_path):
 
 
 @pytest.mark.parametrize("peer", PEERS)
+def test_an_archived_recording_reads_back_as_the_plain_one(tmp_path, peer):
+    """A committed study gzips completions.jsonl (refusal.run_files); the recording must still read back."""
+    from refusal.run_files import archive_completions
+
+    run = tmp_path / peer
+    shutil.copytree(FIXTURES / peer, run)
+    plain = load_records(run / "completions.jsonl")
+    assert archive_completions(run) >= 1 and not (run / "completions.jsonl").exists()
+    assert load_records(run / "completions.jsonl") == plain and len(plain) > 1
+
+
+@pytest.mark.parametrize("peer", PEERS)
 def test_read_run_judges_every_completion_with_our_judges(tmp_path, peer):
     """report.csv rows in our format: the substring judge's rate over the trial's recorded completions
     (counted here by hand from the Arditi phrases), the peer's KL as harmless/kl_div, its own count beside."""

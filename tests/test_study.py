@@ -358,12 +358,11 @@ def test_the_study_sets_the_peers_fronts_beside_its_search(tmp_path):
     (mdir / "train" / "fitted.json").write_text(json.dumps({"inlp_rank": 16, "layer": 16, "n_layers": 24, "position": -1}))
     trial(mdir / "pareto" / "0", "inlp_flip", 0.10, 0.05)
     trial(mdir / "pareto" / "1", "none", 0.60, 0.0)
-    peers = tmp_path / "peers"
+    peers = tmp_path / "study" / "peers"  # where run_peer.py puts full-size runs, and the render's default
     trial(peers / "qwen05-heretic" / "report" / "heretic_trial_000", "heretic", 0.05, 0.08)
     trial(peers / "qwen05-heretic" / "report" / "heretic_trial_001", "heretic", 0.20, 0.10)  # dominated by trial 0
     trial(peers / "qwen05-abliterix" / "report" / "abliterix_trial_000", "abliterix", 0.20, 0.10, [q + "." for q in prompts])
-    meta = {"date": "2026-12-02", "hardware": "planted", "data": "planted", "max_new_tokens": 128, "models": ["qwen05"],
-            "peers_dir": str(peers)}
+    meta = {"date": "2026-12-02", "hardware": "planted", "data": "planted", "max_new_tokens": 128, "models": ["qwen05"]}
     text = render(tmp_path / "study", tmp_path / "docs", meta).read_text()
     assert "qwen05, heretic: 2 finished trials" in text and "abliterix: 1 finished trial (" in text and "![qwen05 fronts](results/qwen05_fronts.png)" in text
     assert "| qwen05 | heretic trial | - | 5.0% | 0.080 | **heretic front** |" in text and "| 20.0% | 0.100 | **heretic" not in text

@@ -4,7 +4,8 @@
     python bench/peers/run_peer.py heretic --smoke                 # 2 trials, 8 + 8 prompts, 16 tokens
     python bench/peers/run_peer.py heretic                         # the pareto step's work (see README)
 
-Steps, each in the run folder (``--out``, default bench/peers/runs/<model>-<peer>[-smoke]): the
+Steps, each in the run folder (``--out``; default study/peers/<model>-<peer>, where the study's Pareto section
+reads it and it is committed with the study; a smoke run: bench/peers/runs/<model>-<peer>-smoke): the
 prompt files and manifest (peer_inputs), the peer's config file (peer_configs), the peer itself via
 its driver in its own venv with the Hub switched off (HF_HUB_OFFLINE, TRANSFORMERS_OFFLINE,
 HF_DATASETS_OFFLINE, an empty HF_HOME in the run folder), then peer_readback (our judges, report.csv).
@@ -30,6 +31,7 @@ from peer_readback import PeerOutputError, read_run
 from refusal.errors import RefusalError
 
 HERE = Path(__file__).resolve().parent
+PEER_RUNS = HERE.parents[1] / "study" / "peers"  # full-size runs: the study's record, read by its Pareto section
 PEERS = ("heretic", "abliterix")
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
@@ -90,7 +92,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--readback-only", action="store_true", help="judge and report an existing run folder again")
     args = parser.parse_args(argv)
     sizes = {k: v if (v := getattr(args, k)) is not None else (SMOKE if args.smoke else FULL)[k] for k in FULL}
-    run_dir = (args.out or HERE / "runs" / f"{args.model}-{args.peer}{'-smoke' if args.smoke else ''}").resolve()
+    default = HERE / "runs" / f"{args.model}-{args.peer}-smoke" if args.smoke else PEER_RUNS / f"{args.model}-{args.peer}"
+    run_dir = (args.out or default).resolve()
     try:
         if not args.readback_only:
             if run_dir.exists() and any(run_dir.iterdir()):

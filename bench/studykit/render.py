@@ -208,7 +208,7 @@ def render(root: Path, docs: Path, meta: dict[str, Any]) -> Path:
                   f"k=all: {capture[-1]:.2f}; cos(w_1, r̂) = {cos[0]:.2f}")
     md.append("")
     md += heldout_section(runs)
-    md += pareto_section(runs, figures, root, Path(meta.get("peers_dir", REPO / "bench" / "peers" / "runs")))
+    md += pareto_section(runs, figures, root, Path(meta.get("peers_dir", root / "peers")))
     # each row named by its control: two controls can share an intervention's params (per-layer fits are a fit setting)
     control_rows = [r for mr in runs.values()
                     for r in order_rows([{**row, "params": f"{name}: {row['params']}"} for name, row in mr.controls.items()])]
