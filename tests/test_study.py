@@ -258,9 +258,11 @@ def test_the_study_renders_the_length_curve_with_a_verdict_per_budget(tmp_path):
     for name, refused in (("multi_ablation_2", 2), ("multi_ablation_4", 1), ("random_2_all", 30), ("projected_ablation", 2)):
         write_run(mdir / "methods" / name, name.rsplit("_", 1)[0], refused)
     landing = {"multi_ablation (k=2)": (0.9, "opposite"), "random_ablation (k=2, center=zero)": (0.05, "stays")}
-    (mdir / "geometry_methods").mkdir()
-    (mdir / "geometry_methods" / "geometry.json").write_text(json.dumps({"rows": [
-        {"intervention": label, "t": t, "t_lo": t - 0.1, "t_hi": t + 0.1, "label_ci": word} for label, (t, word) in landing.items()]}))
+    write_run(mdir / "methods" / "cosmic_ablation", "dim_ablation", 3)
+    for folder, lands in (("geometry_methods", landing), ("geometry_cosmic_ablation", {"dim_ablation": (0.7, "between")})):
+        (mdir / folder).mkdir()
+        (mdir / folder / "geometry.json").write_text(json.dumps({"rows": [
+            {"intervention": label, "t": t, "t_lo": t - 0.1, "t_hi": t + 0.1, "label_ci": word} for label, (t, word) in lands.items()]}))
     for i, (name, drop) in enumerate((("none", 0.0), ("dim_ablation", -0.01), ("inlp_flip", 0.0), ("inlp_nullspace", -0.30))):
         write_run(mdir / "capability" / str(i), name, 30, **({"k": 40} if name.startswith("inlp") else {}))
         path = mdir / "capability" / str(i) / "results.json"
@@ -304,6 +306,8 @@ def test_the_study_renders_the_length_curve_with_a_verdict_per_budget(tmp_path):
     assert "k=4: Δ -2.5 [-13.5, +7.3] pts → undecided at this n" in methods  # one discordant prompt of 40
     assert "| projected_ablation | 5% [1–17] | -70.0 [" in methods  # no random_1_all: its control "not run"
     assert "(random_2_all) | 1.000 | 0.90 [0.80, 1.00] opposite | 0.05 [-0.05, 0.15] stays |" in methods  # geometry_methods
+    # COSMIC's ablation lands where its own geometry run says (the DiM layer's dim_ablation row is not planted)
+    assert "| cosmic_ablation | 8% [" in methods and "| 0.70 [0.60, 0.80] between | - |" in methods
     assert "| not run | 1.000 | - | - |" in methods  # projected ablation: no landing measured
     capability = text[text.index("### Capability"):]  # nullspace loses 30 points of MMLU: broken, so C2 is not decided
     assert "**qwen05** (items: mmlu 228, lambada 100)" in capability
@@ -434,12 +438,18 @@ def planned_commands(root, steps: list[str]) -> list[list[str]]:
 
 def test_the_methods_step_measures_where_every_method_and_random_control_lands(tmp_path):
     calls = planned_commands(tmp_path / "study", ["methods"])
-    geometry = calls[-1]
+    geometry = calls[-2]
     assert geometry[:3] == ["-m", "refusal.geometry", "--interventions"]
     specs = geometry[3].split(",")
     assert specs[:2] == ["none", "dim_ablation"] and "multi_ablation:k=4" in specs and "rdo_ablation:k=3" in specs
     assert "projected_ablation:norm_preserving=true" in specs and "random_ablation:k=1:center=zero" in specs
-    assert len(specs) == 2 + len(METHODS) + 1 and len(calls) == len(METHODS) + 1  # every method run, then one geometry
+    assert "weighted_ablation:direction=per_layer:projected=true:embedding=false" in specs
+    # COSMIC picks another layer: not among the DiM layer's specs (its label would be dim_ablation's), but a geometry
+    # run of its own at COSMIC's pick, after every method run and the shared geometry
+    assert len(specs) == 2 + len(METHODS) - 1 + 1 and len(calls) == len(METHODS) + 2
+    own = calls[-1]
+    assert own[:4] == ["-m", "refusal.geometry", "--interventions", "none,dim_ablation"] and own[-1] == "layer=cosmic"
+    assert own[own.index("--out") + 1].endswith("geometry_cosmic_ablation")
 
 
 def test_the_length_curve_judges_every_budget_on_cuts_of_one_generation_at_the_longest(tmp_path):

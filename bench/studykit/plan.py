@@ -68,6 +68,12 @@ METHODS = {
     "multi_ablation_4": ["intervention=multi_ablation", "intervention.k=4"],
     "rdo_direction": ["intervention=rdo_ablation", "intervention.k=1"],
     "rdo_cone_3": ["intervention=rdo_ablation", "intervention.k=3"],
+    # the direction and layer COSMIC picks from activation cosines (no refusal scores read), ablated like DiM's
+    "cosmic_ablation": ["intervention=dim_ablation", "layer=cosmic"],
+    # heretic's own choices at every kernel weight 1 (the kernel is what a search tunes: the pareto step, the peers):
+    # each layer's writes lose that layer's DiM direction, made orthogonal to the harmless mean; embedding kept
+    "heretic_per_layer": ["intervention=weighted_ablation", "intervention.direction=per_layer", "intervention.projected=true",
+                          "intervention.embedding=false"],
     "random_2_all": ["intervention=random_ablation", "intervention.k=2", "intervention.center=zero"],
     "random_3_all": ["intervention=random_ablation", "intervention.k=3", "intervention.center=zero"],
     "random_4_all": ["intervention=random_ablation", "intervention.k=4", "intervention.center=zero"],
@@ -75,7 +81,13 @@ METHODS = {
 #: Each method's matched random control (random_1_all is a control run of the controls step).
 METHOD_CONTROLS = {"projected_ablation": "random_1_all", "projected_ablation_norm": "random_1_all",
                    "multi_ablation_2": "random_2_all", "multi_ablation_4": "random_4_all", "rdo_direction": "random_1_all",
-                   "rdo_cone_3": "random_3_all"}
+                   "rdo_cone_3": "random_3_all", "cosmic_ablation": "random_1_all", "heretic_per_layer": "random_1_all"}
+
+
+def own_selection(overrides: list[str]) -> list[str]:
+    """A method's overrides outside ``intervention.*`` (``layer=cosmic``): it ablates at another layer than the
+    study's DiM pick, so where it lands is measured by a geometry run of its own, at that layer."""
+    return [o for o in overrides if not o.startswith("intervention")]
 
 
 def geometry_spec(overrides: list[str]) -> str:
@@ -85,7 +97,8 @@ def geometry_spec(overrides: list[str]) -> str:
 
 
 #: Where each method and random control moves harmful activations, beside the unsteered model and DiM ablation.
-METHOD_GEOMETRY_SPECS = ["none", "dim_ablation", *(geometry_spec(o) for o in [*METHODS.values(), CONTROLS["random_1_all"]])]
+METHOD_GEOMETRY_SPECS = ["none", "dim_ablation", *(geometry_spec(o) for o in [*METHODS.values(), CONTROLS["random_1_all"]]
+                                                     if not own_selection(o))]
 CURVE_ROWS = ["none", "dim_ablation", "inlp_nullspace", "inlp_flip"]  # the rows C1 and C2 compare
 GEOMETRY_SPECS = ["none", "actadd:coeff=-1.0", "dim_ablation", "inlp_nullspace", "inlp_flip",
                   f"inlp_nullspace:k={LEGACY_K}", f"inlp_flip:k={LEGACY_K}", "dim_ablation:layers=selected",

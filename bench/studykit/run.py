@@ -28,6 +28,8 @@ from .plan import (
     NO_OVERREFUSAL,
     QUALITY,
     REPO,
+    geometry_spec,
+    own_selection,
     swept,
 )
 
@@ -134,6 +136,11 @@ class Study:
             # where each lands (the fits come from the runs' artifacts): two forward passes per method, no generation
             self.run(["-m", "refusal.geometry", "--interventions", ",".join(METHOD_GEOMETRY_SPECS), "--out",
                       str(out / "geometry_methods"), *args], out / "geometry_methods.log", out / "geometry_methods" / "geometry.json")
+            for name, overrides in METHODS.items():  # a method with its own selection: its own layer's clusters
+                if selection := own_selection(overrides):
+                    folder = out / f"geometry_{name}"
+                    self.run(["-m", "refusal.geometry", "--interventions", f"none,{geometry_spec(overrides)}", "--out",
+                              str(folder), *args, *selection], out / f"geometry_{name}.log", folder / "geometry.json")
         if "capability" in steps:  # the main rows again with the benchmarks: generations and scores come from the cache
             self.sweep(out, "capability", args, ["intervention=none,dim_ablation,inlp_nullspace,inlp_flip", NO_GEOMETRY,
                                                  f"eval.capability.tasks={CAPABILITY_TASKS}"])

@@ -11,6 +11,7 @@ from refusal.compare import RunOutcomes
 from refusal.report import flat_row, load_runs
 from refusal.run_files import completions_path
 
+from .plan import METHODS
 from .verdict import ClaimInputs
 
 
@@ -66,6 +67,9 @@ class ModelRuns:
         self.geometry_leace_selected = json.loads(geo_selected.read_text()) if geo_selected.exists() else {}
         geo_methods = mdir / "geometry_methods" / "geometry.json"
         self.geometry_methods = {r["intervention"]: r for r in json.loads(geo_methods.read_text())["rows"]} if geo_methods.exists() else {}
+        # methods with their own selection (plan.own_selection), each measured at its own layer
+        self.geometry_own = {name: {r["intervention"]: r for r in json.loads(path.read_text())["rows"]}
+                             for name in METHODS if (path := mdir / f"geometry_{name}" / "geometry.json").exists()}
         # the k sweep decides C3 once it has ended (its report written), never from the jobs done so far
         self.k = _rows(mdir / "k") if (mdir / "k" / "report.csv").exists() else []
         self.alpha = _rows(mdir / "alpha")

@@ -174,10 +174,11 @@ def _cut_check(mr: ModelRuns, main_budget: int) -> list[str]:
 
 
 def _lands(mr: ModelRuns, run: str) -> str:
-    """Where a methods-step run moves harmful activations at the DiM layer (the geometry_methods step), or "-"."""
+    """Where a methods-step run moves harmful activations at the DiM layer (the geometry_methods step), or at its own
+    selection's layer (its own geometry run), or "-"."""
     overrides = METHODS.get(run) or CONTROLS.get(run) or []
     label = InterventionSpec.parse(geometry_spec(overrides)).label if overrides else None
-    g = mr.geometry_methods.get(label) if label else None
+    g = mr.geometry_own.get(run, mr.geometry_methods).get(label) if label else None
     return f"{g['t']:.2f} [{g['t_lo']:.2f}, {g['t_hi']:.2f}] {g['label_ci']}" if g else "-"
 
 
