@@ -160,13 +160,17 @@ def render(root: Path, docs: Path, meta: dict[str, Any]) -> Path:
 
     methods = methods_section(runs)
     if methods:
-        md += ["### Beyond one direction: projected, multi-direction and optimised (RDO) ablation", "",
-               "Each method at DiM ablation's reach (every block input and attention/MLP write), beside a random "
-               "subspace of its dimension at the same reach (uncentred): projected ablation removes r̂ less its "
+        md += ["### Beyond one direction: projected, multi-direction, optimised (RDO), COSMIC and heretic-style ablation", "",
+               "Each method at DiM ablation's reach (every block input and attention/MLP write) unless said, beside a "
+               "random subspace of its dimension at the same reach (uncentred): projected ablation removes r̂ less its "
                "component along the harmless mean (norm-preserving: each edited weight column keeps its length); "
                "multi-direction ablation removes r̂ and the next k−1 principal components of the per-prompt "
                "differences; RDO trains a direction (k=1) or a cone (k=3) with Wollschläger et al.'s losses "
-               "(first-token targets on a CPU).", "", *methods]
+               "(first-token targets on a CPU); COSMIC's ablation is DiM ablation of the candidate COSMIC picks from "
+               "activation cosines without reading refusal (its landing measured at its own layer); heretic_per_layer "
+               "edits only the attention/MLP output weights, each layer's along that layer's DiM direction projected "
+               "off the harmless mean, at heretic's settings with every kernel weight 1 (the kernel is what the "
+               "Pareto searches tune).", "", *methods]
     capability = capability_section(runs)
     if capability:
         md += ["### Capability under each intervention", "",
