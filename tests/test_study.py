@@ -17,6 +17,7 @@ from conftest import REPO
 from refusal.artifacts import save_artifact
 from refusal.errors import DataError
 from refusal.metrics import wilson_interval
+from refusal.stats.paired import PairedDifference
 
 sys.path.insert(0, str(REPO / "bench"))  # the study's code lives in bench/studykit
 from studykit.plan import CONTROLS, KS, METHODS  # noqa: E402
@@ -26,7 +27,7 @@ from studykit.run import Study  # noqa: E402
 from studykit.runs import ModelRuns, _rows  # noqa: E402
 from studykit.sections import judges_section, primary_note, selection_section  # noqa: E402
 from studykit.verdict import RULES, decide  # noqa: E402
-from studykit.verdict_sections import control_pairs, numerics_section  # noqa: E402
+from studykit.verdict_sections import control_pairs, more_directions_add, numerics_section  # noqa: E402
 
 N = 40  # harmful (and harmless) test prompts of every planted run
 
@@ -302,8 +303,8 @@ def test_the_study_renders_the_length_curve_with_a_verdict_per_budget(tmp_path):
     assert (tmp_path / "docs" / "results" / "length_curve.png").stat().st_size > 0
     methods = text[text.index("### Beyond one direction"):]  # multi k=2 refuses the same 2 of 40 as DiM ablation
     assert "(DiM ablation leaves 5% [1–17] refusing, the most a second direction could remove.)" in methods
-    assert "k=2: Δ +0.0 [-9.2, +9.2] pts → removes less than 10 points more" in methods
-    assert "k=4: Δ -2.5 [-13.5, +7.3] pts → undecided at this n" in methods  # one discordant prompt of 40
+    assert "multi k=2: Δ +0.0 [-9.2, +9.2] pts → removes less than 10 points more" in methods
+    assert "multi k=4: Δ -2.5 [-13.5, +7.3] pts → undecided at this n" in methods  # one discordant prompt of 40
     assert "| projected_ablation | 5% [1–17] | -70.0 [" in methods  # no random_1_all: its control "not run"
     assert "(random_2_all) | 1.000 | 0.90 [0.80, 1.00] opposite | 0.05 [-0.05, 0.15] stays |" in methods  # geometry_methods
     # COSMIC's ablation lands where its own geometry run says (the DiM layer's dim_ablation row is not planted)
@@ -520,3 +521,14 @@ def test_a_negative_control_model_gets_its_rows_and_costs_with_broken_runs_named
     assert "| gemma3_270m | inlp_flip | 0.0% [0–9] |" in section and "×1.1" in section
     assert "kept 0 of 128 harmful train prompts (none: all were used); DiM layer 3, INLP rank 31" in section
     assert "### Converged INLP" not in text  # no premise, no verdict
+
+
+@pytest.mark.parametrize(("lo", "hi", "says"), [
+    (-0.041, -0.003, "suppresses more than DiM ablation alone, by at most 4.1 points"),  # wholly below 0 wins
+    (-0.041, 0.0, "removes less than 10 points more"),  # touching 0 is not "more"
+    (-0.0999, 0.05, "removes less than 10 points more"),
+    (-0.10, 0.05, "undecided at this n"),  # the margin itself is not "less than"
+    (-0.25, -0.12, "suppresses more than DiM ablation alone, by at most 25.0 points"),
+])
+def test_what_more_directions_add_at_the_rule_boundaries(lo, hi, says):
+    assert more_directions_add(PairedDifference((lo + hi) / 2, lo, hi, 311)) == says

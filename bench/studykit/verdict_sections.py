@@ -8,6 +8,7 @@ from typing import Any
 
 from refusal.compare import on_common_text, teacher_forced_vs
 from refusal.geometry.compare import InterventionSpec
+from refusal.stats.paired import PairedDifference
 
 from .plan import CONTROLS, CURVE_ROWS, METHOD_CONTROLS, METHODS, geometry_spec
 from .plots import plot_length_curve
@@ -182,6 +183,16 @@ def _lands(mr: ModelRuns, run: str) -> str:
     return f"{g['t']:.2f} [{g['t_lo']:.2f}, {g['t_hi']:.2f}] {g['label_ci']}" if g else "-"
 
 
+def more_directions_add(d: PairedDifference) -> str:
+    """What Δ(more directions − DiM ablation) says, with C1's margin: more suppression only if the whole interval is
+    below 0; "less than the margin more" if its lower end is above −margin (the two can hold together: the first wins)."""
+    if d.hi < 0:
+        return f"suppresses more than DiM ablation alone, by at most {-100 * d.lo:.1f} points"
+    if d.lo > -C1_MARGIN:
+        return f"removes less than {C1_MARGIN * 100:.0f} points more"
+    return "undecided at this n"
+
+
 def methods_section(runs: dict[str, ModelRuns]) -> list[str]:
     """Methods beyond one direction, each paired against the baseline, DiM ablation and its random control."""
     out = []
@@ -202,14 +213,11 @@ def methods_section(runs: dict[str, ModelRuns]) -> list[str]:
             lines.append(f"| {name} | {_rate(row, mr.column)} | {paired(row, base, name, mr.column).as_points()} | "
                          f"{paired(row, ablation, name, mr.column).as_points()} | {vs_control} | {ppl:.3f} | "
                          f"{_lands(mr, name)} | {_lands(mr, METHOD_CONTROLS[name])} |")
-        second = [(k, mr.methods.get(f"multi_ablation_{k}")) for k in (2, 4)]
-        answers = []
-        for k, row in second:
-            if row and "outcomes" in row:
-                d = paired(row, ablation, f"multi k={k} − DiM ablation", mr.column)
-                word = ("suppresses more than DiM ablation alone" if d.hi < 0 else
-                        f"removes less than {C1_MARGIN * 100:.0f} points more" if d.lo > -C1_MARGIN else "undecided at this n")
-                answers.append(f"k={k}: Δ {d.as_points()} pts → {word}")
+        answers = []  # the runs with more than one direction: multi-direction ablation (nested on DiM) and the RDO cone
+        for label, run in (("multi k=2", "multi_ablation_2"), ("multi k=4", "multi_ablation_4"), ("RDO cone k=3", "rdo_cone_3")):
+            if (row := mr.methods.get(run)) and "outcomes" in row:
+                d = paired(row, ablation, f"{label} − DiM ablation", mr.column)
+                answers.append(f"{label}: Δ {d.as_points()} pts → {more_directions_add(d)}")
         question = ("Does a second direction add anything once the first is removed? "
                     f"(DiM ablation leaves {_rate(ablation, mr.column)} refusing, the most a second direction could "
                     "remove.) " + "; ".join(answers) + "." if answers else "")
