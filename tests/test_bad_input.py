@@ -325,6 +325,19 @@ def test_a_multirun_override_of_a_key_none_lacks_names_the_double_plus(tmp_path)
     assert not (tmp_path / "a" / "sweep").exists() and not (tmp_path / "b" / "sweep").exists()  # no job started
 
 
+def test_an_override_under_a_null_value_is_one_line_naming_it(tmp_path):
+    """eval=trial has test_sets: null: setting a key below it was OmegaConf's bare AssertionError ("Unexpected type
+    for root: NoneType"), which the study's pareto step hit; now one line names the override and the null key."""
+    proc = _multirun("experiment=pareto_inlp_flip", "hydra.sweeper.n_trials=1", "eval.test_sets.overrefusal.n=100", tmp=tmp_path)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in stderr and "AssertionError" not in stderr, stderr[-2000:]
+    assert [line for line in stderr.splitlines() if line.startswith("error:")] == [
+        "error: eval.test_sets.overrefusal.n=100: eval.test_sets is null in this config (set by its groups, e.g. eval=trial "
+        "has no test sets), so eval.test_sets.overrefusal.n has nowhere to go; drop the override or give eval.test_sets "
+        "a value first"]
+    assert not (tmp_path / "sweep").exists()
+
+
 def test_multiruns_with_scope_keys_and_the_double_plus_complete_and_none_stays_the_baseline(tmp_path):
     import csv
 

@@ -420,7 +420,7 @@ def test_the_tunability_plot_draws_inlp_curves_beside_dim_points(tmp_path):
     assert path.stat().st_size > 20_000
 
 
-def planned_commands(root, steps: list[str]) -> list[list[str]]:
+def planned_commands(root, steps: list[str], common: list[str] | None = None, pareto_trials: int = 0) -> list[list[str]]:
     """The commands the study would run for qwen05's ``steps`` (recorded, not run)."""
     calls = []
 
@@ -432,8 +432,8 @@ def planned_commands(root, steps: list[str]) -> list[list[str]]:
     (root / "qwen05" / "train").mkdir(parents=True)
     (root / "qwen05" / "train" / "fitted.json").write_text(json.dumps({"inlp_rank": 16}))
     opts = argparse.Namespace(ks=[], alphas=[], controls=[], token_models=["qwen05"], token_budgets=[32, 64, 128, 256, 512],
-                              matmul="bfloat16", heldout_n=24, pareto_trials=0, k_interventions=["inlp_flip"])
-    Recorded(root, ["eval.max_new_tokens=128"], root.parent).model("qwen05", steps, opts)
+                              matmul="bfloat16", heldout_n=24, pareto_trials=pareto_trials, k_interventions=["inlp_flip"])
+    Recorded(root, common or ["eval.max_new_tokens=128"], root.parent).model("qwen05", steps, opts)
     return calls[1:]  # after the train step
 
 
@@ -532,3 +532,20 @@ def test_a_negative_control_model_gets_its_rows_and_costs_with_broken_runs_named
 ])
 def test_what_more_directions_add_at_the_rule_boundaries(lo, hi, says):
     assert more_directions_add(PairedDifference((lo + hi) / 2, lo, hi, 311)) == says
+
+
+def test_the_pareto_steps_commands_compose_with_the_studys_own_overrides(tmp_path):
+    """The study's common overrides name test sets (StrongREJECT, over-refusal) that a lean trial (eval=trial,
+    test_sets: null) has no place for: Hydra composes the reference sweep and the search only without them. Composed
+    here by Hydra itself (qwen05's first pareto run failed on exactly this before any trial)."""
+    from refusal.app.startup import _compose
+
+    common = ["data=embedded", "logger=none", "eval.max_new_tokens=128", "model.matmul=bfloat16",
+              "+eval.test_sets.strongreject={source: pypi, benchmark: strongreject, n: null}", "eval.test_sets.overrefusal.n=100",
+              "data.n_test=100"]
+    calls = planned_commands(tmp_path / "study", ["pareto"], common, pareto_trials=12)
+    assert len(calls) == 2 and not any("test_sets" in a for argv in calls for a in argv)
+    for argv in calls:
+        overrides = [a for a in argv[1:] if a != "-m" and not a.startswith("hydra.sweep")]
+        cfg, error = _compose(REPO / "conf", "config", [*overrides, "model=tiny"], multirun=True)
+        assert error is None and cfg.eval.test_sets is None and cfg.data.n_test == 100 and cfg.eval.max_new_tokens == 128

@@ -153,9 +153,10 @@ class Study:
             self.sweep(out, "heldout", kept, [f"intervention={HELDOUT_ROWS}", f"data.n_test={n}", "eval.judges=[substring,model]",
                                               f"+{harmbench}", f"eval.test_sets.overrefusal.n={n}", NO_GEOMETRY])
         if "pareto" in steps and opts.pareto_trials:  # Optuna: INLP flip's k and α at the DiM layer, lean trials
-            self.sweep(out, "pareto", args, ["intervention=none,dim_ablation,actadd", "eval=trial"])  # the reference points
+            lean = [a for a in args if "eval.test_sets." not in a]  # eval=trial judges the test split only: no named sets
+            self.sweep(out, "pareto", lean, ["intervention=none,dim_ablation,actadd", "eval=trial"])  # the reference points
             self.run(["evaluate.py", "experiment=pareto_inlp_flip", "intervention.layer=null",
-                      f"hydra.sweeper.n_trials={opts.pareto_trials}", *args, f"hydra.sweep.dir={out / 'pareto'}"],
+                      f"hydra.sweeper.n_trials={opts.pareto_trials}", *lean, f"hydra.sweep.dir={out / 'pareto'}"],
                      out / "pareto_search.log", out / "pareto" / "optimization_results.yaml")
         if "geometry" in steps:
             specs = ",".join(s for s in GEOMETRY_SPECS if not s.endswith(f"k={LEGACY_K}") or LEGACY_K < rank)

@@ -265,6 +265,22 @@ def _check_each_option(conf_dir: Path, name: str, parsed: list[Any], swept: dict
                 raise hint
 
 
+def _under_null(conf_dir: Path, config_name: str, overrides: list[str], multirun: bool) -> str | None:
+    """Which override sets a key below a value that is null once the groups are chosen (``eval=trial`` has
+    ``test_sets: null``, so ``eval.test_sets.overrefusal.n=100`` has nowhere to go), said as the fix."""
+    keys = [(line, line.lstrip("+~").split("=", 1)[0]) for line in overrides]
+    cfg, _ = _compose(conf_dir, config_name, [line for line, key in keys if "." not in key], multirun)
+    for line, key in keys:
+        node, parts = cfg, key.split(".")
+        for i in range(len(parts) - 1):
+            node = node.get(parts[i]) if hasattr(node, "get") else None
+            if node is None:
+                where = ".".join(parts[: i + 1])
+                return (f"{line}: {where} is null in this config (set by its groups, e.g. eval=trial has no test sets), "
+                        f"so {key} has nowhere to go; drop the override or give {where} a value first")
+    return None
+
+
 def check_types(argv: list[str], conf_dir: Path) -> None:
     """A value of the wrong type for its schema (:mod:`refusal.schema`), e.g. ``eval.batch_size=abc``, as one
     line naming the key, the type and an example, before Hydra starts (Hydra's own message is three lines
@@ -273,7 +289,11 @@ def check_types(argv: list[str], conf_dir: Path) -> None:
     if args is None or args.config_dir or args.config_path or args.cfg or args.info or args.shell_completion \
             or args.help or args.hydra_help or args.experimental_rerun or "--version" in argv:
         return
-    _, error = _compose(conf_dir, args.config_name or "config", list(args.overrides), multirun=args.multirun)
+    name, overrides = args.config_name or "config", list(args.overrides)
+    try:
+        _, error = _compose(conf_dir, name, overrides, multirun=args.multirun)
+    except AssertionError as err:  # OmegaConf's bare assertion when an override lands under a null value
+        raise ConfigError(_under_null(conf_dir, name, overrides, args.multirun) or f"the overrides do not compose ({err})") from None
     typed = type_error(error) if error is not None else None
     if typed is not None:
         raise typed
