@@ -15,7 +15,6 @@ the harmless test prompts: the same quantity as ours), its parameters, and its o
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import math
 import sys
@@ -37,13 +36,12 @@ class PeerOutputError(ValueError):
 
 
 def load_records(path: Path) -> dict[int, dict[str, Any]]:
-    """``completions.jsonl`` merged per trial (its judging entry and its KL entry); read gzipped when a study
-    folder was archived (``refusal.run_files``), so a committed run can be judged again."""
-    if not path.exists() and (archived := path.with_name(path.name + ".gz")).exists():
-        path = archived
-    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    """``completions.jsonl`` (a run folder's) merged per trial (its judging entry and its KL entry); read gzipped
+    when a study folder was archived (``refusal.run_files``), so a committed run can be judged again."""
+    from refusal.run_files import completions_text
+
     merged: dict[int, dict[str, Any]] = {}
-    for number, line in enumerate(raw.decode("utf-8").splitlines(), 1):
+    for number, line in enumerate(completions_text(path.parent).splitlines(), 1):
         if not line.strip():
             continue
         try:

@@ -23,13 +23,18 @@ def completions_path(run_dir: str | Path) -> Path | None:
     return None
 
 
-def read_completions(run_dir: str | Path) -> list[dict[str, Any]]:
-    """Every row of the run's completions file (plain or archived)."""
+def completions_text(run_dir: str | Path) -> str:
+    """The run's completions file as text (plain or archived)."""
     path = completions_path(run_dir)
     if path is None:
         raise FileNotFoundError(f"{Path(run_dir) / COMPLETIONS} not found (nor {ARCHIVED})")
     raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    return [json.loads(line) for line in raw.decode("utf-8").splitlines() if line]
+    return raw.decode("utf-8")
+
+
+def read_completions(run_dir: str | Path) -> list[dict[str, Any]]:
+    """Every row of the run's completions file (plain or archived)."""
+    return [json.loads(line) for line in completions_text(run_dir).splitlines() if line]
 
 
 def archive_completions(root: str | Path) -> int:

@@ -270,7 +270,9 @@ def _under_null(conf_dir: Path, config_name: str, overrides: list[str], multirun
     ``test_sets: null``, so ``eval.test_sets.overrefusal.n=100`` has nowhere to go), said as the fix."""
     keys = [(line, line.lstrip("+~").split("=", 1)[0]) for line in overrides]
     cfg, _ = _compose(conf_dir, config_name, [line for line, key in keys if "." not in key], multirun)
-    for line, key in keys if cfg is not None else []:
+    if cfg is None:  # the group choices alone do not compose: no key to name
+        return None
+    for line, key in keys:
         node, parts = cfg, key.split(".")
         for i in range(len(parts) - 1):
             node = node.get(parts[i]) if hasattr(node, "get") else None
