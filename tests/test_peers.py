@@ -150,7 +150,7 @@ def test_a_recording_out_of_step_with_the_study_is_refused(peer):
     trials, records, manifest = fixture(peer)
     prompts = manifest["sets"]["harmful_test"]["prompts"]
     done = next(t for t in trials["trials"] if t["state"] == "COMPLETE")
-    index = done["user_attrs"]["index"]
+    index = done["number"] + 1  # the drivers' key
     shifted = {**records, index: {**records[index], "refusals": records[index]["refusals"] + 1}}
     with pytest.raises(PeerOutputError, match="out of step"):
         trial_outcomes(trials["trials"], shifted, prompts, peer)
@@ -170,7 +170,7 @@ def test_a_trial_the_peer_pruned_is_a_failed_run_with_its_kl_never_dropped(tmp_p
     shutil.copytree(FIXTURES / "abliterix", run)
     doc = json.loads((run / "trials.json").read_text())
     last = doc["trials"][-1]
-    index = last["user_attrs"]["index"]
+    index = last["number"] + 1
     last["state"] = "PRUNED"
     for key in ("refusals", "kl_divergence"):
         last["user_attrs"].pop(key)
@@ -228,7 +228,7 @@ def test_read_run_judges_every_completion_with_our_judges(tmp_path, peer):
         if t["state"] != "COMPLETE":
             assert res["status"] == "failed"
             continue
-        completions = records[t["user_attrs"]["index"]]["responses"]
+        completions = records[t["number"] + 1]["responses"]
         by_hand = sum(any(p.lower() in c.lower() for p in phrases) for c in completions) / len(completions)
         m = res["metrics"]
         assert m["harmful/refusal_rate"] == pytest.approx(by_hand)
@@ -265,3 +265,120 @@ def test_a_peer_that_is_not_installed_names_the_install_command(tmp_path):
     with pytest.raises(PeerInputError, match=r"not installed .* bash bench/peers/install.sh nobody"):
         run_peer("nobody", tmp_path, None)
     assert not (tmp_path / "peer.log").exists()
+
+
+# resuming a peer's study ------------------------------------------------------------------------------
+
+def test_a_resumed_study_reads_back_by_optuna_number_though_the_peers_index_repeats(tmp_path):
+    """abliterix restarts its trial ``index`` at the number of complete trials when it resumes, so a trial pruned
+    before the cut and the first trial after it share index 2. The drivers key the recording by Optuna number + 1:
+    each trial must read back its own completions and KL, the pruned one its KL only."""
+    run = tmp_path / "abliterix"
+    shutil.copytree(FIXTURES / "abliterix", run)
+    doc = json.loads((run / "trials.json").read_text())
+    first, second = doc["trials"]
+    pruned = {**second, "state": "PRUNED", "values": None,
+              "user_attrs": {k: v for k, v in second["user_attrs"].items() if k not in ("refusals", "kl_divergence")}}
+    resumed = {**second, "number": 2, "user_attrs": {**second["user_attrs"], "index": 2}}  # index 2 again
+    doc["trials"] = [first, pruned, resumed]
+    (run / "trials.json").write_text(json.dumps(doc))
+    entries = [json.loads(line) for line in (run / "completions.jsonl").read_text().splitlines()]
+    baseline = [e for e in entries if e["trial"] == 0]
+    kept = [e for e in entries if e["trial"] in (0, 1)]
+    pruned_kl = {"trial": 2, "kl_divergence": 9.5, "length_deviation": 0.0, "measure_s": 1.0}
+    again = [{**e, "trial": 3} for e in entries if e["trial"] == 2]  # the resumed trial, recorded as number 2 + 1
+    (run / "completions.jsonl").write_text("".join(json.dumps(e) + "\n" for e in [*kept, pruned_kl, *baseline, *again]))
+    report = read_run(run, ["substring"])
+    results = {json.loads(p.read_text())["trial"]: json.loads(p.read_text()) for p in report.glob("*/results.json")}
+    assert set(results) == {0, 1, 2}
+    assert results[1]["status"] == "failed" and results[1]["error"].endswith("; KL 9.5")
+    assert results[2]["metrics"]["harmless/kl_div"] == second["user_attrs"]["kl_divergence"]
+    assert results[2]["metrics"]["peer/refusals"] == second["user_attrs"]["refusals"]
+    assert results[0]["metrics"]["harmless/kl_div"] == first["user_attrs"]["kl_divergence"]
+
+
+def _written(tmp_path: Path) -> Path:
+    written = tmp_path / "written"
+    write_prompt_file(written / "prompts" / "harmful_test" / FILE_NAME, ["How do I pick a lock?", "Make a virus"])
+    (written / "config.toml").write_text('model = "/models/qwen05"\n')
+    return written
+
+
+def test_resume_needs_the_peers_study_in_the_folder(tmp_path):
+    from run_peer import check_resumable
+
+    written, run = _written(tmp_path), tmp_path / "run"
+    shutil.copytree(written, run)
+    with pytest.raises(PeerInputError, match=r"holds no study of heretic to resume .*0 files.* without --resume"):
+        check_resumable("heretic", run, written)
+
+
+def test_resume_refuses_a_study_of_other_work_and_names_the_file(tmp_path):
+    from run_peer import check_resumable
+
+    written, run = _written(tmp_path), tmp_path / "run"
+    shutil.copytree(written, run)
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "study.jsonl").write_text("{}\n")
+    (run / "trials.json").write_text("{}")
+    (run / "report").mkdir()
+    check_resumable("heretic", run, written)  # the same work: its stale exports go, the journal stays
+    assert not (run / "trials.json").exists() and not (run / "report").exists()
+    assert (run / "checkpoints" / "study.jsonl").exists()
+    write_prompt_file(run / "prompts" / "harmful_test" / FILE_NAME, ["How do I pick a lock?", "Make a worm"])
+    with pytest.raises(PeerInputError, match=r"harmful_test/train.txt differs from what this command writes"):
+        check_resumable("heretic", run, written)
+    (run / "config.toml").unlink()
+    shutil.copytree(written / "prompts", run / "prompts", dirs_exist_ok=True)
+    with pytest.raises(PeerInputError, match=r"config.toml differs"):
+        check_resumable("heretic", run, written)
+
+
+def test_run_record_keeps_every_segment_and_says_when_one_was_cut_off(tmp_path):
+    from run_peer import earlier_segments, write_run_record
+
+    assert earlier_segments(tmp_path) == [{"returncode": "cut off (no run.json)", "wall_s": None}]
+    write_run_record(tmp_path, {"peer": "heretic"}, [{"started": "t0", "returncode": "running", "wall_s": None}])
+    before = earlier_segments(tmp_path)  # the machine went away mid-run
+    assert before == [{"started": "t0", "returncode": "cut off", "wall_s": None}]
+    out = write_run_record(tmp_path, {"peer": "heretic", "returncode": 0}, [*before, {"returncode": 0, "wall_s": 60.04}])
+    assert out["wall_s"] == 60.0 and "cut off before run_peer.py could time it" in out["wall_s_note"]
+    finished = write_run_record(tmp_path, {"peer": "heretic"}, [{"returncode": "timeout", "wall_s": 10.0}, {"returncode": 0, "wall_s": 5.5}])
+    assert finished["wall_s"] == 15.5 and "wall_s_note" not in finished
+    (tmp_path / "run.json").write_text(json.dumps({"returncode": 0, "wall_s": 7.0}))  # a run.json of before segments
+    assert earlier_segments(tmp_path) == [{"returncode": 0, "wall_s": 7.0}]
+
+
+def test_the_drivers_record_each_trial_under_its_optuna_number_across_a_resume(tmp_path, monkeypatch):
+    """driver_common with real Optuna: a study continued in a second run (as both peers do after a resume, each
+    restarting its own ``index`` counter) records every trial under its own number + 1."""
+    import driver_common
+    import optuna
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(optuna.trial.Trial, "set_user_attr", optuna.trial.Trial.set_user_attr)
+    monkeypatch.setitem(driver_common.STATE, "trial", 0)
+    driver_common.name_trials()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+
+    def segment(trials: int) -> None:
+        driver_common.STATE["trial"] = 0  # a new process
+        driver_common.append({"refusals": 5})  # the unsteered baseline, judged again after a resume
+        counter = iter(range(1, 10))  # the peer's own index, restarted in every process
+
+        def objective(trial):
+            trial.set_user_attr("index", next(counter))
+            x = trial.suggest_float("x", 0, 1)
+            driver_common.append({"kl_divergence": x})
+            return x
+
+        study.optimize(objective, n_trials=trials)
+
+    segment(2)
+    segment(1)
+    assert [t.user_attrs["index"] for t in study.trials] == [1, 2, 1]  # the peer's index repeats
+    records = load_records(tmp_path / "completions.jsonl")
+    assert sorted(records) == [0, 1, 2, 3] and records[0] == {"refusals": 5}
+    for t in study.trials:
+        assert records[t.number + 1]["kl_divergence"] == t.params["x"]

@@ -367,9 +367,13 @@ def test_the_study_sets_the_peers_fronts_beside_its_search(tmp_path):
     trial(peers / "qwen05-heretic" / "report" / "heretic_trial_000", "heretic", 0.05, 0.08)
     trial(peers / "qwen05-heretic" / "report" / "heretic_trial_001", "heretic", 0.20, 0.10)  # dominated by trial 0
     trial(peers / "qwen05-abliterix" / "report" / "abliterix_trial_000", "abliterix", 0.20, 0.10, [q + "." for q in prompts])
+    (peers / "qwen05-heretic" / "run.json").write_text(json.dumps({"sizes": {"trials": 12}, "returncode": "timeout"}))
+    (peers / "qwen05-abliterix" / "run.json").write_text(json.dumps({"sizes": {"trials": 12}, "returncode": 0}))
     meta = {"date": "2026-12-02", "hardware": "planted", "data": "planted", "max_new_tokens": 128, "models": ["qwen05"]}
     text = render(tmp_path / "study", tmp_path / "docs", meta).read_text()
-    assert "qwen05, heretic: 2 finished trials" in text and "abliterix: 1 finished trial (" in text and "![qwen05 fronts](results/qwen05_fronts.png)" in text
+    assert ("qwen05, heretic: 2 finished trials of 12 planned, its search cut short (timeout; `python "
+            "bench/peers/run_peer.py heretic --model qwen05 --resume` continues it) (bench/peers)") in text
+    assert "abliterix: 1 finished trial of 12 planned (bench/peers)" in text and "![qwen05 fronts](results/qwen05_fronts.png)" in text
     assert "| qwen05 | heretic trial | - | 5.0% | 0.080 | **heretic front** |" in text and "| 20.0% | 0.100 | **heretic" not in text
     assert (tmp_path / "docs" / "results" / "qwen05_fronts.png").stat().st_size > 0
     # heretic: its one front point is not covered by ours (10% > 5% at KL <= 0.08); ours is not covered by it either

@@ -11,23 +11,13 @@ right after the chat prompt (abliterix has no setting for this); (3) exports the
 
 from __future__ import annotations
 
-import json
 import sys
 import time
-from pathlib import Path
 
 import abliterix.cli as abliterix_cli
 from abliterix.eval.detector import RefusalDetector
 from abliterix.eval.scorer import TrialScorer
-
-RECORD = Path("completions.jsonl")
-STATE = {"trial": 0}  # 0 while the unsteered baseline is judged, then the trial's position in this run
-
-
-def _append(entry: dict) -> None:
-    with RECORD.open("a", encoding="utf-8") as fh:
-        fh.write(json.dumps(entry, ensure_ascii=False) + "\n")
-
+from driver_common import append, export, name_trials
 
 _evaluate_keyword_result = RefusalDetector._evaluate_keyword_result
 _measure = TrialScorer.measure_kl_and_coherence
@@ -53,18 +43,16 @@ def evaluate_keyword_result(self: RefusalDetector, engine, target_msgs):
     for messages, again in calls[1:]:  # the second pass regenerates the short, undecided ones
         for message, response in zip(messages, again, strict=True):
             responses[position[id(message)]] = response
-    _append({"trial": STATE["trial"], "refusals": sum(label is True for label in result.labels),
-             "prompts": [m.user for m in target_msgs], "responses": responses})
+    append({"refusals": sum(label is True for label in result.labels), "prompts": [m.user for m in target_msgs],
+            "responses": responses})
     return result
 
 
 def measure_kl_and_coherence(self: TrialScorer, engine):
     """Called once per trial, before its refusals are counted (and before a trial is pruned for KL)."""
-    STATE["trial"] += 1
     start = time.perf_counter()
     kl, deviation = _measure(self, engine)
-    _append({"trial": STATE["trial"], "kl_divergence": kl, "length_deviation": deviation,
-             "measure_s": time.perf_counter() - start})
+    append({"kl_divergence": kl, "length_deviation": deviation, "measure_s": time.perf_counter() - start})
     return kl, deviation
 
 
@@ -73,28 +61,11 @@ def no_response_prefix(engine, benign_msgs, target_msgs) -> None:
     print("[bench/peers] response prefix search skipped: completions start after the chat prompt", flush=True)
 
 
-def export() -> None:
-    import optuna
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
-
-    journals = sorted(Path("checkpoints").glob("*.jsonl"))
-    if len(journals) != 1:
-        print(f"[bench/peers] expected one Optuna journal in checkpoints/, found {journals}", file=sys.stderr)
-        return
-    study = optuna.load_study(study_name="abliterix", storage=JournalStorage(JournalFileBackend(str(journals[0]))))
-    trials = [{"number": t.number, "state": t.state.name, "params": t.params, "values": t.values,
-               "user_attrs": t.user_attrs,
-               "duration_s": t.duration.total_seconds() if t.duration is not None else None}
-              for t in study.trials]
-    Path("trials.json").write_text(json.dumps({"peer": "abliterix", "trials": trials}, indent=1, default=str) + "\n")
-    Path("settings.json").write_text(json.dumps(json.loads(study.user_attrs["settings"]), indent=1) + "\n")
-
-
 def main() -> int:
     if sys.argv[1:] == ["--export"]:  # after a crash or a hard stop: the journal's trials only
-        export()
+        export("abliterix")
         return 0
+    name_trials()
     RefusalDetector._evaluate_keyword_result = evaluate_keyword_result
     TrialScorer.measure_kl_and_coherence = measure_kl_and_coherence
     abliterix_cli._detect_response_prefix = no_response_prefix
@@ -102,7 +73,7 @@ def main() -> int:
     try:
         abliterix_cli.main()
     finally:
-        export()
+        export("abliterix")
     return 0
 
 

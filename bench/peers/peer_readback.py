@@ -68,16 +68,16 @@ def trial_outcomes(trials: Sequence[Mapping[str, Any]], records: Mapping[int, Ma
         attrs = t.get("user_attrs") or {}
         entry: dict[str, Any] = {"number": t["number"], "state": t["state"], "params": dict(t.get("params") or {}),
                                  "direction_index": attrs.get(DIRECTION_ATTR[peer]), "duration_s": t.get("duration_s")}
+        key = t["number"] + 1  # the drivers' key (driver_common): the Optuna number, unique across resumes
         if t["state"] != "COMPLETE":
-            kl = records.get(attrs.get("index", -1), {}).get("kl_divergence")
+            kl = records.get(key, {}).get("kl_divergence")
             entry["reason"] = (f"not completed by {peer} (Optuna state {t['state']}; {STOPS[peer]})"
                                + (f"; KL {kl:.3g}" if kl is not None else ""))
             out.append(entry)
             continue
-        index = attrs["index"]
-        rec = records.get(index)
+        rec = records.get(key)
         if rec is None or "responses" not in rec or "kl_divergence" not in rec:
-            raise PeerOutputError(f"{peer} trial {t['number']} (index {index}) has no recorded completions and KL in "
+            raise PeerOutputError(f"{peer} trial {t['number']} (recorded as trial {key}) has no recorded completions and KL in "
                                   "completions.jsonl; was the run made by bench/peers/run_peer.py's driver?")
         if rec["refusals"] != attrs["refusals"] or not _same(rec["kl_divergence"], attrs["kl_divergence"]):
             raise PeerOutputError(

@@ -3,6 +3,7 @@
     bash bench/peers/install.sh                                    # once: the peers' own venvs
     python bench/peers/run_peer.py heretic --smoke                 # 2 trials, 8 + 8 prompts, 16 tokens
     python bench/peers/run_peer.py heretic                         # the pareto step's work (see README)
+    python bench/peers/run_peer.py heretic --resume                # continue its study after a stop
 
 Steps, each in the run folder (``--out``; default study/peers/<model>-<peer>, where the study's Pareto section
 reads it and it is committed with the study; a smoke run: bench/peers/runs/<model>-<peer>-smoke): the
@@ -17,9 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -48,8 +51,9 @@ def venv_python(peer: str) -> Path:
     return HERE / f".venv-{peer}" / "bin" / "python"
 
 
-def run_peer(peer: str, run_dir: Path, timeout_s: float | None) -> dict:
-    """The peer's driver in its own venv, offline, in ``run_dir``; its log in ``run_dir/peer.log``."""
+def run_peer(peer: str, run_dir: Path, timeout_s: float | None, resume: bool = False) -> dict:
+    """The peer's driver in its own venv, offline, in ``run_dir``; its log in ``run_dir/peer.log`` (appended to
+    when the peer continues its study there)."""
     python = venv_python(peer)
     if not python.exists():
         raise PeerInputError(f"{peer} is not installed ({python} missing); run: bash bench/peers/install.sh {peer}")
@@ -58,7 +62,10 @@ def run_peer(peer: str, run_dir: Path, timeout_s: float | None) -> dict:
     driver = [str(python), str(HERE / f"{peer}_driver.py")]
     log = run_dir / "peer.log"
     start = time.perf_counter()
-    with log.open("w", encoding="utf-8") as fh:
+    with log.open("a" if resume else "w", encoding="utf-8") as fh:
+        if resume:
+            fh.write(f"\n[bench/peers] resumed {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+            fh.flush()
         proc = subprocess.Popen(driver, cwd=run_dir, env=env, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         try:
             rc: int | str = proc.wait(timeout=timeout_s)
@@ -74,7 +81,45 @@ def run_peer(peer: str, run_dir: Path, timeout_s: float | None) -> dict:
         if rc != 0 and not (run_dir / "trials.json").exists() and any((run_dir / "checkpoints").glob("*.jsonl")):
             subprocess.run([*driver, "--export"], cwd=run_dir, env=env, stdout=fh, stderr=subprocess.STDOUT,
                            stdin=subprocess.DEVNULL, check=False)  # the trials it finished, from its journal
-    return {"returncode": rc, "wall_s": wall, "log": str(log)}
+    return {"returncode": rc, "wall_s": wall}
+
+
+def write_run_record(run_dir: Path, record: dict, segments: list[dict]) -> dict:
+    """``run.json``: the run's settings, its last segment's outcome and every segment (one per start or resume),
+    written before the peer starts too, so a run cut off with its machine still says it began."""
+    known = [s["wall_s"] for s in segments if s.get("wall_s") is not None]
+    out = {**record, "wall_s": round(sum(known), 1), "segments": segments}
+    if len(known) < len(segments):
+        out["wall_s_note"] = "a segment was cut off before run_peer.py could time it; wall_s sums the others"
+    (run_dir / "run.json").write_text(json.dumps(out, indent=1) + "\n")
+    return out
+
+
+def earlier_segments(run_dir: Path) -> list[dict]:
+    """The segments of ``run.json`` before a resume; one still 'running' was cut off (its wall time is unknown)."""
+    path = run_dir / "run.json"
+    if not path.is_file():
+        return [{"returncode": "cut off (no run.json)", "wall_s": None}]
+    old = json.loads(path.read_text())
+    segments = old.get("segments") or [{k: old.get(k) for k in ("returncode", "wall_s")}]
+    return [{**s, "returncode": "cut off"} if s.get("returncode") == "running" else s for s in segments]
+
+
+def check_resumable(peer: str, run_dir: Path, written: Path) -> None:
+    """``run_dir`` holds this peer's interrupted study on the work just written to ``written`` (the same prompt
+    files, manifest and config file, byte for byte); its stale exports are removed, the peer rewrites them."""
+    journals = sorted((run_dir / "checkpoints").glob("*.jsonl"))
+    if len(journals) != 1:
+        raise PeerInputError(f"{run_dir} holds no study of {peer} to resume (checkpoints/*.jsonl: {len(journals)} files); "
+                             "run it without --resume in an empty folder")
+    for fresh in sorted(p for p in written.rglob("*") if p.is_file()):
+        old = run_dir / fresh.relative_to(written)
+        if not old.is_file() or old.read_bytes() != fresh.read_bytes():
+            raise PeerInputError(f"{old} differs from what this command writes ({fresh.relative_to(written)}): the study "
+                                 "there ran other work; resume it with its own options, or start a new --out")
+    for stale in ("trials.json", "settings.json"):
+        (run_dir / stale).unlink(missing_ok=True)
+    shutil.rmtree(run_dir / "report", ignore_errors=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -84,30 +129,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help=f"the whole pipeline at tiny sizes: {SMOKE}")
     for key, value in FULL.items():
         parser.add_argument(f"--{key.replace('_', '-')}", type=int, default=None, help=f"default {value} ({SMOKE[key]} with --smoke)")
-    parser.add_argument("--out", type=Path, help="the run folder (must be new or empty)")
+    parser.add_argument("--out", type=Path, help="the run folder (new or empty; with --resume, the study to continue)")
     parser.add_argument("--splits", type=Path, default=SPLITS_DIR)
     parser.add_argument("--cache-dir", help="the project's cache root holding models/ (default: $REFUSAL_CACHE or ~/.cache/refusal)")
     parser.add_argument("--judges", nargs="+", default=["substring", "heretic"], help="conf/judge names, first primary")
     parser.add_argument("--timeout", type=float, default=None, help="seconds before the peer is stopped")
     parser.add_argument("--readback-only", action="store_true", help="judge and report an existing run folder again")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the peer's interrupted study in the run folder (same options as its first run)")
     args = parser.parse_args(argv)
     sizes = {k: v if (v := getattr(args, k)) is not None else (SMOKE if args.smoke else FULL)[k] for k in FULL}
     default = HERE / "runs" / f"{args.model}-{args.peer}-smoke" if args.smoke else PEER_RUNS / f"{args.model}-{args.peer}"
     run_dir = (args.out or default).resolve()
     try:
         if not args.readback_only:
-            if run_dir.exists() and any(run_dir.iterdir()):
+            if not args.resume and run_dir.exists() and any(run_dir.iterdir()):
                 raise PeerInputError(f"{run_dir} is not empty (a peer resumes or asks about an old study there); "
-                                     "remove it or pass another --out")
+                                     "remove it, pass another --out, or --resume its study")
             cfg = compose(args.model, sizes["n_test"], args.splits, [f"cache_dir={args.cache_dir}"] if args.cache_dir else [])
-            write_prompts(run_dir, cfg, sizes["n_fit"])
             comparison = Comparison(str(model_folder(cfg)), sizes["trials"], sizes["startup_trials"],
                                     sizes["max_new_tokens"], sizes["batch_size"], seed=int(cfg.seed))
-            write_config(args.peer, run_dir, comparison)
-            print(f"[{args.peer}] running in {run_dir} (log: peer.log)", flush=True)
-            outcome = {"peer": args.peer, "sizes": sizes, "offline_env": OFFLINE,
-                       **run_peer(args.peer, run_dir, args.timeout)}
-            (run_dir / "run.json").write_text(json.dumps(outcome, indent=1) + "\n")
+            with tempfile.TemporaryDirectory() as tmp:
+                written = Path(tmp) if args.resume else run_dir
+                write_prompts(written, cfg, sizes["n_fit"])
+                write_config(args.peer, written, comparison)
+                if args.resume:
+                    check_resumable(args.peer, run_dir, written)
+            before = earlier_segments(run_dir) if args.resume else []
+            record = {"peer": args.peer, "sizes": sizes, "offline_env": OFFLINE}
+            started = time.strftime("%Y-%m-%d %H:%M:%S")
+            write_run_record(run_dir, record, [*before, {"started": started, "returncode": "running", "wall_s": None}])
+            print(f"[{args.peer}] {'resuming' if args.resume else 'running'} in {run_dir} (log: peer.log)", flush=True)
+            segment = run_peer(args.peer, run_dir, args.timeout, args.resume)
+            outcome = write_run_record(run_dir, {**record, **segment}, [*before, {"started": started, **segment}])
             if outcome["returncode"] != 0:
                 tail = (run_dir / "peer.log").read_text(encoding="utf-8", errors="replace").splitlines()[-25:]
                 print(f"[{args.peer}] FAILED ({outcome['returncode']}) after {outcome['wall_s']} s; end of peer.log:\n"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,17 @@ def peer_rows(peers_dir: Path, model: str) -> dict[str, list[dict[str, Any]]]:
         if rows:
             out[peer] = rows
     return out
+
+
+def peer_count(run_dir: Path, peer: str, model: str, finished: int) -> str:
+    """How many trials of the peer's planned search finished (``run.json``), and how to continue one cut short."""
+    run = json.loads((run_dir / "run.json").read_text(encoding="utf-8")) if (run_dir / "run.json").is_file() else {}
+    planned = (run.get("sizes") or {}).get("trials")
+    text = f"{model}, {peer}: {finished} finished trial{'s' * (finished != 1)}" + (f" of {planned} planned" if planned else "")
+    if run and run.get("returncode") != 0:
+        text += (f", its search cut short ({run.get('returncode')}; `python bench/peers/run_peer.py {peer} --model {model} "
+                 "--resume` continues it)")
+    return text + " (bench/peers)"
 
 
 def _points(rows: list[dict[str, Any]]) -> list[tuple[float, float]]:
@@ -82,8 +94,7 @@ def pareto_section(runs: dict[str, ModelRuns], figures: Path, root: Path, peers_
         if mr.pareto and peers:
             plot = plot_fronts({"ours (INLP flip search + references)": mr.pareto, **peers}, model, figures / f"{model}_fronts.png")
             plots.append(f"![{model} fronts](results/{plot.name})")
-            counts += [f"{model}, {peer}: {len(rows)} finished trial{'s' * (len(rows) != 1)} (bench/peers)"
-                       for peer, rows in peers.items()]
+            counts += [peer_count(peers_dir / f"{model}-{peer}", peer, model, len(rows)) for peer, rows in peers.items()]
             for peer, rows in peers.items():  # the peer's front points, in the table's terms
                 points = _points(rows)
                 for i in sorted(pareto_front(points), key=lambda i: points[i]):
