@@ -18,6 +18,7 @@ from refusal.fitting.rdo import (
     RDOConfig,
     accumulate_losses,
     cone_samples,
+    direction_loss,
     direction_losses,
     initial_basis,
     model_targets,
@@ -75,7 +76,7 @@ def test_a_cone_has_rank_k_and_every_sampled_direction_lies_in_it(planted):
     assert bool((samples >= 0).all()) and torch.allclose(samples.norm(dim=1), torch.ones(64))
 
 
-def test_losses_accumulated_one_direction_at_a_time_equal_the_batched_ones_and_their_gradient(planted):
+def test_losses_accumulated_one_direction_and_loss_at_a_time_equal_the_batched_ones_and_their_gradient(planted):
     model, _, dim, targets = planted
     basis = initial_basis(model.d_model, RDOConfig(k=3), dim, torch.Generator().manual_seed(1)).requires_grad_(True)
     mix = torch.cat([torch.eye(3), cone_samples(3, 4, torch.Generator().manual_seed(2))])
@@ -91,6 +92,8 @@ def test_losses_accumulated_one_direction_at_a_time_equal_the_batched_ones_and_t
         assert parts[name] == pytest.approx(part.item(), rel=1e-5)
     assert float(expected.abs().max()) > 1e-3  # a gradient worth comparing
     torch.testing.assert_close(basis.grad, expected, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="unknown RDO loss 'steer'"):
+        direction_loss("steer", model, basis, targets, alpha=2.0, layer=1)
 
 
 def test_convergence_rule_at_its_boundary(planted):

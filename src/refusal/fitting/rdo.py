@@ -127,32 +127,46 @@ def retain_kl(steered: Float[Tensor, "*batch vocab"], base: Float[Tensor, "*batc
     return (log_p.exp() * (log_p - log_q)).sum(-1)
 
 
+def direction_loss(name: str, model: Steerable, directions: Float[Tensor, "m d_model"], targets: RDOTargets,
+                   alpha: float, layer: int) -> Float[Tensor, " m"]:
+    """One of the three losses (``ablation``, ``retain``, ``addition``) of each of ``m`` directions: one batched,
+    differentiable pass."""
+    units = unit_rows(directions)
+    m = len(units)
+    if name == "ablation":
+        harm = model.run("harmful", ablate=units).logits
+        return F.cross_entropy(harm.flatten(0, 1), targets.ablation.repeat(m), reduction="none").view(m, -1).mean(1)
+    if name == "retain":
+        safe = model.run("harmless", ablate=units).logits
+        return retain_kl(safe, targets.retain_logits.expand_as(safe)).mean(1).to(safe.dtype)
+    if name == "addition":
+        added = model.run("harmless", add=alpha * units, add_layer=layer).logits
+        return F.cross_entropy(added.flatten(0, 1), targets.addition.repeat(m), reduction="none").view(m, -1).mean(1)
+    raise ValueError(f"unknown RDO loss {name!r}; one of {LOSSES}")
+
+
+LOSSES = ("ablation", "addition", "retain")
+
+
 def direction_losses(model: Steerable, directions: Float[Tensor, "m d_model"], targets: RDOTargets, alpha: float,
                      layer: int) -> dict[str, Float[Tensor, " m"]]:
     """The three losses of each of ``m`` directions (three batched passes, differentiable)."""
-    units = unit_rows(directions)
-    m = len(units)
-    harm = model.run("harmful", ablate=units).logits
-    abl = F.cross_entropy(harm.flatten(0, 1), targets.ablation.repeat(m), reduction="none").view(m, -1).mean(1)
-    safe = model.run("harmless", ablate=units).logits
-    ret = retain_kl(safe, targets.retain_logits.expand_as(safe)).mean(1).to(abl.dtype)
-    added = model.run("harmless", add=alpha * units, add_layer=layer).logits
-    add = F.cross_entropy(added.flatten(0, 1), targets.addition.repeat(m), reduction="none").view(m, -1).mean(1)
-    return {"ablation": abl, "addition": add, "retain": ret}
+    return {name: direction_loss(name, model, directions, targets, alpha, layer) for name in LOSSES}
 
 
 def accumulate_losses(model: Steerable, basis: Float[Tensor, "k d_model"], mix: Float[Tensor, "m k"],
                       weights: Float[Tensor, " m"], lambdas: dict[str, float], targets: RDOTargets, alpha: float,
                       layer: int) -> dict[str, float]:
     """The weighted losses of the directions ``mix @ basis`` (basis rows and cone samples), their gradient added to
-    ``basis.grad`` one direction at a time: the autograd graph of one direction's passes, not of all m at once
-    (a k=3 cone with 4 samples on qwen05 needed > 24 GiB batched). Returns each loss's weighted sum over them."""
+    ``basis.grad`` one direction and one loss at a time: the autograd graph of a single pass, not of all m
+    directions' three passes at once (a k=3 cone with 4 samples on qwen05 needed > 24 GiB batched, ~10.7 GiB
+    with one direction's three passes). Returns each loss's weighted sum over them."""
     parts = dict.fromkeys(lambdas, 0.0)
     for j in range(len(mix)):
-        losses = direction_losses(model, mix[j:j + 1] @ basis, targets, alpha, layer)
-        weighted = {name: weights[j].to(loss) * loss[0] for name, loss in losses.items()}
-        sum(lambdas[name] * part for name, part in weighted.items()).backward()
-        for name, part in weighted.items():
+        for name in lambdas:
+            loss = direction_loss(name, model, mix[j:j + 1] @ basis, targets, alpha, layer)[0]
+            part = weights[j].to(loss) * loss
+            (lambdas[name] * part).backward()
             parts[name] += part.item()
     return parts
 
