@@ -424,19 +424,23 @@ def test_the_tunability_plot_draws_inlp_curves_beside_dim_points(tmp_path):
     assert path.stat().st_size > 20_000
 
 
-def planned_commands(root, steps: list[str], common: list[str] | None = None, pareto_trials: int = 0) -> list[list[str]]:
-    """The commands the study would run for qwen05's ``steps`` (recorded, not run)."""
+def planned_commands(root, steps: list[str], common: list[str] | None = None, pareto_trials: int = 0,
+                     methods: list[str] | None = None) -> list[list[str]]:
+    """The commands the study would run for qwen05's ``steps`` (recorded, not run; each leaves its done marker)."""
     calls = []
 
     class Recorded(Study):
         def run(self, argv, log, done):
             calls.append(argv)
+            done.parent.mkdir(parents=True, exist_ok=True)
+            done.touch()
             return True
 
     (root / "qwen05" / "train").mkdir(parents=True)
     (root / "qwen05" / "train" / "fitted.json").write_text(json.dumps({"inlp_rank": 16}))
     opts = argparse.Namespace(ks=[], alphas=[], controls=[], token_models=["qwen05"], token_budgets=[32, 64, 128, 256, 512],
-                              matmul="bfloat16", heldout_n=24, pareto_trials=pareto_trials, k_interventions=["inlp_flip"])
+                              matmul="bfloat16", heldout_n=24, pareto_trials=pareto_trials, k_interventions=["inlp_flip"],
+                              methods=list(METHODS) if methods is None else methods)
     Recorded(root, common or ["eval.max_new_tokens=128"], root.parent).model("qwen05", steps, opts)
     return calls[1:]  # after the train step
 
@@ -455,6 +459,19 @@ def test_the_methods_step_measures_where_every_method_and_random_control_lands(t
     own = calls[-1]
     assert own[:4] == ["-m", "refusal.geometry", "--interventions", "none,dim_ablation"] and own[-1] == "layer=cosmic"
     assert own[own.index("--out") + 1].endswith("geometry_cosmic_ablation")
+
+
+def test_methods_run_in_the_order_asked_and_their_geometry_waits_for_all_of_them(tmp_path):
+    """--methods picks the runs of a session (RDO's cone alone takes hours on qwen15); the geometry reads every
+    method's fit, so it runs in the invocation that finds all method runs done, never on a subset."""
+    root = tmp_path / "study"
+    first = planned_commands(root, ["methods"], methods=["rdo_cone_3", "projected_ablation"])
+    assert [c[-1] for c in first] == [f"hydra.run.dir={root / 'qwen05' / 'methods' / name}"
+                                      for name in ("rdo_cone_3", "projected_ablation")]  # no geometry yet
+    shutil.rmtree(root / "qwen05" / "train")
+    rest = [name for name in METHODS if name not in ("rdo_cone_3", "projected_ablation")]
+    second = planned_commands(root, ["methods"], methods=rest)
+    assert len(second) == len(rest) + 2 and second[-2][:2] == ["-m", "refusal.geometry"]
 
 
 def test_the_length_curve_judges_every_budget_on_cuts_of_one_generation_at_the_longest(tmp_path):

@@ -12,7 +12,7 @@ from _common import host_info
 from refusal.artifacts import atomic_write_text
 from refusal.run_files import archive_completions
 
-from .plan import ALPHAS, CONTROL_MODELS, CONTROLS, KS, REPO, SPLITS_DIR, STEPS, STUDY_MODELS
+from .plan import ALPHAS, CONTROL_MODELS, CONTROLS, KS, METHODS, REPO, SPLITS_DIR, STEPS, STUDY_MODELS
 from .render import render
 from .run import Study
 
@@ -26,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ks", nargs="+", type=int, default=KS, help="k sweep (below the converged rank)")
     parser.add_argument("--alphas", nargs="*", type=float, default=ALPHAS, help="flip α sweep at the converged rank")
     parser.add_argument("--controls", nargs="*", default=list(CONTROLS), choices=list(CONTROLS))
+    parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS),
+                        help="the methods step's runs, in this order (their geometry runs once all of them are done)")
     parser.add_argument("--token-models", nargs="*", default=["qwen05"],
                         help="models whose main rows rerun at --token-budgets and (numerics step) in float32")
     parser.add_argument("--token-budgets", nargs="*", type=int, default=[32, 64, 128, 256, 512],

@@ -83,6 +83,17 @@ class Study:
         self.run(["evaluate.py", "-m", *args, *overrides, f"hydra.sweep.dir={out / name}"],
                  out / f"{name}.log", out / name / "report.csv")
 
+    def methods_geometry(self, out: Path, args: list[str]) -> None:
+        """Where each method and its random control move harmful activations (the fits come from the runs' artifacts):
+        two forward passes per method, no generation; a method with its own selection also at its own layer."""
+        self.run(["-m", "refusal.geometry", "--interventions", ",".join(METHOD_GEOMETRY_SPECS), "--out",
+                  str(out / "geometry_methods"), *args], out / "geometry_methods.log", out / "geometry_methods" / "geometry.json")
+        for name, overrides in METHODS.items():  # a method with its own selection: its own layer's clusters
+            if selection := own_selection(overrides):
+                folder = out / f"geometry_{name}"
+                self.run(["-m", "refusal.geometry", "--interventions", f"none,{geometry_spec(overrides)}", "--out",
+                          str(folder), *args, *selection], out / f"geometry_{name}.log", folder / "geometry.json")
+
     def model(self, model: str, steps: list[str], opts: argparse.Namespace) -> None:
         out = self.root / model
         args = [f"model={model}", *self.common]
@@ -129,18 +140,14 @@ class Study:
                       str(out / "geometry_leace_selected"), *args, "fit.inlp.positions=selected"],
                      out / "geometry_leace_selected.log", out / "geometry_leace_selected" / "geometry.json")
         if "methods" in steps:  # one run each, resumable one by one (an RDO fit is minutes on a CPU)
-            for name, overrides in METHODS.items():
+            for name in opts.methods:
                 run_dir = out / "methods" / name
-                self.run(["evaluate.py", *args, *overrides, NO_GEOMETRY, f"hydra.run.dir={run_dir}"],
+                self.run(["evaluate.py", *args, *METHODS[name], NO_GEOMETRY, f"hydra.run.dir={run_dir}"],
                          out / "methods" / f"{name}.log", run_dir / "results.json")
-            # where each lands (the fits come from the runs' artifacts): two forward passes per method, no generation
-            self.run(["-m", "refusal.geometry", "--interventions", ",".join(METHOD_GEOMETRY_SPECS), "--out",
-                      str(out / "geometry_methods"), *args], out / "geometry_methods.log", out / "geometry_methods" / "geometry.json")
-            for name, overrides in METHODS.items():  # a method with its own selection: its own layer's clusters
-                if selection := own_selection(overrides):
-                    folder = out / f"geometry_{name}"
-                    self.run(["-m", "refusal.geometry", "--interventions", f"none,{geometry_spec(overrides)}", "--out",
-                              str(folder), *args, *selection], out / f"geometry_{name}.log", folder / "geometry.json")
+            if missing := [name for name in METHODS if not (out / "methods" / name / "results.json").exists()]:
+                print(f"[{model}] methods: geometry waits for every method's run; not run yet: {', '.join(missing)}", flush=True)
+            else:
+                self.methods_geometry(out, args)
         if "capability" in steps:  # the main rows again with the benchmarks: generations and scores come from the cache
             self.sweep(out, "capability", args, ["intervention=none,dim_ablation,inlp_nullspace,inlp_flip", NO_GEOMETRY,
                                                  f"eval.capability.tasks={CAPABILITY_TASKS}"])
