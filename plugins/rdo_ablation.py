@@ -4,7 +4,8 @@
 losses, started from DiM's; ``k>1``: a refusal cone, a k-dim basis trained so that every direction
 sampled in it satisfies the losses. The trained span is ablated like DiM's direction: every block
 input and every attention/MLP write, uncentred (x − QᵀQx). The fit is a checksummed artifact reused
-when its settings, model and data match; one that did not converge, or whose basis has rank below k,
+when its settings, model and data match (a fit stopped midway resumes from its last step's
+artifact, ``<stem>-progress``); one that did not converge, or whose basis has rank below k,
 is a FitError with the numbers (``on_unconverged=warn`` to use it anyway). Its control is
 ``random_ablation`` with the same k and ``center=zero``.
 """

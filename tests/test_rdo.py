@@ -148,3 +148,67 @@ def test_rdo_on_the_tiny_model_is_an_artifact_reused_from_cache(compose, caplog)
     strict = compose(*overrides[:-len(SMALL)], "intervention.on_unconverged=error", "intervention.min_decrease=0.99", *SMALL)
     with pytest.raises(FitError, match=r"RDO \(k=2\) did not converge"):
         fit_for(ctx, cls, intervention_config(strict))
+
+
+class StopAfter:
+    """An in-memory progress store that stops the fit (KeyboardInterrupt) once it has saved step ``n``."""
+
+    def __init__(self, n: int | None):
+        self.n, self.state = n, None
+
+    def load(self):
+        return self.state
+
+    def save(self, state):
+        self.state = state
+        if len(state.history) == self.n:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("stop", [1, 7, 11, 12])  # lr is cut by steps 7 and 12 (saved after the cut), it stops at 15
+def test_a_stopped_fit_resumed_from_its_last_step_equals_the_uninterrupted_one(planted, stop):
+    """A cone (its samples draw from the generator) with a patience schedule that cuts lr twice and stops early:
+    resumed after any step, the basis, history and schedule are exactly those of the fit that never stopped."""
+    model, _, dim, targets = planted
+    cfg = RDOConfig(k=2, steps=30, lr=0.5, n_sample=3, patience=2, n_lr_reduce=2, seed=3, on_unconverged="warn")
+    whole = optimise(model, dim, 1, targets, cfg)
+    assert {h["lr"] for h in whole.history} == {0.5, 0.05, 0.005} and len(whole.history) < cfg.steps  # both cuts, early stop
+    progress = StopAfter(stop)
+    with pytest.raises(KeyboardInterrupt):
+        optimise(model, dim, 1, targets, cfg, progress)
+    assert len(progress.state.history) == stop
+    progress.n = None
+    resumed = optimise(model, dim, 1, targets, cfg, progress)
+    assert resumed.history == whole.history and resumed.best_step == whole.best_step
+    torch.testing.assert_close(resumed.basis, whole.basis, rtol=0, atol=0)
+
+
+def test_a_stopped_fit_on_the_tiny_model_resumes_from_its_step_artifact(compose, caplog, monkeypatch):
+    """Through fits.fit_rdo with real artifacts: stopped after step 2 of 4, the next run resumes there and gives the
+    uninterrupted fit; the step artifact is removed once the fit's own is saved."""
+    from refusal.fits import RDOStepArtifact
+
+    cfg = compose("intervention=rdo_ablation", "intervention.k=2", "intervention.steps=4", "intervention.n_prompts=4",
+                  "intervention.n_sample=2", "intervention.on_unconverged=warn", "intervention.seed=5", *SMALL)
+    ctx, cls, icfg = prepare(cfg), get_intervention("rdo_ablation", plugin_dirs(cfg)), intervention_config(cfg)
+    save = RDOStepArtifact.save
+
+    def stop_after_two(self, state):
+        save(self, state)
+        if len(state.history) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(RDOStepArtifact, "save", stop_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        fit_for(ctx, cls, icfg)
+    assert len(list(ctx.artifact_dir.glob("rdo_L1_P-1_k2-*-progress.json"))) == 1
+    monkeypatch.setattr(RDOStepArtifact, "save", save)
+    with caplog.at_level("INFO", logger="refusal.fitting.rdo"):
+        resumed = fit_for(ctx, cls, icfg).extra["rdo_ablation"]
+    assert "RDO (k=2) resumed after step 2/4" in caplog.text and "step 1/4" not in caplog.text
+    assert not list(ctx.artifact_dir.glob("rdo_*-progress*"))
+    for path in ctx.artifact_dir.glob("rdo_L1_P-1_k2-*"):
+        path.unlink()
+    whole = fit_for(ctx, cls, icfg).extra["rdo_ablation"]
+    assert resumed.history == whole.history
+    torch.testing.assert_close(resumed.basis, whole.basis, rtol=0, atol=0)

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from refusal.artifacts import artifact_exists, load_artifact, save_artifact, sha256_json
+from refusal.artifacts import artifact_exists, artifact_paths, load_artifact, save_artifact, sha256_json
 from refusal.config import resolve_layer_spec, split_inlp_settings
 from refusal.context import RunContext, plain, prepare  # noqa: F401  (refusal.pipeline, an alias of this module, had them)
 from refusal.errors import ArtifactError, ArtifactMismatchError
@@ -41,6 +41,7 @@ from refusal.fitting.rdo import (
     SIMPLIFICATION,
     RDOConfig,
     RDOResult,
+    RDOState,
     frozen,
     model_targets,
     optimise,
@@ -211,6 +212,34 @@ def fit_leace(ctx: RunContext, dim: DiMDirection):
 
 
 # -- RDO (the rdo_ablation plugin's own fit) ------------------------------------------------------
+class RDOStepArtifact:
+    """``optimise``'s state after its last step, a checksummed artifact beside the fit's own (``<stem>-progress``): a
+    stopped fit resumes there; one made for another model, data or setting is an error, a corrupt one is refitted."""
+
+    def __init__(self, stem: Path, expect: Mapping[str, Any]):
+        self.stem, self.expect = stem.with_name(stem.name + "-progress"), dict(expect)
+
+    def load(self) -> RDOState | None:
+        def read() -> RDOState:
+            tensors, meta = load_artifact(self.stem, expect=self.expect)
+            adam = {key.removeprefix("adam."): value for key, value in tensors.items() if key.startswith("adam.")}
+            return RDOState(tensors["basis"], tensors["best_basis"], adam, tensors["generator"], meta["history"],
+                            float(meta["best"]), int(meta["waited"]), int(meta["reduced"]), float(meta["lr"]))
+
+        return _reuse(self.stem, read)
+
+    def save(self, state: RDOState) -> None:
+        tensors = {"basis": state.basis, "best_basis": state.best_basis, "generator": state.generator,
+                   **{f"adam.{key}": value for key, value in state.adam.items()}}
+        save_artifact(self.stem, {k: v.contiguous() for k, v in tensors.items()},
+                      {**self.expect, "history": state.history, "best": state.best, "waited": state.waited,
+                       "reduced": state.reduced, "lr": state.lr})
+
+    def remove(self) -> None:
+        for path in artifact_paths(self.stem):
+            path.unlink(missing_ok=True)
+
+
 def fit_rdo(ctx: RunContext, dim: DiMDirection, cfg: RDOConfig) -> RDOResult:
     """RDO at the DiM layer on the run's fit prompts: reused from a checksummed artifact when its settings,
     model and data match, else trained and saved."""
@@ -229,12 +258,14 @@ def fit_rdo(ctx: RunContext, dim: DiMDirection, cfg: RDOConfig) -> RDOResult:
         n = cfg.n_prompts
         model = BundleSteerable(ctx.bundle, {"harmful": ctx.tokens("harmful_train")[:n],
                                              "harmless": ctx.tokens("harmless_train")[:n]})
+        progress = RDOStepArtifact(stem, expect)
         with frozen(ctx.bundle.model):
             targets = model_targets(model, dim.direction, dim.layer)
-            result = optimise(model, dim.direction, dim.layer, targets, cfg)
+            result = optimise(model, dim.direction, dim.layer, targets, cfg, progress)
         save_artifact(stem, {"basis": result.basis.contiguous()},
                       {**expect, "history": result.history, "best_step": result.best_step, "converged": result.converged,
                        "note": result.note, "simplified": SIMPLIFICATION, "seconds": time.perf_counter() - t0})
+        progress.remove()
         ctx.timings["fit_rdo"] = time.perf_counter() - t0
     report_convergence(result, cfg)
     return result
