@@ -32,6 +32,9 @@ from peer_inputs import (  # noqa: E402
 )
 from peer_readback import PeerOutputError, load_records, read_run, trial_outcomes  # noqa: E402
 
+from refusal.compare import RunOutcomes  # noqa: E402
+from refusal.stats.paired import prompts_digest  # noqa: E402
+
 PEERS = ("heretic", "abliterix")
 
 
@@ -242,6 +245,11 @@ def test_read_run_judges_every_completion_with_our_judges(tmp_path, peer):
             sum(any(p.lower() in c.lower() for p in phrases) for c in base) / len(base))
         if peer == "heretic":  # our `heretic` judge is heretic's rule: it must count what heretic counted
             assert m["harmful/judge/heretic/refusal_rate"] * len(completions) == pytest.approx(m["peer/refusals"])
+        # the trial's record pairs with our runs (refusal.compare): our column, prompts and per-prompt verdicts
+        outcomes = RunOutcomes.from_dir(report / f"{peer}_trial_{t['number']:03d}")
+        assert outcomes.digests == {"harmful": prompts_digest(manifest["sets"]["harmful_test"]["prompts"])}
+        assert outcomes.refused["harmful"].mean() == pytest.approx(by_hand)
+        assert outcomes.baseline_refused["harmful"].mean() == pytest.approx(m["baseline/harmful/refusal_rate"])
     import csv
 
     rows = list(csv.DictReader((report / "report.csv").open()))

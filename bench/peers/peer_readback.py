@@ -92,21 +92,35 @@ def trial_outcomes(trials: Sequence[Mapping[str, Any]], records: Mapping[int, Ma
 
 
 def judge_outcomes(outcomes: Sequence[dict[str, Any]], baseline: Sequence[str], prompts: Sequence[str],
-                   judges: Mapping[str, Any]) -> tuple[list[dict[str, Any]], list[str]]:
-    """Every completed trial's refusal metrics by our judges (the first is primary), in our keys, and
-    the primary judge's labels of the unsteered completions."""
+                   judges: Mapping[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, list[str]]], list[str]]:
+    """Every completed trial's refusal metrics by our judges (the first is primary), in our keys; each trial's labels
+    per judge (empty for one the peer did not complete); the primary judge's labels of the unsteered completions."""
     from refusal.evaluation.judging import _column_metrics
 
     primary = next(iter(judges))
     base_labels = [j.label for j in judges[primary].judge(prompts, baseline)]
-    metrics = []
+    metrics, labels = [], []
     for o in outcomes:
         if "completions" not in o:
             metrics.append({})
+            labels.append({})
             continue
         judged = {name: judge.judge(prompts, o["completions"]) for name, judge in judges.items()}
         metrics.append(_column_metrics("harmful", judged, primary, base_labels))
-    return metrics, base_labels
+        labels.append({name: [v.label for v in verdicts] for name, verdicts in judged.items()})
+    return metrics, labels, base_labels
+
+
+def completion_rows(prompts: Sequence[str], completions: Sequence[str], labels: Mapping[str, Sequence[str]],
+                    base_labels: Sequence[str]) -> list[dict[str, Any]]:
+    """A trial's completions as our runs record them (``refusal.evaluation.records``): the harmful column, the primary
+    judge's verdict as ``refused`` (the first judge in ``labels``), the unsteered one as ``baseline_refused``, and
+    every judge's label, so ``refusal.compare`` pairs a peer's trial with any of our runs on the same prompts."""
+    primary = next(iter(labels))
+    return [{"split": "harmful", "label": "harmful", "prompt": p, "completion": c,
+             "refused": labels[primary][i] == "refusal", "baseline_refused": base_labels[i] == "refusal",
+             "judges": {name: lab[i] for name, lab in labels.items()}}
+            for i, (p, c) in enumerate(zip(prompts, completions, strict=True))]
 
 
 def results_records(peer: str, model: str, outcomes: Sequence[dict[str, Any]], judged: Sequence[dict[str, Any]],
@@ -146,15 +160,15 @@ def read_run(run_dir: Path, judge_names: Sequence[str] = ("substring", "heretic"
         raise PeerOutputError(f"{run_dir}/completions.jsonl has no unsteered completions (trial 0)")
     cfg = compose(manifest["model"], len(prompts), overrides=[f"eval.judges=[{','.join(judge_names)}]"])
     judges = build_judges(judge_configs(cfg, plugin_dirs(cfg)), plugin_dirs(cfg), cfg.cache_dir)
-    judged, base_labels = judge_outcomes(outcomes, records[0]["responses"], prompts, judges)
+    judged, labels, base_labels = judge_outcomes(outcomes, records[0]["responses"], prompts, judges)
     results = results_records(peer, manifest["model"], outcomes, judged, manifest["sets"]["harmless_test"]["n"],
                               int(records[0]["refusals"]), next(iter(judges)))
     report = run_dir / "report"
-    for res, o in zip(results, outcomes, strict=True):
+    for res, o, lab in zip(results, outcomes, labels, strict=True):
         folder = report / f"{peer}_trial_{o['number']:03d}"
         atomic_write_json(folder / "results.json", res)
         if "completions" in o:
-            rows = [{"prompt": p, "completion": c} for p, c in zip(prompts, o["completions"], strict=True)]
+            rows = completion_rows(prompts, o["completions"], lab, base_labels)
             atomic_write_text(folder / "completions.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     baseline = [{"prompt": p, "completion": c, "label": lab}
                 for p, c, lab in zip(prompts, records[0]["responses"], base_labels, strict=True)]
