@@ -32,6 +32,22 @@ def test_bf16_linear_is_the_product_of_rounded_inputs_accumulated_in_float32():
     torch.testing.assert_close(layer(x), -want + 2 * layer.bias, atol=1e-5, rtol=1e-5)
 
 
+def test_a_bf16_linear_used_under_inference_mode_then_differentiated_through():
+    """Generation and scoring run under inference mode, RDO then backpropagates through the frozen layers to its
+    direction: the bfloat16 weight copy made first must not end up saved for backward (a RuntimeError on qwen15)."""
+    layer = nn.Linear(16, 8)
+    use_bf16_matmuls([layer])
+    layer.weight.requires_grad_(False)
+    x = torch.randn(2, 16)
+    with torch.inference_mode():
+        first = layer(x)
+    direction = torch.randn(16, requires_grad=True)
+    layer(x + direction).sum().backward()
+    assert direction.grad is not None and float(direction.grad.abs().sum()) > 0
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x), first, rtol=0, atol=0)
+
+
 def test_matmul_bfloat16_on_a_model_keys_its_results_apart(tmp_path):
     base = {"name": "tiny", "source": "tiny", "device": "cpu"}
     exact = load_model(base, tmp_path)

@@ -35,7 +35,9 @@ class Bf16Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight
         held = self.__dict__.get("_bf16")
-        if held is None or held[0] != (weight.data_ptr(), weight._version):
+        # a copy made under inference mode cannot be saved for backward: remade once a pass is differentiable (RDO)
+        if (held is None or held[0] != (weight.data_ptr(), weight._version)
+                or (held[1].is_inference() and not torch.is_inference_mode_enabled())):
             held = self.__dict__["_bf16"] = ((weight.data_ptr(), weight._version), weight.detach().to(torch.bfloat16))
         y = nn.functional.linear(x.reshape(-1, x.shape[-1]).to(torch.bfloat16), held[1]).to(x.dtype)
         if self.bias is not None:
