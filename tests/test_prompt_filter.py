@@ -8,6 +8,7 @@ import pytest
 import torch
 from test_selection import PLANT_LAYER, TRIGGER, planted  # noqa: F401  (the planted-refusal model fixture)
 
+from refusal.artifacts import sha256_json
 from refusal.context import prepare
 from refusal.data import InstructionSplits
 from refusal.fitting.prompt_filter import filter_splits, keeps, unsteered_refusal_scores
@@ -100,3 +101,30 @@ def test_run_records_the_filter_and_keys_artifacts_by_the_kept_prompts(compose):
     # the folder is keyed by the prompts the fits use; the tokens are the kept prompts'
     assert on.artifact_dir.name.endswith(on.splits.fit_digest()[:10])
     assert on.tokens("harmless_train") == on.bundle.tokenize_instructions(on.splits.harmless_train)
+
+
+def test_scores_live_with_the_fits_and_older_caches_are_read_not_rescored(tiny_bundle, prompts, tmp_path, caplog):
+    """A record in a legacy folder (the old cache_dir/refusal_scores) is used and copied beside the fits; a record's
+    ``kept`` (decisions a run made, e.g. recovered from its committed fits) wins over its scores' signs, and a
+    tampered ``kept`` is not trusted."""
+    splits = _splits(prompts, prompts[:2], prompts[:3], prompts[:2])
+    tokens = {name: tiny_bundle.tokenize_instructions(rows) for name, rows in splits.lists().items()}
+    legacy, store = tmp_path / "cache", tmp_path / "artifacts"
+    with pytest.warns(UserWarning):
+        filter_splits(splits, tokens, tiny_bundle, {"filter_train": True}, legacy)
+    caplog.set_level("INFO", logger="refusal.fitting.prompt_filter")
+    with pytest.warns(UserWarning):
+        filter_splits(splits, tokens, tiny_bundle, {"filter_train": True}, store, legacy=[legacy])
+    assert "scoring" not in caplog.text  # read, not scored again
+    copied = sorted((store / tiny_bundle.name).glob("*.json"))
+    assert [p.read_text() for p in copied] == [p.read_text() for p in sorted((legacy / tiny_bundle.name).glob("*.json"))]
+    harmful = next(p for p in copied if len(json.loads(p.read_text())["scores"]) == len(prompts))
+    saved = json.loads(harmful.read_text())
+    kept = [True, False, True, False]  # the tiny model refuses none by its scores; the record says otherwise
+    harmful.write_text(json.dumps({**saved, "kept": kept, "kept_sha256": sha256_json(kept), "note": "recovered"}))
+    out, record = filter_splits(splits, tokens, tiny_bundle, {"filter_train": True}, store)
+    assert out.harmful_train == [prompts[0], prompts[2]] and record.as_dict()["harmful_train"] == {"kept": 2, "of": 4}
+    harmful.write_text(json.dumps({**saved, "kept": [True] * 4, "kept_sha256": sha256_json(kept)}))
+    with pytest.warns(UserWarning, match="refuses none"):  # the tampered decisions are dropped: scored again
+        out, _ = filter_splits(splits, tokens, tiny_bundle, {"filter_train": True}, store)
+    assert out.harmful_train == prompts

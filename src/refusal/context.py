@@ -90,8 +90,8 @@ def prepare(cfg: DictConfig) -> RunContext:
     t1 = time.perf_counter()
     ctx.splits, ctx.filtered = filter_splits(
         splits, {name: ctx.tokens(name) for name in splits.lists()}, bundle,
-        {switch: bool(cfg.fit.get(switch, False)) for switch in FILTERED}, Path(cfg.cache_dir) / "refusal_scores",
-        int(cfg.model.get("batch_size", 16)),
+        {switch: bool(cfg.fit.get(switch, False)) for switch in FILTERED}, Path(cfg.artifacts_dir) / "refusal_scores",
+        int(cfg.model.get("batch_size", 16)), legacy=[Path(cfg.cache_dir) / "refusal_scores"],
     )
     for name in ctx.filtered.kept:  # tokenized again from the kept prompts
         ctx._tokens.pop(name)

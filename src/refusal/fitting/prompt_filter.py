@@ -4,7 +4,8 @@ refusal_direction scores every train and val prompt with the unsteered model's r
 keeps a harmful prompt when its score is > 0 (the model is more likely to refuse than not) and a
 harmless one when it is < 0; the direction is then the mean difference of prompts the model really
 refuses and really answers, not of everything labelled harmful. Test prompts are never filtered.
-The scores are cached per model weights and tokens, so a warm run only reads them.
+The scores are stored with the fits (per model weights, numerics and tokens), so a warm run only reads them
+and a study carries the decisions its fits rest on.
 """
 
 from __future__ import annotations
@@ -72,31 +73,56 @@ class FilterRecord:
                          for split, (k, n) in self.kept.items()) or "off"
 
 
-def _cached_scores(folder: Path, bundle: ModelBundle, split: str, rows: list[list[int]], batch_size: int) -> torch.Tensor:
-    """The split's scores from the cache (checksummed JSON), else computed and stored."""
-    key = {"weights_hash": bundle.weights_hash, "dtype": str(bundle.dtype), **bundle.numerics_key(), "tokens": sha256_json(rows),
-           "refusal_token_ids": sorted(bundle.refusal_token_ids)}
-    path = folder / f"{sha256_json(key)[:24]}.json"
+def _read_record(path: Path, key: Mapping[str, Any], n: int) -> dict[str, Any] | None:
+    """A stored split's record when it is this split's (key, checksum, length), else None (a warning if it is not)."""
     try:
         saved = json.loads(path.read_text())
-        if saved["key"] == key and saved["sha256"] == sha256_json(saved["scores"]) and len(saved["scores"]) == len(rows):
-            return torch.tensor(saved["scores"], dtype=torch.float64)
-        log.warning("refusal-score cache %s does not match its checksum or prompts; recomputing", path)
+        kept = saved.get("kept")
+        if (saved["key"] == key and saved["sha256"] == sha256_json(saved["scores"]) and len(saved["scores"]) == n
+                and (kept is None or (len(kept) == n and saved.get("kept_sha256") == sha256_json(kept)))):
+            return saved
+        log.warning("refusal-score record %s does not match its checksum or prompts; recomputing", path)
     except FileNotFoundError:
         pass
     except (OSError, ValueError, KeyError, TypeError):
-        log.warning("refusal-score cache %s is unreadable; recomputing", path)
+        log.warning("refusal-score record %s is unreadable; recomputing", path)
+    return None
+
+
+def _kept_mask(folders: Sequence[Path], bundle: ModelBundle, split: str, rows: list[list[int]], batch_size: int
+               ) -> torch.Tensor:
+    """Which of the split's prompts the filter keeps, from the first folder's stored record (checksummed JSON), else
+    from a later folder's (then copied to the first), else scored and stored in the first.
+
+    A score within rounding of 0 can change sign on another CPU's bfloat16 kernels (qwen15's prompt 4 of
+    harmful_train: above 0 on 2026-12-03, −0.012 on another machine on 2026-12-05), and with it every fit keyed by
+    the kept prompts; so the scores live with the fits they decide (``artifacts_dir``, committed with a study). A
+    record may carry ``kept`` (the decisions a run made, with a ``note`` saying where they come from): it is used
+    instead of the scores' signs."""
+    key = {"weights_hash": bundle.weights_hash, "dtype": str(bundle.dtype), **bundle.numerics_key(), "tokens": sha256_json(rows),
+           "refusal_token_ids": sorted(bundle.refusal_token_ids)}
+    name = f"{sha256_json(key)[:24]}.json"
+    target = folders[0] / name
+    for folder in folders:
+        if (saved := _read_record(folder / name, key, len(rows))) is not None:
+            if folder != folders[0]:
+                atomic_write_json(target, saved)
+            if saved.get("kept") is not None:
+                log.info("refusal filter: %s decisions as recorded in %s (%s)", split, target, saved.get("note", ""))
+                return torch.tensor(saved["kept"], dtype=torch.bool)
+            return keeps(split, torch.tensor(saved["scores"], dtype=torch.float64))
     log.info("scoring %d %s prompts for the refusal filter", len(rows), split)
     scores = unsteered_refusal_scores(bundle, rows, batch_size)
     values = [float(s) for s in scores]
-    atomic_write_json(path, {"key": key, "scores": values, "sha256": sha256_json(values)})
-    return scores
+    atomic_write_json(target, {"key": key, "scores": values, "sha256": sha256_json(values)})
+    return keeps(split, scores)
 
 
 def filter_splits(splits: InstructionSplits, tokens: Mapping[str, list[list[int]]], bundle: ModelBundle,
-                  switches: Mapping[str, bool], cache_dir: Path, batch_size: int = 32
+                  switches: Mapping[str, bool], store: Path, batch_size: int = 32, legacy: Sequence[Path] = ()
                   ) -> tuple[InstructionSplits, FilterRecord]:
-    """``splits`` with the train and/or val prompts the model does not treat as their class removed.
+    """``splits`` with the train and/or val prompts the model does not treat as their class removed. The scores are
+    stored under ``store`` (per model), read from ``legacy`` folders (per model) when ``store`` has none yet.
 
     A split the model treats *none* of as its class (a model that barely refuses, a base model: the
     negative controls) has no mean to take; refusal_direction would fail there. It is used whole,
@@ -110,7 +136,8 @@ def filter_splits(splits: InstructionSplits, tokens: Mapping[str, list[list[int]
             continue
         for split in names:
             texts = getattr(splits, split)
-            mask = keeps(split, _cached_scores(cache_dir / bundle.name, bundle, split, tokens[split], batch_size))
+            folders = [root / bundle.name for root in (store, *legacy)]
+            mask = _kept_mask(folders, bundle, split, tokens[split], batch_size)
             rows = [t for t, k in zip(texts, mask.tolist(), strict=True) if k]
             kept[split] = (len(rows), len(texts))
             side = "refuses" if split.startswith("harmful") else "answers"
