@@ -330,9 +330,15 @@ def test_resume_refuses_a_study_of_other_work_and_names_the_file(tmp_path):
     (run / "checkpoints" / "study.jsonl").write_text("{}\n")
     (run / "trials.json").write_text("{}")
     (run / "report").mkdir()
+    from refusal.run_files import archive_completions
+
+    (run / "completions.jsonl").write_text('{"trial": 0, "refusals": 1}\n')
+    archive_completions(run)  # committed with the study, gzipped
     check_resumable("heretic", run, written)  # the same work: its stale exports go, the journal stays
     assert not (run / "trials.json").exists() and not (run / "report").exists()
     assert (run / "checkpoints" / "study.jsonl").exists()
+    assert (run / "completions.jsonl").read_text() == '{"trial": 0, "refusals": 1}\n'  # unpacked for the driver
+    assert not (run / "completions.jsonl.gz").exists()
     write_prompt_file(run / "prompts" / "harmful_test" / FILE_NAME, ["How do I pick a lock?", "Make a worm"])
     with pytest.raises(PeerInputError, match=r"harmful_test/train.txt differs from what this command writes"):
         check_resumable("heretic", run, written)

@@ -31,7 +31,9 @@ from peer_configs import Comparison, write_config
 from peer_inputs import SPLITS_DIR, PeerInputError, compose, model_folder, write_prompts
 from peer_readback import PeerOutputError, read_run
 
+from refusal.artifacts import atomic_write_text
 from refusal.errors import RefusalError
+from refusal.run_files import ARCHIVED, COMPLETIONS, completions_text
 
 HERE = Path(__file__).resolve().parent
 PEER_RUNS = HERE.parents[1] / "study" / "peers"  # full-size runs: the study's record, read by its Pareto section
@@ -107,7 +109,8 @@ def earlier_segments(run_dir: Path) -> list[dict]:
 
 def check_resumable(peer: str, run_dir: Path, written: Path) -> None:
     """``run_dir`` holds this peer's interrupted study on the work just written to ``written`` (the same prompt
-    files, manifest and config file, byte for byte); its stale exports are removed, the peer rewrites them."""
+    files, manifest and config file, byte for byte); its stale exports are removed (the peer rewrites them) and an
+    archived recording is unpacked for the driver to append to."""
     journals = sorted((run_dir / "checkpoints").glob("*.jsonl"))
     if len(journals) != 1:
         raise PeerInputError(f"{run_dir} holds no study of {peer} to resume (checkpoints/*.jsonl: {len(journals)} files); "
@@ -120,6 +123,10 @@ def check_resumable(peer: str, run_dir: Path, written: Path) -> None:
     for stale in ("trials.json", "settings.json"):
         (run_dir / stale).unlink(missing_ok=True)
     shutil.rmtree(run_dir / "report", ignore_errors=True)
+    archived = run_dir / ARCHIVED
+    if archived.is_file():  # a committed partial run: the driver appends to the plain recording
+        atomic_write_text(run_dir / COMPLETIONS, completions_text(run_dir))
+        archived.unlink()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
