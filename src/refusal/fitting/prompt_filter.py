@@ -94,8 +94,9 @@ def _kept_mask(folders: Sequence[Path], bundle: ModelBundle, split: str, rows: l
     """Which of the split's prompts the filter keeps, from the first folder's stored record (checksummed JSON), else
     from a later folder's (then copied to the first), else scored and stored in the first.
 
-    A score within rounding of 0 can change sign when scored again on another machine (qwen15's prompt 4 of
-    harmful_train: above 0 on 2026-12-03, −0.012 on 2026-12-05, same code path), and with it every fit keyed by
+    A score within rounding of 0 changes sign when scored again with bfloat16 products (qwen15's prompt 4 of
+    harmful_train: kept on 2026-12-03; −0.0116 with 2 threads, +0.0014 with 1 thread, −0.0013 with 1 thread at
+    batch 8, all on 2026-12-05, scores differing by up to 0.06), and with it every fit keyed by
     the kept prompts; so the scores live with the fits they decide (``artifacts_dir``, committed with a study). A
     record may carry ``kept`` (the decisions a run made, with a ``note`` saying where they come from): it is used
     instead of the scores' signs."""
