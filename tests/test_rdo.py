@@ -15,11 +15,11 @@ from refusal.context import prepare
 from refusal.errors import ConfigError, FitError
 from refusal.fits import fit_for
 from refusal.fitting.rdo import (
+    LOSSES,
     RDOConfig,
     accumulate_losses,
     cone_samples,
     direction_loss,
-    direction_losses,
     initial_basis,
     model_targets,
     optimise,
@@ -82,7 +82,7 @@ def test_losses_accumulated_one_direction_and_loss_at_a_time_equal_the_batched_o
     mix = torch.cat([torch.eye(3), cone_samples(3, 4, torch.Generator().manual_seed(2))])
     weights = torch.tensor([1 / 3] * 3 + [1 / 4] * 4)
     lambdas = {"ablation": 1.0, "addition": 0.2, "retain": 1.0}
-    batched = direction_losses(model, mix @ basis, targets, alpha=2.0, layer=1)
+    batched = {name: direction_loss(name, model, mix @ basis, targets, alpha=2.0, layer=1) for name in LOSSES}  # all m at once
     sums = {name: (weights.to(loss) * loss).sum() for name, loss in batched.items()}
     sum(lambdas[name] * part for name, part in sums.items()).backward()
     expected = basis.grad.clone()

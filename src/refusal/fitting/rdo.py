@@ -127,6 +127,10 @@ def retain_kl(steered: Float[Tensor, "*batch vocab"], base: Float[Tensor, "*batc
     return (log_p.exp() * (log_p - log_q)).sum(-1)
 
 
+#: The paper's three losses, each one pass (weighted by intervention.{name}_lambda).
+LOSSES = ("ablation", "addition", "retain")
+
+
 def direction_loss(name: str, model: Steerable, directions: Float[Tensor, "m d_model"], targets: RDOTargets,
                    alpha: float, layer: int) -> Float[Tensor, " m"]:
     """One of the three losses (``ablation``, ``retain``, ``addition``) of each of ``m`` directions: one batched,
@@ -144,14 +148,6 @@ def direction_loss(name: str, model: Steerable, directions: Float[Tensor, "m d_m
         return F.cross_entropy(added.flatten(0, 1), targets.addition.repeat(m), reduction="none").view(m, -1).mean(1)
     raise ValueError(f"unknown RDO loss {name!r}; one of {LOSSES}")
 
-
-LOSSES = ("ablation", "addition", "retain")
-
-
-def direction_losses(model: Steerable, directions: Float[Tensor, "m d_model"], targets: RDOTargets, alpha: float,
-                     layer: int) -> dict[str, Float[Tensor, " m"]]:
-    """The three losses of each of ``m`` directions (three batched passes, differentiable)."""
-    return {name: direction_loss(name, model, directions, targets, alpha, layer) for name in LOSSES}
 
 
 def accumulate_losses(model: Steerable, basis: Float[Tensor, "k d_model"], mix: Float[Tensor, "m k"],
