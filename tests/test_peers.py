@@ -396,3 +396,40 @@ def test_the_drivers_record_each_trial_under_its_optuna_number_across_a_resume(t
     assert sorted(records) == [0, 1, 2, 3] and records[0] == {"refusals": 5}
     for t in study.trials:
         assert records[t.number + 1]["kl_divergence"] == t.params["x"]
+
+
+# counting both searches the peer's way (peer_count.py; the rule itself runs in the peer's venv) -------------------
+
+def test_judge_files_labels_every_text_by_the_rule_given(tmp_path):
+    import driver_common
+
+    (tmp_path / "in.json").write_text(json.dumps({"peer/1": ["I cannot help", "Sure"], "ours/0_x": []}))
+    driver_common.judge_files(lambda text: "cannot" in text, tmp_path / "in.json", tmp_path / "out.json")
+    assert json.loads((tmp_path / "out.json").read_text()) == {"peer/1": [True, False], "ours/0_x": []}
+
+
+def test_peer_count_keys_trials_like_the_study_and_refuses_a_rule_that_miscounts_the_peer(tmp_path):
+    from peer_count import tally, texts_to_judge
+
+    run = tmp_path / "peer"
+    run.mkdir()
+    (run / "completions.jsonl").write_text("".join(json.dumps(e) + "\n" for e in [
+        {"trial": 0, "refusals": 1, "prompts": ["a", "b"], "responses": ["No.", "Yes"]},
+        {"trial": 3, "kl_divergence": 0.1},
+        {"trial": 3, "refusals": 0, "prompts": ["a", "b"], "responses": ["Yes", "Yes"]}]))
+    ours = tmp_path / "pareto"
+    (ours / "0_flip").mkdir(parents=True)
+    (ours / "0_flip" / "results.json").write_text("{}")
+    (ours / "0_flip" / "completions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+        {"split": "harmful", "completion": "No."}, {"split": "harmless", "completion": "No."}]))
+    texts, recorded = texts_to_judge(run, ours)
+    assert texts == {"peer/0": ["No.", "Yes"], "peer/3": ["Yes", "Yes"], "ours/0_flip": ["No."]}  # harmful rows only
+    assert recorded == {"peer/0": 1, "peer/3": 0}
+    labels = {"peer/0": [True, False], "peer/3": [False, False], "ours/0_flip": [True]}
+    assert tally(labels, recorded, "abliterix") == {
+        "peer": {"unsteered": {"refusals": 1, "n": 2}, "abliterix_trial_002": {"refusals": 0, "n": 2}},
+        "ours": {"0_flip": {"refusals": 1, "n": 1}}}
+    with pytest.raises(PeerOutputError, match=r"'peer/3': \(0, 1\)"):
+        tally({**labels, "peer/3": [True, False]}, recorded, "abliterix")
+    with pytest.raises(PeerOutputError, match="nothing to compare"):
+        texts_to_judge(run, tmp_path / "empty")

@@ -570,3 +570,30 @@ def test_the_pareto_steps_commands_compose_with_the_studys_own_overrides(tmp_pat
         overrides = [a for a in argv[1:] if a != "-m" and not a.startswith("hydra.sweep")]
         cfg, error = _compose(REPO / "conf", "config", [*overrides, "model=tiny"], multirun=True)
         assert error is None and cfg.eval.test_sets is None and cfg.data.n_test == 100 and cfg.eval.max_new_tokens == 128
+
+
+def test_both_fronts_by_the_peers_own_count(tmp_path):
+    """peer_count.json (the peer's rule on every trial) re-decides dominance: our trial 0 refuses 10 of 20 by the peer's
+    count at KL 0.05; the peer's trial refuses 8 at KL 0.08 (not covered: ours is the lowest at KL <= 0.08), then 10 (a
+    tie at KL 0.08 is covered: weakly dominated); a trial of ours the count file does not name is left out."""
+    from studykit.peers import by_peer_count
+
+    def row(run: str, kl: float) -> dict:
+        return {"run": run, "harmful/refusal_rate": 0.05, "harmless/kl_div": kl}
+
+    ours = [row("0_flip", 0.05), row("1_none", 0.0), row("2_unjudged", 0.01)]
+    theirs = [row("abliterix_trial_000", 0.08)]
+
+    def lines(peer_refusals: int) -> str:
+        (tmp_path / "peer_count.json").write_text(json.dumps({
+            "ours": {"0_flip": {"refusals": 10, "n": 20}, "1_none": {"refusals": 16, "n": 20}},
+            "peer": {"abliterix_trial_000": {"refusals": peer_refusals, "n": 20}, "unsteered": {"refusals": 15, "n": 20}}}))
+        return "\n".join(by_peer_count("qwen05", ours, "abliterix", theirs, tmp_path))
+
+    text = lines(8)
+    assert "unsteered 15/20): C(ours, abliterix) = 0.00, C(abliterix, ours) = 0.00; by its count ours does not " \
+           "dominate abliterix's front (abliterix refuses less at KL 0.08)" in text
+    assert "| ours | 0_flip | 50.0% | 5.0% | 0.050 |" in text and "| abliterix | abliterix_trial_000 | 40.0% | 5.0% | 0.080 |" in text
+    assert "2_unjudged" not in text
+    assert "C(ours, abliterix) = 1.00, C(abliterix, ours) = 0.00; by its count too, ours dominates" in lines(10)
+    assert by_peer_count("qwen05", ours, "heretic", theirs, tmp_path / "absent") == []

@@ -6,18 +6,23 @@ driver changes nothing in its method; it only (1) records every harmful-prompt c
 keyword detector judges, with the trial it belongs to, to ``completions.jsonl``; (2) skips its
 automatic response-prefix search, so that, as for heretic (``response_prefix = ""``), completions start
 right after the chat prompt (abliterix has no setting for this); (3) exports the Optuna study to
-``trials.json`` and its effective settings to ``settings.json``.
+``trials.json`` and its effective settings to ``settings.json``. ``--judge IN OUT`` applies its keyword detector
+(markers and degenerate-output rule, with the run's ``settings.json``) to given texts instead (``peer_count.py``).
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import time
+from pathlib import Path
+from types import SimpleNamespace
 
 import abliterix.cli as abliterix_cli
 from abliterix.eval.detector import RefusalDetector
 from abliterix.eval.scorer import TrialScorer
-from driver_common import append, export, name_trials
+from abliterix.settings import DetectionConfig
+from driver_common import append, export, judge_files, name_trials
 
 _evaluate_keyword_result = RefusalDetector._evaluate_keyword_result
 _measure = TrialScorer.measure_kl_and_coherence
@@ -61,7 +66,20 @@ def no_response_prefix(engine, benign_msgs, target_msgs) -> None:
     print("[bench/peers] response prefix search skipped: completions start after the chat prompt", flush=True)
 
 
+def own_rule():
+    """``RefusalDetector.detect_refusal`` as the run used it: its detection settings, no LLM judge (the run had none)."""
+    detection = DetectionConfig(**json.loads(Path("settings.json").read_text(encoding="utf-8"))["detection"])
+    if detection.llm_judge:
+        raise SystemExit("[bench/peers] this run used abliterix's LLM judge; its keyword rule is not what it counted")
+    detector = RefusalDetector.__new__(RefusalDetector)  # __init__ opens the LLM judge's cache, which is not used
+    detector.config, detector._cache = SimpleNamespace(detection=detection), None
+    return detector.detect_refusal
+
+
 def main() -> int:
+    if sys.argv[1:2] == ["--judge"]:
+        judge_files(own_rule(), *sys.argv[2:4])
+        return 0
     if sys.argv[1:] == ["--export"]:  # after a crash or a hard stop: the journal's trials only
         export("abliterix")
         return 0

@@ -1,4 +1,5 @@
-"""What both peer drivers do the same way: record completions per trial, name trials, export the study.
+"""What both peer drivers do the same way: record completions per trial, name trials, export the study, and
+apply the peer's own refusal rule to given texts (``--judge``, for ``peer_count.py``).
 
 Imported only by ``heretic_driver.py`` and ``abliterix_driver.py``, with a peer's own interpreter (the
 script's folder is on its ``sys.path``); it needs nothing but the standard library and the peer's Optuna.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import optuna
@@ -56,3 +58,10 @@ def export(study_name: str) -> None:
               for t in study.trials]
     Path("trials.json").write_text(json.dumps({"peer": study_name, "trials": trials}, indent=1, default=str) + "\n")
     Path("settings.json").write_text(json.dumps(json.loads(study.user_attrs["settings"]), indent=1) + "\n")
+
+
+def judge_files(refused: Callable[[str], bool], texts_path: str, labels_path: str) -> None:
+    """``--judge IN OUT``: the peer's own refusal rule on every text of IN (``{name: [text, ...]}``), the labels to
+    OUT (``{name: [bool, ...]}``); the rule's settings are the run folder's ``settings.json`` (the peer's own)."""
+    texts = json.loads(Path(texts_path).read_text(encoding="utf-8"))
+    Path(labels_path).write_text(json.dumps({name: [bool(refused(t)) for t in batch] for name, batch in texts.items()}))

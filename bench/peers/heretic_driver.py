@@ -6,16 +6,20 @@ judges, with the trial it belongs to, to ``completions.jsonl``; (2) answers here
 no batch mode: its closing one ("Which trial do you want to use?") with "exit", its resume question (a
 study left in ``checkpoints/``, ``run_peer.py --resume``) with "continue"; (3) exports the
 Optuna study (each trial's parameters, refusal count and KL) to ``trials.json`` and heretic's
-effective settings to ``settings.json``.
+effective settings to ``settings.json``. ``--judge IN OUT`` applies heretic's refusal rule (its markers, from the
+run's ``settings.json``) to given texts instead (``peer_count.py``).
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import time
+from pathlib import Path
+from types import SimpleNamespace
 
 import heretic.main as heretic_main
-from driver_common import append, export, name_trials
+from driver_common import append, export, judge_files, name_trials
 from heretic.evaluator import Evaluator
 
 _count_refusals = Evaluator.count_refusals
@@ -57,7 +61,17 @@ def answer(message: str, choices):
     return choice
 
 
+def own_rule():
+    """``Evaluator.is_refusal`` with the run's markers (it reads nothing else of the evaluator)."""
+    markers = json.loads(Path("settings.json").read_text(encoding="utf-8"))["refusal_markers"]
+    evaluator = SimpleNamespace(settings=SimpleNamespace(refusal_markers=markers))
+    return lambda text: Evaluator.is_refusal(evaluator, text)
+
+
 def main() -> int:
+    if sys.argv[1:2] == ["--judge"]:
+        judge_files(own_rule(), *sys.argv[2:4])
+        return 0
     if sys.argv[1:] == ["--export"]:  # after a crash or a hard stop: the journal's trials only
         export("heretic")
         return 0

@@ -9,7 +9,8 @@ Steps, each in the run folder (``--out``; default study/peers/<model>-<peer>, wh
 reads it and it is committed with the study; a smoke run: bench/peers/runs/<model>-<peer>-smoke): the
 prompt files and manifest (peer_inputs), the peer's config file (peer_configs), the peer itself via
 its driver in its own venv with the Hub switched off (HF_HUB_OFFLINE, TRANSFORMERS_OFFLINE,
-HF_DATASETS_OFFLINE, an empty HF_HOME in the run folder), then peer_readback (our judges, report.csv).
+HF_DATASETS_OFFLINE, an empty HF_HOME in the run folder), then peer_readback (our judges, report.csv), then, when
+the study's pareto step has run, peer_count (both searches by the peer's own refusal rule).
 A peer that is not installed or fails is reported with the end of its log, and the exit code says so.
 """
 
@@ -179,10 +180,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 print(f"[{args.peer}] finished in {outcome['wall_s']} s", flush=True)
         report = read_run(run_dir, args.judges)
+        print(f"wrote {report / 'report.csv'} and {report / 'report.md'}")
+        if not args.smoke and (ours := HERE.parents[1] / "study" / args.model / "pareto").is_dir():
+            from peer_count import count  # it runs the peer the way this module does
+
+            print(f"wrote {count(run_dir, ours)} (both searches by {args.peer}'s own count)")
     except (PeerInputError, PeerOutputError, RefusalError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"wrote {report / 'report.csv'} and {report / 'report.md'}")
     return 0
 
 

@@ -85,6 +85,39 @@ def dominance(model: str, ours: list[dict[str, Any]], ours_dir: Path, peer: str,
             "|---|---|---|---|---|---|---|", *rows, ""]
 
 
+def by_peer_count(model: str, ours: list[dict[str, Any]], peer: str, theirs: list[dict[str, Any]], run_dir: Path) -> list[str]:
+    """Both fronts again, each trial's refusal counted the peer's own way (``bench/peers/peer_count.py``'s
+    ``peer_count.json``; its recount of the peer's trials equals the peer's): does the verdict depend on the judge?"""
+    path = run_dir / "peer_count.json"
+    if not path.is_file():
+        return []
+    counts = json.loads(path.read_text(encoding="utf-8"))
+    sides = []
+    for rows, side in ((ours, counts["ours"]), (theirs, counts["peer"])):
+        kept = [r for r in rows if r["run"] in side]
+        sides.append((kept, [(side[r["run"]]["refusals"] / side[r["run"]]["n"], r["harmless/kl_div"]) for r in kept]))
+    (ours, mine), (theirs, their) = sides
+    our_front, their_front = pareto_front(mine), pareto_front(their)
+    if not our_front or not their_front:
+        return []
+    misses = [f"{their[i][1]:.3g}" for i in sorted(their_front, key=lambda i: their[i][1])
+              if (j := best_within(mine, their[i][1])) is None or mine[j][0] > their[i][0]]
+    table = [f"| {label} | {rows[i]['run']} | {points[i][0]:.1%} | {rows[i]['harmful/refusal_rate']:.1%} | {points[i][1]:.3f} |"
+             for label, rows, points, front in (("ours", ours, mine, our_front), (peer, theirs, their, their_front))
+             for i in sorted(front, key=lambda i: points[i][1])]
+    base = counts["peer"].get("unsteered")
+    unsteered = f", unsteered {base['refusals']}/{base['n']}" if base else ""
+    verdict = (f"by its count ours does not dominate {peer}'s front ({peer} refuses less at KL {', '.join(misses)})" if misses
+               else f"by its count too, ours dominates {peer}'s front")
+    return [f"**{model}, both searches by {peer}'s own count** (`bench/peers/peer_count.py` runs {peer}'s rule, with its "
+            f"run's settings, on every trial's completions; it recounts each of {peer}'s trials to what {peer} counted"
+            f"{unsteered}): "
+            f"C(ours, {peer}) = {set_coverage([mine[i] for i in our_front], [their[i] for i in their_front]):.2f}, "
+            f"C({peer}, ours) = {set_coverage([their[i] for i in their_front], [mine[i] for i in our_front]):.2f}; "
+            f"{verdict}. The fronts by that count:", "",
+            f"| search | trial | refusal ({peer}'s count) | refusal (substring) | KL |", "|---|---|---|---|---|", *table, ""]
+
+
 def pareto_section(runs: dict[str, ModelRuns], figures: Path, root: Path, peers_dir: Path) -> list[str]:
     """The Optuna search: which runs no other run beats on both harmful refusal and next-token KL; the peers'
     searches on the same prompts, budget and judge beside it, and whether our front dominates theirs."""
@@ -102,6 +135,7 @@ def pareto_section(runs: dict[str, ModelRuns], figures: Path, root: Path, peers_
                     lines.append(f"| {model} | {peer} trial | {r.get('params') or '-'} | {r['harmful/refusal_rate']:.1%} | "
                                  f"{r['harmless/kl_div']:.3f} | **{peer} front** |")
                 dominance_lines += dominance(model, mr.pareto, mr.mdir / "pareto", peer, rows, peers_dir / f"{model}-{peer}" / "report")
+                dominance_lines += by_peer_count(model, mr.pareto, peer, rows, peers_dir / f"{model}-{peer}")
         if not mr.pareto:
             continue
         points = _points(mr.pareto)
