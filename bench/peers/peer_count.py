@@ -21,8 +21,9 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from peer_inputs import PeerInputError
 from peer_readback import PeerOutputError, load_records
-from run_peer import HERE, OFFLINE, venv_python
+from run_peer import HERE, installed_python, peer_env
 
 from refusal.artifacts import atomic_write_json
 from refusal.run_files import read_completions
@@ -66,16 +67,13 @@ def tally(labels: Mapping[str, Sequence[bool]], recorded: Mapping[str, int], pee
 def count(run_dir: Path, ours_dir: Path) -> Path:
     """Run the peer's rule over both searches' completions and write ``peer_count.json`` (atomic)."""
     peer = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))["peer"]
-    python = venv_python(peer)
-    if not python.exists():
-        raise PeerOutputError(f"{peer} is not installed ({python} missing); run: bash bench/peers/install.sh {peer}")
+    python = installed_python(peer)
     texts, recorded = texts_to_judge(run_dir, ours_dir)
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "texts.json", Path(tmp) / "labels.json"
         src.write_text(json.dumps(texts), encoding="utf-8")
-        env = {k: v for k, v in {**os.environ, **OFFLINE}.items() if k != "PYTHONPATH"}
         done = subprocess.run([str(python), str(HERE / f"{peer}_driver.py"), "--judge", str(src), str(dst)], cwd=run_dir,
-                              env=env, capture_output=True, text=True, check=False)
+                              env=peer_env(run_dir), capture_output=True, text=True, check=False)
         if done.returncode != 0:
             raise PeerOutputError(f"{peer}'s rule failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
         labels = json.loads(dst.read_text(encoding="utf-8"))
@@ -93,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         model = json.loads((args.run_dir / "manifest.json").read_text(encoding="utf-8"))["model"]
         path = count(args.run_dir, args.ours or HERE.parents[1] / "study" / model / "pareto")
-    except (PeerOutputError, FileNotFoundError) as err:
+    except (PeerInputError, PeerOutputError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"wrote {path}")

@@ -50,19 +50,26 @@ SMOKE = {"trials": 2, "startup_trials": 8, "n_test": 8, "n_fit": 8, "max_new_tok
 STOP_GRACE_S = 120
 
 
-def venv_python(peer: str) -> Path:
-    return HERE / f".venv-{peer}" / "bin" / "python"
+def installed_python(peer: str) -> Path:
+    """The peer's own interpreter, or an error naming the install command."""
+    python = HERE / f".venv-{peer}" / "bin" / "python"
+    if not python.exists():
+        raise PeerInputError(f"{peer} is not installed ({python} missing); run: bash bench/peers/install.sh {peer}")
+    return python
+
+
+def peer_env(run_dir: Path) -> dict[str, str]:
+    """A peer's environment: offline, an HF_HOME of its own in the run folder, and none of our sources on its path."""
+    env = {**os.environ, **OFFLINE, "HF_HOME": str(run_dir / "hf-home")}
+    env.pop("PYTHONPATH", None)
+    return env
 
 
 def run_peer(peer: str, run_dir: Path, timeout_s: float | None, resume: bool = False) -> dict:
     """The peer's driver in its own venv, offline, in ``run_dir``; its log in ``run_dir/peer.log`` (appended to
     when the peer continues its study there)."""
-    python = venv_python(peer)
-    if not python.exists():
-        raise PeerInputError(f"{peer} is not installed ({python} missing); run: bash bench/peers/install.sh {peer}")
-    env = {**os.environ, **OFFLINE, "HF_HOME": str(run_dir / "hf-home")}
-    env.pop("PYTHONPATH", None)  # the peer must not import our sources
-    driver = [str(python), str(HERE / f"{peer}_driver.py")]
+    env = peer_env(run_dir)
+    driver = [str(installed_python(peer)), str(HERE / f"{peer}_driver.py")]
     log = run_dir / "peer.log"
     start = time.perf_counter()
     with log.open("a" if resume else "w", encoding="utf-8") as fh:

@@ -149,7 +149,6 @@ def direction_loss(name: str, model: Steerable, directions: Float[Tensor, "m d_m
     raise ValueError(f"unknown RDO loss {name!r}; one of {LOSSES}")
 
 
-
 def accumulate_losses(model: Steerable, basis: Float[Tensor, "k d_model"], mix: Float[Tensor, "m k"],
                       weights: Float[Tensor, " m"], lambdas: dict[str, float], targets: RDOTargets, alpha: float,
                       layer: int) -> dict[str, float]:
