@@ -210,6 +210,22 @@ def test_a_damaged_journal_batch_is_generated_again_never_trusted(tiny_bundle, t
     assert again.completion_ids == reference.completion_ids and torch.equal(again.first_logits, reference.first_logits)
 
 
+def test_a_journal_that_cannot_be_kept_never_fails_the_generation(tiny_bundle, tmp_path):
+    """A multirun's jobs share the unsteered generations' journal, and the first to finish removes it while another
+    writes a batch into it (a CI failure: FileNotFoundError on the batch's temp file). The journal only saves a
+    resumed run work, so a batch it cannot keep is logged and the generation goes on with the same result."""
+    from refusal.runtime.generation import BatchJournal, generate
+
+    ids = tiny_bundle.tokenize_instructions(PROMPTS[:8])
+    reference = generate(tiny_bundle, ids, max_new_tokens=3, batch_size=SHARD, progress=False)
+    blocked = tmp_path / "partial"
+    blocked.write_text("a file where the journal's folder should be: every save raises OSError")
+    journal = BatchJournal(blocked / "key")
+    again = generate(tiny_bundle, ids, max_new_tokens=3, batch_size=SHARD, progress=False, journal=journal)
+    assert again.completion_ids == reference.completion_ids and torch.equal(again.first_logits, reference.first_logits)
+    assert journal.load(0, SHARD) is None and blocked.is_file()
+
+
 KILLED_WRITER = textwrap.dedent('''
     import sys, time
     from pathlib import Path

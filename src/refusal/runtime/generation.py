@@ -134,18 +134,25 @@ class BatchJournal:
         return self.folder / f"batch{index:05d}"
 
     def load(self, index: int, rows: int) -> tuple[list[list[int]], torch.Tensor] | None:
-        """Batch ``index`` as it was saved, or None (never written, half written, corrupt or of another size)."""
-        if not artifact_exists(self._stem(index)):
-            return None
+        """Batch ``index`` as it was saved, or None (never written, half written, corrupt, of another size, or removed
+        while read by a concurrent job with the same work that finished first)."""
         try:
+            if not artifact_exists(self._stem(index)):
+                return None
             tensors, meta = load_artifact(self._stem(index), expect={"batch": index})
-        except ArtifactError:
+        except (ArtifactError, OSError):
             return None
         ids, logits = meta.get("completion_ids"), tensors.get("first_logits")
         return (ids, logits) if isinstance(ids, list) and len(ids) == rows and logits is not None and len(logits) == rows else None
 
     def save(self, index: int, completion_ids: list[list[int]], first_logits: torch.Tensor) -> None:
-        save_artifact(self._stem(index), {"first_logits": first_logits}, {"batch": index, "completion_ids": completion_ids})
+        """Keep batch ``index``; best effort, since the journal only saves a resumed run work: a concurrent job with
+        the same work (a multirun's jobs share the unsteered generations) removes the folder when it finishes, and a
+        write that loses that race must not fail this job, whose result is in memory."""
+        try:
+            save_artifact(self._stem(index), {"first_logits": first_logits}, {"batch": index, "completion_ids": completion_ids})
+        except OSError as err:
+            log.info("generation journal: batch %d not kept (%s); only a resume of this run would miss it", index, err)
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
@@ -158,12 +165,14 @@ class BatchJournal:
         for other in self.folder.parent.iterdir():
             if other == self.folder or not other.is_dir():
                 continue
-            files = [p for p in other.rglob("*") if p.is_file()]
-            if files and max(p.stat().st_mtime for p in files) < cutoff:
-                size = sum(p.stat().st_size for p in files)
+            try:  # a concurrent job may remove its own journal, or a file in it, while this one reads it
+                stats = [p.stat() for p in other.rglob("*") if p.is_file()]
+            except OSError:
+                continue
+            if stats and max(st.st_mtime for st in stats) < cutoff:
                 shutil.rmtree(other, ignore_errors=True)
                 log.info("removed a generation journal untouched for %g+ days (%s, %.0f MB): its run was never resumed",
-                         days, other, size / 1e6)
+                         days, other, sum(st.st_size for st in stats) / 1e6)
 
 
 def truncated(gens: Generations, max_new_tokens: int, tokenizer: Any) -> Generations:
