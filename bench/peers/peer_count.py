@@ -21,9 +21,9 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from peer_env import HERE, installed_python, peer_env
 from peer_inputs import PeerInputError
 from peer_readback import PeerOutputError, load_records
-from run_peer import HERE, installed_python, peer_env
 
 from refusal.artifacts import atomic_write_json
 from refusal.run_files import read_completions

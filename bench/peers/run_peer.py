@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -29,6 +28,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from peer_configs import Comparison, write_config
+from peer_count import count
+from peer_env import HERE, OFFLINE, installed_python, peer_env
 from peer_inputs import SPLITS_DIR, PeerInputError, compose, model_folder, write_prompts
 from peer_readback import PeerOutputError, read_run
 
@@ -36,33 +37,14 @@ from refusal.artifacts import atomic_write_text
 from refusal.errors import RefusalError
 from refusal.run_files import ARCHIVED, COMPLETIONS, completions_text
 
-HERE = Path(__file__).resolve().parent
 PEER_RUNS = HERE.parents[1] / "study" / "peers"  # full-size runs: the study's record, read by its Pareto section
 PEERS = ("heretic", "abliterix")
-OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
-           "MPLBACKEND": "Agg"}
 #: Our pareto step (bench/study.py: --pareto-trials 12, --n-test 100, --max-new-tokens 128; the
 #: sweeper's n_startup_trials 8 in conf/experiment/pareto.yaml) and a smoke run of the whole pipeline.
 FULL = {"trials": 12, "startup_trials": 8, "n_test": 100, "n_fit": None, "max_new_tokens": 128, "batch_size": 32}
 SMOKE = {"trials": 2, "startup_trials": 8, "n_test": 8, "n_fit": 8, "max_new_tokens": 16, "batch_size": 8}
 #: Seconds a peer gets to stop after --timeout's Ctrl+C, before it is killed (its journal is still read).
 STOP_GRACE_S = 120
-
-
-def installed_python(peer: str) -> Path:
-    """The peer's own interpreter, or an error naming the install command."""
-    python = HERE / f".venv-{peer}" / "bin" / "python"
-    if not python.exists():
-        raise PeerInputError(f"{peer} is not installed ({python} missing); run: bash bench/peers/install.sh {peer}")
-    return python
-
-
-def peer_env(run_dir: Path) -> dict[str, str]:
-    """A peer's environment: offline, an HF_HOME of its own in the run folder, and none of our sources on its path."""
-    env = {**os.environ, **OFFLINE, "HF_HOME": str(run_dir / "hf-home")}
-    env.pop("PYTHONPATH", None)
-    return env
 
 
 def run_peer(peer: str, run_dir: Path, timeout_s: float | None, resume: bool = False) -> dict:
@@ -189,7 +171,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         report = read_run(run_dir, args.judges)
         print(f"wrote {report / 'report.csv'} and {report / 'report.md'}")
         if not args.smoke and (ours := HERE.parents[1] / "study" / args.model / "pareto").is_dir():
-            from peer_count import count  # it runs the peer the way this module does
 
             print(f"wrote {count(run_dir, ours)} (both searches by {args.peer}'s own count)")
     except (PeerInputError, PeerOutputError, RefusalError, FileNotFoundError) as err:
