@@ -6,6 +6,10 @@ left once r̂ is removed (see :mod:`refusal.fitting.subspace` for why this basis
 ablation exactly; each further row asks whether a second direction adds anything once the first
 is removed. Like DiM ablation it acts at every block input and every attention/MLP write, uncentred
 (x − QᵀQx), so its control is ``random_ablation`` with the same k and ``center=zero``.
+
+``without_dim=true`` ablates rows 2..k only and keeps DiM's direction. Once DiM ablation leaves almost nothing
+refusing, "k directions − DiM ablation" is bounded by that floor and cannot show a second direction at work; the
+directions beyond DiM's alone, against a random subspace of their size (``random_ablation`` k−1), can.
 """
 
 from __future__ import annotations
@@ -28,18 +32,30 @@ def checked_k(cfg: Any, d_model: int | None = None) -> int:
     return k
 
 
+def checked_without_dim(cfg: Any) -> bool:
+    without = cfg.get("without_dim")
+    if without is None:  # the config's default (null, so the runs made before the option stay resumable)
+        return False
+    if not isinstance(without, bool):
+        raise ConfigError(f"intervention.without_dim={without!r} must be true or false")
+    if without and checked_k(cfg) < 2:
+        raise ConfigError("intervention.without_dim=true keeps DiM's direction and ablates the k-1 beyond it: "
+                          f"it needs intervention.k >= 2 (got k={checked_k(cfg)})")
+    return without
+
+
 class MultiDirectionAblation(Intervention):
     name = "multi_ablation"
     description = "Ablate a k-dim subspace: DiM's direction plus the k-1 leading components of per-prompt differences."
     needs = frozenset({"dim"})
     default_layers = "all"
     edits_writes = True
-    defaults = {"k": 2}
+    defaults = {"k": 2, "without_dim": None}
 
     @classmethod
     def check_params(cls, cfg: Any, n_layers: int | None) -> None:
         """A bad k fails before the model loads (where the core calls plugins' checks)."""
-        checked_k(cfg)
+        checked_without_dim(cfg)
 
     @classmethod
     def fit_extra(cls, ctx: Any, fitted: Fitted, cfg: Any) -> dict[str, Any]:
@@ -58,7 +74,8 @@ class MultiDirectionAblation(Intervention):
         if fit is None or fit["basis"].shape[0] != self.k:
             raise ConfigError(f"intervention {self.name!r} needs its own fit for k={self.k} (fitted.extra"
                               f"[{self.name!r}]); let evaluate.py fit it (refusal.fits.fit_for)")
-        self.basis = fit["basis"]
+        self.without_dim = checked_without_dim(self.cfg)
+        self.basis = fit["basis"][1:] if self.without_dim else fit["basis"]
 
     def params(self) -> dict[str, Any]:
         explained = self.fitted.extra[self.name]["explained"]

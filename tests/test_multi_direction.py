@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import REPO
 
 from refusal.config import intervention_config, plugin_dirs
 from refusal.context import prepare
@@ -68,3 +69,34 @@ def test_ablation_on_the_tiny_model_removes_every_basis_component(compose):
     with torch.no_grad(), hooked(watch):  # unsteered: the components are there to remove
         forward(bundle, rows)
     assert float(torch.stack([(x @ Q.T).abs().max() for x in seen[1:]]).min()) > 1e-3
+
+
+def test_without_dim_ablates_only_the_directions_beyond_dims(compose):
+    """without_dim=true: the second direction alone, DiM's kept (the floor DiM ablation leaves hides what it adds)."""
+    cfg = compose("intervention=multi_ablation", "intervention.k=2", "intervention.without_dim=true", *SMALL)
+    ctx = prepare(cfg)
+    cls = get_intervention("multi_ablation", plugin_dirs(cfg))
+    fitted = fit_for(ctx, cls, intervention_config(cfg))
+    intervention = cls(intervention_config(cfg), fitted)
+    torch.testing.assert_close(intervention.basis, fitted.extra["multi_ablation"]["basis"][1:])
+    bundle = ctx.bundle
+    seen = []
+    watch = [HookSpec(bundle.layout.final_norm, lambda x: seen.append(x) or x, "pre")]
+    with torch.no_grad(), intervention.apply(bundle), hooked(watch):
+        forward(bundle, ctx.tokens("harmful_test")[:3])
+    (x,) = seen
+    assert float((x @ intervention.basis.T).abs().max()) <= 1e-4 * float(x.abs().max())  # the second direction: gone
+    assert float((x @ fitted.dim.unit).abs().max()) > 1e-3  # DiM's: kept
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"k": 1, "without_dim": True}, r"without_dim=true keeps DiM's direction .* needs intervention.k >= 2 \(got k=1\)"),
+    ({"k": 2, "without_dim": "yes"}, r"intervention.without_dim='yes' must be true or false"),
+])
+def test_a_bad_without_dim_fails_before_the_model_loads(overrides, message):
+    from refusal.errors import ConfigError
+
+    cls = get_intervention("multi_ablation", [str(REPO / "plugins")])
+    with pytest.raises(ConfigError, match=message):
+        cls.check_params(overrides, n_layers=None)
+    cls.check_params({"k": 2, "without_dim": None}, n_layers=None)  # null: the default, false

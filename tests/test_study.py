@@ -27,7 +27,12 @@ from studykit.run import Study  # noqa: E402
 from studykit.runs import ModelRuns, _rows  # noqa: E402
 from studykit.sections import judges_section, primary_note, selection_section  # noqa: E402
 from studykit.verdict import RULES, decide  # noqa: E402
-from studykit.verdict_sections import control_pairs, more_directions_add, numerics_section  # noqa: E402
+from studykit.verdict_sections import (  # noqa: E402
+    control_pairs,
+    more_directions_add,
+    numerics_section,
+    second_direction_alone_says,
+)
 
 N = 40  # harmful (and harmless) test prompts of every planted run
 
@@ -258,6 +263,8 @@ def test_the_study_renders_the_length_curve_with_a_verdict_per_budget(tmp_path):
             write_run(folder / str(i), name, refused, **({"k": 40} if name.startswith("inlp") else {}))
     for name, refused in (("multi_ablation_2", 2), ("multi_ablation_4", 1), ("random_2_all", 30), ("projected_ablation", 2)):
         write_run(mdir / "methods" / name, name.rsplit("_", 1)[0], refused)
+    write_run(mdir / "methods" / "second_direction_alone", "multi_ablation", 12, without_dim=True)
+    write_run(mdir / "controls" / "random_1_all", "random_ablation", 30)
     landing = {"multi_ablation (k=2)": (0.9, "opposite"), "random_ablation (k=2, center=zero)": (0.05, "stays")}
     write_run(mdir / "methods" / "cosmic_ablation", "dim_ablation", 3)
     for folder, lands in (("geometry_methods", landing), ("geometry_cosmic_ablation", {"dim_ablation": (0.7, "between")})):
@@ -305,11 +312,14 @@ def test_the_study_renders_the_length_curve_with_a_verdict_per_budget(tmp_path):
     assert "(DiM ablation leaves 5% [1–17] refusing, the most a second direction could remove.)" in methods
     assert "multi k=2: Δ +0.0 [-9.2, +9.2] pts → removes less than 10 points more" in methods
     assert "multi k=4: Δ -2.5 [-13.5, +7.3] pts → undecided at this n" in methods  # one discordant prompt of 40
-    assert "| projected_ablation | 5% [1–17] | -70.0 [" in methods  # no random_1_all: its control "not run"
+    assert "| projected_ablation | 5% [1–17] | -70.0 [" in methods and "| not run | 1.000 | - | - |" in methods  # multi k=4
+    # the second direction alone (12 of 40) against a random direction (30 of 40), both refusing the first prompts
+    assert ("the second direction ablated alone (DiM's kept), against a random direction: Δ -45.0 [-58.3, -27.1] pts → "
+            "suppresses 27.1–58.3 points more than a random direction: some refusal lives outside DiM's direction.") in methods
     assert "(random_2_all) | 1.000 | 0.90 [0.80, 1.00] opposite | 0.05 [-0.05, 0.15] stays |" in methods  # geometry_methods
     # COSMIC's ablation lands where its own geometry run says (the DiM layer's dim_ablation row is not planted)
     assert "| cosmic_ablation | 8% [" in methods and "| 0.70 [0.60, 0.80] between | - |" in methods
-    assert "| not run | 1.000 | - | - |" in methods  # projected ablation: no landing measured
+    assert "-70.0 [-81.4, -50.9] (random_1_all) | 1.000 | - | - |" in methods  # projected ablation: no landing measured
     capability = text[text.index("### Capability"):]  # nullspace loses 30 points of MMLU: broken, so C2 is not decided
     assert "**qwen05** (items: mmlu 228, lambada 100)" in capability
     assert "| mmlu (Δ vs unsteered, paired) | lambada nats/token (Δ vs unsteered, paired) |" in capability
@@ -553,6 +563,17 @@ def test_a_negative_control_model_gets_its_rows_and_costs_with_broken_runs_named
 ])
 def test_what_more_directions_add_at_the_rule_boundaries(lo, hi, says):
     assert more_directions_add(PairedDifference((lo + hi) / 2, lo, hi, 311)) == says
+
+
+@pytest.mark.parametrize(("lo", "hi", "says"), [
+    (-0.041, -0.003, "suppresses 0.3–4.1 points more than a random direction: some refusal lives outside DiM's direction"),
+    (-0.041, 0.0, "suppresses less than 10 points more than a random direction"),  # touching 0 is not "more"
+    (-0.0999, 0.05, "suppresses less than 10 points more than a random direction"),
+    (-0.10, 0.05, "undecided at this n"),  # the margin itself is not "less than"
+    (-0.25, 0.0, "undecided at this n"),
+])
+def test_what_the_second_direction_alone_says_at_the_rule_boundaries(lo, hi, says):
+    assert second_direction_alone_says(PairedDifference((lo + hi) / 2, lo, hi, 311)) == says
 
 
 def test_the_pareto_steps_commands_compose_with_the_studys_own_overrides(tmp_path):

@@ -60,12 +60,15 @@ CONTROLS = {
 }
 #: Methods beyond one direction (issue 27), each beside the random subspace of its size and reach (uncentred, at every
 #: layer like DiM ablation): run -> overrides. Multi-direction ablation is nested on DiM (k=1 is DiM ablation), so
-#: Δ(multi k − DiM ablation) asks whether a second direction adds anything once the first is removed.
+#: Δ(multi k − DiM ablation) asks whether a second direction adds anything once the first is removed. That Δ is
+#: bounded by the few prompts DiM ablation leaves refusing, so the second direction is also ablated alone (DiM's
+#: kept) against a random direction: does it carry refusal on its own?
 METHODS = {
     "projected_ablation": ["intervention=projected_ablation"],
     "projected_ablation_norm": ["intervention=projected_ablation", "intervention.norm_preserving=true"],
     "multi_ablation_2": ["intervention=multi_ablation", "intervention.k=2"],
     "multi_ablation_4": ["intervention=multi_ablation", "intervention.k=4"],
+    "second_direction_alone": ["intervention=multi_ablation", "intervention.k=2", "intervention.without_dim=true"],
     "rdo_direction": ["intervention=rdo_ablation", "intervention.k=1"],
     "rdo_cone_3": ["intervention=rdo_ablation", "intervention.k=3"],
     # the direction and layer COSMIC picks from activation cosines (no refusal scores read), ablated like DiM's
@@ -80,7 +83,8 @@ METHODS = {
 }
 #: Each method's matched random control (random_1_all is a control run of the controls step).
 METHOD_CONTROLS = {"projected_ablation": "random_1_all", "projected_ablation_norm": "random_1_all",
-                   "multi_ablation_2": "random_2_all", "multi_ablation_4": "random_4_all", "rdo_direction": "random_1_all",
+                   "multi_ablation_2": "random_2_all", "multi_ablation_4": "random_4_all",
+                   "second_direction_alone": "random_1_all", "rdo_direction": "random_1_all",
                    "rdo_cone_3": "random_3_all", "cosmic_ablation": "random_1_all", "heretic_per_layer": "random_1_all"}
 
 

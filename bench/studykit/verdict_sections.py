@@ -193,6 +193,23 @@ def more_directions_add(d: PairedDifference) -> str:
     return "undecided at this n"
 
 
+def _control_of(mr: ModelRuns, method: str) -> dict[str, Any] | None:
+    """A method's random control: a run of the methods step, or of the controls step (random_1_all)."""
+    return mr.methods.get(METHOD_CONTROLS[method]) or mr.controls.get(METHOD_CONTROLS[method])
+
+
+def second_direction_alone_says(d: PairedDifference) -> str:
+    """What Δ(the second direction ablated alone, DiM's kept − a random direction) says, with C1's margin: refusal
+    outside DiM's direction only if the whole interval is below 0; "no more than the margin" if its lower end is above
+    −margin (the two can hold together: the first wins)."""
+    if d.hi < 0:
+        return (f"suppresses {-100 * d.hi:.1f}–{-100 * d.lo:.1f} points more than a random direction: "
+                "some refusal lives outside DiM's direction")
+    if d.lo > -C1_MARGIN:
+        return f"suppresses less than {C1_MARGIN * 100:.0f} points more than a random direction"
+    return "undecided at this n"
+
+
 def methods_section(runs: dict[str, ModelRuns]) -> list[str]:
     """Methods beyond one direction, each paired against the baseline, DiM ablation and its random control."""
     out = []
@@ -206,7 +223,7 @@ def methods_section(runs: dict[str, ModelRuns]) -> list[str]:
             row = mr.methods.get(name)
             if not row or "outcomes" not in row:
                 continue
-            control = mr.methods.get(METHOD_CONTROLS[name]) or mr.controls.get(METHOD_CONTROLS[name])
+            control = _control_of(mr, name)
             vs_control = (f"{paired(row, control, name, mr.column).as_points()} ({METHOD_CONTROLS[name]})"
                           if control and "outcomes" in control else "not run")
             ppl = row.get("harmless/perplexity") / base["harmless/perplexity"] if row.get("harmless/perplexity") else float("nan")
@@ -218,6 +235,11 @@ def methods_section(runs: dict[str, ModelRuns]) -> list[str]:
             if (row := mr.methods.get(run)) and "outcomes" in row:
                 d = paired(row, ablation, f"{label} − DiM ablation", mr.column)
                 answers.append(f"{label}: Δ {d.as_points()} pts → {more_directions_add(d)}")
+        alone, control = mr.methods.get("second_direction_alone"), _control_of(mr, "second_direction_alone")
+        if alone and control and "outcomes" in alone and "outcomes" in control:
+            d = paired(alone, control, "second direction alone − random direction", mr.column)
+            answers.append(f"the second direction ablated alone (DiM's kept), against a random direction: Δ "
+                           f"{d.as_points()} pts → {second_direction_alone_says(d)}")
         question = ("Does a second direction add anything once the first is removed? "
                     f"(DiM ablation leaves {_rate(ablation, mr.column)} refusing, the most a second direction could "
                     "remove.) " + "; ".join(answers) + "." if answers else "")
