@@ -125,6 +125,45 @@ def test_dim_ablation_on_the_real_model_and_its_weight_export(smollm2, instructi
     assert gap <= 1e-3 and gap < 1e-2 * (hooked_logits - before).abs().max()
 
 
+def test_the_weight_export_as_gguf_loads_back_with_the_hooked_models_logits(smollm2, cache_dir, instructions, tmp_path,
+                                                                          monkeypatch):
+    """The packaged GGUF with the edited writes in float32 and an untied output.weight; every other tensor is copied
+    in its own quantisation. Loaded back with transformers' gguf_file=, it gives the hooked model's logits."""
+    import gguf
+
+    from refusal.models import gguf_export
+
+    ids = smollm2.tokenize_instructions(instructions)
+    fitted = Fitted(dim=DiMDirection(torch.randn(smollm2.model.config.hidden_size, generator=torch.Generator().manual_seed(0)),
+                                     layer=15, position=-1))
+    unit = fitted.dim.unit
+    ablation = get_intervention("dim_ablation")({"name": "dim_ablation"}, fitted)
+    with ablation.apply(smollm2):
+        hooked_logits = _logits(smollm2, ids)
+    folder = export_orthogonalized(smollm2, unit, tmp_path / "ortho")
+    out = tmp_path / "ortho.gguf"
+    record = gguf_export.export_packaged_gguf(SMOLLM2, cache_dir, smollm2, ids, folder, out)  # what evaluate.py calls
+    assert record["path"] == str(out) and record["roundtrip_max_abs_logit_gap"] <= 1e-3
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name, dtype=torch.float32).eval()
+    assert not reloaded.config.tie_word_embeddings
+    gap = (_logits(smollm2, ids, reloaded) - hooked_logits)[smollm2.pad(ids).attention_mask.bool()].abs().max()
+    assert gap <= 1e-3 and gap < 1e-2 * (hooked_logits - _logits(smollm2, ids)).abs().max()
+
+    source = assemble_gguf(GGUFPackageSpec.from_config(SMOLLM2["gguf"]), Path(cache_dir) / "models")
+    before, after = ({t.name: t for t in gguf.GGUFReader(path).tensors} for path in (source, out))
+    assert set(after) == set(before) | {"output.weight"}
+    for name in ("token_embd.weight", "blk.0.attn_output.weight", "blk.29.ffn_down.weight", "output.weight"):
+        assert after[name].tensor_type == gguf.GGMLQuantizationType.F32
+    kept = "blk.0.attn_q.weight"  # not a residual write: its quantised bytes are copied
+    assert after[kept].tensor_type == before[kept].tensor_type != gguf.GGMLQuantizationType.F32
+    assert bytes(after[kept].data) == bytes(before[kept].data)
+
+    monkeypatch.setattr(gguf_export, "ROUNDTRIP_TOLERANCE", -1.0)  # a file that fails its check is not kept
+    record = gguf_export.export_packaged_gguf(SMOLLM2, cache_dir, smollm2, ids, folder, out)
+    assert "loaded back with transformers' gguf_file= differs" in record["error"] and "it was removed" in record["error"]
+    assert not out.exists() and (folder / "config.json").exists()  # the checkpoint folder stays
+
+
 def test_dim_selection_scores_with_a_shared_prefix_equal_the_plain_path(smollm2):
     from test_selection import assert_prefix_sharing_scores_like_the_plain_path
 

@@ -46,6 +46,7 @@ from refusal.judges.quality import (
     score_columns,
 )
 from refusal.metrics.names import column_metric
+from refusal.models.gguf_export import export_packaged_gguf
 from refusal.tracking import make_tracker
 
 log = logging.getLogger(__name__)
@@ -114,6 +115,9 @@ def evaluate_context(ctx: RunContext, output_dir: Path, tracker: Any = None) -> 
         ctx.timings["geometry"] = time.perf_counter() - t3
     if cfg.intervention.get("export", False) and (exported := intervention.export_weights(bundle, output_dir / "orthogonalized")):
         results["exported_checkpoint"] = str(exported)
+        if bundle.source == "gguf_package":
+            results["exported_gguf"] = export_packaged_gguf(cfg.model, cfg.cache_dir, bundle, ctx.tokens("harmful_test")[:4],
+                                                            exported, output_dir / "orthogonalized.gguf")
     results["timings"] = dict(ctx.timings)
     rows = completion_rows(ctx, judged)
     annotate_rows(rows, quality)
