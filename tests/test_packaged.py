@@ -162,6 +162,9 @@ def test_the_weight_export_as_gguf_loads_back_with_the_hooked_models_logits(smol
     record = gguf_export.export_packaged_gguf(SMOLLM2, cache_dir, smollm2, ids, folder, out)
     assert "loaded back with transformers' gguf_file= differs" in record["error"] and "it was removed" in record["error"]
     assert not out.exists() and (folder / "config.json").exists()  # the checkpoint folder stays
+    monkeypatch.setattr(gguf_export, "write_edited_gguf", lambda source, changed, path: path.write_bytes(b"GGUF, truncated"))
+    record = gguf_export.export_packaged_gguf(SMOLLM2, cache_dir, smollm2, ids, folder, out)
+    assert "does not load back with transformers' gguf_file=" in record["error"] and not out.exists()
 
 
 def test_dim_selection_scores_with_a_shared_prefix_equal_the_plain_path(smollm2):

@@ -110,8 +110,13 @@ def export_gguf(source: Path, original: nn.Module, exported: Path, out: Path,
 
     write_edited_gguf(source, edited_tensors(original, exported), out)
     reference = _logits(lambda: AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32), input_ids, attention_mask)
-    reloaded = _logits(lambda: AutoModelForCausalLM.from_pretrained(out.parent, gguf_file=out.name, dtype=torch.float32),
-                       input_ids, attention_mask)
+    try:
+        reloaded = _logits(lambda: AutoModelForCausalLM.from_pretrained(out.parent, gguf_file=out.name, dtype=torch.float32),
+                           input_ids, attention_mask)
+    except Exception as err:  # whatever transformers raises on a file it cannot read: the file is not kept
+        out.unlink(missing_ok=True)
+        raise ModelSourceError(f"the GGUF export does not load back with transformers' gguf_file= ({err}); it was "
+                               f"removed. Convert {exported} with llama.cpp's convert_hf_to_gguf.py instead") from err
     gap = float((reloaded - reference)[attention_mask.bool()].abs().max())
     if not gap <= ROUNDTRIP_TOLERANCE:
         out.unlink(missing_ok=True)
