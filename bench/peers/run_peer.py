@@ -171,7 +171,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         report = read_run(run_dir, args.judges)
         print(f"wrote {report / 'report.csv'} and {report / 'report.md'}")
         if not args.smoke and (ours := HERE.parents[1] / "study" / args.model / "pareto").is_dir():
-
             print(f"wrote {count(run_dir, ours)} (both searches by {args.peer}'s own count)")
     except (PeerInputError, PeerOutputError, RefusalError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
