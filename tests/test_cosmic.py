@@ -48,6 +48,44 @@ def test_cosmic_picks_the_planted_candidate():
         tight = select_cosmic(candidates, model, read, CosmicConfig(max_kl=kl / 2), n_prompts=24)
     assert (tight.layer, tight.position) == (planted_layer, -1) and tight.notes
 
+class StopAfter:
+    """An in-memory score store that stops the selection (KeyboardInterrupt) at its ``n``-th save."""
+
+    def __init__(self, n: int | None):
+        self.n, self.saves, self.tables = n, 0, None
+
+    def load(self):
+        return None if self.tables is None else {k: v.clone() for k, v in self.tables.items()}
+
+    def save(self, tables):
+        self.saves += 1
+        self.tables = {k: v.clone() for k, v in tables.items()}
+        if self.saves == self.n:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("stop", [1, 3, 5])  # mid-ablation (2 candidates a pass, 8 candidates), the first and last addition
+def test_a_stopped_selection_resumes_with_the_scores_it_kept(stop):
+    model, r = PlantedLinearModel.planted(n_layers=5, offset=6.0)
+    candidates = 4.0 * r + 3.0 * torch.randn(model.n_layers, 2, model.d_model, generator=torch.Generator().manual_seed(1))
+    cfg, read = CosmicConfig(max_kl=10.0, batch_size=48), [1, 2]
+    calls = []
+    run = model.run
+    model.run = lambda *args, **kwargs: calls.append(kwargs) or run(*args, **kwargs)
+    whole = select_cosmic(candidates, model, read, cfg, n_prompts=24)
+    passes = len(calls)
+    assert passes == 2 + 2 * 4 + 4  # references, 4 ablation passes of 2 candidates (2 classes), 4 layers' additions
+    progress = StopAfter(stop)
+    with pytest.raises(KeyboardInterrupt):
+        select_cosmic(candidates, model, read, cfg, n_prompts=24, progress=progress)
+    progress.n, calls[:] = None, []
+    resumed = select_cosmic(candidates, model, read, cfg, n_prompts=24, progress=progress)
+    assert len(calls) == passes - 2 * min(stop, 4) - max(0, stop - 4)  # nothing scored twice
+    assert (resumed.layer, resumed.position) == (whole.layer, whole.position)
+    for name in ("refusal_similarity", "steering_similarity", "kl"):
+        torch.testing.assert_close(getattr(resumed, name), getattr(whole, name), rtol=0, atol=0, equal_nan=True)
+
+
 @pytest.mark.parametrize(("override", "message"), [
     ("layer.fraction=0", r"^layer.fraction=0 must be within \(0, 1\] \(the share of layers read"),
     ("layer.fraction=1", None),
@@ -81,3 +119,36 @@ def test_layer_cosmic_on_the_tiny_model(compose):
     allowed = total[(tensors["kl"] <= 0.1) & total.isfinite()]
     assert float(winner) == pytest.approx(float(allowed.max() if len(allowed) else total.nan_to_num(-9).max()))
     assert fit_dim(ctx).layer == dim.layer  # reused from the artifact
+    assert not list(ctx.artifact_dir.glob("dim_cosmic-*-progress*"))  # a finished selection keeps no step artifact
+
+
+def test_layer_cosmic_stopped_on_the_tiny_model_resumes_from_its_step_artifact(compose, caplog, monkeypatch):
+    from refusal.fits import CosmicStepArtifact
+
+    overrides = ("layer=cosmic", "layer.fraction=0.5", "layer.n_prompts=4", "layer.batch_size=4", "data.n_train=16",
+                 "data.n_val=8", "data.n_test=8")
+    ctx = prepare(compose(*overrides))
+    save = CosmicStepArtifact.save
+
+    def stop_after_one(self, tables):
+        save(self, tables)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(CosmicStepArtifact, "save", stop_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        fit_dim(ctx)
+    assert len(list(ctx.artifact_dir.glob("dim_cosmic-*-progress.json"))) == 1
+    monkeypatch.setattr(CosmicStepArtifact, "save", save)
+    with caplog.at_level("INFO", logger="refusal.fitting.cosmic"):
+        resumed = fit_dim(ctx)
+    assert "COSMIC resumed with 1/" in caplog.text
+    assert not list(ctx.artifact_dir.glob("dim_cosmic-*-progress*"))
+    (stem,) = [p.with_suffix("") for p in ctx.artifact_dir.glob("dim_cosmic-*.json")]
+    kept, _ = load_artifact(stem)
+    for path in ctx.artifact_dir.glob("dim_cosmic-*"):
+        path.unlink()
+    whole = fit_dim(ctx)
+    assert (resumed.layer, resumed.position) == (whole.layer, whole.position)
+    fresh, _ = load_artifact(stem)
+    for name in ("refusal_similarity", "steering_similarity", "kl"):
+        torch.testing.assert_close(kept[name], fresh[name], equal_nan=True)

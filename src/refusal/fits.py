@@ -76,6 +76,34 @@ def _reuse(stem: Path, load: Callable[[], T]) -> T | None:
         return None
 
 
+class StepArtifact:
+    """A long fit's state after its last step, a checksummed artifact beside the fit's own (``<stem>-progress``): a
+    stopped fit resumes there; one made for another model, data or setting is an error, a corrupt one is refitted."""
+
+    def __init__(self, stem: Path, expect: Mapping[str, Any]):
+        self.stem, self.expect = stem.with_name(stem.name + "-progress"), dict(expect)
+
+    def read(self, build: Callable[[dict[str, torch.Tensor], dict[str, Any]], T]) -> T | None:
+        return _reuse(self.stem, lambda: build(*load_artifact(self.stem, expect=self.expect)))
+
+    def write(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
+        save_artifact(self.stem, {k: v.contiguous() for k, v in tensors.items()}, {**self.expect, **meta})
+
+    def remove(self) -> None:
+        for path in artifact_paths(self.stem):
+            path.unlink(missing_ok=True)
+
+
+class CosmicStepArtifact(StepArtifact):
+    """``select_cosmic``'s score tables so far (nan: not scored yet)."""
+
+    def load(self) -> dict[str, torch.Tensor] | None:
+        return self.read(lambda tensors, meta: tensors)
+
+    def save(self, tables: dict[str, torch.Tensor]) -> None:
+        self.write(tables, {})
+
+
 # -- DiM ------------------------------------------------------------------------------------------
 def fit_dim(ctx: RunContext) -> DiMDirection:
     """The DiM direction for the configured layer spec: pinned, relative, or selected on val."""
@@ -113,12 +141,13 @@ def fit_dim(ctx: RunContext) -> DiMDirection:
         )
         plot_selection(result, stem.with_name(f"{stem.name}_selection.png"), title=f"{ctx.bundle.name}: DiM selection")
     elif spec.mode == "cosmic":
-        layer, position = _select_cosmic(ctx, candidates, tensors, meta)
+        layer, position = _select_cosmic(ctx, candidates, tensors, meta, CosmicStepArtifact(stem, expect))
     else:
         layer, position = spec.layer, spec.position
     dim = DiMDirection(candidates[layer, position], layer, position)
     meta.update(layer=layer, position=position, seconds=time.perf_counter() - t0)
     dim.save(stem, meta, tensors)
+    CosmicStepArtifact(stem, expect).remove()  # a finished selection's scores live in its artifact
     ctx.timings["fit_dim"] = time.perf_counter() - t0
     log.info("DiM direction: layer %d position %d (%s)", layer, position, stem)
     return dim
@@ -132,7 +161,7 @@ def dim_means(ctx: RunContext, dim: DiMDirection) -> DiMMeans:
 
 
 def _select_cosmic(ctx: RunContext, candidates: torch.Tensor, tensors: dict[str, torch.Tensor],
-                   meta: dict[str, Any]) -> tuple[int, int]:
+                   meta: dict[str, Any], progress: CosmicStepArtifact) -> tuple[int, int]:
     """``layer=cosmic``: COSMIC's pick among the DiM candidates (read layers from the fit split's means)."""
     cfg = CosmicConfig.from_layer_cfg(plain(ctx.cfg.layer))
     n_layers = ctx.bundle.n_layers
@@ -141,7 +170,8 @@ def _select_cosmic(ctx: RunContext, candidates: torch.Tensor, tensors: dict[str,
     read = low_similarity_layers(harm[:n_layers], safe[:n_layers], cfg.fraction)
     n = cfg.n_prompts
     model = BundleSteerable(ctx.bundle, {"harmful": ctx.tokens("harmful_val")[:n], "harmless": ctx.tokens("harmless_val")[:n]})
-    result = select_cosmic(candidates, model, read, cfg, max(len(model.prompts["harmful"]), len(model.prompts["harmless"])))
+    n_prompts = max(len(model.prompts["harmful"]), len(model.prompts["harmless"]))
+    result = select_cosmic(candidates, model, read, cfg, n_prompts, progress)
     tensors.update(refusal_similarity=result.refusal_similarity, steering_similarity=result.steering_similarity, kl=result.kl)
     meta.update(winner=result.winner(), read_layers=result.read_layers, notes=result.notes,
                 decided_by=f"COSMIC: max refusal + steering similarity among KL <= {cfg.max_kl}")
@@ -212,32 +242,22 @@ def fit_leace(ctx: RunContext, dim: DiMDirection):
 
 
 # -- RDO (the rdo_ablation plugin's own fit) ------------------------------------------------------
-class RDOStepArtifact:
-    """``optimise``'s state after its last step, a checksummed artifact beside the fit's own (``<stem>-progress``): a
-    stopped fit resumes there; one made for another model, data or setting is an error, a corrupt one is refitted."""
-
-    def __init__(self, stem: Path, expect: Mapping[str, Any]):
-        self.stem, self.expect = stem.with_name(stem.name + "-progress"), dict(expect)
+class RDOStepArtifact(StepArtifact):
+    """``optimise``'s state after its last step (basis, Adam's moments, generator, schedule)."""
 
     def load(self) -> RDOState | None:
-        def read() -> RDOState:
-            tensors, meta = load_artifact(self.stem, expect=self.expect)
+        def state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> RDOState:
             adam = {key.removeprefix("adam."): value for key, value in tensors.items() if key.startswith("adam.")}
             return RDOState(tensors["basis"], tensors["best_basis"], adam, tensors["generator"], meta["history"],
                             float(meta["best"]), int(meta["waited"]), int(meta["reduced"]), float(meta["lr"]))
 
-        return _reuse(self.stem, read)
+        return self.read(state)
 
     def save(self, state: RDOState) -> None:
         tensors = {"basis": state.basis, "best_basis": state.best_basis, "generator": state.generator,
                    **{f"adam.{key}": value for key, value in state.adam.items()}}
-        save_artifact(self.stem, {k: v.contiguous() for k, v in tensors.items()},
-                      {**self.expect, "history": state.history, "best": state.best, "waited": state.waited,
-                       "reduced": state.reduced, "lr": state.lr})
-
-    def remove(self) -> None:
-        for path in artifact_paths(self.stem):
-            path.unlink(missing_ok=True)
+        self.write(tensors, {"history": state.history, "best": state.best, "waited": state.waited,
+                             "reduced": state.reduced, "lr": state.lr})
 
 
 def fit_rdo(ctx: RunContext, dim: DiMDirection, cfg: RDOConfig) -> RDOResult:

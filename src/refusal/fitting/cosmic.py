@@ -16,14 +16,18 @@ and the candidate with the highest sum wins among those whose ablation keeps the
 KL ≤ ``max_kl`` and that lie before the last ``prune_last_fraction`` of layers (Arditi et al.'s
 filters, which COSMIC keeps). Left out: their extra rule that skips last-position candidates past the
 median layer where the scores peak (a heuristic the paper does not describe).
+
+Scoring is one forward pass per candidate batch (qwen15 on 2 cores: 34 min for 140 candidates), so with a
+``progress`` store the score tables are kept after every pass and a stopped selection goes on from there.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from jaxtyping import Float
@@ -32,6 +36,9 @@ from torch import Tensor
 from refusal.errors import FitError
 from refusal.fitting.dim import _kl_rows, eligible_layers
 from refusal.fitting.steering import Steerable
+
+log = logging.getLogger(__name__)
+TABLES = ("refusal", "steering", "kl")
 
 
 @dataclass
@@ -64,6 +71,14 @@ class CosmicResult:
                 "steering_similarity": float(self.steering_similarity[self.layer, p]), "kl": float(self.kl[self.layer, p])}
 
 
+class CosmicProgress(Protocol):
+    """Where ``select_cosmic`` keeps its score tables after every pass (``refusal.fits``: a checksummed artifact)."""
+
+    def load(self) -> dict[str, Tensor] | None: ...
+
+    def save(self, tables: dict[str, Tensor]) -> None: ...
+
+
 def low_similarity_layers(harmful_mean: Float[Tensor, "n_layers d_model"], harmless_mean: Float[Tensor, "n_layers d_model"],
                           fraction: float) -> list[int]:
     """The ``max(1, int(fraction·n_layers))`` layers whose class means have the lowest cosine, increasing."""
@@ -80,8 +95,9 @@ def reference(residuals: Float[Tensor, "m n reads d_model"]) -> Float[Tensor, "m
 
 @torch.no_grad()
 def select_cosmic(candidates: Float[Tensor, "n_layers n_pos d_model"], model: Steerable, read_layers: list[int],
-                  cfg: CosmicConfig, n_prompts: int) -> CosmicResult:
-    """Score every eligible candidate (``model`` holds the val prompts) and pick COSMIC's winner."""
+                  cfg: CosmicConfig, n_prompts: int, progress: CosmicProgress | None = None) -> CosmicResult:
+    """Score every eligible candidate (``model`` holds the val prompts) and pick COSMIC's winner; with ``progress``,
+    the scores of an earlier, stopped selection are kept and only the rest are computed."""
     n_layers, n_pos, _ = candidates.shape
     scored = [(li, p) for li in eligible_layers(n_layers, cfg.prune_last_fraction) for p in range(n_pos)
               if float(candidates[li, p].norm()) > 1e-6 * float(candidates.norm(dim=-1).max())]
@@ -91,21 +107,35 @@ def select_cosmic(candidates: Float[Tensor, "n_layers n_pos d_model"], model: St
     ref_harm = reference(model.run("harmful", read=read_layers).residuals)[0]
     plain = model.run("harmless", read=read_layers)
     ref_safe, base_logits = reference(plain.residuals)[0], plain.logits[0]
-    tables = {name: torch.full((n_layers, n_pos), math.nan, dtype=torch.float64) for name in ("refusal", "steering", "kl")}
+    tables = progress.load() if progress is not None else None
+    if tables is None or any(tables[name].shape != (n_layers, n_pos) for name in TABLES):
+        tables = {name: torch.full((n_layers, n_pos), math.nan, dtype=torch.float64) for name in TABLES}
+    elif done := sum(not math.isnan(float(tables["kl"][lp])) for lp in scored):
+        log.info("COSMIC resumed with %d/%d candidates' ablations scored", done, len(scored))
+
+    def keep() -> None:
+        if progress is not None:
+            progress.save(tables)
+
+    to_ablate = [lp for lp in scored if math.isnan(float(tables["kl"][lp]))]
     per_pass = max(1, cfg.batch_size // n_prompts)
-    for start in range(0, len(scored), per_pass):
-        chunk = scored[start:start + per_pass]
+    for start in range(0, len(to_ablate), per_pass):
+        chunk = to_ablate[start:start + per_pass]
         dirs = torch.stack([candidates[li, p] for li, p in chunk]).float()
         ablated_harm = model.run("harmful", ablate=dirs, read=read_layers)
         ablated_safe = model.run("harmless", ablate=dirs)
         for j, (li, p) in enumerate(chunk):
             tables["refusal"][li, p] = float(reference(ablated_harm.residuals[j:j + 1])[0] @ ref_safe)
             tables["kl"][li, p] = float(_kl_rows(base_logits, ablated_safe.logits[j]).mean())
+        keep()
     for li in sorted({li for li, _ in scored}):  # addition acts at the candidate's own layer: one pass per layer
-        positions = [p for lj, p in scored if lj == li]
+        positions = [p for lj, p in scored if lj == li and math.isnan(float(tables["steering"][lj, p]))]
+        if not positions:
+            continue
         added = model.run("harmless", add=candidates[li, positions].float(), add_layer=li, read=read_layers)
         for j, p in enumerate(positions):
             tables["steering"][li, p] = float(reference(added.residuals[j:j + 1])[0] @ ref_harm)
+        keep()
     pool = [lp for lp in scored if tables["kl"][lp] <= cfg.max_kl]
     notes = []
     if not pool:
