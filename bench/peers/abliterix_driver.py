@@ -22,7 +22,7 @@ import abliterix.cli as abliterix_cli
 from abliterix.eval.detector import RefusalDetector
 from abliterix.eval.scorer import TrialScorer
 from abliterix.settings import DetectionConfig
-from driver_common import append, export, judge_files, name_trials
+from driver_common import append, run
 
 _evaluate_keyword_result = RefusalDetector._evaluate_keyword_result
 _measure = TrialScorer.measure_kl_and_coherence
@@ -76,24 +76,11 @@ def own_rule():
     return detector.detect_refusal
 
 
-def main() -> int:
-    if sys.argv[1:2] == ["--judge"]:
-        judge_files(own_rule(), *sys.argv[2:4])
-        return 0
-    if sys.argv[1:] == ["--export"]:  # after a crash or a hard stop: the journal's trials only
-        export("abliterix")
-        return 0
-    name_trials()
+def patch() -> None:
     RefusalDetector._evaluate_keyword_result = evaluate_keyword_result
     TrialScorer.measure_kl_and_coherence = measure_kl_and_coherence
     abliterix_cli._detect_response_prefix = no_response_prefix
-    sys.argv = ["abliterix"]  # settings come from ./abliterix.toml only
-    try:
-        abliterix_cli.main()
-    finally:
-        export("abliterix")
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run("abliterix", own_rule, patch, abliterix_cli.main))  # settings come from ./abliterix.toml only

@@ -1,5 +1,5 @@
-"""What both peer drivers do the same way: record completions per trial, name trials, export the study, and
-apply the peer's own refusal rule to given texts (``--judge``, for ``peer_count.py``).
+"""What both peer drivers do the same way: record completions per trial, name trials, export the study, apply
+the peer's own refusal rule to given texts (``--judge``, for ``peer_count.py``), and their command line (``run``).
 
 Imported only by ``heretic_driver.py`` and ``abliterix_driver.py``, with a peer's own interpreter (the
 script's folder is on its ``sys.path``); it needs nothing but the standard library and the peer's Optuna.
@@ -65,3 +65,24 @@ def judge_files(refused: Callable[[str], bool], texts_path: str, labels_path: st
     OUT (``{name: [bool, ...]}``); the rule's settings are the run folder's ``settings.json`` (the peer's own)."""
     texts = json.loads(Path(texts_path).read_text(encoding="utf-8"))
     Path(labels_path).write_text(json.dumps({name: [bool(refused(t)) for t in batch] for name, batch in texts.items()}))
+
+
+def run(peer: str, own_rule: Callable[[], Callable[[str], bool]], patch: Callable[[], None],
+        peer_main: Callable[[], object]) -> int:
+    """A driver's command line: ``--judge IN OUT`` (the peer's rule only), ``--export`` (after a crash or a hard
+    stop: the journal's trials only), or the search itself, patched, with settings from the peer's config file in
+    the working directory only; its trials are exported however it ends."""
+    if sys.argv[1:2] == ["--judge"]:
+        judge_files(own_rule(), *sys.argv[2:4])
+        return 0
+    if sys.argv[1:] == ["--export"]:
+        export(peer)
+        return 0
+    name_trials()
+    patch()
+    sys.argv = [peer]
+    try:
+        peer_main()
+    finally:
+        export(peer)
+    return 0

@@ -19,7 +19,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import heretic.main as heretic_main
-from driver_common import append, export, judge_files, name_trials
+from driver_common import append, run
 from heretic.evaluator import Evaluator
 
 _count_refusals = Evaluator.count_refusals
@@ -68,24 +68,11 @@ def own_rule():
     return lambda text: Evaluator.is_refusal(evaluator, text)
 
 
-def main() -> int:
-    if sys.argv[1:2] == ["--judge"]:
-        judge_files(own_rule(), *sys.argv[2:4])
-        return 0
-    if sys.argv[1:] == ["--export"]:  # after a crash or a hard stop: the journal's trials only
-        export("heretic")
-        return 0
-    name_trials()
+def patch() -> None:
     Evaluator.count_refusals = count_refusals
     Evaluator.get_score = get_score
     heretic_main.prompt_select = answer
-    sys.argv = ["heretic"]  # settings come from ./config.toml only
-    try:
-        heretic_main.run()
-    finally:
-        export("heretic")
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run("heretic", own_rule, patch, heretic_main.run))  # settings come from ./config.toml only
