@@ -4,6 +4,7 @@
     python bench/study.py --models qwen05 --steps main k geometry
     python bench/study.py --models qwen15 --ks 4 16 --alphas 2.0 --controls dim_ablation_selected flip_all
     python bench/study.py --render-only                    # re-render docs/RESULTS.md from study/
+    python bench/study.py --models qwen15 --plan           # what is done, started, left, and its time by the record
 
 Each step is an ordinary command (printed, and listed in the report): ``train.py`` once per model,
 then ``evaluate.py`` sweeps and control runs into ``study/<model>/<step>/`` and ``python -m

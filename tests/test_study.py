@@ -22,6 +22,7 @@ from refusal.stats.paired import PairedDifference
 sys.path.insert(0, str(REPO / "bench"))  # the study's code lives in bench/studykit
 from studykit.plan import CONTROLS, KS, METHODS  # noqa: E402
 from studykit.plots import plot_tunability  # noqa: E402
+from studykit.progress import estimate, render_plan  # noqa: E402
 from studykit.render import holm_table, render, timing_line  # noqa: E402
 from studykit.run import Study  # noqa: E402
 from studykit.runs import ModelRuns, _rows  # noqa: E402
@@ -482,6 +483,51 @@ def test_methods_run_in_the_order_asked_and_their_geometry_waits_for_all_of_them
     rest = [name for name in METHODS if name not in ("rdo_cone_3", "projected_ablation")]
     second = planned_commands(root, ["methods"], methods=rest)
     assert len(second) == len(rest) + 2 and second[-2][:2] == ["-m", "refusal.geometry"]
+
+
+def test_the_plan_lists_each_runs_state_runs_nothing_and_times_the_rest_by_the_record(tmp_path):
+    """--plan: done (output made by this command), changed (made by another: the runner would refuse it), started (a
+    stamp without output: it resumes), to do; a run without its own time takes another model's, scaled by the median
+    ratio of the runs both made (here 2.0 and 4.0 -> 3.0)."""
+    root = tmp_path / "study"
+    opts = argparse.Namespace(ks=[], methods=["projected_ablation", "multi_ablation_2", "rdo_direction", "random_2_all",
+                                              "rdo_cone_3"])
+    shown = {}
+
+    class Shown(Study):  # the commands as the runner would stamp them
+        def run(self, argv, log, done):
+            shown[log.stem] = self.portable(argv)
+            return True
+
+    (root / "qwen15" / "train").mkdir(parents=True)
+    (root / "qwen15" / "train" / "fitted.json").write_text(json.dumps({"inlp_rank": 16}))
+    Shown(root, [], tmp_path).model("qwen15", ["methods"], opts)
+    methods = root / "qwen15" / "methods"
+    for name, made_by in [("projected_ablation", None), ("multi_ablation_2", "python other"), ("rdo_direction", None)]:
+        (methods / name).mkdir(parents=True)
+        (methods / name / "results.json").write_text("{}")
+        (methods / f"{name}.command").write_text((made_by or shown[name]) + "\n")
+    shutil.rmtree(methods / "rdo_direction")  # its stamp stays: started, stopped before its output
+    (root / "qwen15" / "train.command").write_text(shown["train"] + "\n")
+    minutes = {"train.log": 2.0, "main.log": 40.0, "methods/random_2_all.log": 5.0}
+    (root / "qwen05").mkdir()
+    (root / "qwen05" / "timings.json").write_text(json.dumps({k: {"wall_s": 60 * v} for k, v in minutes.items()}))
+    (root / "qwen15" / "timings.json").write_text(json.dumps({"train.log": 240.0, "main.log": {"wall_s": 60 * 160.0}}))
+
+    plan = Study(root, [], tmp_path, plan_only=True)
+    plan.model("qwen15", ["methods"], opts)
+    states = {run.step: run.state for run in plan.planned}
+    assert states == {"train.log": "done", "methods/projected_ablation.log": "done", "methods/multi_ablation_2.log": "changed",
+                      "methods/rdo_direction.log": "started", "methods/random_2_all.log": "to do",
+                      "methods/rdo_cone_3.log": "to do"}
+    assert not list(root.rglob("*.log")) and not (methods / "random_2_all.command").exists()  # nothing ran
+    times = {"qwen05": minutes, "qwen15": {"train.log": 4.0, "main.log": 160.0}}
+    assert estimate("qwen15", "methods/random_2_all.log", times) == (15.0, "qwen05's × 3.00, the median ratio over 2 runs both made")
+    assert estimate("qwen15", "main.log", times) == (160.0, "its own last run")
+    assert estimate("qwen15", "methods/rdo_cone_3.log", times) is None
+    table = render_plan(plan.planned, root)
+    assert "| qwen15 | methods/random_2_all | to do | 15.0 | qwen05's × 3.00" in table
+    assert "qwen15: 4 runs left, about 15 min on this record (3 with no time yet)" in table
 
 
 def test_the_length_curve_judges_every_budget_on_cuts_of_one_generation_at_the_longest(tmp_path):

@@ -2,6 +2,7 @@
 
 - ``plan``: the models, steps, sweeps and control runs (Hydra overrides);
 - ``run``: the runner (each step an ordinary command, skipped when its output exists);
+- ``progress``: ``--plan``, each run's state and the time left by the study's own record;
 - ``runs``: a study folder read back as report rows with per-prompt outcomes;
 - ``verdict``: the claims' written rules (paired intervals, margins fixed in advance);
 - ``verdict_sections``, ``sections``, ``peers``: the RESULTS sections (those that decide claims, the rest,

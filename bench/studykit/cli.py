@@ -13,6 +13,7 @@ from refusal.artifacts import atomic_write_text
 from refusal.run_files import archive_completions
 
 from .plan import ALPHAS, CONTROL_MODELS, CONTROLS, KS, METHODS, REPO, SPLITS_DIR, STEPS, STUDY_MODELS
+from .progress import render_plan
 from .render import render
 from .run import Study
 
@@ -51,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heldout-n", type=int, default=24, help="prompts per column in the held-out step")
     parser.add_argument("--pareto-trials", type=int, default=12, help="Optuna trials of the pareto step (0: skip it)")
     parser.add_argument("--render-only", action="store_true")
+    parser.add_argument("--plan", action="store_true",
+                        help="list the asked steps' runs as done / started / to do with the time left by the study's own "
+                             "record; run nothing")
     args = parser.parse_args(argv)
 
     data = ["data=refusal_direction", f"data.dir={args.splits.resolve()}"] if args.splits.is_dir() else ["data=embedded"]
@@ -61,6 +65,12 @@ def main(argv: list[str] | None = None) -> int:
         common.append(f"data.n_test={args.n_test}")
     common += args.override
     meta_path = args.root / "meta.json"
+    if args.plan:
+        study = Study(args.root, common, args.splits, plan_only=True)
+        for model in args.models:
+            study.model(model, [s for s in args.steps if model not in CONTROL_MODELS or s == "main"], args)
+        print(render_plan(study.planned, args.root))
+        return 0
     if args.render_only:
         if not meta_path.exists():
             parser.error(f"--render-only: no {meta_path}; run the study first")

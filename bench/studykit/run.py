@@ -32,11 +32,14 @@ from .plan import (
     own_selection,
     swept,
 )
+from .progress import PlannedRun, state_of
 
 
 class Study:
-    def __init__(self, root: Path, common: list[str], splits: Path) -> None:
+    def __init__(self, root: Path, common: list[str], splits: Path, plan_only: bool = False) -> None:
         self.root, self.common = root.resolve(), common
+        # plan_only: each run is listed with its state (progress.PlannedRun), none is started
+        self.planned: list[PlannedRun] | None = [] if plan_only else None
         # the machine's folders as placeholders in stamps: study/ is committed, and resumes from another checkout
         self.places = {str(self.root): "$STUDY", str(splits.resolve()): "$SPLITS"}
 
@@ -51,6 +54,10 @@ class Study:
         """Run one step unless ``done`` exists; output goes to ``log``; returns success."""
         shown = self.portable(argv)
         stamp = log.with_suffix(".command")
+        if self.planned is not None:
+            model, *step = log.relative_to(self.root).parts
+            self.planned.append(PlannedRun(model, "/".join(step), state_of(shown, stamp, done), shown))
+            return done.exists()
         if done.exists():
             if stamp.exists() and stamp.read_text().strip() == shown:
                 print(f"skip (done): {shown}")
