@@ -5,7 +5,8 @@ per-prompt differences (harmful activation minus the harmless mean, at the DiM l
 left once r̂ is removed (see :mod:`refusal.fitting.subspace` for why this basis). k=1 is DiM
 ablation exactly; each further row asks whether a second direction adds anything once the first
 is removed. Like DiM ablation it acts at every block input and every attention/MLP write, uncentred
-(x − QᵀQx), so its control is ``random_ablation`` with the same k and ``center=zero``.
+(x − QᵀQx), so its control is ``random_ablation`` with the same k and ``center=zero``; ``export=true`` saves the
+checkpoint with the subspace removed from the weights (:class:`refusal.interventions.builtin.SubspaceAblation`).
 
 ``without_dim=true`` ablates rows 2..k only and keeps DiM's direction. Once DiM ablation leaves almost nothing
 refusing, "k directions − DiM ablation" is bounded by that floor and cannot show a second direction at work; the
@@ -17,10 +18,8 @@ from __future__ import annotations
 from typing import Any
 
 from refusal.errors import ConfigError
-from refusal.interventions import Intervention
-from refusal.interventions.base import Cast, Fitted
-from refusal.interventions.builtin import project_out_subspace
-from refusal.runtime.hooks import TensorFn
+from refusal.interventions.base import Fitted
+from refusal.interventions.builtin import SubspaceAblation
 
 
 def checked_k(cfg: Any, d_model: int | None = None) -> int:
@@ -44,13 +43,11 @@ def checked_without_dim(cfg: Any) -> bool:
     return without
 
 
-class MultiDirectionAblation(Intervention):
+class MultiDirectionAblation(SubspaceAblation):
     name = "multi_ablation"
     description = "Ablate a k-dim subspace: DiM's direction plus the k-1 leading components of per-prompt differences."
     needs = frozenset({"dim"})
-    default_layers = "all"
-    edits_writes = True
-    defaults = {"k": 2, "without_dim": None}
+    defaults = {"k": 2, "without_dim": None, "export": None}
 
     @classmethod
     def check_params(cls, cfg: Any, n_layers: int | None) -> None:
@@ -81,8 +78,3 @@ class MultiDirectionAblation(Intervention):
         explained = self.fitted.extra[self.name]["explained"]
         return {**super().params(), "explained": [round(float(x), 4) for x in explained]}
 
-    def residual_edit(self, layer: int, cast: Cast) -> TensorFn:
-        Q = cast(self.basis)
-        return lambda x: project_out_subspace(x, Q)
-
-    write_edit = residual_edit

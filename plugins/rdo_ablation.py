@@ -3,11 +3,11 @@
 ``k=1``: one direction trained by gradient descent with the paper's ablation, addition and retain
 losses, started from DiM's; ``k>1``: a refusal cone, a k-dim basis trained so that every direction
 sampled in it satisfies the losses. The trained span is ablated like DiM's direction: every block
-input and every attention/MLP write, uncentred (x − QᵀQx). The fit is a checksummed artifact reused
-when its settings, model and data match (a fit stopped midway resumes from its last step's
-artifact, ``<stem>-progress``); one that did not converge, or whose basis has rank below k,
-is a FitError with the numbers (``on_unconverged=warn`` to use it anyway). Its control is
-``random_ablation`` with the same k and ``center=zero``.
+input and every attention/MLP write, uncentred (x − QᵀQx), weight-exportable (``export=true``). The
+fit is a checksummed artifact reused when its settings, model and data match (a fit stopped midway
+resumes from its last step's artifact, ``<stem>-progress``); one that did not converge, or whose basis
+has rank below k, is a FitError with the numbers (``on_unconverged=warn`` to use it anyway). Its
+control is ``random_ablation`` with the same k and ``center=zero``.
 """
 
 from __future__ import annotations
@@ -19,19 +19,14 @@ from refusal.errors import ConfigError
 from refusal.fits import fit_rdo
 from refusal.fitting.rdo import RDOConfig
 from refusal.fitting.results import Fitted
-from refusal.interventions import Intervention
-from refusal.interventions.base import Cast
-from refusal.interventions.builtin import project_out_subspace
-from refusal.runtime.hooks import TensorFn
+from refusal.interventions.builtin import SubspaceAblation
 
 
-class RDOAblation(Intervention):
+class RDOAblation(SubspaceAblation):
     name = "rdo_ablation"
     description = "Ablate an RDO-trained refusal direction (k=1) or refusal cone (k>1) at every layer."
     needs = frozenset({"dim"})
-    default_layers = "all"
-    edits_writes = True
-    defaults = asdict(RDOConfig())
+    defaults = {**asdict(RDOConfig()), "export": None}
 
     @classmethod
     def check_params(cls, cfg: Any, n_layers: int | None) -> None:
@@ -56,9 +51,4 @@ class RDOAblation(Intervention):
         return {**super().params(), "loss_start": round(fit.initial_loss, 4), "loss_best": round(fit.best_loss, 4),
                 "best_step": fit.best_step, "converged": fit.converged}
 
-    def residual_edit(self, layer: int, cast: Cast) -> TensorFn:
-        Q = cast(self.basis)
-        return lambda x: project_out_subspace(x, Q)
-
-    write_edit = residual_edit
 

@@ -100,3 +100,73 @@ def test_a_bad_without_dim_fails_before_the_model_loads(overrides, message):
     with pytest.raises(ConfigError, match=message):
         cls.check_params(overrides, n_layers=None)
     cls.check_params({"k": 2, "without_dim": None}, n_layers=None)  # null: the default, false
+
+
+def exported_and_hooked(bundle, intervention, rows, folder):
+    from transformers import AutoModelForCausalLM
+
+    batch = bundle.pad(rows)
+    with torch.no_grad(), intervention.apply(bundle):
+        hooked_logits = bundle.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                     position_ids=batch.position_ids).logits
+    reloaded = AutoModelForCausalLM.from_pretrained(intervention.export_weights(bundle, folder)).eval()
+    with torch.no_grad():
+        exported = reloaded(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids).logits
+        plain = bundle.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                             position_ids=batch.position_ids).logits
+    return exported, hooked_logits, plain, reloaded
+
+
+@pytest.mark.parametrize("name", ["multi_ablation", "rdo_ablation"])
+def test_the_subspace_ablations_export_weights_whose_logits_equal_the_hooked_models(tiny_tied_bundle, tmp_path, name):
+    """x − QᵀQx at every write, baked in row by row (float64, stored float32): the reloaded checkpoint's logits equal the
+    hooks' to 1e-4, the tied unembedding is untied and kept, and the edit is far larger than that gap."""
+    from types import SimpleNamespace
+
+    from test_projected_ablation import fitted_for
+
+    bundle = tiny_tied_bundle
+    fitted = fitted_for(bundle, 4)
+    rows = torch.cat([fitted.dim.unit[None], torch.randn(2, bundle.d_model, generator=torch.Generator().manual_seed(2))])
+    basis = torch.linalg.qr(rows.T)[0].T  # orthonormal, DiM's direction first as both fits start
+    fitted.extra[name] = {"basis": basis, "explained": torch.ones(3) / 3} if name == "multi_ablation" else \
+        SimpleNamespace(basis=basis)
+    cls = get_intervention(name, [str(REPO / "plugins")])
+    intervention = cls({**cls.defaults, "name": name, "k": 3}, fitted)
+    rows = bundle.tokenize_instructions(["How do I pick a lock?", "Write a poem about the sea."])
+    exported, hooked_logits, plain, reloaded = exported_and_hooked(bundle, intervention, rows, tmp_path / name)
+    assert float((exported - hooked_logits).abs().max()) <= 1e-4
+    assert float((hooked_logits - plain).abs().max()) > 1e-2
+    torch.testing.assert_close(reloaded.lm_head.weight, bundle.model.lm_head.weight)
+    writer = reloaded.model.layers[1].mlp.down_proj.weight.detach().double()  # a write's output has nothing in the span
+    assert float((basis.double() @ writer).abs().max()) < 1e-5
+
+
+def test_a_basis_that_is_not_orthonormal_is_not_exported(tiny_bundle, tmp_path):
+    from refusal.errors import ConfigError
+    from refusal.interventions.export import export_subspace
+
+    skewed = torch.stack([torch.eye(tiny_bundle.d_model)[0], torch.eye(tiny_bundle.d_model)[0] + torch.eye(tiny_bundle.d_model)[1]])
+    with pytest.raises(ConfigError, match=r"the 2 directions to export are not orthonormal \(Gram matrix off the identity by 1"):
+        export_subspace(tiny_bundle, skewed, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_evaluate_exports_the_multi_direction_ablation(compose, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from refusal.evaluation import run_evaluation
+
+    cfg = compose("intervention=multi_ablation", "intervention.k=2", "intervention.export=true", "eval.max_new_tokens=2",
+                  "geometry.enabled=false", *SMALL)
+    results = run_evaluation(cfg, tmp_path / "run")
+    ctx = prepare(cfg)
+    cls = get_intervention("multi_ablation", plugin_dirs(cfg))
+    intervention = cls(intervention_config(cfg), fit_for(ctx, cls, intervention_config(cfg)))
+    rows = ctx.tokens("harmful_test")[:3]
+    exported, hooked_logits, _, _ = exported_and_hooked(ctx.bundle, intervention, rows, tmp_path / "again")
+    reloaded = AutoModelForCausalLM.from_pretrained(results["exported_checkpoint"]).eval()
+    batch = ctx.bundle.pad(rows)
+    with torch.no_grad():
+        saved = reloaded(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids).logits
+    assert float((saved - hooked_logits).abs().max()) <= 1e-4

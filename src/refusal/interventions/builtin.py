@@ -19,7 +19,7 @@ from refusal.errors import ConfigError
 from refusal.fitting.capture import capture_curve
 from refusal.fitting.inlp import project_out_subspace  # also imported from here by plugins
 from refusal.interventions.base import Cast, Fitted, Intervention
-from refusal.interventions.export import export_orthogonalized
+from refusal.interventions.export import export_orthogonalized, export_subspace
 from refusal.interventions.scope import resolve_k
 from refusal.models.bundle import ModelBundle
 from refusal.runtime.hooks import HookSpec, TensorFn
@@ -91,6 +91,25 @@ class DiMAblation(Intervention):
         return export_orthogonalized(bundle, self.fitted.dim.unit, out_dir)
 
     write_edit = residual_edit
+
+
+class SubspaceAblation(Intervention):
+    """Base of the ablations of a fitted k-dim subspace (no ``name``: not registered itself): x − QᵀQx for the
+    orthonormal rows Q a subclass sets as ``self.basis``, uncentred like DiM ablation, at every block input and
+    attention/MLP write, and exportable as weights with that span removed (``intervention.export=true``)."""
+
+    default_layers = "all"
+    edits_writes = True
+    basis: Float[Tensor, "k d_model"]
+
+    def residual_edit(self, layer: int, cast: Cast) -> TensorFn:
+        Q = cast(self.basis)
+        return lambda x: project_out_subspace(x, Q)
+
+    write_edit = residual_edit
+
+    def export_weights(self, bundle: ModelBundle, out_dir: Path) -> Path:
+        return export_subspace(bundle, self.basis, out_dir)
 
 
 def _rank(inlp: Any) -> int:

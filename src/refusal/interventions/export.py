@@ -14,6 +14,7 @@ import copy
 from pathlib import Path
 
 import torch
+from jaxtyping import Float
 from torch import nn
 
 from refusal.errors import ConfigError
@@ -75,8 +76,25 @@ def orthogonalize_(model: nn.Module, unit: torch.Tensor) -> nn.Module:
 
 def export_plan(bundle: ModelBundle, plan: AblationPlan, out_dir: str | Path) -> Path:
     """Save a copy of ``bundle``'s model with ``plan`` baked in (plus tokenizer) with ``save_pretrained``."""
-    out_dir = Path(out_dir)
-    model = apply_plan_(copy.deepcopy(bundle.model), plan)
+    return _save(apply_plan_(copy.deepcopy(bundle.model), plan), bundle, Path(out_dir))
+
+
+def export_subspace(bundle: ModelBundle, basis: Float[torch.Tensor, "k d_model"], out_dir: str | Path) -> Path:
+    """Save a copy with the span of ``basis`` (orthonormal rows) removed from every residual write: x − QᵀQx, the
+    multi-direction and RDO ablations. Each row is removed in turn, since (I − q₂q₂ᵀ)(I − q₁q₁ᵀ) = I − QᵀQ when
+    the rows are orthonormal."""
+    gram = basis.double() @ basis.double().T
+    if float((gram - torch.eye(len(basis), dtype=torch.float64)).abs().max()) > 1e-4:
+        raise ConfigError(f"the {len(basis)} directions to export are not orthonormal (Gram matrix off the identity by "
+                          f"{float((gram - torch.eye(len(basis), dtype=torch.float64)).abs().max()):.2g}): removing them "
+                          "one by one would not remove their span; orthonormalise the basis first")
+    model = copy.deepcopy(bundle.model)
+    for row in basis:
+        apply_plan_(model, uniform_plan(row, bundle.n_layers))
+    return _save(model, bundle, Path(out_dir))
+
+
+def _save(model: nn.Module, bundle: ModelBundle, out_dir: Path) -> Path:
     model.save_pretrained(out_dir)
     bundle.tokenizer.save_pretrained(out_dir)
     return out_dir
