@@ -51,8 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--splits", type=Path, default=SPLITS_DIR, help="the refusal_direction splits folder")
     parser.add_argument("--heldout-n", type=int, default=24, help="prompts per column in the held-out step")
     parser.add_argument("--pareto-trials", type=int, default=12, help="Optuna trials of the pareto step (0: skip it)")
-    parser.add_argument("--render-only", action="store_true")
-    parser.add_argument("--plan", action="store_true",
+    only = parser.add_mutually_exclusive_group()
+    only.add_argument("--render-only", action="store_true")
+    only.add_argument("--plan", action="store_true",
                         help="list the asked steps' runs as done / started / to do with the time left by the study's own "
                              "record; run nothing")
     args = parser.parse_args(argv)
