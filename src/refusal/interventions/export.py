@@ -83,11 +83,10 @@ def export_subspace(bundle: ModelBundle, basis: Float[torch.Tensor, "k d_model"]
     """Save a copy with the span of ``basis`` (orthonormal rows) removed from every residual write: x − QᵀQx, the
     multi-direction and RDO ablations. Each row is removed in turn, since (I − q₂q₂ᵀ)(I − q₁q₁ᵀ) = I − QᵀQ when
     the rows are orthonormal."""
-    gram = basis.double() @ basis.double().T
-    if float((gram - torch.eye(len(basis), dtype=torch.float64)).abs().max()) > 1e-4:
+    off = float((basis.double() @ basis.double().T - torch.eye(len(basis), dtype=torch.float64)).abs().max())
+    if off > 1e-4:
         raise ConfigError(f"the {len(basis)} directions to export are not orthonormal (Gram matrix off the identity by "
-                          f"{float((gram - torch.eye(len(basis), dtype=torch.float64)).abs().max()):.2g}): removing them "
-                          "one by one would not remove their span; orthonormalise the basis first")
+                          f"{off:.2g}): removing them one by one would not remove their span; orthonormalise the basis first")
     model = copy.deepcopy(bundle.model)
     for row in basis:
         apply_plan_(model, uniform_plan(row, bundle.n_layers))
