@@ -374,6 +374,15 @@ def test_a_parameter_only_other_interventions_have_is_ignored_with_a_warning(com
     assert "k" not in intervention_config(cfg) and intervention_config(cfg)["name"] == "dim_ablation"
 
 
+def test_export_on_an_intervention_that_is_not_a_weight_edit_says_so_and_names_those_that_are(compose):
+    from refusal.config import check_config
+
+    with pytest.warns(UserWarning, match=r"^intervention=inlp_flip is not an edit of the weights: intervention.export=true "
+                                         r"saves nothing for it \(weight-exportable: dim_ablation, multi_ablation, "
+                                         r"projected_ablation, rdo_ablation, weighted_ablation\)$"):
+        check_config(compose("intervention=inlp_flip", "+intervention.export=true", "intervention.layers=all"))
+
+
 # -- data -----------------------------------------------------------------------------------------
 def _files_cfg(compose, harmful: Path, harmless: Path, *extra: str):
     return compose("data=files", f"data.harmful_path={harmful}", f"data.harmless_path={harmless}",

@@ -17,7 +17,7 @@ from refusal.constraints import parse_constraints
 from refusal.errors import ConfigError
 from refusal.fitting.inlp import INLPConfig
 from refusal.fitting.leace import INSTALL_HINT
-from refusal.interventions import get_intervention
+from refusal.interventions import Intervention, get_intervention
 from refusal.interventions.registry import INTERVENTIONS, available
 from refusal.interventions.scope import Scope, check_k, check_layer
 from refusal.judges import judge_names
@@ -145,8 +145,14 @@ def _unknown_parameters(cls: type, given: set[str], cfg: DictConfig) -> None:
         hint = f"; did you mean intervention.{close[0]}?" if close else ""
         raise ConfigError(f"intervention.{typos[0]} is not a parameter of intervention={cls.name} (its parameters: "
                           f"{', '.join(sorted(intervention_parameters(cls) - {'name'}))}){hint}")
-    warnings.warn(f"intervention={cls.name} has no parameter {', '.join(unknown)} (set for the other interventions "
-                  "of this run); ignored", stacklevel=3)
+    if "export" in unknown and cfg.intervention.get("export"):
+        exportable = sorted(c.name for c in INTERVENTIONS.classes.values() if c.export_weights is not Intervention.export_weights)
+        warnings.warn(f"intervention={cls.name} is not an edit of the weights: intervention.export=true saves nothing for "
+                      f"it (weight-exportable: {', '.join(exportable)})", stacklevel=3)
+        unknown.remove("export")
+    if unknown:
+        warnings.warn(f"intervention={cls.name} has no parameter {', '.join(unknown)} (set for the other interventions "
+                      "of this run); ignored", stacklevel=3)
 
 
 def intervention_config(cfg: DictConfig) -> dict[str, Any]:
