@@ -13,14 +13,12 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-STATES = ("done", "started", "changed", "to do")
-
 
 @dataclass(frozen=True)
 class PlannedRun:
     model: str
     step: str  # the run's log path under its model's folder (its timings.json key)
-    state: str  # one of STATES
+    state: str  # done | changed | started | to do (state_of)
     command: str
 
 
@@ -62,11 +60,10 @@ def render_plan(planned: list[PlannedRun], root: Path) -> str:
     lines = ["| model | run | state | minutes | from |", "|---|---|---|---|---|"]
     left: dict[str, list[float | None]] = {}
     for run in planned:
-        guess = estimate(run.model, run.step, times)
         if run.state == "done":
             minutes, source = times.get(run.model, {}).get(run.step), "measured"
         else:
-            minutes, source = guess if guess else (None, "no model has run it")
+            minutes, source = estimate(run.model, run.step, times) or (None, "no model has run it")
             left.setdefault(run.model, []).append(minutes)
         shown = "" if minutes is None else f"{minutes:.1f}"
         lines.append(f"| {run.model} | {run.step.removesuffix('.log')} | {run.state} | {shown} | {source} |")
