@@ -1,0 +1,1 @@
+python evaluate.py -m model=qwen15 data=refusal_direction data.dir=$SPLITS logger=none progress=false resume=true eval.max_new_tokens=128 model.matmul=bfloat16 data.n_test=100 intervention=none,dim_ablation,actadd eval=trial hydra.sweep.dir=$STUDY/qwen15/pareto

@@ -1,0 +1,1 @@
+python evaluate.py experiment=pareto_inlp_flip intervention.layer=null hydra.sweeper.n_trials=12 model=qwen15 data=refusal_direction data.dir=$SPLITS logger=none progress=false resume=true eval.max_new_tokens=128 model.matmul=bfloat16 data.n_test=100 hydra.sweep.dir=$STUDY/qwen15/pareto
