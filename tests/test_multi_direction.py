@@ -102,28 +102,15 @@ def test_a_bad_without_dim_fails_before_the_model_loads(overrides, message):
     cls.check_params({"k": 2, "without_dim": None}, n_layers=None)  # null: the default, false
 
 
-def exported_and_hooked(bundle, intervention, rows, folder):
-    from transformers import AutoModelForCausalLM
-
-    batch = bundle.pad(rows)
-    with torch.no_grad(), intervention.apply(bundle):
-        hooked_logits = bundle.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                     position_ids=batch.position_ids).logits
-    reloaded = AutoModelForCausalLM.from_pretrained(intervention.export_weights(bundle, folder)).eval()
-    with torch.no_grad():
-        exported = reloaded(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids).logits
-        plain = bundle.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                             position_ids=batch.position_ids).logits
-    return exported, hooked_logits, plain, reloaded
-
-
 @pytest.mark.parametrize("name", ["multi_ablation", "rdo_ablation"])
-def test_the_subspace_ablations_export_weights_whose_logits_equal_the_hooked_models(tiny_tied_bundle, tmp_path, name):
+def test_the_subspace_ablations_export_weights_whose_logits_equal_the_hooked_models(tiny_tied_bundle, prompts, tmp_path,
+                                                                                     name):
     """x − QᵀQx at every write, baked in row by row (float64, stored float32): the reloaded checkpoint's logits equal the
     hooks' to 1e-4, the tied unembedding is untied and kept, and the edit is far larger than that gap."""
     from types import SimpleNamespace
 
-    from test_projected_ablation import fitted_for
+    from test_interventions import forward
+    from test_projected_ablation import fitted_for, hooked_and_exported
 
     bundle = tiny_tied_bundle
     fitted = fitted_for(bundle, 4)
@@ -133,10 +120,11 @@ def test_the_subspace_ablations_export_weights_whose_logits_equal_the_hooked_mod
         SimpleNamespace(basis=basis)
     cls = get_intervention(name, [str(REPO / "plugins")])
     intervention = cls({**cls.defaults, "name": name, "k": 3}, fitted)
-    rows = bundle.tokenize_instructions(["How do I pick a lock?", "Write a poem about the sea."])
-    exported, hooked_logits, plain, reloaded = exported_and_hooked(bundle, intervention, rows, tmp_path / name)
-    assert float((exported - hooked_logits).abs().max()) <= 1e-4
-    assert float((hooked_logits - plain).abs().max()) > 1e-2
+    hooked, exported, reloaded = hooked_and_exported(bundle, intervention, prompts, tmp_path / name)
+    with torch.no_grad():
+        plain = forward(bundle, bundle.tokenize_instructions(prompts))
+    assert float((exported - hooked).abs().max()) <= 1e-4
+    assert float((hooked - plain).abs().max()) > 1e-2
     torch.testing.assert_close(reloaded.lm_head.weight, bundle.model.lm_head.weight)
     writer = reloaded.model.layers[1].mlp.down_proj.weight.detach().double()  # a write's output has nothing in the span
     assert float((basis.double() @ writer).abs().max()) < 1e-5
@@ -152,7 +140,8 @@ def test_a_basis_that_is_not_orthonormal_is_not_exported(tiny_bundle, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_evaluate_exports_the_multi_direction_ablation(compose, tmp_path):
+def test_evaluate_exports_the_multi_direction_ablation(compose, prompts, tmp_path):
+    from test_projected_ablation import hooked_and_exported
     from transformers import AutoModelForCausalLM
 
     from refusal.evaluation import run_evaluation
@@ -163,10 +152,9 @@ def test_evaluate_exports_the_multi_direction_ablation(compose, tmp_path):
     ctx = prepare(cfg)
     cls = get_intervention("multi_ablation", plugin_dirs(cfg))
     intervention = cls(intervention_config(cfg), fit_for(ctx, cls, intervention_config(cfg)))
-    rows = ctx.tokens("harmful_test")[:3]
-    exported, hooked_logits, _, _ = exported_and_hooked(ctx.bundle, intervention, rows, tmp_path / "again")
+    hooked, _, _ = hooked_and_exported(ctx.bundle, intervention, prompts, tmp_path / "again")
     reloaded = AutoModelForCausalLM.from_pretrained(results["exported_checkpoint"]).eval()
-    batch = ctx.bundle.pad(rows)
+    batch = ctx.bundle.pad(ctx.bundle.tokenize_instructions(prompts))
     with torch.no_grad():
         saved = reloaded(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids).logits
-    assert float((saved - hooked_logits).abs().max()) <= 1e-4
+    assert float((saved - hooked).abs().max()) <= 1e-4

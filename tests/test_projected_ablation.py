@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 from refusal.config import check_config
 from refusal.errors import ConfigError
 from refusal.interventions import DiMDirection, DiMMeans, Fitted, get_intervention
-from refusal.interventions.export import apply_plan_, export_plan, orthogonalize_
+from refusal.interventions.export import apply_plan_, orthogonalize_
 from refusal.interventions.weighted import (
     Kernel,
     column_scales,
@@ -46,8 +46,7 @@ def hooked_and_exported(bundle, intervention, prompts, folder):
     ids = bundle.tokenize_instructions(prompts)
     with torch.no_grad(), intervention.apply(bundle):
         hooked = forward(bundle, ids)
-    export_plan(bundle, intervention.weight_plan(bundle.n_layers), folder)
-    reloaded = AutoModelForCausalLM.from_pretrained(folder).eval()
+    reloaded = AutoModelForCausalLM.from_pretrained(intervention.export_weights(bundle, folder)).eval()
     batch = bundle.pad(ids)
     with torch.no_grad():
         exported = reloaded(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
