@@ -398,6 +398,62 @@ def test_the_drivers_record_each_trial_under_its_optuna_number_across_a_resume(t
         assert records[t.number + 1]["kl_divergence"] == t.params["x"]
 
 
+def tpe_search(storage, trials: int, *, cut_off: bool = False) -> list[dict]:
+    """One peer process: a new seeded multivariate TPE sampler (as both peers build it) continuing the study in
+    ``storage`` for ``trials`` trials; ``cut_off`` then starts one more trial and leaves it running (the machine went
+    away). Returns every trial's parameters so far."""
+    import optuna
+
+    sampler = optuna.samplers.TPESampler(n_startup_trials=3, multivariate=True, seed=0)
+    study = optuna.create_study(storage=storage, study_name="peer", sampler=sampler, load_if_exists=True)
+    study.optimize(lambda t: (t.suggest_float("x", 0, 1) - 0.3) ** 2 + t.suggest_float("y", 0, 1), n_trials=trials)
+    if cut_off:
+        cut = study.ask()
+        cut.suggest_float("x", 0, 1), cut.suggest_float("y", 0, 1)
+    return [t.params for t in study.trials]
+
+
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+def test_a_resumed_tpe_search_draws_what_the_uninterrupted_one_would_have(tmp_path, monkeypatch):
+    """Real Optuna, the peers' sampler: without the drivers' saved states a resumed process repeats trial 0's
+    start-up draws; with them, a search stopped between trials, or cut off inside one, goes on with the uninterrupted
+    search's parameters (the cut-off trial's unevaluated draws go to the next trial)."""
+    import driver_common
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    monkeypatch.chdir(tmp_path)
+    whole = tpe_search(optuna.storages.InMemoryStorage(), 6)
+    unpatched = optuna.storages.InMemoryStorage()
+    tpe_search(unpatched, 2)
+    assert tpe_search(unpatched, 1)[2] == whole[0]  # the peers' own resume
+
+    for name in ("infer_relative_search_space", "after_trial"):
+        monkeypatch.setattr(optuna.samplers.TPESampler, name, getattr(optuna.samplers.TPESampler, name))
+    driver_common.keep_sampler_state()
+    between = optuna.storages.InMemoryStorage()
+    tpe_search(between, 3)
+    assert tpe_search(between, 3) == whole
+    assert json.loads((tmp_path / "checkpoints/peer.sampler-state.json").read_text())["when"] == "after"
+
+    shutil.rmtree(tmp_path / "checkpoints")
+    inside = optuna.storages.InMemoryStorage()
+    params = tpe_search(inside, 2, cut_off=True)
+    assert params[2] == whole[2]
+    assert json.loads((tmp_path / "checkpoints/peer.sampler-state.json").read_text())["when"] == "before"
+    assert tpe_search(inside, 4)[3:] == whole[2:]
+
+
+def test_a_resume_without_saved_sampler_state_says_its_draws_may_repeat(tmp_path, monkeypatch, capsys):
+    import driver_common
+    import optuna
+
+    monkeypatch.chdir(tmp_path)
+    study = optuna.create_study(study_name="peer", sampler=optuna.samplers.TPESampler(seed=0))
+    driver_common.restore_sampler_state(study.sampler, study, 4)
+    assert "checkpoints/peer.sampler-state.json is missing, not the study's last trial 3" in capsys.readouterr().out
+
+
 # counting both searches the peer's way (peer_count.py; the rule itself runs in the peer's venv) -------------------
 
 def test_judge_files_labels_every_text_by_the_rule_given(tmp_path):
