@@ -123,6 +123,7 @@ def fit_dim(ctx: RunContext) -> DiMDirection:
     candidates = candidates[: ctx.bundle.n_layers]  # block inputs only
     meta: dict[str, Any] = {**expect, "n_positions": candidates.shape[1], "refusal_filter": ctx.filtered.as_dict()}
     tensors: dict[str, torch.Tensor] = {"candidates": candidates}
+    progress: CosmicStepArtifact | None = None  # layer=cosmic only
     if spec.mode == "auto":
         fit_cfg = ctx.cfg.fit.dim
         n = fit_cfg.get("n_prompts")
@@ -141,13 +142,15 @@ def fit_dim(ctx: RunContext) -> DiMDirection:
         )
         plot_selection(result, stem.with_name(f"{stem.name}_selection.png"), title=f"{ctx.bundle.name}: DiM selection")
     elif spec.mode == "cosmic":
-        layer, position = _select_cosmic(ctx, candidates, tensors, meta, CosmicStepArtifact(stem, expect))
+        progress = CosmicStepArtifact(stem, expect)
+        layer, position = _select_cosmic(ctx, candidates, tensors, meta, progress)
     else:
         layer, position = spec.layer, spec.position
     dim = DiMDirection(candidates[layer, position], layer, position)
     meta.update(layer=layer, position=position, seconds=time.perf_counter() - t0)
     dim.save(stem, meta, tensors)
-    CosmicStepArtifact(stem, expect).remove()  # a finished selection's scores live in its artifact
+    if progress is not None:
+        progress.remove()  # a finished selection's scores live in its artifact
     ctx.timings["fit_dim"] = time.perf_counter() - t0
     log.info("DiM direction: layer %d position %d (%s)", layer, position, stem)
     return dim
