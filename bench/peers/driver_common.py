@@ -2,7 +2,7 @@
 the peer's own refusal rule to given texts (``--judge``, for ``peer_count.py``), and their command line (``run``).
 
 Imported only by ``heretic_driver.py`` and ``abliterix_driver.py``, with a peer's own interpreter (the
-script's folder is on its ``sys.path``); it needs nothing but the standard library and the peer's Optuna.
+script's folder is on its ``sys.path``); it needs nothing but the standard library and the peer's Optuna (and its numpy).
 
 Records are keyed by the running trial's **Optuna number + 1** (0 is the unsteered baseline). A peer's own
 ``index`` attribute is not a key: after a resume both peers restart their counter (heretic at the number of
