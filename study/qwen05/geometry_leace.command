@@ -1,0 +1,1 @@
+python -m refusal.geometry --interventions none,leace_erase,leace_flip --out $STUDY/qwen05/geometry_leace model=qwen05 data=refusal_direction data.dir=$SPLITS logger=none progress=false resume=true eval.max_new_tokens=128 model.matmul=bfloat16 '+eval.test_sets.strongreject={source: pypi, benchmark: strongreject, n: null}' eval.test_sets.overrefusal.n=100 data.n_test=100

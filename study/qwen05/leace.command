@@ -1,0 +1,1 @@
+python evaluate.py -m model=qwen05 data=refusal_direction data.dir=$SPLITS logger=none progress=false resume=true eval.max_new_tokens=128 model.matmul=bfloat16 '+eval.test_sets.strongreject={source: pypi, benchmark: strongreject, n: null}' eval.test_sets.overrefusal.n=100 data.n_test=100 intervention=leace_erase,leace_flip hydra.sweep.dir=$STUDY/qwen05/leace
