@@ -178,6 +178,29 @@ def test_optuna_search_on_tiny_writes_the_front(tmp_path):
     assert (sweep / "pareto.png").stat().st_size > 10_000
 
 
+#: heretic 1.4.0's search space (heretic/main.py, ``objective``) in its own units: what pareto_weighted_ablation samples.
+HERETIC_RANGES = {"direction_index": (0.4, 0.9), "max_weight": (0.8, 1.5), "max_weight_position": (0.6, 1.0),
+                  "min_weight": (0.0, 1.0), "min_weight_distance": (0.04, 0.6)}
+
+
+def test_the_heretic_kernel_search_samples_heretics_space_with_heretics_fixed_choices(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_cli("experiment=pareto_weighted_ablation", "hydra.sweeper.n_trials=2", "model=tiny", *SMALL,
+                   f"cache_dir={tmp_path / 'cache'}", f"artifacts_dir={tmp_path / 'art'}", "progress=false",
+                   f"hydra.sweep.dir={sweep}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trials = [json.loads(p.read_text()) for p in sorted(sweep.glob("*_tiny_weighted_ablation/results.json"))]
+    assert len(trials) == 2 and all(t["status"] == "ok" for t in trials)
+    for params in (t["params"] for t in trials):
+        assert params["direction"] in ("index", "per_layer")
+        assert {k: params[k] for k in ("units", "projected", "embedding", "norm_preserving")} == \
+            {"units": "fractions", "projected": True, "embedding": False, "norm_preserving": "rows"}
+        for name, (low, high) in HERETIC_RANGES.items():
+            for key in [name] if name == "direction_index" else [f"attn_{name}", f"mlp_{name}"]:
+                assert low <= params[key] <= high, (key, params[key])
+    assert trials[0]["params"] != trials[1]["params"]
+
+
 def _error_lines(proc: subprocess.CompletedProcess) -> list[str]:
     return [line for line in proc.stderr.splitlines() if line.startswith("error:")]
 

@@ -21,6 +21,7 @@ from refusal.interventions.weighted import (
     column_scales,
     interpolated_direction,
     projected_direction,
+    row_scales,
     writer_linear,
 )
 from refusal.models.architecture import residual_layout
@@ -93,7 +94,7 @@ def test_interpolated_direction_by_hand():
     expected = torch.tensor([0.0, 0.75, 0.25, 0.0, 0.0])  # index 0.25: modf(1.25) → lerp(site 1, site 2, 0.25)
     torch.testing.assert_close(interpolated_direction(sites, 0.25), expected / expected.norm())
     torch.testing.assert_close(interpolated_direction(sites, 2.0), sites[3])  # whole index: block 2's output
-    with pytest.raises(ConfigError, match=r"direction=3.0 must be .* in \[0, 3\)"):
+    with pytest.raises(ConfigError, match=r"direction_index=3.0 must be a layer index in \[0, 3\)"):
         interpolated_direction(sites, 3.0)
 
 
@@ -102,18 +103,36 @@ def test_interpolated_direction_by_hand():
     ("intervention.mlp_min_weight=-0.5", r"mlp_min_weight=-0.5 must be in \[0, 2\]"),
     ("intervention.attn_min_weight_distance=0", r"attn_min_weight_distance=0 must be > 0"),
     ("intervention.mlp_max_weight_position=4", r"mlp_max_weight_position=4 is out of range for a model with 4 layers"),
-    ("intervention.direction=3", r"direction=3 must be 'dim', 'per_layer' or heretic's direction index, a number in \[0, 3\)"),
-    ("intervention.direction=last", r"direction='last' must be"),
-    ("intervention.norm_preserving=maybe", r"norm_preserving='maybe' must be true or false"),
+    ("intervention.direction=last", r"direction='last' must be one of dim, per_layer, index"),
+    ("intervention.direction=index", r"direction=index needs intervention.direction_index"),
+    ("intervention.direction=index intervention.direction_index=-1", r"direction_index=-1 must be in \[0, 3\) layers"),
+    ("intervention.direction=index intervention.direction_index=1 intervention.units=fractions",
+     r"direction_index=1 must be in \[0, 1\) \(a fraction of the last layer index"),
+    ("intervention.units=percent", r"units='percent' must be 'layers' or 'fractions'"),
+    ("intervention.units=fractions intervention.attn_max_weight_position=1.2",
+     r"attn_max_weight_position=1.2 must be in \[0, 1\] with units=fractions"),
+    ("intervention.units=fractions intervention.mlp_min_weight=1.5", r"mlp_min_weight=1.5 must be in \[0, 1\] with units"),
+    ("intervention.norm_preserving=maybe", r"norm_preserving='maybe' must be true .*, rows .* or false"),
+    ("intervention.norm_preserving=rows", r"norm_preserving=rows \(heretic's\) edits the attention/MLP writes only; "
+                                          r"set intervention.embedding=false"),
 ])
 def test_out_of_range_kernel_parameters_fail_before_the_model_loads(compose, override, message):
     with pytest.raises(ConfigError, match=message):
-        check_config(compose("intervention=weighted_ablation", override))  # no bundle: before loading
+        check_config(compose("intervention=weighted_ablation", *override.split()))  # no bundle: before loading
+
+
+def test_a_direction_index_past_the_model_fails_once_its_layers_are_known(tiny_bundle):
+    with pytest.raises(ConfigError, match=r"direction_index=3 must be in \[0, 3\) layers"):
+        make("weighted_ablation", fitted_for(tiny_bundle), direction="index", direction_index=3)
 
 
 def test_kernel_edges_are_accepted(compose):
     check_config(compose("intervention=weighted_ablation", "intervention.attn_max_weight=2", "intervention.mlp_min_weight=0",
-                         "intervention.attn_max_weight_position=3", "intervention.direction=2.99"))
+                         "intervention.attn_max_weight_position=3", "intervention.direction=index",
+                         "intervention.direction_index=2.99"))
+    check_config(compose("intervention=weighted_ablation", "intervention.units=fractions", "intervention.direction=index",
+                         "intervention.direction_index=0.99", "intervention.attn_max_weight_position=1",
+                         "intervention.mlp_min_weight=1", "intervention.norm_preserving=rows", "intervention.embedding=false"))
 
 
 def test_the_plan_follows_the_kernel_per_component(tiny_bundle):
@@ -128,16 +147,32 @@ def test_the_plan_follows_the_kernel_per_component(tiny_bundle):
     assert plan.embedding is None
 
 
+def test_fraction_units_are_heretics_sampling_units(tiny_bundle):
+    """heretic/main.py: position and distance are sampled as multiples of last = n_layers − 1, min_weight as a
+    fraction of max_weight; direction_index likewise. tiny has 4 layers: last = 3."""
+    fitted = fitted_for(tiny_bundle)
+    by_fraction = make("weighted_ablation", fitted, units="fractions", direction="index", direction_index=0.5,
+                       attn_max_weight=1.2, attn_max_weight_position=0.5, attn_min_weight=0.25,
+                       attn_min_weight_distance=1 / 3)
+    by_layer = make("weighted_ablation", fitted, direction="index", direction_index=1.5, attn_max_weight=1.2,
+                    attn_max_weight_position=1.5, attn_min_weight=0.3, attn_min_weight_distance=1.0)
+    assert by_fraction.kernels()["attn"] == Kernel(1.2, 1.5, 0.3, 1.0) == by_layer.kernels()["attn"]
+    assert by_fraction.direction == by_layer.direction == 1.5
+    plans = [a.weight_plan(tiny_bundle.n_layers) for a in (by_fraction, by_layer)]
+    assert {k: e.weight for k, e in plans[0].writes.items()} == {k: e.weight for k, e in plans[1].writes.items()}
+    assert {(1, "attn"), (2, "attn")} <= plans[0].writes.keys() and (0, "attn") not in plans[0].writes  # |0 − 1.5| > 1
+
+
 def test_per_layer_and_fractional_directions_are_heretics(tiny_bundle):
     fitted = fitted_for(tiny_bundle)
     units = fitted.dim_means.directions / fitted.dim_means.directions.norm(dim=-1, keepdim=True)
     per_layer = make("weighted_ablation", fitted, direction="per_layer").weight_plan(tiny_bundle.n_layers)
     for layer in range(tiny_bundle.n_layers):  # layer l's writes: the direction at block l's output (hidden state l + 1)
         torch.testing.assert_close(per_layer.writes[(layer, "mlp")].unit, units[layer + 1])
-    fractional = make("weighted_ablation", fitted, direction=1.5).weight_plan(tiny_bundle.n_layers)
+    fractional = make("weighted_ablation", fitted, direction="index", direction_index=1.5).weight_plan(tiny_bundle.n_layers)
     mixed = (units[2] + units[3]) / 2
     torch.testing.assert_close(fractional.writes[(0, "attn")].unit, mixed / mixed.norm())
-    projected = make("weighted_ablation", fitted, direction=1.5, projected=True).weight_plan(tiny_bundle.n_layers)
+    projected = make("weighted_ablation", fitted, direction="index", direction_index=1.5, projected=True).weight_plan(tiny_bundle.n_layers)
     harmless = fitted.dim_means.harmless  # heretic projects each site first, then mixes
     mixed = projected_direction(units[2], harmless[2]) + projected_direction(units[3], harmless[3])
     torch.testing.assert_close(projected.writes[(3, "mlp")].unit, mixed / mixed.norm())
@@ -150,8 +185,8 @@ def test_a_zero_direction_at_the_chosen_site_is_refused(tiny_bundle):
         make("weighted_ablation", fitted, direction="per_layer")
     fitted.dim_means.harmful[3] = fitted.dim_means.harmless[3]
     with pytest.raises(ConfigError, match="hidden state 3.*zero DiM direction"):
-        make("weighted_ablation", fitted, direction=1.5, projected=True)
-    whole = make("weighted_ablation", fitted, direction=1.0, projected=True)  # reads hidden state 2 alone: fine
+        make("weighted_ablation", fitted, direction="index", direction_index=1.5, projected=True)
+    whole = make("weighted_ablation", fitted, direction="index", direction_index=1.0, projected=True)  # reads hidden state 2 alone: fine
     assert bool(torch.isfinite(whole.weight_plan(tiny_bundle.n_layers).writes[(0, "attn")].unit).all())
 
 
@@ -175,6 +210,24 @@ def test_norm_preserving_edit_keeps_every_column_norm(strength):
     assert torch.equal(column_scales(torch.outer(u, torch.ones(3)), u, 1.0), torch.ones(3))  # a vanishing column: 1
 
 
+@pytest.mark.parametrize("strength", [1.0, 0.6, 1.4])
+def test_row_preservation_is_heretics_full_row_normalisation_by_hand(strength):
+    """heretic 1.4.0 (model.py, row_normalization="full"): rows normalised, W + (−w·v)(vᵀŴ), renormalised,
+    times the old row norms; here without its rank-3 LoRA approximation of the difference."""
+    g = torch.Generator().manual_seed(1)
+    W, u = torch.randn(24, 40, generator=g, dtype=torch.float64), random_unit(24, 6).double()
+    u = u / u.norm()
+    n = W.norm(dim=1, keepdim=True)
+    unit_rows = W / n
+    edited = unit_rows + torch.outer(-strength * u, u @ unit_rows)
+    heretic = edited / edited.norm(dim=1, keepdim=True) * n
+    norms, gains = row_scales(W, u, strength)
+    ours = gains.unsqueeze(1) * (unit_rows - strength * torch.outer(u, u @ unit_rows))
+    torch.testing.assert_close(norms, n.squeeze(1))
+    torch.testing.assert_close(ours, heretic)
+    assert float((ours.norm(dim=1) - W.norm(dim=1)).abs().max()) < 1e-12
+
+
 def test_exported_norm_preserving_weights_keep_their_norms(tiny_bundle):
     model = AutoModelForCausalLM.from_config(tiny_bundle.model.config)
     model.load_state_dict(tiny_bundle.model.state_dict())
@@ -193,10 +246,13 @@ def test_exported_norm_preserving_weights_keep_their_norms(tiny_bundle):
 @pytest.mark.parametrize("name, cfg", [
     ("projected_ablation", {}),
     ("projected_ablation", {"norm_preserving": True}),
-    ("weighted_ablation", {"direction": 1.25, "projected": True, "norm_preserving": True, "attn_max_weight": 1.3,
+    ("weighted_ablation", {"direction": "index", "direction_index": 1.25, "projected": True, "norm_preserving": True, "attn_max_weight": 1.3,
                            "attn_max_weight_position": 2.0, "attn_min_weight": 0.4, "attn_min_weight_distance": 1.5,
                            "mlp_max_weight_position": 1.0, "mlp_min_weight": 0.2}),
     ("weighted_ablation", {"direction": "per_layer", "embedding": False, "mlp_max_weight": 0.9}),
+    ("weighted_ablation", {"direction": "index", "direction_index": 0.6, "units": "fractions", "projected": True,
+                           "embedding": False, "norm_preserving": "rows", "attn_max_weight": 1.4,
+                           "attn_max_weight_position": 0.7, "attn_min_weight": 0.3, "attn_min_weight_distance": 0.4}),
 ])
 def test_exported_checkpoint_logits_equal_the_hooked_models(tiny_tied_bundle, prompts, tmp_path, name, cfg):
     bundle = tiny_tied_bundle
@@ -245,14 +301,16 @@ def test_evaluate_exports_the_weighted_ablation_and_the_means_match_the_dim_fit(
     small = ["data.n_train=16", "data.n_val=8", "data.n_test=4", "eval.max_new_tokens=2", "fit.dim.n_prompts=4",
              "geometry.enabled=false"]
     cfg = compose("intervention=weighted_ablation", "intervention.export=true", "intervention.projected=true",
-                  "intervention.norm_preserving=true", "intervention.direction=1.5", *small)
+                  "intervention.norm_preserving=true", "intervention.direction=index", "intervention.direction_index=1.5",
+                  *small)
     results = run_evaluation(cfg, tmp_path / "run")
     ctx = prepare(cfg)
     fitted = fit(ctx, {"dim_means"})
     means = fitted.dim_means  # the DiM direction is the means' difference at its own layer and position
     torch.testing.assert_close(means.directions[fitted.dim.layer], fitted.dim.direction, atol=1e-5, rtol=1e-5)
     assert means.harmful.shape == (ctx.bundle.n_layers + 1, ctx.bundle.d_model)
-    ablation = make("weighted_ablation", fitted, projected=True, norm_preserving=True, direction=1.5)
+    ablation = make("weighted_ablation", fitted, projected=True, norm_preserving=True, direction="index",
+                    direction_index=1.5)
     hooked, exported, _ = hooked_and_exported(ctx.bundle, ablation, prompts, tmp_path / "again")
     reloaded = AutoModelForCausalLM.from_pretrained(results["exported_checkpoint"]).eval()
     batch = ctx.bundle.pad(ctx.bundle.tokenize_instructions(prompts))
@@ -262,7 +320,8 @@ def test_evaluate_exports_the_weighted_ablation_and_the_means_match_the_dim_fit(
     assert float((logits - hooked).abs().max()) <= LOGIT_TOLERANCE
 
 
-def test_biased_writes_are_projected_alike_in_hooks_and_weights(tiny_bundle, prompts):
+@pytest.mark.parametrize("preserve", [{"norm_preserving": True}, {"norm_preserving": "rows", "embedding": False}])
+def test_biased_writes_are_projected_alike_in_hooks_and_weights(tiny_bundle, prompts, preserve):
     """Output-projection biases (Qwen's attention has none, GPT-style models do): ablated, not rescaled, in both forms."""
     model = copy.deepcopy(tiny_bundle.model)
     g = torch.Generator().manual_seed(4)
@@ -271,7 +330,7 @@ def test_biased_writes_are_projected_alike_in_hooks_and_weights(tiny_bundle, pro
         linear = writer_linear(writer)
         linear.bias = torch.nn.Parameter(0.5 * torch.randn(linear.out_features, generator=g))
     biased = dataclasses.replace(tiny_bundle, model=model, layout=layout, memo={})
-    ablation = make("weighted_ablation", fitted_for(tiny_bundle, 2), norm_preserving=True, projected=True,
+    ablation = make("weighted_ablation", fitted_for(tiny_bundle, 2), **preserve, projected=True,
                     attn_max_weight=1.3, mlp_min_weight=0.5, mlp_min_weight_distance=2.0)
     ids = tiny_bundle.tokenize_instructions(prompts)
     with torch.no_grad():

@@ -351,37 +351,49 @@ def test_numerics_default_rule_at_the_edge_of_the_interval(tmp_path, ablation_f3
     assert "| inlp_flip | 2% [0–13] | 2% [0–13] | +0.0 [" in text and "| 40 → 40 |" in text
 
 
+PEER_PROMPTS = [f"harmful prompt {i}" for i in range(20)]
+PLANTED_META = {"date": "2026-12-02", "hardware": "planted", "data": "planted", "max_new_tokens": 128, "models": ["qwen05"]}
+
+
+def plant_trial(folder: Path, intervention: str, rate: float, kl: float, asked: list[str] = PEER_PROMPTS,
+                params: dict | None = None) -> None:
+    """A finished lean run: its refusal rate over ``asked`` (the first prompts refused, so every planted refusal set
+    nests in the larger) and its KL."""
+    folder.mkdir(parents=True)
+    folder.joinpath("results.json").write_text(json.dumps({
+        "status": "ok", "model": "qwen05", "intervention": intervention, "params": params or {},
+        "metrics": {"harmful/refusal_rate": rate, "harmful/refusal_rate_ci95": [max(0, rate - 0.1), rate + 0.1],
+                    "harmless/kl_div": kl}}))
+    refused = round(rate * len(asked))
+    folder.joinpath("completions.jsonl").write_text("".join(
+        json.dumps({"split": "harmful", "prompt": q, "completion": "", "refused": i < refused}) + "\n"
+        for i, q in enumerate(asked)))
+
+
+def plant_search_and_peers(tmp_path: Path) -> Path:
+    """Our INLP-flip search (10% at KL 0.05, the baseline) and the peers' read-backs; returns the model's folder."""
+    mdir = tmp_path / "study" / "qwen05"
+    (mdir / "train").mkdir(parents=True)
+    (mdir / "train" / "fitted.json").write_text(json.dumps({"inlp_rank": 16, "layer": 16, "n_layers": 24, "position": -1}))
+    plant_trial(mdir / "pareto" / "0", "inlp_flip", 0.10, 0.05)
+    plant_trial(mdir / "pareto" / "1", "none", 0.60, 0.0)
+    peers = tmp_path / "study" / "peers"  # where run_peer.py puts full-size runs, and the render's default
+    plant_trial(peers / "qwen05-heretic" / "report" / "heretic_trial_000", "heretic", 0.05, 0.08)
+    plant_trial(peers / "qwen05-heretic" / "report" / "heretic_trial_001", "heretic", 0.20, 0.10)  # dominated by trial 0
+    plant_trial(peers / "qwen05-abliterix" / "report" / "abliterix_trial_000", "abliterix", 0.20, 0.10,
+                [q + "." for q in PEER_PROMPTS])
+    (peers / "qwen05-heretic" / "run.json").write_text(json.dumps({"sizes": {"trials": 12}, "returncode": "timeout"}))
+    (peers / "qwen05-abliterix" / "run.json").write_text(json.dumps({"sizes": {"trials": 12}, "returncode": 0}))
+    return mdir
+
+
 def test_the_study_sets_the_peers_fronts_beside_its_search(tmp_path):
     """Planted search trials and planted heretic and abliterix read-backs: one plot with all fronts, each peer's front
     rows in the table (a dominated trial left out), and the dominance statement per peer: heretic's 5% at KL 0.08
     beats our best at that KL (10%), paired over the same 20 prompts; abliterix's front is covered by our trial, and
     its completions of other prompts are not paired."""
-    prompts = [f"harmful prompt {i}" for i in range(20)]
-
-    def trial(folder: Path, intervention: str, rate: float, kl: float, asked: list[str] = prompts) -> None:
-        folder.mkdir(parents=True)
-        folder.joinpath("results.json").write_text(json.dumps({
-            "status": "ok", "model": "qwen05", "intervention": intervention, "params": {},
-            "metrics": {"harmful/refusal_rate": rate, "harmful/refusal_rate_ci95": [max(0, rate - 0.1), rate + 0.1],
-                        "harmless/kl_div": kl}}))
-        refused = round(rate * len(asked))  # the first prompts refused: every planted refusal set nests in the larger
-        folder.joinpath("completions.jsonl").write_text("".join(
-            json.dumps({"split": "harmful", "prompt": q, "completion": "", "refused": i < refused}) + "\n"
-            for i, q in enumerate(asked)))
-
-    mdir = tmp_path / "study" / "qwen05"
-    (mdir / "train").mkdir(parents=True)
-    (mdir / "train" / "fitted.json").write_text(json.dumps({"inlp_rank": 16, "layer": 16, "n_layers": 24, "position": -1}))
-    trial(mdir / "pareto" / "0", "inlp_flip", 0.10, 0.05)
-    trial(mdir / "pareto" / "1", "none", 0.60, 0.0)
-    peers = tmp_path / "study" / "peers"  # where run_peer.py puts full-size runs, and the render's default
-    trial(peers / "qwen05-heretic" / "report" / "heretic_trial_000", "heretic", 0.05, 0.08)
-    trial(peers / "qwen05-heretic" / "report" / "heretic_trial_001", "heretic", 0.20, 0.10)  # dominated by trial 0
-    trial(peers / "qwen05-abliterix" / "report" / "abliterix_trial_000", "abliterix", 0.20, 0.10, [q + "." for q in prompts])
-    (peers / "qwen05-heretic" / "run.json").write_text(json.dumps({"sizes": {"trials": 12}, "returncode": "timeout"}))
-    (peers / "qwen05-abliterix" / "run.json").write_text(json.dumps({"sizes": {"trials": 12}, "returncode": 0}))
-    meta = {"date": "2026-12-02", "hardware": "planted", "data": "planted", "max_new_tokens": 128, "models": ["qwen05"]}
-    text = render(tmp_path / "study", tmp_path / "docs", meta).read_text()
+    plant_search_and_peers(tmp_path)
+    text = render(tmp_path / "study", tmp_path / "docs", PLANTED_META).read_text()
     assert ("qwen05, heretic: 2 finished trials of 12 planned, its search cut short (timeout; `python "
             "bench/peers/run_peer.py heretic --model qwen05 --resume` continues it) (bench/peers)") in text
     assert "abliterix: 1 finished trial of 12 planned (bench/peers)" in text and "![qwen05 fronts](results/qwen05_fronts.png)" in text
@@ -395,6 +407,25 @@ def test_the_study_sets_the_peers_fronts_beside_its_search(tmp_path):
     assert "C(ours, abliterix) = 1.00, C(abliterix, ours) = 0.00; **ours dominates abliterix's front**" in text
     assert "| abliterix_trial_000 | 20.0% | 0.100 | 0 | 10.0% | 0.050 | not paired: our trial's and the peer's " \
            "harmful prompts differ" in text
+
+
+def test_our_best_front_takes_in_the_heretic_kernel_search(tmp_path):
+    """A heretic-kernel trial of ours (pareto_weighted: 5% at KL 0.07) covers heretic's 5% at KL 0.08, which the INLP
+    search alone did not: our best front (both searches) now dominates heretic's, the kernel search alone does too, its
+    trial is paired from its own folder (it refuses prompt 0 as heretic's does: +0.0), and the table shows what the
+    trial searched, not the search's fixed choices."""
+    mdir = plant_search_and_peers(tmp_path)
+    plant_trial(mdir / "pareto_weighted" / "0_qwen05_weighted_ablation", "weighted_ablation", 0.05, 0.07,
+                params={"direction": "per_layer", "direction_index": 0.5, "attn_max_weight": 1.2, "units": "fractions",
+                        "projected": True, "embedding": False, "norm_preserving": "rows", "export": False})
+    text = render(tmp_path / "study", tmp_path / "docs", PLANTED_META).read_text()
+    assert "qwen05: 1 INLP-flip trials, 1 heretic-kernel trials and 1 reference runs, DiM layer 16" in text
+    assert "C(ours, heretic) = 1.00, C(heretic, ours) = 0.00; **ours dominates heretic's front**" in text
+    assert ("**qwen05, our search of heretic's kernel against heretic.** Set coverage (Zitzler & Thiele 1999: the share "
+            "of one front that a point of the other weakly dominates): C(our search of heretic's kernel, heretic) = 1.00") in text
+    assert "| heretic_trial_000 | 5.0% | 0.080 | 0_qwen05_weighted_ablation | 5.0% | 0.070 | +0.0 [" in text
+    assert "| qwen05 | weighted_ablation | direction=per_layer, attn_max_weight=1.2 | 5.0% [0–15] | 0.070 | **front** |" in text
+    assert "| 10.0% [0–20] | 0.050 | **front** |" in text  # the INLP trial: lower KL, still on the union's front
 
 
 def test_the_study_renders_the_judges_accuracy_from_validate_json(tmp_path):
@@ -448,7 +479,7 @@ def planned_commands(root, steps: list[str], common: list[str] | None = None, pa
             return True
 
     (root / "qwen05" / "train").mkdir(parents=True)
-    (root / "qwen05" / "train" / "fitted.json").write_text(json.dumps({"inlp_rank": 16}))
+    (root / "qwen05" / "train" / "fitted.json").write_text(json.dumps({"inlp_rank": 16, "n_layers": 24}))
     opts = argparse.Namespace(ks=[], alphas=[], controls=[], token_models=["qwen05"], token_budgets=[32, 64, 128, 256, 512],
                               matmul="bfloat16", heldout_n=24, pareto_trials=pareto_trials, k_interventions=["inlp_flip"],
                               methods=list(METHODS) if methods is None else methods)
@@ -632,7 +663,12 @@ def test_the_pareto_steps_commands_compose_with_the_studys_own_overrides(tmp_pat
               "+eval.test_sets.strongreject={source: pypi, benchmark: strongreject, n: null}", "eval.test_sets.overrefusal.n=100",
               "data.n_test=100"]
     calls = planned_commands(tmp_path / "study", ["pareto"], common, pareto_trials=12)
-    assert len(calls) == 2 and not any("test_sets" in a for argv in calls for a in argv)
+    assert len(calls) == 3 and not any("test_sets" in a for argv in calls for a in argv)
+    heretic = calls[2]  # heretic's kernel in our search: heretic's distance range from 1 layer (1/23 of qwen05's last)
+    assert "experiment=pareto_weighted_ablation" in heretic and "hydra.sweeper.n_trials=12" in heretic
+    assert {"intervention.attn_min_weight_distance=interval(0.0434783,0.6)",
+            "intervention.mlp_min_weight_distance=interval(0.0434783,0.6)"} <= set(heretic)
+    assert heretic[-1].endswith("qwen05/pareto_weighted")
     for argv in calls:
         overrides = [a for a in argv[1:] if a != "-m" and not a.startswith("hydra.sweep")]
         cfg, error = _compose(REPO / "conf", "config", [*overrides, "model=tiny"], multirun=True)

@@ -17,6 +17,8 @@ from .plots import plot_fronts
 from .runs import ModelRuns
 
 PEERS = ("heretic", "abliterix")
+#: A heretic-kernel trial's settings that the search fixes (experiment=pareto_weighted_ablation): not shown per trial.
+FIXED = ("units", "projected", "embedding", "norm_preserving", "export")
 
 
 def peer_rows(peers_dir: Path, model: str) -> dict[str, list[dict[str, Any]]]:
@@ -45,6 +47,16 @@ def _points(rows: list[dict[str, Any]]) -> list[tuple[float, float]]:
     return [(r.get("harmful/refusal_rate"), r.get("harmless/kl_div")) for r in rows]
 
 
+def _shown_params(row: dict[str, Any]) -> str:
+    """The row's parameters as the table shows them (a heretic-kernel trial without its fixed choices)."""
+    if row["intervention"] != "weighted_ablation":
+        return row.get("params") or "-"
+    params = {k.split("/", 1)[1]: v for k, v in row.items() if k.startswith("params/") and k.split("/", 1)[1] not in FIXED}
+    if params.get("direction") != "index":
+        params.pop("direction_index", None)  # sampled always (as heretic does), used only with direction=index
+    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+
+
 def _paired(ours: Path, theirs: Path) -> str:
     """Δ refusal (ours − theirs) on the harmful prompts both runs answered, paired, or why it cannot be."""
     try:
@@ -56,11 +68,11 @@ def _paired(ours: Path, theirs: Path) -> str:
     return f"{100 * d.estimate:+.1f} [{100 * d.lo:+.1f}, {100 * d.hi:+.1f}] pts, McNemar p {d.p_value:.2g} (n {d.n})"
 
 
-def dominance(model: str, ours: list[dict[str, Any]], ours_dir: Path, peer: str, theirs: list[dict[str, Any]],
+def dominance(model: str, label: str, ours: list[dict[str, Any]], peer: str, theirs: list[dict[str, Any]],
               theirs_dir: Path) -> list[str]:
-    """Does our search's front dominate the peer's? Set coverage both ways on (refusal, KL), then for each of the
-    peer's front points our lowest refusal at no more KL, paired over the same harmful prompts (a point estimate
-    one prompt lower is not a win)."""
+    """Does the front of ``ours`` (rows with their folder, ``dir``) dominate the peer's? Set coverage both ways on
+    (refusal, KL), then for each of the peer's front points our lowest refusal at no more KL, paired over the same
+    harmful prompts (a point estimate one prompt lower is not a win)."""
     mine, their = _points(ours), _points(theirs)
     our_front, their_front = pareto_front(mine), sorted(pareto_front(their), key=lambda i: their[i][1])
     if not our_front or not their_front:
@@ -71,15 +83,15 @@ def dominance(model: str, ours: list[dict[str, Any]], ours_dir: Path, peer: str,
         if j is None or mine[j][0] > their[i][0]:
             misses.append(f"{their[i][1]:.3g}")
         cells = ["-", "-", "-", "no trial of ours at this KL or less"] if j is None else [
-            ours[j]["run"], f"{mine[j][0]:.1%}", f"{mine[j][1]:.3f}", _paired(ours_dir / ours[j]["run"], theirs_dir / theirs[i]["run"])]
+            ours[j]["run"], f"{mine[j][0]:.1%}", f"{mine[j][1]:.3f}", _paired(ours[j]["dir"] / ours[j]["run"], theirs_dir / theirs[i]["run"])]
         rows.append(f"| {theirs[i]['run']} | {their[i][0]:.1%} | {their[i][1]:.3f} | " + " | ".join(cells) + " |")
     c_ours = set_coverage([mine[i] for i in our_front], [their[i] for i in their_front])
     c_theirs = set_coverage([their[i] for i in their_front], [mine[i] for i in our_front])
-    verdict = (f"**ours does not dominate {peer}'s front**: {peer} refuses less at KL " + ", ".join(misses) if misses else
-               f"**ours dominates {peer}'s front**: wherever {peer} has a front point, a trial of ours refuses as little or "
-               "less at no more KL")
-    return [f"**{model}, ours against {peer}.** Set coverage (Zitzler & Thiele 1999: the share of one front that a point "
-            f"of the other weakly dominates): C(ours, {peer}) = {c_ours:.2f}, C({peer}, ours) = {c_theirs:.2f}; {verdict}. "
+    verdict = (f"**{label} does not dominate {peer}'s front**: {peer} refuses less at KL " + ", ".join(misses) if misses else
+               f"**{label} dominates {peer}'s front**: wherever {peer} has a front point, a trial of {label} refuses as "
+               "little or less at no more KL")
+    return [f"**{model}, {label} against {peer}.** Set coverage (Zitzler & Thiele 1999: the share of one front that a point "
+            f"of the other weakly dominates): C({label}, {peer}) = {c_ours:.2f}, C({peer}, {label}) = {c_theirs:.2f}; {verdict}. "
             f"Each {peer} front point against our lowest refusal at no more KL, paired over the same harmful prompts:", "",
             f"| {peer} trial | {peer} refusal | KL | our trial | our refusal | our KL | Δ refusal (ours − {peer}), paired |",
             "|---|---|---|---|---|---|---|", *rows, ""]
@@ -119,13 +131,17 @@ def by_peer_count(model: str, ours: list[dict[str, Any]], peer: str, theirs: lis
 
 
 def pareto_section(runs: dict[str, ModelRuns], figures: Path, root: Path, peers_dir: Path) -> list[str]:
-    """The Optuna search: which runs no other run beats on both harmful refusal and next-token KL; the peers'
-    searches on the same prompts, budget and judge beside it, and whether our front dominates theirs."""
+    """The Optuna searches: which runs no other run beats on both harmful refusal and next-token KL; the peers'
+    searches on the same prompts, budget and judge beside them, and whether our best front dominates theirs."""
     lines, counts, plots, dominance_lines = [], [], [], []
     for model, mr in runs.items():
+        ours = mr.pareto + mr.pareto_weighted  # our best front: both searches and the reference runs
         peers = peer_rows(peers_dir, model)
         if mr.pareto and peers:
-            plot = plot_fronts({"ours (INLP flip search + references)": mr.pareto, **peers}, model, figures / f"{model}_fronts.png")
+            groups = {"ours: INLP flip search + references": mr.pareto}
+            if mr.pareto_weighted:
+                groups["ours: heretic's kernel, our search"] = mr.pareto_weighted
+            plot = plot_fronts({**groups, **peers}, model, figures / f"{model}_fronts.png")
             plots.append(f"![{model} fronts](results/{plot.name})")
             counts += [peer_count(peers_dir / f"{model}-{peer}", peer, model, len(rows)) for peer, rows in peers.items()]
             for peer, rows in peers.items():  # the peer's front points, in the table's terms
@@ -134,17 +150,23 @@ def pareto_section(runs: dict[str, ModelRuns], figures: Path, root: Path, peers_
                     r = rows[i]
                     lines.append(f"| {model} | {peer} trial | {r.get('params') or '-'} | {r['harmful/refusal_rate']:.1%} | "
                                  f"{r['harmless/kl_div']:.3f} | **{peer} front** |")
-                dominance_lines += dominance(model, mr.pareto, mr.mdir / "pareto", peer, rows, peers_dir / f"{model}-{peer}" / "report")
-                dominance_lines += by_peer_count(model, mr.pareto, peer, rows, peers_dir / f"{model}-{peer}")
-        if not mr.pareto:
+                peer_dir = peers_dir / f"{model}-{peer}"
+                dominance_lines += dominance(model, "ours", ours, peer, rows, peer_dir / "report")
+                if peer == "heretic" and mr.pareto_weighted:  # the same method: does the search or the measure differ?
+                    dominance_lines += dominance(model, "our search of heretic's kernel", mr.pareto_weighted, peer, rows,
+                                                 peer_dir / "report")
+                dominance_lines += by_peer_count(model, mr.pareto, peer, rows, peer_dir)
+        if not ours:
             continue
-        points = _points(mr.pareto)
+        points = _points(ours)
         front = pareto_front(points)
-        counts.append(f"{model}: {sum(r['intervention'] == 'inlp_flip' for r in mr.pareto)} INLP-flip trials "
-                      f"and {sum(r['intervention'] != 'inlp_flip' for r in mr.pareto)} reference runs, DiM layer {mr.fitted.get('layer')}")
-        for i in sorted(range(len(mr.pareto)), key=lambda i: points[i]):
-            r = mr.pareto[i]
-            lines.append(f"| {model} | {r['intervention']} | {r.get('params') or '-'} | {r['harmful/refusal_rate']:.1%} "
+        counts.append(f"{model}: {sum(r['intervention'] == 'inlp_flip' for r in ours)} INLP-flip trials, "
+                      f"{len(mr.pareto_weighted)} heretic-kernel trials "
+                      f"and {sum(r['intervention'] not in ('inlp_flip', 'weighted_ablation') for r in ours)} reference runs, "
+                      f"DiM layer {mr.fitted.get('layer')}")
+        for i in sorted(range(len(ours)), key=lambda i: points[i]):
+            r = ours[i]
+            lines.append(f"| {model} | {r['intervention']} | {_shown_params(r)} | {r['harmful/refusal_rate']:.1%} "
                          f"[{100 * r['harmful/refusal_rate_ci95'][0]:.0f}–{100 * r['harmful/refusal_rate_ci95'][1]:.0f}] | "
                          f"{r['harmless/kl_div']:.3f} | {'**front**' if i in front else ''} |")
         if (plot := root / model / "pareto" / "pareto.png").exists():
@@ -153,11 +175,14 @@ def pareto_section(runs: dict[str, ModelRuns], figures: Path, root: Path, peers_
     if not lines:
         return []
     return ["## Pareto search: the lowest refusal at the lowest damage", "",
-            "An Optuna search (`experiment=pareto_inlp_flip`, multi-objective TPE) over INLP flip's k (a fraction of the "
-            "converged rank) and α at the DiM layer, minimising harmful refusal and next-token KL on harmless prompts "
-            "together; DiM ablation, actadd (c = −1) and the baseline as lean reference runs in the same folder. Each "
-            "run is lean (`eval=trial`): the study's harmful test prompts with its token budget, substring judge, and KL "
-            "at the last prompt position of its harmless test prompts. **front** = no other run of the model is lower "
+            "Two Optuna searches (multi-objective TPE), each minimising harmful refusal and next-token KL on harmless "
+            "prompts together: `experiment=pareto_inlp_flip` over INLP flip's k (a fraction of the converged rank) and "
+            "α at the DiM layer, and `experiment=pareto_weighted_ablation`, heretic 1.4.0's method in our search: its "
+            "per-component kernel and direction choice over its own ranges, with its projected direction, row norm "
+            "preservation and untouched embedding (`weighted_ablation`; distances from 1 layer as heretic's); DiM "
+            "ablation, actadd (c = −1) and the baseline as lean reference runs. Each run is lean (`eval=trial`): the "
+            "study's harmful test prompts with its token budget, substring judge, and KL at the last prompt position of "
+            "its harmless test prompts. **front** = no other run of the model (either search, or a reference) is lower "
             "on both. " + "; ".join(counts) + ".", "",
             "| model | intervention | params | harmful refusal | next-token KL | |", "|---|---|---|---|---|---|", *lines, "",
             *(line for plot in plots for line in (plot, "")), *dominance_lines]

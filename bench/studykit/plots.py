@@ -101,7 +101,7 @@ def plot_length_curve(runs: dict[str, ModelRuns], main_budget: int, path: Path) 
 def plot_fronts(groups: dict[str, list[dict[str, Any]]], title: str, path: Path) -> Path:
     """Every source's trials (harmful refusal against next-token KL) and its Pareto front as a step line."""
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
-    for (name, rows), colour in zip(groups.items(), ("tab:green", "tab:red", "tab:purple", "tab:gray"), strict=False):
+    for (name, rows), colour in zip(groups.items(), ("tab:green", "tab:blue", "tab:red", "tab:purple", "tab:gray"), strict=False):
         points = [(float(r["harmless/kl_div"]), 100 * float(r["harmful/refusal_rate"])) for r in rows
                   if r.get("harmless/kl_div") is not None and r.get("harmful/refusal_rate") is not None]
         if not points:

@@ -69,7 +69,8 @@ def partial(step_dir: Path) -> str:
 def commands_of(model_dir: Path) -> list[str]:
     """The stamped command of every step that ran for one model, in the study's step order."""
     order = ["train", "main", "actadd", "k", "alpha", "controls", "tokens", "geometry", "leace", "geometry_leace",
-             "geometry_leace_selected", "methods", "geometry_methods", "heldout", "pareto", "pareto_search", "numerics", "capability", "quality"]
+             "geometry_leace_selected", "methods", "geometry_methods", "heldout", "pareto", "pareto_search", "pareto_weighted",
+             "numerics", "capability", "quality"]
 
     def rank(path: Path) -> tuple[int, str]:
         step = path.relative_to(model_dir).parts[0].removesuffix(".command")

@@ -166,12 +166,18 @@ class Study:
             kept = [a for a in args if not a.startswith(("data.n_test=", "eval.test_sets.overrefusal.n=", "+eval.test_sets.harmbench="))]
             self.sweep(out, "heldout", kept, [f"intervention={HELDOUT_ROWS}", f"data.n_test={n}", "eval.judges=[substring,model]",
                                               f"+{harmbench}", f"eval.test_sets.overrefusal.n={n}", NO_GEOMETRY])
-        if "pareto" in steps and opts.pareto_trials:  # Optuna: INLP flip's k and α at the DiM layer, lean trials
+        if "pareto" in steps and opts.pareto_trials:  # Optuna: INLP flip's k and α at the DiM layer; heretic's kernel
             lean = [a for a in args if "eval.test_sets." not in a]  # eval=trial judges the test split only: no named sets
             self.sweep(out, "pareto", lean, ["intervention=none,dim_ablation,actadd", "eval=trial"])  # the reference points
             self.run(["evaluate.py", "experiment=pareto_inlp_flip", "intervention.layer=null",
                       f"hydra.sweeper.n_trials={opts.pareto_trials}", *lean, f"hydra.sweep.dir={out / 'pareto'}"],
                      out / "pareto_search.log", out / "pareto" / "optimization_results.yaml")
+            # heretic's method (kernel, space, fixed choices) in our search, as many trials: its own folder
+            last = int(json.loads((out / "train" / "fitted.json").read_text())["n_layers"]) - 1
+            closest = [f"intervention.{part}_min_weight_distance=interval({1 / last:.6g},0.6)" for part in ("attn", "mlp")]
+            self.run(["evaluate.py", "experiment=pareto_weighted_ablation", f"hydra.sweeper.n_trials={opts.pareto_trials}",
+                      *closest, *lean, f"hydra.sweep.dir={out / 'pareto_weighted'}"],  # heretic's 1 layer as a fraction
+                     out / "pareto_weighted.log", out / "pareto_weighted" / "optimization_results.yaml")
         if "geometry" in steps:
             specs = ",".join(s for s in GEOMETRY_SPECS if not s.endswith(f"k={LEGACY_K}") or LEGACY_K < rank)
             self.run(["-m", "refusal.geometry", "--interventions", specs, "--out", str(out / "geometry"), *args],

@@ -27,6 +27,12 @@ def _rows(folder: Path) -> list[dict[str, Any]]:
     return [_row(folder, run, r) for run, r in load_runs(folder) if r.get("status", "ok") == "ok"] if folder.exists() else []
 
 
+def _search_rows(folder: Path) -> list[dict[str, Any]]:
+    """A search folder's finished trials as report rows, each with the folder it lies in (``dir``)."""
+    return [{**flat_row(r, run), "dir": folder} for run, r in load_runs(folder)
+            if r.get("status", "ok") == "ok"] if folder.exists() else []
+
+
 def order_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Intervention order of the study, then by parameter value (numbers as numbers)."""
     rank = {"none": 0, "actadd": 1, "dim_ablation": 2, "inlp_nullspace": 3, "inlp_flip": 4, "leace_erase": 5,
@@ -87,8 +93,8 @@ class ModelRuns:
         self.methods = {run.split("/")[0]: _row(mdir / "methods", run, r) for run, r in load_runs(mdir / "methods")
                         if r.get("status", "ok") == "ok"} if (mdir / "methods").exists() else {}
         self.heldout_raw = {r["intervention"]: r for _, r in load_runs(mdir / "heldout")} if (mdir / "heldout").exists() else {}
-        self.pareto = [flat_row(r, run) for run, r in load_runs(mdir / "pareto")
-                       if r.get("status", "ok") == "ok"] if (mdir / "pareto").exists() else []
+        self.pareto = _search_rows(mdir / "pareto")  # the INLP-flip search and the reference runs
+        self.pareto_weighted = _search_rows(mdir / "pareto_weighted")  # heretic's kernel and space, our search
         geo = mdir / "geometry" / "geometry.json"
         self.geometry = json.loads(geo.read_text()) if geo.exists() else {}
 

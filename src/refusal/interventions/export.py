@@ -3,7 +3,7 @@
 Every matrix that writes into the residual stream (token embeddings, attention output and MLP
 down projections, and their biases) is replaced by (I − w·uuᵀ)W as an
 :class:`~refusal.interventions.weighted.AblationPlan` says (Arditi et al.'s orthogonalisation:
-u = r̂ and w = 1 everywhere), with the columns rescaled where the plan preserves norms. The
+u = r̂ and w = 1 everywhere), with the columns (rows) rescaled where the plan preserves norms. The
 unembedding is untied first when it shares the embedding matrix: it reads the (normalised)
 residual and must stay as it was.
 """
@@ -18,7 +18,14 @@ from jaxtyping import Float
 from torch import nn
 
 from refusal.errors import ConfigError
-from refusal.interventions.weighted import AblationPlan, WriteEdit, column_scales, norm_ratio, writer_linear
+from refusal.interventions.weighted import (
+    AblationPlan,
+    WriteEdit,
+    column_scales,
+    norm_ratio,
+    row_scales,
+    writer_linear,
+)
 from refusal.models.architecture import residual_layout
 from refusal.models.bundle import ModelBundle
 
@@ -53,14 +60,21 @@ def apply_plan_(model: nn.Module, plan: AblationPlan) -> nn.Module:
         edit, weight = plan.embedding, layout.embedding.weight
         w, u = weight.double(), unit_for(plan.embedding, weight)
         edited = w - edit.weight * torch.outer(w @ u, u)
-        if edit.norm_preserving:
+        if edit.preserve == "rows":
+            raise ConfigError("row norm preservation (heretic's) edits attention/MLP writes only, not the embedding")
+        if edit.preserve == "columns":
             edited = edited * norm_ratio(w, edited, dim=1).unsqueeze(1)
         weight.copy_(edited)
     for (layer, part), edit in plan.writes.items():  # output dim is the residual: [d, *]
         linear = writer_linear((layout.attn_writers if part == "attn" else layout.mlp_writers)[layer])
         w, u = linear.weight.double(), unit_for(edit, linear.weight)
-        edited = w - edit.weight * torch.outer(u, u @ w)
-        if edit.norm_preserving:
+        if edit.preserve == "rows":
+            norms, gains = row_scales(linear.weight, edit.unit, edit.weight)
+            normalised = w / norms.unsqueeze(1)
+            edited = gains.unsqueeze(1) * (normalised - edit.weight * torch.outer(u, u @ normalised))
+        else:
+            edited = w - edit.weight * torch.outer(u, u @ w)
+        if edit.preserve == "columns":
             edited = edited * column_scales(linear.weight, edit.unit, edit.weight)
         linear.weight.copy_(edited)
         if linear.bias is not None:

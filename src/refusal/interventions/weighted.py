@@ -3,22 +3,24 @@
 An :class:`AblationPlan` says, for the token embedding and for every attention/MLP output
 projection (``o_proj`` / ``down_proj``), which unit direction u to remove and how strongly:
 W ← (I − w·uuᵀ)W (w = 1: Arditi et al.'s orthogonalisation; 0 < w < 1 partial; 1 < w ≤ 2 past it,
-2 being the reflection). With ``norm_preserving`` each *column* of the edited W (the vector one
+2 being the reflection). With ``preserve="columns"`` each *column* of the edited W (the vector one
 input neuron writes into the residual stream; for the embedding, each token's row) is then scaled
 back to the length it had: grimjim's "norm-preserving biprojected abliteration", as abliterix
 1.12.2 implements it for output-side directions (``abliterix/weight_transforms.py``,
 ``apply_biprojected_transform``, the ``d.shape[0] == out_f`` branch: column norms N = ‖W‖ over
 dim 0, Ŵ − strength·û⊗(ûŴ), columns renormalised, times N), exactly (no low-rank approximation):
 W' = (I − w·uuᵀ) W diag(s), s_j = ‖c_j‖ / ‖(I − w·uuᵀ)c_j‖; at w = 1 the rescaled columns stay orthogonal
-to u, so the write still has no component along it. heretic
-1.4.0's ``row_normalization="full"`` (``heretic/model.py``, ``Model.abliterate``) differs: it
-renormalises the rows of W (one per residual coordinate) and stores the result as a rank-3 LoRA
-approximation; that variant is not implemented here.
+to u, so the write still has no component along it. ``preserve="rows"`` is heretic 1.4.0's default,
+``row_normalization="full"`` (``heretic/model.py``, ``Model.abliterate``): the rows of W (one per
+residual coordinate) are normalised, the edit applied, the rows renormalised and scaled back to their
+old norms: W' = diag(g)(I − w·uuᵀ)diag(1/n)W, n_i = ‖W_i‖, g_i = n_i / ‖((I − w·uuᵀ)diag(1/n)W)_i‖.
+heretic stores W' − W as a rank-3 LoRA approximation (``full_normalization_lora_rank``); here it is exact.
 
 The hooks (:class:`PlanAblation`) do on activations what the edited weights do (a pre-hook scales
-the projection's input by s, a post-hook removes w·(y·u)u from its output), so
+the projection's input by s, a post-hook removes w·(y·u)u from its output; for rows, the post-hook
+divides y − b by n, ablates, multiplies by g and adds the projected bias), so
 :func:`refusal.interventions.export.apply_plan_` bakes the same plan into a checkpoint whose logits
-equal the hooked model's. Biases, when present, are projected and not rescaled, in both forms.
+equal the hooked model's. Biases, when present, are projected and not rescaled, in every form.
 
 Directions come from :func:`projected_direction` (grimjim's "projected abliteration": r̂ minus its
 component along the normalised harmless mean) and :func:`interpolated_direction` (heretic's
@@ -43,6 +45,8 @@ from refusal.runtime.hooks import HookSpec, TensorFn
 from refusal.runtime.roles import at_positions
 
 Part = Literal["attn", "mlp"]
+#: What an edit keeps: nothing, each column's norm (abliterix's biprojected) or each row's (heretic's).
+Preserve = Literal["none", "columns", "rows"]
 #: Below this fraction of r̂'s length, r' = r̂ − (r̂·μ̂)μ̂ is numerical noise: no direction is left to ablate.
 MIN_PROJECTED_NORM = 1e-3
 #: Below this fraction of its old norm an edited column (row) counts as removed: it is not rescaled.
@@ -53,11 +57,11 @@ MAX_WEIGHT = 2.0
 
 @dataclass(frozen=True)
 class WriteEdit:
-    """Remove ``weight``·(component along ``unit``) from one matrix's output, rescaling its columns if ``norm_preserving``."""
+    """Remove ``weight``·(component along ``unit``) from one matrix's output, keeping the norms ``preserve`` names."""
 
     unit: Float[Tensor, " d_model"]
     weight: float = 1.0
-    norm_preserving: bool = False
+    preserve: Preserve = "none"
 
 
 @dataclass
@@ -115,9 +119,8 @@ def interpolated_direction(
     n_sites = directions.shape[0]
     if isinstance(index, bool) or not isinstance(index, (int, float)) or not math.isfinite(index) \
             or not 0 <= index < n_sites - 2:
-        raise ConfigError(f"intervention.direction={index!r} must be 'dim', 'per_layer' or a layer index in "
-                          f"[0, {n_sites - 2}) (heretic's direction_index: it interpolates between block floor(d)'s "
-                          "and the next block's output)")
+        raise ConfigError(f"intervention.direction_index={index!r} must be a layer index in [0, {n_sites - 2}) "
+                          "(heretic's direction_index: it interpolates between block floor(d)'s and the next block's output)")
     weight, whole = math.modf(index + 1)
     i = int(whole)
     mixed = directions[i].lerp(directions[i + 1], weight) if weight else directions[i]
@@ -172,6 +175,19 @@ def column_scales(
     return norm_ratio(w, w - strength * torch.outer(u, u @ w), dim=0)
 
 
+def row_scales(
+    weight: Float[Tensor, "d_model d_in"], unit: Float[Tensor, " d_model"], strength: float,
+) -> tuple[Float[Tensor, " d_model"], Float[Tensor, " d_model"]]:
+    """heretic's row normalisation: (n, g), n_i = ‖W_i‖ (1 for a zero row) and g_i = n_i / ‖E_i‖ with
+    E = (I − w·uuᵀ)diag(1/n)W (1 where E_i vanished), so that W' = diag(g)(I − w·uuᵀ)diag(1/n)W."""
+    w, u = weight.double(), unit.to(weight.device, torch.float64)
+    norms = w.norm(dim=1)
+    norms = torch.where(norms > 0, norms, 1.0)
+    normalised = w / norms.unsqueeze(1)
+    edited = normalised - strength * torch.outer(u, u @ normalised)
+    return norms, norms * norm_ratio(normalised, edited, dim=1)
+
+
 def norm_ratio(before: Tensor, after: Tensor, dim: int) -> Tensor:
     """‖before‖ / ‖after‖ along ``dim``; 1 where ``after`` vanished (below :data:`VANISHED` of its old norm): a
     column (row) along u that the edit removed stays removed instead of blowing rounding residue up to full length."""
@@ -219,7 +235,10 @@ class PlanAblation(Intervention):
 
         if plan.embedding is not None and 0 in in_scope:
             edit, cast = plan.embedding, cast_for(layout.embedding)
-            unit, fn = cast(edit.unit), ablate_rows_keep_norm if edit.norm_preserving else ablate
+            if edit.preserve == "rows":
+                raise ConfigError(f"{self.name}: row norm preservation (heretic's) edits attention/MLP writes only; "
+                                  "set intervention.embedding=false or norm_preserving=true")
+            unit, fn = cast(edit.unit), ablate_rows_keep_norm if edit.preserve == "columns" else ablate
             place(layout.embedding, lambda x, u=unit, w=edit.weight, f=fn: f(x, u, w), "post")
         for (layer, part), edit in sorted(plan.writes.items()):
             if layer not in in_scope:
@@ -227,8 +246,21 @@ class PlanAblation(Intervention):
             linear = writer_linear((layout.attn_writers if part == "attn" else layout.mlp_writers)[layer])
             cast = cast_for(linear)
             unit = cast(edit.unit)
-            if edit.norm_preserving:
+            if edit.preserve == "rows":
+                place(linear, self._row_preserving(linear, edit, cast), "post")
+                continue
+            if edit.preserve == "columns":
                 scales = column_scales(linear.weight.detach(), edit.unit, edit.weight).to(unit)
                 place(linear, lambda x, s=scales: x * s, "pre")
             place(linear, lambda y, u=unit, w=edit.weight: ablate(y, u, w), "post")
         return specs
+
+    @staticmethod
+    def _row_preserving(linear: nn.Linear, edit: WriteEdit, cast) -> TensorFn:
+        """y ↦ g·ablate((y − b)/n) + ablate(b): what W' = diag(g)(I − w·uuᵀ)diag(1/n)W and the projected bias give."""
+        norms, gains = (cast(t) for t in row_scales(linear.weight.detach(), edit.unit, edit.weight))
+        unit = cast(edit.unit)
+        if linear.bias is None:
+            return lambda y: ablate(y / norms, unit, edit.weight) * gains
+        bias = linear.bias.detach().to(unit)
+        return lambda y: ablate((y - bias) / norms, unit, edit.weight) * gains + ablate(bias, unit, edit.weight)
