@@ -478,8 +478,16 @@ def test_peer_count_keys_trials_like_the_study_and_refuses_a_rule_that_miscounts
     (ours / "0_flip" / "results.json").write_text("{}")
     (ours / "0_flip" / "completions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
         {"split": "harmful", "completion": "No."}, {"split": "harmless", "completion": "No."}]))
-    texts, recorded = texts_to_judge(run, ours)
-    assert texts == {"peer/0": ["No.", "Yes"], "peer/3": ["Yes", "Yes"], "ours/0_flip": ["No."]}  # harmful rows only
+    kernel = tmp_path / "pareto_weighted"  # the heretic-kernel search: its own folder, counted with the other
+    (kernel / "0_kernel").mkdir(parents=True)
+    (kernel / "0_kernel" / "results.json").write_text("{}")
+    (kernel / "0_kernel" / "completions.jsonl").write_text(json.dumps({"split": "harmful", "completion": "Sure"}) + "\n")
+    texts, recorded = texts_to_judge(run, [ours, kernel])
+    assert texts == {"peer/0": ["No.", "Yes"], "peer/3": ["Yes", "Yes"], "ours/0_flip": ["No."],  # harmful rows only
+                     "ours/0_kernel": ["Sure"]}
+    with pytest.raises(PeerOutputError, match="two of our runs are named 0_flip"):
+        texts_to_judge(run, [ours, ours])
+    del texts["ours/0_kernel"]
     assert recorded == {"peer/0": 1, "peer/3": 0}
     labels = {"peer/0": [True, False], "peer/3": [False, False], "ours/0_flip": [True]}
     assert tally(labels, recorded, "abliterix") == {
@@ -488,4 +496,4 @@ def test_peer_count_keys_trials_like_the_study_and_refuses_a_rule_that_miscounts
     with pytest.raises(PeerOutputError, match=r"'peer/3': \(0, 1\)"):
         tally({**labels, "peer/3": [True, False]}, recorded, "abliterix")
     with pytest.raises(PeerOutputError, match="nothing to compare"):
-        texts_to_judge(run, tmp_path / "empty")
+        texts_to_judge(run, [tmp_path / "empty"])

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from peer_configs import Comparison, write_config
-from peer_count import count
+from peer_count import count, our_search_dirs
 from peer_env import HERE, OFFLINE, installed_python, peer_env
 from peer_inputs import SPLITS_DIR, PeerInputError, compose, model_folder, write_prompts
 from peer_readback import PeerOutputError, read_run
@@ -170,7 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"[{args.peer}] finished in {outcome['wall_s']} s", flush=True)
         report = read_run(run_dir, args.judges)
         print(f"wrote {report / 'report.csv'} and {report / 'report.md'}")
-        if not args.smoke and (ours := HERE.parents[1] / "study" / args.model / "pareto").is_dir():
+        if not args.smoke and (ours := our_search_dirs(args.model)):
             print(f"wrote {count(run_dir, ours)} (both searches by {args.peer}'s own count)")
     except (PeerInputError, PeerOutputError, RefusalError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -155,7 +155,7 @@ def pareto_section(runs: dict[str, ModelRuns], figures: Path, root: Path, peers_
                 if peer == "heretic" and mr.pareto_weighted:  # the same method: does the search or the measure differ?
                     dominance_lines += dominance(model, "our search of heretic's kernel", mr.pareto_weighted, peer, rows,
                                                  peer_dir / "report")
-                dominance_lines += by_peer_count(model, mr.pareto, peer, rows, peer_dir)
+                dominance_lines += by_peer_count(model, ours, peer, rows, peer_dir)
         if not ours:
             continue
         points = _points(ours)
