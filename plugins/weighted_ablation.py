@@ -163,8 +163,11 @@ class ProjectedAblation(PlanAblation):
             if key in cfg:
                 _flag(cfg, key, True)
         if _preserve(cfg) == "rows" and _flag(cfg, "embedding", True):
-            raise ConfigError(f"{cls.name}: norm_preserving=rows (heretic's) edits the attention/MLP writes only; "
-                              "set intervention.embedding=false, or norm_preserving=true to keep the embedding's norms")
+            fix = ("set intervention.embedding=false" if cls.has_kernel else
+                   "use intervention=weighted_ablation intervention.projected=true intervention.embedding=false "
+                   "(projected_ablation always edits the embedding)")
+            raise ConfigError(f"{cls.name}: norm_preserving=rows (heretic's) edits the attention/MLP writes only; {fix}, "
+                              "or norm_preserving=true to keep the embedding's norms")
         if not cls.has_kernel:
             return
         _direction(cfg, n_layers)

@@ -121,6 +121,12 @@ def test_out_of_range_kernel_parameters_fail_before_the_model_loads(compose, ove
         check_config(compose("intervention=weighted_ablation", *override.split()))  # no bundle: before loading
 
 
+def test_projected_ablation_points_row_preservation_to_the_weighted_plugin(compose):
+    with pytest.raises(ConfigError, match=r"projected_ablation: norm_preserving=rows .* use intervention=weighted_ablation "
+                                          r"intervention.projected=true intervention.embedding=false"):
+        check_config(compose("intervention=projected_ablation", "intervention.norm_preserving=rows"))
+
+
 def test_a_direction_index_past_the_model_fails_once_its_layers_are_known(tiny_bundle):
     with pytest.raises(ConfigError, match=r"direction_index=3 must be in \[0, 3\) layers"):
         make("weighted_ablation", fitted_for(tiny_bundle), direction="index", direction_index=3)
