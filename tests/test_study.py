@@ -394,6 +394,7 @@ def test_the_study_sets_the_peers_fronts_beside_its_search(tmp_path):
     its completions of other prompts are not paired."""
     plant_search_and_peers(tmp_path)
     text = render(tmp_path / "study", tmp_path / "docs", PLANTED_META).read_text()
+    assert "distances from 1 layer as heretic's; not run yet on qwen05: the study's pareto step runs it)" in text
     assert ("qwen05, heretic: 2 finished trials of 12 planned, its search cut short (timeout; `python "
             "bench/peers/run_peer.py heretic --model qwen05 --resume` continues it) (bench/peers)") in text
     assert "abliterix: 1 finished trial of 12 planned (bench/peers)" in text and "![qwen05 fronts](results/qwen05_fronts.png)" in text
@@ -420,6 +421,7 @@ def test_our_best_front_takes_in_the_heretic_kernel_search(tmp_path):
                         "projected": True, "embedding": False, "norm_preserving": "rows", "export": False})
     text = render(tmp_path / "study", tmp_path / "docs", PLANTED_META).read_text()
     assert "qwen05: 1 INLP-flip trials, 1 heretic-kernel trials and 1 reference runs, DiM layer 16" in text
+    assert "not run yet" not in text
     assert "C(ours, heretic) = 1.00, C(heretic, ours) = 0.00; **ours dominates heretic's front**" in text
     assert ("**qwen05, our search of heretic's kernel against heretic.** Set coverage (Zitzler & Thiele 1999: the share "
             "of one front that a point of the other weakly dominates): C(our search of heretic's kernel, heretic) = 1.00") in text

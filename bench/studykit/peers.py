@@ -174,12 +174,14 @@ def pareto_section(runs: dict[str, ModelRuns], figures: Path, root: Path, peers_
             plots.append(f"![{model} pareto](results/{model}_pareto.png)")
     if not lines:
         return []
+    pending = [model for model, mr in runs.items() if mr.pareto and not mr.pareto_weighted]
     return ["## Pareto search: the lowest refusal at the lowest damage", "",
             "Two Optuna searches (multi-objective TPE), each minimising harmful refusal and next-token KL on harmless "
             "prompts together: `experiment=pareto_inlp_flip` over INLP flip's k (a fraction of the converged rank) and "
             "α at the DiM layer, and `experiment=pareto_weighted_ablation`, heretic 1.4.0's method in our search: its "
             "per-component kernel and direction choice over its own ranges, with its projected direction, row norm "
-            "preservation and untouched embedding (`weighted_ablation`; distances from 1 layer as heretic's); DiM "
+            "preservation and untouched embedding (`weighted_ablation`; distances from 1 layer as heretic's"
+            + (f"; not run yet on {', '.join(pending)}: the study's pareto step runs it" if pending else "") + "); DiM "
             "ablation, actadd (c = −1) and the baseline as lean reference runs. Each run is lean (`eval=trial`): the "
             "study's harmful test prompts with its token budget, substring judge, and KL at the last prompt position of "
             "its harmless test prompts. **front** = no other run of the model (either search, or a reference) is lower "
