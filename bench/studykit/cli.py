@@ -10,6 +10,7 @@ from pathlib import Path
 from _common import host_info
 
 from refusal.artifacts import atomic_write_text
+from refusal.models.numerics import FAST_RATIO, bf16_speedup
 from refusal.run_files import archive_completions
 
 from .plan import ALPHAS, CONTROL_MODELS, CONTROLS, KS, METHODS, REPO, SPLITS_DIR, STEPS, STUDY_MODELS
@@ -66,6 +67,11 @@ def main(argv: list[str] | None = None) -> int:
         common.append(f"data.n_test={args.n_test}")
     common += args.override
     meta_path = args.root / "meta.json"
+    if args.matmul == "bfloat16" and not args.render_only and (ratio := bf16_speedup("cpu")) < FAST_RATIO:
+        print(f"note: this CPU computes a bfloat16 product at {ratio:.2f}x the speed of a float32 one (no bfloat16 "
+              f"matrix units): every step at --matmul bfloat16 runs slower here than at float32, and --plan's times "
+              "(the study's own record, taken on a CPU with AMX) can be several times short; the committed study used "
+              "bfloat16, so steps added to it must too", flush=True)
     if args.plan:
         study = Study(args.root, common, args.splits, plan_only=True)
         for model in args.models:
