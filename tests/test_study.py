@@ -397,7 +397,10 @@ def test_the_study_sets_the_peers_fronts_beside_its_search(tmp_path):
     assert "distances from 1 layer as heretic's; not run yet on qwen05: the study's pareto step runs it)" in text
     assert ("qwen05, heretic: 2 finished trials of 12 planned, its search cut short (timeout; `python "
             "bench/peers/run_peer.py heretic --model qwen05 --resume` continues it) (bench/peers)") in text
-    assert "abliterix: 1 finished trial of 12 planned (bench/peers)" in text and "![qwen05 fronts](results/qwen05_fronts.png)" in text
+    # abliterix exited 0 after 1 of 12 trials (as it does when stopped by Ctrl+C): still cut short, with the resume
+    assert ("abliterix: 1 finished trial of 12 planned, its search cut short (stopped early; `python "
+            "bench/peers/run_peer.py abliterix --model qwen05 --resume` continues it) (bench/peers)") in text
+    assert "![qwen05 fronts](results/qwen05_fronts.png)" in text
     assert "| qwen05 | heretic trial | - | 5.0% | 0.080 | **heretic front** |" in text and "| 20.0% | 0.100 | **heretic" not in text
     assert (tmp_path / "docs" / "results" / "qwen05_fronts.png").stat().st_size > 0
     # heretic: its one front point is not covered by ours (10% > 5% at KL <= 0.08); ours is not covered by it either

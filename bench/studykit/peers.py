@@ -37,9 +37,10 @@ def peer_count(run_dir: Path, peer: str, model: str, finished: int) -> str:
     run = json.loads((run_dir / "run.json").read_text(encoding="utf-8")) if (run_dir / "run.json").is_file() else {}
     planned = (run.get("sizes") or {}).get("trials")
     text = f"{model}, {peer}: {finished} finished trial{'s' * (finished != 1)}" + (f" of {planned} planned" if planned else "")
-    if run and run.get("returncode") != 0:
-        text += (f", its search cut short ({run.get('returncode')}; `python bench/peers/run_peer.py {peer} --model {model} "
-                 "--resume` continues it)")
+    stopped = run and run.get("returncode") != 0
+    if stopped or (planned and finished < planned):  # a peer stopped by Ctrl+C may exit 0 with trials left
+        text += (f", its search cut short ({run.get('returncode') if stopped else 'stopped early'}; `python "
+                 f"bench/peers/run_peer.py {peer} --model {model} --resume` continues it)")
     return text + " (bench/peers)"
 
 
