@@ -11,6 +11,7 @@ from refusal.compare import RunOutcomes
 from refusal.errors import DataError
 from refusal.report import flat_row, load_runs, pareto_front
 from refusal.report.pareto import best_within, set_coverage
+from refusal.report.tables import format_params
 from refusal.stats.paired import check_same_prompts, paired_rate_difference
 
 from .plots import plot_fronts
@@ -55,7 +56,7 @@ def _shown_params(row: dict[str, Any]) -> str:
     params = {k.split("/", 1)[1]: v for k, v in row.items() if k.startswith("params/") and k.split("/", 1)[1] not in FIXED}
     if params.get("direction") != "index":
         params.pop("direction_index", None)  # sampled always (as heretic does), used only with direction=index
-    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+    return format_params(params)
 
 
 def _paired(ours: Path, theirs: Path) -> str:

@@ -106,7 +106,8 @@ class Study:
         args = [f"model={model}", *self.common]
         if not self.run(["train.py", *args, f"hydra.run.dir={out / 'train'}"], out / "train.log", out / "train" / "fitted.json"):
             return
-        rank = int(json.loads((out / "train" / "fitted.json").read_text())["inlp_rank"])
+        fitted = json.loads((out / "train" / "fitted.json").read_text())
+        rank = int(fitted["inlp_rank"])
         if "main" in steps:
             self.sweep(out, "main", args, ["intervention=none,dim_ablation,inlp_nullspace,inlp_flip"])
         if "actadd" in steps:
@@ -173,7 +174,7 @@ class Study:
                       f"hydra.sweeper.n_trials={opts.pareto_trials}", *lean, f"hydra.sweep.dir={out / 'pareto'}"],
                      out / "pareto_search.log", out / "pareto" / "optimization_results.yaml")
             # heretic's method (kernel, space, fixed choices) in our search, as many trials: its own folder
-            last = int(json.loads((out / "train" / "fitted.json").read_text())["n_layers"]) - 1
+            last = int(fitted["n_layers"]) - 1
             closest = [f"intervention.{part}_min_weight_distance=interval({1 / last:.6g},0.6)" for part in ("attn", "mlp")]
             self.run(["evaluate.py", "experiment=pareto_weighted_ablation", f"hydra.sweeper.n_trials={opts.pareto_trials}",
                       *closest, *lean, f"hydra.sweep.dir={out / 'pareto_weighted'}"],  # heretic's 1 layer as a fraction

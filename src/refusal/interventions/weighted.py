@@ -263,4 +263,5 @@ class PlanAblation(Intervention):
         if linear.bias is None:
             return lambda y: ablate(y / norms, unit, edit.weight) * gains
         bias = linear.bias.detach().to(unit)
-        return lambda y: ablate((y - bias) / norms, unit, edit.weight) * gains + ablate(bias, unit, edit.weight)
+        projected_bias = ablate(bias, unit, edit.weight)  # once, not per forward pass
+        return lambda y: ablate((y - bias) / norms, unit, edit.weight) * gains + projected_bias

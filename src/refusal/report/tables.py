@@ -76,6 +76,11 @@ def _params(results: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in shown.items() if (k, v) not in DEFAULT_PARAMS}
 
 
+def format_params(params: dict[str, Any]) -> str:
+    """``k=v, ...`` as report tables show parameters (floats to 3 significant digits), "-" for none."""
+    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()) or "-"
+
+
 def flat_row(results: dict[str, Any], run: str = "") -> dict[str, Any]:
     metrics = results.get("metrics", {})
     params = _params(results)
@@ -84,7 +89,7 @@ def flat_row(results: dict[str, Any], run: str = "") -> dict[str, Any]:
         "status": results.get("status", "ok"),
         "model": results.get("model"),
         "intervention": results.get("intervention"),
-        "params": ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()) or "-",
+        "params": format_params(params),
         **{f"params/{k}": v for k, v in params.items()},
         "layer": results.get("intervention_layer", results.get("layer")),
         "judge": results.get("judge", "substring"),  # the primary judge
