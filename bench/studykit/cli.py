@@ -69,9 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     meta_path = args.root / "meta.json"
     if args.matmul == "bfloat16" and not args.render_only and (ratio := bf16_speedup("cpu")) < FAST_RATIO:
         print(f"note: this CPU computes a bfloat16 product at {ratio:.2f}x the speed of a float32 one (no bfloat16 "
-              f"matrix units): every step at --matmul bfloat16 runs slower here than at float32, and --plan's times "
-              "(the study's own record, taken on a CPU with AMX) can be several times short; the committed study used "
-              "bfloat16, so steps added to it must too", flush=True)
+              "matrix units), so --matmul bfloat16 runs the same rounding on float32 kernels (models.numerics) at "
+              "float32's speed: --plan's times (the study's own record, taken on a CPU with AMX) can be several times "
+              "short", flush=True)
     if args.plan:
         study = Study(args.root, common, args.splits, plan_only=True)
         for model in args.models:
