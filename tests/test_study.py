@@ -23,7 +23,7 @@ sys.path.insert(0, str(REPO / "bench"))  # the study's code lives in bench/study
 from studykit.plan import CONTROLS, KS, METHODS  # noqa: E402
 from studykit.plots import plot_tunability  # noqa: E402
 from studykit.progress import estimate, render_plan  # noqa: E402
-from studykit.render import holm_table, render, timing_line  # noqa: E402
+from studykit.render import holm_table, machines, render, timing_line  # noqa: E402
 from studykit.run import Study  # noqa: E402
 from studykit.runs import ModelRuns, _rows  # noqa: E402
 from studykit.sections import judges_section, primary_note, selection_section  # noqa: E402
@@ -705,3 +705,11 @@ def test_both_fronts_by_the_peers_own_count(tmp_path):
     assert "2_unjudged" not in text
     assert "C(ours, abliterix) = 1.00, C(abliterix, ours) = 0.00; by its count too, ours dominates" in lines(10)
     assert by_peer_count("qwen05", ours, "heretic", theirs, tmp_path / "absent") == []
+
+
+def test_the_header_names_every_machine_the_steps_ran_on():
+    """meta.json from before the list (one string), one machine, and two: a row measured on the first machine must
+    not be credited to the one that ran the last step."""
+    assert machines({"hardware": "2 × Intel"}) == machines({"hardware": ["2 × Intel"]}) == "2 × Intel"
+    both = machines({"hardware": ["2 × Intel", "2 × AMD EPYC"]})
+    assert "2 × Intel" in both and "2 × AMD EPYC" in both and "results.json" in both

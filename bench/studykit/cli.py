@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         info = host_info("cpu")
         meta = {
             "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d"),
-            "hardware": f"{info.get('cpu_count')} × {info.get('cpu')}, torch {info.get('torch')}, no GPU",
+            "hardware": [f"{info.get('cpu_count')} × {info.get('cpu')}, torch {info.get('torch')}, no GPU"],
             "data": ("the Arditi et al. `refusal_direction` splits (AdvBench-derived harmful, Alpaca harmless), "
                      f"{args.n_test or 'all configured'} test prompts per class"
                      if args.splits.is_dir() else "the embedded set (../shared splits not found)"),
@@ -101,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         if meta_path.exists():  # an earlier invocation ran other models or steps: keep them in the report
             old = json.loads(meta_path.read_text())
             meta["models"] = [*old["models"], *(m for m in args.models if m not in old["models"])]
+            machines = old["hardware"] if isinstance(old["hardware"], list) else [old["hardware"]]
+            meta["hardware"] = [*machines, *(h for h in meta["hardware"] if h not in machines)]
         atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")
     print(f"wrote {render(args.root, args.docs, meta)}")
     return 0
