@@ -433,6 +433,40 @@ def test_our_best_front_takes_in_the_heretic_kernel_search(tmp_path):
     assert "| 10.0% [0–20] | 0.050 | **front** |" in text  # the INLP trial: lower KL, still on the union's front
 
 
+def heretic_params(scope: str, index: float, distance: float) -> dict:
+    """A heretic 1.4.0 trial's parameters as its read-back records them (positions and distances in layers)."""
+    return {"direction_scope": scope, "direction_index": index,
+            **{f"{c}.{k}": v for c in ("attn.o_proj", "mlp.down_proj")
+               for k, v in (("max_weight", 1.2), ("max_weight_position", 11.5), ("min_weight", 0.4),
+                            ("min_weight_distance", distance))}}
+
+
+def test_heretics_trials_are_set_beside_ours_at_the_same_kernel_parameters(tmp_path):
+    """heretic's trial 0 (per layer, distance 2.3 layers) and ours at the same parameters in fractions of the last
+    layer (23 on qwen05): paired; its direction index differs, which the per-layer scope does not use. heretic's
+    trial 1 (global scope) finds no twin: ours at index 0.5 is 11.5 layers, heretic's 11.6."""
+    mdir = plant_search_and_peers(tmp_path)
+    report = tmp_path / "study" / "peers" / "qwen05-heretic" / "report"
+    for trial, params in (("heretic_trial_000", heretic_params("per layer", 13.0, 2.3)),
+                          ("heretic_trial_001", heretic_params("global", 11.6, 2.3))):
+        record = json.loads((report / trial / "results.json").read_text())
+        (report / trial / "results.json").write_text(json.dumps({**record, "params": params}))
+    ours = {"attn_max_weight": 1.2, "attn_max_weight_position": 0.5, "attn_min_weight": 0.4,
+            "attn_min_weight_distance": 0.1, "mlp_max_weight": 1.2, "mlp_max_weight_position": 0.5,
+            "mlp_min_weight": 0.4, "mlp_min_weight_distance": 0.1, "direction_index": 0.5, "units": "fractions"}
+    plant_trial(mdir / "pareto_weighted" / "0_qwen05_weighted_ablation", "weighted_ablation", 0.15, 0.07,
+                params={**ours, "direction": "per_layer"})
+    plant_trial(mdir / "pareto_weighted" / "1_qwen05_weighted_ablation", "weighted_ablation", 0.05, 0.09,
+                params={**ours, "direction": "index"})
+    text = render(tmp_path / "study", tmp_path / "docs", PLANTED_META).read_text()
+    assert "**qwen05, heretic's trials and ours at the same kernel parameters** (1 of 2 heretic trials" in text
+    # ours refuses prompts 0-2, heretic's prompt 0: +10 points, two discordant pairs
+    assert "| heretic_trial_000 | 0_qwen05_weighted_ablation | 5.0% | 15.0% | +10.0 [" in text
+    assert "| 0.080 | 0.070 |" in text and "| heretic_trial_001 | 1_qwen05" not in text
+    assert "Ours refuses less, paired interval below zero, in 0 of 1 (more in 0), mean Δ +10.0 pts; its KL is lower " \
+           "in 1 of 1:" in text
+
+
 def test_the_study_renders_the_judges_accuracy_from_validate_json(tmp_path):
     """--validate --calibrate's JSON on the labelled fixture becomes the judges' table (threshold from dev)."""
     from refusal.__main__ import main

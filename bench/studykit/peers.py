@@ -12,7 +12,7 @@ from refusal.errors import DataError
 from refusal.report import flat_row, load_runs, pareto_front
 from refusal.report.pareto import best_within, set_coverage
 from refusal.report.tables import format_params
-from refusal.stats.paired import check_same_prompts, paired_rate_difference
+from refusal.stats.paired import PairedDifference, check_same_prompts, paired_rate_difference
 
 from .plots import plot_fronts
 from .runs import ModelRuns
@@ -59,15 +59,88 @@ def _shown_params(row: dict[str, Any]) -> str:
     return format_params(params)
 
 
-def _paired(ours: Path, theirs: Path) -> str:
+def _paired_difference(ours: Path, theirs: Path) -> PairedDifference | str:
     """Δ refusal (ours − theirs) on the harmful prompts both runs answered, paired, or why it cannot be."""
     try:
         a, b = RunOutcomes.from_dir(ours), RunOutcomes.from_dir(theirs)
         check_same_prompts(a.digests["harmful"], b.digests["harmful"], "our trial's and the peer's harmful prompts")
     except (DataError, KeyError) as err:
         return f"not paired: {err}"
-    d = paired_rate_difference(a.refused["harmful"], b.refused["harmful"])
+    return paired_rate_difference(a.refused["harmful"], b.refused["harmful"])
+
+
+def _paired(ours: Path, theirs: Path) -> str:
+    d = _paired_difference(ours, theirs)
+    if isinstance(d, str):
+        return d
     return f"{100 * d.estimate:+.1f} [{100 * d.lo:+.1f}, {100 * d.hi:+.1f}] pts, McNemar p {d.p_value:.2g} (n {d.n})"
+
+
+#: Our heretic-kernel parameters by heretic 1.4.0's names, and whether heretic samples it in layers (ours: fractions
+#: of the last layer index, as heretic draws them) rather than as the same unit-free number.
+HERETIC_NAMES = {
+    **{f"{ours}_{name}": (f"{theirs}.{name}", name in ("max_weight_position", "min_weight_distance"))
+       for ours, theirs in (("attn", "attn.o_proj"), ("mlp", "mlp.down_proj"))
+       for name in ("max_weight", "max_weight_position", "min_weight", "min_weight_distance")},
+    "direction_index": ("direction_index", True),
+}
+SCOPES = {"per_layer": "per layer", "index": "global"}
+
+
+def _as_heretic(row: dict[str, Any], last: int) -> dict[str, Any]:
+    """A heretic-kernel trial of ours in heretic's names and units (what heretic would record for it)."""
+    out = {"direction_scope": SCOPES.get(row.get("params/direction"))}
+    for ours, (theirs, in_layers) in HERETIC_NAMES.items():
+        if (value := row.get(f"params/{ours}")) is not None:
+            out[theirs] = value * last if in_layers else value
+    return out
+
+
+def _same(ours: dict[str, Any], theirs: dict[str, Any]) -> bool:
+    """Every parameter heretic recorded equal in ours, numbers to 1e-6 relative: ours went through a fraction of the
+    last layer and the study writes the distances' lower bound, 1/last, to 6 digits (1.000001 layers, not 1)."""
+    for key, value in theirs.items():
+        mine = ours.get(key)
+        if isinstance(value, float) and isinstance(mine, float):
+            if abs(mine - value) > 1e-6 * max(1.0, abs(value)):
+                return False
+        elif mine != value:
+            return False
+    return True
+
+
+def same_parameters(model: str, ours: list[dict[str, Any]], theirs: list[dict[str, Any]], theirs_dir: Path,
+                    n_layers: int) -> list[str]:
+    """heretic's trials beside ours at the same kernel parameters. Both searches draw the same random start-up
+    trials (Optuna's TPE, the same seed, space and order), so there the search is identical and what differs is the
+    rest of the method: the direction (ours Arditi-selected on filtered prompts, heretic's from its own means),
+    its exact row-normalised edit against heretic's rank-3 LoRA, and the numerics."""
+    pairs = []
+    for theirs_row in theirs:
+        wanted = {k.split("/", 1)[1]: v for k, v in theirs_row.items() if k.startswith("params/")}
+        if wanted.get("direction_scope") == "per layer":
+            wanted.pop("direction_index", None)  # drawn always, used only by the global scope
+        match = next((r for r in ours if _same(_as_heretic(r, n_layers - 1), wanted)), None)
+        if match is not None:
+            pairs.append((theirs_row, match, _paired_difference(match["dir"] / match["run"], theirs_dir / theirs_row["run"])))
+    if not pairs:
+        return []
+    rows = [f"| {t['run']} | {o['run']} | {t['harmful/refusal_rate']:.1%} | {o['harmful/refusal_rate']:.1%} | "
+            + (d if isinstance(d, str) else f"{100 * d.estimate:+.1f} [{100 * d.lo:+.1f}, {100 * d.hi:+.1f}], p {d.p_value:.2g}")
+            + f" | {t['harmless/kl_div']:.3f} | {o['harmless/kl_div']:.3f} |" for t, o, d in pairs]
+    diffs = [d for _, _, d in pairs if not isinstance(d, str)]
+    lower = sum(d.hi < 0 for d in diffs)
+    higher = sum(d.lo > 0 for d in diffs)
+    less_kl = sum(o["harmless/kl_div"] < t["harmless/kl_div"] for t, o, _ in pairs)
+    mean = sum(d.estimate for d in diffs) / len(diffs) if diffs else float("nan")
+    return [f"**{model}, heretic's trials and ours at the same kernel parameters** ({len(pairs)} of {len(theirs)} "
+            "heretic trials drew parameters one of ours drew too: the same seeded random start-up trials, so the search "
+            "is the same and the rest of the method differs: our Arditi-selected direction, our exact row-normalised "
+            "edit (heretic's: a rank-3 LoRA of it) and our numerics). Ours refuses less, paired interval below zero, "
+            f"in {lower} of {len(diffs)} (more in {higher}), mean Δ {100 * mean:+.1f} pts; its KL is lower in {less_kl} "
+            f"of {len(pairs)}:", "",
+            "| heretic trial | our trial | heretic refusal | our refusal | Δ refusal (ours − heretic), paired, pts | "
+            "heretic KL | our KL |", "|---|---|---|---|---|---|---|", *rows, ""]
 
 
 def dominance(model: str, label: str, ours: list[dict[str, Any]], peer: str, theirs: list[dict[str, Any]],
@@ -157,6 +230,8 @@ def pareto_section(runs: dict[str, ModelRuns], figures: Path, root: Path, peers_
                 if peer == "heretic" and mr.pareto_weighted:  # the same method: does the search or the measure differ?
                     dominance_lines += dominance(model, "our search of heretic's kernel", mr.pareto_weighted, peer, rows,
                                                  peer_dir / "report")
+                    dominance_lines += same_parameters(model, mr.pareto_weighted, rows, peer_dir / "report",
+                                                       int(mr.fitted["n_layers"]))
                 dominance_lines += by_peer_count(model, ours, peer, rows, peer_dir)
         if not ours:
             continue
