@@ -422,8 +422,10 @@ def test_our_best_front_takes_in_the_heretic_kernel_search(tmp_path):
     plant_trial(mdir / "pareto_weighted" / "0_qwen05_weighted_ablation", "weighted_ablation", 0.05, 0.07,
                 params={"direction": "per_layer", "direction_index": 0.5, "attn_max_weight": 1.2, "units": "fractions",
                         "projected": True, "embedding": False, "norm_preserving": "rows", "export": False})
+    (mdir / "pareto_weighted" / "report.csv").write_text("run\n")  # the sweep finished
     text = render(tmp_path / "study", tmp_path / "docs", PLANTED_META).read_text()
     assert "qwen05: 1 INLP-flip trials, 1 heretic-kernel trials and 1 reference runs, DiM layer 16" in text
+    assert "unfinished" not in text
     assert "not run yet" not in text
     assert "C(ours, heretic) = 1.00, C(heretic, ours) = 0.00; **ours dominates heretic's front**" in text
     assert ("**qwen05, our search of heretic's kernel against heretic.** Set coverage (Zitzler & Thiele 1999: the share "
@@ -458,7 +460,12 @@ def test_heretics_trials_are_set_beside_ours_at_the_same_kernel_parameters(tmp_p
                 params={**ours, "direction": "per_layer"})
     plant_trial(mdir / "pareto_weighted" / "1_qwen05_weighted_ablation", "weighted_ablation", 0.05, 0.09,
                 params={**ours, "direction": "index"})
+    (mdir / "pareto_weighted.command").write_text("python evaluate.py experiment=pareto_weighted_ablation "
+                                                  "hydra.sweeper.n_trials=12 model=qwen05\n")  # no report.csv: cut short
     text = render(tmp_path / "study", tmp_path / "docs", PLANTED_META).read_text()
+    assert ("2 heretic-kernel trials (unfinished: 2 of 12 trials; `python bench/study.py --models qwen05 --steps "
+            "pareto` goes on from them) and 1 reference runs") in text
+    assert "**qwen05: our heretic-kernel search is unfinished: 2 of 12 trials;" in text
     assert "**qwen05, heretic's trials and ours at the same kernel parameters** (1 of 2 heretic trials" in text
     # ours refuses prompts 0-2, heretic's prompt 0: +10 points, two discordant pairs
     assert "| heretic_trial_000 | 0_qwen05_weighted_ablation | 5.0% | 15.0% | +10.0 [" in text
