@@ -15,7 +15,7 @@ from refusal.run_files import archive_completions
 
 from .plan import ALPHAS, CONTROL_MODELS, CONTROLS, KS, METHODS, REPO, SPLITS_DIR, STEPS, STUDY_MODELS
 from .progress import render_plan
-from .render import render
+from .render import machine_list, render
 from .run import Study
 
 
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         if meta_path.exists():  # an earlier invocation ran other models or steps: keep them in the report
             old = json.loads(meta_path.read_text())
             meta["models"] = [*old["models"], *(m for m in args.models if m not in old["models"])]
-            machines = old["hardware"] if isinstance(old["hardware"], list) else [old["hardware"]]
+            machines = machine_list(old)
             meta["hardware"] = [*machines, *(h for h in meta["hardware"] if h not in machines)]
         atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")
     print(f"wrote {render(args.root, args.docs, meta)}")

@@ -16,7 +16,7 @@ from refusal.report.tables import format_params
 from refusal.stats.paired import PairedDifference, check_same_prompts, paired_rate_difference
 
 from .plots import plot_fronts
-from .runs import ModelRuns, _search_rows
+from .runs import ModelRuns
 
 PEERS = ("heretic", "abliterix")
 #: A heretic-kernel trial's settings that the search fixes (experiment=pareto_weighted_ablation): not shown per trial.
@@ -46,15 +46,14 @@ def peer_count(run_dir: Path, peer: str, model: str, finished: int) -> str:
     return text + " (bench/peers)"
 
 
-def unfinished_search(root: Path, model: str, step: str = "pareto_weighted") -> str:
-    """Empty when the study's search finished (its sweep wrote report.csv), else how far it got: a search cut short
-    keeps its finished trials, and rerunning the step replays them from their folders (resume) and goes on."""
+def unfinished_search(root: Path, model: str, finished: int, step: str = "pareto_weighted") -> str:
+    """Empty when the study's search finished (its sweep wrote report.csv), else how far it got (``finished``
+    trials): a search cut short keeps them, and rerunning the step replays them from their folders (resume) and goes on."""
     folder = root / model / step
     if (folder / "report.csv").exists() or not folder.exists():
         return ""
     stamp = root / model / f"{step}.command"
     planned = re.search(r"hydra\.sweeper\.n_trials=(\d+)", stamp.read_text()) if stamp.exists() else None
-    finished = len(_search_rows(folder))
     return (f"unfinished: {finished}" + (f" of {planned.group(1)}" if planned else "") + " trials; `python bench/study.py "
             f"--models {model} --steps pareto` goes on from them")
 
@@ -225,6 +224,7 @@ def pareto_section(runs: dict[str, ModelRuns], figures: Path, root: Path, peers_
     lines, counts, plots, dominance_lines = [], [], [], []
     for model, mr in runs.items():
         ours = mr.pareto + mr.pareto_weighted  # our best front: both searches and the reference runs
+        cut = unfinished_search(root, model, len(mr.pareto_weighted))
         peers = peer_rows(peers_dir, model)
         if mr.pareto and peers:
             groups = {"ours: INLP flip search + references": mr.pareto}
@@ -233,7 +233,7 @@ def pareto_section(runs: dict[str, ModelRuns], figures: Path, root: Path, peers_
             plot = plot_fronts({**groups, **peers}, model, figures / f"{model}_fronts.png")
             plots.append(f"![{model} fronts](results/{plot.name})")
             counts += [peer_count(peers_dir / f"{model}-{peer}", peer, model, len(rows)) for peer, rows in peers.items()]
-            if cut := unfinished_search(root, model):
+            if cut:
                 dominance_lines += [f"**{model}: our heretic-kernel search is {cut}**, so the comparisons below that take "
                                     "it in are not yet at equal trial counts.", ""]
             for peer, rows in peers.items():  # the peer's front points, in the table's terms
@@ -256,7 +256,7 @@ def pareto_section(runs: dict[str, ModelRuns], figures: Path, root: Path, peers_
         front = pareto_front(points)
         counts.append(f"{model}: {sum(r['intervention'] == 'inlp_flip' for r in ours)} INLP-flip trials, "
                       f"{len(mr.pareto_weighted)} heretic-kernel trials "
-                      + (f"({cut}) " if (cut := unfinished_search(root, model)) else "") +
+                      + (f"({cut}) " if cut else "") +
                       f"and {sum(r['intervention'] not in ('inlp_flip', 'weighted_ablation') for r in ours)} reference runs, "
                       f"DiM layer {mr.fitted.get('layer')}")
         for i in sorted(range(len(ours)), key=lambda i: points[i]):

@@ -102,9 +102,14 @@ def timing_line(model: str, steps: dict[str, Any]) -> str:
             + ", ".join(f"`{k.removesuffix('.log')}` {minutes(v)}" for k, v in steps.items()) + ").")
 
 
+def machine_list(meta: dict[str, Any]) -> list[str]:
+    """meta.json's machines: a list, or one string in a meta.json from before the list."""
+    return meta["hardware"] if isinstance(meta["hardware"], list) else [meta["hardware"]]
+
+
 def machines(meta: dict[str, Any]) -> str:
     """The machines the study's steps ran on (each run's ``results.json`` names its own)."""
-    hardware = meta["hardware"] if isinstance(meta["hardware"], list) else [meta["hardware"]]
+    hardware = machine_list(meta)
     return hardware[0] if len(hardware) == 1 else f"steps ran on {' and on '.join(hardware)}; each run's results.json names its machine"
 
 
