@@ -15,7 +15,8 @@ where it stopped. INLP runs to convergence (the study's setting); the k sweep in
 setting of earlier versions, and the verdict is given under both. The verdict (``studykit.verdict``) pairs
 the runs prompt by prompt, from each run's completions.jsonl; C3 needs at least 6 values of k, full rank
 included (``KS``). Nothing here runs in CI.
-Wall and CPU time per step are written into the report (``<model>/timings.json``). At the study's settings (128 new
+Wall and CPU time per step are written into the report (``<model>/timings.json``); a step stopped part way is
+marked so, and its resume appends to its log and adds its time to the stopped segments'. At the study's settings (128 new
 tokens; 100 + 311 harmful, 100 harmless and 100 over-refusal test prompts; bfloat16 products) a run is ~8 min
 on qwen05 on an idle 2-core CPU and 11–20 min on qwen15 (its main step: 80 min), so the study spans sessions. ``study/``
 is committed with its fits (``study/artifacts``; per-job plots left out, see .gitignore); stamps name the study

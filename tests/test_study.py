@@ -7,6 +7,7 @@ import argparse
 import json
 import math
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -197,6 +198,55 @@ def test_a_step_records_its_cpu_time_apart_from_its_wall_time_and_the_report_sho
     line = timing_line("qwen05", {"train.log": 60.0, "main.log": {"wall_s": 600.0, "cpu_s": 1080.0}})
     assert line.startswith("Wall time, qwen05: 11 min in all") and "`train` 1.0" in line and "`main` 10.0 [18.0]" in line and "CPU minutes" in line
     assert "CPU" not in timing_line("qwen05", {"train.log": 60.0})
+
+
+def test_a_resumed_step_appends_to_its_log_and_its_time_is_the_sum_of_its_segments(tmp_path):
+    """A step stopped part way (here: failing) resumes from its caches: its log keeps the first segment's output and
+    timings.json the sum of both segments; a step that finished is not summed into when its command runs afresh."""
+    root = tmp_path / "study"
+    done = root / "qwen05" / "pareto" / "report.csv"
+    log = root / "qwen05" / "pareto.log"
+    # the first segment leaves a cache and stops; the second finds the cache and finishes
+    segment = ("import pathlib, sys, time; done = pathlib.Path(sys.argv[1]); cache = done.parent / 'cache'\n"
+               "t = time.process_time()\nwhile time.process_time() - t < 0.2: pass\n"
+               "if not cache.exists(): done.parent.mkdir(parents=True); cache.write_text('x'); print('first'); sys.exit(1)\n"
+               "print('second'); done.write_text('x')")
+    study = Study(root, [], tmp_path)
+    assert not study.run(["-c", segment, str(done)], log, done)
+    first = json.loads((root / "qwen05" / "timings.json").read_text())["pareto.log"]
+    assert first["stopped"] and "segments" not in first
+    assert "(stopped, not finished)" in timing_line("qwen05", {"pareto.log": first})
+    assert study.run(["-c", segment, str(done)], log, done)
+    both = json.loads((root / "qwen05" / "timings.json").read_text())["pareto.log"]
+    assert both["segments"] == 2 and "stopped" not in both
+    assert both["wall_s"] >= first["wall_s"] + 0.2 and both["cpu_s"] >= first["cpu_s"] + 0.15
+    assert log.read_text().split("--- resumed")[0].strip() == "first" and log.read_text().rstrip().endswith("second")
+    assert timing_line("qwen05", {"pareto.log": both}).endswith(f"[{both['cpu_s'] / 60:.1f}] in 2 segments).")
+    # finished, its output deleted and the same command run again: a new measurement, not a third segment
+    shutil.rmtree(done.parent)
+    assert not study.run(["-c", segment, str(done)], log, done)
+    assert "segments" not in json.loads((root / "qwen05" / "timings.json").read_text())["pareto.log"]
+
+
+def test_a_step_stopped_by_ctrl_c_records_its_time_as_stopped_and_stops_the_study(tmp_path):
+    """Ctrl-C (SIGINT) during a step: the step's process is ended, its segment's time is kept (marked stopped, for
+    the resume to add to) and the interrupt goes on to stop the study."""
+    root = tmp_path / "study"
+    done = root / "qwen05" / "main" / "report.csv"
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.5)
+        with pytest.raises(KeyboardInterrupt):
+            Study(root, [], tmp_path).run(["-c", "import time; time.sleep(60)"], root / "qwen05" / "main.log", done)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    entry = json.loads((root / "qwen05" / "timings.json").read_text())["main.log"]
+    assert entry["stopped"] and 0.5 <= entry["wall_s"] < 30
 
 
 def test_the_selection_table_reads_the_fit_committed_with_the_study_and_counts_each_rules_passing_candidates(tmp_path):

@@ -91,11 +91,15 @@ def holm_table(rows: list[dict[str, Any]]) -> str:
 
 def timing_line(model: str, steps: dict[str, Any]) -> str:
     """The report's line of time per step: wall minutes, and CPU minutes (all threads) where the runner recorded
-    them (a step paused for another reads long on the wall only); an entry that is a bare number is wall seconds."""
+    them (a step paused for another reads long on the wall only); an entry that is a bare number is wall seconds; a
+    resumed step shows the sum of its segments."""
     def minutes(value: Any) -> str:
         if not isinstance(value, dict):
             return f"{value / 60:.1f}"
-        return f"{value['wall_s'] / 60:.1f} [{value['cpu_s'] / 60:.1f}]"
+        shown = f"{value['wall_s'] / 60:.1f} [{value['cpu_s'] / 60:.1f}]"
+        if "segments" in value:  # resumed: the sum of its segments
+            shown += f" in {value['segments']} segments"
+        return shown + (" (stopped, not finished)" if value.get("stopped") else "")
     wall = sum(v["wall_s"] if isinstance(v, dict) else v for v in steps.values())
     cpu = ", CPU minutes over all threads in brackets where recorded" if any(isinstance(v, dict) for v in steps.values()) else ""
     return (f"Wall time, {model}: {wall / 60:.0f} min in all (minutes per step{cpu}: "

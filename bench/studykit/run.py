@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from refusal.artifacts import atomic_write_text
 from refusal.run_files import archive_completions
@@ -64,27 +65,49 @@ class Study:
                 return True
             raise SystemExit(f"{done} was made by another command (see {stamp}); delete {done.parent} "
                              "to redo it with these settings, or pass another --root")
-        print(f"run: {shown}", flush=True)
+        # a stamp of this command without its output: an earlier segment stopped, this one resumes from its caches
+        # and appends to its log
+        resumed = stamp.exists() and stamp.read_text().strip() == shown
+        print(f"{'resume' if resumed else 'run'}: {shown}", flush=True)
         log.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(stamp, shown + "\n")
         t0, cpu0 = time.perf_counter(), _children_cpu()
         # the fits go with the study (study/artifacts, committed): its selection table reads them on any checkout
         env = {**os.environ, "WANDB_MODE": "offline", "TOKENIZERS_PARALLELISM": "false",
                "REFUSAL_ARTIFACTS": str(self.root / "artifacts")}
-        with log.open("w") as fh:
-            rc = subprocess.call([sys.executable, *argv], cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, env=env)
+        interrupted = False
+        with log.open("a" if resumed else "w") as fh:
+            if resumed:
+                fh.write(f"\n--- resumed {time.strftime('%Y-%m-%d %H:%M:%S')} ---\n")
+                fh.flush()
+            try:
+                rc = subprocess.call([sys.executable, *argv], cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, env=env)
+            except KeyboardInterrupt:  # the step is stopped (its caches stay for the resume); its time is kept
+                rc, interrupted = 130, True
         if rc == 0:  # the study folder is committed: its per-prompt records gzipped (refusal.run_files)
             archive_completions(done.parent)
-        took, cpu = time.perf_counter() - t0, _children_cpu() - cpu0
+        took = time.perf_counter() - t0
+        self._record_time(log, took, _children_cpu() - cpu0, finished=rc == 0)
+        print(f"  {'ok' if rc == 0 else f'FAILED (exit {rc}), see {log}'} in {took / 60:.1f} min", flush=True)
+        if interrupted:
+            raise KeyboardInterrupt
+        return rc == 0
+
+    def _record_time(self, log: Path, wall: float, cpu: float, finished: bool) -> None:
+        """Wall time, and the step's CPU time (all threads): a step paused to give the CPU to another reads long on
+        the wall, not in CPU time. A segment that stopped is marked so; the next one adds to it and counts segments."""
         model, *step = log.relative_to(self.root).parts
         timings = self.root / model / "timings.json"  # one file per model: studies of two models may run at once
         saved = json.loads(timings.read_text()) if timings.exists() else {}
-        # wall time, and the step's CPU time (all threads): a step paused to give the CPU to another reads long
-        # on the wall, not in CPU time
-        saved["/".join(step)] = {"wall_s": round(took, 1), "cpu_s": round(cpu, 1)}
+        entry: dict[str, Any] = {"wall_s": round(wall, 1), "cpu_s": round(cpu, 1)}
+        earlier = saved.get("/".join(step))
+        if isinstance(earlier, dict) and earlier.get("stopped"):
+            entry = {"wall_s": round(wall + earlier["wall_s"], 1), "cpu_s": round(cpu + earlier["cpu_s"], 1),
+                     "segments": earlier.get("segments", 1) + 1}
+        if not finished:
+            entry["stopped"] = True
+        saved["/".join(step)] = entry
         atomic_write_text(timings, json.dumps(saved, indent=2) + "\n")
-        print(f"  {'ok' if rc == 0 else f'FAILED (exit {rc}), see {log}'} in {took / 60:.1f} min", flush=True)
-        return rc == 0
 
     def sweep(self, out: Path, name: str, args: list[str], overrides: list[str]) -> None:
         self.run(["evaluate.py", "-m", *args, *overrides, f"hydra.sweep.dir={out / name}"],
