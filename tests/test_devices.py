@@ -394,6 +394,29 @@ def test_estimate_for_tiny_counts_its_weights_exactly(tiny_bundle, tmp_path):
         assert "device cpu" in line and ("GiB free" in line or "free memory unknown" in line)
 
 
+def test_the_bfloat16_matmul_copy_is_counted_at_its_real_size(tiny_bundle, tmp_path, caplog, monkeypatch):
+    """model.matmul=bfloat16 keeps a rounded copy of every block projection (numerics.Bf16Linear): the estimate's
+    count of those weights equals the tiny model's own, at 2 bytes each natively and 4 where emulated."""
+    import refusal.models.loader as loader
+
+    held = sum(m.weight.numel() for block in tiny_bundle.layout.blocks for m in block.modules()
+               if isinstance(m, torch.nn.Linear))
+    cfg = {"name": "tiny", "source": "tiny", "batch_size": 8, "device": "cpu", "matmul": "bfloat16"}
+    plain = estimate_memory(cfg, tmp_path, torch.float32, torch.device("cpu"))
+    assert plain.shape.block_linear_params == held and plain.copy_bytes == 0
+    for fast, per_weight in ((True, 2), (False, 4)):
+        monkeypatch.setattr(loader, "bf16_is_fast", lambda device, fast=fast: fast)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="refusal.models"):
+            loader._log_memory_estimate(cfg, tmp_path, torch.float32, torch.device("cpu"), None)
+        estimate = estimate_memory(cfg, tmp_path, torch.float32, torch.device("cpu"), matmul_copy_bytes=per_weight)
+        assert estimate.copy_bytes == held * per_weight
+        assert estimate.total_bytes == plain.total_bytes + held * per_weight
+        line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("tiny: ~"))
+        assert line == estimate.line() and "bfloat16-rounded block weights" in line
+        assert ("kept in float32" in line) is (not fast)
+
+
 def test_estimate_reads_a_local_checkpoint_config_and_falls_back_to_declared_sizes(tiny_bundle, tmp_path):
     folder = tmp_path / "ckpt"
     tiny_bundle.model.save_pretrained(folder)
@@ -415,6 +438,9 @@ def test_too_big_warns_with_the_numbers_and_unknown_room_does_not():
     assert f"big may not fit: it needs ~{need:.1f} GiB (weights + working set) but cuda:0 has 1.0 MiB free" in warning
     assert "model.dtype=bfloat16" in warning and "model.device_map=auto" in warning and "the run goes on" in warning
     assert "model.device_map" not in tight.warning(device_map="auto")
+    copied = MemoryEstimate("big", shape, torch.float32, 32, 128, "cpu", free_bytes=1 << 20, matmul_copy_bytes=4)
+    assert copied.total_bytes == tight.total_bytes + 4 * shape.block_linear_params
+    assert "(weights + their bfloat16 copy + working set)" in copied.warning()
     assert MemoryEstimate("big", shape, torch.float32, 32, 128, "mps", free_bytes=None).warning() is None
     roomy = MemoryEstimate("big", shape, torch.float32, 32, 128, "cpu", free_bytes=1 << 50)
     assert roomy.fits and roomy.warning() is None

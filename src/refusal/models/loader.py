@@ -292,7 +292,8 @@ def _log_memory_estimate(cfg: Mapping[str, Any], cache_dir: Path, dtype: torch.d
                          device_map: Any) -> None:
     """One line before the model loads (weights + working set vs free memory); a warning when it may not fit."""
     try:
-        estimate = estimate_memory(cfg, cache_dir, dtype, device, device_map)
+        copy = 0 if check_matmul(cfg) != "bfloat16" or device is None else 2 if bf16_is_fast(device) else 4
+        estimate = estimate_memory(cfg, cache_dir, dtype, device, device_map, matmul_copy_bytes=copy)
     except Exception as err:  # rough figures must never stop a run
         log.debug("memory estimate failed: %s", err)
         return

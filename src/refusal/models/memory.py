@@ -6,7 +6,9 @@ tiny model): the model is built on the ``meta`` device (no memory) and its param
 it comes from the sizes the model config declares (``n_layers``, ``d_model``, optionally ``vocab_size``
 and ``d_mlp``) with a Llama-style formula. Working set: what a forward pass over ``model.batch_size``
 sequences of a nominal length holds besides the weights (KV cache, the widest block intermediates,
-and every position's logits with their float32 copy, as scoring a completion needs). Both are rough;
+and every position's logits with their float32 copy, as scoring a completion needs). With
+``model.matmul=bfloat16`` the block weights' rounded copy besides (half their size, or their size where
+the products are emulated on float32 kernels). All are rough;
 a run only warns when the estimate exceeds what the device has free, it never refuses to start.
 """
 
@@ -44,6 +46,13 @@ class Shape:
     vocab_size: int
     kv_dim: int  # key/value heads × head dim: one token's K (or V) per layer
     exact: bool
+
+    @property
+    def block_linear_params(self) -> int:
+        """The blocks' projection weights (q, o: d²; k, v: d·kv_dim; a gated MLP: 3·d·d_mlp per layer): what
+        ``model.matmul=bfloat16`` holds a second, rounded copy of."""
+        d = self.d_model
+        return self.n_layers * (2 * d * d + 2 * d * self.kv_dim + 3 * d * self.d_mlp)
 
 
 def count_parameters(config: Any) -> int:
@@ -174,10 +183,17 @@ class MemoryEstimate:
     tokens: int
     where: str
     free_bytes: int | None
+    # model.matmul=bfloat16: bytes per block weight of its rounded copy (2 native, 4 where emulated on float32
+    # kernels: numerics.Bf16Linear); 0 without one
+    matmul_copy_bytes: int = 0
 
     @property
     def weights_bytes(self) -> int | None:
         return None if self.shape is None else self.shape.n_params * _BYTES[self.dtype]
+
+    @property
+    def copy_bytes(self) -> int | None:
+        return None if self.shape is None else self.shape.block_linear_params * self.matmul_copy_bytes
 
     @property
     def working_bytes(self) -> int | None:
@@ -185,7 +201,7 @@ class MemoryEstimate:
 
     @property
     def total_bytes(self) -> int | None:
-        return None if self.shape is None else self.weights_bytes + self.working_bytes
+        return None if self.shape is None else self.weights_bytes + self.copy_bytes + self.working_bytes
 
     @property
     def fits(self) -> bool | None:
@@ -201,7 +217,9 @@ class MemoryEstimate:
         if self.shape is None:
             return f"{self.name}: size unknown before loading (no checkpoint config on disk, no declared n_layers/d_model); {room}"
         count = f"{format_count(self.shape.n_params)} parameters" + ("" if self.shape.exact else " from declared sizes")
-        return (f"{self.name}: ~{format_bytes(self.weights_bytes)} weights ({count}, {dtype}) + "
+        copy = (f"~{format_bytes(self.copy_bytes)} bfloat16-rounded block weights (model.matmul=bfloat16"
+                f"{', kept in float32: no bfloat16 units' if self.matmul_copy_bytes == 4 else ''}) + ") if self.matmul_copy_bytes else ""
+        return (f"{self.name}: ~{format_bytes(self.weights_bytes)} weights ({count}, {dtype}) + {copy}"
                 f"~{format_bytes(self.working_bytes)} working set (batch {self.batch_size} × {self.tokens} tokens); {room}")
 
     def warning(self, device_map: Any = None) -> str | None:
@@ -213,7 +231,8 @@ class MemoryEstimate:
             fixes.append("use model.dtype=bfloat16 (half the weights)")
         if device_map is None:
             fixes.append("spread it over the GPUs with model.device_map=auto")
-        return (f"{self.name} may not fit: it needs ~{format_bytes(self.total_bytes)} (weights + working set) but "
+        parts = "weights + their bfloat16 copy + working set" if self.matmul_copy_bytes else "weights + working set"
+        return (f"{self.name} may not fit: it needs ~{format_bytes(self.total_bytes)} ({parts}) but "
                 f"{self.where} has {format_bytes(self.free_bytes)} free; the estimate is rough, the run goes on. "
                 f"If it runs out of memory: {', or '.join(fixes)}")
 
@@ -235,8 +254,10 @@ def estimate_memory(
     device: torch.device | None,
     device_map: Any = None,
     tokens: int = NOMINAL_TOKENS,
+    matmul_copy_bytes: int = 0,
 ) -> MemoryEstimate:
-    """The estimate for ``cfg`` (a ``conf/model/*.yaml`` mapping) at ``dtype`` on ``device``/``device_map``."""
+    """The estimate for ``cfg`` (a ``conf/model/*.yaml`` mapping) at ``dtype`` on ``device``/``device_map``, with
+    ``matmul_copy_bytes`` per block weight for ``model.matmul=bfloat16``'s rounded copy."""
     where, free = free_memory(device, device_map)
     return MemoryEstimate(
         name=str(cfg.get("name", "model")),
@@ -246,4 +267,5 @@ def estimate_memory(
         tokens=tokens,
         where=where,
         free_bytes=free,
+        matmul_copy_bytes=matmul_copy_bytes,
     )
