@@ -512,7 +512,11 @@ def test_heretics_trials_are_set_beside_ours_at_the_same_kernel_parameters(tmp_p
                 params={**ours, "direction": "index"})
     (mdir / "pareto_weighted.command").write_text("python evaluate.py experiment=pareto_weighted_ablation "
                                                   "hydra.sweeper.n_trials=12 model=qwen05\n")  # no report.csv: cut short
+    (mdir / "filter_direction_cosine.json").write_text(json.dumps(
+        {"kept_harmful_train": {"kept": 41, "of": 128}, "cosine_by_layer": [0.99, 0.95, 0.96, 0.90]}))
     text = render(tmp_path / "study", tmp_path / "docs", PLANTED_META).read_text()
+    assert ("the refusal filter keeps 41/128 harmful fit prompts; per layer, the cosine between the direction fitted on "
+            "those and on all of them (heretic's plain mean difference) is 0.900–0.990, median 0.955").lower() in text.lower()
     assert ("2 heretic-kernel trials (unfinished: 2 of 12 trials; `python bench/study.py --models qwen05 --steps "
             "pareto` goes on from them) and 1 reference runs") in text
     assert "**qwen05: our heretic-kernel search is unfinished: 2 of 12 trials;" in text
@@ -521,7 +525,7 @@ def test_heretics_trials_are_set_beside_ours_at_the_same_kernel_parameters(tmp_p
     assert "| heretic_trial_000 | 0_qwen05_weighted_ablation | 5.0% | 15.0% | +10.0 [" in text
     assert "| 0.080 | 0.070 |" in text and "| heretic_trial_001 | 1_qwen05" not in text
     assert "Ours refuses less, paired interval below zero, in 0 of 1 (more in 0), mean Δ +10.0 pts; its KL is lower " \
-           "in 1 of 1:" in text
+           "in 1 of 1. The refusal filter keeps" in text
 
 
 def test_the_study_renders_the_judges_accuracy_from_validate_json(tmp_path):

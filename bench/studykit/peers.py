@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import re
 import shutil
 from pathlib import Path
@@ -123,11 +124,12 @@ def _same(ours: dict[str, Any], theirs: dict[str, Any]) -> bool:
 
 
 def same_parameters(model: str, ours: list[dict[str, Any]], theirs: list[dict[str, Any]], theirs_dir: Path,
-                    n_layers: int) -> list[str]:
+                    n_layers: int, turn: dict[str, Any] | None = None) -> list[str]:
     """heretic's trials beside ours at the same kernel parameters. Both searches draw the same random start-up
     trials (Optuna's TPE, the same seed, space and order), so there the search is identical and what differs is the
     rest of the method: the direction (ours Arditi-selected on filtered prompts, heretic's from its own means),
-    its exact row-normalised edit against heretic's rank-3 LoRA, and the numerics."""
+    its exact row-normalised edit against heretic's rank-3 LoRA, and the numerics. ``turn``: how far the refusal
+    filter turns the per-layer directions (``bench/filter_direction_cosine.py``'s record for this model)."""
     pairs = []
     for theirs_row in theirs:
         wanted = {k.split("/", 1)[1]: v for k, v in theirs_row.items() if k.startswith("params/")}
@@ -151,9 +153,19 @@ def same_parameters(model: str, ours: list[dict[str, Any]], theirs: list[dict[st
             "is the same and the rest of the method differs: our Arditi-selected direction, our exact row-normalised "
             "edit (heretic's: a rank-3 LoRA of it) and our numerics). Ours refuses less, paired interval below zero, "
             f"in {lower} of {len(diffs)} (more in {higher}), mean Δ {100 * mean:+.1f} pts; its KL is lower in {less_kl} "
-            f"of {len(pairs)}:", "",
+            f"of {len(pairs)}{_filter_turn(turn)}:", "",
             "| heretic trial | our trial | heretic refusal | our refusal | Δ refusal (ours − heretic), paired, pts | "
             "heretic KL | our KL |", "|---|---|---|---|---|---|---|", *rows, ""]
+
+
+def _filter_turn(turn: dict[str, Any] | None) -> str:
+    """The clause on how far Arditi's refusal filter turns the per-layer directions away from every fit prompt's."""
+    if not turn:
+        return ""
+    cosines, kept = turn["cosine_by_layer"], turn["kept_harmful_train"]
+    return (f". The refusal filter keeps {kept['kept']}/{kept['of']} harmful fit prompts; per layer, the cosine between "
+            f"the direction fitted on those and on all of them (heretic's plain mean difference) is {min(cosines):.3f}–"
+            f"{max(cosines):.3f}, median {statistics.median(cosines):.3f} (`bench/filter_direction_cosine.py`)")
 
 
 def dominance(model: str, label: str, ours: list[dict[str, Any]], peer: str, theirs: list[dict[str, Any]],
@@ -247,8 +259,10 @@ def pareto_section(runs: dict[str, ModelRuns], figures: Path, root: Path, peers_
                 if peer == "heretic" and mr.pareto_weighted:  # the same method: does the search or the measure differ?
                     dominance_lines += dominance(model, "our search of heretic's kernel", mr.pareto_weighted, peer, rows,
                                                  peer_dir / "report")
+                    turn = root / model / "filter_direction_cosine.json"
                     dominance_lines += same_parameters(model, mr.pareto_weighted, rows, peer_dir / "report",
-                                                       int(mr.fitted["n_layers"]))
+                                                       int(mr.fitted["n_layers"]),
+                                                       json.loads(turn.read_text()) if turn.exists() else None)
                 dominance_lines += by_peer_count(model, ours, peer, rows, peer_dir)
         if not ours:
             continue
