@@ -10,7 +10,9 @@ Each step is an ordinary command (printed, and listed in the report): ``train.py
 then ``evaluate.py`` sweeps and control runs into ``study/<model>/<step>/`` and ``python -m
 refusal.geometry``; the ``pareto`` step is an Optuna search (``experiment=pareto_inlp_flip``, lean
 trials, ``--pareto-trials``) with the baseline, DiM ablation and actadd as reference points in its
-folder. A step whose output already exists is skipped, so an interrupted study resumes
+folder, and heretic's kernel in the same search (``experiment=pareto_weighted_ablation``); the ``unfiltered``
+step reruns that search's random start-up trials (the parameters heretic's own run drew) with Arditi's refusal
+filter off, to tell the filter's part in how ours and heretic's differ at the same parameters. A step whose output already exists is skipped, so an interrupted study resumes
 where it stopped. INLP runs to convergence (the study's setting); the k sweep includes k=16, the
 setting of earlier versions, and the verdict is given under both. The verdict (``studykit.verdict``) pairs
 the runs prompt by prompt, from each run's completions.jsonl; C3 needs at least 6 values of k, full rank

@@ -512,6 +512,8 @@ def test_heretics_trials_are_set_beside_ours_at_the_same_kernel_parameters(tmp_p
                 params={**ours, "direction": "index"})
     (mdir / "pareto_weighted.command").write_text("python evaluate.py experiment=pareto_weighted_ablation "
                                                   "hydra.sweeper.n_trials=12 model=qwen05\n")  # no report.csv: cut short
+    plant_trial(mdir / "pareto_unfiltered" / "0_qwen05_weighted_ablation", "weighted_ablation", 0.05, 0.08,
+                params={**ours, "direction": "per_layer"})  # the refusal filter off: heretic's refusal
     (mdir / "filter_direction_cosine.json").write_text(json.dumps(
         {"kept_harmful_train": {"kept": 41, "of": 128}, "cosine_by_layer": [0.99, 0.95, 0.96, 0.90]}))
     text = render(tmp_path / "study", tmp_path / "docs", PLANTED_META).read_text()
@@ -524,6 +526,10 @@ def test_heretics_trials_are_set_beside_ours_at_the_same_kernel_parameters(tmp_p
     # ours refuses prompts 0-2, heretic's prompt 0: +10 points, two discordant pairs
     assert "| heretic_trial_000 | 0_qwen05_weighted_ablation | 5.0% | 15.0% | +10.0 [" in text
     assert "| 0.080 | 0.070 |" in text and "| heretic_trial_001 | 1_qwen05" not in text
+    unfiltered = text.split("heretic's trials and ours with the refusal filter off (`--steps unfiltered`: every fit prompt, "
+                            "as heretic's direction)")[1]
+    assert unfiltered.startswith(" at the same kernel parameters** (1 of 2 heretic trials") and "filter keeps" not in unfiltered.split("|")[0]
+    assert "| heretic_trial_000 | 0_qwen05_weighted_ablation | 5.0% | 5.0% | +0.0 [" in unfiltered
     assert "Ours refuses less, paired interval below zero, in 0 of 1 (more in 0), mean Δ +10.0 pts; its KL is lower " \
            "in 1 of 1. The refusal filter keeps" in text
 

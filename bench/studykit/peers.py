@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-import statistics
 import re
 import shutil
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -124,12 +124,13 @@ def _same(ours: dict[str, Any], theirs: dict[str, Any]) -> bool:
 
 
 def same_parameters(model: str, ours: list[dict[str, Any]], theirs: list[dict[str, Any]], theirs_dir: Path,
-                    n_layers: int, turn: dict[str, Any] | None = None) -> list[str]:
+                    n_layers: int, turn: dict[str, Any] | None = None, unfiltered: bool = False) -> list[str]:
     """heretic's trials beside ours at the same kernel parameters. Both searches draw the same random start-up
     trials (Optuna's TPE, the same seed, space and order), so there the search is identical and what differs is the
     rest of the method: the direction (ours Arditi-selected on filtered prompts, heretic's from its own means),
     its exact row-normalised edit against heretic's rank-3 LoRA, and the numerics. ``turn``: how far the refusal
-    filter turns the per-layer directions (``bench/filter_direction_cosine.py``'s record for this model)."""
+    filter turns the per-layer directions (``bench/filter_direction_cosine.py``'s record for this model);
+    ``unfiltered``: ours are the study's ``unfiltered`` step, fitted on every fit prompt as heretic's are."""
     pairs = []
     for theirs_row in theirs:
         wanted = {k.split("/", 1)[1]: v for k, v in theirs_row.items() if k.startswith("params/")}
@@ -148,12 +149,15 @@ def same_parameters(model: str, ours: list[dict[str, Any]], theirs: list[dict[st
     higher = sum(d.lo > 0 for d in diffs)
     less_kl = sum(o["harmless/kl_div"] < t["harmless/kl_div"] for t, o, _ in pairs)
     mean = sum(d.estimate for d in diffs) / len(diffs) if diffs else float("nan")
-    return [f"**{model}, heretic's trials and ours at the same kernel parameters** ({len(pairs)} of {len(theirs)} "
+    ours_are = ("ours with the refusal filter off (`--steps unfiltered`: every fit prompt, as heretic's direction)"
+                if unfiltered else "ours")
+    direction = "our direction, from the same prompts as heretic's" if unfiltered else "our Arditi-selected direction"
+    return [f"**{model}, heretic's trials and {ours_are} at the same kernel parameters** ({len(pairs)} of {len(theirs)} "
             "heretic trials drew parameters one of ours drew too: the same seeded random start-up trials, so the search "
-            "is the same and the rest of the method differs: our Arditi-selected direction, our exact row-normalised "
+            f"is the same and the rest of the method differs: {direction}, our exact row-normalised "
             "edit (heretic's: a rank-3 LoRA of it) and our numerics). Ours refuses less, paired interval below zero, "
             f"in {lower} of {len(diffs)} (more in {higher}), mean Δ {100 * mean:+.1f} pts; its KL is lower in {less_kl} "
-            f"of {len(pairs)}{_filter_turn(turn)}:", "",
+            f"of {len(pairs)}{'' if unfiltered else _filter_turn(turn)}:", "",
             "| heretic trial | our trial | heretic refusal | our refusal | Δ refusal (ours − heretic), paired, pts | "
             "heretic KL | our KL |", "|---|---|---|---|---|---|---|", *rows, ""]
 
@@ -263,6 +267,9 @@ def pareto_section(runs: dict[str, ModelRuns], figures: Path, root: Path, peers_
                     dominance_lines += same_parameters(model, mr.pareto_weighted, rows, peer_dir / "report",
                                                        int(mr.fitted["n_layers"]),
                                                        json.loads(turn.read_text()) if turn.exists() else None)
+                    if mr.pareto_unfiltered:
+                        dominance_lines += same_parameters(model, mr.pareto_unfiltered, rows, peer_dir / "report",
+                                                           int(mr.fitted["n_layers"]), unfiltered=True)
                 dominance_lines += by_peer_count(model, ours, peer, rows, peer_dir)
         if not ours:
             continue

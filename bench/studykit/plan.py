@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 REPO = Path(__file__).resolve().parents[2]
 
 STUDY_MODELS = ["qwen05", "qwen15"]  # the packaged models that refuse
@@ -16,7 +18,11 @@ CONTROL_MODELS = ["smollm2", "gemma3_270m"]
 PICKS_BEFORE = {"qwen05": "L15P-1", "qwen15": "L22P-2"}
 SPLITS_DIR = REPO.parent / "shared" / "data" / "refusal_direction_splits"
 STEPS = ["main", "actadd", "k", "alpha", "controls", "tokens", "geometry", "leace", "methods", "heldout", "pareto",
-         "numerics", "capability", "quality"]
+         "unfiltered", "numerics", "capability", "quality"]
+#: The Optuna searches' random start-up trials (conf/experiment/pareto.yaml), the same draws in every search of
+#: one space: the unfiltered step reruns these of heretic's kernel.
+STARTUP_TRIALS = int(yaml.safe_load((REPO / "conf" / "experiment" / "pareto.yaml").read_text())
+                     ["hydra"]["sweeper"]["sampler"]["n_startup_trials"])
 #: The capability step's benchmarks under each main row: 5-shot MMLU over all 57 subjects (4 seeded questions each);
 #: ARC-Challenge 100, lettered and in its cloze form (where small models are above chance); HellaSwag 100 (cloze);
 #: LAMBADA 100 passages (cross-entropy of general text, not of the model's own completions); GSM8K 100 (cross-entropy

@@ -29,6 +29,7 @@ from .plan import (
     NO_OVERREFUSAL,
     QUALITY,
     REPO,
+    STARTUP_TRIALS,
     geometry_spec,
     own_selection,
     swept,
@@ -190,18 +191,25 @@ class Study:
             kept = [a for a in args if not a.startswith(("data.n_test=", "eval.test_sets.overrefusal.n=", "+eval.test_sets.harmbench="))]
             self.sweep(out, "heldout", kept, [f"intervention={HELDOUT_ROWS}", f"data.n_test={n}", "eval.judges=[substring,model]",
                                               f"+{harmbench}", f"eval.test_sets.overrefusal.n={n}", NO_GEOMETRY])
+        lean = [a for a in args if "eval.test_sets." not in a]  # eval=trial judges the test split only: no named sets
+        # heretic's shortest falloff (1 layer) as a fraction of the last layer index
+        closest = [f"intervention.{part}_min_weight_distance=interval({1 / (int(fitted['n_layers']) - 1):.6g},0.6)"
+                   for part in ("attn", "mlp")] if {"pareto", "unfiltered"} & set(steps) else []
         if "pareto" in steps and opts.pareto_trials:  # Optuna: INLP flip's k and α at the DiM layer; heretic's kernel
-            lean = [a for a in args if "eval.test_sets." not in a]  # eval=trial judges the test split only: no named sets
             self.sweep(out, "pareto", lean, ["intervention=none,dim_ablation,actadd", "eval=trial"])  # the reference points
             self.run(["evaluate.py", "experiment=pareto_inlp_flip", "intervention.layer=null",
                       f"hydra.sweeper.n_trials={opts.pareto_trials}", *lean, f"hydra.sweep.dir={out / 'pareto'}"],
                      out / "pareto_search.log", out / "pareto" / "optimization_results.yaml")
             # heretic's method (kernel, space, fixed choices) in our search, as many trials: its own folder
-            last = int(fitted["n_layers"]) - 1
-            closest = [f"intervention.{part}_min_weight_distance=interval({1 / last:.6g},0.6)" for part in ("attn", "mlp")]
             self.run(["evaluate.py", "experiment=pareto_weighted_ablation", f"hydra.sweeper.n_trials={opts.pareto_trials}",
-                      *closest, *lean, f"hydra.sweep.dir={out / 'pareto_weighted'}"],  # heretic's 1 layer as a fraction
+                      *closest, *lean, f"hydra.sweep.dir={out / 'pareto_weighted'}"],
                      out / "pareto_weighted.log", out / "pareto_weighted" / "optimization_results.yaml")
+        if "unfiltered" in steps:
+            # the same search's random start-up trials (the parameters heretic's run drew too) with Arditi's refusal
+            # filter off: the direction from every fit prompt, as heretic's; does the filter make ours differ?
+            self.run(["evaluate.py", "experiment=pareto_weighted_ablation", f"hydra.sweeper.n_trials={STARTUP_TRIALS}",
+                      "fit.filter_train=false", *closest, *lean, f"hydra.sweep.dir={out / 'pareto_unfiltered'}"],
+                     out / "pareto_unfiltered.log", out / "pareto_unfiltered" / "optimization_results.yaml")
         if "geometry" in steps:
             specs = ",".join(s for s in GEOMETRY_SPECS if not s.endswith(f"k={LEGACY_K}") or LEGACY_K < rank)
             self.run(["-m", "refusal.geometry", "--interventions", specs, "--out", str(out / "geometry"), *args],

@@ -95,6 +95,7 @@ class ModelRuns:
         self.heldout_raw = {r["intervention"]: r for _, r in load_runs(mdir / "heldout")} if (mdir / "heldout").exists() else {}
         self.pareto = _search_rows(mdir / "pareto")  # the INLP-flip search and the reference runs
         self.pareto_weighted = _search_rows(mdir / "pareto_weighted")  # heretic's kernel and space, our search
+        self.pareto_unfiltered = _search_rows(mdir / "pareto_unfiltered")  # its start-up trials, refusal filter off
         geo = mdir / "geometry" / "geometry.json"
         self.geometry = json.loads(geo.read_text()) if geo.exists() else {}
 
