@@ -517,8 +517,8 @@ def test_heretics_trials_are_set_beside_ours_at_the_same_kernel_parameters(tmp_p
     (mdir / "filter_direction_cosine.json").write_text(json.dumps(
         {"kept_harmful_train": {"kept": 41, "of": 128}, "cosine_by_layer": [0.99, 0.95, 0.96, 0.90]}))
     text = render(tmp_path / "study", tmp_path / "docs", PLANTED_META).read_text()
-    assert ("the refusal filter keeps 41/128 harmful fit prompts; per layer, the cosine between the direction fitted on "
-            "those and on all of them (heretic's plain mean difference) is 0.900–0.990, median 0.955").lower() in text.lower()
+    assert ("The refusal filter keeps 41/128 harmful fit prompts; per layer, the cosine between the direction fitted on "
+            "those and on all of them (heretic's plain mean difference) is 0.900–0.990, median 0.955") in text
     assert ("2 heretic-kernel trials (unfinished: 2 of 12 trials; `python bench/study.py --models qwen05 --steps "
             "pareto` goes on from them) and 1 reference runs") in text
     assert "**qwen05: our heretic-kernel search is unfinished: 2 of 12 trials;" in text
