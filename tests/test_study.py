@@ -6,9 +6,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -247,6 +250,32 @@ def test_a_step_stopped_by_ctrl_c_records_its_time_as_stopped_and_stops_the_stud
         signal.signal(signal.SIGALRM, previous)
     entry = json.loads((root / "qwen05" / "timings.json").read_text())["main.log"]
     assert entry["stopped"] and 0.5 <= entry["wall_s"] < 30
+
+
+def test_a_study_started_in_the_background_stops_on_sigterm_and_sigint_and_records_the_step(tmp_path):
+    """``nohup python bench/study.py ... &`` starts with SIGINT ignored, and SIGTERM's default ends the driver
+    unrecorded while its step runs on: with stop_on_signals both stop the step as Ctrl-C does."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        root = tmp_path / sig.name / "study"
+        script = ("import signal, sys; from pathlib import Path; sys.path.insert(0, sys.argv[2])\n"
+                  "from studykit.run import Study, stop_on_signals\n"
+                  "signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a background job starts\n"
+                  "stop_on_signals(); root = Path(sys.argv[1])\n"
+                  "try:\n"
+                  "    Study(root, [], root).run(['-c', 'import time; print(\"started\", flush=True); time.sleep(60)'], "
+                  "root / 'qwen05' / 'main.log', root / 'qwen05' / 'main' / 'report.csv')\n"
+                  "except KeyboardInterrupt:\n"
+                  "    sys.exit(130)\n")
+        driver = subprocess.Popen([sys.executable, "-c", script, str(root), str(REPO / "bench")], cwd=REPO,
+                                  env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+        log = root / "qwen05" / "main.log"
+        deadline = time.monotonic() + 60
+        while not (log.exists() and "started" in log.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        driver.send_signal(sig)
+        assert driver.wait(timeout=30) == 130
+        entry = json.loads((root / "qwen05" / "timings.json").read_text())["main.log"]
+        assert entry["stopped"] and entry["wall_s"] < 30
 
 
 def test_the_selection_table_reads_the_fit_committed_with_the_study_and_counts_each_rules_passing_candidates(tmp_path):

@@ -16,7 +16,7 @@ from refusal.run_files import archive_completions
 from .plan import ALPHAS, CONTROL_MODELS, CONTROLS, KS, METHODS, REPO, SPLITS_DIR, STEPS, STUDY_MODELS
 from .progress import render_plan
 from .render import machine_list, render
-from .run import Study
+from .run import Study, stop_on_signals
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         if archived := archive_completions(args.root):  # runs copied in from a worktree, as the runner leaves them
             print(f"archived {archived} completions.jsonl as .gz under {args.root}")
     else:
+        stop_on_signals()
         study = Study(args.root, common, args.splits)
         for model in args.models:
             study.model(model, [s for s in args.steps if model not in CONTROL_MODELS or s == "main"], args)
