@@ -1,0 +1,1 @@
+python evaluate.py -m model=qwen15 data=refusal_direction data.dir=$SPLITS logger=none progress=false resume=true eval.max_new_tokens=128 model.matmul=bfloat16 '+eval.test_sets.strongreject={source: pypi, benchmark: strongreject, n: null}' eval.test_sets.overrefusal.n=100 data.n_test=100 intervention=actadd intervention.coeff=-1.0,1.0 hydra.sweep.dir=$STUDY/qwen15/actadd
