@@ -129,8 +129,8 @@ def same_parameters(model: str, ours: list[dict[str, Any]], theirs: list[dict[st
     trials (Optuna's TPE, the same seed, space and order), so there the search is identical and what differs is the
     rest of the method: the direction (ours Arditi-selected on filtered prompts, heretic's from its own means),
     its exact row-normalised edit against heretic's rank-3 LoRA, and the numerics. ``turn``: how far the refusal
-    filter turns the per-layer directions (``bench/filter_direction_cosine.py``'s record for this model);
-    ``unfiltered``: ours are the study's ``unfiltered`` step, fitted on every fit prompt as heretic's are."""
+    filter turns our per-layer directions (``bench/filter_direction_cosine.py``'s record for this model), none for
+    ``unfiltered`` ones: the study's ``unfiltered`` step, fitted on every fit prompt as heretic's are."""
     pairs = []
     for theirs_row in theirs:
         wanted = {k.split("/", 1)[1]: v for k, v in theirs_row.items() if k.startswith("params/")}
@@ -157,7 +157,7 @@ def same_parameters(model: str, ours: list[dict[str, Any]], theirs: list[dict[st
             f"is the same and the rest of the method differs: {direction}, our exact row-normalised "
             "edit (heretic's: a rank-3 LoRA of it) and our numerics). Ours refuses less, paired interval below zero, "
             f"in {lower} of {len(diffs)} (more in {higher}), mean Δ {100 * mean:+.1f} pts; its KL is lower in {less_kl} "
-            f"of {len(pairs)}{'' if unfiltered else _filter_turn(turn)}:", "",
+            f"of {len(pairs)}{_filter_turn(turn)}:", "",
             "| heretic trial | our trial | heretic refusal | our refusal | Δ refusal (ours − heretic), paired, pts | "
             "heretic KL | our KL |", "|---|---|---|---|---|---|---|", *rows, ""]
 
