@@ -8,8 +8,12 @@ tokens on qwen05), recorded as the peers wrote them.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -361,6 +365,41 @@ def test_run_record_keeps_every_segment_and_says_when_one_was_cut_off(tmp_path):
     assert finished["wall_s"] == 15.5 and "wall_s_note" not in finished
     (tmp_path / "run.json").write_text(json.dumps({"returncode": 0, "wall_s": 7.0}))  # a run.json of before segments
     assert earlier_segments(tmp_path) == [{"returncode": 0, "wall_s": 7.0}]
+
+
+# A stand-in for a peer's driver: says it started, and on Ctrl+C says so and exits 0 as both peers do.
+FAKE_DRIVER = ("import time\nprint('started', flush=True)\ntry:\n    time.sleep(60)\n"
+               "except KeyboardInterrupt:\n    print('interrupted', flush=True)\n")
+
+
+def test_timeout_stops_the_driver_with_one_ctrl_c_and_says_so(tmp_path):
+    from run_peer import run_driver
+
+    out = run_driver([sys.executable, "-c", FAKE_DRIVER], tmp_path, dict(os.environ), timeout_s=2)
+    assert out["returncode"] == "timeout" and out["wall_s"] < 30
+    assert (tmp_path / "peer.log").read_text().split() == ["started", "interrupted"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_run_started_in_the_background_forwards_sigterm_and_sigint_to_the_driver_as_ctrl_c(tmp_path, sig):
+    """``nohup run_peer.py ... &`` starts with SIGINT ignored and its children inherit that: the Ctrl+C that stops a
+    peer was lost (qwen15's abliterix ran on). With stop_on_signals the driver gets it, and the segment is recorded."""
+    script = ("import json, os, signal, sys; from pathlib import Path; sys.path.insert(0, sys.argv[2])\n"
+              "signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a background job starts\n"
+              "import run_peer; run_peer.STOP_GRACE_S = 20; run_peer.stop_on_signals()\n"
+              "out = run_peer.run_driver([sys.executable, '-c', sys.argv[3]], Path(sys.argv[1]), dict(os.environ), None)\n"
+              "print(json.dumps(out))\n")
+    parent = subprocess.Popen([sys.executable, "-c", script, str(tmp_path), str(REPO / "bench" / "peers"), FAKE_DRIVER],
+                              stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+    log = tmp_path / "peer.log"
+    deadline = time.monotonic() + 60
+    while not (log.exists() and "started" in log.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    parent.send_signal(sig)
+    stdout, _ = parent.communicate(timeout=60)
+    out = json.loads(stdout)
+    assert out["returncode"] == "stopped" and out["wall_s"] < 20  # not the grace period's kill
+    assert log.read_text().split() == ["started", "interrupted"]
 
 
 def test_the_drivers_record_each_trial_under_its_optuna_number_across_a_resume(tmp_path, monkeypatch):

@@ -50,30 +50,50 @@ STOP_GRACE_S = 120
 def run_peer(peer: str, run_dir: Path, timeout_s: float | None, resume: bool = False) -> dict:
     """The peer's driver in its own venv, offline, in ``run_dir``; its log in ``run_dir/peer.log`` (appended to
     when the peer continues its study there)."""
-    env = peer_env(run_dir)
     driver = [str(installed_python(peer)), str(HERE / f"{peer}_driver.py")]
+    return run_driver(driver, run_dir, peer_env(run_dir), timeout_s, resume)
+
+
+def run_driver(driver: Sequence[str], run_dir: Path, env: dict[str, str], timeout_s: float | None,
+               resume: bool = False) -> dict:
+    """``driver`` in ``run_dir``, stopped by one Ctrl+C after ``timeout_s`` or when this process gets SIGINT or
+    SIGTERM (:func:`stop_on_signals`); the driver runs in a session of its own, so a terminal's Ctrl+C reaches it
+    once, from here, and this process outlives it to record the segment."""
     log = run_dir / "peer.log"
     start = time.perf_counter()
     with log.open("a" if resume else "w", encoding="utf-8") as fh:
         if resume:
             fh.write(f"\n[bench/peers] resumed {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
             fh.flush()
-        proc = subprocess.Popen(driver, cwd=run_dir, env=env, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(driver, cwd=run_dir, env=env, stdout=fh, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
         try:
             rc: int | str = proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:  # Ctrl+C: both peers then stop their study after the running trial
+        except (subprocess.TimeoutExpired, KeyboardInterrupt) as why:  # both peers stop after the running trial
             proc.send_signal(signal.SIGINT)
             try:
                 proc.wait(timeout=STOP_GRACE_S)
-            except subprocess.TimeoutExpired:
+            except (subprocess.TimeoutExpired, KeyboardInterrupt):  # a second signal does not wait
                 proc.kill()
                 proc.wait()
-            rc = "timeout"
+            rc = "timeout" if isinstance(why, subprocess.TimeoutExpired) else "stopped"
         wall = round(time.perf_counter() - start, 1)
         if rc != 0 and not (run_dir / "trials.json").exists() and any((run_dir / "checkpoints").glob("*.jsonl")):
             subprocess.run([*driver, "--export"], cwd=run_dir, env=env, stdout=fh, stderr=subprocess.STDOUT,
                            stdin=subprocess.DEVNULL, check=False)  # the trials it finished, from its journal
     return {"returncode": rc, "wall_s": wall}
+
+
+def stop_on_signals() -> None:
+    """SIGINT and SIGTERM raise KeyboardInterrupt here, which stops the peer as ``--timeout`` does. A run started in
+    the background (``nohup ... &``) has SIGINT ignored, and its children inherit that: a Ctrl+C sent to the driver
+    was lost (found stopping abliterix on qwen15). A handled signal is reset to the default in the driver, which
+    then raises KeyboardInterrupt as the peers expect."""
+    def stop(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stop)
 
 
 def write_run_record(run_dir: Path, record: dict, segments: list[dict]) -> dict:
@@ -135,6 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true",
                         help="continue the peer's interrupted study in the run folder (same options as its first run)")
     args = parser.parse_args(argv)
+    stop_on_signals()
     sizes = {k: v if (v := getattr(args, k)) is not None else (SMOKE if args.smoke else FULL)[k] for k in FULL}
     default = HERE / "runs" / f"{args.model}-{args.peer}-smoke" if args.smoke else PEER_RUNS / f"{args.model}-{args.peer}"
     run_dir = (args.out or default).resolve()
@@ -159,15 +180,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"[{args.peer}] {'resuming' if args.resume else 'running'} in {run_dir} (log: peer.log)", flush=True)
             segment = run_peer(args.peer, run_dir, args.timeout, args.resume)
             outcome = write_run_record(run_dir, {**record, **segment}, [*before, {"started": started, **segment}])
-            if outcome["returncode"] != 0:
-                tail = (run_dir / "peer.log").read_text(encoding="utf-8", errors="replace").splitlines()[-25:]
-                print(f"[{args.peer}] FAILED ({outcome['returncode']}) after {outcome['wall_s']} s; end of peer.log:\n"
-                      + "\n".join(tail), file=sys.stderr)
+            rc = outcome["returncode"]
+            if rc == 0:
+                print(f"[{args.peer}] finished in {outcome['wall_s']} s", flush=True)
+            else:
+                if rc in ("timeout", "stopped"):
+                    print(f"[{args.peer}] {rc} after {segment['wall_s']} s; --resume continues its study", file=sys.stderr)
+                else:
+                    tail = (run_dir / "peer.log").read_text(encoding="utf-8", errors="replace").splitlines()[-25:]
+                    print(f"[{args.peer}] FAILED ({rc}) after {outcome['wall_s']} s; end of peer.log:\n" + "\n".join(tail),
+                          file=sys.stderr)
                 if not (run_dir / "trials.json").exists():
                     return 1
                 print(f"[{args.peer}] reading back the trials it finished", file=sys.stderr)
-            else:
-                print(f"[{args.peer}] finished in {outcome['wall_s']} s", flush=True)
         report = read_run(run_dir, args.judges)
         print(f"wrote {report / 'report.csv'} and {report / 'report.md'}")
         if not args.smoke and (ours := our_search_dirs(args.model)):
