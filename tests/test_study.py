@@ -244,12 +244,13 @@ def test_a_step_stopped_by_ctrl_c_records_its_time_as_stopped_and_stops_the_stud
     try:
         signal.setitimer(signal.ITIMER_REAL, 0.5)
         with pytest.raises(KeyboardInterrupt):
-            Study(root, [], tmp_path).run(["-c", "import time; time.sleep(60)"], root / "qwen05" / "main.log", done)
+            Study(root, [], tmp_path).run(["-c", "while True: pass"], root / "qwen05" / "main.log", done)
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
     entry = json.loads((root / "qwen05" / "timings.json").read_text())["main.log"]
     assert entry["stopped"] and 0.5 <= entry["wall_s"] < 30
+    assert entry["cpu_s"] >= 0.2  # the stopped process's CPU counts: it was reaped before its time was read
 
 
 def test_a_study_started_in_the_background_stops_on_sigterm_and_sigint_and_records_the_step(tmp_path):

@@ -82,9 +82,12 @@ class Study:
             if resumed:
                 fh.write(f"\n--- resumed {time.strftime('%Y-%m-%d %H:%M:%S')} ---\n")
                 fh.flush()
+            proc = subprocess.Popen([sys.executable, *argv], cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, env=env)
             try:
-                rc = subprocess.call([sys.executable, *argv], cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, env=env)
+                rc = proc.wait()
             except KeyboardInterrupt:  # the step is stopped (its caches stay for the resume); its time is kept
+                proc.kill()
+                proc.wait()  # reaped before its CPU time is read (subprocess.call waited only 0.25 s)
                 rc, interrupted = 130, True
         if rc == 0:  # the study folder is committed: its per-prompt records gzipped (refusal.run_files)
             archive_completions(done.parent)
