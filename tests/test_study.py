@@ -259,7 +259,7 @@ def test_a_study_started_in_the_background_stops_on_sigterm_and_sigint_and_recor
     for sig in (signal.SIGTERM, signal.SIGINT):
         root = tmp_path / sig.name / "study"
         script = ("import signal, sys; from pathlib import Path; sys.path.insert(0, sys.argv[2])\n"
-                  "from studykit.run import Study, stop_on_signals\n"
+                  "from studykit.run import Study; from refusal.app.signals import stop_on_signals\n"
                   "signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a background job starts\n"
                   "stop_on_signals(); root = Path(sys.argv[1])\n"
                   "try:\n"

@@ -33,6 +33,7 @@ from peer_env import HERE, OFFLINE, installed_python, peer_env
 from peer_inputs import SPLITS_DIR, PeerInputError, compose, model_folder, write_prompts
 from peer_readback import PeerOutputError, read_run
 
+from refusal.app.signals import stop_on_signals
 from refusal.artifacts import atomic_write_text
 from refusal.errors import RefusalError
 from refusal.run_files import ARCHIVED, COMPLETIONS, completions_text
@@ -57,8 +58,8 @@ def run_peer(peer: str, run_dir: Path, timeout_s: float | None, resume: bool = F
 def run_driver(driver: Sequence[str], run_dir: Path, env: dict[str, str], timeout_s: float | None,
                resume: bool = False) -> dict:
     """``driver`` in ``run_dir``, stopped by one Ctrl+C after ``timeout_s`` or when this process gets SIGINT or
-    SIGTERM (:func:`stop_on_signals`); the driver runs in a session of its own, so a terminal's Ctrl+C reaches it
-    once, from here, and this process outlives it to record the segment."""
+    SIGTERM (``refusal.app.signals.stop_on_signals``); the driver runs in a session of its own, so a terminal's
+    Ctrl+C reaches it once, from here, and this process outlives it to record the segment."""
     log = run_dir / "peer.log"
     start = time.perf_counter()
     with log.open("a" if resume else "w", encoding="utf-8") as fh:
@@ -82,18 +83,6 @@ def run_driver(driver: Sequence[str], run_dir: Path, env: dict[str, str], timeou
             subprocess.run([*driver, "--export"], cwd=run_dir, env=env, stdout=fh, stderr=subprocess.STDOUT,
                            stdin=subprocess.DEVNULL, check=False)  # the trials it finished, from its journal
     return {"returncode": rc, "wall_s": wall}
-
-
-def stop_on_signals() -> None:
-    """SIGINT and SIGTERM raise KeyboardInterrupt here, which stops the peer as ``--timeout`` does. A run started in
-    the background (``nohup ... &``) has SIGINT ignored, and its children inherit that: a Ctrl+C sent to the driver
-    was lost (found stopping abliterix on qwen15). A handled signal is reset to the default in the driver, which
-    then raises KeyboardInterrupt as the peers expect."""
-    def stop(signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, stop)
 
 
 def write_run_record(run_dir: Path, record: dict, segments: list[dict]) -> dict:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from _common import host_info
 
+from refusal.app.signals import stop_on_signals
 from refusal.artifacts import atomic_write_text
 from refusal.models.numerics import FAST_RATIO, bf16_speedup
 from refusal.run_files import archive_completions
@@ -16,7 +17,7 @@ from refusal.run_files import archive_completions
 from .plan import ALPHAS, CONTROL_MODELS, CONTROLS, KS, METHODS, REPO, SPLITS_DIR, STEPS, STUDY_MODELS
 from .progress import render_plan
 from .render import machine_list, render
-from .run import Study, stop_on_signals
+from .run import Study
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,7 +8,6 @@ import json
 import os
 import resource
 import shlex
-import signal
 import subprocess
 import sys
 import time
@@ -218,17 +217,6 @@ class Study:
             specs = ",".join(s for s in GEOMETRY_SPECS if not s.endswith(f"k={LEGACY_K}") or LEGACY_K < rank)
             self.run(["-m", "refusal.geometry", "--interventions", specs, "--out", str(out / "geometry"), *args],
                      out / "geometry.log", out / "geometry" / "geometry.json")
-
-
-def stop_on_signals() -> None:
-    """SIGTERM and SIGINT stop the running step as Ctrl-C does (its time kept and marked stopped; the resume goes on
-    from its caches): a study started in the background (``nohup ... &``) ignores SIGINT, and SIGTERM would end the
-    driver unrecorded while its step's process ran on."""
-    def stop(signum: int, _frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, stop)
 
 
 def _children_cpu() -> float:
