@@ -94,7 +94,7 @@ def orthogonalized_bundle(bundle: ModelBundle, unit: torch.Tensor, roundtrip: bo
 
         with tempfile.TemporaryDirectory(prefix="bench_ortho_") as tmp:
             folder = export_orthogonalized(bundle, unit, Path(tmp) / "model")
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype=bundle.dtype).to(bundle.device).eval()
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=bundle.dtype, use_kernels=False).to(bundle.device).eval()
         model.generation_config = copy.deepcopy(bundle.model.generation_config)
     else:
         model = orthogonalize_(copy.deepcopy(bundle.model), unit)

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One short GPU check (about 4-6 minutes on an H200): the device-able tests, quick checks of model.dtype=bfloat16
+# One short GPU check (about 4-6 minutes on an H200 with MODEL=tiny; about 10 with MODEL=smollm2 BUDGET=600 on an
+# H100, docs/results/gpu_check.md says how its wheel travels): the device-able tests, quick checks of model.dtype=bfloat16
 # and model.device_map (bench/device_check.py, plus one short evaluate.py run in bfloat16), then every bench on
 # qwen05 with device cuda. Figures (the benches' tables) go to $OUT/gpu_check.txt when $OUT is set,
 # else bench/results/gpu_check.txt. With $OUT, the checkout's CSVs are copied to $OUT/results first and

@@ -115,6 +115,23 @@ def test_a_trial_timed_beside_a_peer_is_judged_by_the_ratio_from_the_same_run(mo
     assert {f.key: f for f in run_all._trial({"prompts": "8", "tokens": "32"})}["trial_s"].target is None
 
 
+def test_the_docs_page_keeps_a_gpu_row_beside_the_cpu_row_of_the_same_model(tmp_path, monkeypatch):
+    """The page shows the latest row per bench and model; a GPU's row must not replace the CPU's (their targets
+    and figures differ), and a later CPU row replaces only the earlier CPU row."""
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    import run_all
+
+    csv_path = tmp_path / "hooks.csv"
+    csv_path.write_text("model,device,gpu,value\n"
+                        "smollm2,cpu,,1\n"
+                        "smollm2,cuda:0,NVIDIA H100 80GB HBM3,2\n"
+                        "smollm2,cpu,,3\n"
+                        "qwen05,cpu,,4\n")
+    latest = run_all.latest_rows(csv_path, run_all.section_for("hooks"))
+    assert {key: row["value"] for key, row in latest.items()} == {
+        "smollm2": "3", "smollm2 on NVIDIA H100 80GB HBM3": "2", "qwen05": "4"}
+
+
 def test_decoding_profile_names_the_operators_of_each_dtype(tmp_path):
     """bench/profile_generation.py (what found cuDNN attention's per-step cost on a GPU) runs and prints one
     operator table per dtype, the model's products among them."""

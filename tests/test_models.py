@@ -40,6 +40,8 @@ def test_local_checkpoint_round_trip(tiny_bundle, tmp_path, prompts):
     kwargs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
     torch.testing.assert_close(local.model(**kwargs).logits, tiny_bundle.model(**kwargs).logits, rtol=0, atol=1e-6)
     assert len(local.weights_hash) == 64
+    # transformers 5 defaults to swapping layers for Hub kernels (fetched code, on a GPU): never in our loads
+    assert local.model.use_kernels is False
     assert load_model({"name": "local", "source": "local", "path": str(folder)}, tmp_path).weights_hash == local.weights_hash
 
 

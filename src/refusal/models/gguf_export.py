@@ -109,9 +109,10 @@ def export_gguf(source: Path, original: nn.Module, exported: Path, out: Path,
     from transformers import AutoModelForCausalLM
 
     write_edited_gguf(source, edited_tensors(original, exported), out)
-    reference = _logits(lambda: AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32), input_ids, attention_mask)
+    load = dict(dtype=torch.float32, use_kernels=False)
+    reference = _logits(lambda: AutoModelForCausalLM.from_pretrained(exported, **load), input_ids, attention_mask)
     try:
-        reloaded = _logits(lambda: AutoModelForCausalLM.from_pretrained(out.parent, gguf_file=out.name, dtype=torch.float32),
+        reloaded = _logits(lambda: AutoModelForCausalLM.from_pretrained(out.parent, gguf_file=out.name, **load),
                            input_ids, attention_mask)
     except Exception as err:  # whatever transformers raises on a file it cannot read: the file is not kept
         out.unlink(missing_ok=True)

@@ -134,7 +134,7 @@ def dequantized_checkpoint(
     log.info("dequantizing %s once (cached at %s)", gguf.name, final)
     kwargs = dict(load_kwargs or {})
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, use_kernels=False, **kwargs)
 
     def fill(staging: Path) -> None:
         _save_float_checkpoint(model, staging)

@@ -169,8 +169,11 @@ def _load_pretrained(path_or_id: str, cfg: Mapping[str, Any], dtype: torch.dtype
     tokenizer = AutoTokenizer.from_pretrained(path_or_id, trust_remote_code=trust, revision=revision, **extra)
     if device_map is not None and offload_dir is not None:  # for weights that fit neither GPU nor CPU memory
         extra["offload_folder"] = str(offload_dir)
+    # use_kernels=False: transformers 5 otherwise swaps layers for Hub kernels (kernels-community/...) on a GPU,
+    # code fetched at load time that trust_remote_code does not gate and whose numerics nobody here checked
     model = AutoModelForCausalLM.from_pretrained(
-        path_or_id, dtype=dtype, device_map=device_map, trust_remote_code=trust, revision=revision, **extra
+        path_or_id, dtype=dtype, device_map=device_map, trust_remote_code=trust, revision=revision,
+        use_kernels=False, **extra
     )
     return model, tokenizer
 
