@@ -380,6 +380,61 @@ def test_timeout_stops_the_driver_with_one_ctrl_c_and_says_so(tmp_path):
     assert (tmp_path / "peer.log").read_text().split() == ["started", "interrupted"]
 
 
+def journal_line(op_code: int, **fields) -> str:
+    return json.dumps({"op_code": op_code, "worker_id": "w", **fields}) + "\n"
+
+
+def test_trial_clock_counts_started_trials_and_times_the_longest_complete_one(tmp_path):
+    """Optuna's journal as the peers write it (op 4 creates trial N in order, op 6 ends it; state 1 complete, 2 pruned):
+    a pruned trial and one still running count as started but are not timed; a line cut mid-write is skipped."""
+    from run_peer import trial_clock
+
+    (tmp_path / "checkpoints").mkdir()
+    journal = tmp_path / "checkpoints" / "study.jsonl"
+    assert trial_clock(tmp_path) == (0, None)
+    journal.write_text(journal_line(0, study_name="s") + journal_line(4, study_id=0, datetime_start="2026-12-06T10:00:00")
+                       + journal_line(6, trial_id=0, state=1, datetime_complete="2026-12-06T10:20:00"))
+    assert trial_clock(tmp_path) == (1, 1200.0)
+    with journal.open("a") as fh:  # trial 1 took 25 min, trial 2 was pruned after 10 min, trial 3 runs
+        fh.write(journal_line(4, study_id=0, datetime_start="2026-12-06T10:20:00")
+                 + journal_line(6, trial_id=1, state=1, datetime_complete="2026-12-06T10:45:00")
+                 + journal_line(4, study_id=0, datetime_start="2026-12-06T10:45:00")
+                 + journal_line(6, trial_id=2, state=2, datetime_complete="2026-12-06T11:45:00")
+                 + journal_line(4, study_id=0, datetime_start="2026-12-06T11:45:00") + '{"op_code": 6, "trial_')
+    assert trial_clock(tmp_path) == (4, 1500.0)
+
+
+# A stand-in driver resuming a study: starts its next trial after a second and runs until Ctrl+C or 3 s; with
+# --export (run_peer's call after a stop) it writes its trials out.
+TRIALS_DRIVER = ("import datetime, json, sys, time\n"
+                 "if '--export' in sys.argv:\n    print('exported'); sys.exit()\n"
+                 "print('started', flush=True); time.sleep(1)\n"
+                 "with open('checkpoints/study.jsonl', 'a') as fh:\n"
+                 "    fh.write(json.dumps({'op_code': 4, 'datetime_start': datetime.datetime.now().isoformat()}) + '\\n')\n"
+                 "try:\n    time.sleep(3); print('finished', flush=True)\n"
+                 "except KeyboardInterrupt:\n    print('interrupted', flush=True)\n")
+
+
+@pytest.mark.parametrize(("seconds_left", "outcome", "log"), [(60, "stop-by", ["started", "interrupted", "exported"]),
+                                                              (300, 0, ["started", "finished"])])
+def test_stop_by_stops_a_trial_that_cannot_end_in_time_as_it_starts(tmp_path, monkeypatch, seconds_left, outcome, log):
+    """With a 100 s trial behind it, a trial starting 60 s before --stop-by is stopped at once (the peer prunes it);
+    with 300 s left it runs."""
+    from datetime import datetime, timedelta
+
+    import run_peer
+
+    monkeypatch.setattr(run_peer, "POLL_S", 0.1)
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "study.jsonl").write_text(
+        journal_line(4, study_id=0, datetime_start="2026-12-06T10:00:00")
+        + journal_line(6, trial_id=0, state=1, datetime_complete="2026-12-06T10:01:40"))
+    stop_by = datetime.now() + timedelta(seconds=seconds_left)
+    out = run_peer.run_driver([sys.executable, "-c", TRIALS_DRIVER], tmp_path, dict(os.environ), None, stop_by=stop_by)
+    assert out["returncode"] == outcome and out["wall_s"] < 30
+    assert (tmp_path / "peer.log").read_text().split() == log
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_run_started_in_the_background_forwards_sigterm_and_sigint_to_the_driver_as_ctrl_c(tmp_path, sig):
     """``nohup run_peer.py ... &`` starts with SIGINT ignored and its children inherit that: the Ctrl+C that stops a

@@ -4,6 +4,7 @@
     python bench/peers/run_peer.py heretic --smoke                 # 2 trials, 8 + 8 prompts, 16 tokens
     python bench/peers/run_peer.py heretic                         # the pareto step's work (see README)
     python bench/peers/run_peer.py heretic --resume                # continue its study after a stop
+    python bench/peers/run_peer.py heretic --stop-by "2026-12-06 19:30"   # start no trial that cannot end by then
 
 Steps, each in the run folder (``--out``; default study/peers/<model>-<peer>, where the study's Pareto section
 reads it and it is committed with the study; a smoke run: bench/peers/runs/<model>-<peer>-smoke): the
@@ -25,6 +26,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 
 from peer_configs import Comparison, write_config
@@ -46,20 +48,71 @@ FULL = {"trials": 12, "startup_trials": 8, "n_test": 100, "n_fit": None, "max_ne
 SMOKE = {"trials": 2, "startup_trials": 8, "n_test": 8, "n_fit": 8, "max_new_tokens": 16, "batch_size": 8}
 #: Seconds a peer gets to stop after --timeout's Ctrl+C, before it is killed (its journal is still read).
 STOP_GRACE_S = 120
+#: Seconds between looks at the peer's journal for a new trial (with --stop-by).
+POLL_S = 5.0
+#: The ways a segment is stopped before its study ends; --resume continues each.
+STOP_REASONS = ("timeout", "stopped", "stop-by")
 
 
-def run_peer(peer: str, run_dir: Path, timeout_s: float | None, resume: bool = False) -> dict:
+def trial_clock(run_dir: Path) -> tuple[int, float | None]:
+    """The trials the peer's Optuna journal has started and the seconds its longest complete one took (None before
+    one completes): what ``--stop-by`` needs to tell whether a trial just started can end in time. Journal records:
+    op_code 4 creates a trial (numbered in creation order, with ``datetime_start``), op_code 6 with state 1 completes
+    one; a line still being written is skipped."""
+    starts: list[datetime] = []
+    longest = None
+    for journal in (run_dir / "checkpoints").glob("*.jsonl"):
+        for line in journal.read_text(encoding="utf-8").splitlines():
+            try:
+                op = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if op.get("op_code") == 4:
+                starts.append(datetime.fromisoformat(op["datetime_start"]))
+            elif op.get("op_code") == 6 and op.get("state") == 1 and op.get("trial_id", len(starts)) < len(starts):
+                took = (datetime.fromisoformat(op["datetime_complete"]) - starts[op["trial_id"]]).total_seconds()
+                longest = took if longest is None else max(longest, took)
+    return len(starts), longest
+
+
+def run_peer(peer: str, run_dir: Path, timeout_s: float | None, resume: bool = False,
+             stop_by: datetime | None = None) -> dict:
     """The peer's driver in its own venv, offline, in ``run_dir``; its log in ``run_dir/peer.log`` (appended to
     when the peer continues its study there)."""
     driver = [str(installed_python(peer)), str(HERE / f"{peer}_driver.py")]
-    return run_driver(driver, run_dir, peer_env(run_dir), timeout_s, resume)
+    return run_driver(driver, run_dir, peer_env(run_dir), timeout_s, resume, stop_by)
+
+
+def wait_for_driver(proc: subprocess.Popen, run_dir: Path, timeout_s: float | None, stop_by: datetime | None) -> int | str:
+    """The driver's exit code, or why it must be stopped: "timeout" after ``timeout_s``, "stop-by" when a trial
+    starts that its longest complete trial says cannot end by ``stop_by`` (both peers prune a trial stopped by
+    Ctrl+C, so stopping it as it starts loses seconds, not the trial's half hour)."""
+    if stop_by is None:
+        try:
+            return proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return "timeout"
+    end = None if timeout_s is None else time.monotonic() + timeout_s
+    seen = trial_clock(run_dir)[0]
+    while True:
+        try:
+            return proc.wait(timeout=POLL_S if end is None else max(0.0, min(POLL_S, end - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            if end is not None and time.monotonic() >= end:
+                return "timeout"
+        started, longest = trial_clock(run_dir)
+        if started > seen:
+            seen = started
+            if longest is not None and datetime.now().timestamp() + longest > stop_by.timestamp():
+                return "stop-by"
 
 
 def run_driver(driver: Sequence[str], run_dir: Path, env: dict[str, str], timeout_s: float | None,
-               resume: bool = False) -> dict:
-    """``driver`` in ``run_dir``, stopped by one Ctrl+C after ``timeout_s`` or when this process gets SIGINT or
-    SIGTERM (``refusal.app.signals.stop_on_signals``); the driver runs in a session of its own, so a terminal's
-    Ctrl+C reaches it once, from here, and this process outlives it to record the segment."""
+               resume: bool = False, stop_by: datetime | None = None) -> dict:
+    """``driver`` in ``run_dir``, stopped by one Ctrl+C after ``timeout_s``, at a trial that cannot end by
+    ``stop_by``, or when this process gets SIGINT or SIGTERM (``refusal.app.signals.stop_on_signals``); the driver
+    runs in a session of its own, so a terminal's Ctrl+C reaches it once, from here, and this process outlives it
+    to record the segment."""
     log = run_dir / "peer.log"
     start = time.perf_counter()
     with log.open("a" if resume else "w", encoding="utf-8") as fh:
@@ -69,15 +122,16 @@ def run_driver(driver: Sequence[str], run_dir: Path, env: dict[str, str], timeou
         proc = subprocess.Popen(driver, cwd=run_dir, env=env, stdout=fh, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
         try:
-            rc: int | str = proc.wait(timeout=timeout_s)
-        except (subprocess.TimeoutExpired, KeyboardInterrupt) as why:  # both peers stop after the running trial
+            rc = wait_for_driver(proc, run_dir, timeout_s, stop_by)
+        except KeyboardInterrupt:
+            rc = "stopped"
+        if rc in STOP_REASONS:  # both peers prune the running trial and end their study cleanly
             proc.send_signal(signal.SIGINT)
             try:
                 proc.wait(timeout=STOP_GRACE_S)
             except (subprocess.TimeoutExpired, KeyboardInterrupt):  # a second signal does not wait
                 proc.kill()
                 proc.wait()
-            rc = "timeout" if isinstance(why, subprocess.TimeoutExpired) else "stopped"
         wall = round(time.perf_counter() - start, 1)
         if rc != 0 and not (run_dir / "trials.json").exists() and any((run_dir / "checkpoints").glob("*.jsonl")):
             subprocess.run([*driver, "--export"], cwd=run_dir, env=env, stdout=fh, stderr=subprocess.STDOUT,
@@ -140,6 +194,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cache-dir", help="the project's cache root holding models/ (default: $REFUSAL_CACHE or ~/.cache/refusal)")
     parser.add_argument("--judges", nargs="+", default=["substring", "heretic"], help="conf/judge names, first primary")
     parser.add_argument("--timeout", type=float, default=None, help="seconds before the peer is stopped")
+    parser.add_argument("--stop-by", type=datetime.fromisoformat, default=None, metavar="'YYYY-MM-DD HH:MM'",
+                        help="local time by which the peer must have stopped: a trial that its longest complete one "
+                             "says cannot end by then is stopped as it starts (--resume continues the study)")
     parser.add_argument("--readback-only", action="store_true", help="judge and report an existing run folder again")
     parser.add_argument("--resume", action="store_true",
                         help="continue the peer's interrupted study in the run folder (same options as its first run)")
@@ -167,13 +224,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             started = time.strftime("%Y-%m-%d %H:%M:%S")
             write_run_record(run_dir, record, [*before, {"started": started, "returncode": "running", "wall_s": None}])
             print(f"[{args.peer}] {'resuming' if args.resume else 'running'} in {run_dir} (log: peer.log)", flush=True)
-            segment = run_peer(args.peer, run_dir, args.timeout, args.resume)
+            segment = run_peer(args.peer, run_dir, args.timeout, args.resume, args.stop_by)
             outcome = write_run_record(run_dir, {**record, **segment}, [*before, {"started": started, **segment}])
             rc = outcome["returncode"]
             if rc == 0:
                 print(f"[{args.peer}] finished in {outcome['wall_s']} s", flush=True)
             else:
-                if rc in ("timeout", "stopped"):
+                if rc in STOP_REASONS:
                     print(f"[{args.peer}] {rc} after {segment['wall_s']} s; --resume continues its study", file=sys.stderr)
                 else:
                     tail = (run_dir / "peer.log").read_text(encoding="utf-8", errors="replace").splitlines()[-25:]
