@@ -318,8 +318,9 @@ SECTIONS = {
         "own trials are timed on the same work in the same run (bench/peers/run_peer.py: our model folder, test prompts "
         "and budget) and ours ÷ theirs must be ≤ 1; without it, 32 s per trial, heretic's time on the same checkpoint "
         "in one earlier run set to 32 + 32 prompts and max_response_length=32 (heretic-llm 1.4.0's defaults: "
-        "100 + 100 prompts, max_response_length=100, KL from the first generated token).",
-        _trial,
+        "100 + 100 prompts, max_response_length=100, KL from the first generated token). One row per model and "
+        "peer timed beside it.",
+        _trial, key=lambda row: row.get("model", "?") + (f" (vs {row['peer']})" if row.get("peer") else ""),
     ),
 }
 
