@@ -395,7 +395,7 @@ def test_trial_clock_counts_started_trials_and_times_the_longest_complete_one(tm
     journal.write_text(journal_line(0, study_name="s") + journal_line(4, study_id=0, datetime_start="2026-12-06T10:00:00")
                        + journal_line(6, trial_id=0, state=1, datetime_complete="2026-12-06T10:20:00"))
     assert trial_clock(tmp_path) == (1, 1200.0)
-    with journal.open("a") as fh:  # trial 1 took 25 min, trial 2 was pruned after 10 min, trial 3 runs
+    with journal.open("a") as fh:  # trial 1 took 25 min, trial 2 was pruned after an hour, trial 3 runs
         fh.write(journal_line(4, study_id=0, datetime_start="2026-12-06T10:20:00")
                  + journal_line(6, trial_id=1, state=1, datetime_complete="2026-12-06T10:45:00")
                  + journal_line(4, study_id=0, datetime_start="2026-12-06T10:45:00")
