@@ -132,7 +132,6 @@ def test_the_docs_page_keeps_a_gpu_row_beside_the_cpu_row_of_the_same_model(tmp_
         "smollm2": "3", "smollm2 on NVIDIA H100 80GB HBM3": "2", "qwen05": "4"}
 
 
-
 def test_the_trial_section_keeps_one_row_per_peer_timed_beside_it(tmp_path, monkeypatch):
     """A run timed beside abliterix must not hide the one timed beside heretic (each ratio is its own run's)."""
     monkeypatch.syspath_prepend(str(REPO / "bench"))
@@ -144,6 +143,7 @@ def test_the_trial_section_keeps_one_row_per_peer_timed_beside_it(tmp_path, monk
     latest = run_all.latest_rows(csv_path, run_all.section_for("trial"))
     assert {key: row["trial_s"] for key, row in latest.items()} == {
         "qwen05 (vs heretic)": "4", "qwen05": "2", "qwen05 (vs abliterix)": "3"}
+
 
 def test_decoding_profile_names_the_operators_of_each_dtype(tmp_path):
     """bench/profile_generation.py (what found cuDNN attention's per-step cost on a GPU) runs and prints one
